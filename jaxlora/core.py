@@ -1,0 +1,100 @@
+"""The LoRA formula, defined once for jaxlora: scaling, checks, the branch and the delta.
+
+Mirrors ``torchlora/core.py``; the two files hold the same rules so the frameworks agree.
+Flax layout: ``kernel`` (in, out), ``lora_a`` (in, r), ``lora_b`` (r, out).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+# torch's kaiming_uniform(a=√5) on the (r, in) tensor is U(±1/√in): variance 1/(3·in). On the
+# Flax (in, r) layout fan_in is axis -2, so this is the same distribution. (he_uniform is √6
+# times wider and must not be the default.)
+default_lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+default_lora_b_init = nn.initializers.zeros_init()
+default_bias_init = nn.initializers.zeros_init()
+
+
+def scaling(r: int, alpha: float | None = None, *, use_rslora: bool = False) -> float:
+    """Returns the factor that multiplies ``a @ b``: ``alpha / r``, or ``alpha / sqrt(r)`` (rsLoRA).
+
+    ``alpha`` defaults to ``r``, so the default scaling is 1.
+
+    >>> scaling(8, 16)
+    2.0
+    >>> scaling(4, 8, use_rslora=True)
+    4.0
+    """
+    alpha = r if alpha is None else alpha
+    return float(alpha) / (math.sqrt(r) if use_rslora else r)
+
+
+def check_hparams(
+    *,
+    r: object,
+    alpha: object,
+    dropout: object,
+    in_features: int,
+    out_features: int,
+    where: str,
+) -> None:
+    """Raises a ``TypeError``/``ValueError`` naming the bad value and what was expected."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"{where}: r must be an int, got {r!r} ({type(r).__name__})")
+    limit = min(in_features, out_features)
+    if not 1 <= r <= limit:
+        raise ValueError(f"{where}: r must be in [1, min(in, out)] = [1, {limit}], got {r}")
+    if alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+            raise TypeError(f"{where}: alpha must be a number or None, got {alpha!r}")
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"{where}: alpha must be a finite number > 0, got {alpha}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"{where}: dropout must be a float in [0, 1), got {dropout!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{where}: dropout must be in [0, 1), got {dropout}")
+
+
+def check_input(x: jax.Array, in_features: int, where: str) -> None:
+    if x.ndim < 1 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"{where}: expected input with last dimension in_features={in_features}, "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+def check_shape(value: Any, expected: tuple[int, ...], where: str) -> None:
+    if tuple(jnp.shape(value)) != tuple(expected):
+        got = tuple(jnp.shape(value))
+        raise ValueError(f"{where}: expected shape {tuple(expected)}, got {got}")
+
+
+def lora_branch(
+    x: jax.Array,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    scale: float,
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
+    """``scale · (x @ a) @ b``, factored: the (in, out) delta is never materialised."""
+    out = jnp.matmul(jnp.matmul(x, lora_a, precision=precision), lora_b, precision=precision)
+    # Scale in fp32 and round once, as torch does for a half tensor times a Python float
+    # (rounding the scale itself to bf16 first would shift every output).
+    wide = jnp.promote_types(out.dtype, jnp.float32)
+    return (out.astype(wide) * jnp.asarray(scale, wide)).astype(out.dtype)
+
+
+def delta(lora_a: jax.Array, lora_b: jax.Array, scale: float) -> jax.Array:
+    """``scale · a @ b`` with shape (in, out), in float32 (or wider) at full matmul precision."""
+    dtype = jnp.promote_types(lora_a.dtype, jnp.float32)
+    prod = jnp.matmul(
+        lora_a.astype(dtype), lora_b.astype(dtype), precision=jax.lax.Precision.HIGHEST
+    )
+    return prod * jnp.asarray(scale, dtype)

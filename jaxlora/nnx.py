@@ -1,0 +1,92 @@
+"""``LoRALinear``: a Flax NNX ``nnx.Linear`` with a trainable low-rank update.
+
+The adapter weights are ``nnx.LoRAParam`` (a subclass of ``nnx.Param``), so train only them
+with ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and differentiate with
+``nnx.DiffState(0, nnx.LoRAParam)``: a plain ``wrt=nnx.Param`` would train the base too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype, Initializer, PrecisionLike
+
+from jaxlora import core
+
+__all__ = ["LoRALinear"]
+
+
+class LoRALinear(nnx.Module):
+    """``nnx.Linear`` plus ``scaling · dropout(x) @ a @ b``, mirroring ``torchlora.Linear``.
+
+    ``kernel`` (in, out) and ``bias`` (out,) are ``nnx.Param`` with ``nnx.Linear``'s default
+    initialisers; ``lora_a`` (in, r), initialised like torch's kaiming_uniform(a=√5), and
+    ``lora_b`` (r, out), zeros, are ``nnx.LoRAParam``. Dropout (on the LoRA branch's input only)
+    follows NNX's convention: active until ``model.eval()``, or per call via ``deterministic``.
+
+    >>> from flax import nnx
+    >>> layer = LoRALinear(16, 8, r=4, alpha=8, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((2, 16))).shape
+    (2, 8)
+    >>> sorted(nnx.state(layer, nnx.LoRAParam).keys())
+    ['lora_a', 'lora_b']
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        r: int,
+        alpha: float | None = None,
+        use_bias: bool = True,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Initializer = nnx.nn.linear.default_kernel_init,
+        bias_init: Initializer = core.default_bias_init,
+        lora_a_init: Initializer = core.default_lora_a_init,
+        lora_b_init: Initializer = core.default_lora_b_init,
+        rngs: nnx.Rngs,
+    ) -> None:
+        where = f"jaxlora.nnx.LoRALinear({in_features}, {out_features})"
+        core.check_hparams(
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            in_features=in_features,
+            out_features=out_features,
+            where=where,
+        )
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
+        self.kernel = nnx.Param(
+            kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+        )
+        self.bias = (
+            nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+        )
+        self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), (in_features, r), param_dtype))
+        self.lora_b = nnx.LoRAParam(lora_b_init(rngs.params(), (r, out_features), param_dtype))
+        self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    @property
+    def scaling(self) -> float:
+        return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+        where = f"jaxlora.nnx.LoRALinear({self.in_features}, {self.out_features}, r={self.r})"
+        core.check_input(x, self.in_features, where)
+        bias = None if self.bias is None else self.bias[...]
+        x, kernel, bias, lora_a, lora_b = nnx.nn.dtypes.promote_dtype(
+            (x, self.kernel[...], bias, self.lora_a[...], self.lora_b[...]), dtype=self.dtype
+        )
+        y = jnp.matmul(x, kernel, precision=self.precision)
+        if bias is not None:
+            y = y + bias
+        h = self.lora_dropout(x, deterministic=deterministic)
+        return y + core.lora_branch(h, lora_a, lora_b, self.scaling, self.precision)

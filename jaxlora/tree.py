@@ -1,0 +1,149 @@
+"""The naming convention: a leaf is LoRA exactly when it is named ``lora_a`` or ``lora_b``.
+
+``lora_mask``, ``split``/``combine`` and ``freeze_base`` all rest on this one rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import optax
+from flax.core import FrozenDict
+
+LORA_NAMES = ("lora_a", "lora_b")
+
+PyTree = Any
+Path = tuple[str, ...]
+
+
+def lora_mask(params: PyTree) -> PyTree:
+    """A tree of bools shaped like ``params``: True exactly at leaves named lora_a/lora_b.
+
+    >>> lora_mask({"dense": {"kernel": 1.0, "lora_a": 2.0, "lora_b": 3.0}})
+    {'dense': {'kernel': False, 'lora_a': True, 'lora_b': True}}
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in LORA_NAMES, params)
+
+
+def freeze_base(
+    tx: optax.GradientTransformation,
+    mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+) -> optax.GradientTransformation:
+    """Applies ``tx`` to the LoRA leaves and zero updates to every other leaf.
+
+    Built on ``optax.multi_transform`` with ``optax.set_to_zero`` for the frozen part, so the
+    base receives exactly zero updates and ``tx`` keeps no state (no Adam moments) for it. Do
+    not use ``optax.masked(tx, mask)`` alone to freeze: it passes the frozen leaves' raw
+    gradients through as updates. Under one ``jax.jit`` with the gradient computation, XLA then
+    prunes the frozen weights' gradients entirely.
+
+    Args:
+        tx: the optimizer for the adapter, e.g. ``optax.adamw(1e-3)``.
+        mask: a bool tree (or a function of the params returning one) that is True at the
+            leaves to train; defaults to ``lora_mask``.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)),
+    ...           "lora_b": jnp.ones((1, 2))}
+    >>> tx = freeze_base(optax.sgd(0.5))
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> float(updates["kernel"].sum()), float(updates["lora_a"].sum())
+    (0.0, -2.0)
+    """
+
+    def labels(params: PyTree) -> PyTree:
+        chosen = lora_mask(params) if mask is None else (mask(params) if callable(mask) else mask)
+        if not any(jax.tree.leaves(chosen)):
+            raise ValueError(
+                "freeze_base: the mask selects no leaf to train; with the default mask the "
+                "params need leaves named 'lora_a'/'lora_b' (use LoRADense, or inject LoRA)"
+            )
+        return jax.tree.map(lambda trainable: "lora" if trainable else "frozen", chosen)
+
+    return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def split(params: PyTree) -> tuple[PyTree, PyTree]:
+    """Splits a nested-dict params tree into ``(adapter, base)`` by the LoRA naming rule.
+
+    Both keep the nesting (and the dict/FrozenDict type); subtrees that end up empty are
+    dropped from the adapter. ``combine(adapter, base)`` gives back ``params``.
+
+    >>> adapter, base = split({"dense": {"kernel": 1, "lora_a": 2, "lora_b": 3}})
+    >>> adapter, base
+    ({'dense': {'lora_a': 2, 'lora_b': 3}}, {'dense': {'kernel': 1}})
+    """
+    _require_mapping(params, "split")
+    adapter = _filter(params, keep_lora=True)
+    base = _filter(params, keep_lora=False)
+    return adapter if adapter is not None else _like(params, {}), base
+
+
+def combine(adapter: PyTree, base: PyTree) -> PyTree:
+    """Merges two nested-dict trees (the inverse of ``split``); a leaf in both is an error."""
+    _require_mapping(adapter, "combine")
+    _require_mapping(base, "combine")
+    return _union(adapter, base, ())
+
+
+def iter_lora_layers(params: Mapping[str, Any], path: Path = ()) -> Iterator[tuple[Path, Mapping]]:
+    """Yields ``(path, node)`` for each dict that holds ``lora_a`` or ``lora_b`` leaves."""
+    if any(name in params for name in LORA_NAMES):
+        yield path, params
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            yield from iter_lora_layers(value, (*path, str(key)))
+
+
+def path_str(path: Path) -> str:
+    """A params path as a layer path string: '/'-joined, without a leading 'params' collection."""
+    if path and path[0] == "params":
+        path = path[1:]
+    return "/".join(path) or "<root>"
+
+
+def _leaf_name(path: tuple[Any, ...]) -> str | None:
+    if not path:
+        return None
+    entry = path[-1]
+    for attr in ("key", "name"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return None
+
+
+def _require_mapping(tree: Any, fn: str) -> None:
+    if not isinstance(tree, Mapping):
+        raise TypeError(f"{fn} expects a nested dict of params, got {type(tree).__name__}")
+
+
+def _like(template: Mapping, items: dict) -> Mapping:
+    return FrozenDict(items) if isinstance(template, FrozenDict) else items
+
+
+def _filter(tree: Mapping, *, keep_lora: bool) -> Mapping | None:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            sub = _filter(value, keep_lora=keep_lora)
+            if sub is not None and (sub or not keep_lora):
+                out[key] = sub
+        elif (key in LORA_NAMES) == keep_lora:
+            out[key] = value
+    if keep_lora and not out:
+        return None
+    return _like(tree, out)
+
+
+def _union(a: Mapping, b: Mapping, path: Path) -> Mapping:
+    out = dict(b)
+    for key, value in a.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, Mapping) and isinstance(out[key], Mapping):
+            out[key] = _union(value, out[key], (*path, str(key)))
+        else:
+            raise ValueError(f"combine: '{'/'.join((*path, str(key)))}' is in both trees")
+    return _like(b, out)

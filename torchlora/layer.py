@@ -1,0 +1,222 @@
+"""The reference LoRA Linear layer (Hu et al., 2021), in PyTorch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchlora import core
+
+
+class Linear(nn.Module):
+    """A linear layer with a frozen weight and a trainable low-rank update.
+
+    ``y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ`` with ``W`` (out, in) and ``b`` frozen,
+    ``A = lora_a`` (r, in) initialised kaiming_uniform(a=√5) and ``B = lora_b`` (out, r) zeros,
+    so the layer starts equal to its base. ``scaling = alpha / r`` (``alpha`` defaults to ``r``),
+    or ``alpha / sqrt(r)`` with ``use_rslora``. Unlike loralib, ``weight`` and ``bias`` are
+    initialised like ``nn.Linear``'s, never left as uninitialised memory.
+
+    Merging (``merge()``) folds ``scaling · B A`` into ``weight`` for zero-overhead inference; it
+    is explicit and never triggered by ``train()``/``eval()``. While merged, the forward pass uses
+    only the weight, so the adapter receives no gradient: ``unmerge()`` before training again.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: whether the layer has a (frozen) bias.
+        r: the rank, in ``[1, min(in_features, out_features)]``.
+        alpha: the LoRA alpha; ``None`` means ``r``.
+        dropout: dropout rate on the LoRA branch's input only (the base path sees ``x``).
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+
+    >>> layer = Linear(16, 8, True, 4, alpha=8)
+    >>> layer(torch.ones(2, 3, 16)).shape
+    torch.Size([2, 3, 8])
+    >>> [name for name, p in layer.named_parameters() if p.requires_grad]
+    ['lora_a', 'lora_b']
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        r: int,
+        alpha: float | None = None,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        where = f"torchlora.Linear({in_features}, {out_features})"
+        core.check_hparams(
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            in_features=in_features,
+            out_features=out_features,
+            where=where,
+        )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = r
+        self.alpha = float(r if alpha is None else alpha)
+        self.use_rslora = use_rslora
+        self.scaling = core.scaling(r, alpha, use_rslora=use_rslora)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, **factory), requires_grad=False
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.lora_a = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_b = nn.Parameter(torch.empty(out_features, r, **factory))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._merged = False
+        self.reset_parameters()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int,
+        alpha: float | None = None,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        copy: bool = False,
+    ) -> Linear:
+        """Wraps a pretrained ``nn.Linear``.
+
+        By default the new layer **shares** ``linear.weight`` and ``linear.bias`` (the same
+        ``Parameter`` objects, no extra memory): they are frozen (``requires_grad=False``) on
+        both, and ``merge()`` writes into the shared weight. Pass ``copy=True`` to clone them
+        instead and leave ``linear`` untouched.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        weight, bias = linear.weight, linear.bias
+        # Built on the meta device so no throwaway base weight is allocated or initialised.
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias is not None,
+            r,
+            alpha,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            device="meta",
+            dtype=weight.dtype,
+        )
+        if copy:
+            weight = nn.Parameter(weight.detach().clone())
+            bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        layer.weight = weight.requires_grad_(False)
+        if bias is not None:
+            layer.bias = bias.requires_grad_(False)
+        layer.lora_a = nn.Parameter(torch.empty_like(layer.lora_a, device=weight.device))
+        layer.lora_b = nn.Parameter(torch.empty_like(layer.lora_b, device=weight.device))
+        layer.reset_lora_parameters()
+        return layer
+
+    def reset_parameters(self) -> None:
+        """Initialises ``weight`` and ``bias`` exactly as ``nn.Linear`` does, then the adapter."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A ~ kaiming_uniform(a=√5), i.e. U(±1/√in); B = 0 (the layer then equals its base)."""
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    @property
+    def merged(self) -> bool:
+        """Whether ``scaling · B A`` is currently folded into ``weight``."""
+        return self._merged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(
+                f"{self._name()}: expected input with last dimension in_features="
+                f"{self.in_features}, got shape {tuple(x.shape)}"
+            )
+        y = F.linear(x, self.weight, self.bias)
+        if self._merged:
+            return y
+        h = self.lora_dropout(x)
+        return y + (h @ self.lora_a.T @ self.lora_b.T) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Folds ``scaling · B A`` into ``weight`` (delta in fp32, rounded once).
+
+        Raises ``ValueError`` and leaves the layer unchanged if the merged weight would hold
+        non-finite values (PEFT's ``safe_merge``). Merging a merged layer is an error.
+        """
+        if self._merged:
+            raise RuntimeError(f"{self._name()} is already merged; call unmerge() first")
+        self.weight.copy_(self._checked(self._wide_weight() + self._delta(), "merge"))
+        self._merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtracts ``scaling · B A`` from ``weight``, restoring it to rounding error."""
+        if not self._merged:
+            raise RuntimeError(f"{self._name()} is not merged; nothing to unmerge")
+        self.weight.copy_(self._checked(self._wide_weight() - self._delta(), "unmerge"))
+        self._merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """Returns a new plain ``nn.Linear`` holding the merged weight (and a copy of the bias)."""
+        merged = self.weight.detach().clone()
+        if not self._merged:
+            merged = self._checked(self._wide_weight() + self._delta(), "to_linear")
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        linear.weight.copy_(merged)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha:g}, "
+            f"use_rslora={self.use_rslora}, merged={self._merged}"
+        )
+
+    def _name(self) -> str:
+        return f"torchlora.Linear({self.in_features}, {self.out_features}, r={self.r})"
+
+    def _wide_weight(self) -> torch.Tensor:
+        return self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+
+    def _delta(self) -> torch.Tensor:
+        return core.delta(self.lora_a, self.lora_b, self.scaling)
+
+    def _checked(self, new: torch.Tensor, op: str) -> torch.Tensor:
+        new = new.to(self.weight.dtype)
+        if not torch.isfinite(new).all():
+            bad = int((~torch.isfinite(new)).sum())
+            raise ValueError(
+                f"{self._name()}.{op}: the result has {bad} non-finite value(s) (check lora_a, "
+                "lora_b and the weight's dtype range); the layer was left unchanged"
+            )
+        return new

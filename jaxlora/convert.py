@@ -45,13 +45,13 @@ def from_torch(state_dict: Mapping[str, Any]) -> dict[str, jax.Array]:
 
 
 def to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """One layer's Flax params in torch layout, as numpy arrays keyed like ``torchlora.Linear``."""
+    """One layer's Flax params in torch layout: writable numpy arrays, torchlora.Linear keys."""
     unknown = sorted(set(params) - set(_TO_TORCH))
     if unknown:
         raise ValueError(f"to_torch: unexpected keys {unknown}; expected {sorted(_TO_TORCH)}")
     if "kernel" not in params:
         raise ValueError(f"to_torch: no 'kernel' among keys {sorted(params)}")
-    arrays = {_TO_TORCH[k]: np.asarray(v) for k, v in params.items()}
+    arrays = {_TO_TORCH[k]: np.array(v) for k, v in params.items()}  # writable copies
     arrays = {k: np.ascontiguousarray(v.T) if v.ndim == 2 else v for k, v in arrays.items()}
     _check_torch_shapes(arrays)
     return arrays

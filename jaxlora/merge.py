@@ -54,7 +54,7 @@ def merge(params: PyTree, *, alpha: Alpha, use_rslora: bool = False) -> PyTree:
     new_kernels = {}
     for path, node in iter_lora_layers(params):
         kernel, lora_a, lora_b = _layer(node, path, "merge")
-        scale = _scale(path, lora_a, alpha, use_rslora, "merge")
+        scale = _scale(path, kernel, lora_a, alpha, use_rslora, "merge")
         new_kernels[path] = _apply(kernel, core.delta(lora_a, lora_b, scale), path, "merge")
     return _rebuild(params, (), new_kernels, drop_lora=True)
 
@@ -80,7 +80,7 @@ def unmerge(merged: PyTree, adapter: PyTree, *, alpha: Alpha, use_rslora: bool =
         if any(name in node for name in LORA_NAMES):
             raise ValueError(f"{where}: the merged tree still holds LoRA leaves here")
         kernel, lora_a, lora_b = _layer({**lora_node, "kernel": node["kernel"]}, path, "unmerge")
-        scale = _scale(path, lora_a, alpha, use_rslora, "unmerge")
+        scale = _scale(path, kernel, lora_a, alpha, use_rslora, "unmerge")
         new_kernels[path] = _apply(kernel, -core.delta(lora_a, lora_b, scale), path, "unmerge")
     return combine(adapter, _rebuild(merged, (), new_kernels, drop_lora=False))
 
@@ -102,16 +102,18 @@ def _layer(node: Mapping, path: Path, op: str) -> tuple[jax.Array, jax.Array, ja
     return kernel, lora_a, lora_b
 
 
-def _scale(path: Path, lora_a: jax.Array, alpha: Alpha, use_rslora: bool, op: str) -> float:
+def _scale(
+    path: Path, kernel: jax.Array, lora_a: jax.Array, alpha: Alpha, use_rslora: bool, op: str
+) -> float:
     r = jnp.shape(lora_a)[-1]
     layer_alpha = alpha(path_str(path)) if callable(alpha) else alpha
-    n_in = jnp.shape(lora_a)[0]
+    n_in, n_out = jnp.shape(kernel)
     core.check_hparams(
         r=r,
         alpha=layer_alpha,
         dropout=0.0,
         in_features=n_in,
-        out_features=r,
+        out_features=n_out,
         where=f"{op}: layer '{path_str(path)}'",
     )
     return core.scaling(r, layer_alpha, use_rslora=use_rslora)

@@ -13,3 +13,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         # A skipped parity test proves nothing; a missing torch or peft must fail CI loudly.
         report.outcome = "failed"
         report.longrepr = f"parity test skipped, which counts as a failure: {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and "parity_tests" in str(collector.path):
+        # A module-level importorskip would otherwise skip a whole parity file silently.
+        report.outcome = "failed"
+        report.longrepr = f"parity module skipped, which counts as a failure: {report.longrepr}"

@@ -1,23 +1,37 @@
 """jaxlora: LoRA for Flax (Linen and NNX) with optax-native training.
 
-The NNX layer lives in ``jaxlora.nnx`` (``from jaxlora.nnx import LoRALinear``).
+The NNX side lives in ``jaxlora.nnx`` (``LoRALinear``, ``inject``, ``merge``).
 """
 
+from jaxlora.config import LoRAConfig
 from jaxlora.convert import from_torch, to_torch
 from jaxlora.core import scaling
+from jaxlora.inject import inject, intercept
 from jaxlora.linen import LoRADense
 from jaxlora.merge import merge, unmerge
-from jaxlora.tree import combine, freeze_base, lora_mask, split
+from jaxlora.tree import (
+    ParamCount,
+    combine,
+    freeze_base,
+    lora_mask,
+    split,
+    trainable_parameters,
+)
 
 __all__ = [
+    "LoRAConfig",
     "LoRADense",
+    "ParamCount",
     "combine",
     "freeze_base",
     "from_torch",
+    "inject",
+    "intercept",
     "lora_mask",
     "merge",
     "scaling",
     "split",
     "to_torch",
+    "trainable_parameters",
     "unmerge",
 ]

@@ -39,7 +39,7 @@ def from_torch(state_dict: Mapping[str, Any]) -> dict[str, jax.Array]:
         raise ValueError(f"from_torch: unexpected keys {unknown}; expected {sorted(_TO_FLAX)}")
     if "weight" not in state_dict:
         raise ValueError(f"from_torch: no 'weight' among keys {sorted(state_dict)}")
-    arrays = {k: _to_numpy(v, k) for k, v in state_dict.items()}
+    arrays = {k: as_numpy(v) for k, v in state_dict.items()}
     _check_torch_shapes(arrays)
     return {_TO_FLAX[k]: jnp.asarray(v.T if v.ndim == 2 else v) for k, v in arrays.items()}
 
@@ -57,7 +57,8 @@ def to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _to_numpy(value: Any, key: str) -> np.ndarray:
+def as_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (read without importing torch; bf16 exactly) or array-like as numpy."""
     if hasattr(value, "detach"):  # a torch tensor, read without importing torch
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":

@@ -41,14 +41,19 @@ def check_hparams(
     r: object,
     alpha: object,
     dropout: object,
-    in_features: int,
-    out_features: int,
+    in_features: int | None,
+    out_features: int | None,
     where: str,
 ) -> None:
     """Raises a ``TypeError``/``ValueError`` naming the bad value and what was expected."""
     if isinstance(r, bool) or not isinstance(r, numbers.Integral):
         raise TypeError(f"{where}: r must be an int, got {r!r} ({type(r).__name__})")
-    limit = min(in_features, out_features)
+    if in_features is None or out_features is None:
+        if r < 1:
+            raise ValueError(f"{where}: r must be >= 1, got {r}")
+        limit = r
+    else:
+        limit = min(in_features, out_features)
     if not 1 <= r <= limit:
         raise ValueError(f"{where}: r must be in [1, min(in, out)] = [1, {limit}], got {r}")
     if alpha is not None:

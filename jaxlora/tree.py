@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.core import FrozenDict
 
@@ -147,3 +150,31 @@ def _union(a: Mapping, b: Mapping, path: Path) -> Mapping:
         else:
             raise ValueError(f"combine: '{'/'.join((*path, str(key)))}' is in both trees")
     return _like(b, out)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+    """Trainable vs total parameter counts (the same report as torchlora's)."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.percent:.4f}"
+        )
+
+
+def trainable_parameters(params: PyTree, mask: PyTree | None = None) -> ParamCount:
+    """Counts the elements where ``mask`` (default ``lora_mask``) is True against all elements."""
+    mask = lora_mask(params) if mask is None else mask
+    sizes = jax.tree.map(lambda v: int(np.prod(jnp.shape(v))), params)
+    return ParamCount(
+        sum(s for s, m in zip(jax.tree.leaves(sizes), jax.tree.leaves(mask), strict=True) if m),
+        sum(jax.tree.leaves(sizes)),
+    )

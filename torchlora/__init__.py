@@ -1,6 +1,25 @@
 """torchlora: the PyTorch reference LoRA layers that jaxlora mirrors."""
 
+from torchlora.config import LoRAConfig
 from torchlora.core import scaling
+from torchlora.inject import (
+    ParamCount,
+    inject,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge,
+    trainable_parameters,
+)
 from torchlora.layer import Linear
 
-__all__ = ["Linear", "scaling"]
+__all__ = [
+    "Linear",
+    "LoRAConfig",
+    "ParamCount",
+    "inject",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "merge",
+    "scaling",
+    "trainable_parameters",
+]

@@ -14,7 +14,10 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 
 from jaxlora import core
 
-__all__ = ["LoRALinear"]
+
+def _placeholder(key: jax.Array, shape: tuple[int, ...], dtype: Dtype) -> jax.Array:
+    # Stands in for a weight that is about to be replaced by an existing one (no allocation).
+    return jnp.zeros((0,), dtype)
 
 
 class LoRALinear(nnx.Module):
@@ -73,6 +76,42 @@ class LoRALinear(nnx.Module):
         self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), (in_features, r), param_dtype))
         self.lora_b = nnx.LoRAParam(lora_b_init(rngs.params(), (r, out_features), param_dtype))
         self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nnx.Linear,
+        *,
+        r: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> LoRALinear:
+        """Wraps a pretrained ``nnx.Linear``, sharing its ``kernel``/``bias`` variables.
+
+        The adapter is created in ``param_dtype`` (fp32 by default, also for a bf16 base).
+        """
+        if not isinstance(linear, nnx.Linear):
+            raise TypeError(f"from_linear expects an nnx.Linear, got {type(linear).__name__}")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            r=r,
+            alpha=alpha,
+            use_bias=linear.bias is not None,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            dtype=linear.dtype,
+            param_dtype=param_dtype,
+            precision=linear.precision,
+            kernel_init=_placeholder,
+            bias_init=_placeholder,
+            rngs=rngs,
+        )
+        layer.kernel, layer.bias = linear.kernel, linear.bias
+        return layer
 
     @property
     def scaling(self) -> float:

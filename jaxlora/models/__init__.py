@@ -1,0 +1,1 @@
+"""Small reference models with exact PyTorch twins in ``torchlora.models``."""

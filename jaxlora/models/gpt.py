@@ -1,0 +1,214 @@
+"""The twin GPT-style decoder in Flax Linen (``GPT``) and NNX (``NnxGPT``).
+
+Mirrors ``torchlora.models.gpt`` layer for layer, with the same paths (``blocks_0.attn.query``),
+exact GELU, LayerNorm eps 1e-5 with the two-pass variance (as torch computes it). Weights move
+between the three with ``from_torch_state_dict`` / ``to_torch_state_dict`` (Linen params tree)
+and ``load_nnx`` (that tree into an NNX model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+
+from jaxlora.convert import as_numpy, from_torch, to_torch
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 256
+    block_size: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 64
+    mlp_ratio: int = 4
+    layer_norm_eps: float = 1e-5
+
+
+def _attend(q, k, v, n_head: int) -> jax.Array:
+    b, t, d = q.shape
+    q, k, v = (z.reshape(b, t, n_head, d // n_head).transpose(0, 2, 1, 3) for z in (q, k, v))
+    att = (q @ k.transpose(0, 1, 3, 2)) / math.sqrt(d // n_head)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    att = jax.nn.softmax(jnp.where(causal, att, -jnp.inf), axis=-1)
+    return (att @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
+
+
+def _check_length(t: int, cfg: GPTConfig) -> None:
+    if t > cfg.block_size:
+        raise ValueError(f"sequence length {t} exceeds block_size={cfg.block_size}")
+
+
+class _Block(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, d = self.cfg, self.cfg.d_model
+        ln = lambda name: nn.LayerNorm(cfg.layer_norm_eps, use_fast_variance=False, name=name)  # noqa: E731
+        h = ln("ln_1")(x)
+
+        class Attn(nn.Module):
+            @nn.compact
+            def __call__(self, h):
+                q, k, v = (nn.Dense(d, name=n)(h) for n in ("query", "key", "value"))
+                return nn.Dense(d, name="out")(_attend(q, k, v, cfg.n_head))
+
+        class Mlp(nn.Module):
+            @nn.compact
+            def __call__(self, h):
+                h = jax.nn.gelu(nn.Dense(cfg.mlp_ratio * d, name="fc")(h), approximate=False)
+                return nn.Dense(d, name="proj")(h)
+
+        x = x + Attn(name="attn")(h)
+        return x + Mlp(name="mlp")(ln("ln_2")(x))
+
+
+class GPT(nn.Module):
+    """Linen twin of ``torchlora.models.gpt.GPT``: tokens (B, T) int → logits (B, T, vocab)."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        _check_length(tokens.shape[-1], cfg)
+        x = nn.Embed(cfg.vocab_size, cfg.d_model, name="tok_emb")(tokens)
+        x = x + nn.Embed(cfg.block_size, cfg.d_model, name="pos_emb")(
+            jnp.arange(tokens.shape[-1]))
+        for i in range(cfg.n_layer):
+            x = _Block(cfg, name=f"blocks_{i}")(x)
+        x = nn.LayerNorm(cfg.layer_norm_eps, use_fast_variance=False, name="ln_f")(x)
+        return nn.Dense(cfg.vocab_size, use_bias=False, name="head")(x)
+
+
+class _NnxAttn(nnx.Module):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs) -> None:
+        d, self.n_head = cfg.d_model, cfg.n_head
+        self.query, self.key, self.value, self.out = (nnx.Linear(d, d, rngs=rngs)
+                                                      for _ in range(4))
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.out(_attend(self.query(h), self.key(h), self.value(h), self.n_head))
+
+
+class _NnxMlp(nnx.Module):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs) -> None:
+        self.fc = nnx.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, rngs=rngs)
+        self.proj = nnx.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, rngs=rngs)
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.proj(jax.nn.gelu(self.fc(h), approximate=False))
+
+
+class _NnxBlock(nnx.Module):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs) -> None:
+        ln = lambda: nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps,  # noqa: E731
+                                   use_fast_variance=False, rngs=rngs)
+        self.ln_1, self.attn, self.ln_2, self.mlp = ln(), _NnxAttn(cfg, rngs), ln(), _NnxMlp(
+            cfg, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NnxGPT(nnx.Module):
+    """NNX twin of ``torchlora.models.gpt.GPT``, with the same attribute paths."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs) -> None:
+        self.cfg = cfg
+        self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
+        self.pos_emb = nnx.Embed(cfg.block_size, cfg.d_model, rngs=rngs)
+        for i in range(cfg.n_layer):
+            setattr(self, f"blocks_{i}", _NnxBlock(cfg, rngs))
+        self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps,
+                                  use_fast_variance=False, rngs=rngs)
+        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        _check_length(tokens.shape[-1], self.cfg)
+        x = self.tok_emb(tokens) + self.pos_emb(jnp.arange(tokens.shape[-1]))
+        for i in range(self.cfg.n_layer):
+            x = getattr(self, f"blocks_{i}")(x)
+        return self.head(self.ln_f(x))
+
+
+def _kind(module_path: str) -> str:
+    name = module_path.rsplit(".", 1)[-1]
+    if name in ("tok_emb", "pos_emb"):
+        return "embed"
+    return "norm" if name.startswith("ln_") else "linear"
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict:
+    """The torch GPT's state dict (plain or LoRA-injected) as the Linen/NNX params tree."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        module, _, leaf = key.rpartition(".")
+        grouped.setdefault(module, {})[leaf] = value
+    params: dict = {}
+    for module, leaves in grouped.items():
+        kind = _kind(module)
+        if kind == "linear":
+            flax_leaves = from_torch(leaves)
+        else:
+            arrays = {k: jnp.asarray(as_numpy(v)) for k, v in leaves.items()}
+            names = {"weight": "embedding" if kind == "embed" else "scale", "bias": "bias"}
+            flax_leaves = {names[k]: v for k, v in arrays.items()}
+        node = params
+        for part in module.split("."):
+            node = node.setdefault(part, {})
+        node.update(flax_leaves)
+    return params
+
+
+def to_torch_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The Linen/NNX params tree as the torch GPT's state dict (numpy arrays, torch layout)."""
+    out: dict[str, np.ndarray] = {}
+
+    def walk(node: Mapping, path: tuple[str, ...]) -> None:
+        leaves = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
+        if leaves:
+            module = ".".join(path)
+            if _kind(module) == "linear":
+                converted = to_torch(leaves)
+            else:
+                names = {"embedding": "weight", "scale": "weight", "bias": "bias"}
+                converted = {names[k]: np.array(v) for k, v in leaves.items()}
+            out.update({f"{module}.{k}": v for k, v in converted.items()})
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(value, (*path, key))
+
+    walk(params, ())
+    return out
+
+
+def load_nnx(model: nnx.Module, params: Mapping[str, Any]) -> nnx.Module:
+    """Writes a Linen-style params tree into an NNX model with the same paths, in place."""
+
+    def walk(obj: Any, node: Mapping, path: str) -> None:
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else key
+            if not hasattr(obj, key):
+                raise ValueError(f"load_nnx: the model has no '{where}'")
+            if isinstance(value, Mapping):
+                walk(getattr(obj, key), value, where)
+            else:
+                variable = getattr(obj, key)
+                if tuple(variable.shape) != tuple(jnp.shape(value)):
+                    raise ValueError(f"load_nnx: '{where}' has shape {tuple(variable.shape)}, "
+                                     f"got {tuple(jnp.shape(value))}")
+                variable[...] = jnp.asarray(value, variable.dtype)
+
+    walk(model, params, "")
+    return model

@@ -1,0 +1,126 @@
+"""Model-level LoRA for unmodified PyTorch models: inject, merge, freeze, adapter state."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from torchlora.config import LoRAConfig
+from torchlora.layer import Linear
+
+LORA_NAMES = ("lora_a", "lora_b")
+SUPPORTED = (nn.Linear,)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+    """Trainable vs total parameter counts (the same report as jaxlora's)."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.percent:.4f}"
+        )
+
+
+def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Replaces each ``nn.Linear`` whose path matches ``config.targets`` by a ``torchlora.Linear``.
+
+    The new layers wrap the same pretrained weight and bias (shared, not copied); every
+    parameter that is not ``lora_a``/``lora_b`` is frozen. All matches are checked before the
+    model is touched, so a failed call changes nothing. The config is remembered as
+    ``model.lora_config``. Returns ``model``.
+
+    Raises:
+        ValueError: no layer matches (the message lists the layer paths), a layer is already
+            adapted, or ``config.r`` exceeds a matched layer's ``min(in, out)``.
+        TypeError: a matched module is not an ``nn.Linear`` (the message names the supported
+            types).
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"inject expects a torchlora.LoRAConfig, got {type(config).__name__}")
+    modules = dict(model.named_modules())
+    chosen = config.select(modules)
+    for path in chosen:
+        module = modules[path]
+        if not path:
+            raise ValueError(
+                f"targets {config.targets!r} match the root module itself; target its submodules"
+            )
+        if isinstance(module, Linear):
+            raise ValueError(f"layer '{path}' is already a torchlora.Linear")
+        if not isinstance(module, SUPPORTED):
+            raise TypeError(
+                f"layer '{path}' is a {type(module).__name__}, which cannot be "
+                f"adapted; supported types: {', '.join(t.__name__ for t in SUPPORTED)}"
+            )
+        limit = min(module.in_features, module.out_features)
+        if config.r > limit:
+            raise ValueError(
+                f"layer '{path}' ({module.in_features} -> {module.out_features}): "
+                f"r must be in [1, {limit}], got {config.r}"
+            )
+    for path in chosen:
+        layer = Linear.from_linear(
+            modules[path],
+            config.r,
+            config.alpha,
+            dropout=config.dropout,
+            use_rslora=config.use_rslora,
+        )
+        _set_submodule(model, path, layer)
+    mark_only_lora_as_trainable(model)
+    model.lora_config = config
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replaces every ``torchlora.Linear`` by a plain ``nn.Linear`` holding its merged weight.
+
+    The model is then exactly the original architecture (same module types and state-dict
+    keys). Each delta is computed in fp32 and refused if non-finite; all merges are computed
+    before any module is replaced. Returns ``model``.
+    """
+    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, Linear)]
+    plain = [(path, layer.to_linear()) for path, layer in layers]
+    for path, linear in plain:
+        linear.requires_grad_(False)
+        _set_submodule(model, path, linear)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors only: the state-dict entries named ``lora_a``/``lora_b``."""
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in LORA_NAMES}
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
+    """Sets ``requires_grad`` on exactly the parameters named ``lora_a``/``lora_b``."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.rsplit(".", 1)[-1] in LORA_NAMES)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> ParamCount:
+    """Counts parameters that require grad against all parameters (shared ones once)."""
+    params = list(model.parameters())
+    return ParamCount(
+        sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    )
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)

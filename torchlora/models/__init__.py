@@ -1,0 +1,1 @@
+"""Small reference models with exact Flax twins in ``jaxlora.models``."""

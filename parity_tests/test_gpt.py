@@ -80,10 +80,16 @@ def test_injected_layers_and_parameter_report_agree():
     expected = {f"blocks_{i}.attn.{n}" for i in range(2) for n in ("query", "value")}
     assert {n for n, m in model.named_modules() if isinstance(m, torchlora.Linear)} == expected
     assert {".".join(p) for p, _ in jaxlora.tree.iter_lora_layers(params)} == expected
-    assert {".".join(map(str, p)) for p, m in nnx.iter_modules(nnx_model)
-            if isinstance(m, jaxlora.nnx.LoRALinear)} == expected
-    reports = [torchlora.trainable_parameters(model), jaxlora.trainable_parameters(params),
-               jaxlora.nnx.trainable_parameters(nnx_model)]
+    assert {
+        ".".join(map(str, p))
+        for p, m in nnx.iter_modules(nnx_model)
+        if isinstance(m, jaxlora.nnx.LoRALinear)
+    } == expected
+    reports = [
+        torchlora.trainable_parameters(model),
+        jaxlora.trainable_parameters(params),
+        jaxlora.nnx.trainable_parameters(nnx_model),
+    ]
     assert len({(r.trainable, r.total, r.percent, str(r)) for r in reports}) == 1
     total = sum(p.numel() for p in model.parameters())
     assert reports[0].trainable == 4 * 8 * (64 + 64) and reports[0].total == total
@@ -91,8 +97,9 @@ def test_injected_layers_and_parameter_report_agree():
 
 
 def _train_torch(model, batches):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3,
-                            weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.01
+    )
     losses = []
     for tokens in batches:
         t = torch.from_numpy(tokens)
@@ -117,7 +124,8 @@ def _train_linen(params, batches):
     @jaxlora.intercept(config)
     def step(params, opt_state, tokens):
         loss, grads = jax.value_and_grad(
-            lambda p: _ce(model.apply({"params": p}, tokens[:, :-1]), tokens))(params)
+            lambda p: _ce(model.apply({"params": p}, tokens[:, :-1]), tokens)
+        )(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -133,8 +141,9 @@ def _train_nnx(model, batches):
 
     @nnx.jit
     def step(model, optimizer, tokens):
-        loss, grads = nnx.value_and_grad(lambda m: _ce(m(tokens[:, :-1]), tokens),
-                                         argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        loss, grads = nnx.value_and_grad(
+            lambda m: _ce(m(tokens[:, :-1]), tokens), argnums=nnx.DiffState(0, nnx.LoRAParam)
+        )(model)
         optimizer.update(model, grads)
         return loss
 
@@ -164,7 +173,8 @@ def test_finetune_parity_and_frozen_base():
         assert np.max(np.abs(losses - torch_losses) / torch_losses) <= 1e-4
     trained = jgpt.from_torch_state_dict(model.state_dict())
     nnx_state = jgpt.from_torch_state_dict(  # NNX values read back through the same paths
-        {k: np.asarray(_nnx_leaf(nnx_model, k)) for k in model.state_dict()})
+        {k: np.asarray(_nnx_leaf(nnx_model, k)) for k in model.state_dict()}
+    )
     for path, _ in jaxlora.tree.iter_lora_layers(trained):
         for leaf in ("lora_a", "lora_b"):
             expected = _get(trained, path)[leaf]
@@ -174,10 +184,16 @@ def test_finetune_parity_and_frozen_base():
     for key, value in model.state_dict().items():
         if not key.endswith(("lora_a", "lora_b")):
             assert torch.equal(value, torch_start[key]), key
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 jaxlora.split(linen_params)[1], base_start)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 jaxlora.split(nnx_state)[1], base_start)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+        jaxlora.split(linen_params)[1],
+        base_start,
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+        jaxlora.split(nnx_state)[1],
+        base_start,
+    )
 
 
 def test_merge_gives_original_architecture_and_outputs():
@@ -219,8 +235,11 @@ def _nnx_leaf(model, key: str):
     for name in modules:
         obj = getattr(obj, name)
     value = getattr(obj, {"weight": _weight_name(obj)}.get(leaf, leaf))[...]
-    return value.T if (leaf == "weight" and _weight_name(obj) == "kernel") or leaf.startswith(
-        "lora") else value
+    return (
+        value.T
+        if (leaf == "weight" and _weight_name(obj) == "kernel") or leaf.startswith("lora")
+        else value
+    )
 
 
 def _weight_name(obj) -> str:

@@ -47,29 +47,36 @@ def _check_length(t: int, cfg: GPTConfig) -> None:
         raise ValueError(f"sequence length {t} exceeds block_size={cfg.block_size}")
 
 
+def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(cfg.layer_norm_eps, use_fast_variance=False, name=name)
+
+
+class _Attn(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        d = self.cfg.d_model
+        q, k, v = (nn.Dense(d, name=n)(h) for n in ("query", "key", "value"))
+        return nn.Dense(d, name="out")(_attend(q, k, v, self.cfg.n_head))
+
+
+class _Mlp(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        h = nn.Dense(self.cfg.mlp_ratio * self.cfg.d_model, name="fc")(h)
+        return nn.Dense(self.cfg.d_model, name="proj")(jax.nn.gelu(h, approximate=False))
+
+
 class _Block(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg, d = self.cfg, self.cfg.d_model
-        ln = lambda name: nn.LayerNorm(cfg.layer_norm_eps, use_fast_variance=False, name=name)  # noqa: E731
-        h = ln("ln_1")(x)
-
-        class Attn(nn.Module):
-            @nn.compact
-            def __call__(self, h):
-                q, k, v = (nn.Dense(d, name=n)(h) for n in ("query", "key", "value"))
-                return nn.Dense(d, name="out")(_attend(q, k, v, cfg.n_head))
-
-        class Mlp(nn.Module):
-            @nn.compact
-            def __call__(self, h):
-                h = jax.nn.gelu(nn.Dense(cfg.mlp_ratio * d, name="fc")(h), approximate=False)
-                return nn.Dense(d, name="proj")(h)
-
-        x = x + Attn(name="attn")(h)
-        return x + Mlp(name="mlp")(ln("ln_2")(x))
+        x = x + _Attn(self.cfg, name="attn")(_layer_norm(self.cfg, "ln_1")(x))
+        return x + _Mlp(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x))
 
 
 class GPT(nn.Module):
@@ -82,19 +89,23 @@ class GPT(nn.Module):
         cfg = self.cfg
         _check_length(tokens.shape[-1], cfg)
         x = nn.Embed(cfg.vocab_size, cfg.d_model, name="tok_emb")(tokens)
-        x = x + nn.Embed(cfg.block_size, cfg.d_model, name="pos_emb")(
-            jnp.arange(tokens.shape[-1]))
+        x = x + nn.Embed(cfg.block_size, cfg.d_model, name="pos_emb")(jnp.arange(tokens.shape[-1]))
         for i in range(cfg.n_layer):
             x = _Block(cfg, name=f"blocks_{i}")(x)
-        x = nn.LayerNorm(cfg.layer_norm_eps, use_fast_variance=False, name="ln_f")(x)
+        x = _layer_norm(cfg, "ln_f")(x)
         return nn.Dense(cfg.vocab_size, use_bias=False, name="head")(x)
+
+
+def _nnx_layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        cfg.d_model, epsilon=cfg.layer_norm_eps, use_fast_variance=False, rngs=rngs
+    )
 
 
 class _NnxAttn(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs) -> None:
         d, self.n_head = cfg.d_model, cfg.n_head
-        self.query, self.key, self.value, self.out = (nnx.Linear(d, d, rngs=rngs)
-                                                      for _ in range(4))
+        self.query, self.key, self.value, self.out = (nnx.Linear(d, d, rngs=rngs) for _ in range(4))
 
     def __call__(self, h: jax.Array) -> jax.Array:
         return self.out(_attend(self.query(h), self.key(h), self.value(h), self.n_head))
@@ -111,10 +122,10 @@ class _NnxMlp(nnx.Module):
 
 class _NnxBlock(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs) -> None:
-        ln = lambda: nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps,  # noqa: E731
-                                   use_fast_variance=False, rngs=rngs)
-        self.ln_1, self.attn, self.ln_2, self.mlp = ln(), _NnxAttn(cfg, rngs), ln(), _NnxMlp(
-            cfg, rngs)
+        self.ln_1 = _nnx_layer_norm(cfg, rngs)
+        self.attn = _NnxAttn(cfg, rngs)
+        self.ln_2 = _nnx_layer_norm(cfg, rngs)
+        self.mlp = _NnxMlp(cfg, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.ln_1(x))
@@ -130,8 +141,7 @@ class NnxGPT(nnx.Module):
         self.pos_emb = nnx.Embed(cfg.block_size, cfg.d_model, rngs=rngs)
         for i in range(cfg.n_layer):
             setattr(self, f"blocks_{i}", _NnxBlock(cfg, rngs))
-        self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps,
-                                  use_fast_variance=False, rngs=rngs)
+        self.ln_f = _nnx_layer_norm(cfg, rngs)
         self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -206,8 +216,10 @@ def load_nnx(model: nnx.Module, params: Mapping[str, Any]) -> nnx.Module:
             else:
                 variable = getattr(obj, key)
                 if tuple(variable.shape) != tuple(jnp.shape(value)):
-                    raise ValueError(f"load_nnx: '{where}' has shape {tuple(variable.shape)}, "
-                                     f"got {tuple(jnp.shape(value))}")
+                    raise ValueError(
+                        f"load_nnx: '{where}' has shape {tuple(variable.shape)}, "
+                        f"got {tuple(jnp.shape(value))}"
+                    )
                 variable[...] = jnp.asarray(value, variable.dtype)
 
     walk(model, params, "")

@@ -35,6 +35,7 @@ def inject(
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"inject expects a jaxlora.LoRAConfig, got {type(config).__name__}")
     modules = {".".join(map(str, p)): (p, m) for p, m in nnx.iter_modules(model)}
+    modules = dict(sorted(modules.items(), key=lambda item: item[0]))
     chosen = config.select(modules)
     for name in chosen:
         path, module = modules[name]

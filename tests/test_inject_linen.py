@@ -1,0 +1,233 @@
+"""jaxlora.inject / intercept on unmodified Linen models."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+import jaxlora
+
+N, D, L, R = 128, 1024, 4, 8
+
+
+class MLP(nn.Module):
+    width: int = D
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        dense = nn.remat(nn.Dense) if self.remat else nn.Dense
+        for i in range(L):
+            x = dense(self.width, name=f"fc{i}")(x)
+            if i < L - 1:
+                x = jax.nn.relu(x)
+        return x
+
+
+def _adapted(width=32, remat=False, config=None):
+    model = MLP(width, remat)
+    x = jax.random.normal(jax.random.key(0), (8, width))
+    variables = model.init(jax.random.key(0), x)
+    config = config or jaxlora.LoRAConfig(r=4, alpha=8, targets=["fc1", "fc3"])
+    lora = jaxlora.inject(variables, config, jax.random.key(1))
+    for name in ("fc1", "fc3"):
+        shape = lora["params"][name]["lora_b"].shape
+        lora["params"][name]["lora_b"] = jax.random.normal(jax.random.key(2), shape)
+    return model, x, variables, lora, config
+
+
+def _reference(variables, lora, x, scale):
+    """The LoRA formula in numpy over the MLP, layer by layer."""
+    h = np.asarray(x, np.float64)
+    for i in range(L):
+        p = {k: np.asarray(v, np.float64) for k, v in lora["params"][f"fc{i}"].items()}
+        out = h @ p["kernel"] + p["bias"]
+        if "lora_a" in p:
+            out = out + scale * h @ p["lora_a"] @ p["lora_b"]
+        h = np.maximum(out, 0) if i < L - 1 else out
+    return h
+
+
+def test_inject_adds_leaves_and_intercept_applies_them():
+    model, x, variables, lora, config = _adapted()
+    assert set(lora["params"]["fc1"]) == {"kernel", "bias", "lora_a", "lora_b"}
+    assert set(lora["params"]["fc0"]) == {"kernel", "bias"}
+    assert lora["params"]["fc1"]["lora_a"].shape == (32, 4)
+    a = np.asarray(lora["params"]["fc1"]["lora_a"])
+    assert np.abs(a).max() <= 1 / np.sqrt(32)  # kaiming_uniform(a=√5), as torch
+    np.testing.assert_array_equal(
+        lora["params"]["fc1"]["kernel"], variables["params"]["fc1"]["kernel"]
+    )
+    with jaxlora.intercept(config):
+        y = model.apply(lora, x)
+    np.testing.assert_allclose(y, _reference(variables, lora, x, 2.0), rtol=1e-5, atol=1e-5)
+    fresh = jaxlora.inject(variables, config, jax.random.key(1))
+    with jaxlora.intercept(config):
+        np.testing.assert_array_equal(model.apply(fresh, x), model.apply(variables, x))
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+def test_jit_remat_grad_and_merge(remat):
+    model, x, variables, lora, config = _adapted(remat=remat)
+
+    @jax.jit
+    @jaxlora.intercept(config)
+    def loss(params):
+        return jnp.sum(model.apply({"params": params}, x) ** 2)
+
+    expected = _reference(variables, lora, x, 2.0)
+    np.testing.assert_allclose(loss(lora["params"]), np.sum(expected**2), rtol=1e-5)
+    grads = jax.grad(loss)(lora["params"])
+    assert float(jnp.abs(grads["fc1"]["lora_a"]).sum()) > 0
+    merged = jaxlora.merge(lora, alpha=config.alpha)
+    assert jax.tree.structure(merged) == jax.tree.structure(variables)
+    np.testing.assert_allclose(model.apply(merged, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_per_layer_init_does_not_depend_on_other_targets():
+    model = MLP(32)
+    variables = model.init(jax.random.key(0), jnp.ones((1, 32)))
+    one = jaxlora.inject(variables, jaxlora.LoRAConfig(r=2, targets=["fc1"]), jax.random.key(3))
+    two = jaxlora.inject(
+        variables, jaxlora.LoRAConfig(r=2, targets=["fc1", "fc2"]), jax.random.key(3)
+    )
+    np.testing.assert_array_equal(one["params"]["fc1"]["lora_a"], two["params"]["fc1"]["lora_a"])
+
+
+def test_dropout_in_intercept():
+    config = jaxlora.LoRAConfig(r=4, alpha=8, targets=["fc1", "fc3"], dropout=0.5)
+    model, x, variables, lora, _ = _adapted(config=config)
+    with jaxlora.intercept(config):
+        y_eval = model.apply(lora, x)
+    np.testing.assert_allclose(y_eval, _reference(variables, lora, x, 2.0), rtol=1e-5, atol=1e-5)
+    with jaxlora.intercept(config, deterministic=False):
+        y1 = model.apply(lora, x, rngs={"dropout": jax.random.key(1)})
+        y2 = model.apply(lora, x, rngs={"dropout": jax.random.key(2)})
+        assert not np.allclose(y1, y2)
+        with pytest.raises(Exception, match="dropout"):
+            model.apply(lora, x)  # no 'dropout' rng given
+
+
+def test_freeze_base_train_step_flops_are_the_analytic_minimum():
+    """Factored branch + freeze_base under one jit: no kernel gradients are computed."""
+    model = MLP()
+    x, y = jnp.ones((N, D)), jnp.zeros((N, D))
+    base = model.init(jax.random.key(0), x)["params"]
+    config = jaxlora.LoRAConfig(r=R, targets=r"fc\d")
+    params = jaxlora.inject(base, config, jax.random.key(1))
+
+    def step_fn(tx, lora):
+        def step(params, opt_state):
+            def loss(p):
+                return jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+
+            if lora:
+                with jaxlora.intercept(config):
+                    grads = jax.grad(loss)(params)
+            else:
+                grads = jax.grad(loss)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        return step
+
+    def flops(params, tx, lora):
+        lowered = jax.jit(step_fn(tx, lora)).lower(params, tx.init(params))
+        return lowered.compile().cost_analysis()["flops"]
+
+    full = flops(base, optax.adam(1e-3), False)
+    lora = flops(params, jaxlora.freeze_base(optax.adam(1e-3)), True)
+
+    def mm(a, b):
+        return 2 * N * a * b
+
+    # Forward: base + both LoRA matmuls per layer. Backward: dB, dy·Bᵀ and dA per layer, and
+    # the input gradient (through W0 and the LoRA path) for every layer but the first.
+    forward = L * (mm(D, D) + mm(D, R) + mm(R, D))
+    backward = L * (mm(R, D) + mm(D, R) + mm(D, R)) + (L - 1) * (mm(D, D) + mm(R, D))
+    minimum = forward + backward
+    assert minimum <= lora <= 1.02 * minimum, lora / minimum
+    full_matmuls = L * 2 * mm(D, D) + (L - 1) * mm(D, D)  # forward, dW, dX
+    assert 0.63 < lora / full < 0.66 and full >= full_matmuls
+
+
+def test_inject_errors():
+    model = MLP(32)
+    variables = model.init(jax.random.key(0), jnp.ones((1, 32)))
+    with pytest.raises(ValueError, match=r"match no layer; the layer paths are: fc0, fc1, fc2"):
+        jaxlora.inject(variables, jaxlora.LoRAConfig(r=2, targets=["query"]), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"inject: layer 'fc1': r must be in \[1, min"):
+        jaxlora.inject(variables, jaxlora.LoRAConfig(r=64, targets=["fc1"]), jax.random.key(0))
+    injected = jaxlora.inject(
+        variables, jaxlora.LoRAConfig(r=2, targets=["fc1"]), jax.random.key(0)
+    )
+    with pytest.raises(ValueError, match="layer 'fc1' already has LoRA leaves"):
+        jaxlora.inject(injected, jaxlora.LoRAConfig(r=2, targets=["fc1"]), jax.random.key(0))
+    with pytest.raises(TypeError, match="LoRAConfig"):
+        jaxlora.inject(variables, {"r": 2}, jax.random.key(0))
+
+
+class Mixed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Embed(10, 8, name="embed")(x)
+        x = nn.DenseGeneral((2, 4), name="heads")(x)
+        return nn.DenseGeneral(8, axis=(-2, -1), name="merge")(x)
+
+
+def test_unsupported_layers_are_errors_not_silence():
+    model, tokens = Mixed(), jnp.arange(3)
+    variables = model.init(jax.random.key(0), tokens)
+    with pytest.raises(
+        TypeError,
+        match=r"layer 'embed' holds \{'embedding': \(10, 8\)\}, which "
+        r"cannot be adapted; supported: flax.linen.Dense",
+    ):
+        jaxlora.inject(variables, jaxlora.LoRAConfig(r=2, targets=["embed"]), jax.random.key(0))
+    with pytest.raises(TypeError, match=r"'heads' holds .*\(8, 2, 4\).*cannot be adapted"):
+        jaxlora.inject(variables, jaxlora.LoRAConfig(r=2, targets=["heads"]), jax.random.key(0))
+    # A leaf pair placed by hand beside a kernel that no nn.Dense uses is reported at apply.
+    params = jax.tree.map(lambda v: v, variables["params"])
+    params["embed"]["kernel"] = jnp.zeros((10, 8))
+    params["embed"]["lora_a"], params["embed"]["lora_b"] = jnp.ones((10, 2)), jnp.ones((2, 8))
+    with jaxlora.intercept(jaxlora.LoRAConfig(r=2, targets=["embed"])):
+        with pytest.raises(
+            ValueError,
+            match=r"LoRA leaves at 'embed' were not used by any "
+            r"nn.Dense call",
+        ):
+            model.apply({"params": params}, tokens)
+
+
+class ScannedMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        def body(mdl, carry, _):
+            return nn.Dense(carry.shape[-1])(carry), None
+
+        scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return scan(self, x, None)[0]
+
+
+def test_scanned_kernels_are_rejected():
+    model = ScannedMLP()
+    variables = model.init(jax.random.key(0), jnp.ones((2, 8)))
+    paths = [
+        ".".join(str(getattr(k, "key", k)) for k in p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
+    ]
+    layer = paths[0].rsplit(".", 1)[0]
+    with pytest.raises(TypeError, match="stacked by nn.scan"):
+        jaxlora.inject(variables, jaxlora.LoRAConfig(r=2, targets=[layer]), jax.random.key(0))
+
+
+def test_trainable_parameter_report():
+    _, _, _, lora, _ = _adapted()
+    report = jaxlora.trainable_parameters(lora)
+    assert report.trainable == 2 * 4 * (32 + 32)
+    assert report.total == sum(v.size for v in jax.tree.leaves(lora))
+    assert f"{report.percent:.4f}" in str(report)

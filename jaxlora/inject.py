@@ -48,7 +48,7 @@ def inject(
 
     Raises:
         ValueError: no layer matches (the message lists the layer paths), a layer already has
-            LoRA leaves, or ``config.r`` exceeds a layer's ``min(in, out)``.
+            LoRA leaves, or a layer's rank exceeds its ``min(in, out)``.
         TypeError: a matched layer is not a Dense-style layer with a 2-D kernel.
     """
     if not isinstance(config, LoRAConfig):
@@ -69,9 +69,10 @@ def inject(
         if any(name in node for name in LORA_NAMES):
             raise ValueError(f"{where} already has LoRA leaves")
         n_in, n_out = jnp.shape(kernel)
+        r = config.rank_for(path)
         core.check_hparams(
-            r=config.r,
-            alpha=config.alpha,
+            r=r,
+            alpha=config.alpha_for(path),
             dropout=config.dropout,
             in_features=n_in,
             out_features=n_out,
@@ -79,8 +80,8 @@ def inject(
         )
         key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
         new[path] = {
-            "lora_a": core.default_lora_a_init(key, (n_in, config.r), param_dtype),
-            "lora_b": core.default_lora_b_init(key, (config.r, n_out), param_dtype),
+            "lora_a": core.default_lora_a_init(key, (n_in, r), param_dtype),
+            "lora_b": core.default_lora_b_init(key, (r, n_out), param_dtype),
         }
     return _add_leaves(params, (), new)
 
@@ -90,9 +91,11 @@ def intercept(config: LoRAConfig, *, deterministic: bool = True) -> Iterator[Non
     """Within this context, ``nn.Dense`` layers that hold LoRA leaves apply them.
 
     Use it around ``model.apply`` (inside or outside ``jax.jit``), or as a decorator on the
-    function that calls it. ``config.alpha``/``use_rslora`` set the scale (``r`` is read from
-    each layer's shapes); with ``deterministic=False`` and ``config.dropout > 0`` the LoRA
-    branch's input is dropped out with the ``'dropout'`` rng passed to ``apply``.
+    function that calls it. ``config.alpha_for(path)``/``use_rslora`` set each layer's scale;
+    a layer whose ``r`` (read from its shapes) differs from ``config.rank_for(path)`` is an
+    error, so the scale can't silently differ from the one the adapter was made with. With
+    ``deterministic=False`` and ``config.dropout > 0`` the LoRA branch's input is dropped out
+    with the ``'dropout'`` rng passed to ``apply``.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import linen as nn
@@ -154,6 +157,12 @@ class _State:
         r = jnp.shape(a)[-1]
         core.check_shape(a, (n_in, r), f"{where}, 'lora_a'")
         core.check_shape(b, (r, n_out), f"{where}, 'lora_b'")
+        name = ".".join(path)
+        if r != self.config.rank_for(name):
+            raise ValueError(
+                f"{where} has r={r} (from its shapes) but the config gives it "
+                f"r={self.config.rank_for(name)}: the scale would be wrong"
+            )
         self.used.add(path)
         y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
@@ -162,7 +171,8 @@ class _State:
         if rate > 0 and not self.deterministic:
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
             x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-        scale = core.scaling(r, self.config.alpha, use_rslora=self.config.use_rslora)
+        alpha = self.config.alpha_for(name)
+        scale = core.scaling(r, alpha, use_rslora=self.config.use_rslora)
         return y + core.lora_branch(x, a, b, scale, module.precision)
 
 

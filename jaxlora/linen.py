@@ -60,7 +60,7 @@ class LoRADense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        where = f"LoRADense at '{'/'.join(self.scope.path) or '<root>'}'"
+        where = f"LoRADense at '{'.'.join(self.scope.path) or '<root>'}'"
         if self.has_variable("params", "kernel"):
             in_features = self.get_variable("params", "kernel").shape[0]
             core.check_input(x, in_features, where)

@@ -37,8 +37,8 @@ def merge(params: PyTree, *, alpha: Alpha, use_rslora: bool = False) -> PyTree:
     Args:
         params: a nested-dict params tree (with or without the top 'params' collection).
         alpha: keyword-only and required, so the scale always matches the forward pass's: a
-            number, ``None`` (meaning ``r``), or a function from a layer path (``'/'``-joined,
-            e.g. ``'block_0/query'``) to that layer's alpha.
+            number, ``None`` (meaning ``r``), or a function from a layer path (``'.'``-joined,
+            e.g. ``'block_0.query'``) to that layer's alpha.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
 
     Raises:

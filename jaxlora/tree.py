@@ -101,10 +101,10 @@ def iter_lora_layers(params: Mapping[str, Any], path: Path = ()) -> Iterator[tup
 
 
 def path_str(path: Path) -> str:
-    """A params path as a layer path string: '/'-joined, without a leading 'params' collection."""
+    """A params path as a layer path string: '.'-joined, without a leading 'params' collection."""
     if path and path[0] == "params":
         path = path[1:]
-    return "/".join(path) or "<root>"
+    return ".".join(path) or "<root>"
 
 
 def _leaf_name(path: tuple[Any, ...]) -> str | None:
@@ -148,7 +148,7 @@ def _union(a: Mapping, b: Mapping, path: Path) -> Mapping:
         elif isinstance(value, Mapping) and isinstance(out[key], Mapping):
             out[key] = _union(value, out[key], (*path, str(key)))
         else:
-            raise ValueError(f"combine: '{'/'.join((*path, str(key)))}' is in both trees")
+            raise ValueError(f"combine: '{'.'.join((*path, str(key)))}' is in both trees")
     return _like(b, out)
 
 

@@ -81,4 +81,67 @@ def test_same_fields_in_both_packages():
 
     fields = [[(f.name, f.default) for f in dataclasses.fields(c)] for c in CONFIGS]
     assert fields[0] == fields[1]
-    assert [f[0] for f in fields[0]] == ["r", "alpha", "targets", "dropout", "use_rslora"]
+    assert [f[0] for f in fields[0]] == [
+        "r",
+        "alpha",
+        "targets",
+        "dropout",
+        "use_rslora",
+        "rank_pattern",
+        "alpha_pattern",
+    ]
+
+
+@pytest.mark.parametrize("Config", CONFIGS, ids=["jaxlora", "torchlora"])
+def test_rank_and_alpha_patterns_follow_peft(Config):
+    config = Config(
+        r=8,
+        alpha=16,
+        targets=["query", "value"],
+        rank_pattern={"blocks_1.attn.value": 2, "value": 4},
+        alpha_pattern={"query": 3},
+    )
+    assert config.rank_for("blocks_0.attn.query") == 8
+    assert config.rank_for("blocks_0.attn.value") == 4  # first matching key wins, as in PEFT
+    assert config.rank_for("blocks_1.attn.value") == 2
+    assert config.rank_for("blocks_0.attn.subvalue") == 8  # a key matches whole '.' segments
+    assert config.alpha_for("blocks_0.attn.query") == 3.0
+    assert config.alpha_for("blocks_0.attn.value") == 16.0
+    default = Config(r=8, targets=["q"], rank_pattern={"q": 2})
+    assert default.alpha_for("a.q") == 2.0 and default.alpha_for("a.k") == 8.0  # alpha = rank
+
+
+@pytest.mark.parametrize("Config", CONFIGS, ids=["jaxlora", "torchlora"])
+def test_peft_config_roundtrip(Config):
+    config = Config(
+        r=8, targets=["query", "value"], dropout=0.1, use_rslora=True, rank_pattern={"value": 4}
+    )
+    peft = config.to_peft()
+    assert peft["peft_type"] == "LORA" and peft["lora_alpha"] == 8 and peft["r"] == 8
+    assert peft["alpha_pattern"] == {"value": 4}  # alpha=None means alpha = each layer's rank
+    back = Config.from_peft(peft)
+    for path in ("a.query", "a.value", "b.value"):
+        assert back.rank_for(path) == config.rank_for(path)
+        assert back.alpha_for(path) == config.alpha_for(path)
+    assert (back.dropout, back.use_rslora, back.targets) == (0.1, True, ("query", "value"))
+    assert Config.from_peft({**peft, "target_modules": ".*q"}).targets == ".*q"
+
+
+@pytest.mark.parametrize("Config", CONFIGS, ids=["jaxlora", "torchlora"])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(peft_type=None), "no 'peft_type'"),
+        (dict(peft_type="IA3"), "peft_type 'IA3'; only 'LORA'"),
+        (dict(lora_alpha=None), r"no 'lora_alpha' \(PEFT would silently use 8\)"),
+        (dict(r=None), "no 'r'"),
+        (dict(use_dora=True), "use_dora=True, which is not supported"),
+        (dict(bias="all"), "bias='all'"),
+    ],
+    ids=["no-type", "ia3", "no-alpha", "no-r", "dora", "bias"],
+)
+def test_peft_config_errors(Config, change, match):
+    peft = {**Config(r=4, targets=["q"]).to_peft(), **change}
+    peft = {k: v for k, v in peft.items() if not (k == "peft_type" and v is None)}
+    with pytest.raises(ValueError, match=match):
+        Config.from_peft(peft)

@@ -116,7 +116,7 @@ def test_split_combine_roundtrip():
     frozen = FrozenDict(params)
     adapter_f, base_f = jaxlora.split(frozen)
     assert isinstance(adapter_f, FrozenDict) and isinstance(base_f, FrozenDict)
-    with pytest.raises(ValueError, match="'fc1/kernel' is in both trees"):
+    with pytest.raises(ValueError, match="'fc1.kernel' is in both trees"):
         jaxlora.combine(base, base)
     with pytest.raises(TypeError, match="nested dict"):
         jaxlora.split([1, 2])

@@ -128,7 +128,7 @@ def test_merge_refuses_non_finite():
     [
         (
             {"kernel": jnp.ones((4, 3)), "lora_a": jnp.ones((4, 2))},
-            r"layer 'blk/q' has \['kernel', 'lora_a'\] but no \['lora_b'\]",
+            r"layer 'blk.q' has \['kernel', 'lora_a'\] but no \['lora_b'\]",
         ),
         ({"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))}, r"but no \['kernel'\]"),
         (

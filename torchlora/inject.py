@@ -42,7 +42,7 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
 
     Raises:
         ValueError: no layer matches (the message lists the layer paths), a layer is already
-            adapted, or ``config.r`` exceeds a matched layer's ``min(in, out)``.
+            adapted, or a layer's rank exceeds its ``min(in, out)``.
         TypeError: a matched module is not an ``nn.Linear`` (the message names the supported
             types).
     """
@@ -63,17 +63,17 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
                 f"layer '{path}' is a {type(module).__name__}, which cannot be "
                 f"adapted; supported types: {', '.join(t.__name__ for t in SUPPORTED)}"
             )
-        limit = min(module.in_features, module.out_features)
-        if config.r > limit:
+        limit, r = min(module.in_features, module.out_features), config.rank_for(path)
+        if r > limit:
             raise ValueError(
                 f"layer '{path}' ({module.in_features} -> {module.out_features}): "
-                f"r must be in [1, {limit}], got {config.r}"
+                f"r must be in [1, {limit}], got {r}"
             )
     for path in chosen:
         layer = Linear.from_linear(
             modules[path],
-            config.r,
-            config.alpha,
+            config.rank_for(path),
+            config.alpha_for(path),
             dropout=config.dropout,
             use_rslora=config.use_rslora,
         )

@@ -29,7 +29,7 @@ def inject(
 
     Raises:
         ValueError: no layer matches (the message lists the layer paths), the root module is
-            matched, or ``config.r`` exceeds a layer's ``min(in, out)``.
+            matched, or a layer's rank exceeds its ``min(in, out)``.
         TypeError: a matched module is not an ``nnx.Linear`` (or is already a ``LoRALinear``).
     """
     if not isinstance(config, LoRAConfig):
@@ -49,8 +49,8 @@ def inject(
                 f"adapted; supported: {SUPPORTED}"
             )
         core.check_hparams(
-            r=config.r,
-            alpha=config.alpha,
+            r=config.rank_for(name),
+            alpha=config.alpha_for(name),
             dropout=config.dropout,
             in_features=module.in_features,
             out_features=module.out_features,
@@ -60,8 +60,8 @@ def inject(
         path, linear = modules[name]
         layer = LoRALinear.from_linear(
             linear,
-            r=config.r,
-            alpha=config.alpha,
+            r=config.rank_for(name),
+            alpha=config.alpha_for(name),
             dropout=config.dropout,
             use_rslora=config.use_rslora,
             param_dtype=param_dtype,

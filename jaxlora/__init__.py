@@ -3,6 +3,7 @@
 The NNX side lives in ``jaxlora.nnx`` (``LoRALinear``, ``inject``, ``merge``).
 """
 
+from jaxlora.adapter import load_adapter, read_adapter_config, save_adapter
 from jaxlora.config import LoRAConfig
 from jaxlora.convert import from_torch, to_torch
 from jaxlora.core import scaling
@@ -27,8 +28,11 @@ __all__ = [
     "from_torch",
     "inject",
     "intercept",
+    "load_adapter",
     "lora_mask",
     "merge",
+    "read_adapter_config",
+    "save_adapter",
     "scaling",
     "split",
     "to_torch",

@@ -1,5 +1,6 @@
 """torchlora: the PyTorch reference LoRA layers that jaxlora mirrors."""
 
+from torchlora.adapter import load_adapter, read_adapter_config, save_adapter
 from torchlora.config import LoRAConfig
 from torchlora.core import scaling
 from torchlora.inject import (
@@ -17,9 +18,12 @@ __all__ = [
     "LoRAConfig",
     "ParamCount",
     "inject",
+    "load_adapter",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge",
+    "read_adapter_config",
+    "save_adapter",
     "scaling",
     "trainable_parameters",
 ]

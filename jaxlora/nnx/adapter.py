@@ -1,0 +1,125 @@
+"""Adapter files in PEFT's format for NNX models (the format itself is ``jaxlora/adapter.py``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlora.adapter import (
+    PREFIX,
+    PathMap,
+    check_layer_set,
+    check_pair,
+    file_config,
+    map_path,
+    read_adapter,
+    write_adapter,
+)
+from jaxlora.config import LoRAConfig
+from jaxlora.nnx.inject import inject
+from jaxlora.nnx.layer import LoRALinear
+
+
+def save_adapter(
+    model: nnx.Module,
+    directory: str | os.PathLike,
+    config: LoRAConfig | None = None,
+    *,
+    path_map: PathMap = None,
+) -> Path:
+    """Writes the model's ``LoRALinear`` adapters as a PEFT adapter; returns the directory.
+
+    ``config`` defaults to the one ``inject`` remembered (``model.lora_config``); each layer's
+    own rank and alpha are written. ``path_map`` maps a '.'-joined NNX path to the torch module
+    path where names differ.
+    """
+    config = config if config is not None else getattr(model, "lora_config", None)
+    if config is None:
+        raise ValueError("save_adapter: pass a LoRAConfig (the model has no lora_config)")
+    layers = _modules(model, path_map, LoRALinear)
+    if not layers:
+        raise ValueError("save_adapter: the model has no LoRALinear layers")
+    if any(m.use_rslora != config.use_rslora for m in layers.values()):
+        raise ValueError("save_adapter: the layers' use_rslora differs from the config's")
+    tensors = {}
+    for path, layer in layers.items():
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(
+            np.asarray(layer.lora_a[...]).T
+        )
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(
+            np.asarray(layer.lora_b[...]).T
+        )
+    alphas = {p: float(m.r if m.alpha is None else m.alpha) for p, m in layers.items()}
+    peft = file_config(
+        config,
+        {p: (m.r, alphas[p]) for p, m in layers.items()},
+        list(_modules(model, path_map, nnx.Module)),
+    )
+    write_adapter(directory, tensors, peft)
+    return Path(directory)
+
+
+def load_adapter(
+    model: nnx.Module, directory: str | os.PathLike, *, path_map: PathMap = None
+) -> nnx.Module:
+    """Loads the adapter in ``directory`` into ``model`` in place; returns ``model``.
+
+    Into a plain model the file's ``target_modules`` are injected first; into an injected model
+    the adapters are replaced (and their alpha set to the file's). Strict, and the model is left
+    unchanged by a failed load (see ``jaxlora.load_adapter``).
+    """
+    config, tensors = read_adapter(directory)
+    modules = _modules(model, path_map, nnx.Module)
+    layers = {p: m for p, m in modules.items() if isinstance(m, LoRALinear)}
+    expected = set(layers) if layers else set(config.select(modules))
+    check_layer_set(expected, set(tensors), directory)
+    for path, (a, b) in tensors.items():
+        module = modules[path]
+        if not isinstance(module, nnx.Linear | LoRALinear):
+            raise ValueError(
+                f"{directory}: layer '{path}' is a {type(module).__name__}, not a Linear layer"
+            )
+        check_pair(path, a, b, module.in_features, module.out_features, directory)
+        if isinstance(module, LoRALinear) and module.r != a.shape[0]:
+            raise ValueError(
+                f"{directory}: layer '{path}' has rank {a.shape[0]} in the file "
+                f"but {module.r} in the model"
+            )
+    if not layers:
+        local = {
+            map_path(path_map, ".".join(map(str, p))): ".".join(map(str, p))
+            for p, _ in nnx.iter_modules(model)
+            if p
+        }
+        # Inject exactly the file's layers, named by their NNX paths, with their ranks.
+        inject(
+            model,
+            dataclasses.replace(
+                config,
+                targets=sorted(local[t] for t in tensors),
+                rank_pattern={local[t]: a.shape[0] for t, (a, _) in tensors.items()},
+                alpha_pattern={local[t]: config.alpha_for(t) for t in tensors},
+            ),
+            nnx.Rngs(0),
+        )
+        layers = _modules(model, path_map, LoRALinear)
+    for path, (a, b) in tensors.items():
+        layer = layers[path]
+        layer.lora_a[...] = jnp.asarray(a.T, layer.lora_a.dtype)
+        layer.lora_b[...] = jnp.asarray(b.T, layer.lora_b.dtype)
+        layer.alpha, layer.use_rslora = config.alpha_for(path), config.use_rslora
+    model.lora_config = config
+    return model
+
+
+def _modules(model: nnx.Module, path_map: PathMap, kind: type) -> dict[str, nnx.Module]:
+    return {
+        map_path(path_map, ".".join(map(str, p))): m
+        for p, m in nnx.iter_modules(model)
+        if isinstance(m, kind) and p
+    }

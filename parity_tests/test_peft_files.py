@@ -60,8 +60,10 @@ class NnxNet(nnx.Module):
 
 
 def _net_params(model: torch.nn.Module) -> dict:
-    return {name: jaxlora.from_torch(getattr(model, name).state_dict())
-            for name in ("query", "value", "out")}
+    return {
+        name: jaxlora.from_torch(getattr(model, name).state_dict())
+        for name in ("query", "value", "out")
+    }
 
 
 X = np.random.default_rng(0).standard_normal((4, 12)).astype("f4")
@@ -92,8 +94,9 @@ def _random_adapter(params, dtype, seed=2):
 def test_linen_adapter_loads_in_peft_plain_model(tmp_path, dtype):
     torch_model = TorchNet()
     config = jaxlora.LoRAConfig(r=4, alpha=8, targets=["query", "value"])
-    params = _random_adapter(jaxlora.inject(_net_params(torch_model), config,
-                                            jax.random.key(0)), dtype)
+    params = _random_adapter(
+        jaxlora.inject(_net_params(torch_model), config, jax.random.key(0)), dtype
+    )
     jaxlora.save_adapter(params, tmp_path, config)
     with jaxlora.intercept(config):
         y_jax = LinenNet().apply({"params": params}, X)
@@ -105,8 +108,9 @@ def test_linen_adapter_loads_in_peft_plain_model(tmp_path, dtype):
 def test_linen_and_nnx_adapters_load_in_peft_gpt(tmp_path, dtype):
     torch_model = tgpt.GPT(tgpt.GPTConfig(**GPT_CFG))
     params = jgpt.from_torch_state_dict(torch_model.state_dict())
-    config = jaxlora.LoRAConfig(r=8, alpha=16, targets=["query", "value"],
-                                rank_pattern={"blocks_1.attn.value": 2})
+    config = jaxlora.LoRAConfig(
+        r=8, alpha=16, targets=["query", "value"], rank_pattern={"blocks_1.attn.value": 2}
+    )
     params = _random_adapter(jaxlora.inject(params, config, jax.random.key(0)), dtype)
     jaxlora.save_adapter(params, tmp_path / "linen", config)
     with jaxlora.intercept(config):
@@ -125,8 +129,12 @@ def test_linen_and_nnx_adapters_load_in_peft_gpt(tmp_path, dtype):
 
 def test_torchlora_adapter_loads_in_peft(tmp_path):
     base = tgpt.GPT(tgpt.GPTConfig(**GPT_CFG))
-    model = torchlora.inject(copy.deepcopy(base), torchlora.LoRAConfig(
-        r=4, alpha=8, targets=r"blocks_\d\.attn\.(query|value)", use_rslora=True))
+    model = torchlora.inject(
+        copy.deepcopy(base),
+        torchlora.LoRAConfig(
+            r=4, alpha=8, targets=r"blocks_\d\.attn\.(query|value)", use_rslora=True
+        ),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_b"):
@@ -153,13 +161,20 @@ def _peft_saved(base, directory, dtype, **lora_kwargs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_peft_adapter_loads_in_all_three_plain_model(tmp_path, dtype):
-    peft_model = _peft_saved(TorchNet(), tmp_path, dtype, r=4, lora_alpha=6,
-                             target_modules=["query", "value"], rank_pattern={"value": 2},
-                             alpha_pattern={"value": 3})
+    peft_model = _peft_saved(
+        TorchNet(),
+        tmp_path,
+        dtype,
+        r=4,
+        lora_alpha=6,
+        target_modules=["query", "value"],
+        rank_pattern={"value": 2},
+        alpha_pattern={"value": 3},
+    )
     from safetensors import safe_open
 
     with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}  # noqa: SIM118
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}
     peft_model.eval()
     y_peft_bf16 = peft_model(torch.from_numpy(X)).detach()  # PEFT runs the branch in bf16 ...
     peft_model.float()  # ... so compare with the same (exactly bf16) weights at fp32 as well
@@ -189,8 +204,14 @@ def test_peft_adapter_loads_in_all_three_plain_model(tmp_path, dtype):
 
 def test_peft_adapter_loads_in_all_three_gpt(tmp_path):
     base = tgpt.GPT(tgpt.GPTConfig(**GPT_CFG))
-    peft_model = _peft_saved(copy.deepcopy(base), tmp_path, torch.float32, r=8, lora_alpha=16,
-                             target_modules=["query", "value"]).eval()
+    peft_model = _peft_saved(
+        copy.deepcopy(base),
+        tmp_path,
+        torch.float32,
+        r=8,
+        lora_alpha=16,
+        target_modules=["query", "value"],
+    ).eval()
     y_peft = peft_model(torch.from_numpy(TOKENS))
     params = jgpt.from_torch_state_dict(base.state_dict())
     loaded = jaxlora.load_adapter(params, tmp_path)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -293,16 +294,19 @@ def test_killed_save_leaves_a_complete_adapter(tmp_path):
         tmp_path,
         config,
     )
-    for delay in (0.05, 0.2, 0.5):
+    for _ in range(5):
+        seen = {p.name for p in tmp_path.iterdir()}
         with subprocess.Popen(
             [sys.executable, "-c", SAVER, str(tmp_path), "7"], stdout=subprocess.PIPE, text=True
         ) as proc:
             assert proc.stdout.readline().strip() == "ready"
-            try:
-                proc.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # kill as soon as a new temp file is being written
+                if any(p.name.endswith(".tmp") and p.name not in seen for p in tmp_path.iterdir()):
+                    break
+                time.sleep(0.0005)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
         try:
             loaded = jaxlora.load_adapter(base, tmp_path)
         except ValueError as err:  # only the microsecond window between the two renames

@@ -231,3 +231,22 @@ def test_trainable_parameter_report():
     assert report.trainable == 2 * 4 * (32 + 32)
     assert report.total == sum(v.size for v in jax.tree.leaves(lora))
     assert f"{report.percent:.4f}" in str(report)
+
+
+def test_switching_adapters_does_not_recompile():
+    model, x, _, lora, config = _adapted()
+    adapter_1, base = jaxlora.split(lora)
+    adapter_2 = jax.tree_util.tree_map_with_path(  # -B: the opposite update
+        lambda path, v: -v if path[-1].key == "lora_b" else v, adapter_1
+    )
+
+    @jax.jit
+    @jaxlora.intercept(config)
+    def forward(adapter, base, x):
+        return model.apply(jaxlora.combine(adapter, base), x)
+
+    y1, y2 = forward(adapter_1, base, x), forward(adapter_2, base, x)
+    assert not np.allclose(y1, y2)
+    for adapter in (adapter_1, adapter_2, adapter_1):
+        forward(adapter, base, x)
+    assert forward._cache_size() == 1

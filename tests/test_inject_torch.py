@@ -98,3 +98,22 @@ def test_mark_only_lora_as_trainable():
         "query.lora_a",
         "query.lora_b",
     }
+
+
+def test_set_adapter_switches_without_touching_the_base():
+    model = torchlora.inject(Net(), torchlora.LoRAConfig(r=2, targets=["query", "value"]))
+    first = {k: torch.randn_like(v) for k, v in torchlora.lora_state_dict(model).items()}
+    second = {k: torch.randn_like(v) for k, v in first.items()}
+    weight = model.query.weight
+    torchlora.set_adapter(model, first)
+    out_first = model(TOKENS).detach()
+    torchlora.set_adapter(model, second)
+    assert not torch.allclose(model(TOKENS), out_first)
+    torchlora.set_adapter(model, first)
+    assert torch.equal(model(TOKENS), out_first) and model.query.weight is weight
+    with pytest.raises(ValueError, match=r"missing keys \['value.lora_b'\]"):
+        torchlora.set_adapter(model, {k: v for k, v in second.items() if k != "value.lora_b"})
+    bad = {**second, "query.lora_a": torch.zeros(3, 16)}
+    with pytest.raises(ValueError, match=r"'query.lora_a' has shape \(3, 16\), expected \(2, 16\)"):
+        torchlora.set_adapter(model, bad)
+    assert torch.equal(model(TOKENS), out_first)  # the failed calls changed nothing

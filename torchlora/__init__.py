@@ -9,6 +9,7 @@ from torchlora.inject import (
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge,
+    set_adapter,
     trainable_parameters,
 )
 from torchlora.layer import Linear
@@ -25,5 +26,6 @@ __all__ = [
     "read_adapter_config",
     "save_adapter",
     "scaling",
+    "set_adapter",
     "trainable_parameters",
 ]

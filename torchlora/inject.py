@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -103,6 +104,32 @@ def merge(model: nn.Module) -> nn.Module:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors only: the state-dict entries named ``lora_a``/``lora_b``."""
     return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in LORA_NAMES}
+
+
+def set_adapter(model: nn.Module, adapter: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Switches an injected model to another adapter held in memory (a ``lora_state_dict``).
+
+    Copies the tensors into the existing ``lora_a``/``lora_b`` parameters: the base weights are
+    not touched or reloaded. Strict: the keys and shapes must be exactly the model's, checked
+    before anything is copied. Returns ``model``.
+    """
+    current = lora_state_dict(model)
+    missing, unexpected = sorted(set(current) - set(adapter)), sorted(set(adapter) - set(current))
+    if missing or unexpected:
+        raise ValueError(f"set_adapter: missing keys {missing}, unexpected keys {unexpected}")
+    for key, value in adapter.items():
+        if tuple(value.shape) != tuple(current[key].shape):
+            raise ValueError(
+                f"set_adapter: '{key}' has shape {tuple(value.shape)}, expected "
+                f"{tuple(current[key].shape)}"
+            )
+    merged = [n for n, m in model.named_modules() if isinstance(m, Linear) and m.merged]
+    if merged:
+        raise ValueError(f"set_adapter: layers {merged} are merged; unmerge them first")
+    with torch.no_grad():
+        for key, value in adapter.items():
+            current[key].copy_(value)
+    return model
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:

@@ -93,10 +93,27 @@ def test_finetune_example_is_deterministic(tmp_path):
     runs = []
     for name in ("a", "b"):
         subprocess.run(
-            [sys.executable, str(ROOT / "examples" / "finetune.py"), "--steps", "5",
-             "--eval-windows", "4", "--sample-length", "8", "--no-torch", "--seed", "3",
-             "--out", str(tmp_path / name)],
-            capture_output=True, text=True, timeout=600, check=True, cwd=ROOT)
+            [
+                sys.executable,
+                str(ROOT / "examples" / "finetune.py"),
+                "--steps",
+                "5",
+                "--eval-windows",
+                "4",
+                "--sample-length",
+                "8",
+                "--no-torch",
+                "--seed",
+                "3",
+                "--out",
+                str(tmp_path / name),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+            cwd=ROOT,
+        )
         runs.append(json.loads((tmp_path / name / "summary.json").read_text()))
     for key in ("jax_losses", "heldout_loss_after", "sample_after"):
         assert runs[0][key] == runs[1][key], key

@@ -10,6 +10,7 @@ from jaxlora.core import scaling
 from jaxlora.inject import inject, intercept
 from jaxlora.linen import LoRADense
 from jaxlora.merge import merge, unmerge
+from jaxlora.sharding import partition_specs
 from jaxlora.tree import (
     ParamCount,
     combine,
@@ -31,6 +32,7 @@ __all__ = [
     "load_adapter",
     "lora_mask",
     "merge",
+    "partition_specs",
     "read_adapter_config",
     "save_adapter",
     "scaling",

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.core import meta
 
 from jaxlora import core
 from jaxlora.config import LoRAConfig
@@ -59,7 +60,8 @@ def inject(
     new = {}
     for path in chosen:
         node, where = nodes[path], f"inject: layer '{path}'"
-        kernel = node.get("kernel")
+        boxed = node.get("kernel")
+        kernel = meta.unbox(boxed) if boxed is not None else None
         if kernel is None or jnp.ndim(kernel) != 2:
             found = {k: tuple(jnp.shape(v)) for k, v in node.items() if not isinstance(v, Mapping)}
             raise TypeError(
@@ -83,6 +85,18 @@ def inject(
             "lora_a": core.default_lora_a_init(key, (n_in, r), param_dtype),
             "lora_b": core.default_lora_b_init(key, (r, n_out), param_dtype),
         }
+        if isinstance(boxed, meta.AxisMetadata) and hasattr(boxed, "names"):
+            # lora_a shares the kernel's input-axis partitioning, lora_b its output axis;
+            # the rank axis is replicated.
+            names_in, names_out = boxed.names
+            new[path] = {
+                "lora_a": dataclasses.replace(
+                    boxed, value=new[path]["lora_a"], names=(names_in, None)
+                ),
+                "lora_b": dataclasses.replace(
+                    boxed, value=new[path]["lora_b"], names=(None, names_out)
+                ),
+            }
     return _add_leaves(params, (), new)
 
 
@@ -152,7 +166,9 @@ class _State:
         names = [n for n in ("kernel", *LORA_NAMES) if module.has_variable("params", n)]
         if len(names) != 3:
             raise ValueError(f"{where} has {names}: expected 'kernel', 'lora_a' and 'lora_b'")
-        kernel, a, b = (module.get_variable("params", n) for n in ("kernel", *LORA_NAMES))
+        kernel, a, b = (
+            meta.unbox(module.get_variable("params", n)) for n in ("kernel", *LORA_NAMES)
+        )
         n_in, n_out = jnp.shape(kernel)
         r = jnp.shape(a)[-1]
         core.check_shape(a, (n_in, r), f"{where}, 'lora_a'")

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 
 from jaxlora import core
 from jaxlora.tree import (
@@ -93,7 +94,7 @@ def _layer(node: Mapping, path: Path, op: str) -> tuple[jax.Array, jax.Array, ja
             f"{where} has {sorted(set(node) & {*LORA_NAMES, 'kernel'})} but no "
             f"{missing}: expected 'kernel', 'lora_a' and 'lora_b' side by side"
         )
-    kernel, lora_a, lora_b = node["kernel"], node["lora_a"], node["lora_b"]
+    kernel, lora_a, lora_b = (meta.unbox(node[n]) for n in ("kernel", *LORA_NAMES))
     if jnp.ndim(kernel) != 2:
         raise ValueError(f"{where}: kernel must be 2-D (in, out), got shape {jnp.shape(kernel)}")
     (n_in, n_out), r = jnp.shape(kernel), jnp.shape(lora_a)[-1] if jnp.ndim(lora_a) else 0
@@ -145,7 +146,8 @@ def _rebuild(tree: Mapping, path: Path, kernels: dict[Path, Any], *, drop_lora: 
         elif drop_lora and key in LORA_NAMES:
             continue
         elif key == "kernel" and path in kernels:
-            out[key] = kernels[path]
+            new = kernels[path]  # keeps nn.Partitioned-style metadata on the kernel
+            out[key] = value.replace_boxed(new) if isinstance(value, meta.AxisMetadata) else new
         else:
             out[key] = value
     return _like(tree, out)

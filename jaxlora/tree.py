@@ -108,12 +108,10 @@ def path_str(path: Path) -> str:
 
 
 def _leaf_name(path: tuple[Any, ...]) -> str | None:
-    if not path:
-        return None
-    entry = path[-1]
-    for attr in ("key", "name"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
+    # The last dict key: metadata boxes such as nn.Partitioned add a trailing '.value' entry.
+    for entry in reversed(path):
+        if isinstance(entry, jax.tree_util.DictKey):
+            return str(entry.key)
     return None
 
 

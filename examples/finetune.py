@@ -13,6 +13,7 @@ curves are compared. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -24,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import safetensors.numpy
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,7 +58,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-length", type=int, default=120, help="bytes to generate")
     p.add_argument("--out", type=Path, default=Path("out/finetune"), help="output directory")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference run")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="data=2,fsdp=2,tensor=2",
+        help="train sharded on a device mesh (data/FSDP/tensor parallel); on a CPU "
+        "simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=8",
+    )
     return p.parse_args(argv)
+
+
+def make_mesh(spec: str) -> Mesh:
+    sizes = dict.fromkeys(("data", "fsdp", "tensor"), 1)
+    for part in spec.split(","):
+        name, _, size = part.partition("=")
+        if name.strip() not in sizes or not size.strip().isdigit():
+            raise SystemExit(f"--mesh: expected e.g. data=2,fsdp=2,tensor=2, got {spec!r}")
+        sizes[name.strip()] = int(size)
+    needed, devices = int(np.prod(list(sizes.values()))), jax.devices()
+    if needed > len(devices):
+        raise SystemExit(
+            f"--mesh {spec} needs {needed} devices, JAX sees {len(devices)}; on a "
+            "CPU set XLA_FLAGS=--xla_force_host_platform_device_count=8"
+        )
+    return Mesh(np.array(devices[:needed]).reshape(tuple(sizes.values())), tuple(sizes))
 
 
 def load_base() -> tuple[jgpt.GPTConfig, dict, dict]:
@@ -72,10 +98,17 @@ def nbytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def train_jax(model, params, config, batches, lr):
+def train_jax(model, params, config, batches, lr, mesh=None):
     tx = jaxlora.freeze_base(optax.adamw(lr, weight_decay=0.01))
+    put, out_shardings = (lambda tokens: tokens), None
+    if mesh is not None:  # LoRA leaves follow their kernels (jaxlora.partition_specs)
+        specs = jaxlora.partition_specs(params, jgpt.partition_rules(jaxlora.split(params)[1]))
+        shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+        params = jax.device_put(params, shardings)
+        batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
+        put, out_shardings = (lambda t: jax.device_put(t, batch_sharding)), (shardings, None, None)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=out_shardings)
     @jaxlora.intercept(config)
     def step(params, opt_state, tokens):
         loss, grads = jax.value_and_grad(
@@ -87,7 +120,7 @@ def train_jax(model, params, config, batches, lr):
     opt_state, losses, times = tx.init(params), [], []
     for tokens in tqdm(batches, desc="JAX   LoRA", unit="step", leave=True):
         start = time.perf_counter()
-        params, opt_state, loss = step(params, opt_state, tokens)
+        params, opt_state, loss = step(params, opt_state, put(tokens))
         losses.append(float(loss))  # float() waits for the step to finish
         times.append(time.perf_counter() - start)
     return params, opt_state, np.array(losses), statistics.median(times[1:] or times)
@@ -178,7 +211,13 @@ def main(argv=None) -> dict:
     loss_before = heldout_loss(start)
     sample_before = generate(logits_fn, start, PROMPT, args.sample_length, seq, args.seed)
 
-    params, opt_state, jax_losses, jax_step = train_jax(model, params, config, batches, args.lr)
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    params, opt_state, jax_losses, jax_step = train_jax(
+        model, params, config, batches, args.lr, mesh
+    )
+    if mesh is not None:
+        print(f"trained sharded on a {dict(mesh.shape)} mesh of {mesh.devices.size} devices")
+        params = jax.device_get(params)
     loss_after = heldout_loss(params)
     sample_after = generate(logits_fn, params, PROMPT, args.sample_length, seq, args.seed)
 
@@ -208,6 +247,7 @@ def main(argv=None) -> dict:
     summary = {
         "device": device.platform,
         "steps": args.steps,
+        "mesh": dict(mesh.shape) if mesh is not None else None,
         "trainable": report.trainable,
         "total": report.total,
         "percent": report.percent,

@@ -26,23 +26,6 @@ LORA = jaxlora.LoRAConfig(r=8, alpha=16, targets=["query", "value", "fc"])
 MESHES = {"dp_tp": (4, 1, 2), "fsdp_tp": (2, 2, 2), "dp": (8, 1, 1)}
 
 
-def base_specs(params) -> dict:
-    """Megatron-style tensor parallelism on attention and MLP, FSDP on the other kernel axis."""
-    column = {"query", "key", "value", "fc"}  # split the output axis
-    row = {"out", "proj"}  # split the input axis
-
-    def spec(path, leaf):
-        names = [p.key for p in path]
-        layer, name = names[-2], names[-1]
-        if layer in column:
-            return P("fsdp", "tensor") if name == "kernel" else P("tensor")
-        if layer in row:
-            return P("tensor", "fsdp") if name == "kernel" else P()
-        return P()
-
-    return jax.tree_util.tree_map_with_path(spec, params)
-
-
 def loss_fn(model, params, tokens):
     logits = model.apply({"params": params}, tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
@@ -68,7 +51,7 @@ def main(layout: str) -> None:
         ref_params, ref_state, loss = ref_step(ref_params, ref_state, batch)
         ref_losses.append(float(loss))
 
-    specs = jaxlora.partition_specs(params, base_specs(base))
+    specs = jaxlora.partition_specs(params, jgpt.partition_rules(base))
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
     sharded = jax.device_put(params, shardings)

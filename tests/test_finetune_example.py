@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,36 @@ def test_finetune_example_is_deterministic(tmp_path):
     for key in ("jax_losses", "heldout_loss_after", "sample_after"):
         assert runs[0][key] == runs[1][key], key
     assert runs[0]["torch_losses"] is None  # --no-torch really skipped it
+
+
+def test_finetune_example_sharded_on_a_mesh(tmp_path):
+    """``--mesh data=2,fsdp=2,tensor=2`` on 8 simulated CPU devices: same curve as torch."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "finetune.py"),
+            "--steps",
+            "8",
+            "--eval-windows",
+            "4",
+            "--sample-length",
+            "8",
+            "--mesh",
+            "data=2,fsdp=2,tensor=2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=ROOT,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert "trained sharded on a" in out.stdout
+    assert summary["max_loss_diff_jax_torch"] <= 1e-4 * max(summary["torch_losses"])
+    assert summary["max_adapter_diff_jax_torch"] <= 1e-4

@@ -152,6 +152,28 @@ class NnxGPT(nnx.Module):
         return self.head(self.ln_f(x))
 
 
+def partition_rules(params: Mapping[str, Any]) -> dict:
+    """PartitionSpecs for the GPT's base params on a ('data', 'fsdp', 'tensor') mesh.
+
+    Megatron-style tensor parallelism: query/key/value and the MLP's ``fc`` split their output
+    axis over 'tensor' (column parallel), ``out`` and ``proj`` their input axis (row parallel);
+    the other kernel axis is split over 'fsdp'. Embeddings, LayerNorms and the head are
+    replicated. Complete it for LoRA leaves with ``jaxlora.partition_specs``.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    def spec(path, leaf):
+        names = [str(getattr(p, "key", p)) for p in path]
+        layer, name = (names[-2], names[-1]) if len(names) > 1 else ("", names[-1])
+        if layer in ("query", "key", "value", "fc"):
+            return P("fsdp", "tensor") if name == "kernel" else P("tensor")
+        if layer in ("out", "proj"):
+            return P("tensor", "fsdp") if name == "kernel" else P()
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
 def _kind(module_path: str) -> str:
     name = module_path.rsplit(".", 1)[-1]
     if name in ("tok_emb", "pos_emb"):

@@ -6,13 +6,25 @@ Flax layout: ``kernel`` (in, out), ``lora_a`` (in, r), ``lora_b`` (r, out).
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from _loracore.hparams import check_hparams, scaling
+
+__all__ = [
+    "check_hparams",
+    "check_input",
+    "check_shape",
+    "default_bias_init",
+    "default_lora_a_init",
+    "default_lora_b_init",
+    "delta",
+    "lora_branch",
+    "scaling",
+]
 
 # torch's kaiming_uniform(a=√5) on the (r, in) tensor is U(±1/√in): variance 1/(3·in). On the
 # Flax (in, r) layout fan_in is axis -2, so this is the same distribution. (he_uniform is √6
@@ -20,51 +32,6 @@ from flax import linen as nn
 default_lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 default_lora_b_init = nn.initializers.zeros_init()
 default_bias_init = nn.initializers.zeros_init()
-
-
-def scaling(r: int, alpha: float | None = None, *, use_rslora: bool = False) -> float:
-    """Returns the factor that multiplies ``a @ b``: ``alpha / r``, or ``alpha / sqrt(r)`` (rsLoRA).
-
-    ``alpha`` defaults to ``r``, so the default scaling is 1.
-
-    >>> scaling(8, 16)
-    2.0
-    >>> scaling(4, 8, use_rslora=True)
-    4.0
-    """
-    alpha = r if alpha is None else alpha
-    return float(alpha) / (math.sqrt(r) if use_rslora else r)
-
-
-def check_hparams(
-    *,
-    r: object,
-    alpha: object,
-    dropout: object,
-    in_features: int | None,
-    out_features: int | None,
-    where: str,
-) -> None:
-    """Raises a ``TypeError``/``ValueError`` naming the bad value and what was expected."""
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-        raise TypeError(f"{where}: r must be an int, got {r!r} ({type(r).__name__})")
-    if in_features is None or out_features is None:
-        if r < 1:
-            raise ValueError(f"{where}: r must be >= 1, got {r}")
-        limit = r
-    else:
-        limit = min(in_features, out_features)
-    if not 1 <= r <= limit:
-        raise ValueError(f"{where}: r must be in [1, min(in, out)] = [1, {limit}], got {r}")
-    if alpha is not None:
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-            raise TypeError(f"{where}: alpha must be a number or None, got {alpha!r}")
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"{where}: alpha must be a finite number > 0, got {alpha}")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-        raise TypeError(f"{where}: dropout must be a float in [0, 1), got {dropout!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{where}: dropout must be in [0, 1), got {dropout}")
 
 
 def check_input(x: jax.Array, in_features: int, where: str) -> None:

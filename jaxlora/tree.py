@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -14,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.core import FrozenDict
+
+from _loracore.report import ParamCount
 
 LORA_NAMES = ("lora_a", "lora_b")
 
@@ -38,7 +39,7 @@ def freeze_base(
 
     Built on ``optax.multi_transform`` with ``optax.set_to_zero`` for the frozen part, so the
     base receives exactly zero updates and ``tx`` keeps no state (no Adam moments) for it. Do
-    not use ``optax.masked(tx, mask)`` alone to freeze: it passes the frozen leaves' raw
+    not use ``optax.masked`` alone to freeze: it passes the frozen leaves' raw
     gradients through as updates. Under one ``jax.jit`` with the gradient computation, XLA then
     prunes the frozen weights' gradients entirely.
 
@@ -148,24 +149,6 @@ def _union(a: Mapping, b: Mapping, path: Path) -> Mapping:
         else:
             raise ValueError(f"combine: '{'.'.join((*path, str(key)))}' is in both trees")
     return _like(b, out)
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamCount:
-    """Trainable vs total parameter counts (the same report as torchlora's)."""
-
-    trainable: int
-    total: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / self.total if self.total else 0.0
-
-    def __str__(self) -> str:
-        return (
-            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-            f"trainable%: {self.percent:.4f}"
-        )
 
 
 def trainable_parameters(params: PyTree, mask: PyTree | None = None) -> ParamCount:

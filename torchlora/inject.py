@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from _loracore.report import ParamCount
 from torchlora.config import LoRAConfig
 from torchlora.layer import Linear
 
 LORA_NAMES = ("lora_a", "lora_b")
 SUPPORTED = (nn.Linear,)
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamCount:
-    """Trainable vs total parameter counts (the same report as jaxlora's)."""
-
-    trainable: int
-    total: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / self.total if self.total else 0.0
-
-    def __str__(self) -> str:
-        return (
-            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-            f"trainable%: {self.percent:.4f}"
-        )
 
 
 def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:

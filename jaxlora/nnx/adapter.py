@@ -10,16 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.adapter import (
+from _loracore.peft_format import (
     PREFIX,
     PathMap,
     check_layer_set,
     check_pair,
     file_config,
     map_path,
-    read_adapter,
-    write_adapter,
 )
+from jaxlora.adapter import read_adapter, write_adapter
 from jaxlora.config import LoRAConfig
 from jaxlora.nnx.inject import inject
 from jaxlora.nnx.layer import LoRALinear

@@ -1,0 +1,1 @@
+"""Framework-free pieces shared by jaxlora and torchlora (private: import from either)."""

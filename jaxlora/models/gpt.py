@@ -8,7 +8,6 @@ and ``load_nnx`` (that tree into an NNX model).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -19,18 +18,8 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
+from _loracore.gpt_config import GPTConfig
 from jaxlora.convert import as_numpy, from_torch, to_torch
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int = 256
-    block_size: int = 64
-    n_layer: int = 2
-    n_head: int = 4
-    d_model: int = 64
-    mlp_ratio: int = 4
-    layer_norm_eps: float = 1e-5
 
 
 def _attend(q, k, v, n_head: int) -> jax.Array:

@@ -6,23 +6,13 @@ targets the same layers everywhere and weights convert by path.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int = 256
-    block_size: int = 64
-    n_layer: int = 2
-    n_head: int = 4
-    d_model: int = 64
-    mlp_ratio: int = 4
-    layer_norm_eps: float = 1e-5
+from _loracore.gpt_config import GPTConfig
 
 
 class CausalSelfAttention(nn.Module):

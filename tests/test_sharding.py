@@ -132,3 +132,29 @@ def test_boxed_params_get_matching_annotations_and_train():
     with jaxlora.intercept(config):
         y_lora = model.apply({"params": new}, x)
     assert jnp.allclose(model.apply(merged, x), y_lora, atol=1e-5)
+
+
+def test_nnx_adapter_follows_the_kernel_sharding_metadata():
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import Mesh
+
+    import jaxlora.nnx
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("embed", "mlp"))
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+    with jax.set_mesh(mesh):
+        model = nnx.Sequential(nnx.Linear(8, 4, kernel_init=init, rngs=nnx.Rngs(0)))
+        jaxlora.nnx.inject(model, jaxlora.LoRAConfig(r=2, targets=["layers.0"]), nnx.Rngs(1))
+        layer = model.layers[0]
+        meta = {
+            name: getattr(layer, name).get_metadata().get("out_sharding")
+            for name in ("kernel", "lora_a", "lora_b")
+        }
+        assert meta == {
+            "kernel": ("embed", "mlp"),
+            "lora_a": ("embed", None),
+            "lora_b": (None, "mlp"),
+        }
+        assert layer.lora_a[...].sharding.spec == P("embed", None)
+        assert layer(jnp.ones((2, 8))).shape == (2, 4)

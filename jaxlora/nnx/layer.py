@@ -14,6 +14,9 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 
 from jaxlora import core
 
+# Where NNX keeps a variable's partitioning (the name changed across Flax releases).
+_SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
+
 
 def _placeholder(key: jax.Array, shape: tuple[int, ...], dtype: Dtype) -> jax.Array:
     # Stands in for a weight that is about to be replaced by an existing one (no allocation).
@@ -111,6 +114,13 @@ class LoRALinear(nnx.Module):
             rngs=rngs,
         )
         layer.kernel, layer.bias = linear.kernel, linear.bias
+        metadata = linear.kernel.get_metadata()
+        key = next((k for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
+        if key is not None:  # the adapter follows the kernel: A (in, ·), B (·, out)
+            names_in, names_out = metadata[key]
+            extra = {k: metadata[k] for k in ("mesh", "eager_sharding") if k in metadata}
+            layer.lora_a = nnx.LoRAParam(layer.lora_a[...], **{key: (names_in, None)}, **extra)
+            layer.lora_b = nnx.LoRAParam(layer.lora_b[...], **{key: (None, names_out)}, **extra)
         return layer
 
     @property

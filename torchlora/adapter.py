@@ -17,7 +17,6 @@ from torch import nn
 from _loracore import peft_format
 from _loracore.peft_format import PREFIX, check_layer_set, check_pair, file_config
 from torchlora.config import LoRAConfig
-from torchlora.core import scaling
 from torchlora.inject import inject
 from torchlora.layer import Linear
 
@@ -105,7 +104,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             layer.lora_b.copy_(b.to(layer.lora_b.dtype))
             layer.alpha = config.alpha_for(path)
             layer.use_rslora = config.use_rslora
-            layer.scaling = scaling(layer.r, layer.alpha, use_rslora=config.use_rslora)
     model.lora_config = config
     return model
 

@@ -68,7 +68,6 @@ class Linear(nn.Module):
         self.r = r
         self.alpha = float(r if alpha is None else alpha)
         self.use_rslora = use_rslora
-        self.scaling = core.scaling(r, alpha, use_rslora=use_rslora)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, **factory), requires_grad=False
@@ -139,6 +138,11 @@ class Linear(nn.Module):
         """A ~ kaiming_uniform(a=√5), i.e. U(±1/√in); B = 0 (the layer then equals its base)."""
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b)
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA), from the layer's own settings."""
+        return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
 
     @property
     def merged(self) -> bool:

@@ -19,7 +19,9 @@ class LoRAConfig:
     equals an entry or ends with '.' + entry; a single string is a regular expression matched
     against the whole path. ``rank_pattern``/``alpha_pattern`` override ``r``/``alpha`` per layer,
     keyed as in PEFT (the first key ``k`` for which ``(.*\\.)?(k)$`` matches the path wins).
-    ``alpha=None`` means each layer's alpha equals its rank (scaling 1).
+    ``alpha=None`` means each layer's alpha equals its rank (scaling 1). ``init`` is PEFT's
+    ``init_lora_weights``: "kaiming" (A ~ U(±1/√in), B = 0), "gaussian" (A ~ N(0, σ=1/r), B = 0)
+    or "pissa" (A, B from the top-r SVD of W, and W replaced by W − scaling·B A).
 
     >>> LoRAConfig(r=8, alpha=16, targets=["query", "value"]).matches("blocks_0.attn.query")
     True
@@ -34,6 +36,7 @@ class LoRAConfig:
     use_rslora: bool = False
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    init: str = "kaiming"
 
     def __post_init__(self) -> None:
         hparams.check_hparams(
@@ -59,6 +62,8 @@ class LoRAConfig:
                     f"non-empty list of layer names, got {self.targets!r}"
                 )
             object.__setattr__(self, "targets", targets)
+        if self.init not in INITS:
+            raise ValueError(f"LoRAConfig: init must be one of {INITS}, got {self.init!r}")
         for field in ("rank_pattern", "alpha_pattern"):
             pattern = dict(getattr(self, field))
             for key, value in pattern.items():
@@ -124,7 +129,7 @@ class LoRAConfig:
             "fan_in_fan_out": False,
             "use_dora": False,
             "modules_to_save": None,
-            "init_lora_weights": True,
+            "init_lora_weights": True if self.init == "kaiming" else self.init,
             "inference_mode": True,
         }
 
@@ -166,6 +171,7 @@ class LoRAConfig:
             use_rslora=bool(peft_config.get("use_rslora", False)),
             rank_pattern=peft_config.get("rank_pattern") or {},
             alpha_pattern=peft_config.get("alpha_pattern") or {},
+            init=_init_from_peft(peft_config.get("init_lora_weights", True)),
         )
 
     def select(self, paths: Iterable[str]) -> list[str]:
@@ -186,3 +192,16 @@ def _pattern_key(pattern: Mapping[str, Any], path: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", path):
             return key
     return None
+
+
+INITS = ("kaiming", "gaussian", "pissa")
+
+
+def _init_from_peft(value: Any) -> str:
+    # True is PEFT's default (kaiming A, zero B); the stored weights override any init on load,
+    # except for PiSSA, whose adapter is relative to the residual base it makes.
+    if value in (True, False, None) or value in ("kaiming", "gaussian", "pissa"):
+        return value if isinstance(value, str) else "kaiming"
+    raise ValueError(
+        f"adapter config has init_lora_weights={value!r}; supported: True, 'gaussian', 'pissa'"
+    )

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+from flax.core import meta
 
 from _loracore import peft_format
 from _loracore.peft_format import (
@@ -25,6 +26,7 @@ from _loracore.peft_format import (
     map_path,
 )
 from jaxlora.config import LoRAConfig
+from jaxlora.core import pissa, scaling
 from jaxlora.tree import PyTree, _like, _require_mapping, iter_lora_layers
 
 
@@ -96,18 +98,27 @@ def load_adapter(
     new = {}
     for torch_path, (a, b) in tensors.items():
         flax_path, node = nodes[torch_path]
-        kernel = node.get("kernel")
+        boxed = node.get("kernel")
+        kernel = meta.unbox(boxed) if boxed is not None else None
         if kernel is None or jnp.ndim(kernel) != 2:
             raise ValueError(f"{directory}: layer '{torch_path}' has no 2-D kernel to adapt")
         n_in, n_out = jnp.shape(kernel)
         check_pair(torch_path, a, b, n_in, n_out, directory)
-        if "lora_a" in node and jnp.shape(node["lora_a"])[-1] != a.shape[0]:
+        if "lora_a" in node and jnp.shape(meta.unbox(node["lora_a"]))[-1] != a.shape[0]:
             raise ValueError(
                 f"{directory}: layer '{torch_path}' has rank {a.shape[0]} in the "
-                f"file but {jnp.shape(node['lora_a'])[-1]} in the params tree"
+                f"file but {jnp.shape(meta.unbox(node['lora_a']))[-1]} in the params tree"
             )
-        dtype = node["lora_a"].dtype if "lora_a" in node else a.dtype
+        dtype = meta.unbox(node["lora_a"]).dtype if "lora_a" in node else a.dtype
         new[flax_path] = {"lora_a": jnp.asarray(a.T, dtype), "lora_b": jnp.asarray(b.T, dtype)}
+        if config.init == "pissa" and not injected:
+            # A PiSSA adapter is relative to the residual base W − scaling·B₀A₀ (B₀A₀: the top-r
+            # SVD part of W, sign-free), which PEFT's loader recomputes the same way.
+            scale = scaling(a.shape[0], config.alpha_for(torch_path), use_rslora=config.use_rslora)
+            residual = pissa(kernel, a.shape[0], scale)[2].astype(kernel.dtype)
+            new[flax_path]["kernel"] = (
+                boxed.replace_boxed(residual) if isinstance(boxed, meta.AxisMetadata) else residual
+            )
     return _set_leaves(params, (), new)
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "default_lora_b_init",
     "delta",
     "lora_branch",
+    "pissa",
     "scaling",
 ]
 
@@ -75,3 +76,21 @@ def delta(lora_a: jax.Array, lora_b: jax.Array, scale: float) -> jax.Array:
         lora_a.astype(dtype), lora_b.astype(dtype), precision=jax.lax.Precision.HIGHEST
     )
     return prod * jnp.asarray(scale, dtype)
+
+
+def pissa(kernel: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """PiSSA in Flax layout: ``a`` (in, r), ``b`` (r, out) from the top-r SVD of the kernel, and
+    the residual ``kernel − scale·a @ b``, so the layer's output is unchanged.
+
+    The same math as ``torchlora.core.pissa`` on ``W = kernelᵀ``, with the same canonical signs
+    (the largest-magnitude entry of each left singular vector of W positive), in fp32.
+    """
+    w = kernel.T.astype(jnp.promote_types(kernel.dtype, jnp.float32))
+    u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+    u, s, vh = u[:, :r], s[:r] / scale, vh[:r]
+    sign = jnp.sign(jnp.take_along_axis(u, jnp.abs(u).argmax(0)[None], axis=0))
+    u, vh = u * sign, vh * sign.T
+    root = jnp.sqrt(s)
+    lora_a, lora_b = (root[:, None] * vh).T, (u * root[None, :]).T
+    residual = w.T - scale * jnp.matmul(lora_a, lora_b, precision=jax.lax.Precision.HIGHEST)
+    return lora_a, lora_b, residual

@@ -81,23 +81,41 @@ def inject(
             where=where,
         )
         key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
-        new[path] = {
-            "lora_a": core.default_lora_a_init(key, (n_in, r), param_dtype),
-            "lora_b": core.default_lora_b_init(key, (r, n_out), param_dtype),
-        }
+        scale = core.scaling(r, config.alpha_for(path), use_rslora=config.use_rslora)
+        new[path] = init_leaves(kernel, r, scale, config.init, key, param_dtype)
+        if "kernel" in new[path] and isinstance(boxed, meta.AxisMetadata):
+            new[path]["kernel"] = boxed.replace_boxed(new[path]["kernel"])
         if isinstance(boxed, meta.AxisMetadata) and hasattr(boxed, "names"):
             # lora_a shares the kernel's input-axis partitioning, lora_b its output axis;
             # the rank axis is replicated.
             names_in, names_out = boxed.names
-            new[path] = {
-                "lora_a": dataclasses.replace(
-                    boxed, value=new[path]["lora_a"], names=(names_in, None)
-                ),
-                "lora_b": dataclasses.replace(
-                    boxed, value=new[path]["lora_b"], names=(None, names_out)
-                ),
-            }
+            new[path]["lora_a"] = dataclasses.replace(
+                boxed, value=new[path]["lora_a"], names=(names_in, None)
+            )
+            new[path]["lora_b"] = dataclasses.replace(
+                boxed, value=new[path]["lora_b"], names=(None, names_out)
+            )
     return _add_leaves(params, (), new)
+
+
+def init_leaves(
+    kernel: jax.Array, r: int, scale: float, init: str, key: jax.Array, param_dtype: Any
+) -> dict[str, jax.Array]:
+    """New ``lora_a``/``lora_b`` for a kernel per ``init`` (and, for PiSSA, its residual
+    ``kernel`` in the kernel's dtype): the adapted layer's output is unchanged."""
+    n_in, n_out = jnp.shape(kernel)
+    if init == "pissa":
+        lora_a, lora_b, residual = core.pissa(kernel, r, scale)
+        return {
+            "kernel": residual.astype(kernel.dtype),
+            "lora_a": lora_a.astype(param_dtype),
+            "lora_b": lora_b.astype(param_dtype),
+        }
+    if init == "gaussian":  # PEFT's: std 1/r
+        lora_a = jax.random.normal(key, (n_in, r), param_dtype) / r
+    else:
+        lora_a = core.default_lora_a_init(key, (n_in, r), param_dtype)
+    return {"lora_a": lora_a, "lora_b": core.default_lora_b_init(key, (r, n_out), param_dtype)}
 
 
 @contextlib.contextmanager

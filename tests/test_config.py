@@ -88,7 +88,14 @@ def test_one_config_class_for_both_packages():
         "use_rslora",
         "rank_pattern",
         "alpha_pattern",
+        "init",
     ]
+    with pytest.raises(ValueError, match=r"init must be one of \('kaiming', 'gaussian', 'pissa'\)"):
+        jaxlora.LoRAConfig(r=2, targets=["q"], init="olora")
+    with pytest.raises(ValueError, match="init_lora_weights='loftq'"):
+        jaxlora.LoRAConfig.from_peft(
+            {**jaxlora.LoRAConfig(r=2, targets=["q"]).to_peft(), "init_lora_weights": "loftq"}
+        )
 
 
 @pytest.mark.parametrize("Config", CONFIGS, ids=["jaxlora", "torchlora"])

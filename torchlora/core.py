@@ -6,7 +6,7 @@ import torch
 
 from _loracore.hparams import check_hparams, scaling
 
-__all__ = ["check_hparams", "delta", "scaling"]
+__all__ = ["check_hparams", "delta", "pissa", "scaling"]
 
 
 def delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -16,3 +16,22 @@ def delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Ten
     """
     dtype = torch.promote_types(lora_a.dtype, torch.float32)
     return (lora_b.to(dtype) @ lora_a.to(dtype)) * scale
+
+
+def pissa(
+    weight: torch.Tensor, r: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PiSSA (PEFT's ``init_lora_weights="pissa"``): ``A`` (r, in), ``B`` (out, r) from the top-r
+    SVD of ``W``, and the residual ``W − scale·B A``, so the layer's output is unchanged.
+
+    Computed in fp32; singular vectors get a canonical sign (the largest-magnitude entry of each
+    left vector positive) so that jaxlora's twin gives the same A and B.
+    """
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    u, s, vh = u[:, :r], s[:r] / scale, vh[:r]
+    sign = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+    u, vh = u * sign, vh * sign.T
+    root = torch.sqrt(s)
+    lora_a, lora_b = root[:, None] * vh, u * root[None, :]
+    return lora_a, lora_b, w - scale * (lora_b @ lora_a)

@@ -59,6 +59,7 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
             config.alpha_for(path),
             dropout=config.dropout,
             use_rslora=config.use_rslora,
+            init=config.init,
         )
         _set_submodule(model, path, layer)
     mark_only_lora_as_trainable(model)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _loracore.config import INITS
 from torchlora import core
 
 
@@ -50,6 +51,7 @@ class Linear(nn.Module):
         *,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        init: str = "kaiming",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -68,6 +70,9 @@ class Linear(nn.Module):
         self.r = r
         self.alpha = float(r if alpha is None else alpha)
         self.use_rslora = use_rslora
+        if init not in INITS:
+            raise ValueError(f"{where}: init must be one of {INITS}, got {init!r}")
+        self.init = init
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, **factory), requires_grad=False
@@ -91,6 +96,7 @@ class Linear(nn.Module):
         *,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        init: str = "kaiming",
         copy: bool = False,
     ) -> Linear:
         """Wraps a pretrained ``nn.Linear``.
@@ -98,7 +104,8 @@ class Linear(nn.Module):
         By default the new layer **shares** ``linear.weight`` and ``linear.bias`` (the same
         ``Parameter`` objects, no extra memory): they are frozen (``requires_grad=False``) on
         both, and ``merge()`` writes into the shared weight. Pass ``copy=True`` to clone them
-        instead and leave ``linear`` untouched.
+        instead and leave ``linear`` untouched. ``init="pissa"`` replaces the (shared) weight by
+        its residual ``W − scaling·B A``, as PEFT does.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -112,6 +119,7 @@ class Linear(nn.Module):
             alpha,
             dropout=dropout,
             use_rslora=use_rslora,
+            init=init,
             device="meta",
             dtype=weight.dtype,
         )
@@ -134,9 +142,28 @@ class Linear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
         self.reset_lora_parameters()
 
+    @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """A ~ kaiming_uniform(a=√5), i.e. U(±1/√in); B = 0 (the layer then equals its base)."""
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        """Initialises the adapter per ``init``; the layer's output is unchanged by it.
+
+        "kaiming": A ~ kaiming_uniform(a=√5), i.e. U(±1/√in), B = 0. "gaussian": A ~ N(0, σ=1/r),
+        B = 0 (PEFT's). "pissa": A, B from the top-r SVD of the weight, which becomes the
+        residual ``W − scaling·B A`` (fp32 SVD, rounded once to the weight's dtype).
+        """
+        if self.lora_a.is_meta:  # from_linear's placeholder: the real tensors come next
+            return
+        if self.init == "pissa":
+            if self._merged:
+                raise RuntimeError(f"{self._name()} is merged; unmerge() before re-initialising")
+            lora_a, lora_b, residual = core.pissa(self.weight, self.r, self.scaling)
+            self.lora_a.copy_(lora_a)
+            self.lora_b.copy_(lora_b)
+            self.weight.copy_(residual)
+            return
+        if self.init == "gaussian":
+            nn.init.normal_(self.lora_a, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b)
 
     @property

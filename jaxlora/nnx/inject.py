@@ -64,6 +64,7 @@ def inject(
             alpha=config.alpha_for(name),
             dropout=config.dropout,
             use_rslora=config.use_rslora,
+            init=config.init,
             param_dtype=param_dtype,
             rngs=rngs,
         )

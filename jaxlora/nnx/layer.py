@@ -89,12 +89,15 @@ class LoRALinear(nnx.Module):
         alpha: float | None = None,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        init: str = "kaiming",
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ) -> LoRALinear:
         """Wraps a pretrained ``nnx.Linear``, sharing its ``kernel``/``bias`` variables.
 
-        The adapter is created in ``param_dtype`` (fp32 by default, also for a bf16 base).
+        The adapter is created in ``param_dtype`` (fp32 by default, also for a bf16 base), per
+        ``init`` ("kaiming", "gaussian" or "pissa"; PiSSA writes the residual into the shared
+        kernel, as PEFT does).
         """
         if not isinstance(linear, nnx.Linear):
             raise TypeError(f"from_linear expects an nnx.Linear, got {type(linear).__name__}")
@@ -121,6 +124,14 @@ class LoRALinear(nnx.Module):
             extra = {k: metadata[k] for k in ("mesh", "eager_sharding") if k in metadata}
             layer.lora_a = nnx.LoRAParam(layer.lora_a[...], **{key: (names_in, None)}, **extra)
             layer.lora_b = nnx.LoRAParam(layer.lora_b[...], **{key: (None, names_out)}, **extra)
+        if init != "kaiming":
+            from jaxlora.inject import init_leaves
+
+            leaves = init_leaves(
+                layer.kernel[...], r, layer.scaling, init, rngs.params(), param_dtype
+            )
+            for name, value in leaves.items():
+                getattr(layer, name)[...] = value
         return layer
 
     @property

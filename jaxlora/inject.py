@@ -8,8 +8,8 @@ unchanged; the params tree is the single source of truth for which layers are ad
 
 Supported: ``nn.Dense`` (and subclasses, e.g. ``nn.remat(nn.Dense)``), under ``jax.jit`` and
 ``nn.remat``. Not supported: ``nn.scan``/``nn.vmap``-stacked kernels (``inject`` rejects them),
-``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` and ``nn.Embed`` — LoRA leaves that no
-``nn.Dense`` call used are an error at the end of ``apply``, never silently ignored.
+``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` and ``nn.Embed`` — calling such a layer while
+it holds LoRA leaves is an error, never silently ignored.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from flax.core import meta
 
 from jaxlora import core
 from jaxlora.config import LoRAConfig
-from jaxlora.tree import LORA_NAMES, PyTree, _like, _require_mapping, iter_lora_layers
+from jaxlora.tree import LORA_NAMES, PyTree, _like, _require_mapping
 
 SUPPORTED = "flax.linen.Dense (a 2-D 'kernel')"
 
@@ -149,34 +149,21 @@ def intercept(config: LoRAConfig, *, deterministic: bool = True) -> Iterator[Non
 class _State:
     config: LoRAConfig
     deterministic: bool
-    root_active: bool = False
-    used: set[tuple[str, ...]] = dataclasses.field(default_factory=set)
 
     def interceptor(self, next_fun, args, kwargs, context):
         module = context.module
-        if module.scope is None:
+        if module.scope is None or context.method_name == "setup":
             return next_fun(*args, **kwargs)
-        if not module.scope.path and not self.root_active:
-            return self._root_call(module, next_fun, args, kwargs)
-        if context.method_name == "__call__" and isinstance(module, nn.Dense):
-            if any(module.has_variable("params", n) for n in LORA_NAMES):
-                return self._lora_dense(module, next_fun, args, kwargs)
-        return next_fun(*args, **kwargs)
-
-    def _root_call(self, module, next_fun, args, kwargs):
-        self.root_active, self.used = True, set()
-        try:
-            out = next_fun(*args, **kwargs)
-            params = module.variables.get("params", {}) if module.scope else {}
-            unused = [p for p, _ in iter_lora_layers(params) if p not in self.used]
-        finally:
-            self.root_active = False
-        if unused:
-            raise ValueError(
-                "LoRA leaves at " + ", ".join(f"'{'.'.join(p)}'" for p in unused) + " were not "
-                f"used by any nn.Dense call: only {SUPPORTED} layers are adapted"
-            )
-        return out
+        if not any(module.has_variable("params", n) for n in LORA_NAMES):
+            return next_fun(*args, **kwargs)
+        if isinstance(module, nn.Dense) and context.method_name == "__call__":
+            return self._lora_dense(module, next_fun, args, kwargs)
+        # A layer holding LoRA leaves that is not an nn.Dense would silently ignore them.
+        where = ".".join(module.scope.path) or "<root>"
+        raise ValueError(
+            f"layer '{where}' is a {type(module).__name__} holding LoRA leaves; "
+            f"only {SUPPORTED} layers are adapted"
+        )
 
     def _lora_dense(self, module: nn.Dense, next_fun, args, kwargs):
         path = tuple(module.scope.path)
@@ -197,7 +184,6 @@ class _State:
                 f"{where} has r={r} (from its shapes) but the config gives it "
                 f"r={self.config.rank_for(name)}: the scale would be wrong"
             )
-        self.used.add(path)
         y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
         x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)

@@ -197,8 +197,8 @@ def test_unsupported_layers_are_errors_not_silence():
     with jaxlora.intercept(jaxlora.LoRAConfig(r=2, targets=["embed"])):
         with pytest.raises(
             ValueError,
-            match=r"LoRA leaves at 'embed' were not used by any "
-            r"nn.Dense call",
+            match=r"layer 'embed' is a Embed holding LoRA leaves; "
+            r"only flax.linen.Dense",
         ):
             model.apply({"params": params}, tokens)
 
@@ -250,3 +250,34 @@ def test_switching_adapters_does_not_recompile():
     for adapter in (adapter_1, adapter_2, adapter_1):
         forward(adapter, base, x)
     assert forward._cache_size() == 1
+
+
+class SetupModel(nn.Module):
+    """A setup-style model with a second method: both must see the adapters."""
+
+    def setup(self):
+        self.fc = nn.Dense(8)
+        self.out = nn.Dense(4)
+
+    def __call__(self, x):
+        return self.out(jax.nn.relu(self.fc(x)))
+
+    def encode(self, x):
+        return self.fc(x)
+
+
+def test_setup_models_and_other_methods():
+    model, x = SetupModel(), jax.random.normal(jax.random.key(0), (3, 6))
+    config = jaxlora.LoRAConfig(r=2, alpha=4, targets=["fc", "out"])
+    lora = jaxlora.inject(model.init(jax.random.key(1), x), config, jax.random.key(2))
+    for name, width in (("fc", 8), ("out", 4)):
+        lora["params"][name]["lora_b"] = jax.random.normal(jax.random.key(3), (2, width))
+    merged = jaxlora.merge(lora, alpha=config.alpha)
+    with jaxlora.intercept(config):
+        y = model.apply(lora, x)
+        encoded = model.apply(lora, x, method=SetupModel.encode)
+    np.testing.assert_allclose(y, model.apply(merged, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        encoded, model.apply(merged, x, method=SetupModel.encode), rtol=1e-5, atol=1e-5
+    )
+    assert not np.allclose(y, model.apply(jaxlora.split(lora)[1], x))  # adapters did act

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import settings
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -23,3 +26,10 @@ def pytest_make_collect_report(collector: pytest.Collector):
         # A module-level importorskip would otherwise skip a whole parity file silently.
         report.outcome = "failed"
         report.longrepr = f"parity module skipped, which counts as a failure: {report.longrepr}"
+
+
+# CI explores the same hypothesis examples every run (no flaky landings); locally each run
+# draws new ones, so the search keeps widening.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.example_runner import ROOT, run_example
 
 
 def test_quickstart_runs_and_reports_agreement():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_example("quickstart.py")
     rows = re.findall(
         r"^(torch|flax linen|flax nnx)\s+\(4, 32, 1024\)\s+1,065,984\s+16,384",
         out.stdout,
@@ -40,22 +29,7 @@ def test_readme_code_blocks_run():
 
 
 def test_task_switch_example(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "task_switch.py"),
-            "--steps",
-            "150",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_example("task_switch.py", "--steps", "150", "--out", str(tmp_path))
     rows = re.findall(
         r"^(task_[ab])\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", out.stdout, flags=re.M
     )

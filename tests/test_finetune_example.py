@@ -3,37 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from safetensors.numpy import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.example_runner import run_example
 
 
 def test_finetune_example_reduced(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "finetune.py"),
-            "--steps",
-            "12",
-            "--eval-windows",
-            "8",
-            "--sample-length",
-            "12",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=ROOT,
+    out = run_example(
+        "finetune.py",
+        "--steps",
+        "12",
+        "--eval-windows",
+        "8",
+        "--sample-length",
+        "12",
+        "--out",
+        str(tmp_path),
     )
-    assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     for name in (
         "loss_curves.png",
@@ -69,14 +56,7 @@ def test_finetune_example_reduced(tmp_path):
 
 
 def test_finetune_help_lists_the_options():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "finetune.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        cwd=ROOT,
-    )
+    out = run_example("finetune.py", "--help")
     for option in (
         "--steps",
         "--rank",
@@ -93,27 +73,19 @@ def test_finetune_help_lists_the_options():
 def test_finetune_example_is_deterministic(tmp_path):
     runs = []
     for name in ("a", "b"):
-        subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "examples" / "finetune.py"),
-                "--steps",
-                "5",
-                "--eval-windows",
-                "4",
-                "--sample-length",
-                "8",
-                "--no-torch",
-                "--seed",
-                "3",
-                "--out",
-                str(tmp_path / name),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=True,
-            cwd=ROOT,
+        run_example(
+            "finetune.py",
+            "--steps",
+            "5",
+            "--eval-windows",
+            "4",
+            "--sample-length",
+            "8",
+            "--no-torch",
+            "--seed",
+            "3",
+            "--out",
+            str(tmp_path / name),
         )
         runs.append(json.loads((tmp_path / name / "summary.json").read_text()))
     for key in ("jax_losses", "heldout_loss_after", "sample_after"):
@@ -123,30 +95,21 @@ def test_finetune_example_is_deterministic(tmp_path):
 
 def test_finetune_example_sharded_on_a_mesh(tmp_path):
     """``--mesh data=2,fsdp=2,tensor=2`` on 8 simulated CPU devices: same curve as torch."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "finetune.py"),
-            "--steps",
-            "8",
-            "--eval-windows",
-            "4",
-            "--sample-length",
-            "8",
-            "--mesh",
-            "data=2,fsdp=2,tensor=2",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=ROOT,
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = run_example(
+        "finetune.py",
+        "--steps",
+        "8",
+        "--eval-windows",
+        "4",
+        "--sample-length",
+        "8",
+        "--mesh",
+        "data=2,fsdp=2,tensor=2",
+        "--out",
+        str(tmp_path),
         env=env,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
     assert "trained sharded on a" in out.stdout

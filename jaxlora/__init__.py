@@ -7,7 +7,8 @@ from jaxlora.adapter import load_adapter, read_adapter_config, save_adapter
 from jaxlora.config import LoRAConfig
 from jaxlora.convert import from_torch, to_torch
 from jaxlora.core import scaling
-from jaxlora.inject import inject, intercept
+from jaxlora.inject import Layout, inject, layouts
+from jaxlora.intercept import intercept
 from jaxlora.linen import LoRADense
 from jaxlora.merge import merge, unmerge
 from jaxlora.sharding import partition_specs
@@ -21,6 +22,7 @@ from jaxlora.tree import (
 )
 
 __all__ = [
+    "Layout",
     "LoRAConfig",
     "LoRADense",
     "ParamCount",
@@ -29,6 +31,7 @@ __all__ = [
     "from_torch",
     "inject",
     "intercept",
+    "layouts",
     "load_adapter",
     "lora_mask",
     "merge",

@@ -1,20 +1,13 @@
-"""LoRA for unmodified Flax Linen models: ``inject`` adds the leaves, ``intercept`` uses them.
+"""``inject``: add LoRA leaves to the params of an unmodified Flax Linen model.
 
-``inject(params, config, rng)`` puts ``lora_a``/``lora_b`` beside each matched ``nn.Dense``
-kernel. ``intercept(config)`` is a context (or decorator) under which every ``nn.Dense`` call
-that finds those leaves adds ``scaling · dropout(x) @ lora_a @ lora_b`` to its output, factored
-(the (in, out) delta is never built). The model's code and its own ``init``/``apply`` are
-unchanged; the params tree is the single source of truth for which layers are adapted.
-
-Supported: ``nn.Dense`` (and subclasses, e.g. ``nn.remat(nn.Dense)``), under ``jax.jit`` and
-``nn.remat``. Not supported: ``nn.scan``/``nn.vmap``-stacked kernels (``inject`` rejects them),
-``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` and ``nn.Embed`` — calling such a layer while
-it holds LoRA leaves is an error, never silently ignored.
+``inject(params, config, rng)`` puts ``lora_a``/``lora_b`` beside each matched layer's weight;
+``jaxlora.intercept(config)`` (``jaxlora/intercept.py``) makes the model use them. The model's
+code and its own ``init``/``apply`` are unchanged; the params tree is the single source of
+truth for which layers are adapted. ``nn.scan``/``nn.vmap``-stacked kernels are rejected.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import zlib
 from collections.abc import Iterator, Mapping
@@ -25,11 +18,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta
 
-from jaxlora import core
+from jaxlora import core, kinds
 from jaxlora.config import LoRAConfig
+from jaxlora.intercept import SUPPORTED, input_axes, module_kind
 from jaxlora.tree import LORA_NAMES, PyTree, _like, _require_mapping
-
-SUPPORTED = "flax.linen.Dense (a 2-D 'kernel')"
 
 
 def inject(
@@ -38,19 +30,26 @@ def inject(
     rng: jax.Array,
     *,
     param_dtype: Any = jnp.float32,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> PyTree:
-    """Returns a new params tree with ``lora_a`` (in, r) and ``lora_b`` (r, out) beside each kernel
-    whose '.'-joined layer path matches ``config.targets``.
+    """Returns a new params tree with ``lora_a``/``lora_b`` beside each layer whose '.'-joined
+    path matches ``config.targets``.
 
-    ``lora_a`` is drawn like torch's kaiming_uniform(a=√5) from ``rng`` folded with a hash of
-    the layer path (so one layer's init does not depend on which others are targeted);
-    ``lora_b`` is zero, so the adapted model starts equal to the base. Accepts the params
-    tree or the variables dict holding it under 'params'.
+    ``nn.Dense`` kernels (2-D) and ``nn.Embed`` tables are recognised from the tree alone. For
+    kernels with more axes (``nn.DenseGeneral``, ``nn.Conv``) pass
+    ``layouts=jaxlora.layouts(model, *inputs)``, which says which axes are inputs. The shapes
+    are in ``jaxlora.kinds``. ``lora_a`` is drawn from ``rng`` folded with a hash of the layer
+    path (so one layer's init does not depend on which others are targeted) per
+    ``config.init``: "kaiming" as torch's kaiming_uniform(a=√5), "gaussian" N(0, 1/r) (both with
+    ``lora_b`` zero), "pissa" from the kernel's SVD (which becomes the residual); embeddings
+    follow PEFT (``lora_a`` zero, ``lora_b`` N(0, 1)). The adapted model starts equal to the
+    base. Accepts the params tree or the variables dict holding it under 'params'.
 
     Raises:
         ValueError: no layer matches (the message lists the layer paths), a layer already has
             LoRA leaves, or a layer's rank exceeds its ``min(in, out)``.
-        TypeError: a matched layer is not a Dense-style layer with a 2-D kernel.
+        TypeError: a matched layer cannot be adapted, or its kernel has more than 2 axes and
+            ``layouts`` does not describe it.
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"inject expects a jaxlora.LoRAConfig, got {type(config).__name__}")
@@ -60,140 +59,154 @@ def inject(
     new = {}
     for path in chosen:
         node, where = nodes[path], f"inject: layer '{path}'"
-        boxed = node.get("kernel")
-        kernel = meta.unbox(boxed) if boxed is not None else None
-        if kernel is None or jnp.ndim(kernel) != 2:
-            found = {k: tuple(jnp.shape(v)) for k, v in node.items() if not isinstance(v, Mapping)}
-            raise TypeError(
-                f"{where} holds {found}, which cannot be adapted; supported: "
-                f"{SUPPORTED} (kernels stacked by nn.scan/nn.vmap are not supported)"
-            )
         if any(name in node for name in LORA_NAMES):
             raise ValueError(f"{where} already has LoRA leaves")
-        n_in, n_out = jnp.shape(kernel)
-        r = config.rank_for(path)
+        kind, name, in_axes = _layout(node, path, layouts, where)
+        boxed = node[name]
+        base = meta.unbox(boxed)
+        r, alpha = config.rank_for(path), config.alpha_for(path)
+        n_in, n_out = kinds.flat_features(kind, jnp.shape(base), in_axes)
         core.check_hparams(
             r=r,
-            alpha=config.alpha_for(path),
+            alpha=alpha,
             dropout=config.dropout,
             in_features=n_in,
             out_features=n_out,
             where=where,
         )
         key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
-        scale = core.scaling(r, config.alpha_for(path), use_rslora=config.use_rslora)
-        new[path] = init_leaves(kernel, r, scale, config.init, key, param_dtype)
-        if "kernel" in new[path] and isinstance(boxed, meta.AxisMetadata):
-            new[path]["kernel"] = boxed.replace_boxed(new[path]["kernel"])
-        if isinstance(boxed, meta.AxisMetadata) and hasattr(boxed, "names"):
-            # lora_a shares the kernel's input-axis partitioning, lora_b its output axis;
-            # the rank axis is replicated.
-            names_in, names_out = boxed.names
-            new[path]["lora_a"] = dataclasses.replace(
-                boxed, value=new[path]["lora_a"], names=(names_in, None)
-            )
-            new[path]["lora_b"] = dataclasses.replace(
-                boxed, value=new[path]["lora_b"], names=(None, names_out)
-            )
+        scale = core.scaling(r, alpha, use_rslora=config.use_rslora)
+        leaves = init_leaves(
+            base, r, scale, config.init, key, param_dtype, kind=kind, in_axes=in_axes, where=where
+        )
+        if isinstance(boxed, meta.AxisMetadata):
+            if name in leaves:
+                leaves[name] = boxed.replace_boxed(leaves[name])
+            if hasattr(boxed, "names"):
+                names_a, names_b = _lora_names(kind, tuple(boxed.names), leaves)
+                leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)
+                leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)
+        new[path] = leaves
     return _add_leaves(params, (), new)
 
 
-def init_leaves(
-    kernel: jax.Array, r: int, scale: float, init: str, key: jax.Array, param_dtype: Any
-) -> dict[str, jax.Array]:
-    """New ``lora_a``/``lora_b`` for a kernel per ``init`` (and, for PiSSA, its residual
-    ``kernel`` in the kernel's dtype): the adapted layer's output is unchanged."""
-    n_in, n_out = jnp.shape(kernel)
-    if init == "pissa":
-        lora_a, lora_b, residual = core.pissa(kernel, r, scale)
-        return {
-            "kernel": residual.astype(kernel.dtype),
-            "lora_a": lora_a.astype(param_dtype),
-            "lora_b": lora_b.astype(param_dtype),
-        }
-    if init == "gaussian":  # PEFT's: std 1/r
-        lora_a = jax.random.normal(key, (n_in, r), param_dtype) / r
-    else:
-        lora_a = core.default_lora_a_init(key, (n_in, r), param_dtype)
-    return {"lora_a": lora_a, "lora_b": core.default_lora_b_init(key, (r, n_out), param_dtype)}
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a layer's weight is laid out: its kind ("linear", "conv" or "embed"), for a linear
+    kernel how many leading axes are inputs, and how many axes the weight has."""
+
+    kind: str
+    in_axes: int
+    ndim: int
 
 
-@contextlib.contextmanager
-def intercept(config: LoRAConfig, *, deterministic: bool = True) -> Iterator[None]:
-    """Within this context, ``nn.Dense`` layers that hold LoRA leaves apply them.
-
-    Use it around ``model.apply`` (inside or outside ``jax.jit``), or as a decorator on the
-    function that calls it. ``config.alpha_for(path)``/``use_rslora`` set each layer's scale;
-    a layer whose ``r`` (read from its shapes) differs from ``config.rank_for(path)`` is an
-    error, so the scale can't silently differ from the one the adapter was made with. With
-    ``deterministic=False`` and ``config.dropout > 0`` the LoRA branch's input is dropped out
-    with the ``'dropout'`` rng passed to ``apply``.
+def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> dict[str, Layout]:
+    """{'.'-joined layer path: ``Layout``} for every layer jaxlora can adapt in ``model``, found
+    by tracing ``model.init(key, *args, **kwargs)`` abstractly (``jax.eval_shape``: no FLOPs,
+    no memory), for ``inject(..., layouts=...)``.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import linen as nn
-    >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
-    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 8)))
-    >>> config = LoRAConfig(r=2, alpha=4, targets=["layers_0"])
-    >>> variables = inject(variables, config, jax.random.key(1))
-    >>> sorted(variables["params"]["layers_0"])
-    ['bias', 'kernel', 'lora_a', 'lora_b']
-    >>> with intercept(config):
-    ...     y = model.apply(variables, jnp.ones((1, 8)))
+    >>> attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+    >>> layouts(attn, jnp.ones((1, 3, 8)))["query"]
+    Layout(kind='linear', in_axes=1, ndim=3)
+    >>> layouts(attn, jnp.ones((1, 3, 8)))["out"]
+    Layout(kind='linear', in_axes=2, ndim=3)
     """
-    state = _State(config, deterministic)
-    with nn.intercept_methods(state.interceptor):
-        yield
+    found: dict[str, Layout] = {}
 
-
-@dataclasses.dataclass
-class _State:
-    config: LoRAConfig
-    deterministic: bool
-
-    def interceptor(self, next_fun, args, kwargs, context):
+    def record(next_fun, call_args, call_kwargs, context):
+        out = next_fun(*call_args, **call_kwargs)
         module = context.module
-        if module.scope is None or context.method_name == "setup":
-            return next_fun(*args, **kwargs)
-        if not any(module.has_variable("params", n) for n in LORA_NAMES):
-            return next_fun(*args, **kwargs)
-        if isinstance(module, nn.Dense) and context.method_name == "__call__":
-            return self._lora_dense(module, next_fun, args, kwargs)
-        # A layer holding LoRA leaves that is not an nn.Dense would silently ignore them.
-        where = ".".join(module.scope.path) or "<root>"
-        raise ValueError(
-            f"layer '{where}' is a {type(module).__name__} holding LoRA leaves; "
-            f"only {SUPPORTED} layers are adapted"
-        )
+        kind = module_kind(module)
+        if kind is not None and module.scope is not None and context.method_name == "__call__":
+            in_axes = input_axes(module) if kind == "linear" else 1
+            weight = module.get_variable("params", "embedding" if kind == "embed" else "kernel")
+            found[".".join(module.scope.path)] = Layout(kind, in_axes, jnp.ndim(meta.unbox(weight)))
+        return out
 
-    def _lora_dense(self, module: nn.Dense, next_fun, args, kwargs):
-        path = tuple(module.scope.path)
-        where = f"layer '{'.'.join(path) or '<root>'}'"
-        names = [n for n in ("kernel", *LORA_NAMES) if module.has_variable("params", n)]
-        if len(names) != 3:
-            raise ValueError(f"{where} has {names}: expected 'kernel', 'lora_a' and 'lora_b'")
-        kernel, a, b = (
-            meta.unbox(module.get_variable("params", n)) for n in ("kernel", *LORA_NAMES)
-        )
-        n_in, n_out = jnp.shape(kernel)
-        r = jnp.shape(a)[-1]
-        core.check_shape(a, (n_in, r), f"{where}, 'lora_a'")
-        core.check_shape(b, (r, n_out), f"{where}, 'lora_b'")
-        name = ".".join(path)
-        if r != self.config.rank_for(name):
-            raise ValueError(
-                f"{where} has r={r} (from its shapes) but the config gives it "
-                f"r={self.config.rank_for(name)}: the scale would be wrong"
+    def init():
+        with nn.intercept_methods(record):
+            extra = {} if method is None else {"method": method}
+            return model.init(jax.random.key(0), *args, **extra, **kwargs)
+
+    jax.eval_shape(init)
+    return found
+
+
+def _layout(node: Mapping, path: str, layouts, where: str) -> tuple[str, str, int]:
+    """(kind, base leaf name, input axes) of a node to inject, from the tree or ``layouts``."""
+    name = kinds.base_name(node)
+    base = meta.unbox(node[name]) if name is not None else None
+    ndim = jnp.ndim(base) if base is not None else 0
+    if name == "embedding" and ndim == 2:
+        return "embed", name, 1
+    layout = None if layouts is None else layouts.get(path)
+    found = {
+        k: tuple(jnp.shape(meta.unbox(v))) for k, v in node.items() if not isinstance(v, Mapping)
+    }
+    if name == "kernel" and layout is not None and layout.kind in ("linear", "conv"):
+        if layout.ndim != ndim:
+            raise TypeError(
+                f"{where}: the layer's kernel has {layout.ndim} axes but the params tree holds "
+                f"{found['kernel']} (kernels stacked by nn.scan/nn.vmap are not supported)"
             )
-        y = next_fun(*args, **kwargs)
-        x = args[0] if args else kwargs["inputs"]
-        x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
-        rate = self.config.dropout
-        if rate > 0 and not self.deterministic:
-            keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
-            x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-        alpha = self.config.alpha_for(name)
-        scale = core.scaling(r, alpha, use_rslora=self.config.use_rslora)
-        return y + core.lora_branch(x, a, b, scale, module.precision)
+        return layout.kind, name, layout.in_axes
+    if name == "kernel" and ndim == 2:
+        return "linear", name, 1
+    if name == "kernel" and ndim > 2 and layouts is None:
+        raise TypeError(
+            f"{where} has a {ndim}-D kernel {found['kernel']}: say which axes are inputs with "
+            "inject(..., layouts=jaxlora.layouts(model, *inputs)) (kernels stacked by "
+            "nn.scan/nn.vmap are not supported)"
+        )
+    raise TypeError(f"{where} holds {found}, which cannot be adapted; supported: {SUPPORTED}")
+
+
+def _lora_names(kind: str, names: tuple, leaves: Mapping) -> tuple[tuple, tuple]:
+    """Partitioning for the adapter: lora_a shares the base's input axes, lora_b its output
+    axes; the rank axis (and a 1×1 conv's window) is replicated."""
+    n_a = jnp.ndim(leaves["lora_a"]) - 1
+    if kind == "conv":
+        return (*names[:-1], None), (None,) * (len(names) - 1) + (names[-1],)
+    return (*names[:n_a], None), (None, *names[n_a:])
+
+
+def init_leaves(
+    base: jax.Array,
+    r: int,
+    scale: float,
+    init: str,
+    key: jax.Array,
+    param_dtype: Any,
+    *,
+    kind: str = "linear",
+    in_axes: int = 1,
+    where: str = "inject",
+) -> dict[str, jax.Array]:
+    """New ``lora_a``/``lora_b`` for a base weight per ``init`` (and, for PiSSA, its residual
+    ``kernel`` in the kernel's dtype): the adapted layer's output is unchanged."""
+    shape_a, shape_b = kinds.lora_shapes(kind, jnp.shape(base), r, in_axes)
+    if init == "pissa":
+        if kind != "linear":
+            raise ValueError(f"{where}: init='pissa' adapts linear layers only, not a {kind} layer")
+        flat = base.reshape(kinds.flat_features(kind, jnp.shape(base), in_axes))
+        lora_a, lora_b, residual = core.pissa(flat, r, scale)
+        return {
+            "kernel": residual.reshape(jnp.shape(base)).astype(base.dtype),
+            "lora_a": lora_a.reshape(shape_a).astype(param_dtype),
+            "lora_b": lora_b.reshape(shape_b).astype(param_dtype),
+        }
+    if kind == "embed":  # PEFT's (and loralib's): A zero, B standard normal
+        return {
+            "lora_a": jnp.zeros(shape_a, param_dtype),
+            "lora_b": jax.random.normal(key, shape_b, param_dtype),
+        }
+    if init == "gaussian":  # PEFT's: std 1/r
+        lora_a = jax.random.normal(key, shape_a, param_dtype) / r
+    else:  # fan_in is the product of all but the last axis: the flattened input size
+        lora_a = core.default_lora_a_init(key, shape_a, param_dtype)
+    return {"lora_a": lora_a, "lora_b": core.default_lora_b_init(key, shape_b, param_dtype)}
 
 
 def _iter_nodes(tree: Mapping, path: tuple[str, ...] = ()) -> Iterator[tuple[str, Mapping]]:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from jaxlora import core
+from jaxlora import core, kinds
 from jaxlora.tree import (
     LORA_NAMES,
     Path,
@@ -29,11 +29,13 @@ Alpha = float | None | Callable[[str], float | None]
 
 
 def merge(params: PyTree, *, alpha: Alpha, use_rslora: bool = False) -> PyTree:
-    """Returns a new tree with each ``lora_a``/``lora_b`` pair folded into its sibling ``kernel``.
+    """Returns a new tree with each ``lora_a``/``lora_b`` pair folded into its sibling ``kernel``
+    (or ``embedding``).
 
     ``kernel + scaling · lora_a @ lora_b`` is computed in float32 and rounded once to the
-    kernel's dtype; the LoRA leaves are removed, so the result is what the plain ``nn.Dense``
-    model consumes (and costs exactly its FLOPs). ``r`` is read from the shapes.
+    kernel's dtype; the LoRA leaves are removed, so the result is what the plain model
+    consumes (and costs exactly its FLOPs). ``r`` and the layer kind (Dense, DenseGeneral,
+    Conv, Embed: see ``jaxlora.kinds``) are read from the shapes.
 
     Args:
         params: a nested-dict params tree (with or without the top 'params' collection).
@@ -52,12 +54,13 @@ def merge(params: PyTree, *, alpha: Alpha, use_rslora: bool = False) -> PyTree:
     [[2.0, 2.0], [2.0, 2.0]]
     """
     _require_mapping(params, "merge")
-    new_kernels = {}
+    new_bases = {}
     for path, node in iter_lora_layers(params):
-        kernel, lora_a, lora_b = _layer(node, path, "merge")
-        scale = _scale(path, kernel, lora_a, alpha, use_rslora, "merge")
-        new_kernels[path] = _apply(kernel, core.delta(lora_a, lora_b, scale), path, "merge")
-    return _rebuild(params, (), new_kernels, drop_lora=True)
+        kind, name, base, lora_a, lora_b = _layer(node, path, "merge")
+        scale = _scale(path, kind, base, lora_a, alpha, use_rslora, "merge")
+        new = core.delta(lora_a, lora_b, scale, jnp.shape(base))
+        new_bases[path] = name, _apply(base, new, path, "merge")
+    return _rebuild(params, (), new_bases, drop_lora=True)
 
 
 def unmerge(merged: PyTree, adapter: PyTree, *, alpha: Alpha, use_rslora: bool = False) -> PyTree:
@@ -72,43 +75,38 @@ def unmerge(merged: PyTree, adapter: PyTree, *, alpha: Alpha, use_rslora: bool =
     """
     _require_mapping(merged, "unmerge")
     _require_mapping(adapter, "unmerge")
-    new_kernels = {}
+    new_bases = {}
     for path, lora_node in iter_lora_layers(adapter):
         node = _get(merged, path)
         where = f"unmerge: layer '{path_str(path)}'"
-        if node is None or "kernel" not in node:
-            raise ValueError(f"{where}: the merged tree has no kernel at this path")
-        if any(name in node for name in LORA_NAMES):
+        name = None if node is None else kinds.base_name(node)
+        if name is None:
+            raise ValueError(f"{where}: the merged tree has no kernel or embedding at this path")
+        if any(n in node for n in LORA_NAMES):
             raise ValueError(f"{where}: the merged tree still holds LoRA leaves here")
-        kernel, lora_a, lora_b = _layer({**lora_node, "kernel": node["kernel"]}, path, "unmerge")
-        scale = _scale(path, kernel, lora_a, alpha, use_rslora, "unmerge")
-        new_kernels[path] = _apply(kernel, -core.delta(lora_a, lora_b, scale), path, "unmerge")
-    return combine(adapter, _rebuild(merged, (), new_kernels, drop_lora=False))
+        kind, _, base, lora_a, lora_b = _layer({**lora_node, name: node[name]}, path, "unmerge")
+        scale = _scale(path, kind, base, lora_a, alpha, use_rslora, "unmerge")
+        new = -core.delta(lora_a, lora_b, scale, jnp.shape(base))
+        new_bases[path] = name, _apply(base, new, path, "unmerge")
+    return combine(adapter, _rebuild(merged, (), new_bases, drop_lora=False))
 
 
-def _layer(node: Mapping, path: Path, op: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-    where = f"{op}: layer '{path_str(path)}'"
-    missing = [name for name in (*LORA_NAMES, "kernel") if name not in node]
-    if missing:
-        raise ValueError(
-            f"{where} has {sorted(set(node) & {*LORA_NAMES, 'kernel'})} but no "
-            f"{missing}: expected 'kernel', 'lora_a' and 'lora_b' side by side"
-        )
-    kernel, lora_a, lora_b = (meta.unbox(node[n]) for n in ("kernel", *LORA_NAMES))
-    if jnp.ndim(kernel) != 2:
-        raise ValueError(f"{where}: kernel must be 2-D (in, out), got shape {jnp.shape(kernel)}")
-    (n_in, n_out), r = jnp.shape(kernel), jnp.shape(lora_a)[-1] if jnp.ndim(lora_a) else 0
-    core.check_shape(lora_a, (n_in, r), f"{where}, 'lora_a' for kernel {(n_in, n_out)}")
-    core.check_shape(lora_b, (r, n_out), f"{where}, 'lora_b' for kernel {(n_in, n_out)}")
-    return kernel, lora_a, lora_b
+def _layer(node: Mapping, path: Path, op: str) -> tuple[str, str, jax.Array, jax.Array, jax.Array]:
+    return kinds.check_layer(node, f"{op}: layer '{path_str(path)}'")
 
 
 def _scale(
-    path: Path, kernel: jax.Array, lora_a: jax.Array, alpha: Alpha, use_rslora: bool, op: str
+    path: Path,
+    kind: str,
+    base: jax.Array,
+    lora_a: jax.Array,
+    alpha: Alpha,
+    use_rslora: bool,
+    op: str,
 ) -> float:
     r = jnp.shape(lora_a)[-1]
     layer_alpha = alpha(path_str(path)) if callable(alpha) else alpha
-    n_in, n_out = jnp.shape(kernel)
+    n_in, n_out = kinds.flat_features(kind, jnp.shape(base), jnp.ndim(lora_a) - 1)
     core.check_hparams(
         r=r,
         alpha=layer_alpha,
@@ -138,15 +136,17 @@ def _get(tree: Mapping, path: Path) -> Mapping | None:
     return tree if isinstance(tree, Mapping) else None
 
 
-def _rebuild(tree: Mapping, path: Path, kernels: dict[Path, Any], *, drop_lora: bool) -> Mapping:
+def _rebuild(
+    tree: Mapping, path: Path, bases: dict[Path, tuple[str, Any]], *, drop_lora: bool
+) -> Mapping:
     out = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            out[key] = _rebuild(value, (*path, str(key)), kernels, drop_lora=drop_lora)
+            out[key] = _rebuild(value, (*path, str(key)), bases, drop_lora=drop_lora)
         elif drop_lora and key in LORA_NAMES:
             continue
-        elif key == "kernel" and path in kernels:
-            new = kernels[path]  # keeps nn.Partitioned-style metadata on the kernel
+        elif path in bases and key == bases[path][0]:
+            new = bases[path][1]  # keeps nn.Partitioned-style metadata on the kernel
             out[key] = value.replace_boxed(new) if isinstance(value, meta.AxisMetadata) else new
         else:
             out[key] = value

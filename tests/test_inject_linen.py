@@ -171,36 +171,41 @@ def test_inject_errors():
         jaxlora.inject(variables, {"r": 2}, jax.random.key(0))
 
 
-class Mixed(nn.Module):
+class Unsupported(nn.Module):
     @nn.compact
     def __call__(self, x):
-        x = nn.Embed(10, 8, name="embed")(x)
-        x = nn.DenseGeneral((2, 4), name="heads")(x)
-        return nn.DenseGeneral(8, axis=(-2, -1), name="merge")(x)
+        x = nn.Conv(8, (3,), feature_group_count=2, name="grouped")(x)
+        x = nn.ConvTranspose(4, (3,), name="transpose")(x)
+        return nn.DenseGeneral(8, name="heads")(x)
 
 
 def test_unsupported_layers_are_errors_not_silence():
-    model, tokens = Mixed(), jnp.arange(3)
-    variables = model.init(jax.random.key(0), tokens)
-    with pytest.raises(
-        TypeError,
-        match=r"layer 'embed' holds \{'embedding': \(10, 8\)\}, which "
-        r"cannot be adapted; supported: flax.linen.Dense",
-    ):
-        jaxlora.inject(variables, jaxlora.LoRAConfig(r=2, targets=["embed"]), jax.random.key(0))
-    with pytest.raises(TypeError, match=r"'heads' holds .*\(8, 2, 4\).*cannot be adapted"):
-        jaxlora.inject(variables, jaxlora.LoRAConfig(r=2, targets=["heads"]), jax.random.key(0))
-    # A leaf pair placed by hand beside a kernel that no nn.Dense uses is reported at apply.
+    model, x = Unsupported(), jnp.ones((1, 5, 4))
+    variables = model.init(jax.random.key(0), x)
+    shapes = jaxlora.layouts(model, x)
+    assert set(shapes) == {"heads"}  # grouped and transposed convs are not adaptable
+    for target in ("grouped", "transpose"):
+        with pytest.raises(TypeError, match=rf"'{target}' has a 3-D kernel .* say which axes"):
+            jaxlora.inject(variables, jaxlora.LoRAConfig(r=2, targets=[target]), jax.random.key(0))
+        with pytest.raises(TypeError, match=rf"'{target}' holds .*cannot be adapted; supported"):
+            jaxlora.inject(
+                variables,
+                jaxlora.LoRAConfig(r=2, targets=[target]),
+                jax.random.key(0),
+                layouts=shapes,
+            )
+    # A leaf pair placed by hand beside a kernel that no supported layer uses is reported
+    # when that layer is called.
     params = jax.tree.map(lambda v: v, variables["params"])
-    params["embed"]["kernel"] = jnp.zeros((10, 8))
-    params["embed"]["lora_a"], params["embed"]["lora_b"] = jnp.ones((10, 2)), jnp.ones((2, 8))
-    with jaxlora.intercept(jaxlora.LoRAConfig(r=2, targets=["embed"])):
+    params["transpose"]["lora_a"] = jnp.ones((3, 8, 2))
+    params["transpose"]["lora_b"] = jnp.ones((1, 2, 4))
+    with jaxlora.intercept(jaxlora.LoRAConfig(r=2, targets=["transpose"])):
         with pytest.raises(
             ValueError,
-            match=r"layer 'embed' is a Embed holding LoRA leaves; "
-            r"only flax.linen.Dense",
+            match=r"layer 'transpose' is a ConvTranspose holding LoRA leaves \(called as "
+            r"__call__\); only these layers are adapted: nn.Dense",
         ):
-            model.apply({"params": params}, tokens)
+            model.apply({"params": params}, x)
 
 
 class ScannedMLP(nn.Module):

@@ -133,11 +133,13 @@ def test_merge_refuses_non_finite():
         ({"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))}, r"but no \['kernel'\]"),
         (
             {"kernel": jnp.ones((4, 3)), "lora_a": jnp.ones((5, 2)), "lora_b": jnp.ones((2, 3))},
-            r"'lora_a' for kernel \(4, 3\): expected shape \(4, 2\), got \(5, 2\)",
+            r"'lora_a': expected shape \(4, 2\) for a linear layer with 'kernel' \(4, 3\) and r=2, "
+            r"got \(5, 2\)",
         ),
         (
             {"kernel": jnp.ones((4, 3)), "lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 7))},
-            r"'lora_b' for kernel \(4, 3\): expected shape \(2, 3\), got \(2, 7\)",
+            r"'lora_b': expected shape \(2, 3\) for a linear layer with 'kernel' \(4, 3\) and r=2, "
+            r"got \(2, 7\)",
         ),
         (
             {"kernel": jnp.ones((4, 3)), "lora_a": jnp.ones((4, 5)), "lora_b": jnp.ones((5, 3))},

@@ -1,0 +1,151 @@
+"""``intercept(config)``: unmodified Linen layers that hold LoRA leaves apply them.
+
+Within the context, every ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv`` and ``nn.Embed`` call
+that finds ``lora_a``/``lora_b`` beside its weight adds its factored branch (the full delta is
+never built): ``scaling · dropout(x) @ a @ b``, contracted over ``DenseGeneral``'s axes, as a
+conv like the base's followed by a 1×1 conv, or as a second lookup for ``Embed`` (whose
+``attend`` uses the adapted table too, so the merged model computes the same). Any other layer
+that holds LoRA leaves is an error when called, never silently run without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.core import meta
+
+from jaxlora import core, kinds
+from jaxlora.config import LoRAConfig
+from jaxlora.tree import LORA_NAMES
+
+SUPPORTED = "nn.Dense, nn.DenseGeneral (no batch_dims), nn.Conv (no mask, groups=1), nn.Embed"
+_KIND = ((nn.Dense, "linear"), (nn.DenseGeneral, "linear"), (nn.Conv, "conv"), (nn.Embed, "embed"))
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """The adapter kind of a Linen layer, or ``None`` where jaxlora cannot adapt it."""
+    if isinstance(module, nn.DenseGeneral) and module.batch_dims:
+        return None
+    if isinstance(module, nn.Conv) and (module.mask is not None or module.feature_group_count != 1):
+        return None
+    return next((kind for cls, kind in _KIND if isinstance(module, cls)), None)
+
+
+def input_axes(module: nn.Module) -> int:
+    """How many leading kernel axes a linear layer contracts (``DenseGeneral``'s ``axis``)."""
+    axis = getattr(module, "axis", -1)
+    return len(axis) if isinstance(axis, tuple | list) else 1
+
+
+@contextlib.contextmanager
+def intercept(config: LoRAConfig, *, deterministic: bool = True) -> Iterator[None]:
+    """Within this context, Linen layers that hold LoRA leaves apply them.
+
+    Use it around ``model.apply`` (inside or outside ``jax.jit``), or as a decorator on the
+    function that calls it. ``config.alpha_for(path)``/``use_rslora`` set each layer's scale;
+    a layer whose ``r`` (read from its shapes) differs from ``config.rank_for(path)`` is an
+    error, so the scale can't silently differ from the one the adapter was made with. With
+    ``deterministic=False`` and ``config.dropout > 0`` the LoRA branch's input is dropped out
+    with the ``'dropout'`` rng passed to ``apply`` (never for ``nn.Embed``, as in PEFT).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> from jaxlora import inject
+    >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
+    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 8)))
+    >>> config = LoRAConfig(r=2, alpha=4, targets=["layers_0"])
+    >>> variables = inject(variables, config, jax.random.key(1))
+    >>> sorted(variables["params"]["layers_0"])
+    ['bias', 'kernel', 'lora_a', 'lora_b']
+    >>> with intercept(config):
+    ...     y = model.apply(variables, jnp.ones((1, 8)))
+    """
+    state = _State(config, deterministic)
+    with nn.intercept_methods(state.interceptor):
+        yield
+
+
+@dataclasses.dataclass
+class _State:
+    config: LoRAConfig
+    deterministic: bool
+
+    def interceptor(self, next_fun, args, kwargs, context):
+        module = context.module
+        if module.scope is None or context.method_name == "setup":
+            return next_fun(*args, **kwargs)
+        if not any(module.has_variable("params", n) for n in LORA_NAMES):
+            return next_fun(*args, **kwargs)
+        kind = module_kind(module)
+        method = context.method_name
+        if kind is not None and (method == "__call__" or (kind == "embed" and method == "attend")):
+            return self._apply(module, kind, method, next_fun, args, kwargs)
+        where = ".".join(module.scope.path) or "<root>"
+        raise ValueError(
+            f"layer '{where}' is a {type(module).__name__} holding LoRA leaves (called as "
+            f"{method}); only these layers are adapted: {SUPPORTED}"
+        )
+
+    def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
+        name = ".".join(module.scope.path)
+        where = f"layer '{name or '<root>'}'"
+        node = {
+            n: module.get_variable("params", n)
+            for n in (*kinds.BASE_NAMES, *LORA_NAMES)
+            if module.has_variable("params", n)
+        }
+        found, _, _, a, b = kinds.check_layer(node, where)
+        if found != kind or (kind == "linear" and jnp.ndim(a) - 1 != input_axes(module)):
+            raise ValueError(
+                f"{where}: a {type(module).__name__} contracting {input_axes(module)} axis(es) "
+                f"holds 'lora_a' {jnp.shape(a)} and 'lora_b' {jnp.shape(b)}, which are laid "
+                f"out for a {found} layer (see jaxlora.kinds)"
+            )
+        r = jnp.shape(a)[-1]
+        if r != self.config.rank_for(name):
+            raise ValueError(
+                f"{where} has r={r} (from its shapes) but the config gives it "
+                f"r={self.config.rank_for(name)}: the scale would be wrong"
+            )
+        scale = core.scaling(r, self.config.alpha_for(name), use_rslora=self.config.use_rslora)
+        y = next_fun(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        if kind == "embed":
+            a, b = nn.dtypes.promote_dtype(a, b, dtype=module.dtype, inexact=False)
+            if method == "attend":  # query @ (E + s·a b)ᵀ, factored
+                (x,) = nn.dtypes.promote_dtype(x, dtype=module.dtype)
+                return y + core.scaled_matmul(jnp.matmul(x, b.T), a.T, scale)
+            return y + core.scaled_matmul(jnp.take(a, x, axis=0), b, scale)
+        x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
+        x = self._dropout(module, x)
+        if kind == "conv":
+            h = _conv_like(module, r)(x, a)
+            return y + core.scaled_matmul(h, b.reshape(r, -1), scale, module.precision)
+        axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
+        axis = tuple(axis) if isinstance(axis, tuple | list) else (axis,)
+        if jnp.ndim(a) == 2 and jnp.ndim(b) == 2 and axis == (-1,):
+            return y + core.lora_branch(x, a, b, scale, module.precision)
+        return y + core.general_branch(x, a, b, scale, axis, module.precision)
+
+    def _dropout(self, module: nn.Module, x: jax.Array) -> jax.Array:
+        rate = self.config.dropout
+        if rate == 0 or self.deterministic:
+            return x
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
+        return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _conv_like(module: nn.Conv, r: int):
+    """A function ``(x, lora_a) -> (…, r)``: the base conv's own code (strides, padding,
+    dilation, precision) with ``r`` output features, no bias."""
+    conv = module.clone(parent=None, features=r, use_bias=False)
+
+    def apply(x: jax.Array, lora_a: jax.Array) -> jax.Array:
+        return conv.apply({"params": {"kernel": meta.unbox(lora_a)}}, x)
+
+    return apply

@@ -1,0 +1,144 @@
+"""The layer kinds jaxlora adapts, and how each one's adapter is laid out.
+
+Every kind keeps ``lora_a`` with the base weight's input axes and the rank last, and ``lora_b``
+with the rank first and the output axes, so one rule merges them all::
+
+    base + scaling · (lora_a.reshape(-1, r) @ lora_b.reshape(r, -1)).reshape(base.shape)
+
+- ``"linear"`` (``nn.Dense``, ``nn.DenseGeneral``): ``kernel`` (*in_axes, *out_axes), ``lora_a``
+  (*in_axes, r), ``lora_b`` (r, *out_axes). On the flattened axes this is a torch ``nn.Linear``.
+- ``"conv"`` (``nn.Conv``): ``kernel`` (*window, in, out); ``lora_a`` (*window, in, r) is a conv
+  like the base's (same strides, padding, dilation) and ``lora_b`` (1, …, 1, r, out) a 1×1 conv:
+  PEFT's layout in Flax's kernel order.
+- ``"embed"`` (``nn.Embed``): ``embedding`` (num_embeddings, features), ``lora_a``
+  (num_embeddings, r), ``lora_b`` (r, features): PEFT's ``lora_embedding_A/B``, transposed.
+
+The kind of a params node is read from its names and shapes (``kind_of``), so merging and
+saving need no model; only injecting a kernel with more than 2 axes needs to know which axes
+are inputs (see ``jaxlora.layouts``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax.core import meta
+
+BASE_NAMES = ("kernel", "embedding")
+KINDS = ("linear", "conv", "embed")
+
+
+def base_name(node: Mapping[str, Any]) -> str | None:
+    """The name of the node's base weight ('kernel' or 'embedding'), if it has exactly one."""
+    found = [name for name in BASE_NAMES if name in node]
+    return found[0] if len(found) == 1 else None
+
+
+def lora_shapes(
+    kind: str, base_shape: tuple[int, ...], r: int, in_axes: int = 1
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (lora_a, lora_b) shapes for a base weight; ``in_axes`` counts a linear kernel's
+    leading input axes."""
+    if kind == "conv":
+        ones = (1,) * (len(base_shape) - 2)
+        return (*base_shape[:-1], r), (*ones, r, base_shape[-1])
+    n = 1 if kind == "embed" else in_axes
+    return (*base_shape[:n], r), (r, *base_shape[n:])
+
+
+def kind_of(base: str, base_shape: tuple[int, ...], a_shape: tuple[int, ...], b_shape) -> str:
+    """The kind whose layout the shapes follow (``lora_shapes`` checks them exactly)."""
+    if base == "embedding":
+        return "embed"
+    if len(a_shape) + len(b_shape) - 2 == len(base_shape):
+        return "linear"
+    return "conv"
+
+
+def in_axes_of(kind: str, a_shape: tuple[int, ...]) -> int:
+    return len(a_shape) - 1 if kind == "linear" else 1
+
+
+def flat_features(kind: str, base_shape: tuple[int, ...], in_axes: int = 1) -> tuple[int, int]:
+    """(in, out) of the flattened matrix the adapter factors: its rank is at most their min."""
+    n = len(base_shape) - 1 if kind == "conv" else (1 if kind == "embed" else in_axes)
+    return math.prod(base_shape[:n]), math.prod(base_shape[n:])
+
+
+def check_layer(node: Mapping[str, Any], where: str) -> tuple[str, str, Any, Any, Any]:
+    """(kind, base name, base, lora_a, lora_b) of a node holding an adapter, unboxed and with
+    every shape checked; a ``ValueError`` naming the layer otherwise."""
+    name = base_name(node)
+    missing = [n for n in ("lora_a", "lora_b") if n not in node]
+    if name is None or missing:
+        found = sorted(set(node) & {"lora_a", "lora_b", *BASE_NAMES})
+        lacking = missing if name is not None else [*missing, "kernel"]
+        raise ValueError(
+            f"{where} has {found} but no {lacking}: expected 'lora_a' and 'lora_b' "
+            "beside one 'kernel' (or 'embedding')"
+        )
+    base, a, b = (meta.unbox(node[n]) for n in (name, "lora_a", "lora_b"))
+    shapes = [tuple(np.shape(v)) for v in (base, a, b)]
+    if len(shapes[0]) < 2 or len(shapes[1]) < 2:
+        raise ValueError(
+            f"{where}: '{name}' {shapes[0]} and 'lora_a' {shapes[1]} must have 2 or more axes"
+        )
+    kind = kind_of(name, *shapes)
+    r = shapes[1][-1]
+    want = lora_shapes(kind, shapes[0], r, in_axes_of(kind, shapes[1]))
+    for leaf, got, expected in zip(("lora_a", "lora_b"), shapes[1:], want, strict=True):
+        if got != expected:
+            raise ValueError(
+                f"{where}, '{leaf}': expected shape {expected} for a {kind} layer with "
+                f"'{name}' {shapes[0]} and r={r}, got {got}"
+            )
+    return kind, name, base, a, b
+
+
+def to_torch(kind: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flax-layout (lora_a, lora_b) as PEFT's (A, B) tensors, contiguous."""
+    r = a.shape[-1]
+    if kind == "conv":  # (*window, in, r) -> (r, in, *window)
+        order = (a.ndim - 1, a.ndim - 2, *range(a.ndim - 2))
+        a, b = a.transpose(order), b.transpose(order)
+    else:
+        a, b = a.reshape(-1, r).T, b.reshape(r, -1).T
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+
+
+def from_torch(
+    kind: str, a: np.ndarray, b: np.ndarray, base_shape: tuple[int, ...], in_axes: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's (A, B) in Flax layout for a base weight of ``base_shape`` (shapes checked by the
+    caller with ``torch_shapes``)."""
+    if kind == "conv":  # (r, in, *window) -> (*window, in, r)
+        order = (*range(2, a.ndim), 1, 0)
+        return a.transpose(order), b.transpose(order)
+    shape_a, shape_b = lora_shapes(kind, base_shape, a.shape[0], in_axes)
+    return a.T.reshape(shape_a), b.T.reshape(shape_b)
+
+
+def torch_shapes(
+    kind: str, base_shape: tuple[int, ...], r: int, in_axes: int = 1
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes PEFT's A and B have for this base weight and rank."""
+    if kind == "conv":
+        window = base_shape[:-2]
+        return (r, base_shape[-2], *window), (base_shape[-1], r, *(1,) * len(window))
+    n_in, n_out = flat_features(kind, base_shape, in_axes)
+    return (r, n_in), (n_out, r)
+
+
+def linear_in_axes(base_shape: tuple[int, ...], n_in: int, where: str) -> int:
+    """How many leading kernel axes make up ``n_in`` input features (for a file's A (r, n_in));
+    a ``ValueError`` if none or several splits do."""
+    splits = [k for k in range(1, len(base_shape)) if math.prod(base_shape[:k]) == n_in]
+    if len(splits) != 1:
+        raise ValueError(
+            f"{where}: cannot tell which axes of the kernel {base_shape} are the "
+            f"{n_in} input features (candidates: {splits}); inject the layer first"
+        )
+    return splits[0]

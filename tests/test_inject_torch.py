@@ -55,10 +55,15 @@ def test_failed_inject_changes_nothing():
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(
         TypeError,
-        match=r"layer 'embed' is a Embedding, which cannot be adapted; "
-        r"supported types: Linear",
+        match=r"layer 'block.1' is a ReLU, which cannot be adapted; "
+        r"supported types: Linear, Embedding, Conv2d",
     ):
-        torchlora.inject(model, torchlora.LoRAConfig(r=2, targets=["query", "embed"]))
+        torchlora.inject(model, torchlora.LoRAConfig(r=2, targets=["query", "block.1"]))
+    assert type(model.query) is nn.Linear and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+    # PiSSA would rewrite query's weight; the embedding it cannot adapt is found first.
+    with pytest.raises(ValueError, match=r"'embed': init='pissa' adapts Linear layers only"):
+        torchlora.inject(model, torchlora.LoRAConfig(r=2, targets=["query", "embed"], init="pissa"))
     assert type(model.query) is nn.Linear and all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match=r"r must be in \[1, 4\], got 8"):

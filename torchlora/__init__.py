@@ -1,8 +1,11 @@
-"""torchlora: the PyTorch reference LoRA layers that jaxlora mirrors."""
+"""torchlora: the PyTorch reference LoRA layers (Linear, Embedding, Conv2d) that jaxlora mirrors."""
 
 from torchlora.adapter import load_adapter, read_adapter_config, save_adapter
+from torchlora.base import LoRALayer
 from torchlora.config import LoRAConfig
+from torchlora.conv import Conv2d
 from torchlora.core import scaling
+from torchlora.embedding import Embedding
 from torchlora.inject import (
     ParamCount,
     inject,
@@ -15,8 +18,11 @@ from torchlora.inject import (
 from torchlora.layer import Linear
 
 __all__ = [
+    "Conv2d",
+    "Embedding",
     "Linear",
     "LoRAConfig",
+    "LoRALayer",
     "ParamCount",
     "inject",
     "load_adapter",

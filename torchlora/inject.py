@@ -8,15 +8,40 @@ import torch
 from torch import nn
 
 from _loracore.report import ParamCount
+from torchlora.base import LoRALayer
 from torchlora.config import LoRAConfig
+from torchlora.conv import Conv2d
+from torchlora.embedding import Embedding
 from torchlora.layer import Linear
 
 LORA_NAMES = ("lora_a", "lora_b")
-SUPPORTED = (nn.Linear,)
+SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv2d)
+
+
+def flat_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of the matrix an adapter on ``module`` factors: r is at most their min."""
+    if isinstance(module, nn.Embedding | Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.Conv2d | Conv2d):
+        kh, kw = module.kernel_size
+        return module.in_channels * kh * kw, module.out_channels
+    return module.in_features, module.out_features
+
+
+def wrap(module: nn.Module, config: LoRAConfig, path: str) -> LoRALayer:
+    """The torchlora layer for a pretrained module, sharing its weights, per ``config``."""
+    r, alpha = config.rank_for(path), config.alpha_for(path)
+    common = {"use_rslora": config.use_rslora, "init": config.init}
+    if isinstance(module, nn.Embedding):
+        return Embedding.from_embedding(module, r, alpha, **common)
+    if isinstance(module, nn.Conv2d):
+        return Conv2d.from_conv2d(module, r, alpha, dropout=config.dropout, **common)
+    return Linear.from_linear(module, r, alpha, dropout=config.dropout, **common)
 
 
 def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
-    """Replaces each ``nn.Linear`` whose path matches ``config.targets`` by a ``torchlora.Linear``.
+    """Replaces each ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv2d`` whose path matches
+    ``config.targets`` by a ``torchlora.Linear``, ``Embedding`` or ``Conv2d``.
 
     The new layers wrap the same pretrained weight and bias (shared, not copied); every
     parameter that is not ``lora_a``/``lora_b`` is frozen. All matches are checked before the
@@ -26,8 +51,7 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     Raises:
         ValueError: no layer matches (the message lists the layer paths), a layer is already
             adapted, or a layer's rank exceeds its ``min(in, out)``.
-        TypeError: a matched module is not an ``nn.Linear`` (the message names the supported
-            types).
+        TypeError: a matched module is not of a supported type (the message names them).
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"inject expects a torchlora.LoRAConfig, got {type(config).__name__}")
@@ -39,43 +63,40 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
             raise ValueError(
                 f"targets {config.targets!r} match the root module itself; target its submodules"
             )
-        if isinstance(module, Linear):
-            raise ValueError(f"layer '{path}' is already a torchlora.Linear")
+        if isinstance(module, LoRALayer):
+            raise ValueError(f"layer '{path}' is already a torchlora.{type(module).__name__}")
         if not isinstance(module, SUPPORTED):
             raise TypeError(
                 f"layer '{path}' is a {type(module).__name__}, which cannot be "
                 f"adapted; supported types: {', '.join(t.__name__ for t in SUPPORTED)}"
             )
-        limit, r = min(module.in_features, module.out_features), config.rank_for(path)
-        if r > limit:
+        kind = next(k for k in (Linear, Embedding, Conv2d) if isinstance(module, k.base_type))
+        reason = kind.unsupported(module)
+        if config.init == "pissa" and kind is not Linear:
+            reason = f"init='pissa' adapts Linear layers only, not a {type(module).__name__}"
+        if reason:
+            raise ValueError(f"layer '{path}': {reason}")
+        (n_in, n_out), r = flat_features(module), config.rank_for(path)
+        if r > min(n_in, n_out):
             raise ValueError(
-                f"layer '{path}' ({module.in_features} -> {module.out_features}): "
-                f"r must be in [1, {limit}], got {r}"
+                f"layer '{path}' ({n_in} -> {n_out}): r must be in [1, {min(n_in, n_out)}], got {r}"
             )
     for path in chosen:
-        layer = Linear.from_linear(
-            modules[path],
-            config.rank_for(path),
-            config.alpha_for(path),
-            dropout=config.dropout,
-            use_rslora=config.use_rslora,
-            init=config.init,
-        )
-        _set_submodule(model, path, layer)
+        _set_submodule(model, path, wrap(modules[path], config, path))
     mark_only_lora_as_trainable(model)
     model.lora_config = config
     return model
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Replaces every ``torchlora.Linear`` by a plain ``nn.Linear`` holding its merged weight.
+    """Replaces every torchlora layer by its plain base type holding the merged weight.
 
     The model is then exactly the original architecture (same module types and state-dict
     keys). Each delta is computed in fp32 and refused if non-finite; all merges are computed
     before any module is replaced. Returns ``model``.
     """
-    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, Linear)]
-    plain = [(path, layer.to_linear()) for path, layer in layers]
+    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALayer)]
+    plain = [(path, layer.to_base()) for path, layer in layers]
     for path, linear in plain:
         linear.requires_grad_(False)
         _set_submodule(model, path, linear)
@@ -106,7 +127,7 @@ def set_adapter(model: nn.Module, adapter: Mapping[str, torch.Tensor]) -> nn.Mod
                 f"set_adapter: '{key}' has shape {tuple(value.shape)}, expected "
                 f"{tuple(current[key].shape)}"
             )
-    merged = [n for n, m in model.named_modules() if isinstance(m, Linear) and m.merged]
+    merged = [n for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.merged]
     if merged:
         raise ValueError(f"set_adapter: layers {merged} are merged; unmerge them first")
     with torch.no_grad():

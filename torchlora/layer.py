@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _loracore.config import INITS
 from torchlora import core
+from torchlora.base import LoRALayer
 
 
-class Linear(nn.Module):
+class Linear(LoRALayer):
     """A linear layer with a frozen weight and a trainable low-rank update.
 
     ``y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ`` with ``W`` (out, in) and ``b`` frozen,
@@ -41,6 +41,8 @@ class Linear(nn.Module):
     ['lora_a', 'lora_b']
     """
 
+    base_type = nn.Linear
+
     def __init__(
         self,
         in_features: int,
@@ -67,12 +69,7 @@ class Linear(nn.Module):
         )
         self.in_features = in_features
         self.out_features = out_features
-        self.r = r
-        self.alpha = float(r if alpha is None else alpha)
-        self.use_rslora = use_rslora
-        if init not in INITS:
-            raise ValueError(f"{where}: init must be one of {INITS}, got {init!r}")
-        self.init = init
+        self._setup_lora(r, alpha, use_rslora, init, ("kaiming", "gaussian", "pissa"))
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, **factory), requires_grad=False
@@ -84,7 +81,6 @@ class Linear(nn.Module):
         self.lora_a = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_b = nn.Parameter(torch.empty(out_features, r, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._merged = False
         self.reset_parameters()
 
     @classmethod
@@ -123,16 +119,14 @@ class Linear(nn.Module):
             device="meta",
             dtype=weight.dtype,
         )
-        if copy:
-            weight = nn.Parameter(weight.detach().clone())
-            bias = None if bias is None else nn.Parameter(bias.detach().clone())
-        layer.weight = weight.requires_grad_(False)
-        if bias is not None:
-            layer.bias = bias.requires_grad_(False)
-        layer.lora_a = nn.Parameter(torch.empty_like(layer.lora_a, device=weight.device))
-        layer.lora_b = nn.Parameter(torch.empty_like(layer.lora_b, device=weight.device))
+        layer._share(weight, bias, copy)
         layer.reset_lora_parameters()
         return layer
+
+    @staticmethod
+    def unsupported(linear: nn.Linear) -> str | None:
+        """Why ``linear`` cannot be adapted, or ``None`` (every ``nn.Linear`` can)."""
+        return None
 
     def reset_parameters(self) -> None:
         """Initialises ``weight`` and ``bias`` exactly as ``nn.Linear`` does, then the adapter."""
@@ -166,16 +160,6 @@ class Linear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b)
 
-    @property
-    def scaling(self) -> float:
-        """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA), from the layer's own settings."""
-        return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
-
-    @property
-    def merged(self) -> bool:
-        """Whether ``scaling · B A`` is currently folded into ``weight``."""
-        return self._merged
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(
@@ -189,31 +173,9 @@ class Linear(nn.Module):
         return y + (h @ self.lora_a.T @ self.lora_b.T) * self.scaling
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Folds ``scaling · B A`` into ``weight`` (delta in fp32, rounded once).
-
-        Raises ``ValueError`` and leaves the layer unchanged if the merged weight would hold
-        non-finite values (PEFT's ``safe_merge``). Merging a merged layer is an error.
-        """
-        if self._merged:
-            raise RuntimeError(f"{self._name()} is already merged; call unmerge() first")
-        self.weight.copy_(self._checked(self._wide_weight() + self._delta(), "merge"))
-        self._merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtracts ``scaling · B A`` from ``weight``, restoring it to rounding error."""
-        if not self._merged:
-            raise RuntimeError(f"{self._name()} is not merged; nothing to unmerge")
-        self.weight.copy_(self._checked(self._wide_weight() - self._delta(), "unmerge"))
-        self._merged = False
-
-    @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """Returns a new plain ``nn.Linear`` holding the merged weight (and a copy of the bias)."""
-        merged = self.weight.detach().clone()
-        if not self._merged:
-            merged = self._checked(self._wide_weight() + self._delta(), "to_linear")
+        merged = self.merged_weight()
         linear = nn.Linear(
             self.in_features,
             self.out_features,
@@ -233,21 +195,9 @@ class Linear(nn.Module):
             f"use_rslora={self.use_rslora}, merged={self._merged}"
         )
 
-    def _name(self) -> str:
-        return f"torchlora.Linear({self.in_features}, {self.out_features}, r={self.r})"
+    def to_base(self) -> nn.Linear:
+        return self.to_linear()
 
-    def _wide_weight(self) -> torch.Tensor:
-        return self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
-
-    def _delta(self) -> torch.Tensor:
-        return core.delta(self.lora_a, self.lora_b, self.scaling)
-
-    def _checked(self, new: torch.Tensor, op: str) -> torch.Tensor:
-        new = new.to(self.weight.dtype)
-        if not torch.isfinite(new).all():
-            bad = int((~torch.isfinite(new)).sum())
-            raise ValueError(
-                f"{self._name()}.{op}: the result has {bad} non-finite value(s) (check lora_a, "
-                "lora_b and the weight's dtype range); the layer was left unchanged"
-            )
-        return new
+    def _name(self, r: int | None = None) -> str:
+        r = self.r if r is None else r
+        return f"torchlora.Linear({self.in_features}, {self.out_features}, r={r})"

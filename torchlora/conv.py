@@ -1,0 +1,190 @@
+"""A LoRA Conv2d in PyTorch, in PEFT's layout: A a conv like the base's, B a 1×1 conv."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from torchlora import core
+from torchlora.base import LoRALayer
+
+
+class Conv2d(LoRALayer):
+    """A 2-D convolution with a frozen ``weight`` (out, in, kh, kw) and ``bias`` and a trainable
+    low-rank update: ``conv(x, W) + b + scaling · conv1x1(conv(dropout(x), A), B)``.
+
+    ``lora_a`` (r, in, kh, kw) is a convolution with the base layer's kernel size, stride,
+    padding and dilation; ``lora_b`` (out, r, 1, 1) a 1×1 convolution: PEFT's ``lora_A`` /
+    ``lora_B`` weights. Merging folds ``scaling · B A`` (a (out, in, kh, kw) kernel) into the
+    weight. Only ``groups=1`` and ``padding_mode="zeros"`` are supported (PEFT cannot merge
+    grouped convolutions either). PEFT builds ``lora_A`` without the base's dilation; this
+    layer applies it, so that the unmerged and merged layers agree (PEFT's unmerged output
+    differs from its own merge for a dilated base).
+
+    >>> layer = Conv2d(3, 8, 3, 2, padding=1)
+    >>> layer(torch.ones(1, 3, 5, 5)).shape
+    torch.Size([1, 8, 5, 5])
+    >>> layer.lora_a.shape, layer.lora_b.shape
+    (torch.Size([2, 3, 3, 3]), torch.Size([8, 2, 1, 1]))
+    """
+
+    base_type = nn.Conv2d
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        r: int,
+        alpha: float | None = None,
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kh, kw = _pair(kernel_size)
+        core.check_hparams(
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            in_features=in_channels * kh * kw,
+            out_features=out_channels,
+            where=f"torchlora.Conv2d({in_channels}, {out_channels}, {(kh, kw)})",
+        )
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self._setup_lora(r, alpha, use_rslora, init, ("kaiming", "gaussian"))
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels, kh, kw, **factory), requires_grad=False
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.lora_a = nn.Parameter(torch.empty(r, in_channels, kh, kw, **factory))
+        self.lora_b = nn.Parameter(torch.empty(out_channels, r, 1, 1, **factory))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @classmethod
+    def from_conv2d(
+        cls,
+        conv: nn.Conv2d,
+        r: int,
+        alpha: float | None = None,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        copy: bool = False,
+    ) -> Conv2d:
+        """Wraps a pretrained ``nn.Conv2d``, sharing its weight and bias unless ``copy=True``."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv2d expects an nn.Conv2d, got {type(conv).__name__}")
+        reason = cls.unsupported(conv)
+        if reason:
+            raise ValueError(f"torchlora.Conv2d: {reason}")
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            r,
+            alpha,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            init=init,
+            device="meta",
+            dtype=conv.weight.dtype,
+        )
+        layer._share(conv.weight, conv.bias, copy)
+        layer.reset_lora_parameters()
+        return layer
+
+    @staticmethod
+    def unsupported(conv: nn.Conv2d) -> str | None:
+        """Why ``conv`` cannot be adapted, or ``None``."""
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            return (
+                f"a conv with groups={conv.groups}, padding_mode={conv.padding_mode!r} cannot "
+                "be adapted (expected groups=1, padding_mode='zeros')"
+            )
+        return None
+
+    def reset_parameters(self) -> None:
+        """Initialises ``weight`` and ``bias`` as ``nn.Conv2d`` does, then the adapter."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """A ~ kaiming_uniform(a=√5) (U(±1/√(in·kh·kw))) or N(0, 1/r) ("gaussian"); B = 0."""
+        if self.lora_a.is_meta:
+            return
+        if self.init == "gaussian":
+            nn.init.normal_(self.lora_a, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(
+                f"{self._name()}: expected input (N, {self.in_channels}, H, W), "
+                f"got shape {tuple(x.shape)}"
+            )
+        y = self._conv(x, self.weight, self.bias)
+        if self._merged:
+            return y
+        h = self._conv(self.lora_dropout(x), self.lora_a, None)
+        return y + F.conv2d(h, self.lora_b) * self.scaling
+
+    def to_base(self) -> nn.Conv2d:
+        """A new plain ``nn.Conv2d`` holding the merged weight (and a copy of the bias)."""
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.merged_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha:g}, "
+            f"use_rslora={self.use_rslora}, merged={self._merged}"
+        )
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)

@@ -1,7 +1,10 @@
 """Hugging Face PEFT's adapter format, shared by jaxlora and torchlora (no framework here).
 
-A directory holds ``adapter_model.safetensors`` (``base_model.model.<torch module path>.
-lora_A.weight`` (r, in) and ``.lora_B.weight`` (out, r)) and ``adapter_config.json``.
+A directory holds ``adapter_model.safetensors`` and ``adapter_config.json``. Tensor keys are
+``base_model.model.<torch module path>.`` followed by ``lora_A.weight`` (r, in) and
+``lora_B.weight`` (out, r) for a Linear; the same names with (r, in, kh, kw) and
+(out, r, 1, 1) for a Conv2d; ``lora_embedding_A`` (r, num_embeddings) and
+``lora_embedding_B`` (dim, r) for an Embedding.
 Safety: safetensors only (nothing is unpickled); each file is written under a temporary name
 in the target directory and renamed into place, so an interrupted save leaves the previous
 file intact; the weights file embeds its config, so a crash between the two renames (the only
@@ -27,7 +30,20 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PREFIX = "base_model.model."
 META_KEY = "lora_config"
-SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"}
+SUFFIXES = {
+    ".lora_A.weight": ("lora_A", False),
+    ".lora_B.weight": ("lora_B", False),
+    ".lora_embedding_A": ("lora_A", True),
+    ".lora_embedding_B": ("lora_B", True),
+}
+
+
+def tensor_keys(path: str, kind: str) -> tuple[str, str]:
+    """The file's keys for a layer's A and B; ``kind`` is "linear", "conv" or "embed"."""
+    if kind == "embed":
+        return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
+    return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+
 
 PathMap = Mapping[str, str] | Callable[[str], str] | None
 
@@ -87,9 +103,9 @@ def write_adapter(
 
 def read_adapter(
     directory: str | os.PathLike, *, framework: str, is_finite: Callable[[Any], bool]
-) -> tuple[LoRAConfig, dict[str, tuple[Any, Any]]]:
-    """Reads and checks an adapter directory: its config and {torch module path: (A, B)},
-    as ``framework``'s arrays ('np' or 'pt')."""
+) -> tuple[LoRAConfig, dict[str, tuple[Any, Any, str]]]:
+    """Reads and checks an adapter directory: its config and {torch module path: (A, B, kind)},
+    as ``framework``'s arrays ('np' or 'pt'), kind "linear", "conv" or "embed"."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / ADAPTER_FILE
     try:
@@ -124,30 +140,44 @@ def read_adapter(
         if not key.startswith(PREFIX) or suffix is None:
             raise ValueError(
                 f"{weights_path}: unexpected tensor '{key}' (expected "
-                f"'{PREFIX}<path>.lora_A.weight' / '.lora_B.weight')"
+                f"'{PREFIX}<path>.lora_A.weight' / '.lora_B.weight', or "
+                "'.lora_embedding_A' / '.lora_embedding_B')"
             )
-        pairs.setdefault(key[len(PREFIX) : -len(suffix)], {})[SUFFIXES[suffix]] = value
+        half, embed = SUFFIXES[suffix]
+        pair = pairs.setdefault(key[len(PREFIX) : -len(suffix)], {})
+        if pair.setdefault("embed", embed) != embed:
+            raise ValueError(
+                f"{weights_path}: '{key}' mixes embedding and linear/conv keys for one layer"
+            )
+        pair[half] = value
     tensors = {}
     for path, pair in pairs.items():
-        for half in ("lora_A", "lora_B"):
+        kind = "embed" if pair["embed"] else "linear"
+        for half, key in zip(("lora_A", "lora_B"), tensor_keys(path, kind), strict=True):
             if half not in pair:
-                raise ValueError(f"{weights_path}: missing tensor '{PREFIX}{path}.{half}.weight'")
+                raise ValueError(f"{weights_path}: missing tensor '{key}'")
             if not is_finite(pair[half]):
-                raise ValueError(
-                    f"{weights_path}: non-finite values in '{PREFIX}{path}.{half}.weight'"
-                )
+                raise ValueError(f"{weights_path}: non-finite values in '{key}'")
         a, b = pair["lora_A"], pair["lora_B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        if kind == "linear" and a.ndim > 2:
+            kind = "conv"
+        if kind == "conv":
+            valid = b.ndim == a.ndim and all(n == 1 for n in b.shape[2:])
+            layout = "(r, in, *window) and (out, r, 1, ...)"
+        else:
+            valid = a.ndim == 2 and b.ndim == 2
+            layout = "(r, in) and (out, r)"
+        if not valid or a.shape[0] != b.shape[1]:
             raise ValueError(
                 f"{weights_path}: layer '{path}': lora_A {tuple(a.shape)} and lora_B "
-                f"{tuple(b.shape)} are not (r, in) and (out, r)"
+                f"{tuple(b.shape)} are not {layout}"
             )
         if a.shape[0] != config.rank_for(path):
             raise ValueError(
                 f"{weights_path}: layer '{path}' has rank {a.shape[0]} in its "
                 f"tensors but {config.rank_for(path)} in {CONFIG_FILE}"
             )
-        tensors[path] = (a, b)
+        tensors[path] = (a, b, kind)
     if not tensors:
         raise ValueError(f"{weights_path}: holds no LoRA tensors")
     return config, tensors
@@ -167,13 +197,28 @@ def check_layer_set(expected: set[str], found: set[str], directory: Any) -> None
         )
 
 
-def check_pair(path: str, a: Any, b: Any, n_in: int, n_out: int, directory: Any) -> None:
+def check_pair(
+    path: str,
+    kind: str,
+    a: Any,
+    b: Any,
+    layer: tuple[str, str, Callable[[int], tuple[tuple, tuple]]],
+    directory: Any,
+) -> None:
+    """Checks a file's (A, B) against the layer it goes to: ``layer`` is (the layer's kind, a
+    description such as 'Linear 16 -> 8', and a function from r to the expected shapes)."""
+    layer_kind, described, shapes = layer
+    if kind != layer_kind:
+        raise ValueError(
+            f"{directory}: layer '{path}' is a {described} ({layer_kind}) but the file holds "
+            f"a {kind} adapter for it"
+        )
     r = a.shape[0]
-    for half, got, want in (("lora_A", a.shape, (r, n_in)), ("lora_B", b.shape, (n_out, r))):
-        if tuple(got) != want:
+    for key, got, want in zip(tensor_keys(path, kind), (a.shape, b.shape), shapes(r), strict=True):
+        if tuple(got) != tuple(want):
             raise ValueError(
-                f"{directory}: '{PREFIX}{path}.{half}.weight' has shape "
-                f"{tuple(got)}, expected {want} for a {n_in} -> {n_out} layer"
+                f"{directory}: '{key}' has shape {tuple(got)}, expected {tuple(want)} for "
+                f"the {described} layer"
             )
 
 

@@ -18,16 +18,17 @@ from flax.core import meta
 
 from _loracore import peft_format
 from _loracore.peft_format import (
-    PREFIX,
     PathMap,
     check_layer_set,
     check_pair,
     file_config,
     map_path,
+    tensor_keys,
 )
+from jaxlora import kinds
 from jaxlora.config import LoRAConfig
 from jaxlora.core import pissa, scaling
-from jaxlora.tree import PyTree, _like, _require_mapping, iter_lora_layers
+from jaxlora.tree import PyTree, _like, _require_mapping, iter_lora_layers, path_str
 
 
 def is_finite(value) -> bool:
@@ -41,7 +42,7 @@ def write_adapter(directory, tensors, peft) -> None:
 
 
 def read_adapter(directory):
-    """The adapter's config and {torch module path: (A, B)} as numpy arrays, checked."""
+    """The adapter's config and {torch module path: (A, B, kind)} as numpy arrays, checked."""
     return peft_format.read_adapter(directory, framework="np", is_finite=is_finite)
 
 
@@ -50,7 +51,9 @@ def save_adapter(
 ) -> Path:
     """Writes the LoRA leaves of a Linen params tree as a PEFT adapter; returns the directory.
 
-    Only ``lora_a``/``lora_b`` are written (transposed to torch layout, in their own dtype). Each
+    Only ``lora_a``/``lora_b`` are written (in torch layout for their kind: Dense and
+    DenseGeneral as a Linear over the flattened axes, Conv as PEFT's Conv2d, Embed as PEFT's
+    Embedding; in their own dtype). Each
     layer's rank comes from its shapes and its alpha from ``config.alpha_for(path)``;
     ``rank_pattern`` and ``target_modules`` are written so that PEFT rebuilds exactly these
     layers. ``path_map`` maps a '.'-joined Flax layer path to the torch module path where the
@@ -59,11 +62,11 @@ def save_adapter(
     _require_mapping(params, "save_adapter")
     tensors, layers = {}, {}
     for path, node in iter_lora_layers(params):
-        name = ".".join(path[1:] if path and path[0] == "params" else path)
-        a, b = np.asarray(node["lora_a"]), np.asarray(node["lora_b"])
+        name = path_str(path)
+        kind, _, _, a, b = kinds.check_layer(node, f"save_adapter: layer '{name}'")
         torch_path = map_path(path_map, name)
-        tensors[f"{PREFIX}{torch_path}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"{PREFIX}{torch_path}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        key_a, key_b = tensor_keys(torch_path, kind)
+        tensors[key_a], tensors[key_b] = kinds.to_torch(kind, np.asarray(a), np.asarray(b))
         layers[torch_path] = (a.shape[-1], config.alpha_for(name))
     if not layers:
         raise ValueError("save_adapter: the params tree has no 'lora_a'/'lora_b' leaves")
@@ -96,30 +99,57 @@ def load_adapter(
         expected = set(config.select(nodes))
     check_layer_set(expected, set(tensors), directory)
     new = {}
-    for torch_path, (a, b) in tensors.items():
+    for torch_path, (a, b, file_kind) in tensors.items():
         flax_path, node = nodes[torch_path]
-        boxed = node.get("kernel")
-        kernel = meta.unbox(boxed) if boxed is not None else None
-        if kernel is None or jnp.ndim(kernel) != 2:
-            raise ValueError(f"{directory}: layer '{torch_path}' has no 2-D kernel to adapt")
-        n_in, n_out = jnp.shape(kernel)
-        check_pair(torch_path, a, b, n_in, n_out, directory)
+        kind, name, in_axes = _target(node, file_kind, a, f"{directory}: layer '{torch_path}'")
+        boxed = node[name]
+        base = meta.unbox(boxed)
+        shape = tuple(jnp.shape(base))
+        layer = (
+            kind,
+            f"{kind} layer with '{name}' {shape}",
+            lambda r, kind=kind, shape=shape, n=in_axes: kinds.torch_shapes(kind, shape, r, n),
+        )
+        check_pair(torch_path, file_kind, a, b, layer, directory)
         if "lora_a" in node and jnp.shape(meta.unbox(node["lora_a"]))[-1] != a.shape[0]:
             raise ValueError(
                 f"{directory}: layer '{torch_path}' has rank {a.shape[0]} in the "
                 f"file but {jnp.shape(meta.unbox(node['lora_a']))[-1]} in the params tree"
             )
         dtype = meta.unbox(node["lora_a"]).dtype if "lora_a" in node else a.dtype
-        new[flax_path] = {"lora_a": jnp.asarray(a.T, dtype), "lora_b": jnp.asarray(b.T, dtype)}
+        lora_a, lora_b = kinds.from_torch(kind, a, b, shape, in_axes)
+        new[flax_path] = {
+            "lora_a": jnp.asarray(lora_a, dtype),
+            "lora_b": jnp.asarray(lora_b, dtype),
+        }
         if config.init == "pissa" and not injected:
             # A PiSSA adapter is relative to the residual base W − scaling·B₀A₀ (B₀A₀: the top-r
             # SVD part of W, sign-free), which PEFT's loader recomputes the same way.
             scale = scaling(a.shape[0], config.alpha_for(torch_path), use_rslora=config.use_rslora)
-            residual = pissa(kernel, a.shape[0], scale)[2].astype(kernel.dtype)
-            new[flax_path]["kernel"] = (
+            flat = base.reshape(kinds.flat_features(kind, shape, in_axes))
+            residual = pissa(flat, a.shape[0], scale)[2].reshape(shape).astype(base.dtype)
+            new[flax_path][name] = (
                 boxed.replace_boxed(residual) if isinstance(boxed, meta.AxisMetadata) else residual
             )
     return _set_leaves(params, (), new)
+
+
+def _target(node, file_kind: str, a: np.ndarray, where: str) -> tuple[str, str, int]:
+    """(kind, base leaf name, input axes) of the layer a file's adapter goes to: from its LoRA
+    leaves when injected, else from its weight and the file's tensors."""
+    if "lora_a" in node or "lora_b" in node:
+        kind, name, _, lora_a, _ = kinds.check_layer(node, where)
+        return kind, name, kinds.in_axes_of(kind, jnp.shape(lora_a))
+    name = kinds.base_name(node)
+    base = meta.unbox(node[name]) if name is not None else None
+    if base is None or jnp.ndim(base) < 2:
+        raise ValueError(f"{where} has no kernel or embedding to adapt")
+    shape = tuple(jnp.shape(base))
+    if name == "embedding":
+        return "embed", name, 1
+    if file_kind == "conv" or len(shape) == 2:
+        return ("conv" if file_kind == "conv" else "linear"), name, 1
+    return "linear", name, kinds.linear_in_axes(shape, a.shape[1], where)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:

@@ -15,10 +15,27 @@ import torch
 from torch import nn
 
 from _loracore import peft_format
-from _loracore.peft_format import PREFIX, check_layer_set, check_pair, file_config
+from _loracore.peft_format import check_layer_set, check_pair, file_config, tensor_keys
+from torchlora.base import LoRALayer
 from torchlora.config import LoRAConfig
+from torchlora.conv import Conv2d
+from torchlora.embedding import Embedding
 from torchlora.inject import inject
 from torchlora.layer import Linear
+
+
+def describe(module: nn.Module) -> tuple[str, str, object] | None:
+    """(kind, description, r -> PEFT's (A, B) shapes) for a layer an adapter can go to."""
+    if isinstance(module, nn.Embedding | Embedding):
+        n, d = module.num_embeddings, module.embedding_dim
+        return "embed", f"Embedding {n} x {d}", lambda r: ((r, n), (d, r))
+    if isinstance(module, nn.Conv2d | Conv2d):
+        c_in, c_out, k = module.in_channels, module.out_channels, tuple(module.kernel_size)
+        return "conv", f"Conv2d {c_in} -> {c_out} {k}", lambda r: ((r, c_in, *k), (c_out, r, 1, 1))
+    if isinstance(module, nn.Linear | Linear):
+        n_in, n_out = module.in_features, module.out_features
+        return "linear", f"Linear {n_in} -> {n_out}", lambda r: ((r, n_in), (n_out, r))
+    return None
 
 
 def is_finite(value: torch.Tensor) -> bool:
@@ -39,7 +56,8 @@ def read_adapter(directory):
 def save_adapter(
     model: nn.Module, directory: str | os.PathLike, config: LoRAConfig | None = None
 ) -> Path:
-    """Writes the model's ``torchlora.Linear`` adapters as a PEFT adapter; returns the directory.
+    """Writes the model's adapters (``torchlora.Linear``, ``Embedding``, ``Conv2d``) as a PEFT
+    adapter; returns the directory.
 
     ``config`` defaults to the one ``inject`` remembered (``model.lora_config``). Each layer's
     own rank and alpha are written (via ``rank_pattern``/``alpha_pattern`` where they differ),
@@ -49,15 +67,16 @@ def save_adapter(
     config = config if config is not None else getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("save_adapter: pass a LoRAConfig (the model has no lora_config)")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
     if not layers:
-        raise ValueError("save_adapter: the model has no torchlora.Linear layers")
+        raise ValueError("save_adapter: the model has no torchlora layers")
     if len({m.use_rslora for m in layers.values()} | {config.use_rslora}) != 1:
         raise ValueError("save_adapter: the layers' use_rslora differs from the config's")
     tensors = {}
     for path, layer in layers.items():
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_a.detach().cpu().contiguous()
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_b.detach().cpu().contiguous()
+        key_a, key_b = tensor_keys(path, layer.kind)
+        tensors[key_a] = layer.lora_a.detach().cpu().contiguous()
+        tensors[key_b] = layer.lora_b.detach().cpu().contiguous()
     peft = file_config(
         config,
         {p: (m.r, m.alpha) for p, m in layers.items()},
@@ -78,19 +97,21 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """
     config, tensors = read_adapter(directory)
     modules = dict(model.named_modules())
-    layers = {n: m for n, m in modules.items() if isinstance(m, Linear)}
+    layers = {n: m for n, m in modules.items() if isinstance(m, LoRALayer)}
     expected = set(layers) if layers else set(config.select(modules))
     check_layer_set(expected, set(tensors), directory)
-    for path, (a, b) in tensors.items():
+    for path, (a, b, kind) in tensors.items():
         module = modules[path]
-        if not isinstance(module, nn.Linear | Linear):
+        layer = describe(module)
+        if layer is None:
             raise ValueError(
-                f"{directory}: layer '{path}' is a {type(module).__name__}, not a Linear layer"
+                f"{directory}: layer '{path}' is a {type(module).__name__}, which cannot hold "
+                "an adapter"
             )
-        check_pair(path, a, b, module.in_features, module.out_features, directory)
-        if isinstance(module, Linear) and module.merged:
+        check_pair(path, kind, a, b, layer, directory)
+        if isinstance(module, LoRALayer) and module.merged:
             raise ValueError(f"{directory}: layer '{path}' is merged; unmerge() it first")
-        if isinstance(module, Linear) and module.r != a.shape[0]:
+        if isinstance(module, LoRALayer) and module.r != a.shape[0]:
             raise ValueError(
                 f"{directory}: layer '{path}' has rank {a.shape[0]} in the file "
                 f"but {module.r} in the model"
@@ -98,7 +119,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if not layers:
         inject(model, config)
     with torch.no_grad():
-        for path, (a, b) in tensors.items():
+        for path, (a, b, _) in tensors.items():
             layer = model.get_submodule(path)
             layer.lora_a.copy_(a.to(layer.lora_a.dtype))
             layer.lora_b.copy_(b.to(layer.lora_b.dtype))

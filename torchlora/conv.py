@@ -33,6 +33,7 @@ class Conv2d(LoRALayer):
     """
 
     base_type = nn.Conv2d
+    kind = "conv"
 
     def __init__(
         self,

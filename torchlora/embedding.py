@@ -28,6 +28,7 @@ class Embedding(LoRALayer):
     """
 
     base_type = nn.Embedding
+    kind = "embed"
 
     def __init__(
         self,

@@ -42,6 +42,7 @@ class Linear(LoRALayer):
     """
 
     base_type = nn.Linear
+    kind = "linear"
 
     def __init__(
         self,

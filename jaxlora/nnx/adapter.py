@@ -77,13 +77,15 @@ def load_adapter(
     layers = {p: m for p, m in modules.items() if isinstance(m, LoRALinear)}
     expected = set(layers) if layers else set(config.select(modules))
     check_layer_set(expected, set(tensors), directory)
-    for path, (a, b) in tensors.items():
+    for path, (a, b, kind) in tensors.items():
         module = modules[path]
         if not isinstance(module, nnx.Linear | LoRALinear):
             raise ValueError(
                 f"{directory}: layer '{path}' is a {type(module).__name__}, not a Linear layer"
             )
-        check_pair(path, a, b, module.in_features, module.out_features, directory)
+        n_in, n_out = module.in_features, module.out_features
+        layer = ("linear", f"Linear {n_in} -> {n_out}", lambda r, i=n_in, o=n_out: ((r, i), (o, r)))
+        check_pair(path, kind, a, b, layer, directory)
         if isinstance(module, LoRALinear) and module.r != a.shape[0]:
             raise ValueError(
                 f"{directory}: layer '{path}' has rank {a.shape[0]} in the file "
@@ -101,13 +103,13 @@ def load_adapter(
             dataclasses.replace(
                 config,
                 targets=sorted(local[t] for t in tensors),
-                rank_pattern={local[t]: a.shape[0] for t, (a, _) in tensors.items()},
+                rank_pattern={local[t]: a.shape[0] for t, (a, _, _) in tensors.items()},
                 alpha_pattern={local[t]: config.alpha_for(t) for t in tensors},
             ),
             nnx.Rngs(0),
         )
         layers = _modules(model, path_map, LoRALinear)
-    for path, (a, b) in tensors.items():
+    for path, (a, b, _) in tensors.items():
         layer = layers[path]
         layer.lora_a[...] = jnp.asarray(a.T, layer.lora_a.dtype)
         layer.lora_b[...] = jnp.asarray(b.T, layer.lora_b.dtype)

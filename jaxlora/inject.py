@@ -197,6 +197,21 @@ def init_leaves(
             "lora_a": lora_a.reshape(shape_a).astype(param_dtype),
             "lora_b": lora_b.reshape(shape_b).astype(param_dtype),
         }
+    return lora_init(kind, jnp.shape(base), r, init, key, param_dtype, in_axes)
+
+
+def lora_init(
+    kind: str,
+    base_shape: tuple[int, ...],
+    r: int,
+    init: str,
+    key: jax.Array,
+    param_dtype: Any,
+    in_axes: int = 1,
+) -> dict[str, jax.Array]:
+    """New ``lora_a``/``lora_b`` that leave the layer's output unchanged, for every init but
+    PiSSA (which needs the weight's values: ``init_leaves``)."""
+    shape_a, shape_b = kinds.lora_shapes(kind, base_shape, r, in_axes)
     if kind == "embed":  # PEFT's (and loralib's): A zero, B standard normal
         return {
             "lora_a": jnp.zeros(shape_a, param_dtype),

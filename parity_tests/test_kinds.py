@@ -19,10 +19,12 @@ import optax
 import pytest
 import torch
 from flax import linen as nn
+from flax import nnx
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.nn import functional as F
 
 import jaxlora
+import jaxlora.nnx
 import torchlora
 from jaxlora import kinds
 from parity_tests.twins import rel_err
@@ -286,3 +288,101 @@ def test_a_file_for_another_kind_is_refused(tmp_path, path):
         match = r"layer 'embed' is a Linear 13 -> 8 \(linear\) but the file holds a embed adapter"
     with pytest.raises(ValueError, match=match):
         torchlora.load_adapter(swapped, tmp_path)
+
+
+class NnxTwin(nnx.Module):
+    """The same network in NNX (its attention's projections are nnx.LinearGeneral)."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.embed = nnx.Embed(VOCAB, DIM, rngs=rngs)
+        self.conv = nnx.Conv(DIM, DIM, (3, 3), padding=1, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(HEADS, DIM, decode=False, rngs=rngs)
+        self.head = nnx.Linear(DIM, VOCAB, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = nnx.relu(self.conv(self.embed(tokens)))
+        x = x.reshape(x.shape[0], -1, DIM)
+        return self.head(self.attn(x))
+
+
+def _nnx_base(variables) -> NnxTwin:
+    """A plain NNX twin holding the Linen twin's base weights (the same Flax layouts)."""
+    model = NnxTwin(nnx.Rngs(5))
+    for path, node in _layers(variables["params"]):
+        module = model
+        for key in path.split("."):
+            module = getattr(module, key)
+        for leaf, value in node.items():
+            if not leaf.startswith("lora_"):
+                getattr(module, leaf)[...] = value
+    return model
+
+
+def _nnx_twin(variables) -> NnxTwin:
+    """The NNX twin, injected, holding the Linen twin's adapter."""
+    model = _nnx_base(variables)
+    params = variables["params"]
+    jaxlora.nnx.inject(model, CONFIG, nnx.Rngs(6))
+    for path in TARGETS:
+        module = model
+        for key in path.split("."):
+            module = getattr(module, key)
+        module.lora_a[...], module.lora_b[...] = (
+            _node(params, path)[n] for n in ("lora_a", "lora_b")
+        )
+    return model
+
+
+def _layers(params, prefix=""):
+    for key, value in params.items():
+        leaves = {k: v for k, v in value.items() if not isinstance(v, dict)}
+        if leaves:
+            yield prefix + key, leaves
+        yield from _layers(
+            {k: v for k, v in value.items() if isinstance(v, dict)}, f"{prefix}{key}."
+        )
+
+
+def test_nnx_layers_match_linen_and_torch():
+    _, variables, torch_model = _twins()
+    nnx_model = _nnx_twin(variables)
+    assert [type(getattr(nnx_model, n)).__name__ for n in ("embed", "conv")] == [
+        "LoRAEmbed",
+        "LoRAConv",
+    ]
+    assert type(nnx_model.attn.query).__name__ == "LoRALinearGeneral"
+    expected = torch_model(torch.from_numpy(TOKENS)).detach()
+    assert rel_err(nnx_model(TOKENS), expected) <= TOL
+
+    def loss(model):
+        return jnp.mean(model(TOKENS) ** 2)
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(nnx_model)
+    torch_model(torch.from_numpy(TOKENS)).pow(2).mean().backward()
+    for path in TARGETS:
+        node = grads
+        for key in path.split("."):
+            node = node[key]
+        ga, gb = kinds.to_torch(
+            KINDS[path], *(np.asarray(node[n][...]) for n in ("lora_a", "lora_b"))
+        )
+        layer = torch_model.get_submodule(path)
+        assert rel_err(ga, layer.lora_a.grad) <= TOL and rel_err(gb, layer.lora_b.grad) <= TOL, path
+    jaxlora.nnx.merge(nnx_model)
+    assert type(nnx_model.conv) is nnx.Conv and type(nnx_model.attn.value) is nnx.LinearGeneral
+    assert rel_err(nnx_model(TOKENS), expected) <= TOL
+
+
+def test_nnx_adapter_files_round_trip_with_peft(tmp_path):
+    _, variables, _ = _twins()
+    nnx_model = _nnx_twin(variables)
+    expected = nnx_model(TOKENS)
+    jaxlora.nnx.save_adapter(nnx_model, tmp_path / "nnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft_model = PeftModel.from_pretrained(_peft_model(), tmp_path / "nnx")
+    assert rel_err(peft_model(torch.from_numpy(TOKENS)).detach(), expected) <= TOL
+    peft_model.save_pretrained(tmp_path / "peft")
+    base = _nnx_base(variables)
+    jaxlora.nnx.load_adapter(base, tmp_path / "peft")  # into a plain model: injects, then loads
+    assert rel_err(base(TOKENS), expected) <= TOL

@@ -78,11 +78,16 @@ def test_failed_inject_changes_nothing():
     model = Net(nnx.Rngs(0))
     with pytest.raises(
         TypeError,
-        match=r"layer 'embed' is a Embed, which cannot be adapted; "
-        r"supported: flax.nnx.Linear",
+        match=r"layer 'layers' is a List, which cannot be adapted; supported: nnx.Linear, ",
     ):
-        jaxlora.nnx.inject(model, jaxlora.LoRAConfig(r=2, targets=["query", "embed"]), nnx.Rngs(0))
+        jaxlora.nnx.inject(model, jaxlora.LoRAConfig(r=2, targets=["query", "layers"]), nnx.Rngs(0))
     assert type(model.query) is nnx.Linear
+    # PiSSA would rewrite query's kernel; the embedding it cannot adapt is found first.
+    with pytest.raises(ValueError, match=r"'embed': init='pissa' adapts linear layers only"):
+        jaxlora.nnx.inject(
+            model, jaxlora.LoRAConfig(r=2, targets=["query", "embed"], init="pissa"), nnx.Rngs(0)
+        )
+    assert type(model.query) is nnx.Linear and type(model.embed) is nnx.Embed
     with pytest.raises(ValueError, match=r"layer 'layers.1': r must be in \[1, min\(in, out\)\]"):
         jaxlora.nnx.inject(
             model, jaxlora.LoRAConfig(r=8, targets=["query", "layers.1"]), nnx.Rngs(0)

@@ -11,17 +11,35 @@ import numpy as np
 from flax import nnx
 
 from _loracore.peft_format import (
-    PREFIX,
     PathMap,
     check_layer_set,
     check_pair,
     file_config,
     map_path,
+    tensor_keys,
 )
+from jaxlora import kinds
 from jaxlora.adapter import read_adapter, write_adapter
 from jaxlora.config import LoRAConfig
 from jaxlora.nnx.inject import inject
+from jaxlora.nnx.kinds import LoRAConv, LoRAEmbed, LoRALinearGeneral, _Adapter
 from jaxlora.nnx.layer import LoRALinear
+
+ADAPTED = (LoRALinear, _Adapter)
+
+
+def describe(module: nnx.Module) -> tuple[str, tuple[int, ...], int] | None:
+    """(kind, base weight shape, input axes) of a layer an adapter can go to, else ``None``."""
+    if isinstance(module, nnx.Linear | LoRALinear):
+        return "linear", (module.in_features, module.out_features), 1
+    if isinstance(module, nnx.LinearGeneral | LoRALinearGeneral):
+        shape = (*module.in_features, *module.out_features)
+        return "linear", shape, len(module.in_features)
+    if isinstance(module, nnx.Conv | LoRAConv):
+        return "conv", tuple(module.kernel_shape), 1
+    if isinstance(module, nnx.Embed | LoRAEmbed):
+        return "embed", (module.num_embeddings, module.features), 1
+    return None
 
 
 def save_adapter(
@@ -31,7 +49,7 @@ def save_adapter(
     *,
     path_map: PathMap = None,
 ) -> Path:
-    """Writes the model's ``LoRALinear`` adapters as a PEFT adapter; returns the directory.
+    """Writes the model's LoRA layers' adapters as a PEFT adapter; returns the directory.
 
     ``config`` defaults to the one ``inject`` remembered (``model.lora_config``); each layer's
     own rank and alpha are written. ``path_map`` maps a '.'-joined NNX path to the torch module
@@ -40,19 +58,17 @@ def save_adapter(
     config = config if config is not None else getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("save_adapter: pass a LoRAConfig (the model has no lora_config)")
-    layers = _modules(model, path_map, LoRALinear)
+    layers = _modules(model, path_map, ADAPTED)
     if not layers:
-        raise ValueError("save_adapter: the model has no LoRALinear layers")
+        raise ValueError("save_adapter: the model has no LoRA layers")
     if any(m.use_rslora != config.use_rslora for m in layers.values()):
         raise ValueError("save_adapter: the layers' use_rslora differs from the config's")
     tensors = {}
     for path, layer in layers.items():
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(
-            np.asarray(layer.lora_a[...]).T
-        )
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(
-            np.asarray(layer.lora_b[...]).T
-        )
+        kind = describe(layer)[0]
+        key_a, key_b = tensor_keys(path, kind)
+        a, b = np.asarray(layer.lora_a[...]), np.asarray(layer.lora_b[...])
+        tensors[key_a], tensors[key_b] = kinds.to_torch(kind, a, b)
     alphas = {p: float(m.r if m.alpha is None else m.alpha) for p, m in layers.items()}
     peft = file_config(
         config,
@@ -74,19 +90,26 @@ def load_adapter(
     """
     config, tensors = read_adapter(directory)
     modules = _modules(model, path_map, nnx.Module)
-    layers = {p: m for p, m in modules.items() if isinstance(m, LoRALinear)}
+    layers = {p: m for p, m in modules.items() if isinstance(m, ADAPTED)}
     expected = set(layers) if layers else set(config.select(modules))
     check_layer_set(expected, set(tensors), directory)
+    shapes = {}
     for path, (a, b, kind) in tensors.items():
         module = modules[path]
-        if not isinstance(module, nnx.Linear | LoRALinear):
+        found = describe(module)
+        if found is None:
             raise ValueError(
-                f"{directory}: layer '{path}' is a {type(module).__name__}, not a Linear layer"
+                f"{directory}: layer '{path}' is a {type(module).__name__}, which cannot hold "
+                "an adapter"
             )
-        n_in, n_out = module.in_features, module.out_features
-        layer = ("linear", f"Linear {n_in} -> {n_out}", lambda r, i=n_in, o=n_out: ((r, i), (o, r)))
+        layer_kind, shape, in_axes = shapes[path] = found
+        layer = (
+            layer_kind,
+            f"{type(module).__name__} with weight {shape}",
+            lambda r, k=layer_kind, s=shape, n=in_axes: kinds.torch_shapes(k, s, r, n),
+        )
         check_pair(path, kind, a, b, layer, directory)
-        if isinstance(module, LoRALinear) and module.r != a.shape[0]:
+        if isinstance(module, ADAPTED) and module.r != a.shape[0]:
             raise ValueError(
                 f"{directory}: layer '{path}' has rank {a.shape[0]} in the file "
                 f"but {module.r} in the model"
@@ -108,17 +131,19 @@ def load_adapter(
             ),
             nnx.Rngs(0),
         )
-        layers = _modules(model, path_map, LoRALinear)
+        layers = _modules(model, path_map, ADAPTED)
     for path, (a, b, _) in tensors.items():
         layer = layers[path]
-        layer.lora_a[...] = jnp.asarray(a.T, layer.lora_a.dtype)
-        layer.lora_b[...] = jnp.asarray(b.T, layer.lora_b.dtype)
+        kind, shape, in_axes = shapes[path]
+        lora_a, lora_b = kinds.from_torch(kind, a, b, shape, in_axes)
+        layer.lora_a[...] = jnp.asarray(lora_a, layer.lora_a.dtype)
+        layer.lora_b[...] = jnp.asarray(lora_b, layer.lora_b.dtype)
         layer.alpha, layer.use_rslora = config.alpha_for(path), config.use_rslora
     model.lora_config = config
     return model
 
 
-def _modules(model: nnx.Module, path_map: PathMap, kind: type) -> dict[str, nnx.Module]:
+def _modules(model: nnx.Module, path_map: PathMap, kind) -> dict[str, nnx.Module]:
     return {
         map_path(path_map, ".".join(map(str, p))): m
         for p, m in nnx.iter_modules(model)

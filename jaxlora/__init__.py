@@ -9,7 +9,7 @@ from jaxlora.convert import from_torch, to_torch
 from jaxlora.core import scaling
 from jaxlora.inject import Layout, inject, layouts
 from jaxlora.intercept import intercept
-from jaxlora.linen import LoRADense
+from jaxlora.linen import LoRAConv, LoRADense, LoRADenseGeneral, LoRAEmbed
 from jaxlora.merge import merge, unmerge
 from jaxlora.sharding import partition_specs
 from jaxlora.tree import (
@@ -24,7 +24,10 @@ from jaxlora.tree import (
 __all__ = [
     "Layout",
     "LoRAConfig",
+    "LoRAConv",
     "LoRADense",
+    "LoRADenseGeneral",
+    "LoRAEmbed",
     "ParamCount",
     "combine",
     "freeze_base",

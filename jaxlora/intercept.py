@@ -115,35 +115,53 @@ class _State:
         scale = core.scaling(r, self.config.alpha_for(name), use_rslora=self.config.use_rslora)
         y = next_fun(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
-        if kind == "embed":
-            a, b = nn.dtypes.promote_dtype(a, b, dtype=module.dtype, inexact=False)
-            if method == "attend":  # query @ (E + s·a b)ᵀ, factored
-                (x,) = nn.dtypes.promote_dtype(x, dtype=module.dtype)
-                return y + core.scaled_matmul(jnp.matmul(x, b.T), a.T, scale)
-            return y + core.scaled_matmul(jnp.take(a, x, axis=0), b, scale)
-        x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
-        x = self._dropout(module, x)
-        if kind == "conv":
-            h = _conv_like(module, r)(x, a)
-            return y + core.scaled_matmul(h, b.reshape(r, -1), scale, module.precision)
-        axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
-        axis = tuple(axis) if isinstance(axis, tuple | list) else (axis,)
-        if jnp.ndim(a) == 2 and jnp.ndim(b) == 2 and axis == (-1,):
-            return y + core.lora_branch(x, a, b, scale, module.precision)
-        return y + core.general_branch(x, a, b, scale, axis, module.precision)
+        rate = 0.0 if self.deterministic else self.config.dropout
+        return y + branch(module, kind, method, x, a, b, scale, rate)
 
-    def _dropout(self, module: nn.Module, x: jax.Array) -> jax.Array:
-        rate = self.config.dropout
-        if rate == 0 or self.deterministic:
-            return x
+
+def branch(
+    module: nn.Module,
+    kind: str,
+    method: str,
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    scale: float,
+    rate: float = 0.0,
+) -> jax.Array:
+    """The LoRA branch of a bound Linen layer of ``kind`` for its ``method``'s input ``x``:
+    what ``intercept`` adds, and the ``LoRADenseGeneral``/``LoRAConv``/``LoRAEmbed`` modules too.
+    ``rate`` > 0 drops out the branch's input with the layer's ``'dropout'`` rng."""
+    r = jnp.shape(a)[-1]
+    if kind == "embed":
+        a, b = nn.dtypes.promote_dtype(a, b, dtype=module.dtype, inexact=False)
+        if method == "attend":  # query @ (E + s·a b)ᵀ, factored
+            (x,) = nn.dtypes.promote_dtype(x, dtype=module.dtype)
+            return core.scaled_matmul(jnp.matmul(x, b.T), a.T, scale)
+        return core.scaled_matmul(jnp.take(a, x, axis=0), b, scale)
+    x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
+    if rate > 0:
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
-        return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+        x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    if kind == "conv":
+        h = _conv_like(module, r)(x, a)
+        return core.scaled_matmul(h, b.reshape(r, -1), scale, module.precision)
+    axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
+    axis = tuple(axis) if isinstance(axis, tuple | list) else (axis,)
+    if jnp.ndim(a) == 2 and jnp.ndim(b) == 2 and axis == (-1,):
+        return core.lora_branch(x, a, b, scale, module.precision)
+    return core.general_branch(x, a, b, scale, axis, module.precision)
 
 
 def _conv_like(module: nn.Conv, r: int):
-    """A function ``(x, lora_a) -> (…, r)``: the base conv's own code (strides, padding,
-    dilation, precision) with ``r`` output features, no bias."""
-    conv = module.clone(parent=None, features=r, use_bias=False)
+    """A function ``(x, lora_a) -> (…, r)``: a plain ``nn.Conv`` with the layer's own settings
+    (strides, padding, dilations, precision, dtypes) and ``r`` output features, no bias."""
+    fields = {
+        f.name: getattr(module, f.name)
+        for f in dataclasses.fields(nn.Conv)
+        if f.init and f.name not in ("parent", "name")
+    }
+    conv = nn.Conv(**{**fields, "features": r, "use_bias": False})
 
     def apply(x: jax.Array, lora_a: jax.Array) -> jax.Array:
         return conv.apply({"params": {"kernel": meta.unbox(lora_a)}}, x)

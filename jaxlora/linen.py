@@ -1,4 +1,6 @@
-"""``LoRADense``: a Flax Linen drop-in for ``nn.Dense`` with a trainable low-rank update."""
+"""Flax Linen LoRA layers: drop-ins for ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv`` and
+``nn.Embed`` (the same params and names, plus ``lora_a``/``lora_b`` in ``jaxlora.kinds``'
+layouts)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.core import meta
 from flax.typing import Dtype, Initializer, PrecisionLike
 
-from jaxlora import core
+from jaxlora import core, kinds
+from jaxlora.intercept import branch
 
 
 class LoRADense(nn.Module):
@@ -98,3 +102,124 @@ class LoRADense(nn.Module):
             y = y + bias
         h = nn.Dropout(self.dropout, name="lora_dropout")(x, deterministic=deterministic)
         return y + core.lora_branch(h, lora_a, lora_b, self.scaling, self.precision)
+
+
+class _Adapter:
+    """The fields and adapter creation the multi-axis Linen LoRA layers share."""
+
+    kind = "linear"
+
+    @property
+    def scaling(self) -> float:
+        return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
+
+    def _adapter(self, base_shape: tuple[int, ...], in_axes: int, dropout: float):
+        where = f"{type(self).__name__} at '{'.'.join(self.scope.path) or '<root>'}'"
+        n_in, n_out = kinds.flat_features(self.kind, base_shape, in_axes)
+        core.check_hparams(
+            r=self.r,
+            alpha=self.alpha,
+            dropout=dropout,
+            in_features=n_in,
+            out_features=n_out,
+            where=where,
+        )
+        shape_a, shape_b = kinds.lora_shapes(self.kind, base_shape, self.r, in_axes)
+        for name, shape in (("lora_a", shape_a), ("lora_b", shape_b)):
+            if self.has_variable("params", name):
+                core.check_shape(self.get_variable("params", name), shape, f"{where}, '{name}'")
+        lora_a = self.param("lora_a", self.lora_a_init, shape_a, self.param_dtype)
+        return lora_a, self.param("lora_b", self.lora_b_init, shape_b, self.param_dtype)
+
+
+class LoRADenseGeneral(_Adapter, nn.DenseGeneral):
+    """``nn.DenseGeneral`` plus a LoRA branch over its contracted ``axis``: ``lora_a``
+    (*in_axes, r), ``lora_b`` (r, *features), a torch ``Linear`` over the flattened axes.
+    ``batch_dims`` is not supported.
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = LoRADenseGeneral((2, 4), r=2)
+    >>> params = layer.init(jax.random.key(0), jnp.ones((3, 8)))["params"]
+    >>> params["lora_a"].shape, params["lora_b"].shape
+    ((8, 2), (2, 2, 4))
+    """
+
+    r: int = dataclasses.field(default=1, kw_only=True)
+    alpha: float | None = dataclasses.field(default=None, kw_only=True)
+    dropout: float = dataclasses.field(default=0.0, kw_only=True)
+    use_rslora: bool = dataclasses.field(default=False, kw_only=True)
+    lora_a_init: Initializer = dataclasses.field(default=core.default_lora_a_init, kw_only=True)
+    lora_b_init: Initializer = dataclasses.field(default=core.default_lora_b_init, kw_only=True)
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, deterministic: bool = True) -> jax.Array:
+        if self.batch_dims:
+            raise ValueError(f"{type(self).__name__}: batch_dims is not supported")
+        y = super().__call__(inputs)
+        kernel = self.get_variable("params", "kernel")
+        axis = self.axis if isinstance(self.axis, tuple | list) else (self.axis,)
+        a, b = self._adapter(jnp.shape(meta.unbox(kernel)), len(axis), self.dropout)
+        rate = 0.0 if deterministic else self.dropout
+        return y + branch(self, "linear", "__call__", inputs, a, b, self.scaling, rate)
+
+
+class LoRAConv(_Adapter, nn.Conv):
+    """``nn.Conv`` plus a LoRA branch in PEFT's layout: ``lora_a`` (*window, in, r), a conv with
+    the base's strides, padding and dilations, then ``lora_b`` (1, …, 1, r, out), a 1×1 conv.
+    Grouped (``feature_group_count`` > 1) and masked convs are not supported.
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = LoRAConv(8, (3, 3), r=2)
+    >>> params = layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))["params"]
+    >>> params["lora_a"].shape, params["lora_b"].shape
+    ((3, 3, 3, 2), (1, 1, 2, 8))
+    """
+
+    kind = "conv"
+    r: int = dataclasses.field(default=1, kw_only=True)
+    alpha: float | None = dataclasses.field(default=None, kw_only=True)
+    dropout: float = dataclasses.field(default=0.0, kw_only=True)
+    use_rslora: bool = dataclasses.field(default=False, kw_only=True)
+    lora_a_init: Initializer = dataclasses.field(default=core.default_lora_a_init, kw_only=True)
+    lora_b_init: Initializer = dataclasses.field(default=core.default_lora_b_init, kw_only=True)
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, deterministic: bool = True) -> jax.Array:
+        if self.feature_group_count != 1 or self.mask is not None:
+            raise ValueError(f"{type(self).__name__}: grouped or masked convs are not supported")
+        y = super().__call__(inputs)
+        kernel = self.get_variable("params", "kernel")
+        a, b = self._adapter(jnp.shape(meta.unbox(kernel)), 1, self.dropout)
+        rate = 0.0 if deterministic else self.dropout
+        return y + branch(self, "conv", "__call__", inputs, a, b, self.scaling, rate)
+
+
+class LoRAEmbed(_Adapter, nn.Embed):
+    """``nn.Embed`` plus PEFT's embedding adapter: ``lora_a`` (num_embeddings, r) zeros,
+    ``lora_b`` (r, features) standard normal, no dropout; ``attend`` uses the adapted table.
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = LoRAEmbed(10, 4, r=2)
+    >>> params = layer.init(jax.random.key(0), jnp.arange(3))["params"]
+    >>> params["lora_a"].shape, params["lora_b"].shape
+    ((10, 2), (2, 4))
+    """
+
+    kind = "embed"
+    r: int = dataclasses.field(default=1, kw_only=True)
+    alpha: float | None = dataclasses.field(default=None, kw_only=True)
+    use_rslora: bool = dataclasses.field(default=False, kw_only=True)
+    lora_a_init: Initializer = dataclasses.field(default=nn.initializers.zeros_init(), kw_only=True)
+    lora_b_init: Initializer = dataclasses.field(default=nn.initializers.normal(1.0), kw_only=True)
+
+    def setup(self) -> None:
+        super().setup()
+        self.lora_a, self.lora_b = self._adapter((self.num_embeddings, self.features), 1, 0.0)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        y = super().__call__(inputs)
+        return y + branch(self, "embed", "__call__", inputs, self.lora_a, self.lora_b, self.scaling)
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        y = super().attend(query)
+        return y + branch(self, "embed", "attend", query, self.lora_a, self.lora_b, self.scaling)

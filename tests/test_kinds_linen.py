@@ -201,3 +201,45 @@ def test_adapters_inherit_the_partitioning():
     }
     with jaxlora.intercept(config):
         model.apply(lora, tokens)  # the boxed leaves are used as they are
+
+
+class LoRAModel(nn.Module):
+    """``Model`` written with jaxlora's Linen layers: the same params tree as the injected one."""
+
+    @nn.compact
+    def __call__(self, tokens, deterministic=True):
+        lora = dict(r=2, alpha=3.0)
+        embed = jaxlora.LoRAEmbed(VOCAB, FEATURES, name="embed", **lora)
+        x = embed(tokens)
+        x = jaxlora.LoRAConv(
+            FEATURES, (3, 3), strides=(1, 2), kernel_dilation=(2, 1), name="conv", **lora
+        )(x, deterministic)
+        x = jaxlora.LoRADenseGeneral((HEADS, HEAD_DIM), name="heads", **lora)(nn.relu(x))
+        x = jaxlora.LoRADenseGeneral(FEATURES, axis=(-2, -1), name="merge", **lora)(x)
+        return embed.attend(x)
+
+
+def test_linen_lora_layers_equal_the_injected_model():
+    model, _, config, lora = _setup()
+    own = LoRAModel().init(jax.random.key(0), TOKENS)
+    assert jax.tree.map(jnp.shape, own) == jax.tree.map(jnp.shape, lora)
+    params = _randomize(own, seed=4)
+    with jax.default_matmul_precision("highest"):
+        with jaxlora.intercept(config):
+            expected = model.apply(params, TOKENS)
+        np.testing.assert_allclose(LoRAModel().apply(params, TOKENS), expected, rtol=1e-6)
+        merged = model.apply(jaxlora.merge(params, alpha=config.alpha), TOKENS)
+        np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linen_lora_layer_errors():
+    with pytest.raises(
+        ValueError, match=r"LoRAConv at '<root>': r must be in \[1, min\(in, out\)\]"
+    ):
+        jaxlora.LoRAConv(2, (1,), r=3, name="conv").init(jax.random.key(0), jnp.ones((1, 4, 8)))
+    with pytest.raises(ValueError, match="grouped or masked convs are not supported"):
+        jaxlora.LoRAConv(4, (3,), feature_group_count=2, r=1).init(
+            jax.random.key(0), jnp.ones((1, 4, 4))
+        )
+    with pytest.raises(ValueError, match="batch_dims is not supported"):
+        jaxlora.LoRADenseGeneral(4, batch_dims=(0,), r=1).init(jax.random.key(0), jnp.ones((2, 3)))

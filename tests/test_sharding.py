@@ -158,3 +158,41 @@ def test_nnx_adapter_follows_the_kernel_sharding_metadata():
         }
         assert layer.lora_a[...].sharding.spec == P("embed", None)
         assert layer(jnp.ones((2, 8))).shape == (2, 4)
+
+
+def test_nnx_conv_embed_and_general_adapters_follow_the_sharding_metadata():
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import Mesh
+
+    import jaxlora.nnx
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("vocab", "embed", "heads"))
+
+    def part(*names):
+        return nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+
+    with jax.set_mesh(mesh):
+        model = nnx.Sequential(
+            nnx.Embed(10, 8, embedding_init=part("vocab", "embed"), rngs=nnx.Rngs(0)),
+            nnx.Conv(8, 8, (3,), kernel_init=part(None, "embed", "heads"), rngs=nnx.Rngs(0)),
+            nnx.LinearGeneral(
+                8, (2, 4), kernel_init=part("embed", "heads", None), rngs=nnx.Rngs(0)
+            ),
+        )
+        config = jaxlora.LoRAConfig(r=2, targets=["layers.0", "layers.1", "layers.2"])
+        jaxlora.nnx.inject(model, config, nnx.Rngs(1))
+        meta = {
+            (i, name): getattr(model.layers[i], name).get_metadata().get("out_sharding")
+            for i in range(3)
+            for name in ("lora_a", "lora_b")
+        }
+        assert meta == {
+            (0, "lora_a"): ("vocab", None),
+            (0, "lora_b"): (None, "embed"),
+            (1, "lora_a"): (None, "embed", None),
+            (1, "lora_b"): (None, None, "heads"),
+            (2, "lora_a"): ("embed", None),
+            (2, "lora_b"): (None, "heads", None),
+        }
+        assert model(jnp.arange(5)[None]).shape == (1, 5, 2, 4)

@@ -21,7 +21,10 @@ class LoRAConfig:
     keyed as in PEFT (the first key ``k`` for which ``(.*\\.)?(k)$`` matches the path wins).
     ``alpha=None`` means each layer's alpha equals its rank (scaling 1). ``init`` is PEFT's
     ``init_lora_weights``: "kaiming" (A ~ U(±1/√in), B = 0), "gaussian" (A ~ N(0, σ=1/r), B = 0)
-    or "pissa" (A, B from the top-r SVD of W, and W replaced by W − scaling·B A).
+    "pissa" (A, B from the top-r SVD of W, and W replaced by W − scaling·B A) or "olora" (A, B
+    from the QR decomposition of W: B the first r columns of Q, A the first r rows of R; W
+    replaced likewise). The last two derive from the weight (``WEIGHT_INITS``) and adapt linear
+    layers only, as in PEFT.
 
     >>> LoRAConfig(r=8, alpha=16, targets=["query", "value"]).matches("blocks_0.attn.query")
     True
@@ -194,14 +197,16 @@ def _pattern_key(pattern: Mapping[str, Any], path: str) -> str | None:
     return None
 
 
-INITS = ("kaiming", "gaussian", "pissa")
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+WEIGHT_INITS = ("pissa", "olora")  # derived from the weight, which becomes the residual
 
 
 def _init_from_peft(value: Any) -> str:
     # True is PEFT's default (kaiming A, zero B); the stored weights override any init on load,
-    # except for PiSSA, whose adapter is relative to the residual base it makes.
-    if value in (True, False, None) or value in ("kaiming", "gaussian", "pissa"):
+    # except for PiSSA and OLoRA, whose adapters are relative to the residual base they make.
+    if value in (True, False, None) or value in INITS:
         return value if isinstance(value, str) else "kaiming"
     raise ValueError(
-        f"adapter config has init_lora_weights={value!r}; supported: True, 'gaussian', 'pissa'"
+        f"adapter config has init_lora_weights={value!r}; supported: True, 'gaussian', "
+        "'pissa', 'olora'"
     )

@@ -17,6 +17,7 @@ import safetensors.numpy
 from flax.core import meta
 
 from _loracore import peft_format
+from _loracore.config import WEIGHT_INITS
 from _loracore.peft_format import (
     PathMap,
     check_layer_set,
@@ -27,7 +28,7 @@ from _loracore.peft_format import (
 )
 from jaxlora import kinds
 from jaxlora.config import LoRAConfig
-from jaxlora.core import pissa, scaling
+from jaxlora.core import scaling, weight_init
 from jaxlora.tree import PyTree, _like, _require_mapping, iter_lora_layers, path_str
 
 
@@ -122,12 +123,13 @@ def load_adapter(
             "lora_a": jnp.asarray(lora_a, dtype),
             "lora_b": jnp.asarray(lora_b, dtype),
         }
-        if config.init == "pissa" and not injected:
-            # A PiSSA adapter is relative to the residual base W − scaling·B₀A₀ (B₀A₀: the top-r
-            # SVD part of W, sign-free), which PEFT's loader recomputes the same way.
+        if config.init in WEIGHT_INITS and not injected:
+            # A PiSSA/OLoRA adapter is relative to the residual base W − scaling·B₀A₀ (B₀A₀: the
+            # top-r SVD/QR part of W, sign-free), which PEFT's loader recomputes the same way.
             scale = scaling(a.shape[0], config.alpha_for(torch_path), use_rslora=config.use_rslora)
             flat = base.reshape(kinds.flat_features(kind, shape, in_axes))
-            residual = pissa(flat, a.shape[0], scale)[2].reshape(shape).astype(base.dtype)
+            make = weight_init(config.init)
+            residual = make(flat, a.shape[0], scale)[2].reshape(shape).astype(base.dtype)
             new[flax_path][name] = (
                 boxed.replace_boxed(residual) if isinstance(boxed, meta.AxisMetadata) else residual
             )

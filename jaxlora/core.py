@@ -24,9 +24,11 @@ __all__ = [
     "delta",
     "general_branch",
     "lora_branch",
+    "olora",
     "pissa",
     "scaled_matmul",
     "scaling",
+    "weight_init",
 ]
 
 # torch's kaiming_uniform(a=√5) on the (r, in) tensor is U(±1/√in): variance 1/(3·in). On the
@@ -131,3 +133,24 @@ def pissa(kernel: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array
     lora_a, lora_b = (root[:, None] * vh).T, (u * root[None, :]).T
     residual = w.T - scale * jnp.matmul(lora_a, lora_b, precision=jax.lax.Precision.HIGHEST)
     return lora_a, lora_b, residual
+
+
+def olora(kernel: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """OLoRA in Flax layout: with ``W = kernelᵀ = Q R``, ``a`` (in, r) = (first r rows of R)ᵀ,
+    ``b`` (r, out) = (first r columns of Q)ᵀ, and the residual ``kernel − scale·a @ b``.
+
+    The same math as ``torchlora.core.olora``, with the same sign choice (R's leading diagonal
+    non-negative), in fp32.
+    """
+    w = kernel.T.astype(jnp.promote_types(kernel.dtype, jnp.float32))
+    q, rr = jnp.linalg.qr(w)
+    q, rr = q[:, :r], rr[:r]
+    sign = jnp.where(jnp.diagonal(rr) < 0, -1.0, 1.0).astype(w.dtype)
+    lora_a, lora_b = (sign[:, None] * rr).T, (q * sign[None, :]).T
+    residual = w.T - scale * jnp.matmul(lora_a, lora_b, precision=jax.lax.Precision.HIGHEST)
+    return lora_a, lora_b, residual
+
+
+def weight_init(init: str):
+    """The function for an init derived from the weight ("pissa", "olora")."""
+    return {"pissa": pissa, "olora": olora}[init]

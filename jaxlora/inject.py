@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta
 
+from _loracore.config import WEIGHT_INITS
 from jaxlora import core, kinds
 from jaxlora.config import LoRAConfig
 from jaxlora.intercept import SUPPORTED, input_axes, module_kind
@@ -41,9 +42,9 @@ def inject(
     are in ``jaxlora.kinds``. ``lora_a`` is drawn from ``rng`` folded with a hash of the layer
     path (so one layer's init does not depend on which others are targeted) per
     ``config.init``: "kaiming" as torch's kaiming_uniform(a=√5), "gaussian" N(0, 1/r) (both with
-    ``lora_b`` zero), "pissa" from the kernel's SVD (which becomes the residual); embeddings
-    follow PEFT (``lora_a`` zero, ``lora_b`` N(0, 1)). The adapted model starts equal to the
-    base. Accepts the params tree or the variables dict holding it under 'params'.
+    ``lora_b`` zero), "pissa"/"olora" from the kernel's SVD/QR (which becomes the residual);
+    embeddings follow PEFT (``lora_a`` zero, ``lora_b`` N(0, 1)). The adapted model starts
+    equal to the base. Accepts the params tree or the variables dict holding it under 'params'.
 
     Raises:
         ValueError: no layer matches (the message lists the layer paths), a layer already has
@@ -184,14 +185,16 @@ def init_leaves(
     in_axes: int = 1,
     where: str = "inject",
 ) -> dict[str, jax.Array]:
-    """New ``lora_a``/``lora_b`` for a base weight per ``init`` (and, for PiSSA, its residual
+    """New ``lora_a``/``lora_b`` for a base weight per ``init`` (and, for PiSSA/OLoRA, its residual
     ``kernel`` in the kernel's dtype): the adapted layer's output is unchanged."""
     shape_a, shape_b = kinds.lora_shapes(kind, jnp.shape(base), r, in_axes)
-    if init == "pissa":
+    if init in WEIGHT_INITS:
         if kind != "linear":
-            raise ValueError(f"{where}: init='pissa' adapts linear layers only, not a {kind} layer")
+            raise ValueError(
+                f"{where}: init={init!r} adapts linear layers only, not a {kind} layer"
+            )
         flat = base.reshape(kinds.flat_features(kind, jnp.shape(base), in_axes))
-        lora_a, lora_b, residual = core.pissa(flat, r, scale)
+        lora_a, lora_b, residual = core.weight_init(init)(flat, r, scale)
         return {
             "kernel": residual.reshape(jnp.shape(base)).astype(base.dtype),
             "lora_a": lora_a.reshape(shape_a).astype(param_dtype),

@@ -90,8 +90,10 @@ def test_one_config_class_for_both_packages():
         "alpha_pattern",
         "init",
     ]
-    with pytest.raises(ValueError, match=r"init must be one of \('kaiming', 'gaussian', 'pissa'\)"):
-        jaxlora.LoRAConfig(r=2, targets=["q"], init="olora")
+    with pytest.raises(
+        ValueError, match=r"init must be one of \('kaiming', 'gaussian', 'pissa', 'olora'\)"
+    ):
+        jaxlora.LoRAConfig(r=2, targets=["q"], init="loftq")
     with pytest.raises(ValueError, match="init_lora_weights='loftq'"):
         jaxlora.LoRAConfig.from_peft(
             {**jaxlora.LoRAConfig(r=2, targets=["q"]).to_peft(), "init_lora_weights": "loftq"}

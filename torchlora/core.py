@@ -6,7 +6,7 @@ import torch
 
 from _loracore.hparams import check_hparams, scaling
 
-__all__ = ["check_hparams", "delta", "pissa", "scaling"]
+__all__ = ["check_hparams", "delta", "olora", "pissa", "scaling", "weight_init"]
 
 
 def delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -35,3 +35,25 @@ def pissa(
     root = torch.sqrt(s)
     lora_a, lora_b = root[:, None] * vh, u * root[None, :]
     return lora_a, lora_b, w - scale * (lora_b @ lora_a)
+
+
+def olora(
+    weight: torch.Tensor, r: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OLoRA (PEFT's ``init_lora_weights="olora"``): ``W = Q R``; ``B`` (out, r) the first r
+    columns of Q, ``A`` (r, in) the first r rows of R, and the residual ``W − scale·B A``.
+
+    Computed in fp32; R's leading diagonal is made non-negative (the QR's one free choice), so
+    that jaxlora's twin gives the same A and B. ``B A`` and the residual do not depend on it.
+    """
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    q, rr = torch.linalg.qr(w)
+    q, rr = q[:, :r], rr[:r]
+    sign = torch.where(torch.diagonal(rr) < 0, -1.0, 1.0).to(w.dtype)
+    lora_a, lora_b = sign[:, None] * rr, q * sign[None, :]
+    return lora_a, lora_b, w - scale * (lora_b @ lora_a)
+
+
+def weight_init(init: str):
+    """The function for an init derived from the weight ("pissa", "olora")."""
+    return {"pissa": pissa, "olora": olora}[init]

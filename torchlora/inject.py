@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from _loracore.config import WEIGHT_INITS
 from _loracore.report import ParamCount
 from torchlora.base import LoRALayer
 from torchlora.config import LoRAConfig
@@ -72,8 +73,10 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
             )
         kind = next(k for k in (Linear, Embedding, Conv2d) if isinstance(module, k.base_type))
         reason = kind.unsupported(module)
-        if config.init == "pissa" and kind is not Linear:
-            reason = f"init='pissa' adapts Linear layers only, not a {type(module).__name__}"
+        if config.init in WEIGHT_INITS and kind is not Linear:
+            reason = (
+                f"init={config.init!r} adapts Linear layers only, not a {type(module).__name__}"
+            )
         if reason:
             raise ValueError(f"layer '{path}': {reason}")
         (n_in, n_out), r = flat_features(module), config.rank_for(path)

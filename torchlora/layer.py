@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _loracore.config import INITS, WEIGHT_INITS
 from torchlora import core
 from torchlora.base import LoRALayer
 
@@ -70,7 +71,7 @@ class Linear(LoRALayer):
         )
         self.in_features = in_features
         self.out_features = out_features
-        self._setup_lora(r, alpha, use_rslora, init, ("kaiming", "gaussian", "pissa"))
+        self._setup_lora(r, alpha, use_rslora, init, INITS)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, **factory), requires_grad=False
@@ -143,14 +144,16 @@ class Linear(LoRALayer):
 
         "kaiming": A ~ kaiming_uniform(a=√5), i.e. U(±1/√in), B = 0. "gaussian": A ~ N(0, σ=1/r),
         B = 0 (PEFT's). "pissa": A, B from the top-r SVD of the weight, which becomes the
-        residual ``W − scaling·B A`` (fp32 SVD, rounded once to the weight's dtype).
+        residual ``W − scaling·B A`` (fp32 SVD, rounded once to the weight's dtype). "olora":
+        the same with the weight's QR decomposition.
         """
         if self.lora_a.is_meta:  # from_linear's placeholder: the real tensors come next
             return
-        if self.init == "pissa":
+        if self.init in WEIGHT_INITS:
             if self._merged:
                 raise RuntimeError(f"{self._name()} is merged; unmerge() before re-initialising")
-            lora_a, lora_b, residual = core.pissa(self.weight, self.r, self.scaling)
+            make = core.weight_init(self.init)
+            lora_a, lora_b, residual = make(self.weight, self.r, self.scaling)
             self.lora_a.copy_(lora_a)
             self.lora_b.copy_(lora_b)
             self.weight.copy_(residual)

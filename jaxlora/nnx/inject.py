@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from _loracore.config import WEIGHT_INITS
 from jaxlora import core, kinds
 from jaxlora.config import LoRAConfig
 from jaxlora.nnx.kinds import LoRAConv, LoRAEmbed, LoRALinearGeneral, _Adapter
@@ -39,8 +40,10 @@ def _check(module: nnx.Module, name: str, config: LoRAConfig) -> None:
         weight = module.embedding if kind == "embed" else module.kernel
         in_axes = len(module.in_features) if cls is LoRALinearGeneral else 1
         n_in, n_out = kinds.flat_features(kind, weight.shape, in_axes)
-    if config.init == "pissa" and kind != "linear":
-        raise ValueError(f"{where}: init='pissa' adapts linear layers only, not a {kind} layer")
+    if config.init in WEIGHT_INITS and kind != "linear":
+        raise ValueError(
+            f"{where}: init={config.init!r} adapts linear layers only, not a {kind} layer"
+        )
     core.check_hparams(
         r=config.rank_for(name),
         alpha=config.alpha_for(name),

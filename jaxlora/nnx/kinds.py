@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
+from _loracore.config import INITS
 from jaxlora import core, kinds
 from jaxlora.inject import _lora_names, init_leaves, lora_init
 from jaxlora.nnx.layer import _SHARDING_KEYS, _placeholder
@@ -52,9 +53,7 @@ class _Adapter:
         core.check_hparams(
             r=r, alpha=alpha, dropout=dropout, in_features=n_in, out_features=n_out, where=where
         )
-        known = (
-            ("kaiming", "gaussian", "pissa") if self.kind == "linear" else ("kaiming", "gaussian")
-        )
+        known = INITS if self.kind == "linear" else ("kaiming", "gaussian")
         if init not in known:
             raise ValueError(f"{where}: init {init!r} is not defined for a {self.kind} layer")
         self.r, self.alpha, self.use_rslora, self.init = r, alpha, use_rslora, init

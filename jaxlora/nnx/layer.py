@@ -96,8 +96,8 @@ class LoRALinear(nnx.Module):
         """Wraps a pretrained ``nnx.Linear``, sharing its ``kernel``/``bias`` variables.
 
         The adapter is created in ``param_dtype`` (fp32 by default, also for a bf16 base), per
-        ``init`` ("kaiming", "gaussian" or "pissa"; PiSSA writes the residual into the shared
-        kernel, as PEFT does).
+        ``init`` ("kaiming", "gaussian", "pissa" or "olora"; the last two write the residual
+        into the shared kernel, as PEFT does).
         """
         if not isinstance(linear, nnx.Linear):
             raise TypeError(f"from_linear expects an nnx.Linear, got {type(linear).__name__}")

@@ -106,6 +106,6 @@ def test_merge_refuses_non_finite_and_changes_nothing():
     model = Net(nnx.Rngs(0))
     jaxlora.nnx.inject(model, jaxlora.LoRAConfig(r=2, targets=["query", "layers.0"]), nnx.Rngs(0))
     model.layers[0].lora_b[...] = jnp.full((2, 16), jnp.inf)
-    with pytest.raises(ValueError, match="layer 'layers.0': the merged kernel has non-finite"):
+    with pytest.raises(ValueError, match="layer 'layers.0': the merged weight has non-finite"):
         jaxlora.nnx.merge(model)
     assert isinstance(model.query, LoRALinear) and isinstance(model.layers[0], LoRALinear)

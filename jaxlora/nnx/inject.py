@@ -13,7 +13,7 @@ from _loracore.config import WEIGHT_INITS
 from jaxlora import core, kinds
 from jaxlora.config import LoRAConfig
 from jaxlora.nnx.kinds import LoRAConv, LoRAEmbed, LoRALinearGeneral, _Adapter
-from jaxlora.nnx.layer import LoRALinear, _placeholder
+from jaxlora.nnx.layer import LoRALinear
 from jaxlora.tree import ParamCount
 
 SUPPORTED = "nnx.Linear, nnx.LinearGeneral (no batch_axis), nnx.Conv (no mask, groups=1), nnx.Embed"
@@ -112,7 +112,7 @@ def merge(model: nnx.Module) -> nnx.Module:
     """
     plain = []
     for path, layer in nnx.iter_modules(model):
-        if isinstance(layer, _Adapter):
+        if isinstance(layer, LoRALinear | _Adapter):
             try:
                 plain.append((path, layer.to_base()))
             except ValueError as err:
@@ -120,33 +120,6 @@ def merge(model: nnx.Module) -> nnx.Module:
                 raise ValueError(
                     f"merge: layer '{where}': {err}; the model was left unchanged"
                 ) from None
-            continue
-        if not isinstance(layer, LoRALinear):
-            continue
-        kernel = layer.kernel[...]
-        merged = (
-            kernel.astype(jnp.float32)
-            + core.delta(layer.lora_a[...], layer.lora_b[...], layer.scaling)
-        ).astype(kernel.dtype)
-        if not np.isfinite(np.asarray(merged, np.float32)).all():
-            raise ValueError(
-                f"merge: layer '{'.'.join(map(str, path))}': the merged kernel has "
-                "non-finite values; the model was left unchanged"
-            )
-        linear = nnx.Linear(
-            layer.in_features,
-            layer.out_features,
-            use_bias=layer.bias is not None,
-            dtype=layer.dtype,
-            param_dtype=kernel.dtype,
-            precision=layer.precision,
-            kernel_init=_placeholder,
-            bias_init=_placeholder,
-            rngs=nnx.Rngs(0),
-        )
-        linear.kernel = layer.kernel.replace(merged)  # keeps the variable's metadata
-        linear.bias = layer.bias
-        plain.append((path, linear))
     for path, linear in plain:
         _replace(model, path, linear)
     if hasattr(model, "lora_config"):

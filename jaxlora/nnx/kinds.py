@@ -19,7 +19,7 @@ from flax import nnx
 from _loracore.config import INITS
 from jaxlora import core, kinds
 from jaxlora.inject import _lora_names, init_leaves, lora_init
-from jaxlora.nnx.layer import _SHARDING_KEYS, _placeholder
+from jaxlora.nnx.layer import _SHARDING_KEYS, _placeholder, merged_weight
 
 
 def _zeros(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
@@ -133,12 +133,7 @@ class _Adapter:
         once); the bias variable is shared. A non-finite result is a ``ValueError``."""
         weight = getattr(self, self.base_name)
         value = weight[...]
-        merged = (
-            value.astype(jnp.float32)
-            + core.delta(self.lora_a[...], self.lora_b[...], self.scaling, value.shape)
-        ).astype(value.dtype)
-        if not bool(jnp.isfinite(merged).all()):
-            raise ValueError(f"{type(self).__name__}: the merged weight has non-finite values")
+        merged = merged_weight(value, self.lora_a[...], self.lora_b[...], self.scaling)
         args, kwargs = self._arguments(self)
         kwargs = {**kwargs, "param_dtype": value.dtype}
         plain = self.base_type(*args, **kwargs, rngs=nnx.Rngs(0))

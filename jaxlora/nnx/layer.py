@@ -23,6 +23,17 @@ def _placeholder(key: jax.Array, shape: tuple[int, ...], dtype: Dtype) -> jax.Ar
     return jnp.zeros((0,), dtype)
 
 
+def merged_weight(weight: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float):
+    """``weight + scale · a @ b`` (reshaped to the weight's shape) in fp32, rounded once to the
+    weight's dtype; a ``ValueError`` if the result is not finite."""
+    merged = (
+        weight.astype(jnp.float32) + core.delta(lora_a, lora_b, scale, jnp.shape(weight))
+    ).astype(weight.dtype)
+    if not bool(jnp.isfinite(merged).all()):
+        raise ValueError("the merged weight has non-finite values")
+    return merged
+
+
 class LoRALinear(nnx.Module):
     """``nnx.Linear`` plus ``scaling · dropout(x) @ a @ b``, mirroring ``torchlora.Linear``.
 
@@ -137,6 +148,26 @@ class LoRALinear(nnx.Module):
     @property
     def scaling(self) -> float:
         return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
+
+    def to_base(self) -> nnx.Linear:
+        """An ``nnx.Linear`` holding the merged kernel (fp32 delta, rounded once; the kernel
+        variable's metadata kept) and sharing the bias; a ``ValueError`` if non-finite."""
+        kernel = self.kernel[...]
+        merged = merged_weight(kernel, self.lora_a[...], self.lora_b[...], self.scaling)
+        linear = nnx.Linear(
+            self.in_features,
+            self.out_features,
+            use_bias=self.bias is not None,
+            dtype=self.dtype,
+            param_dtype=kernel.dtype,
+            precision=self.precision,
+            kernel_init=_placeholder,
+            bias_init=_placeholder,
+            rngs=nnx.Rngs(0),
+        )
+        linear.kernel = self.kernel.replace(merged)
+        linear.bias = self.bias
+        return linear
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
         where = f"jaxlora.nnx.LoRALinear({self.in_features}, {self.out_features}, r={self.r})"

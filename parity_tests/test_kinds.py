@@ -386,3 +386,41 @@ def test_nnx_adapter_files_round_trip_with_peft(tmp_path):
     base = _nnx_base(variables)
     jaxlora.nnx.load_adapter(base, tmp_path / "peft")  # into a plain model: injects, then loads
     assert rel_err(base(TOKENS), expected) <= TOL
+
+
+def test_nnx_twenty_adam_steps_match_torch():
+    _, variables, torch_model = _twins()
+    model = _nnx_twin(variables)
+    target = np.random.default_rng(1).normal(size=(2, math.prod(GRID), VOCAB)).astype(np.float32)
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss_fn(model):
+            return jnp.mean((model(TOKENS) - target) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    opt = torch.optim.Adam([p for p in torch_model.parameters() if p.requires_grad], lr=1e-2)
+    nnx_losses, torch_losses = [], []
+    for _ in range(20):
+        nnx_losses.append(float(step(model, optimizer)))
+        opt.zero_grad()
+        loss = F.mse_loss(torch_model(torch.from_numpy(TOKENS)), torch.from_numpy(target))
+        loss.backward()
+        opt.step()
+        torch_losses.append(float(loss.detach()))
+    np.testing.assert_allclose(nnx_losses, torch_losses, rtol=1e-5)  # as the Linen test
+    for path in TARGETS:
+        module = model
+        for key in path.split("."):
+            module = getattr(module, key)
+        a, b = kinds.to_torch(
+            KINDS[path], np.asarray(module.lora_a[...]), np.asarray(module.lora_b[...])
+        )
+        layer = torch_model.get_submodule(path)
+        assert rel_err(a, layer.lora_a) <= 1e-4 and rel_err(b, layer.lora_b) <= 1e-4, path
+    # The frozen weights did not move.
+    np.testing.assert_array_equal(model.conv.kernel[...], variables["params"]["conv"]["kernel"])

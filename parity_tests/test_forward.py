@@ -8,13 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from parity_tests.twins import linen_twin, nnx_twin, reference_forward, rel_err, torch_layer
+from parity_tests.twins import (
+    linen_twin,
+    nnx_twin,
+    reference_forward,
+    reference_magnitude,
+    rel_err,
+    torch_layer,
+)
 
-# fp32 matmuls accumulate rounding error ~ eps·sqrt(in) ≈ 1e-6 for in ≤ 300; 1e-5 of the output
-# scale leaves room for the different summation orders of torch's and XLA's kernels.
+# fp32 matmuls accumulate rounding error ~ eps·sqrt(in) ≈ 1e-6 (in ≤ 300) of the size of the
+# terms they sum (``reference_magnitude``); 1e-5 of it leaves room for the different summation
+# orders of torch's and XLA's kernels. (Relative to the output itself the error is unbounded:
+# hypothesis found a single output of -0.004 summing terms of ~1 with error 1.2e-5 of it.)
 FP32_TOL = 1e-5
 
 SHAPES = [(1, 1, 1), (7, 3, 2), (64, 64, 8), (300, 17, 17), (16, 128, 1)]
@@ -29,11 +38,12 @@ def _check_all(layer, batch, seed=0):
     y_linen = module.apply(params, jnp.asarray(x))
     y_nnx = nnx_twin(layer)(jnp.asarray(x))
     y_ref = reference_forward(layer, x.astype(np.float64))
+    scale = reference_magnitude(layer, x.astype(np.float64))
     assert y_torch.shape == (*batch, layer.out_features)
     for name, y in [("torch", y_torch), ("linen", y_linen), ("nnx", y_nnx)]:
-        assert rel_err(y, y_ref) <= FP32_TOL, f"{name} vs float64 reference"
-    assert rel_err(y_linen, y_torch) <= FP32_TOL
-    assert rel_err(y_nnx, y_torch) <= FP32_TOL
+        assert rel_err(y, y_ref, scale) <= FP32_TOL, f"{name} vs float64 reference"
+    assert rel_err(y_linen, y_torch, scale) <= FP32_TOL
+    assert rel_err(y_nnx, y_torch, scale) <= FP32_TOL
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"in{s[0]}-out{s[1]}-r{s[2]}")
@@ -56,6 +66,8 @@ def test_forward_grid(shape, batch):
     rslora=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+# A single output near 0 that sums much larger terms (see FP32_TOL).
+@example(n_in=234, n_out=1, r_frac=0.0, batch=(), alpha=1.5, bias=True, rslora=False, seed=12043)
 def test_forward_search(n_in, n_out, r_frac, batch, alpha, bias, rslora, seed):
     r = 1 + int(r_frac * (min(n_in, n_out) - 1))
     layer = torch_layer(n_in, n_out, r, alpha=alpha, bias=bias, use_rslora=rslora, seed=seed)

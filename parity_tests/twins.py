@@ -81,11 +81,13 @@ def to_np(x) -> np.ndarray:
     return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
 
 
-def rel_err(actual, expected) -> float:
-    """max |actual - expected| relative to the scale of ``expected`` (its max magnitude)."""
+def rel_err(actual, expected, scale=None) -> float:
+    """max |actual - expected| relative to ``scale`` (default: the max magnitude of
+    ``expected``)."""
     a, e = to_np(actual), to_np(expected)
     assert a.shape == e.shape, (a.shape, e.shape)
-    return float(np.max(np.abs(a - e), initial=0.0) / max(np.max(np.abs(e), initial=0.0), 1e-30))
+    scale = np.max(np.abs(e), initial=0.0) if scale is None else scale
+    return float(np.max(np.abs(a - e), initial=0.0) / max(scale, 1e-30))
 
 
 def reference_forward(layer: torchlora.Linear, x: np.ndarray) -> np.ndarray:
@@ -93,6 +95,17 @@ def reference_forward(layer: torchlora.Linear, x: np.ndarray) -> np.ndarray:
     w, a, b = (to_np(t) for t in (layer.weight, layer.lora_a, layer.lora_b))
     y = x @ w.T + (x @ a.T @ b.T) * layer.scaling
     return y + to_np(layer.bias) if layer.bias is not None else y
+
+
+def reference_magnitude(layer: torchlora.Linear, x: np.ndarray) -> float:
+    """The largest ``|x| @ |W|ᵀ + |b| + scaling·(|x| @ |A|ᵀ) @ |B|ᵀ``: the size of the terms an
+    output sums. Rounding error is bounded relative to it (about eps·sqrt(in)), not to the
+    output, which cancellation can make arbitrarily small (e.g. a single output near 0)."""
+    w, a, b = (np.abs(to_np(t)) for t in (layer.weight, layer.lora_a, layer.lora_b))
+    x = np.abs(x)
+    y = x @ w.T + (x @ a.T @ b.T) * abs(layer.scaling)
+    y = y + np.abs(to_np(layer.bias)) if layer.bias is not None else y
+    return float(np.max(y, initial=0.0))
 
 
 def _rate(layer: torchlora.Linear) -> float:

@@ -2,8 +2,10 @@
 ``LoRAEmbed``), injection, merging and adapter files."""
 
 from jaxlora.nnx.adapter import load_adapter, save_adapter
+from jaxlora.nnx.conv import LoRAConv
+from jaxlora.nnx.embed import LoRAEmbed
+from jaxlora.nnx.general import LoRALinearGeneral
 from jaxlora.nnx.inject import inject, merge, trainable_parameters
-from jaxlora.nnx.kinds import LoRAConv, LoRAEmbed, LoRALinearGeneral
 from jaxlora.nnx.layer import LoRALinear
 
 __all__ = [

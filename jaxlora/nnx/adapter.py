@@ -21,11 +21,14 @@ from _loracore.peft_format import (
 from jaxlora import kinds
 from jaxlora.adapter import read_adapter, write_adapter
 from jaxlora.config import LoRAConfig
+from jaxlora.nnx.base import Adapter
+from jaxlora.nnx.conv import LoRAConv
+from jaxlora.nnx.embed import LoRAEmbed
+from jaxlora.nnx.general import LoRALinearGeneral
 from jaxlora.nnx.inject import inject
-from jaxlora.nnx.kinds import LoRAConv, LoRAEmbed, LoRALinearGeneral, _Adapter
 from jaxlora.nnx.layer import LoRALinear
 
-ADAPTED = (LoRALinear, _Adapter)
+ADAPTED = (LoRALinear, Adapter)
 
 
 def describe(module: nnx.Module) -> tuple[str, tuple[int, ...], int] | None:

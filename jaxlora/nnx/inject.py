@@ -12,7 +12,10 @@ from flax import nnx
 from _loracore.config import WEIGHT_INITS
 from jaxlora import core, kinds
 from jaxlora.config import LoRAConfig
-from jaxlora.nnx.kinds import LoRAConv, LoRAEmbed, LoRALinearGeneral, _Adapter
+from jaxlora.nnx.base import Adapter
+from jaxlora.nnx.conv import LoRAConv
+from jaxlora.nnx.embed import LoRAEmbed
+from jaxlora.nnx.general import LoRALinearGeneral
 from jaxlora.nnx.layer import LoRALinear
 from jaxlora.tree import ParamCount
 
@@ -112,7 +115,7 @@ def merge(model: nnx.Module) -> nnx.Module:
     """
     plain = []
     for path, layer in nnx.iter_modules(model):
-        if isinstance(layer, LoRALinear | _Adapter):
+        if isinstance(layer, LoRALinear | Adapter):
             try:
                 plain.append((path, layer.to_base()))
             except ValueError as err:

@@ -1,0 +1,145 @@
+"""What NNX's ``LoRALinearGeneral``, ``LoRAConv`` and ``LoRAEmbed`` share.
+
+Each is a subclass of the NNX layer it adapts (``nnx.LinearGeneral``, ``nnx.Conv``,
+``nnx.Embed``) and of ``Adapter``: the base weight keeps its name and place, the adapter is
+``lora_a``/``lora_b`` (``nnx.LoRAParam``) in ``jaxlora.kinds``' layouts, and the output is the
+base layer's plus the factored branch. ``from_base`` wraps a pretrained layer sharing its
+variables; ``to_base`` returns the plain layer holding the merged weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from _loracore.config import INITS
+from jaxlora import core, kinds
+from jaxlora.inject import _lora_names, init_leaves, lora_init
+from jaxlora.nnx.layer import _SHARDING_KEYS, merged_weight
+
+
+def _zeros(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    # LinearGeneral reshapes what its initialiser returns, so the stand-in needs the shape.
+    return jnp.zeros(shape, dtype)
+
+
+class Adapter:
+    """The adapter half shared by the three layers."""
+
+    kind: str
+    base_type: type
+    lora_a: nnx.LoRAParam
+    lora_b: nnx.LoRAParam
+
+    def _add_adapter(
+        self,
+        base_shape: tuple[int, ...],
+        in_axes: int,
+        *,
+        r: int,
+        alpha: float | None,
+        dropout: float,
+        use_rslora: bool,
+        init: str,
+        lora_dtype: Any,
+        rngs: nnx.Rngs,
+    ) -> None:
+        n_in, n_out = kinds.flat_features(self.kind, base_shape, in_axes)
+        where = f"jaxlora.nnx.{type(self).__name__}{base_shape}"
+        core.check_hparams(
+            r=r, alpha=alpha, dropout=dropout, in_features=n_in, out_features=n_out, where=where
+        )
+        known = INITS if self.kind == "linear" else ("kaiming", "gaussian")
+        if init not in known:
+            raise ValueError(f"{where}: init {init!r} is not defined for a {self.kind} layer")
+        self.r, self.alpha, self.use_rslora, self.init = r, alpha, use_rslora, init
+        self.in_axes = in_axes
+        leaves = lora_init(self.kind, base_shape, r, init, rngs.params(), lora_dtype, in_axes)
+        self.lora_a, self.lora_b = (nnx.LoRAParam(leaves[n]) for n in ("lora_a", "lora_b"))
+        self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    @property
+    def scaling(self) -> float:
+        return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
+
+    @property
+    def base_name(self) -> str:
+        return "embedding" if self.kind == "embed" else "kernel"
+
+    @classmethod
+    def from_base(
+        cls,
+        base: nnx.Module,
+        *,
+        r: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        """Wraps a pretrained layer, sharing its weight (and bias) variables.
+
+        The adapter is created in ``param_dtype`` per ``init``; PiSSA (linear layers only)
+        writes the residual into the shared kernel, as PEFT does. Sharding metadata on the
+        weight carries over to the adapter (input axes to ``lora_a``, output axes to
+        ``lora_b``).
+        """
+        if type(base) is not cls.base_type:
+            raise TypeError(
+                f"{cls.__name__}.from_base expects an {cls.base_type.__name__}, "
+                f"got {type(base).__name__}"
+            )
+        args, kwargs = cls._arguments(base)
+        options = dict(r=r, alpha=alpha, use_rslora=use_rslora, init="kaiming")
+        if cls.kind != "embed":
+            options["dropout"] = dropout
+        layer = cls(*args, **kwargs, **options, lora_dtype=param_dtype, rngs=rngs)
+        for name in ("kernel", "bias", "embedding"):
+            if hasattr(base, name):
+                setattr(layer, name, getattr(base, name))
+        weight = getattr(base, layer.base_name)
+        metadata = weight.get_metadata()
+        key = next((k for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
+        if key is not None:
+            leaves = {"lora_a": layer.lora_a[...], "lora_b": layer.lora_b[...]}
+            names_a, names_b = _lora_names(layer.kind, tuple(metadata[key]), leaves)
+            extra = {k: metadata[k] for k in ("mesh", "eager_sharding") if k in metadata}
+            layer.lora_a = nnx.LoRAParam(leaves["lora_a"], **{key: names_a}, **extra)
+            layer.lora_b = nnx.LoRAParam(leaves["lora_b"], **{key: names_b}, **extra)
+        layer.init = init
+        if init != "kaiming":
+            leaves = init_leaves(
+                weight[...],
+                r,
+                layer.scaling,
+                init,
+                rngs.params(),
+                param_dtype,
+                kind=layer.kind,
+                in_axes=layer.in_axes,
+            )
+            for name, value in leaves.items():
+                getattr(layer, name)[...] = value
+        return layer
+
+    def to_base(self) -> nnx.Module:
+        """A plain layer of the base type holding the merged weight (fp32 delta, rounded
+        once); the bias variable is shared. A non-finite result is a ``ValueError``."""
+        weight = getattr(self, self.base_name)
+        value = weight[...]
+        merged = merged_weight(value, self.lora_a[...], self.lora_b[...], self.scaling)
+        args, kwargs = self._arguments(self)
+        kwargs = {**kwargs, "param_dtype": value.dtype}
+        plain = self.base_type(*args, **kwargs, rngs=nnx.Rngs(0))
+        setattr(plain, self.base_name, weight.replace(merged))  # keeps the variable's metadata
+        if self.kind != "embed":
+            plain.bias = self.bias
+        return plain
+
+    def _branch_input(self, x: jax.Array, deterministic: bool | None) -> jax.Array:
+        return self.lora_dropout(x, deterministic=deterministic)

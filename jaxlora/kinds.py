@@ -88,6 +88,13 @@ def check_layer(node: Mapping[str, Any], where: str) -> tuple[str, str, Any, Any
         )
     kind = kind_of(name, *shapes)
     r = shapes[1][-1]
+    same_rank = len(shapes[0]) == len(shapes[1]) == len(shapes[2])
+    if kind == "conv" and (not same_rank or any(n != 1 for n in shapes[2][:-2])):
+        raise ValueError(
+            f"{where}: 'lora_a' {shapes[1]} and 'lora_b' {shapes[2]} fit neither layout for "
+            f"'{name}' {shapes[0]}: linear (*in_axes, r) and (r, *out_axes), or conv "
+            "(*window, in, r) and (1, ..., 1, r, out)"
+        )
     want = lora_shapes(kind, shapes[0], r, in_axes_of(kind, shapes[1]))
     for leaf, got, expected in zip(("lora_a", "lora_b"), shapes[1:], want, strict=True):
         if got != expected:

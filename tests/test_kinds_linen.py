@@ -137,6 +137,9 @@ def test_layout_mismatch_and_pissa_errors():
     swapped["params"]["merge"]["lora_a"] = jnp.zeros((HEADS * HEAD_DIM, 2))
     with pytest.raises(ValueError, match=r"layer 'merge', 'lora_a': expected shape"):
         jaxlora.merge(swapped, alpha=None)
+    swapped["params"]["merge"]["lora_b"] = jnp.zeros((2, FEATURES))
+    with pytest.raises(ValueError, match=r"layer 'merge': 'lora_a' \(6, 2\) and 'lora_b' "):
+        jaxlora.merge(swapped, alpha=None)
     with pytest.raises(ValueError, match=r"init='pissa' adapts linear layers only, not a conv"):
         jaxlora.inject(
             variables,

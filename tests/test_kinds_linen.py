@@ -134,11 +134,11 @@ def test_every_adapter_gets_a_gradient():
 def test_layout_mismatch_and_pissa_errors():
     model, variables, _, lora = _setup()
     swapped = jax.tree.map(lambda v: v, lora)
-    swapped["params"]["merge"]["lora_a"] = jnp.zeros((HEADS * HEAD_DIM, 2))
-    with pytest.raises(ValueError, match=r"layer 'merge', 'lora_a': expected shape"):
-        jaxlora.merge(swapped, alpha=None)
-    swapped["params"]["merge"]["lora_b"] = jnp.zeros((2, FEATURES))
+    swapped["params"]["merge"]["lora_a"] = jnp.zeros((HEADS * HEAD_DIM, 2))  # flattened
     with pytest.raises(ValueError, match=r"layer 'merge': 'lora_a' \(6, 2\) and 'lora_b' "):
+        jaxlora.merge(swapped, alpha=None)
+    swapped["params"]["merge"]["lora_b"] = jnp.zeros((2, HEADS, FEATURES))
+    with pytest.raises(ValueError, match=r"layer 'merge', 'lora_a': expected shape \(2, 2\)"):
         jaxlora.merge(swapped, alpha=None)
     with pytest.raises(ValueError, match=r"init='pissa' adapts linear layers only, not a conv"):
         jaxlora.inject(

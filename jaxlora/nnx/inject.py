@@ -26,7 +26,9 @@ _ADAPTED = {nnx.LinearGeneral: LoRALinearGeneral, nnx.Conv: LoRAConv, nnx.Embed:
 def _check(module: nnx.Module, name: str, config: LoRAConfig) -> None:
     """Raises if ``module`` cannot take the adapter ``config`` gives it (changes nothing)."""
     where = f"inject: layer '{name}'"
-    if type(module) not in (nnx.Linear, *_ADAPTED):
+    # nnx.Linear subclasses are accepted as before; the other kinds are wrapped by subclassing
+    # their exact type, so a subclass of them (a LoRA layer included) is not.
+    if not isinstance(module, nnx.Linear) and type(module) not in _ADAPTED:
         raise TypeError(
             f"layer '{name}' is a {type(module).__name__}, which cannot be "
             f"adapted; supported: {SUPPORTED}"

@@ -74,6 +74,16 @@ class LoRALayer(nn.Module):
         """A new plain layer of the base type holding the merged weight (and a copy of the bias)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def _filled(self, plain: nn.Module) -> nn.Module:
+        """``plain`` (a new base-type layer) given the merged weight and a copy of the bias.
+        The merge is computed (and checked) before ``plain`` is touched."""
+        merged = self.merged_weight()
+        plain.weight.copy_(merged)
+        if getattr(self, "bias", None) is not None:
+            plain.bias.copy_(self.bias)
+        return plain
+
     def _delta(self) -> torch.Tensor:
         """``scaling · B A`` in fp32, laid out like ``weight``."""
         flat = core.delta(self.lora_a.flatten(1), self.lora_b.flatten(1), self.scaling)

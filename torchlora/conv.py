@@ -162,22 +162,19 @@ class Conv2d(LoRALayer):
 
     def to_base(self) -> nn.Conv2d:
         """A new plain ``nn.Conv2d`` holding the merged weight (and a copy of the bias)."""
-        conv = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
+        return self._filled(
+            nn.Conv2d(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+                bias=self.bias is not None,
+                device=self.weight.device,
+                dtype=self.weight.dtype,
+            )
         )
-        with torch.no_grad():
-            conv.weight.copy_(self.merged_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
 
     def extra_repr(self) -> str:
         return (

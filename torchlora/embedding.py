@@ -143,17 +143,16 @@ class Embedding(LoRALayer):
 
     def to_base(self) -> nn.Embedding:
         """A new plain ``nn.Embedding`` holding the merged table."""
-        embedding = nn.Embedding(
-            self.num_embeddings,
-            self.embedding_dim,
-            padding_idx=self.padding_idx,
-            scale_grad_by_freq=self.scale_grad_by_freq,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
+        return self._filled(
+            nn.Embedding(
+                self.num_embeddings,
+                self.embedding_dim,
+                padding_idx=self.padding_idx,
+                scale_grad_by_freq=self.scale_grad_by_freq,
+                device=self.weight.device,
+                dtype=self.weight.dtype,
+            )
         )
-        with torch.no_grad():
-            embedding.weight.copy_(self.merged_weight())
-        return embedding
 
     def extra_repr(self) -> str:
         return (

@@ -176,21 +176,17 @@ class Linear(LoRALayer):
         h = self.lora_dropout(x)
         return y + (h @ self.lora_a.T @ self.lora_b.T) * self.scaling
 
-    @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """Returns a new plain ``nn.Linear`` holding the merged weight (and a copy of the bias)."""
-        merged = self.merged_weight()
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
+        return self._filled(
+            nn.Linear(
+                self.in_features,
+                self.out_features,
+                bias=self.bias is not None,
+                device=self.weight.device,
+                dtype=self.weight.dtype,
+            )
         )
-        linear.weight.copy_(merged)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
 
     def extra_repr(self) -> str:
         return (

@@ -28,7 +28,6 @@ import numpy as np
 from flax.core import meta
 
 BASE_NAMES = ("kernel", "embedding")
-KINDS = ("linear", "conv", "embed")
 
 
 def base_name(node: Mapping[str, Any]) -> str | None:

@@ -424,3 +424,53 @@ def test_nnx_twenty_adam_steps_match_torch():
         assert rel_err(a, layer.lora_a) <= 1e-4 and rel_err(b, layer.lora_b) <= 1e-4, path
     # The frozen weights did not move.
     np.testing.assert_array_equal(model.conv.kernel[...], variables["params"]["conv"]["kernel"])
+
+
+class Linen1d(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # (N, L, C)
+        return nn.Conv(6, (3,), strides=2, padding=1, name="conv")(x)
+
+
+class Torch1d(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(4, 6, 3, stride=2, padding=1)
+
+    def forward(self, x):  # (N, L, C) like Flax
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+def test_conv1d_adapters_move_between_linen_torchlora_and_peft(tmp_path):
+    x = np.random.default_rng(2).normal(size=(2, 9, 4)).astype(np.float32)
+    model = Linen1d()
+    variables = model.init(jax.random.key(0), x)
+    config = jaxlora.LoRAConfig(r=2, alpha=4, targets=["conv"])
+    lora = jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+    keys = iter(jax.random.split(jax.random.key(2), 2))
+    lora = jax.tree_util.tree_map_with_path(
+        lambda p, v: jax.random.normal(next(keys), v.shape) * 0.3 if "lora" in str(p) else v, lora
+    )
+    with jaxlora.intercept(config):
+        expected = model.apply(lora, x)
+    jaxlora.save_adapter(lora, tmp_path, config)
+
+    def base() -> Torch1d:
+        twin = Torch1d()
+        p = variables["params"]["conv"]
+        state = {"conv.weight": np.asarray(p["kernel"]).transpose(2, 1, 0), "conv.bias": p["bias"]}
+        twin.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+        return twin
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft_model = PeftModel.from_pretrained(base(), tmp_path)
+    assert type(peft_model.base_model.model.conv).__name__ == "Conv1d"  # PEFT's LoRA Conv1d
+    assert rel_err(peft_model(torch.from_numpy(x)).detach(), expected) <= TOL
+    ours = torchlora.load_adapter(base(), tmp_path)
+    assert type(ours.conv) is torchlora.Conv1d
+    assert rel_err(ours(torch.from_numpy(x)).detach(), expected) <= TOL
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = jaxlora.load_adapter(variables, tmp_path / "peft")
+    with jaxlora.intercept(jaxlora.read_adapter_config(tmp_path / "peft")):
+        assert rel_err(model.apply(loaded, x), expected) <= TOL

@@ -56,7 +56,7 @@ def test_failed_inject_changes_nothing():
     with pytest.raises(
         TypeError,
         match=r"layer 'block.1' is a ReLU, which cannot be adapted; "
-        r"supported types: Linear, Embedding, Conv2d",
+        r"supported types: Linear, Embedding, Conv1d, Conv2d, Conv3d",
     ):
         torchlora.inject(model, torchlora.LoRAConfig(r=2, targets=["query", "block.1"]))
     assert type(model.query) is nn.Linear and all(p.requires_grad for p in model.parameters())

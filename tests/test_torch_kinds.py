@@ -1,4 +1,4 @@
-"""torchlora.Embedding and torchlora.Conv2d against closed forms and their plain layers."""
+"""torchlora.Embedding and torchlora.Conv1d/2d/3d against closed forms and their plain layers."""
 
 import pytest
 import torch
@@ -85,22 +85,41 @@ def test_conv_branch_equals_the_merged_kernel(options):
     torch.testing.assert_close(plain(x), expected, rtol=1e-10, atol=1e-10)
 
 
-def test_conv_from_conv2d_shares_and_refuses_grouped():
+def test_conv_from_conv_shares_and_refuses_grouped():
     torch.manual_seed(0)
     base = nn.Conv2d(4, 6, (3, 1), stride=2, padding=1)
-    layer = torchlora.Conv2d.from_conv2d(base, 2, init="gaussian")
+    layer = torchlora.Conv2d.from_conv(base, 2, init="gaussian")
     assert layer.weight is base.weight and layer.bias is base.bias
     assert not layer.lora_b.any() and abs(float(layer.lora_a.detach().std()) - 0.5) < 0.25
     x = torch.randn(1, 4, 7, 7)
     torch.testing.assert_close(layer(x), base(x))
     with pytest.raises(ValueError, match=r"groups=2, padding_mode='zeros' cannot be adapted"):
-        torchlora.Conv2d.from_conv2d(nn.Conv2d(4, 4, 3, groups=2), 2)
+        torchlora.Conv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2), 2)
     with pytest.raises(
-        ValueError, match=r"expected input \(N, 4, H, W\), got shape \(1, 3, 5, 5\)"
+        ValueError, match=r"expected input \(N, 4, 2 spatial dims\), got shape \(1, 3, 5, 5\)"
     ):
         layer(torch.ones(1, 3, 5, 5))
     with pytest.raises(ValueError, match=r"r must be in \[1, min\(in, out\)\] = \[1, 6\]"):
         torchlora.Conv2d(2, 6, 3, 7)  # in = 2·3·3 = 18, out = 6
+
+
+@pytest.mark.parametrize("dims", [1, 3], ids=["conv1d", "conv3d"])
+def test_conv1d_and_conv3d_equal_their_merged_kernel(dims):
+    torch.manual_seed(0)
+    cls = {1: torchlora.Conv1d, 3: torchlora.Conv3d}[dims]
+    layer = _train(cls(3, 4, 3, 2, alpha=5, stride=2, padding=1).double())
+    x = torch.randn(2, 3, *(7,) * dims, dtype=torch.float64)
+    a, b, w = (t.detach() for t in (layer.lora_a, layer.lora_b, layer.weight))
+    kernel = w + 2.5 * (b.flatten(1) @ a.flatten(1)).reshape(w.shape)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    expected = conv(x, kernel, layer.bias, layer.stride, layer.padding, layer.dilation)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    assert type(layer.to_base()) is cls.base_type
+    torch.testing.assert_close(layer.to_base()(x), expected, rtol=1e-10, atol=1e-10)
+    model = torchlora.inject(
+        nn.Sequential(cls.base_type(3, 4, 3)), torchlora.LoRAConfig(r=2, targets=["0"])
+    )
+    assert type(model[0]) is cls
 
 
 class Vision(nn.Module):

@@ -1,9 +1,10 @@
-"""torchlora: the PyTorch reference LoRA layers (Linear, Embedding, Conv2d) that jaxlora mirrors."""
+"""torchlora: the PyTorch reference LoRA layers (Linear, Embedding, Conv1d/2d/3d) that jaxlora
+mirrors."""
 
 from torchlora.adapter import load_adapter, read_adapter_config, save_adapter
 from torchlora.base import LoRALayer
 from torchlora.config import LoRAConfig
-from torchlora.conv import Conv2d
+from torchlora.conv import Conv1d, Conv2d, Conv3d
 from torchlora.core import scaling
 from torchlora.embedding import Embedding
 from torchlora.inject import (
@@ -18,7 +19,9 @@ from torchlora.inject import (
 from torchlora.layer import Linear
 
 __all__ = [
+    "Conv1d",
     "Conv2d",
+    "Conv3d",
     "Embedding",
     "Linear",
     "LoRAConfig",

@@ -18,7 +18,7 @@ from _loracore import peft_format
 from _loracore.peft_format import check_layer_set, check_pair, file_config, tensor_keys
 from torchlora.base import LoRALayer
 from torchlora.config import LoRAConfig
-from torchlora.conv import Conv2d
+from torchlora.conv import _ConvNd
 from torchlora.embedding import Embedding
 from torchlora.inject import inject
 from torchlora.layer import Linear
@@ -29,9 +29,11 @@ def describe(module: nn.Module) -> tuple[str, str, object] | None:
     if isinstance(module, nn.Embedding | Embedding):
         n, d = module.num_embeddings, module.embedding_dim
         return "embed", f"Embedding {n} x {d}", lambda r: ((r, n), (d, r))
-    if isinstance(module, nn.Conv2d | Conv2d):
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | _ConvNd):
         c_in, c_out, k = module.in_channels, module.out_channels, tuple(module.kernel_size)
-        return "conv", f"Conv2d {c_in} -> {c_out} {k}", lambda r: ((r, c_in, *k), (c_out, r, 1, 1))
+        ones = (1,) * len(k)
+        described = f"{type(module).__name__} {c_in} -> {c_out} {k}"
+        return "conv", described, lambda r: ((r, c_in, *k), (c_out, r, *ones))
     if isinstance(module, nn.Linear | Linear):
         n_in, n_out = module.in_features, module.out_features
         return "linear", f"Linear {n_in} -> {n_out}", lambda r: ((r, n_in), (n_out, r))
@@ -56,7 +58,7 @@ def read_adapter(directory):
 def save_adapter(
     model: nn.Module, directory: str | os.PathLike, config: LoRAConfig | None = None
 ) -> Path:
-    """Writes the model's adapters (``torchlora.Linear``, ``Embedding``, ``Conv2d``) as a PEFT
+    """Writes the model's adapters (``torchlora.Linear``, ``Embedding``, ``Conv1d/2d/3d``) as a PEFT
     adapter; returns the directory.
 
     ``config`` defaults to the one ``inject`` remembered (``model.lora_config``). Each layer's

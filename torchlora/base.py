@@ -16,7 +16,8 @@ from torchlora import core
 
 
 class LoRALayer(nn.Module):
-    """Base class of ``torchlora.Linear``, ``Embedding`` and ``Conv2d`` (not used directly)."""
+    """Base class of ``torchlora.Linear``, ``Embedding`` and ``Conv1d/2d/3d`` (not used
+    directly)."""
 
     weight: nn.Parameter
     lora_a: nn.Parameter

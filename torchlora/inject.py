@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -11,21 +12,21 @@ from _loracore.config import WEIGHT_INITS
 from _loracore.report import ParamCount
 from torchlora.base import LoRALayer
 from torchlora.config import LoRAConfig
-from torchlora.conv import Conv2d
+from torchlora.conv import Conv1d, Conv2d, Conv3d, _ConvNd
 from torchlora.embedding import Embedding
 from torchlora.layer import Linear
 
 LORA_NAMES = ("lora_a", "lora_b")
-SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv2d)
+SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYERS = (Linear, Embedding, Conv1d, Conv2d, Conv3d)
 
 
 def flat_features(module: nn.Module) -> tuple[int, int]:
     """(in, out) of the matrix an adapter on ``module`` factors: r is at most their min."""
     if isinstance(module, nn.Embedding | Embedding):
         return module.num_embeddings, module.embedding_dim
-    if isinstance(module, nn.Conv2d | Conv2d):
-        kh, kw = module.kernel_size
-        return module.in_channels * kh * kw, module.out_channels
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | _ConvNd):
+        return module.in_channels * math.prod(module.kernel_size), module.out_channels
     return module.in_features, module.out_features
 
 
@@ -35,14 +36,15 @@ def wrap(module: nn.Module, config: LoRAConfig, path: str) -> LoRALayer:
     common = {"use_rslora": config.use_rslora, "init": config.init}
     if isinstance(module, nn.Embedding):
         return Embedding.from_embedding(module, r, alpha, **common)
-    if isinstance(module, nn.Conv2d):
-        return Conv2d.from_conv2d(module, r, alpha, dropout=config.dropout, **common)
+    conv = next((c for c in (Conv1d, Conv2d, Conv3d) if isinstance(module, c.base_type)), None)
+    if conv is not None:
+        return conv.from_conv(module, r, alpha, dropout=config.dropout, **common)
     return Linear.from_linear(module, r, alpha, dropout=config.dropout, **common)
 
 
 def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
-    """Replaces each ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv2d`` whose path matches
-    ``config.targets`` by a ``torchlora.Linear``, ``Embedding`` or ``Conv2d``.
+    """Replaces each ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv1d/2d/3d`` whose path matches
+    ``config.targets`` by a ``torchlora.Linear``, ``Embedding`` or ``Conv1d/2d/3d``.
 
     The new layers wrap the same pretrained weight and bias (shared, not copied); every
     parameter that is not ``lora_a``/``lora_b`` is frozen. All matches are checked before the
@@ -71,7 +73,7 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
                 f"layer '{path}' is a {type(module).__name__}, which cannot be "
                 f"adapted; supported types: {', '.join(t.__name__ for t in SUPPORTED)}"
             )
-        kind = next(k for k in (Linear, Embedding, Conv2d) if isinstance(module, k.base_type))
+        kind = next(k for k in _LAYERS if isinstance(module, k.base_type))
         reason = kind.unsupported(module)
         if config.init in WEIGHT_INITS and kind is not Linear:
             reason = (

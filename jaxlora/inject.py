@@ -84,7 +84,9 @@ def inject(
             if name in leaves:
                 leaves[name] = boxed.replace_boxed(leaves[name])
             if hasattr(boxed, "names"):
-                names_a, names_b = _lora_names(kind, tuple(boxed.names), leaves)
+                names_a, names_b = kinds.lora_axis_names(
+                    kind, tuple(boxed.names), jnp.ndim(leaves["lora_a"])
+                )
                 leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)
                 leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)
         new[path] = leaves
@@ -162,15 +164,6 @@ def _layout(node: Mapping, path: str, layouts, where: str) -> tuple[str, str, in
             "nn.scan/nn.vmap are not supported)"
         )
     raise TypeError(f"{where} holds {found}, which cannot be adapted; supported: {SUPPORTED}")
-
-
-def _lora_names(kind: str, names: tuple, leaves: Mapping) -> tuple[tuple, tuple]:
-    """Partitioning for the adapter: lora_a shares the base's input axes, lora_b its output
-    axes; the rank axis (and a 1×1 conv's window) is replicated."""
-    n_a = jnp.ndim(leaves["lora_a"]) - 1
-    if kind == "conv":
-        return (*names[:-1], None), (None,) * (len(names) - 1) + (names[-1],)
-    return (*names[:n_a], None), (None, *names[n_a:])
 
 
 def init_leaves(

@@ -104,6 +104,15 @@ def check_layer(node: Mapping[str, Any], where: str) -> tuple[str, str, Any, Any
     return kind, name, base, a, b
 
 
+def lora_axis_names(kind: str, names: tuple, a_ndim: int) -> tuple[tuple, tuple]:
+    """Partitioning for an adapter from its base weight's axis names (one per axis): ``lora_a``
+    shares the input axes, ``lora_b`` the output axes; the rank axis (and a 1×1 conv's window)
+    is replicated."""
+    if kind == "conv":
+        return (*names[:-1], None), (None,) * (len(names) - 1) + (names[-1],)
+    return (*names[: a_ndim - 1], None), (None, *names[a_ndim - 1 :])
+
+
 def to_torch(kind: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flax-layout (lora_a, lora_b) as PEFT's (A, B) tensors, contiguous."""
     r = a.shape[-1]

@@ -1,10 +1,10 @@
-"""Sharding for LoRA params: the adapter follows its kernel's partitioning.
+"""Sharding for LoRA params: the adapter follows its base weight's partitioning.
 
-``lora_a`` (in, r) takes the kernel's input-axis sharding and ``lora_b`` (r, out) its
-output-axis sharding; the rank axis is replicated. Boxed params (``nn.with_partitioning`` /
-logical axis names) get matching boxes from ``jaxlora.inject`` directly, so
-``nn.get_partition_spec`` already covers them; for plain trees, ``partition_specs`` completes
-a spec tree written for the base.
+``lora_a`` takes the weight's input-axis sharding and ``lora_b`` its output-axis sharding; the
+rank axis is replicated (``jaxlora.kinds.lora_axis_names``, for every layer kind). Boxed
+params (``nn.with_partitioning`` / logical axis names) get matching boxes from
+``jaxlora.inject`` directly, so ``nn.get_partition_spec`` already covers them; for plain
+trees, ``partition_specs`` completes a spec tree written for the base.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 
 from jax.sharding import PartitionSpec
 
-from jaxlora.tree import LORA_NAMES, PyTree, _like, _require_mapping
+from jaxlora import kinds
+from jaxlora.tree import LORA_NAMES, PyTree, _like, _require_mapping, path_str
 
 
 def partition_specs(params: PyTree, base_specs: PyTree) -> PyTree:
@@ -22,7 +23,9 @@ def partition_specs(params: PyTree, base_specs: PyTree) -> PyTree:
 
     ``base_specs`` gives the specs of the base leaves (nested like ``params``; missing entries
     and ``None`` mean replicated). Each ``lora_a`` gets ``P(kernel_in, None)`` and each
-    ``lora_b`` ``P(None, kernel_out)`` from its sibling kernel's spec.
+    ``lora_b`` ``P(None, kernel_out)`` from its sibling kernel's (or embedding's) spec; for
+    multi-axis kernels (DenseGeneral, Conv) all input / output axes carry over. ``params`` must
+    hold each adapter beside its base weight (spec the whole tree, then ``split`` it).
 
     >>> import jax.numpy as jnp
     >>> params = {"q": {"kernel": jnp.ones((8, 4)), "lora_a": jnp.ones((8, 2)),
@@ -43,10 +46,11 @@ def _specs(node: Mapping, specs: Mapping, path: tuple) -> Mapping:
         elif key not in LORA_NAMES:
             out[key] = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
     if any(name in node for name in LORA_NAMES):
-        kernel = specs.get("kernel") if isinstance(specs, Mapping) else None
-        axes = tuple(kernel) + (None,) * (2 - len(kernel)) if kernel else (None, None)
-        if "lora_a" in node:
-            out["lora_a"] = PartitionSpec(axes[0], None)
-        if "lora_b" in node:
-            out["lora_b"] = PartitionSpec(None, axes[1])
+        where = f"partition_specs: layer '{path_str(path)}'"
+        kind, name, base, lora_a, _ = kinds.check_layer(node, where)
+        spec = specs.get(name) if isinstance(specs, Mapping) else None
+        names = tuple(spec) if isinstance(spec, PartitionSpec) else ()
+        names += (None,) * (len(base.shape) - len(names))
+        names_a, names_b = kinds.lora_axis_names(kind, names, len(lora_a.shape))
+        out["lora_a"], out["lora_b"] = PartitionSpec(*names_a), PartitionSpec(*names_b)
     return _like(node, out)

@@ -246,3 +246,26 @@ def test_linen_lora_layer_errors():
         )
     with pytest.raises(ValueError, match="batch_dims is not supported"):
         jaxlora.LoRADenseGeneral(4, batch_dims=(0,), r=1).init(jax.random.key(0), jnp.ones((2, 3)))
+
+
+def test_partition_specs_cover_every_kind():
+    from jax.sharding import PartitionSpec as P
+
+    _, _, _, lora = _setup()
+    base_specs = {
+        "embed": {"embedding": P("vocab", "embed")},
+        "conv": {"kernel": P(None, None, "embed", "mlp")},
+        "heads": {"kernel": P("embed", "heads")},  # trailing axes: replicated
+        "merge": {"kernel": P("heads", None, "embed")},
+    }
+    specs = jaxlora.partition_specs(lora["params"], base_specs)
+    got = {k: (v["lora_a"], v["lora_b"]) for k, v in specs.items()}
+    assert got == {
+        "embed": (P("vocab", None), P(None, "embed")),
+        "conv": (P(None, None, "embed", None), P(None, None, None, "mlp")),
+        "heads": (P("embed", None), P(None, "heads", None)),
+        "merge": (P("heads", None, None), P(None, "embed")),
+    }
+    adapter, _ = jaxlora.split(lora["params"])
+    with pytest.raises(ValueError, match=r"partition_specs: layer 'embed' has .* but no"):
+        jaxlora.partition_specs(adapter, base_specs)  # the adapter alone has no base weight

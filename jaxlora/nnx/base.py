@@ -17,7 +17,7 @@ from flax import nnx
 
 from _loracore.config import INITS
 from jaxlora import core, kinds
-from jaxlora.inject import _lora_names, init_leaves, lora_init
+from jaxlora.inject import init_leaves, lora_init
 from jaxlora.nnx.layer import _SHARDING_KEYS, merged_weight
 
 
@@ -107,7 +107,9 @@ class Adapter:
         key = next((k for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
         if key is not None:
             leaves = {"lora_a": layer.lora_a[...], "lora_b": layer.lora_b[...]}
-            names_a, names_b = _lora_names(layer.kind, tuple(metadata[key]), leaves)
+            names_a, names_b = kinds.lora_axis_names(
+                layer.kind, tuple(metadata[key]), leaves["lora_a"].ndim
+            )
             extra = {k: metadata[k] for k in ("mesh", "eager_sharding") if k in metadata}
             layer.lora_a = nnx.LoRAParam(leaves["lora_a"], **{key: names_a}, **extra)
             layer.lora_b = nnx.LoRAParam(leaves["lora_b"], **{key: names_b}, **extra)

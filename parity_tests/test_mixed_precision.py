@@ -18,6 +18,7 @@ from flax import nnx
 
 import jaxlora
 import jaxlora.nnx
+import torchlora
 from parity_tests.twins import flax_params, reference_forward, rel_err, to_np, torch_layer
 
 BF16_TOL = 1.5e-2
@@ -148,3 +149,73 @@ def test_bf16_merge_rounds_once_and_its_error():
     )["kernel"]
     np.testing.assert_array_equal(to_np(layer.weight.T), np.asarray(merged16, np.float64))
     check(to_np(layer.weight.T), np.asarray(k, np.float64) + 2.0 * a16 @ b16)
+
+
+def _moved(params, seed=0):
+    """Non-zero adapters, so the LoRA branch is really compared."""
+    keys = iter(jax.random.split(jax.random.key(seed), 8))
+    return jax.tree_util.tree_map_with_path(
+        lambda p, v: jax.random.normal(next(keys), v.shape) * 0.3 if "lora" in str(p) else v,
+        params,
+    )
+
+
+def test_bf16_compute_for_conv_dense_general_and_embed_matches_torch_autocast():
+    """Each multi-axis layer with ``dtype=bfloat16`` (fp32 params) against its torchlora twin
+    under autocast and a float64 numpy reference; one layer each, so BF16_TOL applies."""
+    x = np.random.default_rng(0).standard_normal((2, 6, 6, 4)).astype("f4")
+    conv = jaxlora.LoRAConv(5, (3, 3), r=2, alpha=4, dtype=jnp.bfloat16)
+    p = _moved(conv.init(jax.random.key(0), x))["params"]
+    twin = torchlora.Conv2d(4, 5, 3, 2, alpha=4, padding=1)
+    with torch.no_grad():
+        for name, value in (
+            ("weight", np.asarray(p["kernel"]).transpose(3, 2, 0, 1)),
+            ("bias", p["bias"]),
+            ("lora_a", np.asarray(p["lora_a"]).transpose(3, 2, 0, 1)),
+            ("lora_b", np.asarray(p["lora_b"]).transpose(3, 2, 0, 1)),
+        ):
+            getattr(twin, name).copy_(torch.from_numpy(np.array(value)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_torch = twin(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    kernel = np.asarray(p["kernel"], np.float64) + 2.0 * np.einsum(
+        "hwir,ro->hwio", np.asarray(p["lora_a"], np.float64), np.asarray(p["lora_b"])[0, 0]
+    )
+    y_ref = jaxlora.LoRAConv(5, (3, 3), r=2).apply(  # the merged kernel, in float32
+        {"params": {**p, "kernel": jnp.asarray(kernel, jnp.float32), "lora_b": 0 * p["lora_b"]}},
+        x,
+    )
+    y_jax = conv.apply({"params": p}, x)
+    assert y_jax.dtype == jnp.bfloat16
+    for y in (y_jax, y_torch):
+        assert rel_err(y, y_ref) <= BF16_TOL
+
+    tokens = np.array([[1, 4, 7], [0, 9, 2]])
+    embed = jaxlora.LoRAEmbed(10, 6, r=2, alpha=4, dtype=jnp.bfloat16)
+    p = _moved(embed.init(jax.random.key(1), tokens), seed=1)["params"]
+    table = np.asarray(p["embedding"], np.float64) + 2.0 * (
+        np.asarray(p["lora_a"], np.float64) @ np.asarray(p["lora_b"], np.float64)
+    )
+    twin = torchlora.Embedding(10, 6, 2, alpha=4)
+    with torch.no_grad():
+        twin.weight.copy_(torch.from_numpy(np.array(p["embedding"])))
+        twin.lora_a.copy_(torch.from_numpy(np.array(p["lora_a"]).T))
+        twin.lora_b.copy_(torch.from_numpy(np.array(p["lora_b"]).T))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_torch = twin(torch.from_numpy(tokens))
+    for y in (embed.apply({"params": p}, tokens), y_torch):
+        assert rel_err(y, table[tokens]) <= BF16_TOL
+
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype("f4")
+    dense = jaxlora.LoRADenseGeneral((2, 4), r=2, alpha=4, dtype=jnp.bfloat16)
+    p = _moved(dense.init(jax.random.key(2), x), seed=2)["params"]
+    twin = torchlora.Linear(8, 8, True, 2, alpha=4)
+    with torch.no_grad():
+        twin.weight.copy_(torch.from_numpy(np.array(p["kernel"]).reshape(8, 8).T))
+        twin.bias.copy_(torch.from_numpy(np.array(p["bias"]).reshape(8)))
+        twin.lora_a.copy_(torch.from_numpy(np.array(p["lora_a"]).T))
+        twin.lora_b.copy_(torch.from_numpy(np.array(p["lora_b"]).reshape(2, 8).T))
+    y_ref = reference_forward(twin, x.astype(np.float64)).reshape(3, 2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_torch = twin(torch.from_numpy(x)).reshape(3, 2, 4)
+    for y in (dense.apply({"params": p}, x), y_torch):
+        assert rel_err(y, y_ref) <= BF16_TOL

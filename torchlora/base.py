@@ -90,6 +90,12 @@ class LoRALayer(nn.Module):
         flat = core.delta(self.lora_a.flatten(1), self.lora_b.flatten(1), self.scaling)
         return flat.reshape(self.weight.shape)
 
+    def _adapter_repr(self) -> str:
+        """The adapter's part of ``extra_repr``, the same for every layer type."""
+        return (
+            f"r={self.r}, alpha={self.alpha:g}, use_rslora={self.use_rslora}, merged={self._merged}"
+        )
+
     def _name(self, r: int | None = None) -> str:
         return f"torchlora.{type(self).__name__}(r={self.r if r is None else r})"
 

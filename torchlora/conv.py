@@ -185,8 +185,7 @@ class _ConvNd(LoRALayer):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha:g}, "
-            f"use_rslora={self.use_rslora}, merged={self._merged}"
+            f"bias={self.bias is not None}, {self._adapter_repr()}"
         )
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):

@@ -157,8 +157,7 @@ class Embedding(LoRALayer):
     def extra_repr(self) -> str:
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
-            f"r={self.r}, alpha={self.alpha:g}, use_rslora={self.use_rslora}, "
-            f"merged={self._merged}"
+            f"{self._adapter_repr()}"
         )
 
     def _delta(self) -> torch.Tensor:

@@ -191,8 +191,7 @@ class Linear(LoRALayer):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha:g}, "
-            f"use_rslora={self.use_rslora}, merged={self._merged}"
+            f"bias={self.bias is not None}, {self._adapter_repr()}"
         )
 
     def to_base(self) -> nn.Linear:

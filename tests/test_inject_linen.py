@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,6 +155,54 @@ def test_freeze_base_train_step_flops_are_the_analytic_minimum():
     assert minimum <= lora <= 1.02 * minimum, lora / minimum
     full_matmuls = L * 2 * mm(D, D) + (L - 1) * mm(D, D)  # forward, dW, dX
     assert 0.63 < lora / full < 0.66 and full >= full_matmuls
+
+
+def _dot_output_shapes(hlo: str) -> list[tuple[int, ...]]:
+    """The shapes of the optimized HLO's dot outputs as laid out in memory (row-major order of
+    the layout: ``f32[48,4]{0,1}`` is a (4, 48) array)."""
+    shapes = []
+    for dims, layout in re.findall(r"= f32\[([\d,]*)\]\{([\d,]*)\} dot\(", hlo):
+        dims, minor_to_major = dims.split(","), layout.split(",")
+        shapes.append(tuple(int(dims[int(i)]) for i in reversed(minor_to_major)))
+    return shapes
+
+
+@pytest.mark.parametrize("kind", ["dense", "dense_general"])
+def test_lora_a_gradient_is_computed_rank_first(kind):
+    """``a``'s gradient is the wide (r, in) product ``duᵀ @ x``, never a tall (in, r) dot: XLA:CPU
+    runs the tall form through a slow path (4.4 ms vs 0.5 ms at n=2048, in=1024, r=8), which
+    alone made the MLP LoRA step 0.72× instead of 0.68× of the full fine-tune."""
+    n, d_in, d_out, r = 64, 48, 40, 4
+
+    class One(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            if kind == "dense":
+                return nn.Dense(d_out, name="fc")(x)
+            return nn.DenseGeneral(d_out, axis=(-2, -1), name="fc")(x)
+
+    model = One()
+    if kind == "dense":
+        x = jax.random.normal(jax.random.key(0), (n, d_in))
+        tall = [(d_in, r)]
+    else:  # contracts two input axes: a is (6, 8, r)
+        x = jax.random.normal(jax.random.key(0), (n, 6, 8))
+        tall = [(6, 8, r), (48, r)]
+    config = jaxlora.LoRAConfig(r=r, targets=["fc"])
+    base = model.init(jax.random.key(1), x)["params"]
+    layouts = jaxlora.layouts(model, x) if kind == "dense_general" else None
+    params = jaxlora.inject({"params": base}, config, jax.random.key(2), layouts=layouts)
+    lora, frozen = jaxlora.split(params)
+
+    def loss(lora):
+        with jaxlora.intercept(config):
+            return jnp.sum(model.apply(jaxlora.combine(lora, frozen), x) ** 2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(lora).compile().as_text()
+    shapes = _dot_output_shapes(hlo)
+    assert shapes, hlo  # the test reads the dots it checks
+    assert (r, d_in) in shapes or (r, 6, 8) in shapes, shapes
+    assert not [s for s in shapes if s in tall], shapes
 
 
 def test_inject_errors():

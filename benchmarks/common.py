@@ -19,6 +19,7 @@ from typing import Any
 import jax
 
 OUT = Path(__file__).resolve().parent / "results"
+SETTLE_S = 0.03  # pause after each timed call: see interleaved_medians
 
 
 def machine() -> str:
@@ -53,8 +54,18 @@ def interleaved_medians(
     repeats: int = 15,
     warmup: int = 3,
     syncs: dict[str, Callable] | None = None,
+    settle: float = SETTLE_S,
 ) -> dict[str, float]:
-    """Medians for several contenders timed round-robin, so drift hits all of them alike."""
+    """Medians for several contenders timed round-robin, so drift hits all of them alike.
+
+    Each timed call is steady-state: it follows ``settle`` seconds of sleep and one untimed
+    call of the same contender, so one engine's idle threads do not take the cores from the
+    next one and each engine's own threads are awake. Measured here for a (2048, 1024) @
+    (1024, 1024) GEMM (alone: XLA 21.8 ms, torch 23.8 ms): back to back, XLA after torch took
+    25.4 ms (torch's OpenMP workers spin-wait after each op); after a 30 ms sleep, torch took
+    30.7 ms (its workers had gone to sleep); with the sleep and the untimed call, 21.4 and
+    24.7 ms.
+    """
     syncs = syncs or {}
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -62,8 +73,11 @@ def interleaved_medians(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync = syncs.get(name, jax.block_until_ready)
+            time.sleep(settle)
+            sync(fn())
             start = time.perf_counter()
-            syncs.get(name, jax.block_until_ready)(fn())
+            sync(fn())
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 

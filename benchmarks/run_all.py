@@ -19,6 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("forward", "train_step", "scaling")
+TABLES = ("forward", "train_step", "train_step_floor", "scaling")
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
             f"runpy.run_path('{HERE / (name + '.py')}', run_name='__main__')"
         )
         subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True)
-    tables = [(HERE / "results" / f"{name}.md").read_text() for name in SCRIPTS]
+    tables = [(HERE / "results" / f"{name}.md").read_text() for name in TABLES]
     (HERE / "results" / "summary.md").write_text("\n".join(tables))
     print(f"done in {time.time() - start:.0f}s; tables in {HERE / 'results' / 'summary.md'}")
 

@@ -1,6 +1,7 @@
 """Q1 and Q2: the cost of a LoRA layer's forward pass, unmerged and merged.
 
-Unmerged: ``LoRADense`` vs ``nn.Dense``, NNX ``LoRALinear`` vs ``nnx.Linear``, ``torchlora.Linear``
+Unmerged: ``LoRADense`` vs ``nn.Dense``, ``jaxlora.nnx.LoRALinear`` and Flax's own
+``nnx.LoRALinear`` vs ``nnx.Linear``, ``torchlora.Linear``
 vs ``nn.Linear``, and PEFT's LoRA Linear vs ``nn.Linear`` (when peft is installed), at
 n=2048 tokens, in=out=1024, r in {1, 8, 64}, fp32; each ratio to its own plain layer beside the
 FLOP ratio 1 + r(in+out)/(in·out). Merged: the merged tree under plain ``nn.Dense`` — compiled
@@ -48,6 +49,7 @@ def jax_rows(r: int, repeats: int) -> list[dict]:
     for name, module in (
         ("nnx_plain", nnx.Linear(D, D, rngs=nnx.Rngs(0))),
         ("nnx_lora", LoRALinear(D, D, r=r, rngs=nnx.Rngs(0))),
+        ("flax_lora", nnx.LoRALinear(D, D, lora_rank=r, rngs=nnx.Rngs(0))),
     ):
         graphdef, state = nnx.split(module)
         fn = jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x))
@@ -76,6 +78,13 @@ def jax_rows(r: int, repeats: int) -> list[dict]:
             "time_ms": 1e3 * t["nnx_lora"],
             "plain_ms": 1e3 * t["nnx_plain"],
             "ratio": t["nnx_lora"] / t["nnx_plain"],
+        },
+        {
+            "layer": "Flax's nnx.LoRALinear vs nnx.Linear",
+            "r": r,
+            "time_ms": 1e3 * t["flax_lora"],
+            "plain_ms": 1e3 * t["nnx_plain"],
+            "ratio": t["flax_lora"] / t["nnx_plain"],
         },
         {
             "layer": "merged tree under nn.Dense",

@@ -2,8 +2,9 @@
 
 Models: a 4-layer 1024-wide MLP (n=2048 rows) and the twin GPT of the main example (batch 16
 × 128 bytes). Contenders: JAX full fine-tune; JAX LoRA (``inject`` + ``intercept`` +
-``freeze_base``, one jit); NNX LoRA (``nnx.Optimizer(wrt=nnx.LoRAParam)``, functional form);
-torchlora reference; PEFT. LoRA everywhere: r=8 on every MLP layer / on query and value.
+``freeze_base``, one jit); jaxlora's NNX LoRA and Flax's own ``nnx.LoRALinear`` (both
+``nnx.Optimizer(wrt=nnx.LoRAParam)``, functional form); torchlora reference; PEFT. LoRA
+everywhere: r=8 on every MLP layer / on query and value.
 Reported: median step time, compiled FLOPs and XLA temp memory (JAX), optimizer-state bytes.
 
     python benchmarks/train_step.py [--quick]
@@ -55,6 +56,28 @@ class NnxMLP(nnx.Module):
             x = getattr(self, f"fc{i}")(x)
             x = jax.nn.relu(x) if i < LAYERS - 1 else x
         return x
+
+
+class FlaxLoraMLP(nnx.Module):
+    """The MLP built from Flax's own ``nnx.LoRALinear`` (the NNX LoRA a user might pick)."""
+
+    def __init__(self, rngs):
+        for i in range(LAYERS):
+            setattr(self, f"fc{i}", nnx.LoRALinear(D, D, lora_rank=R, rngs=rngs))
+
+    def __call__(self, x):
+        return NnxMLP.__call__(self, x)
+
+
+def flax_lora_gpt(cfg) -> nnx.Module:
+    """The NNX twin GPT with Flax's own ``nnx.LoRALinear`` as query and value."""
+    model = jgpt.NnxGPT(cfg, rngs=nnx.Rngs(0))
+    rngs = nnx.Rngs(1)
+    for i in range(cfg.n_layer):
+        attn = getattr(model, f"blocks_{i}").attn
+        for name in ("query", "value"):
+            setattr(attn, name, nnx.LoRALinear(cfg.d_model, cfg.d_model, lora_rank=R, rngs=rngs))
+    return model
 
 
 class TorchMLP(torch.nn.Module):
@@ -170,7 +193,8 @@ def mlp_contenders():
     lora_params = c.pop("_lora_params")
     nnx_model = NnxMLP(nnx.Rngs(0))
     jaxlora.nnx.inject(nnx_model, config, nnx.Rngs(1))
-    c["NNX LoRA (wrt=LoRAParam)"] = nnx_step(nnx_model, mse, (x, y))
+    c["jaxlora.nnx LoRA (wrt=LoRAParam)"] = nnx_step(nnx_model, mse, (x, y))
+    c["Flax nnx.LoRALinear (wrt=LoRAParam)"] = nnx_step(FlaxLoraMLP(nnx.Rngs(0)), mse, (x, y))
     tx, ty = torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y))
     tmodel = torchlora.inject(TorchMLP(), torchlora.LoRAConfig(r=R, alpha=2 * R, targets=r"fc\d"))
     c["torchlora reference"] = torch_step(tmodel, torch.nn.functional.mse_loss, (tx, ty))
@@ -214,7 +238,8 @@ def gpt_contenders():
     lora_params = c.pop("_lora_params")
     nnx_model = jgpt.NnxGPT(cfg, rngs=nnx.Rngs(0))
     jaxlora.nnx.inject(nnx_model, config, nnx.Rngs(1))
-    c["NNX LoRA (wrt=LoRAParam)"] = nnx_step(nnx_model, gpt_loss, batch)
+    c["jaxlora.nnx LoRA (wrt=LoRAParam)"] = nnx_step(nnx_model, gpt_loss, batch)
+    c["Flax nnx.LoRALinear (wrt=LoRAParam)"] = nnx_step(flax_lora_gpt(cfg), gpt_loss, batch)
     ttok = torch.from_numpy(tokens)
 
     def torch_loss(logits, tokens):

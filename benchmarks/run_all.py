@@ -1,7 +1,7 @@
 """Runs the whole benchmark suite on whatever JAX sees (CPU, GPU or TPU) in one command.
 
     python benchmarks/run_all.py            # full suite: ~4 minutes on a 2-core CPU
-    python benchmarks/run_all.py --quick    # ~1 minute
+    python benchmarks/run_all.py --quick    # ~1.5 minutes
 
 Each script writes ``benchmarks/results/<name>.{json,md}`` (and ``scaling.png``); this one also
 collects the markdown tables into ``results/summary.md``, labelled with the machine. On a GPU,

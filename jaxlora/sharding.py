@@ -30,8 +30,9 @@ def partition_specs(params: PyTree, base_specs: PyTree) -> PyTree:
     >>> import jax.numpy as jnp
     >>> params = {"q": {"kernel": jnp.ones((8, 4)), "lora_a": jnp.ones((8, 2)),
     ...                 "lora_b": jnp.ones((2, 4))}}
-    >>> partition_specs(params, {"q": {"kernel": PartitionSpec("fsdp", "tensor")}})["q"]
-    {'kernel': P('fsdp', 'tensor'), 'lora_a': P('fsdp', None), 'lora_b': P(None, 'tensor')}
+    >>> specs = partition_specs(params, {"q": {"kernel": PartitionSpec("fsdp", "tensor")}})["q"]
+    >>> {name: tuple(spec) for name, spec in specs.items()}
+    {'kernel': ('fsdp', 'tensor'), 'lora_a': ('fsdp', None), 'lora_b': (None, 'tensor')}
     """
     _require_mapping(params, "partition_specs")
     return _specs(params, base_specs if isinstance(base_specs, Mapping) else {}, ())

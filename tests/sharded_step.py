@@ -96,7 +96,7 @@ def main(layout: str) -> None:
             frozen[k].sharding.is_equivalent_to(_flat(shardings)[k], frozen[k].ndim) for k in frozen
         ),
         "lora_specs": {
-            k: str(v.sharding.spec)
+            k: list(v.sharding.spec)  # JSON: None stays null, names stay strings
             for k, v in _flat(jaxlora.split(sharded)[0]).items()
             if "blocks_0/attn" in k
         },

@@ -49,8 +49,8 @@ def test_sharded_step_matches_single_device(layout):
     assert rel <= 1e-5 and r["max_adapter_diff"] <= 1e-4
     assert r["frozen_bit_identical"] and r["frozen_sharding_kept"]
     # LoRA params inherit the kernel's partitioning; the rank axis is replicated.
-    assert r["lora_specs"]["blocks_0/attn/query/lora_a"] == "P('fsdp', None)"
-    assert r["lora_specs"]["blocks_0/attn/query/lora_b"] == "P(None, 'tensor')"
+    assert r["lora_specs"]["blocks_0/attn/query/lora_a"] == ["fsdp", None]
+    assert r["lora_specs"]["blocks_0/attn/query/lora_b"] == [None, "tensor"]
     # No gradient traffic for frozen weights: nothing kernel-shaped is all-reduced or
     # reduce-scattered (the all-reduces are activations of row-parallel layers, LoRA
     # gradients and the loss).

@@ -78,8 +78,9 @@ def general_branch(
     axis: tuple[int, ...],
     precision: jax.lax.PrecisionLike = None,
 ) -> jax.Array:
-    """``nn.DenseGeneral``'s branch: ``x``'s ``axis`` contracted with ``lora_a`` (*in_axes, r),
-    then ``lora_b`` (r, *out_axes); the output axes come last, as ``DenseGeneral``'s do.
+    """The branch of ``nn.DenseGeneral`` (and of ``nn.Dense``, with ``axis=(-1,)``): ``x``'s
+    ``axis`` contracted with ``lora_a`` (*in_axes, r), then ``lora_b`` (r, *out_axes); the
+    output axes come last, as ``DenseGeneral``'s do.
 
     ``x`` is contracted with ``a`` held rank-first, behind an optimization barrier, so that
     ``a``'s gradient is computed as the wide (r, in) product ``duᵀ @ x`` and only then turned
@@ -87,8 +88,8 @@ def general_branch(
     ``xᵀ @ du`` as a tall (in, r) output, which XLA:CPU runs through a slow path: 4.4 ms
     against 0.5 ms for (2048, 1024)ᵀ @ (2048, 8), and a 4x1024 MLP LoRA Adam step went from
     0.72× to 0.68× of the full fine-tune's time (benchmarks/README.md). The values are the
-    same products; the barrier only fixes the layout, and every transformation (grad, jvp,
-    vmap) passes through it.
+    same products; the barrier only fixes the layout, and grad, jvp and vmap pass through it
+    (jax ≥ 0.6 differentiates the barrier).
     """
     axis = tuple(i % x.ndim for i in axis)
     a_rank_first = jax.lax.optimization_barrier(jnp.moveaxis(lora_a, -1, 0))

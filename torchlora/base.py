@@ -14,6 +14,10 @@ from torch import nn
 from _loracore.config import INITS
 from torchlora import core
 
+# What ``scaling`` is computed from. A merged weight holds ``scaling · B A``, so these cannot
+# change while merged: unmerge would subtract another delta than merge added.
+_HPARAMS = ("r", "alpha", "use_rslora")
+
 
 class LoRALayer(nn.Module):
     """Base class of ``torchlora.Linear``, ``Embedding`` and ``Conv1d/2d/3d`` (not used
@@ -22,17 +26,51 @@ class LoRALayer(nn.Module):
     weight: nn.Parameter
     lora_a: nn.Parameter
     lora_b: nn.Parameter
+    # Other (path, module, attribute) holding this layer's weight, recorded by ``inject``: an
+    # in-place merge would change them too (a tied embedding and head).
+    weight_ties: tuple[tuple[str, nn.Module, str], ...] = ()
 
     def _setup_lora(
         self, r: int, alpha: float | None, use_rslora: bool, init: str, inits: tuple[str, ...]
     ) -> None:
         if init not in INITS or init not in inits:
             raise ValueError(f"{self._name(r)}: init must be one of {inits}, got {init!r}")
+        check_flag(use_rslora, "use_rslora", self._name(r))
         self.r = r
         self.alpha = float(r if alpha is None else alpha)
         self.use_rslora = use_rslora
         self.init = init
         self._merged = False
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _HPARAMS and name in self.__dict__:
+            value = self._new_hparam(name, value)
+        super().__setattr__(name, value)
+
+    def _new_hparam(self, name: str, value: object) -> object:
+        """``value`` checked as the new ``r``/``alpha``/``use_rslora`` of a built layer."""
+        if self._merged:
+            raise RuntimeError(
+                f"{self._name()}: cannot set {name}={value!r} while merged (the weight holds "
+                f"scaling={self.scaling:g} times B A); unmerge() first"
+            )
+        if name == "r":
+            raise ValueError(
+                f"{self._name()}: r is fixed by the shape of lora_a; build a new layer for "
+                f"rank {value!r}"
+            )
+        if name == "alpha":
+            core.check_hparams(
+                r=self.r,
+                alpha=value,
+                dropout=0.0,
+                in_features=None,
+                out_features=None,
+                where=self._name(),
+            )
+            return float(value)  # type: ignore[arg-type]
+        check_flag(value, name, self._name())
+        return value
 
     @property
     def scaling(self) -> float:
@@ -53,15 +91,24 @@ class LoRALayer(nn.Module):
         """
         if self._merged:
             raise RuntimeError(f"{self._name()} is already merged; call unmerge() first")
+        self.check_untied("merge")
         self.weight.copy_(self._checked(self._wide_weight() + self._delta(), "merge"))
+        # What was folded in, so that unmerge subtracts exactly it even if lora_a/lora_b are
+        # edited meanwhile (non-persistent: not part of any state dict).
+        self.register_buffer("_merged_a", self.lora_a.detach().clone(), persistent=False)
+        self.register_buffer("_merged_b", self.lora_b.detach().clone(), persistent=False)
         self._merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtracts ``scaling · B A`` from ``weight``, restoring it to rounding error."""
+        """Subtracts the ``scaling · B A`` that ``merge`` added (from the adapter as it was then),
+        restoring the weight to rounding error."""
         if not self._merged:
             raise RuntimeError(f"{self._name()} is not merged; nothing to unmerge")
-        self.weight.copy_(self._checked(self._wide_weight() - self._delta(), "unmerge"))
+        self.check_untied("unmerge")
+        delta = self._delta(self._merged_a, self._merged_b)
+        self.weight.copy_(self._checked(self._wide_weight() - delta, "unmerge"))
+        del self._merged_a, self._merged_b
         self._merged = False
 
     @torch.no_grad()
@@ -85,9 +132,28 @@ class LoRALayer(nn.Module):
             plain.bias.copy_(self.bias)
         return plain
 
-    def _delta(self) -> torch.Tensor:
-        """``scaling · B A`` in fp32, laid out like ``weight``."""
-        flat = core.delta(self.lora_a.flatten(1), self.lora_b.flatten(1), self.scaling)
+    def check_untied(self, op: str) -> None:
+        """Refuses ``op`` (an in-place write of ``weight``) while another module holds the same
+        weight, naming it: the write would change that module too."""
+        tied = [
+            path for path, module, attr in self.weight_ties if getattr(module, attr, None) is self.weight
+        ]
+        if tied:
+            raise ValueError(
+                f"{self._name()}.{op}: its weight is also {', '.join(map(repr, tied))} (tied), "
+                "which an in-place write would change too; give this layer its own weight "
+                "(layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)) "
+                "first"
+            )
+
+    def _delta(
+        self, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``scaling · B A`` in fp32, laid out like ``weight`` (the layer's own A and B unless
+        given)."""
+        lora_a = self.lora_a if lora_a is None else lora_a
+        lora_b = self.lora_b if lora_b is None else lora_b
+        flat = core.delta(lora_a.flatten(1), lora_b.flatten(1), self.scaling)
         return flat.reshape(self.weight.shape)
 
     def _adapter_repr(self) -> str:
@@ -123,3 +189,11 @@ class LoRALayer(nn.Module):
             self.bias = bias.requires_grad_(False)
         self.lora_a = nn.Parameter(torch.empty_like(self.lora_a, device=weight.device))
         self.lora_b = nn.Parameter(torch.empty_like(self.lora_b, device=weight.device))
+
+
+def check_flag(value: object, name: str, where: str) -> None:
+    """Refuses a flag that is not exactly ``True`` or ``False`` (``"no"`` is truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"{where}: {name} must be True or False, got {value!r} ({type(value).__name__})"
+        )

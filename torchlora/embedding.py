@@ -160,8 +160,12 @@ class Embedding(LoRALayer):
             f"{self._adapter_repr()}"
         )
 
-    def _delta(self) -> torch.Tensor:
-        return core.delta(self.lora_a, self.lora_b, self.scaling).T  # (num, dim), like weight
+    def _delta(
+        self, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        lora_a = self.lora_a if lora_a is None else lora_a
+        lora_b = self.lora_b if lora_b is None else lora_b
+        return core.delta(lora_a, lora_b, self.scaling).T  # (num, dim), like weight
 
     def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, table, self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq)

@@ -152,6 +152,7 @@ class Linear(LoRALayer):
         if self.init in WEIGHT_INITS:
             if self._merged:
                 raise RuntimeError(f"{self._name()} is merged; unmerge() before re-initialising")
+            self.check_untied("reset_lora_parameters")
             make = core.weight_init(self.init)
             lora_a, lora_b, residual = make(self.weight, self.r, self.scaling)
             self.lora_a.copy_(lora_a)

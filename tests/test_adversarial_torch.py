@@ -470,6 +470,12 @@ def test_use_rslora_must_be_a_bool_when_building(value):
         torchlora.Linear(5, 4, True, 2, use_rslora=value)
     with pytest.raises(TypeError, match="use_rslora must be True or False"):
         torchlora.Embedding(5, 4, 2, use_rslora=value)
+    _refused(
+        nn.Sequential(nn.Linear(4, 4)),
+        torchlora.LoRAConfig(r=2, targets=["0"], use_rslora=value),
+        TypeError,
+        "inject: the LoRAConfig: use_rslora must be True or False",
+    )
 
 
 @settings(max_examples=25, deadline=None)

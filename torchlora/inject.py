@@ -66,7 +66,7 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"inject expects a torchlora.LoRAConfig, got {type(config).__name__}")
-    check_flag(config.use_rslora, "use_rslora", "inject: the config's")
+    check_flag(config.use_rslora, "use_rslora", "inject: the LoRAConfig")
     modules = dict(model.named_modules(remove_duplicate=False))
     all_paths = checks.module_paths(model)
     chosen = config.select(modules)

@@ -350,9 +350,7 @@ def test_a_weight_tied_layer_trains_but_refuses_to_merge():
     tokens = torch.tensor([[1, 5, 7]])
     table = _np(model.embed.weight)
     head = table + model.head.scaling * _np(model.head.lora_b) @ _np(model.head.lora_a)
-    np.testing.assert_allclose(
-        _np(model(tokens)), np.tanh(table[[[1, 5, 7]]]) @ head.T, atol=1e-5
-    )
+    np.testing.assert_allclose(_np(model(tokens)), np.tanh(table[[[1, 5, 7]]]) @ head.T, atol=1e-5)
     snapshot = _snapshot(model)
     with pytest.raises(ValueError, match=r"its weight is also 'embed.weight' \(tied\)"):
         model.head.merge()
@@ -439,8 +437,10 @@ def test_hyperparameters_cannot_change_while_merged(name, value):
     np.testing.assert_allclose(_np(layer.weight), _np(w0), atol=1e-6)
     setattr(layer, name, value)  # unmerged: allowed, and the forward follows it
     x = torch.randn(3, 5)
-    expected = _np(x) @ _np(w0).T + _np(layer.bias) + layer.scaling * (
-        _np(x) @ _np(layer.lora_a).T @ _np(layer.lora_b).T
+    expected = (
+        _np(x) @ _np(w0).T
+        + _np(layer.bias)
+        + layer.scaling * (_np(x) @ _np(layer.lora_a).T @ _np(layer.lora_b).T)
     )
     assert layer.scaling == (1.5 if name == "alpha" else 4 / math.sqrt(2))
     np.testing.assert_allclose(_np(layer(x)), expected, atol=1e-5)

@@ -136,7 +136,9 @@ class LoRALayer(nn.Module):
         """Refuses ``op`` (an in-place write of ``weight``) while another module holds the same
         weight, naming it: the write would change that module too."""
         tied = [
-            path for path, module, attr in self.weight_ties if getattr(module, attr, None) is self.weight
+            path
+            for path, module, attr in self.weight_ties
+            if getattr(module, attr, None) is self.weight
         ]
         if tied:
             raise ValueError(

@@ -10,7 +10,7 @@ from jaxlora.core import scaling
 from jaxlora.inject import Layout, inject, layouts
 from jaxlora.intercept import intercept
 from jaxlora.linen import LoRAConv, LoRADense, LoRADenseGeneral, LoRAEmbed
-from jaxlora.merge import merge, unmerge
+from jaxlora.merge import MergeRecord, merge, unmerge
 from jaxlora.sharding import partition_specs
 from jaxlora.tree import (
     ParamCount,
@@ -28,6 +28,7 @@ __all__ = [
     "LoRADense",
     "LoRADenseGeneral",
     "LoRAEmbed",
+    "MergeRecord",
     "ParamCount",
     "combine",
     "freeze_base",

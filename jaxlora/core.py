@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from _loracore.hparams import check_hparams, scaling
@@ -17,6 +18,7 @@ from _loracore.hparams import check_hparams, scaling
 __all__ = [
     "check_hparams",
     "check_input",
+    "check_key",
     "check_shape",
     "default_bias_init",
     "default_lora_a_init",
@@ -44,6 +46,26 @@ def check_input(x: jax.Array, in_features: int, where: str) -> None:
         raise ValueError(
             f"{where}: expected input with last dimension in_features={in_features}, "
             f"got shape {tuple(x.shape)}"
+        )
+
+
+def check_key(key: Any, where: str) -> None:
+    """A ``TypeError`` naming ``where`` unless ``key`` is one PRNG key: a typed key
+    (``jax.random.key``) of shape (), or a raw uint32 key (``jax.random.PRNGKey``) of the
+    default implementation's shape. JAX's own errors for anything else do not say which
+    argument was wrong."""
+    expected = "a jax.random.key(seed) or jax.random.PRNGKey(seed)"
+    if not isinstance(key, jax.Array | np.ndarray):
+        raise TypeError(f"{where} must be {expected}, got {type(key).__name__}")
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise TypeError(f"{where} must be {expected}: one key, got keys of shape {key.shape}")
+        return
+    raw_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+    if key.dtype != jnp.uint32 or key.shape != raw_shape:
+        raise TypeError(
+            f"{where} must be {expected} (a raw key is uint32 of shape {raw_shape}), got "
+            f"{key.dtype} of shape {key.shape}"
         )
 
 

@@ -44,17 +44,26 @@ def inject(
     ``config.init``: "kaiming" as torch's kaiming_uniform(a=√5), "gaussian" N(0, 1/r) (both with
     ``lora_b`` zero), "pissa"/"olora" from the kernel's SVD/QR (which becomes the residual);
     embeddings follow PEFT (``lora_a`` zero, ``lora_b`` N(0, 1)). The adapted model starts
-    equal to the base. Accepts the params tree or the variables dict holding it under 'params'.
+    equal to the base. Accepts the params tree or the variables dict holding it under 'params'
+    (other collections, such as 'batch_stats' or 'cache', are returned untouched).
 
     Raises:
         ValueError: no layer matches (the message lists the layer paths), a layer already has
             LoRA leaves, or a layer's rank exceeds its ``min(in, out)``.
         TypeError: a matched layer cannot be adapted, or its kernel has more than 2 axes and
-            ``layouts`` does not describe it.
+            ``layouts`` does not describe it, or ``rng`` is not a PRNG key.
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"inject expects a jaxlora.LoRAConfig, got {type(config).__name__}")
     _require_mapping(params, "inject")
+    core.check_key(rng, "inject: rng")
+    if "params" in params:  # a variables dict: only 'params' is adapted, the rest passes through
+        adapted = _inject(params["params"], config, rng, param_dtype, layouts)
+        return _like(params, {**params, "params": adapted})
+    return _inject(params, config, rng, param_dtype, layouts)
+
+
+def _inject(params: Mapping, config: LoRAConfig, rng: jax.Array, param_dtype, layouts) -> Mapping:
     nodes = dict(_iter_nodes(params))
     chosen = config.select(nodes)
     new = {}
@@ -221,9 +230,9 @@ def lora_init(
 
 
 def _iter_nodes(tree: Mapping, path: tuple[str, ...] = ()) -> Iterator[tuple[str, Mapping]]:
-    """Yields ('.'-joined layer path, node) for every sub-dict, skipping the 'params' level."""
-    if path and path != ("params",):
-        yield ".".join(path[1:] if path[0] == "params" else path), tree
+    """Yields ('.'-joined layer path, node) for every sub-dict."""
+    if path:
+        yield ".".join(path), tree
     for key, value in tree.items():
         if isinstance(value, Mapping):
             yield from _iter_nodes(value, (*path, str(key)))
@@ -234,7 +243,6 @@ def _add_leaves(tree: Mapping, path: tuple[str, ...], new: dict[str, dict]) -> M
     for key, value in tree.items():
         sub = (*path, str(key))
         out[key] = _add_leaves(value, sub, new) if isinstance(value, Mapping) else value
-    name = ".".join(path[1:] if path and path[0] == "params" else path)
-    if path and path != ("params",) and name in new:
-        out.update(new[name])
+    if path and ".".join(path) in new:
+        out.update(new[".".join(path)])
     return _like(tree, out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Iterator
 
 import jax
@@ -34,6 +35,13 @@ def module_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv) and (module.mask is not None or module.feature_group_count != 1):
         return None
     return next((kind for cls, kind in _KIND if isinstance(module, cls)), None)
+
+
+def _base_method(module: nn.Module, method: str):
+    """The plain function of the supported Linen class's ``method`` that ``module`` inherits
+    from, where ``intercept`` adds the branch (Linen wraps methods; ``unwrap`` undoes that)."""
+    cls = next(cls for cls, _ in _KIND if isinstance(module, cls))
+    return inspect.unwrap(getattr(cls, method))
 
 
 def input_axes(module: nn.Module) -> int:
@@ -74,22 +82,42 @@ def intercept(config: LoRAConfig, *, deterministic: bool = True) -> Iterator[Non
 class _State:
     config: LoRAConfig
     deterministic: bool
+    # how often each module's base method ran: a subclass's method must run it at least once
+    base_calls: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def interceptor(self, next_fun, args, kwargs, context):
         module = context.module
         if module.scope is None or context.method_name == "setup":
             return next_fun(*args, **kwargs)
+        if getattr(module, "adds_own_lora_branch", False):  # jaxlora.linen's LoRA layers
+            return next_fun(*args, **kwargs)
         if not any(module.has_variable("params", n) for n in LORA_NAMES):
             return next_fun(*args, **kwargs)
         kind = module_kind(module)
         method = context.method_name
-        if kind is not None and (method == "__call__" or (kind == "embed" and method == "attend")):
-            return self._apply(module, kind, method, next_fun, args, kwargs)
         where = ".".join(module.scope.path) or "<root>"
-        raise ValueError(
-            f"layer '{where}' is a {type(module).__name__} holding LoRA leaves (called as "
-            f"{method}); only these layers are adapted: {SUPPORTED}"
-        )
+        if kind is None or not (method == "__call__" or (kind == "embed" and method == "attend")):
+            raise ValueError(
+                f"layer '{where}' is a {type(module).__name__} holding LoRA leaves (called as "
+                f"{method}); only these layers are adapted: {SUPPORTED}"
+            )
+        base = _base_method(module, method)
+        if context.orig_method.func is base:
+            self.base_calls[id(module)] = self.base_calls.get(id(module), 0) + 1
+            return self._apply(module, kind, method, next_fun, args, kwargs)
+        # A subclass's own method: the branch goes with the base product inside it (a super()
+        # call), so that it is added once and what the subclass does after sees it, as the
+        # merged kernel would. A method that never runs the base product would skip it.
+        before = self.base_calls.get(id(module), 0)
+        y = next_fun(*args, **kwargs)
+        if self.base_calls.get(id(module), 0) == before:
+            raise ValueError(
+                f"layer '{where}' is a {type(module).__name__} holding LoRA leaves whose "
+                f"{method} never calls {base.__qualname__}, where the LoRA branch is added: it "
+                f"would silently run without its adapter. Only layers whose {method} is (or "
+                f"calls) their base class's can be adapted: {SUPPORTED}"
+            )
+        return y
 
     def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
         name = ".".join(module.scope.path)

@@ -43,6 +43,8 @@ class LoRADense(nn.Module):
     {'kernel': (16, 8), 'bias': (8,), 'lora_a': (16, 4), 'lora_b': (4, 8)}
     """
 
+    adds_own_lora_branch = True  # so jaxlora.intercept leaves it alone
+
     features: int
     r: int
     alpha: float | None = None
@@ -108,6 +110,7 @@ class _Adapter:
     """The fields and adapter creation the multi-axis Linen LoRA layers share."""
 
     kind = "linear"
+    adds_own_lora_branch = True  # so jaxlora.intercept does not add a second branch
 
     @property
     def scaling(self) -> float:

@@ -1,6 +1,8 @@
 """Folding adapters into kernels (``merge``) and taking them out again (``unmerge``).
 
-Pure functions over nested-dict params trees: the input is never modified.
+Pure functions over nested-dict params trees: the input is never modified. ``unmerge`` undoes
+one ``merge`` from the ``MergeRecord`` it returned, so it cannot subtract an adapter that was
+never added, or with another scale.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from flax.core import meta
 
 from jaxlora import core, kinds
@@ -23,12 +26,15 @@ from jaxlora.tree import (
     combine,
     iter_lora_layers,
     path_str,
+    split,
 )
 
 Alpha = float | None | Callable[[str], float | None]
 
 
-def merge(params: PyTree, *, alpha: Alpha, use_rslora: bool = False) -> PyTree:
+def merge(
+    params: PyTree, *, alpha: Alpha, use_rslora: bool = False, record: bool = False
+) -> PyTree | tuple[PyTree, MergeRecord]:
     """Returns a new tree with each ``lora_a``/``lora_b`` pair folded into its sibling ``kernel``
     (or ``embedding``).
 
@@ -43,6 +49,8 @@ def merge(params: PyTree, *, alpha: Alpha, use_rslora: bool = False) -> PyTree:
             number, ``None`` (meaning ``r``), or a function from a layer path (``'.'``-joined,
             e.g. ``'block_0.query'``) to that layer's alpha.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        record: also return the ``MergeRecord`` that ``unmerge`` needs to undo this merge:
+            ``merged, record = merge(params, alpha=..., record=True)``.
 
     Raises:
         ValueError: a LoRA leaf without its pair or sibling ``kernel``, mismatched shapes, or
@@ -52,31 +60,63 @@ def merge(params: PyTree, *, alpha: Alpha, use_rslora: bool = False) -> PyTree:
     >>> p = {"kernel": jnp.zeros((2, 2)), "lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2))}
     >>> merge(p, alpha=2.0)["kernel"].tolist()
     [[2.0, 2.0], [2.0, 2.0]]
+    >>> merged, rec = merge(p, alpha=2.0, record=True)
+    >>> unmerge(merged, rec)["kernel"].tolist()
+    [[0.0, 0.0], [0.0, 0.0]]
     """
     _require_mapping(params, "merge")
-    new_bases = {}
+    new_bases, layers = {}, []
     for path, node in iter_lora_layers(params):
         kind, name, base, lora_a, lora_b = _layer(node, path, "merge")
         scale = _scale(path, kind, base, lora_a, alpha, use_rslora, "merge")
         new = core.delta(lora_a, lora_b, scale, jnp.shape(base))
         new_bases[path] = name, _apply(base, new, path, "merge")
-    return _rebuild(params, (), new_bases, drop_lora=True)
+        layers.append((path, scale))
+    merged = _rebuild(params, (), new_bases, drop_lora=True)
+    if not record:
+        return merged
+    prints = tuple(fingerprint(new_bases[path][1]) for path, _ in layers)
+    return merged, MergeRecord(split(params)[0], prints, tuple(layers))
 
 
-def unmerge(merged: PyTree, adapter: PyTree, *, alpha: Alpha, use_rslora: bool = False) -> PyTree:
+@struct.dataclass
+class MergeRecord:
+    """What ``unmerge`` needs to undo one ``merge``: the adapter that was merged, each merged
+    layer's path and scale (static), and a fingerprint of each merged kernel, so a tree that
+    was never merged, was changed since, or was merged with another adapter or alpha is
+    refused rather than silently shifted. A pytree: it passes through ``jax.jit``."""
+
+    adapter: PyTree
+    fingerprints: tuple[jax.Array, ...]
+    layers: tuple[tuple[Path, float], ...] = struct.field(pytree_node=False)
+
+
+def unmerge(merged: PyTree, record: MergeRecord) -> PyTree:
     """Inverts ``merge``: subtracts each adapter's delta from its kernel and puts the adapter back.
 
     Args:
-        merged: the tree ``merge`` returned.
-        adapter: the LoRA leaves that were merged (e.g. the first half of ``split(params)``).
-        alpha, use_rslora: as given to ``merge``.
+        merged: the tree ``merge(..., record=True)`` returned.
+        record: the ``MergeRecord`` returned with it (it holds the adapter and each layer's
+            scale, so no alpha can be given that differs from the merge's).
 
     Returns the un-merged tree; its kernels equal the originals to fp32 rounding error.
+
+    Raises:
+        TypeError: ``record`` is not a ``MergeRecord``.
+        ValueError: a recorded layer is missing from ``merged`` or still holds LoRA leaves, or
+            its kernel is not the one ``merge`` produced (a tree that was never merged, or was
+            changed since). Under ``jax.jit`` the kernels cannot be compared before running:
+            such a layer's unmerged kernel is NaN instead, never silently shifted.
     """
     _require_mapping(merged, "unmerge")
-    _require_mapping(adapter, "unmerge")
+    if not isinstance(record, MergeRecord):
+        raise TypeError(
+            "unmerge needs the record that merge(params, alpha=..., record=True) returned with "
+            f"the merged tree (the adapter, each layer's scale and a fingerprint of the merged "
+            f"kernels), got {type(record).__name__}"
+        )
     new_bases = {}
-    for path, lora_node in iter_lora_layers(adapter):
+    for (path, scale), expected in zip(record.layers, record.fingerprints, strict=True):
         node = _get(merged, path)
         where = f"unmerge: layer '{path_str(path)}'"
         name = None if node is None else kinds.base_name(node)
@@ -84,11 +124,31 @@ def unmerge(merged: PyTree, adapter: PyTree, *, alpha: Alpha, use_rslora: bool =
             raise ValueError(f"{where}: the merged tree has no kernel or embedding at this path")
         if any(n in node for n in LORA_NAMES):
             raise ValueError(f"{where}: the merged tree still holds LoRA leaves here")
-        kind, _, base, lora_a, lora_b = _layer({**lora_node, name: node[name]}, path, "unmerge")
-        scale = _scale(path, kind, base, lora_a, alpha, use_rslora, "unmerge")
+        lora_node = _get(record.adapter, path)
+        _, _, base, lora_a, lora_b = _layer({**lora_node, name: node[name]}, path, "unmerge")
+        same = fingerprint(base) == expected
+        if not isinstance(same, jax.core.Tracer) and not bool(same):
+            raise ValueError(
+                f"{where}: the kernel is not the one merge returned (the tree was never "
+                "merged, was changed since, or belongs to another merge): unmerging it would "
+                "shift the kernel by an adapter it does not hold"
+            )
         new = -core.delta(lora_a, lora_b, scale, jnp.shape(base))
-        new_bases[path] = name, _apply(base, new, path, "unmerge")
-    return combine(adapter, _rebuild(merged, (), new_bases, drop_lora=False))
+        restored = _apply(base, new, path, "unmerge")
+        new_bases[path] = name, jnp.where(same, restored, jnp.nan).astype(restored.dtype)
+    return combine(record.adapter, _rebuild(merged, (), new_bases, drop_lora=False))
+
+
+def fingerprint(x: jax.Array) -> jax.Array:
+    """A uint32 checksum of an array's bits: Σ bitsᵢ · wᵢ mod 2³², with odd weights wᵢ that
+    depend on the position. Integer sums wrap exactly in any order, so the result is the same
+    eagerly, under jit and on any device; a change of any one element always changes it."""
+    x = jnp.asarray(x)
+    size = x.dtype.itemsize
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}.get(size, jnp.uint32))
+    bits = bits.reshape(-1).astype(jnp.uint32)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
 def _layer(node: Mapping, path: Path, op: str) -> tuple[str, str, jax.Array, jax.Array, jax.Array]:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,8 @@ def freeze_base(
     base receives exactly zero updates and ``tx`` keeps no state (no Adam moments) for it. Do
     not use ``optax.masked`` alone to freeze: it passes the frozen leaves' raw
     gradients through as updates. Under one ``jax.jit`` with the gradient computation, XLA then
-    prunes the frozen weights' gradients entirely.
+    prunes the frozen weights' gradients entirely. ``update`` refuses (``ValueError``) updates
+    or params whose tree differs from the one ``init`` saw: re-init after injecting LoRA.
 
     Args:
         tx: the optimizer for the adapter, e.g. ``optax.adamw(1e-3)``.
@@ -66,7 +67,52 @@ def freeze_base(
             )
         return jax.tree.map(lambda trainable: "lora" if trainable else "frozen", chosen)
 
-    return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, labels)
+    inner = optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, labels)
+
+    def init(params: PyTree) -> FreezeBaseState:
+        return FreezeBaseState(inner.init(params), _skeleton(params))
+
+    def update(updates, state: FreezeBaseState, params=None, **extra):
+        for name, tree in (("updates", updates), ("params", params)):
+            if tree is not None:
+                _check_same_tree(state.skeleton, tree, name)
+        updates, inner_state = inner.update(updates, state.inner, params, **extra)
+        return updates, FreezeBaseState(inner_state, state.skeleton)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+class FreezeBaseState(NamedTuple):
+    """``freeze_base``'s state: the inner ``optax.multi_transform`` state, and the params tree
+    ``init`` saw with every leaf replaced by ``None`` (no arrays: only its structure, which
+    is static under ``jax.jit``)."""
+
+    inner: optax.OptState
+    skeleton: PyTree
+
+
+def _skeleton(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda _: None, tree)
+
+
+def _check_same_tree(skeleton: PyTree, tree: PyTree, name: str) -> None:
+    """A ``ValueError`` (at trace time under jit: structures are static) if ``tree``'s
+    structure is not the one ``init`` saw, naming leaves that were added or removed."""
+    if jax.tree.structure(_skeleton(tree)) == jax.tree.structure(skeleton):
+        return
+
+    def paths(t: PyTree) -> set[str]:
+        flat, _ = jax.tree_util.tree_flatten_with_path(_skeleton(t), is_leaf=lambda x: x is None)
+        return {jax.tree_util.keystr(p) for p, _ in flat}
+
+    before, now = paths(skeleton), paths(tree)
+    added, removed = (", ".join(sorted(p)[:5]) or "none" for p in (now - before, before - now))
+    raise ValueError(
+        f"freeze_base: the {name} tree is not shaped like the params the optimizer state was "
+        f"made for (added: {added}; removed: {removed}; or the container types differ). The "
+        "params tree changed since tx.init (e.g. LoRA was injected after it): call "
+        "tx.init(params) again on the current params"
+    )
 
 
 def split(params: PyTree) -> tuple[PyTree, PyTree]:

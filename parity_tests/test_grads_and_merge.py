@@ -71,7 +71,9 @@ def test_merged_weights_and_outputs(case):
     x, _ = _inputs(layer)
     unmerged_out = layer(torch.from_numpy(x)).detach()
     module, variables = linen_twin(layer)
-    merged = jaxlora.merge(variables, alpha=layer.alpha, use_rslora=layer.use_rslora)
+    merged, record = jaxlora.merge(
+        variables, alpha=layer.alpha, use_rslora=layer.use_rslora, record=True
+    )
     layer.merge()
 
     # The merged kernel is K0 + scaling·a@b, each entry a sum of r products: fp32-exact to ~1e-7.
@@ -86,9 +88,7 @@ def test_merged_weights_and_outputs(case):
     assert rel_err(y_plain, module.apply(variables, jnp.asarray(x))) <= 1e-5
 
     layer.unmerge()
-    unmerged = jaxlora.unmerge(
-        merged, jaxlora.split(variables)[0], alpha=layer.alpha, use_rslora=layer.use_rslora
-    )
+    unmerged = jaxlora.unmerge(merged, record)
     original = flax_params(layer)
     for name, value in original.items():
         assert rel_err(unmerged["params"][name], value) <= 1e-6, name

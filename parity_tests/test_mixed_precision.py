@@ -114,7 +114,10 @@ def test_bf16_merge_rounds_once_and_its_error():
     a = jnp.asarray(rng.uniform(-1, 1, (512, 16)) / np.sqrt(512), jnp.float32)
     b = jnp.asarray(rng.standard_normal((16, 512)) * 0.02, jnp.float32)
     exact = np.asarray(k, np.float64) + 2.0 * np.asarray(a, np.float64) @ np.asarray(b, np.float64)
-    merged = jaxlora.merge({"kernel": k, "lora_a": a, "lora_b": b}, alpha=32)["kernel"]
+    merged_tree, record = jaxlora.merge(
+        {"kernel": k, "lora_a": a, "lora_b": b}, alpha=32, record=True
+    )
+    merged = merged_tree["kernel"]
     assert merged.dtype == jnp.bfloat16
 
     def check(result, exact):
@@ -132,7 +135,7 @@ def test_bf16_merge_rounds_once_and_its_error():
     assert ours <= 2**-8  # half an ulp at the largest weight; the README quotes the measurement
     # merge -> unmerge in bf16 rounds twice: weights move by up to half an ulp of the merged
     # values (README: 6.6% of them moved, by at most 4.9e-4 with max |w| = 0.24).
-    cycled = jaxlora.unmerge({"kernel": merged}, {"lora_a": a, "lora_b": b}, alpha=32)["kernel"]
+    cycled = jaxlora.unmerge(merged_tree, record)["kernel"]
     moved = np.abs(np.asarray(cycled, np.float64) - np.asarray(k, np.float64))
     assert 0 < moved.max() <= 2**-8 * np.abs(exact).max()
 

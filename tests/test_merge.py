@@ -65,10 +65,9 @@ def test_merged_forward_costs_exactly_the_plain_model():
 def test_unmerge_inverts_merge_and_input_is_not_modified():
     variables = _variables()
     snapshot = jax.tree.map(np.array, variables)
-    adapter, _ = jaxlora.split(variables)
-    merged = jaxlora.merge(variables, alpha=8)
+    merged, record = jaxlora.merge(variables, alpha=8, record=True)
     jax.tree.map(np.testing.assert_array_equal, variables, snapshot)
-    restored = jaxlora.unmerge(merged, adapter, alpha=8)
+    restored = jaxlora.unmerge(merged, record)
     assert jax.tree.structure(restored) == jax.tree.structure(variables)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), restored, variables)
 
@@ -163,10 +162,9 @@ def test_merge_requires_alpha_and_rejects_bad_alpha():
 
 def test_unmerge_errors():
     variables = _variables()
-    adapter, _ = jaxlora.split(variables)
+    merged, record = jaxlora.merge(variables, alpha=8, record=True)
     with pytest.raises(ValueError, match="still holds LoRA leaves"):
-        jaxlora.unmerge(variables, adapter, alpha=8)
-    merged = jaxlora.merge(variables, alpha=8)
+        jaxlora.unmerge(variables, record)
     del merged["params"]["fc2"]
     with pytest.raises(ValueError, match="layer 'fc2': the merged tree has no kernel"):
-        jaxlora.unmerge(merged, adapter, alpha=8)
+        jaxlora.unmerge(merged, record)

@@ -15,15 +15,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from _loracore.config import INITS
+from _loracore.config import INITS, WEIGHT_INITS
 from jaxlora import core, kinds
 from jaxlora.inject import init_leaves, lora_init
-from jaxlora.nnx.layer import _SHARDING_KEYS, merged_weight
+from jaxlora.nnx.layer import _SHARDING_KEYS, check_init, check_rngs, merged_weight
 
 
 def _zeros(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     # LinearGeneral reshapes what its initialiser returns, so the stand-in needs the shape.
     return jnp.zeros(shape, dtype)
+
+
+def _known_inits(kind: str) -> tuple[str, ...]:
+    # PiSSA and OLoRA factor a matrix: linear layers only, as in PEFT.
+    return INITS if kind == "linear" else tuple(i for i in INITS if i not in WEIGHT_INITS)
 
 
 class Adapter:
@@ -52,14 +57,29 @@ class Adapter:
         core.check_hparams(
             r=r, alpha=alpha, dropout=dropout, in_features=n_in, out_features=n_out, where=where
         )
-        known = INITS if self.kind == "linear" else ("kaiming", "gaussian")
-        if init not in known:
-            raise ValueError(f"{where}: init {init!r} is not defined for a {self.kind} layer")
+        check_init(init, _known_inits(self.kind), where)
         self.r, self.alpha, self.use_rslora, self.init = r, alpha, use_rslora, init
         self.in_axes = in_axes
         leaves = lora_init(self.kind, base_shape, r, init, rngs.params(), lora_dtype, in_axes)
         self.lora_a, self.lora_b = (nnx.LoRAParam(leaves[n]) for n in ("lora_a", "lora_b"))
         self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
+        if init in WEIGHT_INITS:  # lora_init made a placeholder: PiSSA/OLoRA need the weight
+            self._reinit(init, rngs, lora_dtype)
+
+    def _reinit(self, init: str, rngs: nnx.Rngs, lora_dtype: Any) -> None:
+        """Draws the adapter again per ``init``; PiSSA/OLoRA write the residual weight."""
+        leaves = init_leaves(
+            getattr(self, self.base_name)[...],
+            self.r,
+            self.scaling,
+            init,
+            rngs.params(),
+            lora_dtype,
+            kind=self.kind,
+            in_axes=self.in_axes,
+        )
+        for name, value in leaves.items():
+            getattr(self, name)[...] = value
 
     @property
     def scaling(self) -> float:
@@ -94,6 +114,8 @@ class Adapter:
                 f"{cls.__name__}.from_base expects an {cls.base_type.__name__}, "
                 f"got {type(base).__name__}"
             )
+        check_init(init, _known_inits(cls.kind), f"{cls.__name__}.from_base")
+        check_rngs(rngs, f"{cls.__name__}.from_base")
         args, kwargs = cls._arguments(base)
         options = dict(r=r, alpha=alpha, use_rslora=use_rslora, init="kaiming")
         if cls.kind != "embed":
@@ -115,18 +137,7 @@ class Adapter:
             layer.lora_b = nnx.LoRAParam(leaves["lora_b"], **{key: names_b}, **extra)
         layer.init = init
         if init != "kaiming":
-            leaves = init_leaves(
-                weight[...],
-                r,
-                layer.scaling,
-                init,
-                rngs.params(),
-                param_dtype,
-                kind=layer.kind,
-                in_axes=layer.in_axes,
-            )
-            for name, value in leaves.items():
-                getattr(layer, name)[...] = value
+            layer._reinit(init, rngs, param_dtype)
         return layer
 
     def to_base(self) -> nnx.Module:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
 
+from _loracore.config import INITS
 from jaxlora import core
 
 # Where NNX keeps a variable's partitioning (the name changed across Flax releases).
@@ -21,6 +22,20 @@ _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
 def _placeholder(key: jax.Array, shape: tuple[int, ...], dtype: Dtype) -> jax.Array:
     # Stands in for a weight that is about to be replaced by an existing one (no allocation).
     return jnp.zeros((0,), dtype)
+
+
+def check_rngs(rngs: object, where: str) -> None:
+    """A ``TypeError`` naming ``rngs`` unless it is an ``nnx.Rngs`` (NNX's error is a raw one)."""
+    if not isinstance(rngs, nnx.Rngs):
+        raise TypeError(
+            f"{where}: rngs must be an nnx.Rngs (e.g. nnx.Rngs(0)), got {type(rngs).__name__}"
+        )
+
+
+def check_init(init: object, known: tuple[str, ...], where: str) -> None:
+    """A ``ValueError`` naming the allowed values unless ``init`` is one of ``known``."""
+    if not isinstance(init, str) or init not in known:
+        raise ValueError(f"{where}: init must be one of {known}, got {init!r}")
 
 
 def merged_weight(weight: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float):
@@ -70,6 +85,7 @@ class LoRALinear(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         where = f"jaxlora.nnx.LoRALinear({in_features}, {out_features})"
+        check_rngs(rngs, where)
         core.check_hparams(
             r=r,
             alpha=alpha,
@@ -112,6 +128,8 @@ class LoRALinear(nnx.Module):
         """
         if not isinstance(linear, nnx.Linear):
             raise TypeError(f"from_linear expects an nnx.Linear, got {type(linear).__name__}")
+        check_init(init, INITS, "LoRALinear.from_linear")
+        check_rngs(rngs, "LoRALinear.from_linear")
         layer = cls(
             linear.in_features,
             linear.out_features,

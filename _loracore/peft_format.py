@@ -15,8 +15,11 @@ files can tell before the caller changes anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,6 +33,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PREFIX = "base_model.model."
 META_KEY = "lora_config"
+CHECKSUM_KEY = "lora_sha256"
 SUFFIXES = {
     ".lora_A.weight": ("lora_A", False),
     ".lora_B.weight": ("lora_B", False),
@@ -80,25 +84,45 @@ def write_adapter(
     tensors: Mapping[str, Any],
     peft: Mapping[str, Any],
     *,
-    save_file: Callable,
+    serialize: Callable[..., bytes],
     is_finite: Callable[[Any], bool],
 ) -> None:
-    """Refuses non-finite tensors, then writes both files atomically.
+    """Refuses non-finite tensors, then writes both files, each atomically.
 
-    ``save_file`` is safetensors' numpy or torch writer, ``is_finite`` the framework's check.
+    ``serialize`` is safetensors' numpy or torch ``save`` (to bytes), ``is_finite`` the
+    framework's check. Everything is built first (the JSON text, the weights file's bytes with
+    its checksum): a value that cannot be written fails before the directory is created or any
+    file touched. Both files are then written under temporary names and renamed into place,
+    weights first: a failure while writing either leaves the previous adapter intact. The one
+    remaining window is between the two renames (microseconds): a crash there leaves the new
+    weights with the old config, which ``read_adapter`` reports (the weights embed their
+    config) instead of mixing two adapters.
     """
     for key, value in tensors.items():
         if not is_finite(value):
             raise ValueError(f"refusing to save non-finite values in '{key}'")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(peft, indent=2, sort_keys=True)
     metadata = {"format": "pt", META_KEY: text}
-    _atomic(
-        directory / ADAPTER_FILE,
-        lambda tmp: save_file(dict(tensors), tmp, metadata=metadata),
-    )
-    _atomic(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    header, data = _split(serialize(dict(tensors), metadata=metadata), "the new adapter")
+    blob = serialize(dict(tensors), metadata={**metadata, CHECKSUM_KEY: _checksum(header, data)})
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = _temp(directory / ADAPTER_FILE, lambda f: f.write(blob))
+    try:
+        config = _temp(directory / CONFIG_FILE, lambda f: f.write((text + "\n").encode()))
+    except BaseException:
+        _remove(weights)
+        raise
+    try:
+        os.replace(weights, directory / ADAPTER_FILE)
+    except BaseException:
+        _remove(weights, config)
+        raise
+    try:
+        os.replace(config, directory / CONFIG_FILE)
+    except BaseException:
+        _remove(config)
+        raise
 
 
 def read_adapter(
@@ -112,7 +136,7 @@ def read_adapter(
         peft = json.loads(config_path.read_text())
     except FileNotFoundError:
         raise ValueError(f"{config_path}: no such file (not an adapter directory)") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_path}: not valid JSON ({err})") from None
     try:
         config = LoRAConfig.from_peft(peft)
@@ -120,20 +144,9 @@ def read_adapter(
         raise ValueError(f"{config_path}: {err}") from None
     if not weights_path.exists():
         raise ValueError(f"{weights_path}: no such file")
-    try:
-        with safetensors.safe_open(weights_path, framework=framework) as f:
-            metadata = f.metadata() or {}
-            raw = {key: f.get_tensor(key) for key in f.keys()}
-    except (safetensors.SafetensorError, OSError, ValueError) as err:
-        raise ValueError(
-            f"{weights_path}: cannot be read as safetensors, it may be truncated "
-            f"or corrupted ({err})"
-        ) from None
-    if META_KEY in metadata and json.loads(metadata[META_KEY]) != peft:
-        raise ValueError(
-            f"{directory}: {ADAPTER_FILE} and {CONFIG_FILE} come from different "
-            "saves (an interrupted save?); save the adapter again"
-        )
+    metadata, raw = _read_weights(weights_path, framework)
+    if META_KEY in metadata:
+        _check_same_save(directory, metadata[META_KEY], config)
     pairs: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
@@ -222,15 +235,102 @@ def check_pair(
             )
 
 
-def _atomic(final: Path, write: Callable[[str], Any]) -> None:
+def _temp(final: Path, write: Callable[[Any], Any]) -> str:
+    """Writes a temporary file beside ``final`` (flushed to disk); returns its name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
+    return tmp
+
+
+def _remove(*paths: str) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _split(blob: bytes, where: Any) -> tuple[dict[str, Any], bytes]:
+    """(header, data) of a safetensors file's bytes: an 8-byte little-endian header length,
+    the JSON header ({key: {dtype, shape, data_offsets}}, and "__metadata__"), the data."""
+    try:
+        (length,) = struct.unpack("<Q", blob[:8])
+        if length > len(blob) - 8:
+            raise ValueError(f"a header of {length} bytes in a file of {len(blob)}")
+        header = json.loads(blob[8 : 8 + length])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (struct.error, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{where}: cannot be read as safetensors, it may be truncated or corrupted ({err})"
+        ) from None
+    return header, blob[8 + length :]
+
+
+def _checksum(header: Mapping[str, Any], data: bytes) -> str:
+    """sha256 over each tensor's key, dtype, shape and bytes, in sorted key order."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in header if k != "__metadata__"):
+        info = header[key]
+        start, end = info["data_offsets"]
+        described = json.dumps([key, info["dtype"], info["shape"], end - start])
+        digest.update(described.encode() + b"\0")
+        digest.update(data[start:end])
+    return digest.hexdigest()
+
+
+def _read_weights(path: Path, framework: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """The metadata and tensors of a weights file, after checking its checksum (when it has
+    one: PEFT's files don't) and that every tensor is floating point."""
+    blob = path.read_bytes()
+    header, data = _split(blob, path)
+    try:
+        with safetensors.safe_open(path, framework=framework) as f:  # validates the header
+            raw = {key: f.get_tensor(key) for key in f.keys()}
+        metadata = header.get("__metadata__") or {}
+        if CHECKSUM_KEY in metadata and metadata[CHECKSUM_KEY] != _checksum(header, data):
+            raise ValueError("its tensor data does not match the checksum it was saved with")
+    except (safetensors.SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{path}: cannot be read as safetensors, it may be truncated or corrupted ({err})"
+        ) from None
+    for key in sorted(raw):
+        if header[key]["dtype"] not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{path}: tensor '{key}' has dtype {header[key]['dtype']}; adapter tensors must "
+                f"be floating point ({', '.join(FLOAT_DTYPES)})"
+            )
+    return metadata, raw
+
+
+def _check_same_save(directory: Path, embedded: str, config: LoRAConfig) -> None:
+    """The weights embed the config they were saved with: it must mean the same as
+    adapter_config.json (a crash between the two renames leaves them different). The parsed
+    configs are compared, not the JSON, so a hand edit that changes nothing PEFT computes
+    (``base_model_name_or_path`` added, keys reordered) is accepted."""
+    try:
+        saved = LoRAConfig.from_peft(json.loads(embedded))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{directory / ADAPTER_FILE}: its embedded '{META_KEY}' metadata is not a valid "
+            f"adapter config ({err})"
+        ) from None
+    if saved != config:
+        changed = [
+            f"{f.name}: {getattr(saved, f.name)!r} in {ADAPTER_FILE}, "
+            f"{getattr(config, f.name)!r} in {CONFIG_FILE}"
+            for f in dataclasses.fields(config)
+            if getattr(saved, f.name) != getattr(config, f.name)
+        ]
+        raise ValueError(
+            f"{directory}: {ADAPTER_FILE} and {CONFIG_FILE} come from different "
+            f"saves (an interrupted save?); save the adapter again ({'; '.join(changed)})"
+        )

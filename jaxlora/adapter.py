@@ -38,7 +38,7 @@ def is_finite(value) -> bool:
 
 def write_adapter(directory, tensors, peft) -> None:
     peft_format.write_adapter(
-        directory, tensors, peft, save_file=safetensors.numpy.save_file, is_finite=is_finite
+        directory, tensors, peft, serialize=safetensors.numpy.save, is_finite=is_finite
     )
 
 
@@ -91,13 +91,14 @@ def load_adapter(
     _require_mapping(params, "load_adapter")
     config, tensors = read_adapter(directory)
     nodes = {map_path(path_map, name): kn for name, kn in _node_paths(params).items()}
+    _check_paths_exist(set(tensors), nodes, path_map, directory)
     injected = {
         ".".join(p[1:] if p and p[0] == "params" else p) for p, _ in iter_lora_layers(params)
     }
     if injected:
         expected = {map_path(path_map, p) for p in injected}
     else:
-        expected = set(config.select(nodes))
+        expected = set(config.select(nodes, strict=False))
     check_layer_set(expected, set(tensors), directory)
     new = {}
     for torch_path, (a, b, file_kind) in tensors.items():
@@ -136,6 +137,22 @@ def load_adapter(
     return _set_leaves(params, (), new)
 
 
+def _check_paths_exist(found: set[str], nodes: Mapping, path_map: PathMap, directory) -> None:
+    """The file's layer paths must be in the tree (after path_map): else say how to map them."""
+    absent = sorted(found - set(nodes))
+    if absent:
+        tree = sorted(nodes)
+        shown = ", ".join(tree[:12]) + (f", ... ({len(tree)} in all)" if len(tree) > 12 else "")
+        hint = "fix" if path_map is not None else "pass"
+        raise ValueError(
+            f"{directory}: the file's module path(s) {absent} are not in the params tree "
+            f"(the file holds: {', '.join(sorted(found))}; the tree's layer paths"
+            f"{' after path_map' if path_map is not None else ''} are: {shown or '(none)'}); "
+            f"if the Flax names differ from the torch names, {hint} path_map= (a dict or "
+            "function from a '.'-joined Flax path to the torch module path)"
+        )
+
+
 def _target(node, file_kind: str, a: np.ndarray, where: str) -> tuple[str, str, int]:
     """(kind, base leaf name, input axes) of the layer a file's adapter goes to: from its LoRA
     leaves when injected, else from its weight and the file's tensors."""
@@ -154,9 +171,62 @@ def _target(node, file_kind: str, a: np.ndarray, where: str) -> tuple[str, str, 
     return "linear", name, kinds.linear_in_axes(shape, a.shape[1], where)
 
 
-def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
-    """The ``LoRAConfig`` stored in an adapter directory (for ``intercept``/``merge``)."""
-    return read_adapter(directory)[0]
+_UNSET: PathMap = object()  # type: ignore[assignment]
+
+
+def read_adapter_config(
+    directory: str | os.PathLike, *, path_map: PathMap = _UNSET, params: PyTree | None = None
+) -> LoRAConfig:
+    """The ``LoRAConfig`` stored in an adapter directory, keyed by Flax paths, for
+    ``intercept`` and ``merge(alpha=config.alpha_for)``.
+
+    The file's ``rank_pattern``/``alpha_pattern`` and ``target_modules`` name torch module
+    paths. With the ``path_map`` given to ``load_adapter`` (a dict, or a function, which needs
+    ``params``: the tree whose layer paths it maps), the config returned names each of the
+    file's layers by its Flax path, with its rank and alpha. A file with a rank or alpha
+    pattern must be read with ``path_map`` stated (``None`` when the Flax paths are the torch
+    paths): otherwise a Flax path that the torch-keyed patterns miss would silently get the
+    default alpha.
+
+    Raises:
+        ValueError: as ``load_adapter`` for a bad file; a file with patterns and no
+            ``path_map`` argument; a path_map under which a file layer has no (or two) Flax
+            paths.
+    """
+    config, tensors = read_adapter(directory)
+    if path_map is _UNSET:
+        if config.rank_pattern or config.alpha_pattern:
+            raise ValueError(
+                f"{directory}: the adapter has rank_pattern/alpha_pattern keyed by torch module "
+                "paths: call read_adapter_config(directory, path_map=...) with the path_map "
+                "given to load_adapter (path_map=None if the Flax paths are the torch paths), "
+                "so each layer gets its own rank and alpha"
+            )
+        return config
+    if path_map is None:
+        return config
+    if callable(path_map):
+        if params is None:
+            raise ValueError(
+                "read_adapter_config: a path_map function needs params= (the params tree it "
+                "maps) to find the Flax path of each of the file's layers"
+            )
+        flax_paths = list(_node_paths(params))
+    else:
+        flax_paths = [*path_map, *tensors]  # unmapped Flax paths are the torch paths
+    flax_of: dict[str, list[str]] = {}
+    for flax_path in dict.fromkeys(flax_paths):
+        flax_of.setdefault(map_path(path_map, flax_path), []).append(flax_path)
+    exact = {}
+    for torch_path, (a, _, _) in tensors.items():
+        found = flax_of.get(torch_path, [])
+        if len(found) != 1:
+            raise ValueError(
+                f"{directory}: the file's layer '{torch_path}' is the image of "
+                f"{found or 'no Flax path'} under path_map; expected exactly one"
+            )
+        exact[found[0]] = (a.shape[0], config.alpha_for(torch_path))
+    return config.for_layers(exact)
 
 
 def _node_paths(params: Mapping, path: tuple[str, ...] = ()) -> dict[str, tuple]:

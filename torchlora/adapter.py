@@ -46,7 +46,7 @@ def is_finite(value: torch.Tensor) -> bool:
 
 def write_adapter(directory, tensors, peft) -> None:
     peft_format.write_adapter(
-        directory, tensors, peft, save_file=safetensors.torch.save_file, is_finite=is_finite
+        directory, tensors, peft, serialize=safetensors.torch.save, is_finite=is_finite
     )
 
 
@@ -100,7 +100,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     config, tensors = read_adapter(directory)
     modules = dict(model.named_modules())
     layers = {n: m for n, m in modules.items() if isinstance(m, LoRALayer)}
-    expected = set(layers) if layers else set(config.select(modules))
+    expected = set(layers) if layers else set(config.select(modules, strict=False))
     check_layer_set(expected, set(tensors), directory)
     for path, (a, b, kind) in tensors.items():
         module = modules[path]
@@ -118,8 +118,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"{directory}: layer '{path}' has rank {a.shape[0]} in the file "
                 f"but {module.r} in the model"
             )
-    if not layers:
-        inject(model, config)
+    if not layers:  # exactly the file's layers, with their ranks and alphas
+        inject(model, config.for_layers(_ranks_alphas(config, tensors)))
     with torch.no_grad():
         for path, (a, b, _) in tensors.items():
             layer = model.get_submodule(path)
@@ -134,3 +134,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
     """The ``LoRAConfig`` stored in an adapter directory."""
     return read_adapter(directory)[0]
+
+
+def _ranks_alphas(config: LoRAConfig, tensors) -> dict[str, tuple[int, float]]:
+    return {p: (a.shape[0], config.alpha_for(p)) for p, (a, _, _) in tensors.items()}

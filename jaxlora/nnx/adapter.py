@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -94,7 +93,7 @@ def load_adapter(
     config, tensors = read_adapter(directory)
     modules = _modules(model, path_map, nnx.Module)
     layers = {p: m for p, m in modules.items() if isinstance(m, ADAPTED)}
-    expected = set(layers) if layers else set(config.select(modules))
+    expected = set(layers) if layers else set(config.select(modules, strict=False))
     check_layer_set(expected, set(tensors), directory)
     shapes = {}
     for path, (a, b, kind) in tensors.items():
@@ -124,16 +123,8 @@ def load_adapter(
             if p
         }
         # Inject exactly the file's layers, named by their NNX paths, with their ranks.
-        inject(
-            model,
-            dataclasses.replace(
-                config,
-                targets=sorted(local[t] for t in tensors),
-                rank_pattern={local[t]: a.shape[0] for t, (a, _, _) in tensors.items()},
-                alpha_pattern={local[t]: config.alpha_for(t) for t in tensors},
-            ),
-            nnx.Rngs(0),
-        )
+        exact = {local[t]: (a.shape[0], config.alpha_for(t)) for t, (a, _, _) in tensors.items()}
+        inject(model, config.for_layers(exact), nnx.Rngs(0))
         layers = _modules(model, path_map, ADAPTED)
     for path, (a, b, _) in tensors.items():
         layer = layers[path]

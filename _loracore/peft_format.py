@@ -196,6 +196,24 @@ def read_adapter(
     return config, tensors
 
 
+def check_paths_exist(
+    found: set[str], nodes: Mapping, path_map: PathMap, directory: Any
+) -> None:
+    """The file's layer paths must be in the model (after path_map): else say how to map them."""
+    absent = sorted(found - set(nodes))
+    if absent:
+        tree = sorted(nodes)
+        shown = ", ".join(tree[:12]) + (f", ... ({len(tree)} in all)" if len(tree) > 12 else "")
+        hint = "fix" if path_map is not None else "pass"
+        raise ValueError(
+            f"{directory}: the file's module path(s) {absent} are not in the model "
+            f"(the file holds: {', '.join(sorted(found))}; the model's layer paths"
+            f"{' after path_map' if path_map is not None else ''} are: {shown or '(none)'}); "
+            f"if the model's names differ from the torch names, {hint} path_map= (a dict or "
+            "function from a '.'-joined JAX path to the torch module path)"
+        )
+
+
 def check_layer_set(expected: set[str], found: set[str], directory: Any) -> None:
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing:

@@ -22,6 +22,7 @@ from _loracore.peft_format import (
     PathMap,
     check_layer_set,
     check_pair,
+    check_paths_exist,
     file_config,
     map_path,
     tensor_keys,
@@ -91,7 +92,7 @@ def load_adapter(
     _require_mapping(params, "load_adapter")
     config, tensors = read_adapter(directory)
     nodes = {map_path(path_map, name): kn for name, kn in _node_paths(params).items()}
-    _check_paths_exist(set(tensors), nodes, path_map, directory)
+    check_paths_exist(set(tensors), nodes, path_map, directory)
     injected = {
         ".".join(p[1:] if p and p[0] == "params" else p) for p, _ in iter_lora_layers(params)
     }
@@ -135,22 +136,6 @@ def load_adapter(
                 boxed.replace_boxed(residual) if isinstance(boxed, meta.AxisMetadata) else residual
             )
     return _set_leaves(params, (), new)
-
-
-def _check_paths_exist(found: set[str], nodes: Mapping, path_map: PathMap, directory) -> None:
-    """The file's layer paths must be in the tree (after path_map): else say how to map them."""
-    absent = sorted(found - set(nodes))
-    if absent:
-        tree = sorted(nodes)
-        shown = ", ".join(tree[:12]) + (f", ... ({len(tree)} in all)" if len(tree) > 12 else "")
-        hint = "fix" if path_map is not None else "pass"
-        raise ValueError(
-            f"{directory}: the file's module path(s) {absent} are not in the params tree "
-            f"(the file holds: {', '.join(sorted(found))}; the tree's layer paths"
-            f"{' after path_map' if path_map is not None else ''} are: {shown or '(none)'}); "
-            f"if the Flax names differ from the torch names, {hint} path_map= (a dict or "
-            "function from a '.'-joined Flax path to the torch module path)"
-        )
 
 
 def _target(node, file_kind: str, a: np.ndarray, where: str) -> tuple[str, str, int]:
@@ -205,15 +190,16 @@ def read_adapter_config(
         return config
     if path_map is None:
         return config
-    if callable(path_map):
-        if params is None:
-            raise ValueError(
-                "read_adapter_config: a path_map function needs params= (the params tree it "
-                "maps) to find the Flax path of each of the file's layers"
-            )
+    if params is not None:
         flax_paths = list(_node_paths(params))
-    else:
-        flax_paths = [*path_map, *tensors]  # unmapped Flax paths are the torch paths
+    elif callable(path_map):
+        raise ValueError(
+            "read_adapter_config: a path_map function needs params= (the params tree it "
+            "maps) to find the Flax path of each of the file's layers"
+        )
+    else:  # a dict: a torch path that no key maps to is its own Flax path
+        images = set(path_map.values())
+        flax_paths = [*path_map, *(t for t in tensors if t not in images)]
     flax_of: dict[str, list[str]] = {}
     for flax_path in dict.fromkeys(flax_paths):
         flax_of.setdefault(map_path(path_map, flax_path), []).append(flax_path)

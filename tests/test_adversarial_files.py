@@ -357,3 +357,90 @@ def test_checksum_is_written_and_verified(tmp_path):
         digest = f.metadata()["lora_sha256"]
     assert len(digest) == 64 and int(digest, 16) >= 0
     load_everywhere(tmp_path)  # the intact file loads
+
+
+# --- 6, 7. Linen and NNX with path_map ----------------------------------------------------
+
+RENAMED = {"q_dense": "query", "v_dense": "value", "o_dense": "out"}  # JAX path -> torch path
+
+
+class RenamedLinen(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.tanh(nn.Dense(16, name="q_dense")(x))
+        return nn.Dense(5, name="o_dense")(jnp.tanh(nn.Dense(16, name="v_dense")(x)))
+
+
+class RenamedNnx(nnx.Module):
+    def __init__(self) -> None:
+        net = nnx_net()
+        self.q_dense, self.v_dense, self.o_dense = net.query, net.value, net.out
+
+    def __call__(self, x):
+        return self.o_dense(jnp.tanh(self.v_dense(jnp.tanh(self.q_dense(x)))))
+
+
+def renamed_params() -> dict:
+    params = linen_params()
+    return {flax: params[torch_path] for flax, torch_path in RENAMED.items()}
+
+
+@pytest.mark.parametrize("as_function", [False, True], ids=["dict", "function"])
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_linen_path_map_keys_the_patterns_by_flax_path(tmp_path, as_function, use_rslora):
+    model = torch_adapter(
+        tmp_path,
+        use_rslora=use_rslora,
+        rank_pattern={"value": 2},
+        alpha_pattern={"value": 27, "query": 5},
+    )
+    y_torch = model(torch.from_numpy(X)).detach().numpy()
+    path_map = (lambda p: RENAMED.get(p, p)) if as_function else dict(RENAMED)
+    params = renamed_params()
+    loaded = jaxlora.load_adapter(params, tmp_path, path_map=path_map)
+    config = jaxlora.read_adapter_config(tmp_path, path_map=path_map, params=params)
+    assert (config.alpha_for("v_dense"), config.alpha_for("q_dense")) == (27.0, 5.0)
+    assert config.rank_for("v_dense") == 2 and config.use_rslora is use_rslora
+    with jaxlora.intercept(config):
+        y_linen = RenamedLinen().apply({"params": loaded}, X)
+    merged = jaxlora.merge(loaded, alpha=config.alpha_for, use_rslora=config.use_rslora)
+    y_merged = RenamedLinen().apply({"params": merged}, X)
+    y_nnx = jaxlora.nnx.load_adapter(RenamedNnx(), tmp_path, path_map=path_map)(jnp.asarray(X))
+    for name, y in (("linen", y_linen), ("merged", y_merged), ("nnx", y_nnx)):
+        np.testing.assert_allclose(np.asarray(y), y_torch, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_linen_path_map_must_be_stated_for_a_file_with_patterns(tmp_path):
+    torch_adapter(tmp_path, alpha_pattern={"value": 27})
+    with pytest.raises(ValueError, match=r"keyed by torch module paths: call read_adapter_config"):
+        jaxlora.read_adapter_config(tmp_path)
+    with pytest.raises(ValueError, match=r"a path_map function needs params="):
+        jaxlora.read_adapter_config(tmp_path, path_map=lambda p: RENAMED.get(p, p))
+    with pytest.raises(ValueError, match=r"'value' is the image of no Flax path"):
+        jaxlora.read_adapter_config(
+            tmp_path, path_map={"q_dense": "query"}, params=renamed_params()
+        )
+    with pytest.raises(ValueError, match=r"'query' is the image of \['a', 'b'\]"):
+        jaxlora.read_adapter_config(tmp_path, path_map={"a": "query", "b": "query"})
+    assert jaxlora.read_adapter_config(tmp_path, path_map=None).alpha_for("value") == 27.0
+    torch_adapter(tmp_path / "plain")  # no patterns: nothing to re-key, no path_map needed
+    assert jaxlora.read_adapter_config(tmp_path / "plain").alpha_for("x") == 8.0
+
+
+def test_unmatched_paths_suggest_path_map(tmp_path):
+    torch_adapter(tmp_path)
+    match = (
+        r"the file's module path\(s\) \['query', 'value'\] are not in the model \(the file "
+        r"holds: query, value; the model's layer paths are: o_dense, q_dense, v_dense\); if "
+        r"the model's names differ from the torch names, pass path_map="
+    )
+    params = renamed_params()
+    with pytest.raises(ValueError, match=match):
+        jaxlora.load_adapter(params, tmp_path)
+    injected = jaxlora.inject(params, LoRAConfig(r=4, targets=["q_dense"]), jax.random.key(0))
+    with pytest.raises(ValueError, match=match):
+        jaxlora.load_adapter(injected, tmp_path)
+    with pytest.raises(ValueError, match=match):
+        jaxlora.nnx.load_adapter(RenamedNnx(), tmp_path)
+    with pytest.raises(ValueError, match=r"after path_map are: .*fix path_map="):
+        jaxlora.load_adapter(params, tmp_path, path_map={"q_dense": "query"})

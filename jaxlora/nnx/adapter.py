@@ -13,6 +13,7 @@ from _loracore.peft_format import (
     PathMap,
     check_layer_set,
     check_pair,
+    check_paths_exist,
     file_config,
     map_path,
     tensor_keys,
@@ -92,6 +93,7 @@ def load_adapter(
     """
     config, tensors = read_adapter(directory)
     modules = _modules(model, path_map, nnx.Module)
+    check_paths_exist(set(tensors), modules, path_map, directory)
     layers = {p: m for p, m in modules.items() if isinstance(m, ADAPTED)}
     expected = set(layers) if layers else set(config.select(modules, strict=False))
     check_layer_set(expected, set(tensors), directory)

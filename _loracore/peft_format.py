@@ -27,7 +27,7 @@ from typing import Any
 
 import safetensors
 
-from _loracore.config import LoRAConfig
+from _loracore.config import WEIGHT_INITS, LoRAConfig
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -212,6 +212,50 @@ def check_paths_exist(
             f"if the model's names differ from the torch names, {hint} path_map= (a dict or "
             "function from a '.'-joined JAX path to the torch module path)"
         )
+
+
+def residual_needed(
+    path: str,
+    kind: str,
+    file: tuple[str, float],
+    layer: tuple[str | None, float],
+    directory: Any,
+) -> bool:
+    """Whether loading a file's adapter into an injected layer must first turn the layer's
+    weight into the PiSSA/OLoRA residual; a ``ValueError`` where the result would be wrong.
+
+    ``file`` and ``layer`` are (init, scaling): the file's, and the one the layer was injected
+    with (``None``: unknown). A PiSSA/OLoRA adapter is relative to the residual
+    W − scaling·B₀A₀ that PEFT builds from the base weight W; other adapters to W itself.
+    A kaiming/gaussian-injected layer still holds W, so the residual is built from it (as
+    loading into the plain model does). A PiSSA/OLoRA-injected layer holds its own residual:
+    right for a file of the same init (and, for OLoRA, whose residual depends on it, the same
+    scaling), but W cannot be recovered from it for any other file.
+    """
+    (file_init, file_scale), (layer_init, layer_scale) = file, layer
+    if layer_init in WEIGHT_INITS:
+        if file_init == layer_init and (file_init == "pissa" or file_scale == layer_scale):
+            return False
+        raise ValueError(
+            f"{directory}: layer '{path}' was injected with init={layer_init!r} (scaling "
+            f"{layer_scale:g}), so its weight is the residual W − scaling·B₀A₀, not the base "
+            f"weight that this init={file_init!r} (scaling {file_scale:g}) adapter applies to; "
+            "load the file into the plain base model instead"
+        )
+    if file_init not in WEIGHT_INITS:
+        return False
+    if kind != "linear":
+        raise ValueError(
+            f"{directory}: the file's init={file_init!r} adapts linear layers only, but "
+            f"layer '{path}' is a {kind} layer"
+        )
+    if layer_init is None:
+        raise ValueError(
+            f"{directory}: the file is an init={file_init!r} adapter, relative to a residual "
+            f"of the base weight, and it is not known how layer '{path}' was injected; load "
+            "the file into the plain base model instead"
+        )
+    return True
 
 
 def check_layer_set(expected: set[str], found: set[str], directory: Any) -> None:

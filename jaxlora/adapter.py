@@ -88,6 +88,14 @@ def load_adapter(
     the config, a non-finite value or a damaged file is a ``ValueError`` naming the key, and
     the input tree is never modified. Use ``read_adapter_config(directory)`` for the config to
     pass to ``jaxlora.intercept``.
+
+    PiSSA/OLoRA files (``init_lora_weights`` "pissa"/"olora") are relative to the residual
+    W − scaling·B₀A₀ that PEFT builds from the base kernel W: loaded into a plain tree, the
+    residual is built here as PEFT does. A params tree does not record how it was injected,
+    so such a file is refused for an injected tree (load it into the base tree). For the same
+    reason, a plain file loaded into a PiSSA/OLoRA-injected tree is applied to that tree's
+    kernels, which are residuals: load it into the base tree (torchlora and ``jaxlora.nnx``,
+    whose layers know their init, refuse that case).
     """
     _require_mapping(params, "load_adapter")
     config, tensors = read_adapter(directory)
@@ -101,6 +109,14 @@ def load_adapter(
     else:
         expected = set(config.select(nodes, strict=False))
     check_layer_set(expected, set(tensors), directory)
+    if config.init in WEIGHT_INITS and injected:
+        raise ValueError(
+            f"{directory}: the file is an init={config.init!r} adapter, relative to the "
+            "residual W − scaling·B₀A₀ of the base kernel W, and a params tree does not record "
+            "how it was injected (a PiSSA/OLoRA-injected tree's kernels are residuals already); "
+            "load it into the plain base tree instead (no LoRA leaves, the original kernels): "
+            "jaxlora.load_adapter(base_params, directory)"
+        )
     new = {}
     for torch_path, (a, b, file_kind) in tensors.items():
         flax_path, node = nodes[torch_path]

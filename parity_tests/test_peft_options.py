@@ -7,19 +7,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import warnings
 
+import jax.numpy as jnp
 import numpy as np
 import peft
 import peft.tuners.lora.config as lora_config
 import pytest
 import torch
+from flax import nnx
 from peft import LoraConfig, get_peft_model
 
+import jaxlora.nnx
+import torchlora
 from _loracore import peft_fields
 from jaxlora.config import LoRAConfig
-from tests.test_adversarial_files import X, TorchNet, load_everywhere, refused_everywhere
+from tests.test_adversarial_files import (
+    X,
+    TorchNet,
+    load_everywhere,
+    nnx_net,
+    refused_everywhere,
+)
 
 BASE = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
 
@@ -176,4 +185,24 @@ def test_unmatched_pattern_key_is_ignored_as_peft_does(tmp_path):
     y = model.eval()(torch.from_numpy(X)).detach().numpy()
     for side, out in load_everywhere(tmp_path).items():
         np.testing.assert_allclose(out, y, rtol=1e-5, atol=1e-6, err_msg=side)
-    shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_weight_init_file_into_injected_models(tmp_path, init):
+    """A PiSSA/OLoRA file saved by PEFT, loaded into a kaiming-injected torch or NNX model,
+    gives PEFT's outputs (the residual is built from the injected layer's weight)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(TorchNet(), LoraConfig(**BASE, init_lora_weights=init))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.1)  # trained away from the init
+    model.save_pretrained(str(tmp_path))
+    y_peft = model.eval()(torch.from_numpy(X)).detach().numpy()
+    injected = LoRAConfig(r=4, alpha=2, targets=["query", "value"])
+    ours = torchlora.load_adapter(torchlora.inject(TorchNet(), injected), tmp_path)
+    net = jaxlora.nnx.load_adapter(jaxlora.nnx.inject(nnx_net(), injected, nnx.Rngs(0)), tmp_path)
+    for name, y in (("torch", ours(torch.from_numpy(X)).detach()), ("nnx", net(jnp.asarray(X)))):
+        np.testing.assert_allclose(np.asarray(y), y_peft, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -444,3 +444,70 @@ def test_unmatched_paths_suggest_path_map(tmp_path):
         jaxlora.nnx.load_adapter(RenamedNnx(), tmp_path)
     with pytest.raises(ValueError, match=r"after path_map are: .*fix path_map="):
         jaxlora.load_adapter(params, tmp_path, path_map={"q_dense": "query"})
+
+
+# --- 8. PiSSA/OLoRA files and injected models ---------------------------------------------
+
+INJECTED = dict(r=4, targets=["query", "value"])
+
+
+def _plain_load_reference(directory) -> np.ndarray:
+    return torchlora.load_adapter(TorchNet(), directory)(torch.from_numpy(X)).detach().numpy()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("injected_init", ["kaiming", "gaussian"])
+def test_weight_init_file_into_kaiming_injected_model(tmp_path, init, injected_init):
+    """The residual is built from the injected layer's weight (still W), as a plain load does."""
+    torch_adapter(tmp_path, init=init, alpha=6)
+    y_ref = _plain_load_reference(tmp_path)
+    injected = LoRAConfig(**INJECTED, alpha=3, init=injected_init)
+    model = torchlora.load_adapter(torchlora.inject(TorchNet(), injected), tmp_path)
+    assert model.query.init == init and model.query.scaling == 1.5
+    net = jaxlora.nnx.load_adapter(jaxlora.nnx.inject(nnx_net(), injected, nnx.Rngs(0)), tmp_path)
+    for name, y in (("torch", model(torch.from_numpy(X)).detach()), ("nnx", net(jnp.asarray(X)))):
+        np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-5, err_msg=name)
+    params = jaxlora.inject(linen_params(), injected, jax.random.key(0))
+    with pytest.raises(ValueError, match=rf"init='{init}' adapter, .* load it into the plain"):
+        jaxlora.load_adapter(params, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "file_init,file_alpha,model_init,model_alpha",
+    [
+        ("kaiming", 8, "pissa", 8),
+        ("gaussian", 8, "olora", 8),
+        ("olora", 8, "pissa", 8),
+        ("olora", 8, "olora", 3),  # OLoRA's residual depends on the scaling
+    ],
+    ids=["plain-into-pissa", "plain-into-olora", "olora-into-pissa", "olora-other-scaling"],
+)
+def test_file_into_weight_init_model_it_does_not_fit_is_refused(
+    tmp_path, file_init, file_alpha, model_init, model_alpha
+):
+    torch_adapter(tmp_path, init=file_init, alpha=file_alpha)
+    injected = LoRAConfig(**INJECTED, alpha=model_alpha, init=model_init)
+    match = rf"was injected with init='{model_init}' .* load the file into the plain base model"
+    model = torchlora.inject(TorchNet(), injected)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        torchlora.load_adapter(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    net = jaxlora.nnx.inject(nnx_net(), injected, nnx.Rngs(0))
+    kernel = np.asarray(net.query.kernel[...])
+    with pytest.raises(ValueError, match=match):
+        jaxlora.nnx.load_adapter(net, tmp_path)
+    np.testing.assert_array_equal(np.asarray(net.query.kernel[...]), kernel)
+
+
+@pytest.mark.parametrize("init,alpha", [("pissa", 3), ("olora", 8)])
+def test_weight_init_file_into_same_init_model(tmp_path, init, alpha):
+    """A PiSSA-injected model holds the same residual whatever its alpha (the SVD part does not
+    depend on the scaling); an OLoRA one the same residual at the same scaling."""
+    torch_adapter(tmp_path, init=init, alpha=8)
+    y_ref = _plain_load_reference(tmp_path)
+    injected = LoRAConfig(**INJECTED, alpha=alpha, init=init)
+    model = torchlora.load_adapter(torchlora.inject(TorchNet(), injected), tmp_path)
+    net = jaxlora.nnx.load_adapter(jaxlora.nnx.inject(nnx_net(), injected, nnx.Rngs(0)), tmp_path)
+    for name, y in (("torch", model(torch.from_numpy(X)).detach()), ("nnx", net(jnp.asarray(X)))):
+        np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from _loracore import peft_format
-from _loracore.peft_format import check_layer_set, check_pair, file_config, tensor_keys
+from _loracore.peft_format import (
+    check_layer_set,
+    check_pair,
+    file_config,
+    residual_needed,
+    tensor_keys,
+)
+from torchlora import core
 from torchlora.base import LoRALayer
 from torchlora.config import LoRAConfig
 from torchlora.conv import _ConvNd
@@ -118,8 +125,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"{directory}: layer '{path}' has rank {a.shape[0]} in the file "
                 f"but {module.r} in the model"
             )
+    residual = [
+        path
+        for path, (a, _, kind) in tensors.items()
+        if path in layers and _needs(config, path, a.shape[0], kind, layers[path], directory)
+    ]
     if not layers:  # exactly the file's layers, with their ranks and alphas
         inject(model, config.for_layers(_ranks_alphas(config, tensors)))
+    for path in residual:  # a kaiming-injected layer still holds W: build the residual from it
+        layer = layers[path]
+        layer.init, layer.alpha = config.init, config.alpha_for(path)
+        layer.use_rslora = config.use_rslora
+        layer.reset_lora_parameters()
     with torch.no_grad():
         for path, (a, b, _) in tensors.items():
             layer = model.get_submodule(path)
@@ -134,6 +151,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
     """The ``LoRAConfig`` stored in an adapter directory."""
     return read_adapter(directory)[0]
+
+
+def _needs(config: LoRAConfig, path: str, r: int, kind: str, layer: LoRALayer, directory) -> bool:
+    scale = core.scaling(r, config.alpha_for(path), use_rslora=config.use_rslora)
+    return residual_needed(
+        path, kind, (config.init, scale), (layer.init, layer.scaling), directory
+    )
 
 
 def _ranks_alphas(config: LoRAConfig, tensors) -> dict[str, tuple[int, float]]:

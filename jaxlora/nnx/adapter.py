@@ -16,11 +16,14 @@ from _loracore.peft_format import (
     check_paths_exist,
     file_config,
     map_path,
+    residual_needed,
     tensor_keys,
 )
 from jaxlora import kinds
 from jaxlora.adapter import read_adapter, write_adapter
 from jaxlora.config import LoRAConfig
+from jaxlora.core import scaling
+from jaxlora.inject import init_leaves
 from jaxlora.nnx.base import Adapter
 from jaxlora.nnx.conv import LoRAConv
 from jaxlora.nnx.embed import LoRAEmbed
@@ -118,6 +121,11 @@ def load_adapter(
                 f"{directory}: layer '{path}' has rank {a.shape[0]} in the file "
                 f"but {module.r} in the model"
             )
+    residual = [
+        path
+        for path, (a, _, _) in tensors.items()
+        if path in layers and _needs(model, config, path, a.shape[0], layers[path], directory)
+    ]
     if not layers:
         local = {
             map_path(path_map, ".".join(map(str, p))): ".".join(map(str, p))
@@ -128,6 +136,14 @@ def load_adapter(
         exact = {local[t]: (a.shape[0], config.alpha_for(t)) for t, (a, _, _) in tensors.items()}
         inject(model, config.for_layers(exact), nnx.Rngs(0))
         layers = _modules(model, path_map, ADAPTED)
+    for path in residual:  # a kaiming-injected layer still holds W: build the residual from it
+        layer, (_, _, in_axes) = layers[path], shapes[path]
+        scale = scaling(layer.r, config.alpha_for(path), use_rslora=config.use_rslora)
+        kernel = layer.kernel[...]
+        make = init_leaves(kernel, layer.r, scale, config.init, None, kernel.dtype, in_axes=in_axes)
+        layer.kernel[...] = make["kernel"]
+        if isinstance(layer, Adapter):
+            layer.init = config.init
     for path, (a, b, _) in tensors.items():
         layer = layers[path]
         kind, shape, in_axes = shapes[path]
@@ -137,6 +153,17 @@ def load_adapter(
         layer.alpha, layer.use_rslora = config.alpha_for(path), config.use_rslora
     model.lora_config = config
     return model
+
+
+def _needs(model, config: LoRAConfig, path: str, r: int, layer, directory) -> bool:
+    # Adapter layers know their init; LoRALinear does not, so the config inject remembered
+    # (model.lora_config, which load_adapter also sets) says it, when there is one.
+    remembered = getattr(model, "lora_config", None)
+    layer_init = getattr(layer, "init", None) or getattr(remembered, "init", None)
+    file_scale = scaling(r, config.alpha_for(path), use_rslora=config.use_rslora)
+    return residual_needed(
+        path, describe(layer)[0], (config.init, file_scale), (layer_init, layer.scaling), directory
+    )
 
 
 def _modules(model: nnx.Module, path_map: PathMap, kind) -> dict[str, nnx.Module]:

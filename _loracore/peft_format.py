@@ -5,11 +5,16 @@ A directory holds ``adapter_model.safetensors`` and ``adapter_config.json``. Ten
 ``lora_B.weight`` (out, r) for a Linear; the same names with (r, in, kh, kw) and
 (out, r, 1, 1) for a Conv2d; ``lora_embedding_A`` (r, num_embeddings) and
 ``lora_embedding_B`` (dim, r) for an Embedding.
-Safety: safetensors only (nothing is unpickled); each file is written under a temporary name
-in the target directory and renamed into place, so an interrupted save leaves the previous
-file intact; the weights file embeds its config, so a crash between the two renames (the only
-window) is reported on load instead of mixing two adapters. Reading checks everything the
-files can tell before the caller changes anything.
+Safety: safetensors only (nothing is unpickled); the weights file written here embeds its
+config and a sha256 of its tensors (``lora_sha256``: each tensor's key, dtype, shape and bytes
+in sorted key order), verified on load when present (PEFT's own files have none). Both files
+are fully built in memory, written under temporary names in the target directory, and only
+then renamed into place, so a failed or interrupted save leaves the previous adapter intact;
+a crash between the two renames (the only window) is reported on load, where the embedded
+config means something else than ``adapter_config.json``, instead of mixing two adapters.
+Reading checks everything the files can tell (fields PEFT sets that this library cannot
+reproduce, floating-point tensors, shapes, ranks, finiteness) before the caller changes
+anything.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import jaxlora
 import jaxlora.nnx
 import torchlora
+from _loracore import peft_fields
 from jaxlora.config import LoRAConfig
 
 X = np.random.default_rng(0).standard_normal((3, 12)).astype("f4")
@@ -511,3 +512,56 @@ def test_weight_init_file_into_same_init_model(tmp_path, init, alpha):
     net = jaxlora.nnx.load_adapter(jaxlora.nnx.inject(nnx_net(), injected, nnx.Rngs(0)), tmp_path)
     for name, y in (("torch", model(torch.from_numpy(X)).detach()), ("nnx", net(jnp.asarray(X)))):
         np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+# --- Property tests: any config dict, any truncation ---------------------------------------
+
+JSON_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 20),
+    st.floats(-2, 40, allow_nan=False),
+    st.sampled_from(["", "none", "all", "q", "pissa", "false", "(bad"]),
+    st.lists(st.sampled_from(["q", "k", ""]), max_size=2),
+    st.dictionaries(st.sampled_from(["q", "k", "(x"]), st.integers(0, 4), max_size=2),
+)
+FIELD_NAMES = st.sampled_from(sorted(peft_fields.KNOWN - {"peft_type"}) + ["future_option"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes=st.dictionaries(FIELD_NAMES, JSON_VALUES, max_size=4))
+def test_from_peft_is_right_or_refuses(changes):
+    """Any edit of a valid adapter_config.json: a ValueError/TypeError, or a config that says
+    exactly what the file says (and no refused or unknown feature switched on)."""
+    peft = {**LoRAConfig(r=4, alpha=8, targets=["q"]).to_peft(), **changes}
+    try:
+        config = LoRAConfig.from_peft(peft)
+    except (TypeError, ValueError):
+        return
+    for key, value in peft.items():
+        if key in peft_fields.REFUSED:
+            assert any(peft_fields._same(value, off) for off in peft_fields.REFUSED[key]), key
+        elif key not in peft_fields.KNOWN:
+            assert peft_fields._off_like(value), key
+    assert config.r == peft["r"] and config.alpha == peft["lora_alpha"]
+    assert config.use_rslora is peft.get("use_rslora", False)
+    targets = peft["target_modules"]
+    assert config.targets == (targets if isinstance(targets, str) else tuple(targets))
+    assert config.dropout == (peft.get("lora_dropout") or 0.0)
+    assert config.rank_pattern == (peft.get("rank_pattern") or {})
+    assert config.alpha_pattern == (peft.get("alpha_pattern") or {})
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(keep=st.floats(0, 1, exclude_max=True))
+def test_any_truncation_is_a_value_error(tmp_path_factory, keep):
+    directory = tmp_path_factory.mktemp("cut")
+    torch_adapter(directory)
+    path = directory / "adapter_model.safetensors"
+    blob = path.read_bytes()
+    path.write_bytes(blob[: int(keep * len(blob))])
+    for read in (jaxlora.read_adapter_config, torchlora.read_adapter_config):
+        with pytest.raises(ValueError, match=r"adapter_model\.safetensors: cannot be read"):
+            read(directory)

@@ -103,6 +103,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     replaced, and their alpha set to the file's. Strict: a missing, unexpected or wrongly
     shaped tensor, a rank that disagrees with the config, a merged layer, a non-finite value
     or a damaged file is a ``ValueError`` naming the key, and the model is left unchanged.
+
+    PiSSA/OLoRA files are relative to the residual W − scaling·B₀A₀ that PEFT builds from the
+    base weight W. Into a plain model, or into a layer injected with "kaiming"/"gaussian"
+    (which still holds W), the residual is built here, as PEFT does. A layer injected with
+    "pissa"/"olora" already holds its residual: it takes a file of the same init (for OLoRA
+    also the same scaling) and refuses any other, whose base W it cannot recover.
     """
     config, tensors = read_adapter(directory)
     modules = dict(model.named_modules())

@@ -92,7 +92,11 @@ def load_adapter(
 
     Into a plain model the file's ``target_modules`` are injected first; into an injected model
     the adapters are replaced (and their alpha set to the file's). Strict, and the model is left
-    unchanged by a failed load (see ``jaxlora.load_adapter``).
+    unchanged by a failed load (see ``jaxlora.load_adapter``). PiSSA/OLoRA files as in
+    ``torchlora.load_adapter``: the residual is built for a plain or kaiming/gaussian-injected
+    layer, and a PiSSA/OLoRA-injected layer takes only a file of its own init (and, for OLoRA,
+    scaling). A ``LoRALinear`` does not record its init: ``model.lora_config`` (set by
+    ``inject`` and by this function) says it, and without one a PiSSA/OLoRA file is refused.
     """
     config, tensors = read_adapter(directory)
     modules = _modules(model, path_map, nnx.Module)

@@ -19,26 +19,20 @@ anything.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import os
-import struct
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import safetensors
-
+from _loracore import safe_files
 from _loracore.config import WEIGHT_INITS, LoRAConfig
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PREFIX = "base_model.model."
 META_KEY = "lora_config"
-CHECKSUM_KEY = "lora_sha256"
 SUFFIXES = {
     ".lora_A.weight": ("lora_A", False),
     ".lora_B.weight": ("lora_B", False),
@@ -107,27 +101,10 @@ def write_adapter(
         if not is_finite(value):
             raise ValueError(f"refusing to save non-finite values in '{key}'")
     text = json.dumps(peft, indent=2, sort_keys=True)
-    metadata = {"format": "pt", META_KEY: text}
-    header, data = _split(serialize(dict(tensors), metadata=metadata), "the new adapter")
-    blob = serialize(dict(tensors), metadata={**metadata, CHECKSUM_KEY: _checksum(header, data)})
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = _temp(directory / ADAPTER_FILE, lambda f: f.write(blob))
-    try:
-        config = _temp(directory / CONFIG_FILE, lambda f: f.write((text + "\n").encode()))
-    except BaseException:
-        _remove(weights)
-        raise
-    try:
-        os.replace(weights, directory / ADAPTER_FILE)
-    except BaseException:
-        _remove(weights, config)
-        raise
-    try:
-        os.replace(config, directory / CONFIG_FILE)
-    except BaseException:
-        _remove(config)
-        raise
+    blob = safe_files.weights_bytes(tensors, {"format": "pt", META_KEY: text}, serialize)
+    safe_files.write_files(
+        Path(directory), {ADAPTER_FILE: blob, CONFIG_FILE: (text + "\n").encode()}
+    )
 
 
 def read_adapter(
@@ -149,7 +126,7 @@ def read_adapter(
         raise ValueError(f"{config_path}: {err}") from None
     if not weights_path.exists():
         raise ValueError(f"{weights_path}: no such file")
-    metadata, raw = _read_weights(weights_path, framework)
+    metadata, raw = safe_files.read_weights(weights_path, framework)
     if META_KEY in metadata:
         _check_same_save(directory, metadata[META_KEY], config)
     pairs: dict[str, dict[str, Any]] = {}
@@ -300,82 +277,6 @@ def check_pair(
                 f"{directory}: '{key}' has shape {tuple(got)}, expected {tuple(want)} for "
                 f"the {described} layer"
             )
-
-
-def _temp(final: Path, write: Callable[[Any], Any]) -> str:
-    """Writes a temporary file beside ``final`` (flushed to disk); returns its name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        _remove(tmp)
-        raise
-    return tmp
-
-
-def _remove(*paths: str) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-
-
-def _split(blob: bytes, where: Any) -> tuple[dict[str, Any], bytes]:
-    """(header, data) of a safetensors file's bytes: an 8-byte little-endian header length,
-    the JSON header ({key: {dtype, shape, data_offsets}}, and "__metadata__"), the data."""
-    try:
-        (length,) = struct.unpack("<Q", blob[:8])
-        if length > len(blob) - 8:
-            raise ValueError(f"a header of {length} bytes in a file of {len(blob)}")
-        header = json.loads(blob[8 : 8 + length])
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-    except (struct.error, ValueError, UnicodeDecodeError) as err:
-        raise ValueError(
-            f"{where}: cannot be read as safetensors, it may be truncated or corrupted ({err})"
-        ) from None
-    return header, blob[8 + length :]
-
-
-def _checksum(header: Mapping[str, Any], data: bytes) -> str:
-    """sha256 over each tensor's key, dtype, shape and bytes, in sorted key order."""
-    digest = hashlib.sha256()
-    for key in sorted(k for k in header if k != "__metadata__"):
-        info = header[key]
-        start, end = info["data_offsets"]
-        described = json.dumps([key, info["dtype"], info["shape"], end - start])
-        digest.update(described.encode() + b"\0")
-        digest.update(data[start:end])
-    return digest.hexdigest()
-
-
-def _read_weights(path: Path, framework: str) -> tuple[dict[str, str], dict[str, Any]]:
-    """The metadata and tensors of a weights file, after checking its checksum (when it has
-    one: PEFT's files don't) and that every tensor is floating point."""
-    blob = path.read_bytes()
-    header, data = _split(blob, path)
-    try:
-        with safetensors.safe_open(path, framework=framework) as f:  # validates the header
-            raw = {key: f.get_tensor(key) for key in f.keys()}
-        metadata = header.get("__metadata__") or {}
-        if CHECKSUM_KEY in metadata and metadata[CHECKSUM_KEY] != _checksum(header, data):
-            raise ValueError("its tensor data does not match the checksum it was saved with")
-    except (safetensors.SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(
-            f"{path}: cannot be read as safetensors, it may be truncated or corrupted ({err})"
-        ) from None
-    for key in sorted(raw):
-        if header[key]["dtype"] not in FLOAT_DTYPES:
-            raise ValueError(
-                f"{path}: tensor '{key}' has dtype {header[key]['dtype']}; adapter tensors must "
-                f"be floating point ({', '.join(FLOAT_DTYPES)})"
-            )
-    return metadata, raw
 
 
 def _check_same_save(directory: Path, embedded: str, config: LoRAConfig) -> None:

@@ -27,6 +27,12 @@ class LoRAConfig:
     replaced likewise). The last two derive from the weight (``WEIGHT_INITS``) and adapt linear
     layers only, as in PEFT.
 
+    Everything is checked when the config is built (a ``TypeError``/``ValueError`` naming the
+    field): ``use_rslora`` must be a bool, ``targets`` a string or a list of names, the
+    patterns mappings whose keys compile as PEFT uses them; numpy scalars become plain
+    numbers. ``select`` (which every ``inject`` calls) refuses a ``targets`` entry or a
+    pattern key that matches no layer.
+
     >>> LoRAConfig(r=8, alpha=16, targets=["query", "value"]).matches("blocks_0.attn.query")
     True
     >>> LoRAConfig(r=8, targets=r"blocks_\\d+\\.attn\\.(query|value)").matches("attn.query")
@@ -226,7 +232,8 @@ def _checked_pattern(field: str, pattern: Any) -> dict[str, Any]:
         where = f"LoRAConfig.{field}[{key!r}]"
         if not isinstance(key, str) or not key:
             raise ValueError(f"LoRAConfig: {field} keys must be non-empty strings, got {key!r}")
-        try:
+        try:  # the key alone first, so that the error's position is in the key
+            re.compile(key)
             re.compile(_key_regex(key))
         except re.error as err:
             raise ValueError(f"{where}: the key is not a valid regular expression: {err}") from None

@@ -159,22 +159,29 @@ class LoRAConfig:
             raise ValueError(
                 f"targets {self.targets!r} match no layer; the layer paths are: {listed}"
             )
-        if strict and not isinstance(self.targets, str):
+        if strict:
+            self.check_unmatched(paths, chosen)
+        return chosen
+
+    def check_unmatched(self, paths: Iterable[str], adapted: Iterable[str]) -> None:
+        """A ``ValueError`` for a ``targets`` list entry that matches none of ``paths``, or a
+        ``rank_pattern``/``alpha_pattern`` key that matches none of the ``adapted`` paths (which
+        may include other names of the same layers, as torch's aliased modules have)."""
+        paths, adapted = list(paths), list(adapted)
+        if not isinstance(self.targets, str):
             for entry in self.targets:
                 if not any(p == entry or p.endswith("." + entry) for p in paths):
                     raise ValueError(
                         f"targets entry {entry!r} matches no layer (a typo?); the layer paths "
-                        f"are: {listed}"
+                        f"are: {', '.join(p for p in paths if p) or '(none)'}"
                     )
-        if strict:
-            for field in ("rank_pattern", "alpha_pattern"):
-                for key in getattr(self, field):
-                    if not any(re.match(_key_regex(key), p) for p in chosen):
-                        raise ValueError(
-                            f"{field} key {key!r} matches none of the adapted layers (a typo?): "
-                            f"{', '.join(chosen)}"
-                        )
-        return chosen
+        for field in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, field):
+                if not any(re.match(_key_regex(key), p) for p in adapted):
+                    raise ValueError(
+                        f"{field} key {key!r} matches none of the adapted layers (a typo?): "
+                        f"{', '.join(adapted)}"
+                    )
 
     def for_layers(self, layers: Mapping[str, tuple[int, float]]) -> LoRAConfig:
         """This config narrowed to exactly ``layers`` ({path: (r, alpha)}), each named by its

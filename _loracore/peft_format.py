@@ -178,9 +178,7 @@ def read_adapter(
     return config, tensors
 
 
-def check_paths_exist(
-    found: set[str], nodes: Mapping, path_map: PathMap, directory: Any
-) -> None:
+def check_paths_exist(found: set[str], nodes: Mapping, path_map: PathMap, directory: Any) -> None:
     """The file's layer paths must be in the model (after path_map): else say how to map them."""
     absent = sorted(found - set(nodes))
     if absent:

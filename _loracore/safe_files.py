@@ -122,5 +122,3 @@ def read_weights(path: Path, framework: str) -> tuple[dict[str, str], dict[str, 
                 f"be floating point ({', '.join(FLOAT_DTYPES)})"
             )
     return metadata, raw
-
-

@@ -23,8 +23,8 @@ import torchlora
 from _loracore import peft_fields
 from jaxlora.config import LoRAConfig
 from tests.test_adversarial_files import (
-    X,
     TorchNet,
+    X,
     load_everywhere,
     nnx_net,
     refused_everywhere,
@@ -179,9 +179,10 @@ def test_unmatched_pattern_key_is_ignored_as_peft_does(tmp_path):
             if "lora_" in name:
                 p.normal_(0, 0.3)
     model.save_pretrained(str(tmp_path))
-    assert "no_such_layer" in json.loads((tmp_path / "adapter_config.json").read_text())[
-        "rank_pattern"
-    ]
+    assert (
+        "no_such_layer"
+        in json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
+    )
     y = model.eval()(torch.from_numpy(X)).detach().numpy()
     for side, out in load_everywhere(tmp_path).items():
         np.testing.assert_allclose(out, y, rtol=1e-5, atol=1e-6, err_msg=side)

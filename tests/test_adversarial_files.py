@@ -501,6 +501,24 @@ def test_file_into_weight_init_model_it_does_not_fit_is_refused(
     np.testing.assert_array_equal(np.asarray(net.query.kernel[...]), kernel)
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_plain_file_into_hand_built_weight_init_layer_is_refused(tmp_path, init):
+    """A LoRALinear made with from_linear(init=...) by hand (no model.lora_config) records its
+    init, so a plain file is refused there too, and its residual kernel is left as it was."""
+    torch_adapter(tmp_path, alpha=8)
+    net = nnx_net()
+    for name in ("query", "value"):
+        layer = jaxlora.nnx.LoRALinear.from_linear(
+            getattr(net, name), r=4, alpha=8, init=init, rngs=nnx.Rngs(0)
+        )
+        setattr(net, name, layer)
+    assert not hasattr(net, "lora_config")
+    kernel = np.asarray(net.query.kernel[...])
+    with pytest.raises(ValueError, match=rf"was injected with init='{init}' .* plain base model"):
+        jaxlora.nnx.load_adapter(net, tmp_path)
+    np.testing.assert_array_equal(np.asarray(net.query.kernel[...]), kernel)
+
+
 @pytest.mark.parametrize("init,alpha", [("pissa", 3), ("olora", 8)])
 def test_weight_init_file_into_same_init_model(tmp_path, init, alpha):
     """A PiSSA-injected model holds the same residual whatever its alpha (the SVD part does not
@@ -525,7 +543,7 @@ JSON_VALUES = st.one_of(
     st.lists(st.sampled_from(["q", "k", ""]), max_size=2),
     st.dictionaries(st.sampled_from(["q", "k", "(x"]), st.integers(0, 4), max_size=2),
 )
-FIELD_NAMES = st.sampled_from(sorted(peft_fields.KNOWN - {"peft_type"}) + ["future_option"])
+FIELD_NAMES = st.sampled_from([*sorted(peft_fields.KNOWN - {"peft_type"}), "future_option"])
 
 
 @settings(max_examples=300, deadline=None)

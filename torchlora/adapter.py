@@ -161,9 +161,7 @@ def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
 
 def _needs(config: LoRAConfig, path: str, r: int, kind: str, layer: LoRALayer, directory) -> bool:
     scale = core.scaling(r, config.alpha_for(path), use_rslora=config.use_rslora)
-    return residual_needed(
-        path, kind, (config.init, scale), (layer.init, layer.scaling), directory
-    )
+    return residual_needed(path, kind, (config.init, scale), (layer.init, layer.scaling), directory)
 
 
 def _ranks_alphas(config: LoRAConfig, tensors) -> dict[str, tuple[int, float]]:

@@ -11,7 +11,7 @@ from torch import nn
 from _loracore.config import WEIGHT_INITS
 from _loracore.report import ParamCount
 from torchlora import checks
-from torchlora.base import LoRALayer, check_flag
+from torchlora.base import LoRALayer
 from torchlora.config import LoRAConfig
 from torchlora.conv import Conv1d, Conv2d, Conv3d, _ConvNd
 from torchlora.embedding import Embedding
@@ -66,14 +66,14 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"inject expects a torchlora.LoRAConfig, got {type(config).__name__}")
-    check_flag(config.use_rslora, "use_rslora", "inject: the LoRAConfig")
     modules = dict(model.named_modules(remove_duplicate=False))
     all_paths = checks.module_paths(model)
-    chosen = config.select(modules)
+    chosen = config.select(modules, strict=False)
     # One entry per module object, under its canonical path, with every path it has.
     targets = {all_paths[id(modules[p])][0]: all_paths[id(modules[p])] for p in chosen}
     for path, paths in targets.items():
         _check_target(model, config, path, paths)
+    config.check_unmatched(modules, [p for paths in targets.values() for p in paths])
     layers = [(wrap(modules[path], config, path), paths) for path, paths in targets.items()]
     for layer, paths in layers:
         for path in paths:

@@ -95,8 +95,7 @@ def load_adapter(
     unchanged by a failed load (see ``jaxlora.load_adapter``). PiSSA/OLoRA files as in
     ``torchlora.load_adapter``: the residual is built for a plain or kaiming/gaussian-injected
     layer, and a PiSSA/OLoRA-injected layer takes only a file of its own init (and, for OLoRA,
-    scaling). A ``LoRALinear`` does not record its init: ``model.lora_config`` (set by
-    ``inject`` and by this function) says it, and without one a PiSSA/OLoRA file is refused.
+    scaling); each layer records its ``init``.
     """
     config, tensors = read_adapter(directory)
     modules = _modules(model, path_map, nnx.Module)
@@ -128,7 +127,7 @@ def load_adapter(
     residual = [
         path
         for path, (a, _, _) in tensors.items()
-        if path in layers and _needs(model, config, path, a.shape[0], layers[path], directory)
+        if path in layers and _needs(config, path, a.shape[0], layers[path], directory)
     ]
     if not layers:
         local = {
@@ -146,8 +145,7 @@ def load_adapter(
         kernel = layer.kernel[...]
         make = init_leaves(kernel, layer.r, scale, config.init, None, kernel.dtype, in_axes=in_axes)
         layer.kernel[...] = make["kernel"]
-        if isinstance(layer, Adapter):
-            layer.init = config.init
+        layer.init = config.init
     for path, (a, b, _) in tensors.items():
         layer = layers[path]
         kind, shape, in_axes = shapes[path]
@@ -159,14 +157,10 @@ def load_adapter(
     return model
 
 
-def _needs(model, config: LoRAConfig, path: str, r: int, layer, directory) -> bool:
-    # Adapter layers know their init; LoRALinear does not, so the config inject remembered
-    # (model.lora_config, which load_adapter also sets) says it, when there is one.
-    remembered = getattr(model, "lora_config", None)
-    layer_init = getattr(layer, "init", None) or getattr(remembered, "init", None)
+def _needs(config: LoRAConfig, path: str, r: int, layer, directory) -> bool:
     file_scale = scaling(r, config.alpha_for(path), use_rslora=config.use_rslora)
     return residual_needed(
-        path, describe(layer)[0], (config.init, file_scale), (layer_init, layer.scaling), directory
+        path, describe(layer)[0], (config.init, file_scale), (layer.init, layer.scaling), directory
     )
 
 

@@ -96,6 +96,9 @@ class LoRALinear(nnx.Module):
         )
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        # How the adapter relates to the kernel: "pissa"/"olora" (set by from_linear) mean the
+        # kernel is a residual, which decides what an adapter file may be loaded into it.
+        self.init = "kaiming"
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
         self.kernel = nnx.Param(
             kernel_init(rngs.params(), (in_features, out_features), param_dtype)
@@ -153,6 +156,7 @@ class LoRALinear(nnx.Module):
             extra = {k: metadata[k] for k in ("mesh", "eager_sharding") if k in metadata}
             layer.lora_a = nnx.LoRAParam(layer.lora_a[...], **{key: (names_in, None)}, **extra)
             layer.lora_b = nnx.LoRAParam(layer.lora_b[...], **{key: (None, names_out)}, **extra)
+        layer.init = init
         if init != "kaiming":
             from jaxlora.inject import init_leaves
 

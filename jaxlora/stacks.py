@@ -1,0 +1,58 @@
+"""Stacked layers (``nn.scan`` / ``nnx.vmap``): one weight with a leading layer axis L.
+
+Inside the stack the layers have one path, the stack's (``blocks.attn.query``); a per-layer
+name (for ``rank_pattern``/``alpha_pattern`` keys and PEFT files, which know no stacks) puts
+the layer index into it. Where it goes is a template per scanned module: by default the index
+follows the scanned module's own path (``blocks`` → ``blocks.3.attn.query``); for a torch
+twin that names its layers ``blocks_3`` pass ``{"blocks": "blocks_{i}"}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from jaxlora.config import LoRAConfig
+
+LayerNames = Mapping[str, str] | None
+
+
+def layer_path(path: str, scan: str, index: int, layer_names: LayerNames = None) -> str:
+    """The per-layer path of layer ``index`` of the stacked layer at ``path``, which lies in
+    the scanned module at ``scan``: ``layer_names[scan]`` (a template with ``{i}``, default
+    ``'<scan>.{i}'``) formatted with the index, followed by the rest of ``path``.
+
+    >>> layer_path("blocks.attn.query", "blocks", 3)
+    'blocks.3.attn.query'
+    >>> layer_path("blocks.attn.query", "blocks", 3, {"blocks": "h_{i}"})
+    'h_3.attn.query'
+    """
+    if not (path == scan or path.startswith(scan + ".")):
+        raise ValueError(f"layer '{path}' does not lie in the scanned module '{scan}'")
+    template = (layer_names or {}).get(scan, scan + ".{i}")
+    if not isinstance(template, str) or "{i}" not in template:
+        raise ValueError(
+            f"layer_names[{scan!r}] must be a string holding '{{i}}' (where the layer index "
+            f"goes, e.g. '{scan}.{{i}}'), got {template!r}"
+        )
+    return template.replace("{i}", str(index)) + path[len(scan) :]
+
+
+def layer_paths(path: str, scan: str, length: int, layer_names: LayerNames = None) -> list[str]:
+    """The per-layer paths of all ``length`` layers of a stack (``layer_path``)."""
+    return [layer_path(path, scan, i, layer_names) for i in range(length)]
+
+
+def check_uniform(config: LoRAConfig, path: str, per_layer: list[str], where: str) -> None:
+    """A ``ValueError`` unless every layer of a stack gets the (r, alpha) its stack path gets:
+    a stacked adapter has one rank (its factors are single arrays) and one scale, the one
+    ``jaxlora.intercept`` applies from the stack path inside the scan."""
+    settings = {p: (config.rank_for(p), config.alpha_for(p)) for p in (path, *per_layer)}
+    if len(set(settings.values())) > 1:
+        differing = {p: s for p, s in settings.items() if s != settings[path]}
+        shown = ", ".join(f"'{p}': {s}" for p, s in list(differing.items())[:4])
+        raise ValueError(
+            f"{where}: rank_pattern/alpha_pattern give layers of this stack (r, alpha) other "
+            f"than the stack path's {settings[path]} (e.g. {shown}): a stacked (nn.scan/"
+            "nnx.vmap) layer has one r and one alpha for all its layers; give them all the "
+            "same, with a pattern that also matches the stack path"
+        )

@@ -296,31 +296,16 @@ def _per_layer(layouts, path: str, shape: tuple, layer_names, where: str) -> lis
 def _select(nodes: Mapping, config: LoRAConfig, layouts, layer_names) -> list[str]:
     """The tree paths ``config.targets`` choose: a stacked layer is chosen by its stack path
     or by all of its per-layer paths; a ``ValueError`` if only some of them match."""
-    names: dict[str, str] = {}  # any layer name -> its path in the tree
+    names = list(nodes)
     per_layer: dict[str, list[str]] = {}
     for path in nodes:
-        names[path] = path
         node = nodes[path]
         name = kinds.base_name(node) if isinstance(node, Mapping) else None
         layout = None if layouts is None else layouts.get(path)
         if name is not None and layout is not None and layout.stack == 1 and layout.scan:
             shape = jnp.shape(meta.unbox(node[name]))
             per_layer[path] = _per_layer(layouts, path, shape, layer_names, f"layer '{path}'")
-            names.update({p: path for p in per_layer[path]})
-    matched = set(config.select(names))
-    chosen = []
-    for path in nodes:
-        layers = per_layer.get(path, [])
-        hits = [p for p in layers if p in matched]
-        if path in matched or (layers and len(hits) == len(layers)):
-            chosen.append(path)
-        elif hits:
-            raise ValueError(
-                f"inject: targets {config.targets!r} match only some layers of the stacked "
-                f"layer '{path}' ({', '.join(hits[:4])}{', ...' if len(hits) > 4 else ''} of "
-                f"{len(layers)}): a stacked (nn.scan) layer is adapted in all its layers or none"
-            )
-    return chosen
+    return stacks.select(names, per_layer, config)
 
 
 def init_leaves(

@@ -56,3 +56,24 @@ def check_uniform(config: LoRAConfig, path: str, per_layer: list[str], where: st
             "nnx.vmap) layer has one r and one alpha for all its layers; give them all the "
             "same, with a pattern that also matches the stack path"
         )
+
+
+def select(paths: list[str], per_layer: Mapping[str, list[str]], config: LoRAConfig) -> list[str]:
+    """The ``paths`` that ``config.targets`` choose: a stacked layer (one with ``per_layer``
+    paths) is chosen by its own path or by all of its per-layer paths; a ``ValueError`` if
+    only some of them match (a stack is adapted in all its layers or none)."""
+    matched = set(config.select([*paths, *(p for ps in per_layer.values() for p in ps)]))
+    chosen = []
+    for path in paths:
+        layers = per_layer.get(path, [])
+        hits = [p for p in layers if p in matched]
+        if path in matched or (layers and len(hits) == len(layers)):
+            chosen.append(path)
+        elif hits:
+            raise ValueError(
+                f"inject: targets {config.targets!r} match only some layers of the stacked "
+                f"layer '{path}' ({', '.join(hits[:4])}{', ...' if len(hits) > 4 else ''} of "
+                f"{len(layers)}): a stacked (nn.scan/nnx.vmap) layer is adapted in all its "
+                "layers or none"
+            )
+    return chosen

@@ -324,3 +324,126 @@ def test_stacked_adapter_on_an_unscanned_call_is_refused():
 
     with pytest.raises(ValueError, match="stacked over 1 leading layer axis"):
         kinds.check_layer(scanned["blocks"]["attn"]["query"], "layer 'blocks.attn.query'")
+
+
+# ------------------------------------------------------------------------------------- NNX
+
+
+def _nnx_twins():
+    """(unrolled NnxGPT, NnxScanGPT), same base weights, injected alike, the scanned adapter
+    the stack of the unrolled one (non-zero lora_b)."""
+    from flax import nnx
+
+    import jaxlora.nnx
+
+    _, unrolled_params, _, _, config = _twins()
+    base = jaxlora.split(unrolled_params)[1]
+    unrolled = jgpt.load_nnx(jgpt.NnxGPT(CFG, rngs=nnx.Rngs(0)), base)
+    scanned = jgpt.load_nnx(
+        jgpt.NnxScanGPT(CFG, rngs=nnx.Rngs(0)), jgpt.stack_blocks(base, CFG.n_layer)
+    )
+    jaxlora.nnx.inject(unrolled, config, nnx.Rngs(1))
+    jaxlora.nnx.inject(scanned, config, nnx.Rngs(2))
+    adapter = jaxlora.split(unrolled_params)[0]  # the Linen twin's adapter, random lora_b
+    jgpt.load_nnx(unrolled, adapter)
+    jgpt.load_nnx(scanned, jgpt.stack_blocks(adapter, CFG.n_layer))
+    return unrolled, scanned, config
+
+
+def _nnx_adapter(model):
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+
+
+def test_nnx_inject_on_vmapped_blocks():
+    """Used to give (16, r) adapters to (L, 16, 16) kernels and crash in nnx.scan after
+    changing the model."""
+    from flax import nnx
+
+    import jaxlora.nnx
+
+    model = jgpt.NnxScanGPT(CFG, rngs=nnx.Rngs(0))
+    tokens = _tokens(0)[:, :-1]
+    before = model(tokens)
+    config = jaxlora.LoRAConfig(r=4, alpha=8, targets=["query", "fc"], dropout=0.1)
+    jaxlora.nnx.inject(model, config, nnx.Rngs(1))
+    query = model.blocks.attn.query
+    assert query.lora_a.shape == (CFG.n_layer, CFG.d_model, 4)
+    assert query.lora_b.shape == (CFG.n_layer, 4, CFG.d_model)
+    a = np.asarray(query.lora_a[...])
+    assert not np.allclose(a[0], a[1]) and np.all(np.abs(a) <= 1 / np.sqrt(CFG.d_model))
+    model.eval()
+    np.testing.assert_array_equal(model(tokens), before)
+    model.train()
+    assert model(tokens).shape == before.shape  # dropout: a stacked rng stream per layer
+
+
+def test_nnx_scanned_matches_unrolled_logits_grads_adamw_and_merge():
+    from flax import nnx
+
+    import jaxlora.nnx
+
+    unrolled, scanned, _ = _nnx_twins()
+    tokens = _tokens(1)
+    base_before = nnx.to_pure_dict(nnx.state(scanned, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+    assert float(jnp.max(jnp.abs(unrolled(tokens[:, :-1]) - scanned(tokens[:, :-1])))) < 1e-5
+
+    def loss(model, tokens):
+        logits = model(tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    diff = nnx.DiffState(0, nnx.LoRAParam)
+    grad_u = nnx.to_pure_dict(nnx.grad(loss, argnums=diff)(unrolled, tokens))
+    grad_s = nnx.to_pure_dict(nnx.grad(loss, argnums=diff)(scanned, tokens))
+    assert _max_err(jgpt.stack_blocks(grad_u, CFG.n_layer), grad_s) < 1e-5
+
+    def train(model):
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.LoRAParam)
+
+        @nnx.jit
+        def step(model, optimizer, tokens):
+            optimizer.update(model, nnx.grad(loss, argnums=diff)(model, tokens))
+
+        for i in range(20):
+            step(model, optimizer, _tokens(10 + i))
+
+    train(unrolled)
+    train(scanned)
+    trained = jgpt.stack_blocks(_nnx_adapter(unrolled), CFG.n_layer)
+    assert _max_err(trained, _nnx_adapter(scanned)) < 1e-4
+    base_after = nnx.to_pure_dict(nnx.state(scanned, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+    jax.tree.map(np.testing.assert_array_equal, base_after, base_before)
+
+    want = scanned(tokens[:, :-1])
+    jaxlora.nnx.merge(scanned)
+    assert type(scanned.blocks.attn.query) is nnx.Linear
+    assert scanned.blocks.attn.query.kernel.shape == (CFG.n_layer, CFG.d_model, CFG.d_model)
+    assert float(jnp.max(jnp.abs(scanned(tokens[:, :-1]) - want))) < 1e-5
+
+
+def test_nnx_stack_refusals_change_nothing():
+    from flax import nnx
+
+    import jaxlora.nnx
+
+    model = jgpt.NnxScanGPT(CFG, rngs=nnx.Rngs(0))
+    bad = [
+        (
+            jaxlora.LoRAConfig(r=4, targets=["query"], rank_pattern={"blocks.1.attn.query": 2}),
+            r"inject: layer 'blocks\.attn\.query': .*'blocks\.1\.attn\.query': \(2, 2\.0\)",
+        ),
+        (
+            jaxlora.LoRAConfig(r=4, targets=r"blocks\.[02]\.attn\.query"),
+            r"match only some layers of the stacked layer 'blocks\.attn\.query'",
+        ),
+    ]
+    for config, match in bad:
+        with pytest.raises(ValueError, match=match):
+            jaxlora.nnx.inject(model, config, nnx.Rngs(1))
+        assert type(model.blocks.attn.query) is nnx.Linear
+        assert not hasattr(model, "lora_config")
+    # the torch twin's naming of the same layers
+    config = jaxlora.LoRAConfig(r=4, targets=r"blocks_\d+\.attn\.query")
+    jaxlora.nnx.inject(model, config, nnx.Rngs(1), layer_names={"blocks": "blocks_{i}"})
+    assert model.blocks.attn.query.lora_a.shape == (CFG.n_layer, CFG.d_model, 4)

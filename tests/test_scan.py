@@ -447,3 +447,49 @@ def test_nnx_stack_refusals_change_nothing():
     config = jaxlora.LoRAConfig(r=4, targets=r"blocks_\d+\.attn\.query")
     jaxlora.nnx.inject(model, config, nnx.Rngs(1), layer_names={"blocks": "blocks_{i}"})
     assert model.blocks.attn.query.lora_a.shape == (CFG.n_layer, CFG.d_model, 4)
+
+
+def _live_bytes() -> int:
+    import gc
+
+    gc.collect()
+    return sum(x.nbytes for x in jax.live_arrays())
+
+
+def test_two_adapters_share_one_scanned_base_without_recompiling():
+    """The peer's failure mode (MaxText + qwix under scan_layers copies the decoder stack per
+    adapter): here a second adapter adds only its own bytes, and switching adapters under one
+    jitted function does not trace again."""
+    tokens = _tokens(0)[:, :-1]
+    config = jaxlora.LoRAConfig(**LORA)
+    model, _, params = _scan_inject(config)
+    layouts = jaxlora.layouts(model, tokens)
+    adapter_1, base = jaxlora.split(params)
+    del params
+    traces = []
+
+    @jax.jit
+    @jaxlora.intercept(config)
+    def forward(adapter, base, tokens):
+        traces.append(1)
+        return model.apply({"params": jaxlora.combine(adapter, base)}, tokens)
+
+    y1 = forward(adapter_1, base, tokens)
+    key = jax.random.key(7)
+    before = _live_bytes()
+    params_2 = jaxlora.inject(base, config, key, layouts=layouts)
+    adapter_2 = _random_b(jaxlora.split(params_2)[0])
+    del params_2
+    after = _live_bytes()
+    lora_bytes = sum(x.nbytes for x in jax.tree.leaves(adapter_2))
+    assert all(
+        path[-1].key in ("lora_a", "lora_b")
+        for path, _ in jax.tree_util.tree_leaves_with_path(adapter_2)
+    )
+    assert after - before == lora_bytes  # not a second base
+    assert sum(x.nbytes for x in jax.tree.leaves(base)) > 5 * lora_bytes  # a copy would show
+    y2 = forward(adapter_2, base, tokens)
+    y1_again = forward(adapter_1, base, tokens)
+    assert len(traces) == 1  # switching adapters does not recompile
+    np.testing.assert_array_equal(y1, y1_again)
+    assert float(jnp.max(jnp.abs(y1 - y2))) > 1e-3

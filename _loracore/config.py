@@ -4,11 +4,12 @@ PEFT's adapter_config.json)."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from _loracore import hparams
+from _loracore import hparams, peft_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,12 @@ class LoRAConfig:
     from the QR decomposition of W: B the first r columns of Q, A the first r rows of R; W
     replaced likewise). The last two derive from the weight (``WEIGHT_INITS``) and adapt linear
     layers only, as in PEFT.
+
+    Everything is checked when the config is built (a ``TypeError``/``ValueError`` naming the
+    field): ``use_rslora`` must be a bool, ``targets`` a string or a list of names, the
+    patterns mappings whose keys compile as PEFT uses them; numpy scalars become plain
+    numbers. ``select`` (which every ``inject`` calls) refuses a ``targets`` entry or a
+    pattern key that matches no layer.
 
     >>> LoRAConfig(r=8, alpha=16, targets=["query", "value"]).matches("blocks_0.attn.query")
     True
@@ -50,48 +57,20 @@ class LoRAConfig:
             out_features=None,
             where="LoRAConfig",
         )
-        if isinstance(self.targets, str):
-            try:
-                re.compile(self.targets)
-            except re.error as err:
-                raise ValueError(
-                    f"LoRAConfig: targets {self.targets!r} is not a valid regular expression: {err}"
-                ) from None
-        else:
-            targets = tuple(self.targets)
-            if not targets or not all(isinstance(t, str) and t for t in targets):
-                raise ValueError(
-                    "LoRAConfig: targets must be a regular expression or a "
-                    f"non-empty list of layer names, got {self.targets!r}"
-                )
-            object.__setattr__(self, "targets", targets)
-        if self.init not in INITS:
+        # Plain Python numbers (not numpy scalars), so to_peft() is JSON as it stands.
+        object.__setattr__(self, "r", int(self.r))
+        object.__setattr__(self, "alpha", _plain(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "targets", _checked_targets(self.targets))
+        if not isinstance(self.use_rslora, bool):  # "no" or JSON "false" must not mean True
+            raise TypeError(
+                f"LoRAConfig: use_rslora must be True or False, got {self.use_rslora!r} "
+                f"({type(self.use_rslora).__name__})"
+            )
+        if not isinstance(self.init, str) or self.init not in INITS:
             raise ValueError(f"LoRAConfig: init must be one of {INITS}, got {self.init!r}")
         for field in ("rank_pattern", "alpha_pattern"):
-            pattern = dict(getattr(self, field))
-            for key, value in pattern.items():
-                where = f"LoRAConfig.{field}[{key!r}]"
-                if not isinstance(key, str) or not key:
-                    raise ValueError(f"LoRAConfig: {field} keys must be non-empty strings")
-                if field == "rank_pattern":
-                    hparams.check_hparams(
-                        r=value,
-                        alpha=None,
-                        dropout=0.0,
-                        in_features=None,
-                        out_features=None,
-                        where=where,
-                    )
-                else:
-                    hparams.check_hparams(
-                        r=1,
-                        alpha=value,
-                        dropout=0.0,
-                        in_features=None,
-                        out_features=None,
-                        where=where,
-                    )
-            object.__setattr__(self, field, pattern)
+            object.__setattr__(self, field, _checked_pattern(field, getattr(self, field)))
 
     def matches(self, path: str) -> bool:
         if isinstance(self.targets, str):
@@ -152,47 +131,133 @@ class LoRAConfig:
             if peft_config.get(key) is None:
                 extra = " (PEFT would silently use 8)" if key == "lora_alpha" else ""
                 raise ValueError(f"adapter config has no {key!r}{extra}")
-        unsupported = {
-            "use_dora": False,
-            "fan_in_fan_out": False,
-            "bias": "none",
-            "modules_to_save": None,
-            "layers_to_transform": None,
-            "lora_bias": False,
-        }
-        for key, ok in unsupported.items():
-            if peft_config.get(key, ok) not in (ok, [], {}) and peft_config.get(key) != ok:
-                raise ValueError(
-                    f"adapter config sets {key}={peft_config[key]!r}, which is not "
-                    f"supported (expected {ok!r})"
-                )
+        peft_fields.check_fields(peft_config)
         return cls(
             r=peft_config["r"],
             alpha=peft_config["lora_alpha"],
             targets=peft_config["target_modules"],
             dropout=peft_config.get("lora_dropout", 0.0) or 0.0,
-            use_rslora=bool(peft_config.get("use_rslora", False)),
-            rank_pattern=peft_config.get("rank_pattern") or {},
-            alpha_pattern=peft_config.get("alpha_pattern") or {},
+            use_rslora=peft_config.get("use_rslora", False),
+            rank_pattern=_or_empty(peft_config.get("rank_pattern")),
+            alpha_pattern=_or_empty(peft_config.get("alpha_pattern")),
             init=_init_from_peft(peft_config.get("init_lora_weights", True)),
         )
 
-    def select(self, paths: Iterable[str]) -> list[str]:
-        """The paths that match, or a ``ValueError`` listing the paths that exist."""
+    def select(self, paths: Iterable[str], *, strict: bool = True) -> list[str]:
+        """The paths that match, or a ``ValueError`` listing the paths that exist.
+
+        With ``strict`` (what ``inject`` uses) a ``targets`` list entry, or a ``rank_pattern``/
+        ``alpha_pattern`` key, that matches none of the paths is an error too: a typo would
+        otherwise adapt the other layers silently, or leave a layer's rank/alpha at the default.
+        Loaders pass ``strict=False``: PEFT ignores such entries in the files it writes and
+        reads, and the file's tensors say exactly which layers it adapts.
+        """
         paths = list(paths)
         chosen = [p for p in paths if self.matches(p)]
+        listed = ", ".join(p for p in paths if p) or "(none)"
         if not chosen:
             raise ValueError(
-                f"targets {self.targets!r} match no layer; the layer paths are: "
-                f"{', '.join(p for p in paths if p) or '(none)'}"
+                f"targets {self.targets!r} match no layer; the layer paths are: {listed}"
             )
+        if strict and not isinstance(self.targets, str):
+            for entry in self.targets:
+                if not any(p == entry or p.endswith("." + entry) for p in paths):
+                    raise ValueError(
+                        f"targets entry {entry!r} matches no layer (a typo?); the layer paths "
+                        f"are: {listed}"
+                    )
+        if strict:
+            for field in ("rank_pattern", "alpha_pattern"):
+                for key in getattr(self, field):
+                    if not any(re.match(_key_regex(key), p) for p in chosen):
+                        raise ValueError(
+                            f"{field} key {key!r} matches none of the adapted layers (a typo?): "
+                            f"{', '.join(chosen)}"
+                        )
         return chosen
+
+    def for_layers(self, layers: Mapping[str, tuple[int, float]]) -> LoRAConfig:
+        """This config narrowed to exactly ``layers`` ({path: (r, alpha)}), each named by its
+        exact path: what a loader injects, whatever patterns the file's config used."""
+        keys = sorted(layers, key=lambda p: (-len(p), p))  # a longer exact key wins
+        return dataclasses.replace(
+            self,
+            targets="|".join(re.escape(p) for p in sorted(layers)),
+            rank_pattern={re.escape(p): layers[p][0] for p in keys},
+            alpha_pattern={re.escape(p): layers[p][1] for p in keys},
+        )
+
+
+def _or_empty(pattern: Any) -> Any:
+    return {} if pattern is None else pattern  # PEFT writes {} or null for "no pattern"
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _checked_targets(targets: Any) -> str | tuple[str, ...]:
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise ValueError(
+                f"LoRAConfig: targets {targets!r} is not a valid regular expression: {err}"
+            ) from None
+        return targets
+    if isinstance(targets, Mapping) or not isinstance(targets, list | tuple | set | frozenset):
+        raise TypeError(
+            "LoRAConfig: targets must be a regular expression (str) or a list of layer names, "
+            f"got {targets!r} ({type(targets).__name__})"
+        )
+    entries = sorted(targets) if isinstance(targets, set | frozenset) else tuple(targets)
+    if not entries or not all(isinstance(t, str) and t for t in entries):
+        raise ValueError(
+            "LoRAConfig: targets must be a regular expression or a "
+            f"non-empty list of layer names, got {targets!r}"
+        )
+    return tuple(entries)
+
+
+def _checked_pattern(field: str, pattern: Any) -> dict[str, Any]:
+    if not isinstance(pattern, Mapping):
+        raise TypeError(
+            f"LoRAConfig: {field} must be a mapping from a layer-name pattern to a value, got "
+            f"{pattern!r} ({type(pattern).__name__})"
+        )
+    out = {}
+    for key, value in pattern.items():
+        where = f"LoRAConfig.{field}[{key!r}]"
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"LoRAConfig: {field} keys must be non-empty strings, got {key!r}")
+        try:  # the key alone first, so that the error's position is in the key
+            re.compile(key)
+            re.compile(_key_regex(key))
+        except re.error as err:
+            raise ValueError(f"{where}: the key is not a valid regular expression: {err}") from None
+        if field == "rank_pattern":
+            hparams.check_hparams(
+                r=value, alpha=None, dropout=0.0, in_features=None, out_features=None, where=where
+            )
+        else:
+            hparams.check_hparams(
+                r=1, alpha=value, dropout=0.0, in_features=None, out_features=None, where=where
+            )
+        out[key] = _plain(value)
+    return out
+
+
+def _key_regex(key: str) -> str:
+    # PEFT's get_pattern_key: a key k matches a path when (.*\.)?(k)$ matches it.
+    return rf"(.*\.)?({key})$"
 
 
 def _pattern_key(pattern: Mapping[str, Any], path: str) -> str | None:
     # PEFT's get_pattern_key: the first key k for which (.*\.)?(k)$ matches the path.
     for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", path):
+        if re.match(_key_regex(key), path):
             return key
     return None
 
@@ -204,8 +269,10 @@ WEIGHT_INITS = ("pissa", "olora")  # derived from the weight, which becomes the 
 def _init_from_peft(value: Any) -> str:
     # True is PEFT's default (kaiming A, zero B); the stored weights override any init on load,
     # except for PiSSA and OLoRA, whose adapters are relative to the residual base they make.
-    if value in (True, False, None) or value in INITS:
-        return value if isinstance(value, str) else "kaiming"
+    if value is True or value is False or value is None:  # type-exact: 1 or "true" is not True
+        return "kaiming"
+    if isinstance(value, str) and value in INITS:
+        return value
     raise ValueError(
         f"adapter config has init_lora_weights={value!r}; supported: True, 'gaussian', "
         "'pissa', 'olora'"

@@ -5,26 +5,29 @@ A directory holds ``adapter_model.safetensors`` and ``adapter_config.json``. Ten
 ``lora_B.weight`` (out, r) for a Linear; the same names with (r, in, kh, kw) and
 (out, r, 1, 1) for a Conv2d; ``lora_embedding_A`` (r, num_embeddings) and
 ``lora_embedding_B`` (dim, r) for an Embedding.
-Safety: safetensors only (nothing is unpickled); each file is written under a temporary name
-in the target directory and renamed into place, so an interrupted save leaves the previous
-file intact; the weights file embeds its config, so a crash between the two renames (the only
-window) is reported on load instead of mixing two adapters. Reading checks everything the
-files can tell before the caller changes anything.
+Safety: safetensors only (nothing is unpickled); the weights file written here embeds its
+config and a sha256 of its tensors (``lora_sha256``: each tensor's key, dtype, shape and bytes
+in sorted key order), verified on load when present (PEFT's own files have none). Both files
+are fully built in memory, written under temporary names in the target directory, and only
+then renamed into place, so a failed or interrupted save leaves the previous adapter intact;
+a crash between the two renames (the only window) is reported on load, where the embedded
+config means something else than ``adapter_config.json``, instead of mixing two adapters.
+Reading checks everything the files can tell (fields PEFT sets that this library cannot
+reproduce, floating-point tensors, shapes, ranks, finiteness) before the caller changes
+anything.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import safetensors
-
-from _loracore.config import LoRAConfig
+from _loracore import safe_files
+from _loracore.config import WEIGHT_INITS, LoRAConfig
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -80,25 +83,28 @@ def write_adapter(
     tensors: Mapping[str, Any],
     peft: Mapping[str, Any],
     *,
-    save_file: Callable,
+    serialize: Callable[..., bytes],
     is_finite: Callable[[Any], bool],
 ) -> None:
-    """Refuses non-finite tensors, then writes both files atomically.
+    """Refuses non-finite tensors, then writes both files, each atomically.
 
-    ``save_file`` is safetensors' numpy or torch writer, ``is_finite`` the framework's check.
+    ``serialize`` is safetensors' numpy or torch ``save`` (to bytes), ``is_finite`` the
+    framework's check. Everything is built first (the JSON text, the weights file's bytes with
+    its checksum): a value that cannot be written fails before the directory is created or any
+    file touched. Both files are then written under temporary names and renamed into place,
+    weights first: a failure while writing either leaves the previous adapter intact. The one
+    remaining window is between the two renames (microseconds): a crash there leaves the new
+    weights with the old config, which ``read_adapter`` reports (the weights embed their
+    config) instead of mixing two adapters.
     """
     for key, value in tensors.items():
         if not is_finite(value):
             raise ValueError(f"refusing to save non-finite values in '{key}'")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(peft, indent=2, sort_keys=True)
-    metadata = {"format": "pt", META_KEY: text}
-    _atomic(
-        directory / ADAPTER_FILE,
-        lambda tmp: save_file(dict(tensors), tmp, metadata=metadata),
+    blob = safe_files.weights_bytes(tensors, {"format": "pt", META_KEY: text}, serialize)
+    safe_files.write_files(
+        Path(directory), {ADAPTER_FILE: blob, CONFIG_FILE: (text + "\n").encode()}
     )
-    _atomic(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 def read_adapter(
@@ -112,7 +118,7 @@ def read_adapter(
         peft = json.loads(config_path.read_text())
     except FileNotFoundError:
         raise ValueError(f"{config_path}: no such file (not an adapter directory)") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_path}: not valid JSON ({err})") from None
     try:
         config = LoRAConfig.from_peft(peft)
@@ -120,20 +126,9 @@ def read_adapter(
         raise ValueError(f"{config_path}: {err}") from None
     if not weights_path.exists():
         raise ValueError(f"{weights_path}: no such file")
-    try:
-        with safetensors.safe_open(weights_path, framework=framework) as f:
-            metadata = f.metadata() or {}
-            raw = {key: f.get_tensor(key) for key in f.keys()}
-    except (safetensors.SafetensorError, OSError, ValueError) as err:
-        raise ValueError(
-            f"{weights_path}: cannot be read as safetensors, it may be truncated "
-            f"or corrupted ({err})"
-        ) from None
-    if META_KEY in metadata and json.loads(metadata[META_KEY]) != peft:
-        raise ValueError(
-            f"{directory}: {ADAPTER_FILE} and {CONFIG_FILE} come from different "
-            "saves (an interrupted save?); save the adapter again"
-        )
+    metadata, raw = safe_files.read_weights(weights_path, framework)
+    if META_KEY in metadata:
+        _check_same_save(directory, metadata[META_KEY], config)
     pairs: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
@@ -183,6 +178,68 @@ def read_adapter(
     return config, tensors
 
 
+def check_paths_exist(
+    found: set[str], nodes: Mapping, path_map: PathMap, directory: Any
+) -> None:
+    """The file's layer paths must be in the model (after path_map): else say how to map them."""
+    absent = sorted(found - set(nodes))
+    if absent:
+        tree = sorted(nodes)
+        shown = ", ".join(tree[:12]) + (f", ... ({len(tree)} in all)" if len(tree) > 12 else "")
+        hint = "fix" if path_map is not None else "pass"
+        raise ValueError(
+            f"{directory}: the file's module path(s) {absent} are not in the model "
+            f"(the file holds: {', '.join(sorted(found))}; the model's layer paths"
+            f"{' after path_map' if path_map is not None else ''} are: {shown or '(none)'}); "
+            f"if the model's names differ from the torch names, {hint} path_map= (a dict or "
+            "function from a '.'-joined JAX path to the torch module path)"
+        )
+
+
+def residual_needed(
+    path: str,
+    kind: str,
+    file: tuple[str, float],
+    layer: tuple[str | None, float],
+    directory: Any,
+) -> bool:
+    """Whether loading a file's adapter into an injected layer must first turn the layer's
+    weight into the PiSSA/OLoRA residual; a ``ValueError`` where the result would be wrong.
+
+    ``file`` and ``layer`` are (init, scaling): the file's, and the one the layer was injected
+    with (``None``: unknown). A PiSSA/OLoRA adapter is relative to the residual
+    W − scaling·B₀A₀ that PEFT builds from the base weight W; other adapters to W itself.
+    A kaiming/gaussian-injected layer still holds W, so the residual is built from it (as
+    loading into the plain model does). A PiSSA/OLoRA-injected layer holds its own residual:
+    right for a file of the same init (and, for OLoRA, whose residual depends on it, the same
+    scaling), but W cannot be recovered from it for any other file.
+    """
+    (file_init, file_scale), (layer_init, layer_scale) = file, layer
+    if layer_init in WEIGHT_INITS:
+        if file_init == layer_init and (file_init == "pissa" or file_scale == layer_scale):
+            return False
+        raise ValueError(
+            f"{directory}: layer '{path}' was injected with init={layer_init!r} (scaling "
+            f"{layer_scale:g}), so its weight is the residual W − scaling·B₀A₀, not the base "
+            f"weight that this init={file_init!r} (scaling {file_scale:g}) adapter applies to; "
+            "load the file into the plain base model instead"
+        )
+    if file_init not in WEIGHT_INITS:
+        return False
+    if kind != "linear":
+        raise ValueError(
+            f"{directory}: the file's init={file_init!r} adapts linear layers only, but "
+            f"layer '{path}' is a {kind} layer"
+        )
+    if layer_init is None:
+        raise ValueError(
+            f"{directory}: the file is an init={file_init!r} adapter, relative to a residual "
+            f"of the base weight, and it is not known how layer '{path}' was injected; load "
+            "the file into the plain base model instead"
+        )
+    return True
+
+
 def check_layer_set(expected: set[str], found: set[str], directory: Any) -> None:
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing:
@@ -222,15 +279,26 @@ def check_pair(
             )
 
 
-def _atomic(final: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+def _check_same_save(directory: Path, embedded: str, config: LoRAConfig) -> None:
+    """The weights embed the config they were saved with: it must mean the same as
+    adapter_config.json (a crash between the two renames leaves them different). The parsed
+    configs are compared, not the JSON, so a hand edit that changes nothing PEFT computes
+    (``base_model_name_or_path`` added, keys reordered) is accepted."""
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        saved = LoRAConfig.from_peft(json.loads(embedded))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{directory / ADAPTER_FILE}: its embedded '{META_KEY}' metadata is not a valid "
+            f"adapter config ({err})"
+        ) from None
+    if saved != config:
+        changed = [
+            f"{f.name}: {getattr(saved, f.name)!r} in {ADAPTER_FILE}, "
+            f"{getattr(config, f.name)!r} in {CONFIG_FILE}"
+            for f in dataclasses.fields(config)
+            if getattr(saved, f.name) != getattr(config, f.name)
+        ]
+        raise ValueError(
+            f"{directory}: {ADAPTER_FILE} and {CONFIG_FILE} come from different "
+            f"saves (an interrupted save?); save the adapter again ({'; '.join(changed)})"
+        )

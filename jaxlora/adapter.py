@@ -22,6 +22,7 @@ from _loracore.peft_format import (
     PathMap,
     check_layer_set,
     check_pair,
+    check_paths_exist,
     file_config,
     map_path,
     tensor_keys,
@@ -38,7 +39,7 @@ def is_finite(value) -> bool:
 
 def write_adapter(directory, tensors, peft) -> None:
     peft_format.write_adapter(
-        directory, tensors, peft, save_file=safetensors.numpy.save_file, is_finite=is_finite
+        directory, tensors, peft, serialize=safetensors.numpy.save, is_finite=is_finite
     )
 
 
@@ -87,18 +88,35 @@ def load_adapter(
     the config, a non-finite value or a damaged file is a ``ValueError`` naming the key, and
     the input tree is never modified. Use ``read_adapter_config(directory)`` for the config to
     pass to ``jaxlora.intercept``.
+
+    PiSSA/OLoRA files (``init_lora_weights`` "pissa"/"olora") are relative to the residual
+    W − scaling·B₀A₀ that PEFT builds from the base kernel W: loaded into a plain tree, the
+    residual is built here as PEFT does. A params tree does not record how it was injected,
+    so such a file is refused for an injected tree (load it into the base tree). For the same
+    reason, a plain file loaded into a PiSSA/OLoRA-injected tree is applied to that tree's
+    kernels, which are residuals: load it into the base tree (torchlora and ``jaxlora.nnx``,
+    whose layers know their init, refuse that case).
     """
     _require_mapping(params, "load_adapter")
     config, tensors = read_adapter(directory)
     nodes = {map_path(path_map, name): kn for name, kn in _node_paths(params).items()}
+    check_paths_exist(set(tensors), nodes, path_map, directory)
     injected = {
         ".".join(p[1:] if p and p[0] == "params" else p) for p, _ in iter_lora_layers(params)
     }
     if injected:
         expected = {map_path(path_map, p) for p in injected}
     else:
-        expected = set(config.select(nodes))
+        expected = set(config.select(nodes, strict=False))
     check_layer_set(expected, set(tensors), directory)
+    if config.init in WEIGHT_INITS and injected:
+        raise ValueError(
+            f"{directory}: the file is an init={config.init!r} adapter, relative to the "
+            "residual W − scaling·B₀A₀ of the base kernel W, and a params tree does not record "
+            "how it was injected (a PiSSA/OLoRA-injected tree's kernels are residuals already); "
+            "load it into the plain base tree instead (no LoRA leaves, the original kernels): "
+            "jaxlora.load_adapter(base_params, directory)"
+        )
     new = {}
     for torch_path, (a, b, file_kind) in tensors.items():
         flax_path, node = nodes[torch_path]
@@ -154,9 +172,63 @@ def _target(node, file_kind: str, a: np.ndarray, where: str) -> tuple[str, str, 
     return "linear", name, kinds.linear_in_axes(shape, a.shape[1], where)
 
 
-def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
-    """The ``LoRAConfig`` stored in an adapter directory (for ``intercept``/``merge``)."""
-    return read_adapter(directory)[0]
+_UNSET: PathMap = object()  # type: ignore[assignment]
+
+
+def read_adapter_config(
+    directory: str | os.PathLike, *, path_map: PathMap = _UNSET, params: PyTree | None = None
+) -> LoRAConfig:
+    """The ``LoRAConfig`` stored in an adapter directory, keyed by Flax paths, for
+    ``intercept`` and ``merge(alpha=config.alpha_for)``.
+
+    The file's ``rank_pattern``/``alpha_pattern`` and ``target_modules`` name torch module
+    paths. With the ``path_map`` given to ``load_adapter`` (a dict, or a function, which needs
+    ``params``: the tree whose layer paths it maps), the config returned names each of the
+    file's layers by its Flax path, with its rank and alpha. A file with a rank or alpha
+    pattern must be read with ``path_map`` stated (``None`` when the Flax paths are the torch
+    paths): otherwise a Flax path that the torch-keyed patterns miss would silently get the
+    default alpha.
+
+    Raises:
+        ValueError: as ``load_adapter`` for a bad file; a file with patterns and no
+            ``path_map`` argument; a path_map under which a file layer has no (or two) Flax
+            paths.
+    """
+    config, tensors = read_adapter(directory)
+    if path_map is _UNSET:
+        if config.rank_pattern or config.alpha_pattern:
+            raise ValueError(
+                f"{directory}: the adapter has rank_pattern/alpha_pattern keyed by torch module "
+                "paths: call read_adapter_config(directory, path_map=...) with the path_map "
+                "given to load_adapter (path_map=None if the Flax paths are the torch paths), "
+                "so each layer gets its own rank and alpha"
+            )
+        return config
+    if path_map is None:
+        return config
+    if params is not None:
+        flax_paths = list(_node_paths(params))
+    elif callable(path_map):
+        raise ValueError(
+            "read_adapter_config: a path_map function needs params= (the params tree it "
+            "maps) to find the Flax path of each of the file's layers"
+        )
+    else:  # a dict: a torch path that no key maps to is its own Flax path
+        images = set(path_map.values())
+        flax_paths = [*path_map, *(t for t in tensors if t not in images)]
+    flax_of: dict[str, list[str]] = {}
+    for flax_path in dict.fromkeys(flax_paths):
+        flax_of.setdefault(map_path(path_map, flax_path), []).append(flax_path)
+    exact = {}
+    for torch_path, (a, _, _) in tensors.items():
+        found = flax_of.get(torch_path, [])
+        if len(found) != 1:
+            raise ValueError(
+                f"{directory}: the file's layer '{torch_path}' is the image of "
+                f"{found or 'no Flax path'} under path_map; expected exactly one"
+            )
+        exact[found[0]] = (a.shape[0], config.alpha_for(torch_path))
+    return config.for_layers(exact)
 
 
 def _node_paths(params: Mapping, path: tuple[str, ...] = ()) -> dict[str, tuple]:

@@ -184,7 +184,7 @@ def test_peft_adapter_loads_in_all_three_plain_model(tmp_path, dtype):
 
     plain = _net_params(TorchNet())
     loaded = jaxlora.load_adapter(plain, tmp_path)
-    config = jaxlora.read_adapter_config(tmp_path)
+    config = jaxlora.read_adapter_config(tmp_path, path_map=None)  # it has patterns
     assert loaded["value"]["lora_a"].shape == (16, 2) and config.alpha_for("value") == 3
     with jaxlora.intercept(config):
         assert rel_err(LinenNet().apply({"params": loaded}, X), y_peft) <= TOL

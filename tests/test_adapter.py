@@ -246,18 +246,30 @@ def test_non_finite_adapter_is_not_saved(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_failure_mid_write_keeps_the_previous_adapter(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fail_at", [0, 1], ids=["weights", "config"])
+def test_failure_mid_write_keeps_the_previous_adapter(tmp_path, monkeypatch, fail_at):
+    """A write that fails part-way, in either file, leaves both previous files as they were
+    (both temporary files are written before either is renamed into place)."""
+    from _loracore import safe_files
+
     config = jaxlora.LoRAConfig(r=2, targets=["layer_0"])
     old = _tree(np.random.default_rng(0), [(8, 8)], 2, jnp.float32)
     jaxlora.save_adapter(old, tmp_path, config)
     old_bytes = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real, calls = safe_files._temp, []
 
-    def failing_save(tensors, path, metadata=None):
-        with open(path, "wb") as f:
+    def failing_temp(final, write):
+        calls.append(final.name)
+        if len(calls) - 1 != fail_at:
+            return real(final, write)
+
+        def partial(f):
             f.write(b"partial")
-        raise OSError("disk full (injected)")
+            raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(jaxlora.adapter.safetensors.numpy, "save_file", failing_save)
+        return real(final, partial)
+
+    monkeypatch.setattr(safe_files, "_temp", failing_temp)
     new = _tree(np.random.default_rng(1), [(8, 8)], 2, jnp.float32)
     with pytest.raises(OSError, match="injected"):
         jaxlora.save_adapter(new, tmp_path, config)

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from _loracore import peft_format
-from _loracore.peft_format import check_layer_set, check_pair, file_config, tensor_keys
+from _loracore.peft_format import (
+    check_layer_set,
+    check_pair,
+    file_config,
+    residual_needed,
+    tensor_keys,
+)
+from torchlora import core
 from torchlora.base import LoRALayer
 from torchlora.config import LoRAConfig
 from torchlora.conv import _ConvNd
@@ -46,7 +53,7 @@ def is_finite(value: torch.Tensor) -> bool:
 
 def write_adapter(directory, tensors, peft) -> None:
     peft_format.write_adapter(
-        directory, tensors, peft, save_file=safetensors.torch.save_file, is_finite=is_finite
+        directory, tensors, peft, serialize=safetensors.torch.save, is_finite=is_finite
     )
 
 
@@ -96,11 +103,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     replaced, and their alpha set to the file's. Strict: a missing, unexpected or wrongly
     shaped tensor, a rank that disagrees with the config, a merged layer, a non-finite value
     or a damaged file is a ``ValueError`` naming the key, and the model is left unchanged.
+
+    PiSSA/OLoRA files are relative to the residual W − scaling·B₀A₀ that PEFT builds from the
+    base weight W. Into a plain model, or into a layer injected with "kaiming"/"gaussian"
+    (which still holds W), the residual is built here, as PEFT does. A layer injected with
+    "pissa"/"olora" already holds its residual: it takes a file of the same init (for OLoRA
+    also the same scaling) and refuses any other, whose base W it cannot recover.
     """
     config, tensors = read_adapter(directory)
     modules = dict(model.named_modules())
     layers = {n: m for n, m in modules.items() if isinstance(m, LoRALayer)}
-    expected = set(layers) if layers else set(config.select(modules))
+    expected = set(layers) if layers else set(config.select(modules, strict=False))
     check_layer_set(expected, set(tensors), directory)
     for path, (a, b, kind) in tensors.items():
         module = modules[path]
@@ -118,8 +131,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"{directory}: layer '{path}' has rank {a.shape[0]} in the file "
                 f"but {module.r} in the model"
             )
-    if not layers:
-        inject(model, config)
+    residual = [
+        path
+        for path, (a, _, kind) in tensors.items()
+        if path in layers and _needs(config, path, a.shape[0], kind, layers[path], directory)
+    ]
+    if not layers:  # exactly the file's layers, with their ranks and alphas
+        inject(model, config.for_layers(_ranks_alphas(config, tensors)))
+    for path in residual:  # a kaiming-injected layer still holds W: build the residual from it
+        layer = layers[path]
+        layer.init, layer.alpha = config.init, config.alpha_for(path)
+        layer.use_rslora = config.use_rslora
+        layer.reset_lora_parameters()
     with torch.no_grad():
         for path, (a, b, _) in tensors.items():
             layer = model.get_submodule(path)
@@ -134,3 +157,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
     """The ``LoRAConfig`` stored in an adapter directory."""
     return read_adapter(directory)[0]
+
+
+def _needs(config: LoRAConfig, path: str, r: int, kind: str, layer: LoRALayer, directory) -> bool:
+    scale = core.scaling(r, config.alpha_for(path), use_rslora=config.use_rslora)
+    return residual_needed(
+        path, kind, (config.init, scale), (layer.init, layer.scaling), directory
+    )
+
+
+def _ranks_alphas(config: LoRAConfig, tensors) -> dict[str, tuple[int, float]]:
+    return {p: (a.shape[0], config.alpha_for(p)) for p, (a, _, _) in tensors.items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -14,13 +13,17 @@ from _loracore.peft_format import (
     PathMap,
     check_layer_set,
     check_pair,
+    check_paths_exist,
     file_config,
     map_path,
+    residual_needed,
     tensor_keys,
 )
 from jaxlora import kinds
 from jaxlora.adapter import read_adapter, write_adapter
 from jaxlora.config import LoRAConfig
+from jaxlora.core import scaling
+from jaxlora.inject import init_leaves
 from jaxlora.nnx.base import Adapter
 from jaxlora.nnx.conv import LoRAConv
 from jaxlora.nnx.embed import LoRAEmbed
@@ -89,12 +92,17 @@ def load_adapter(
 
     Into a plain model the file's ``target_modules`` are injected first; into an injected model
     the adapters are replaced (and their alpha set to the file's). Strict, and the model is left
-    unchanged by a failed load (see ``jaxlora.load_adapter``).
+    unchanged by a failed load (see ``jaxlora.load_adapter``). PiSSA/OLoRA files as in
+    ``torchlora.load_adapter``: the residual is built for a plain or kaiming/gaussian-injected
+    layer, and a PiSSA/OLoRA-injected layer takes only a file of its own init (and, for OLoRA,
+    scaling). A ``LoRALinear`` does not record its init: ``model.lora_config`` (set by
+    ``inject`` and by this function) says it, and without one a PiSSA/OLoRA file is refused.
     """
     config, tensors = read_adapter(directory)
     modules = _modules(model, path_map, nnx.Module)
+    check_paths_exist(set(tensors), modules, path_map, directory)
     layers = {p: m for p, m in modules.items() if isinstance(m, ADAPTED)}
-    expected = set(layers) if layers else set(config.select(modules))
+    expected = set(layers) if layers else set(config.select(modules, strict=False))
     check_layer_set(expected, set(tensors), directory)
     shapes = {}
     for path, (a, b, kind) in tensors.items():
@@ -117,6 +125,11 @@ def load_adapter(
                 f"{directory}: layer '{path}' has rank {a.shape[0]} in the file "
                 f"but {module.r} in the model"
             )
+    residual = [
+        path
+        for path, (a, _, _) in tensors.items()
+        if path in layers and _needs(model, config, path, a.shape[0], layers[path], directory)
+    ]
     if not layers:
         local = {
             map_path(path_map, ".".join(map(str, p))): ".".join(map(str, p))
@@ -124,17 +137,17 @@ def load_adapter(
             if p
         }
         # Inject exactly the file's layers, named by their NNX paths, with their ranks.
-        inject(
-            model,
-            dataclasses.replace(
-                config,
-                targets=sorted(local[t] for t in tensors),
-                rank_pattern={local[t]: a.shape[0] for t, (a, _, _) in tensors.items()},
-                alpha_pattern={local[t]: config.alpha_for(t) for t in tensors},
-            ),
-            nnx.Rngs(0),
-        )
+        exact = {local[t]: (a.shape[0], config.alpha_for(t)) for t, (a, _, _) in tensors.items()}
+        inject(model, config.for_layers(exact), nnx.Rngs(0))
         layers = _modules(model, path_map, ADAPTED)
+    for path in residual:  # a kaiming-injected layer still holds W: build the residual from it
+        layer, (_, _, in_axes) = layers[path], shapes[path]
+        scale = scaling(layer.r, config.alpha_for(path), use_rslora=config.use_rslora)
+        kernel = layer.kernel[...]
+        make = init_leaves(kernel, layer.r, scale, config.init, None, kernel.dtype, in_axes=in_axes)
+        layer.kernel[...] = make["kernel"]
+        if isinstance(layer, Adapter):
+            layer.init = config.init
     for path, (a, b, _) in tensors.items():
         layer = layers[path]
         kind, shape, in_axes = shapes[path]
@@ -144,6 +157,17 @@ def load_adapter(
         layer.alpha, layer.use_rslora = config.alpha_for(path), config.use_rslora
     model.lora_config = config
     return model
+
+
+def _needs(model, config: LoRAConfig, path: str, r: int, layer, directory) -> bool:
+    # Adapter layers know their init; LoRALinear does not, so the config inject remembered
+    # (model.lora_config, which load_adapter also sets) says it, when there is one.
+    remembered = getattr(model, "lora_config", None)
+    layer_init = getattr(layer, "init", None) or getattr(remembered, "init", None)
+    file_scale = scaling(r, config.alpha_for(path), use_rslora=config.use_rslora)
+    return residual_needed(
+        path, describe(layer)[0], (config.init, file_scale), (layer_init, layer.scaling), directory
+    )
 
 
 def _modules(model: nnx.Module, path_map: PathMap, kind) -> dict[str, nnx.Module]:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax.numpy as jnp
+import numpy as np
+
 from jaxlora.config import LoRAConfig
 
 LayerNames = Mapping[str, str] | None
@@ -77,3 +80,93 @@ def select(paths: list[str], per_layer: Mapping[str, list[str]], config: LoRACon
                 "layers or none"
             )
     return chosen
+
+
+def unstack(params: Mapping, layer_names: Mapping[str, str]) -> dict:
+    """The params tree with each scanned module ``R`` in ``layer_names`` replaced by its L
+    layers, each at its per-layer path (``layer_names[R]`` with the index: ``blocks.{i}``),
+    every leaf below ``R`` sliced on its leading layer axis. For PEFT files, which know no
+    stacks."""
+    out = _plain(params)
+    for root in layer_names:
+        sub = _pop(out, root)
+        if not isinstance(sub, Mapping):
+            raise ValueError(f"layer_names names '{root}', which is not a module in the params")
+        lengths = {np.shape(v)[0] if np.ndim(v) else 0 for v in _leaves(sub)}
+        if len(lengths) != 1 or 0 in lengths:
+            raise ValueError(f"the leaves under '{root}' share no leading layer axis")
+        for i in range(lengths.pop()):
+            _put(out, layer_path(root, root, i, layer_names), _map(sub, lambda v, i=i: v[i]))
+    return out
+
+
+def restack_adapter(adapter: Mapping, layer_names: Mapping[str, str], lengths: Mapping) -> dict:
+    """The inverse of ``unstack`` for an adapter tree (only LoRA leaves): the per-layer
+    adapters of each scanned module stacked again. Every layer must hold the same leaves (a
+    stacked adapter covers all L layers)."""
+    out = _plain(adapter)
+    for root, length in lengths.items():
+        layers = [_pop(out, layer_path(root, root, i, layer_names)) for i in range(length)]
+        have = [sorted(_paths(layer)) if isinstance(layer, Mapping) else [] for layer in layers]
+        if any(h != have[0] for h in have):
+            missing = [layer_path(root, root, i, layer_names) for i, h in enumerate(have) if not h]
+            raise ValueError(
+                f"the adapter covers only some layers of the stack '{root}' (no adapter at "
+                f"{', '.join(missing[:4]) or 'some layers'}): a stacked layer needs all "
+                f"{length} layers' adapters, with the same layers adapted in each"
+            )
+        if have[0]:
+            _put(out, root, _stack(layers))
+    return out
+
+
+def _plain(tree: Mapping) -> dict:
+    return {k: _plain(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def _pop(tree: dict, path: str):
+    *parents, last = path.split(".")
+    for key in parents:
+        tree = tree.get(key)
+        if not isinstance(tree, dict):
+            return None
+    return tree.pop(last, None)
+
+
+def _put(tree: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    if last in tree:
+        raise ValueError(f"the per-layer path '{path}' already exists in the params")
+    tree[last] = value
+
+
+def _leaves(tree: Mapping):
+    for v in tree.values():
+        yield from (_leaves(v) if isinstance(v, Mapping) else (v,))
+
+
+def _paths(tree: Mapping, prefix: str = ""):
+    for k, v in tree.items():
+        yield from (_paths(v, f"{prefix}{k}.") if isinstance(v, Mapping) else (prefix + k,))
+
+
+def _map(tree: Mapping, fn) -> dict:
+    return {k: _map(v, fn) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
+
+
+def _stack(trees: list) -> dict:
+    first = trees[0]
+    return {
+        k: _stack([t[k] for t in trees])
+        if isinstance(v, Mapping)
+        else jnp.stack([t[k] for t in trees])
+        for k, v in first.items()
+    }
+
+
+def _subtree(tree: Mapping, path: str):
+    for key in path.split("."):
+        tree = tree.get(key) if isinstance(tree, Mapping) else None
+    return tree

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import torch
 import torch.nn.functional as F
 from flax import nnx
@@ -103,3 +104,57 @@ def test_scanned_merge_matches_torch_merge():
     want = model(torch.from_numpy(tokens[:, :-1])).detach()
     got = jgpt.ScanGPT(jgpt.GPTConfig(**CFG)).apply({"params": merged}, tokens[:, :-1])
     assert rel_err(got, want) <= TOL
+
+
+NAMES = {"blocks": "blocks_{i}"}  # the torch twin names its layers blocks_0, blocks_1, ...
+
+
+def _torch_base() -> tgpt.GPT:
+    torch.manual_seed(0)
+    return tgpt.GPT(tgpt.GPTConfig(**CFG))
+
+
+def _scan_logits(params, tokens, config):
+    with jaxlora.intercept(config):
+        return jgpt.ScanGPT(jgpt.GPTConfig(**CFG)).apply({"params": params}, tokens)
+
+
+def test_stacked_adapter_file_loads_in_real_peft_and_back(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    tokens = _tokens(2)[:, :-1]
+    params = _scanned_params(_torch_twin())
+    config = jaxlora.LoRAConfig(**LORA)
+    with pytest.raises(ValueError, match="stacked over 1 leading layer axis"):
+        jaxlora.save_adapter(params, tmp_path / "refused", config)
+    jaxlora.save_adapter(params, tmp_path / "a", config, layer_names=NAMES)
+    peft_model = PeftModel.from_pretrained(_torch_base(), str(tmp_path / "a"))
+    want = peft_model(torch.from_numpy(tokens)).detach()
+    assert rel_err(_scan_logits(params, tokens, config), want) <= TOL
+
+    # PEFT's own per-layer file into the scanned base: stacked on load
+    torch.manual_seed(5)
+    peft_model = get_peft_model(
+        _torch_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["key", "proj"])
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape) * 0.05)
+    peft_model.save_pretrained(str(tmp_path / "b"))
+    want = peft_model(torch.from_numpy(tokens)).detach()
+    base = jaxlora.split(params)[1]
+    loaded = jaxlora.load_adapter(base, tmp_path / "b", layer_names=NAMES)
+    key = loaded["blocks"]["attn"]["key"]
+    assert key["lora_a"].shape == (CFG["n_layer"], CFG["d_model"], 4)
+    assert loaded["blocks"]["attn"]["key"]["kernel"] is base["blocks"]["attn"]["key"]["kernel"]
+    peft_config = jaxlora.read_adapter_config(tmp_path / "b", path_map=None)
+    assert rel_err(_scan_logits(loaded, tokens, peft_config), want) <= TOL
+
+    # a file covering only some layers of the stack is refused
+    partial = get_peft_model(
+        _torch_base(), LoraConfig(r=4, lora_alpha=8, target_modules=r"blocks_[01]\.attn\.key")
+    )
+    partial.save_pretrained(str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"covers only some layers of the stack 'blocks'"):
+        jaxlora.load_adapter(base, tmp_path / "c", layer_names=NAMES)

@@ -294,9 +294,9 @@ def test_layer_names_place_the_index():
     config = jaxlora.LoRAConfig(
         r=4, alpha=8, targets=["query"], rank_pattern={"blocks_1.attn.query": 2}
     )
-    _scan_inject(
-        jaxlora.LoRAConfig(r=4, alpha=8, targets=["query"], rank_pattern={"blocks_1.attn.query": 2})
-    )  # default naming: the key names no layer
+    # default naming (blocks.1.attn.query): the key names no layer, a typo
+    with pytest.raises(ValueError, match=r"'blocks_1\.attn\.query' matches none of the adapted"):
+        _scan_inject(config)
     with pytest.raises(ValueError, match=r"'blocks_1\.attn\.query': \(2, 8\.0\)"):
         _scan_inject(config, layer_names={"blocks": "blocks_{i}"})
     with pytest.raises(ValueError, match=r"must be a string holding '\{i\}'"):

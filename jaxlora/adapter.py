@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
@@ -27,10 +28,18 @@ from _loracore.peft_format import (
     map_path,
     tensor_keys,
 )
-from jaxlora import kinds
+from jaxlora import kinds, stacks
 from jaxlora.config import LoRAConfig
 from jaxlora.core import scaling, weight_init
-from jaxlora.tree import PyTree, _like, _require_mapping, iter_lora_layers, path_str
+from jaxlora.tree import (
+    PyTree,
+    _like,
+    _require_mapping,
+    combine,
+    iter_lora_layers,
+    path_str,
+    split,
+)
 
 
 def is_finite(value) -> bool:
@@ -49,7 +58,12 @@ def read_adapter(directory):
 
 
 def save_adapter(
-    params: PyTree, directory: str | os.PathLike, config: LoRAConfig, *, path_map: PathMap = None
+    params: PyTree,
+    directory: str | os.PathLike,
+    config: LoRAConfig,
+    *,
+    path_map: PathMap = None,
+    layer_names: Mapping[str, str] | None = None,
 ) -> Path:
     """Writes the LoRA leaves of a Linen params tree as a PEFT adapter; returns the directory.
 
@@ -60,8 +74,16 @@ def save_adapter(
     ``rank_pattern`` and ``target_modules`` are written so that PEFT rebuilds exactly these
     layers. ``path_map`` maps a '.'-joined Flax layer path to the torch module path where the
     names differ (a dict or a function).
+
+    Stacked (``nn.scan``) layers are written per layer, as PEFT's keys for the unscanned twin:
+    ``layer_names`` says, for each scanned module, where the layer index goes
+    (``{"blocks": "blocks.{i}"}`` writes ``…blocks.0.attn.query.lora_A.weight``, …;
+    ``{"blocks": "blocks_{i}"}`` writes ``blocks_0.…``); ``path_map`` then applies to the
+    per-layer paths. Without it a stacked layer is refused.
     """
     _require_mapping(params, "save_adapter")
+    if layer_names:
+        params = stacks.unstack(meta.unbox(params), layer_names)
     tensors, layers = {}, {}
     for path, node in iter_lora_layers(params):
         name = path_str(path)
@@ -78,7 +100,11 @@ def save_adapter(
 
 
 def load_adapter(
-    params: PyTree, directory: str | os.PathLike, *, path_map: PathMap = None
+    params: PyTree,
+    directory: str | os.PathLike,
+    *,
+    path_map: PathMap = None,
+    layer_names: Mapping[str, str] | None = None,
 ) -> PyTree:
     """Returns a new params tree holding the adapter in ``directory``.
 
@@ -96,8 +122,14 @@ def load_adapter(
     reason, a plain file loaded into a PiSSA/OLoRA-injected tree is applied to that tree's
     kernels, which are residuals: load it into the base tree (torchlora and ``jaxlora.nnx``,
     whose layers know their init, refuse that case).
+
+    A per-layer file (PEFT's keys of the unscanned twin) loads into a scanned (``nn.scan``)
+    tree with ``layer_names`` as for ``save_adapter``: the layers' adapters are stacked, and
+    every layer of a stack must be in the file. The base is not copied.
     """
     _require_mapping(params, "load_adapter")
+    if layer_names:
+        return _load_stacked(params, directory, path_map, layer_names)
     config, tensors = read_adapter(directory)
     nodes = {map_path(path_map, name): kn for name, kn in _node_paths(params).items()}
     check_paths_exist(set(tensors), nodes, path_map, directory)
@@ -152,6 +184,33 @@ def load_adapter(
                 boxed.replace_boxed(residual) if isinstance(boxed, meta.AxisMetadata) else residual
             )
     return _set_leaves(params, (), new)
+
+
+def _load_stacked(params, directory, path_map, layer_names) -> PyTree:
+    """``load_adapter`` into the per-layer view of a scanned tree, the adapter stacked back
+    and combined with the tree's own base leaves (no copy of the base)."""
+    if "params" in params:
+        return _like(
+            params,
+            {**params, "params": _load_stacked(params["params"], directory, path_map, layer_names)},
+        )
+    config, _ = read_adapter(directory)
+    if config.init in WEIGHT_INITS:
+        raise ValueError(
+            f"{directory}: init={config.init!r} files rewrite the base kernel, which is not "
+            "supported for stacked (nn.scan) layers"
+        )
+    plain = meta.unbox(params)
+    lengths = {}
+    for root in layer_names:
+        sub = stacks._subtree(plain, root)
+        leaves = jax.tree.leaves(sub) if isinstance(sub, Mapping) else []
+        if not leaves:
+            raise ValueError(f"layer_names names '{root}', which is not a module in the params")
+        lengths[root] = jnp.shape(leaves[0])[0]
+    loaded = load_adapter(stacks.unstack(plain, layer_names), directory, path_map=path_map)
+    adapter = stacks.restack_adapter(split(loaded)[0], layer_names, lengths)
+    return combine(adapter, split(params)[1])
 
 
 def _target(node, file_kind: str, a: np.ndarray, where: str) -> tuple[str, str, int]:

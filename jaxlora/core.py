@@ -132,19 +132,25 @@ def scaled_matmul(
 
 
 def delta(
-    lora_a: jax.Array, lora_b: jax.Array, scale: float, shape: tuple[int, ...] | None = None
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    scale: float,
+    shape: tuple[int, ...] | None = None,
+    stack: int = 0,
 ) -> jax.Array:
     """``scale · a @ b`` in float32 (or wider) at full matmul precision.
 
     With 2-D factors the result is (in, out). Multi-axis factors (``jaxlora.kinds``: ``a``
     (*in_axes, r), ``b`` (r, *out_axes)) are contracted over the rank and the result reshaped
-    to ``shape``, the base weight's.
+    to ``shape``, the base weight's. With ``stack`` leading layer axes (a stacked layer: ``a``
+    (L, …, r), ``b`` (L, r, …)) each layer's delta is its own slices' product.
     """
     r = jnp.shape(lora_a)[-1]
+    lead = tuple(jnp.shape(lora_a)[:stack])
     dtype = jnp.promote_types(lora_a.dtype, jnp.float32)
-    prod = jnp.matmul(
-        lora_a.reshape(-1, r).astype(dtype),
-        lora_b.reshape(r, -1).astype(dtype),
+    prod = jnp.matmul(  # batched over the layer axes
+        lora_a.reshape(*lead, -1, r).astype(dtype),
+        lora_b.reshape(*lead, r, -1).astype(dtype),
         precision=jax.lax.Precision.HIGHEST,
     )
     prod = prod * jnp.asarray(scale, dtype)

@@ -3,12 +3,14 @@
 ``inject(params, config, rng)`` puts ``lora_a``/``lora_b`` beside each matched layer's weight;
 ``jaxlora.intercept(config)`` (``jaxlora/intercept.py``) makes the model use them. The model's
 code and its own ``init``/``apply`` are unchanged; the params tree is the single source of
-truth for which layers are adapted. ``nn.scan``/``nn.vmap``-stacked kernels are rejected.
+truth for which layers are adapted. Layers stacked by ``nn.scan`` (a leading layer axis L)
+get stacked adapters, ``lora_a`` (L, …, r) and ``lora_b`` (L, r, …), scanned with the kernel.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -19,7 +21,7 @@ from flax import linen as nn
 from flax.core import meta
 
 from _loracore.config import WEIGHT_INITS
-from jaxlora import core, kinds
+from jaxlora import core, kinds, stacks
 from jaxlora.config import LoRAConfig
 from jaxlora.intercept import SUPPORTED, input_axes, module_kind
 from jaxlora.tree import LORA_NAMES, PyTree, _like, _require_mapping
@@ -32,6 +34,7 @@ def inject(
     *,
     param_dtype: Any = jnp.float32,
     layouts: Mapping[str, Layout] | None = None,
+    layer_names: Mapping[str, str] | None = None,
 ) -> PyTree:
     """Returns a new params tree with ``lora_a``/``lora_b`` beside each layer whose '.'-joined
     path matches ``config.targets``.
@@ -44,12 +47,23 @@ def inject(
     ``config.init``: "kaiming" as torch's kaiming_uniform(a=√5), "gaussian" N(0, 1/r) (both with
     ``lora_b`` zero), "pissa"/"olora" from the kernel's SVD/QR (which becomes the residual);
     embeddings follow PEFT (``lora_a`` zero, ``lora_b`` N(0, 1)). The adapted model starts
-    equal to the base. Accepts the params tree or the variables dict holding it under 'params'
-    (other collections, such as 'batch_stats' or 'cache', are returned untouched).
+    equal to the base.
+
+    Layers stacked by ``nn.scan`` (``variable_axes={"params": 0}``: a kernel (L, in, out))
+    need ``layouts``, which records the stack; they get ``lora_a`` (L, in, r) and ``lora_b``
+    (L, r, out), each layer drawn from the layer's key folded with its index, so that
+    ``intercept`` applies each layer's slice inside the scan. The layer's per-layer paths
+    (``jaxlora.stacks.layer_path``: ``blocks.3.attn.query``, or per ``layer_names``, e.g.
+    ``{"blocks": "blocks_{i}"}``) may be targeted too, all or none of them; all layers of a
+    stack must get the (r, alpha) its stack path gets. Accepts the params tree or the
+    variables dict holding it under 'params' (other collections, such as 'batch_stats' or
+    'cache', are returned untouched).
 
     Raises:
         ValueError: no layer matches (the message lists the layer paths), a layer already has
-            LoRA leaves, or a layer's rank exceeds its ``min(in, out)``.
+            LoRA leaves, a layer's rank exceeds its ``min(in, out)``, targets match only some
+            layers of a stack, or rank/alpha patterns give the layers of a stack different
+            values.
         TypeError: a matched layer cannot be adapted, or its kernel has more than 2 axes and
             ``layouts`` does not describe it, or ``rng`` is not a PRNG key.
     """
@@ -58,14 +72,16 @@ def inject(
     _require_mapping(params, "inject")
     core.check_key(rng, "inject: rng")
     if "params" in params:  # a variables dict: only 'params' is adapted, the rest passes through
-        adapted = _inject(params["params"], config, rng, param_dtype, layouts)
+        adapted = _inject(params["params"], config, rng, param_dtype, layouts, layer_names)
         return _like(params, {**params, "params": adapted})
-    return _inject(params, config, rng, param_dtype, layouts)
+    return _inject(params, config, rng, param_dtype, layouts, layer_names)
 
 
-def _inject(params: Mapping, config: LoRAConfig, rng: jax.Array, param_dtype, layouts) -> Mapping:
+def _inject(
+    params: Mapping, config: LoRAConfig, rng: jax.Array, param_dtype, layouts, layer_names
+) -> Mapping:
     nodes = dict(_iter_nodes(params))
-    chosen = config.select(nodes)
+    chosen = _select(nodes, config, layouts, layer_names)
     new = {}
     for path in chosen:
         node, where = nodes[path], f"inject: layer '{path}'"
@@ -74,8 +90,12 @@ def _inject(params: Mapping, config: LoRAConfig, rng: jax.Array, param_dtype, la
         kind, name, in_axes = _layout(node, path, layouts, where)
         boxed = node[name]
         base = meta.unbox(boxed)
+        stack = _stack(layouts, path)
+        if stack:
+            per_layer = _per_layer(layouts, path, jnp.shape(base), layer_names, where)
+            stacks.check_uniform(config, path, per_layer, where)
         r, alpha = config.rank_for(path), config.alpha_for(path)
-        n_in, n_out = kinds.flat_features(kind, jnp.shape(base), in_axes)
+        n_in, n_out = kinds.flat_features(kind, jnp.shape(base), in_axes, stack)
         core.check_hparams(
             r=r,
             alpha=alpha,
@@ -86,15 +106,24 @@ def _inject(params: Mapping, config: LoRAConfig, rng: jax.Array, param_dtype, la
         )
         key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
         scale = core.scaling(r, alpha, use_rslora=config.use_rslora)
-        leaves = init_leaves(
-            base, r, scale, config.init, key, param_dtype, kind=kind, in_axes=in_axes, where=where
+
+        init_one = functools.partial(
+            init_leaves,
+            r=r,
+            scale=scale,
+            init=config.init,
+            param_dtype=param_dtype,
+            kind=kind,
+            in_axes=in_axes,
+            where=where,
         )
+        leaves = _stacked_init(base, stack, key, init_one)
         if isinstance(boxed, meta.AxisMetadata):
             if name in leaves:
                 leaves[name] = boxed.replace_boxed(leaves[name])
             if hasattr(boxed, "names"):
                 names_a, names_b = kinds.lora_axis_names(
-                    kind, tuple(boxed.names), jnp.ndim(leaves["lora_a"])
+                    kind, tuple(boxed.names), jnp.ndim(leaves["lora_a"]), stack
                 )
                 leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)
                 leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)
@@ -105,11 +134,16 @@ def _inject(params: Mapping, config: LoRAConfig, rng: jax.Array, param_dtype, la
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How a layer's weight is laid out: its kind ("linear", "conv" or "embed"), for a linear
-    kernel how many leading axes are inputs, and how many axes the weight has."""
+    kernel how many leading axes are inputs, and how many axes one layer's weight has. For a
+    layer inside ``nn.scan`` (or ``nn.vmap``), ``stack`` is the number of leading layer axes
+    the params tree adds to it and ``scan`` the path of the outermost lifted module that adds
+    them (where the layer index goes in per-layer paths, see ``jaxlora.stacks``)."""
 
     kind: str
     in_axes: int
     ndim: int
+    stack: int = 0
+    scan: str | None = None
 
 
 def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> dict[str, Layout]:
@@ -121,20 +155,29 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
     >>> from flax import linen as nn
     >>> attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
     >>> layouts(attn, jnp.ones((1, 3, 8)))["query"]
-    Layout(kind='linear', in_axes=1, ndim=3)
+    Layout(kind='linear', in_axes=1, ndim=3, stack=0, scan=None)
     >>> layouts(attn, jnp.ones((1, 3, 8)))["out"]
-    Layout(kind='linear', in_axes=2, ndim=3)
+    Layout(kind='linear', in_axes=2, ndim=3, stack=0, scan=None)
     """
-    found: dict[str, Layout] = {}
+    found: dict[str, tuple[str, int, int]] = {}
+    views: dict[str, Any] = {}  # lifted module path -> its params' ndims, as its body sees them
 
     def record(next_fun, call_args, call_kwargs, context):
         out = next_fun(*call_args, **call_kwargs)
         module = context.module
+        if module.scope is None:
+            return out
+        path = ".".join(module.scope.path)
+        if path and not isinstance(module.parent, nn.Module) and path not in views:
+            # The root of a lifted transform (nn.scan, nn.vmap, nn.remat, ...): inside it the
+            # params are the body's view (one layer's slice under a scan).
+            params = meta.unbox(module.variables.get("params", {}))
+            views[path] = jax.tree.map(jnp.ndim, params)
         kind = module_kind(module)
-        if kind is not None and module.scope is not None and context.method_name == "__call__":
+        if kind is not None and context.method_name == "__call__":
             in_axes = input_axes(module) if kind == "linear" else 1
             weight = module.get_variable("params", "embedding" if kind == "embed" else "kernel")
-            found[".".join(module.scope.path)] = Layout(kind, in_axes, jnp.ndim(meta.unbox(weight)))
+            found[path] = (kind, in_axes, jnp.ndim(meta.unbox(weight)))
         return out
 
     def init():
@@ -142,8 +185,46 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
             extra = {} if method is None else {"method": method}
             return model.init(jax.random.key(0), *args, **extra, **kwargs)
 
-    jax.eval_shape(init)
-    return found
+    params = meta.unbox(jax.eval_shape(init).get("params", {}))
+    out = {}
+    for path, (kind, in_axes, ndim) in found.items():
+        weight = _lookup(params, path, "embedding" if kind == "embed" else "kernel")
+        stack = jnp.ndim(weight) - ndim if weight is not None else 0
+        scan = _scan_root(path, views, params) if stack else None
+        out[path] = Layout(kind, in_axes, ndim, stack, scan)
+    return out
+
+
+def _lookup(params: Mapping, path: str, leaf: str) -> Any:
+    node: Any = params
+    for key in (*path.split("."), leaf) if path else (leaf,):
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node
+
+
+def _scan_root(path: str, views: Mapping[str, Any], params: Mapping) -> str | None:
+    """The outermost lifted module above ``path`` whose every param has more axes in the
+    params tree than inside it (so a scan/vmap stacks them, not a remat)."""
+    for root in sorted(views, key=len):
+        if not (path == root or path.startswith(root + ".")):
+            continue
+        full = _subtree(params, root)
+        inner = views[root]
+        if not isinstance(full, Mapping) or not inner:
+            continue
+        outer = jax.tree.map(jnp.ndim, full)
+        if jax.tree.structure(outer) != jax.tree.structure(inner):
+            continue
+        if all(o > i for o, i in zip(jax.tree.leaves(outer), jax.tree.leaves(inner), strict=True)):
+            return root
+    return None
+
+
+def _subtree(params: Mapping, path: str) -> Any:
+    node: Any = params
+    for key in path.split("."):
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node
 
 
 def _layout(node: Mapping, path: str, layouts, where: str) -> tuple[str, str, int]:
@@ -151,28 +232,80 @@ def _layout(node: Mapping, path: str, layouts, where: str) -> tuple[str, str, in
     name = kinds.base_name(node)
     base = meta.unbox(node[name]) if name is not None else None
     ndim = jnp.ndim(base) if base is not None else 0
-    if name == "embedding" and ndim == 2:
-        return "embed", name, 1
     layout = None if layouts is None else layouts.get(path)
+    if name == "embedding" and ndim == 2 and (layout is None or not layout.stack):
+        return "embed", name, 1
     found = {
         k: tuple(jnp.shape(meta.unbox(v))) for k, v in node.items() if not isinstance(v, Mapping)
     }
-    if name == "kernel" and layout is not None and layout.kind in ("linear", "conv"):
-        if layout.ndim != ndim:
+    expected = {"kernel": ("linear", "conv"), "embedding": ("embed",)}.get(name, ())
+    if layout is not None and layout.kind in expected:
+        if layout.ndim + layout.stack != ndim:
             raise TypeError(
-                f"{where}: the layer's kernel has {layout.ndim} axes but the params tree holds "
-                f"{found['kernel']} (kernels stacked by nn.scan/nn.vmap are not supported)"
+                f"{where}: the layer's {name} has {layout.ndim} axes (and {layout.stack} "
+                f"stacked layer axes) but the params tree holds {found[name]}"
+            )
+        if layout.stack and (layout.kind == "conv" or layout.stack > 1 or layout.scan is None):
+            if layout.kind == "conv":
+                why = "conv layers cannot be stacked"
+            elif layout.stack > 1:
+                why = "only one stacking transform (nn.scan/nn.vmap) around a layer is supported"
+            else:
+                why = (
+                    "no submodule is the scanned one (nn.scan of a function over the parent "
+                    "module is not supported: scan a module class, e.g. nn.scan(Block, ...))"
+                )
+            raise TypeError(
+                f"{where} is stacked over {layout.stack} leading layer axis(es) of "
+                f"{found[name]} (scanned module: {layout.scan}): {why}"
             )
         return layout.kind, name, layout.in_axes
     if name == "kernel" and ndim == 2:
         return "linear", name, 1
-    if name == "kernel" and ndim > 2 and layouts is None:
+    if name in ("kernel", "embedding") and ndim > 2 and layouts is None:
         raise TypeError(
-            f"{where} has a {ndim}-D kernel {found['kernel']}: say which axes are inputs with "
-            "inject(..., layouts=jaxlora.layouts(model, *inputs)) (kernels stacked by "
-            "nn.scan/nn.vmap are not supported)"
+            f"{where} has a {ndim}-D {name} {found[name]}: say which axes are inputs (and "
+            "which are nn.scan's layer axes) with inject(..., layouts=jaxlora.layouts(model, "
+            "*inputs))"
         )
     raise TypeError(f"{where} holds {found}, which cannot be adapted; supported: {SUPPORTED}")
+
+
+def _stacked_init(base: jax.Array, stack: int, key: jax.Array, init_one) -> dict[str, jax.Array]:
+    """``init_one(base, key=key)``, or for a stacked layer each layer's alone (its slice of the
+    base, its own key: ``key`` folded with the layer index), stacked."""
+    if not stack:
+        return init_one(base, key=key)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(jnp.shape(base)[0]))
+    return jax.vmap(lambda b, k: init_one(b, key=k))(base, keys)
+
+
+def _stack(layouts, path: str) -> int:
+    layout = None if layouts is None else layouts.get(path)
+    return 0 if layout is None else layout.stack
+
+
+def _per_layer(layouts, path: str, shape: tuple, layer_names, where: str) -> list[str]:
+    """The per-layer paths of the stacked layer at ``path`` (``jaxlora.stacks``)."""
+    try:
+        return stacks.layer_paths(path, layouts[path].scan, shape[0], layer_names)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _select(nodes: Mapping, config: LoRAConfig, layouts, layer_names) -> list[str]:
+    """The tree paths ``config.targets`` choose: a stacked layer is chosen by its stack path
+    or by all of its per-layer paths; a ``ValueError`` if only some of them match."""
+    names = list(nodes)
+    per_layer: dict[str, list[str]] = {}
+    for path in nodes:
+        node = nodes[path]
+        name = kinds.base_name(node) if isinstance(node, Mapping) else None
+        layout = None if layouts is None else layouts.get(path)
+        if name is not None and layout is not None and layout.stack == 1 and layout.scan:
+            shape = jnp.shape(meta.unbox(node[name]))
+            per_layer[path] = _per_layer(layouts, path, shape, layer_names, f"layer '{path}'")
+    return stacks.select(names, per_layer, config)
 
 
 def init_leaves(

@@ -16,6 +16,13 @@ with the rank first and the output axes, so one rule merges them all::
 The kind of a params node is read from its names and shapes (``kind_of``), so merging and
 saving need no model; only injecting a kernel with more than 2 axes needs to know which axes
 are inputs (see ``jaxlora.layouts``).
+
+Stacked layers (``nn.scan``/``nnx.vmap``: a weight with ``stack`` leading layer axes, e.g. a
+kernel (L, in, out)) keep those axes in front of both factors: ``lora_a`` (L, …, r),
+``lora_b`` (L, r, …), so each layer's slice is one of the layouts above. ``stack`` is read
+from the shapes: a linear or embedding adapter has ``stack`` more axes than its layout. Conv
+layers cannot be stacked (their factors have as many axes as the kernel, so a stack would
+be ambiguous), and a linear stack of one layer (L = 1) reads as a 1-D conv.
 """
 
 from __future__ import annotations
@@ -37,39 +44,57 @@ def base_name(node: Mapping[str, Any]) -> str | None:
 
 
 def lora_shapes(
-    kind: str, base_shape: tuple[int, ...], r: int, in_axes: int = 1
+    kind: str, base_shape: tuple[int, ...], r: int, in_axes: int = 1, stack: int = 0
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The (lora_a, lora_b) shapes for a base weight; ``in_axes`` counts a linear kernel's
-    leading input axes."""
+    input axes after its ``stack`` leading layer axes (which both factors keep in front)."""
+    lead, base_shape = tuple(base_shape[:stack]), tuple(base_shape[stack:])
     if kind == "conv":
         ones = (1,) * (len(base_shape) - 2)
-        return (*base_shape[:-1], r), (*ones, r, base_shape[-1])
+        return (*lead, *base_shape[:-1], r), (*lead, *ones, r, base_shape[-1])
     n = 1 if kind == "embed" else in_axes
-    return (*base_shape[:n], r), (r, *base_shape[n:])
+    return (*lead, *base_shape[:n], r), (*lead, r, *base_shape[n:])
 
 
 def kind_of(base: str, base_shape: tuple[int, ...], a_shape: tuple[int, ...], b_shape) -> str:
     """The kind whose layout the shapes follow (``lora_shapes`` checks them exactly)."""
     if base == "embedding":
         return "embed"
-    if len(a_shape) + len(b_shape) - 2 == len(base_shape):
-        return "linear"
-    return "conv"
+    conv = len(a_shape) == len(b_shape) == len(base_shape) >= 3
+    if conv and all(n == 1 for n in b_shape[:-2]):
+        return "conv"
+    return "linear"
 
 
-def in_axes_of(kind: str, a_shape: tuple[int, ...]) -> int:
-    return len(a_shape) - 1 if kind == "linear" else 1
+def stack_of(kind: str, base_shape: tuple[int, ...], a_shape: tuple[int, ...], b_shape) -> int:
+    """How many leading layer axes (``nn.scan``/``nnx.vmap``) the layer's shapes carry: the
+    axes a linear or embedding adapter has beyond its layout (a conv has none)."""
+    if kind == "conv":
+        return 0
+    return len(a_shape) + len(b_shape) - 2 - len(base_shape)
 
 
-def flat_features(kind: str, base_shape: tuple[int, ...], in_axes: int = 1) -> tuple[int, int]:
-    """(in, out) of the flattened matrix the adapter factors: its rank is at most their min."""
+def in_axes_of(kind: str, a_shape: tuple[int, ...], stack: int = 0) -> int:
+    return len(a_shape) - 1 - stack if kind == "linear" else 1
+
+
+def flat_features(
+    kind: str, base_shape: tuple[int, ...], in_axes: int = 1, stack: int = 0
+) -> tuple[int, int]:
+    """(in, out) of the flattened matrix one layer's adapter factors (the weight's ``stack``
+    leading layer axes left out): its rank is at most their min."""
+    base_shape = tuple(base_shape[stack:])
     n = len(base_shape) - 1 if kind == "conv" else (1 if kind == "embed" else in_axes)
     return math.prod(base_shape[:n]), math.prod(base_shape[n:])
 
 
-def check_layer(node: Mapping[str, Any], where: str) -> tuple[str, str, Any, Any, Any]:
+def check_layer(
+    node: Mapping[str, Any], where: str, *, stacked: bool = False
+) -> tuple[str, str, Any, Any, Any]:
     """(kind, base name, base, lora_a, lora_b) of a node holding an adapter, unboxed and with
-    every shape checked; a ``ValueError`` naming the layer otherwise."""
+    every shape checked; a ``ValueError`` naming the layer otherwise. Stacked layers (leading
+    layer axes, see ``stack_of``) are accepted only with ``stacked=True``: a caller that does
+    not handle them must refuse them, not misread the layer axis as a feature axis."""
     name = base_name(node)
     missing = [n for n in ("lora_a", "lora_b") if n not in node]
     if name is None or missing:
@@ -87,14 +112,23 @@ def check_layer(node: Mapping[str, Any], where: str) -> tuple[str, str, Any, Any
         )
     kind = kind_of(name, *shapes)
     r = shapes[1][-1]
-    same_rank = len(shapes[0]) == len(shapes[1]) == len(shapes[2])
-    if kind == "conv" and (not same_rank or any(n != 1 for n in shapes[2][:-2])):
+    stack = stack_of(kind, *shapes)
+    layouts = (
+        "linear (*in_axes, r) and (r, *out_axes), conv (*window, in, r) and (1, ..., 1, r, "
+        "out), each with the weight's leading layer axes in front if it is stacked"
+    )
+    if stack < 0 or stack >= len(shapes[0]) - 1 or len(shapes[1]) - stack < 2:
         raise ValueError(
-            f"{where}: 'lora_a' {shapes[1]} and 'lora_b' {shapes[2]} fit neither layout for "
-            f"'{name}' {shapes[0]}: linear (*in_axes, r) and (r, *out_axes), or conv "
-            "(*window, in, r) and (1, ..., 1, r, out)"
+            f"{where}: 'lora_a' {shapes[1]} and 'lora_b' {shapes[2]} fit no layout for "
+            f"'{name}' {shapes[0]}: {layouts}"
         )
-    want = lora_shapes(kind, shapes[0], r, in_axes_of(kind, shapes[1]))
+    if stack and not stacked:
+        raise ValueError(
+            f"{where}: 'lora_a' {shapes[1]} and 'lora_b' {shapes[2]} are stacked over "
+            f"{stack} leading layer axis(es) of '{name}' {shapes[0]} (an nn.scan/nnx.vmap "
+            "stack), which this operation does not handle"
+        )
+    want = lora_shapes(kind, shapes[0], r, in_axes_of(kind, shapes[1], stack), stack)
     for leaf, got, expected in zip(("lora_a", "lora_b"), shapes[1:], want, strict=True):
         if got != expected:
             raise ValueError(
@@ -104,13 +138,15 @@ def check_layer(node: Mapping[str, Any], where: str) -> tuple[str, str, Any, Any
     return kind, name, base, a, b
 
 
-def lora_axis_names(kind: str, names: tuple, a_ndim: int) -> tuple[tuple, tuple]:
+def lora_axis_names(kind: str, names: tuple, a_ndim: int, stack: int = 0) -> tuple[tuple, tuple]:
     """Partitioning for an adapter from its base weight's axis names (one per axis): ``lora_a``
-    shares the input axes, ``lora_b`` the output axes; the rank axis (and a 1×1 conv's window)
-    is replicated."""
+    shares the input axes, ``lora_b`` the output axes, both the ``stack`` leading layer axes
+    (partitioned as the weight's); the rank axis (and a 1×1 conv's window) is replicated."""
+    lead, names = tuple(names[:stack]), tuple(names[stack:])
     if kind == "conv":
-        return (*names[:-1], None), (None,) * (len(names) - 1) + (names[-1],)
-    return (*names[: a_ndim - 1], None), (None, *names[a_ndim - 1 :])
+        return (*lead, *names[:-1], None), (*lead, *(None,) * (len(names) - 1), names[-1])
+    n = a_ndim - 1 - stack
+    return (*lead, *names[:n], None), (*lead, None, *names[n:])
 
 
 def to_torch(kind: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -68,8 +68,9 @@ def merge(
     new_bases, layers = {}, []
     for path, node in iter_lora_layers(params):
         kind, name, base, lora_a, lora_b = _layer(node, path, "merge")
-        scale = _scale(path, kind, base, lora_a, alpha, use_rslora, "merge")
-        new = core.delta(lora_a, lora_b, scale, jnp.shape(base))
+        stack = kinds.stack_of(kind, *map(jnp.shape, (base, lora_a, lora_b)))
+        scale = _scale(path, kind, base, lora_a, lora_b, alpha, use_rslora, "merge")
+        new = core.delta(lora_a, lora_b, scale, jnp.shape(base), stack)
         new_bases[path] = name, _apply(base, new, path, "merge")
         layers.append((path, scale))
     merged = _rebuild(params, (), new_bases, drop_lora=True)
@@ -125,7 +126,8 @@ def unmerge(merged: PyTree, record: MergeRecord) -> PyTree:
         if any(n in node for n in LORA_NAMES):
             raise ValueError(f"{where}: the merged tree still holds LoRA leaves here")
         lora_node = _get(record.adapter, path)
-        _, _, base, lora_a, lora_b = _layer({**lora_node, name: node[name]}, path, "unmerge")
+        kind, _, base, lora_a, lora_b = _layer({**lora_node, name: node[name]}, path, "unmerge")
+        stack = kinds.stack_of(kind, *map(jnp.shape, (base, lora_a, lora_b)))
         same = fingerprint(base) == expected
         if not isinstance(same, jax.core.Tracer) and not bool(same):
             raise ValueError(
@@ -133,7 +135,7 @@ def unmerge(merged: PyTree, record: MergeRecord) -> PyTree:
                 "merged, was changed since, or belongs to another merge): unmerging it would "
                 "shift the kernel by an adapter it does not hold"
             )
-        new = -core.delta(lora_a, lora_b, scale, jnp.shape(base))
+        new = -core.delta(lora_a, lora_b, scale, jnp.shape(base), stack)
         restored = _apply(base, new, path, "unmerge")
         new_bases[path] = name, jnp.where(same, restored, jnp.nan).astype(restored.dtype)
     return combine(record.adapter, _rebuild(merged, (), new_bases, drop_lora=False))
@@ -152,7 +154,8 @@ def fingerprint(x: jax.Array) -> jax.Array:
 
 
 def _layer(node: Mapping, path: Path, op: str) -> tuple[str, str, jax.Array, jax.Array, jax.Array]:
-    return kinds.check_layer(node, f"{op}: layer '{path_str(path)}'")
+    # Stacked layers (nn.scan) merge layer by layer: each slice with its own adapter slice.
+    return kinds.check_layer(node, f"{op}: layer '{path_str(path)}'", stacked=True)
 
 
 def _scale(
@@ -160,13 +163,16 @@ def _scale(
     kind: str,
     base: jax.Array,
     lora_a: jax.Array,
+    lora_b: jax.Array,
     alpha: Alpha,
     use_rslora: bool,
     op: str,
 ) -> float:
     r = jnp.shape(lora_a)[-1]
     layer_alpha = alpha(path_str(path)) if callable(alpha) else alpha
-    n_in, n_out = kinds.flat_features(kind, jnp.shape(base), jnp.ndim(lora_a) - 1)
+    stack = kinds.stack_of(kind, jnp.shape(base), jnp.shape(lora_a), jnp.shape(lora_b))
+    in_axes = kinds.in_axes_of(kind, jnp.shape(lora_a), stack)
+    n_in, n_out = kinds.flat_features(kind, jnp.shape(base), in_axes, stack)
     core.check_hparams(
         r=r,
         alpha=layer_alpha,

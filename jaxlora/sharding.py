@@ -24,7 +24,8 @@ def partition_specs(params: PyTree, base_specs: PyTree) -> PyTree:
     ``base_specs`` gives the specs of the base leaves (nested like ``params``; missing entries
     and ``None`` mean replicated). Each ``lora_a`` gets ``P(kernel_in, None)`` and each
     ``lora_b`` ``P(None, kernel_out)`` from its sibling kernel's (or embedding's) spec; for
-    multi-axis kernels (DenseGeneral, Conv) all input / output axes carry over. ``params`` must
+    multi-axis kernels (DenseGeneral, Conv) all input / output axes carry over, and a stacked
+    (``nn.scan``) layer's leading layer axes are partitioned as the kernel's. ``params`` must
     hold each adapter beside its base weight (spec the whole tree, then ``split`` it).
 
     >>> import jax.numpy as jnp
@@ -48,10 +49,11 @@ def _specs(node: Mapping, specs: Mapping, path: tuple) -> Mapping:
             out[key] = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
     if any(name in node for name in LORA_NAMES):
         where = f"partition_specs: layer '{path_str(path)}'"
-        kind, name, base, lora_a, _ = kinds.check_layer(node, where)
+        kind, name, base, lora_a, lora_b = kinds.check_layer(node, where, stacked=True)
+        stack = kinds.stack_of(kind, base.shape, lora_a.shape, lora_b.shape)
         spec = specs.get(name) if isinstance(specs, Mapping) else None
         names = tuple(spec) if isinstance(spec, PartitionSpec) else ()
         names += (None,) * (len(base.shape) - len(names))
-        names_a, names_b = kinds.lora_axis_names(kind, names, len(lora_a.shape))
+        names_a, names_b = kinds.lora_axis_names(kind, names, len(lora_a.shape), stack)
         out["lora_a"], out["lora_b"] = PartitionSpec(*names_a), PartitionSpec(*names_b)
     return _like(node, out)

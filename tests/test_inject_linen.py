@@ -276,8 +276,14 @@ def test_scanned_kernels_are_rejected():
         for p, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
     ]
     layer = paths[0].rsplit(".", 1)[0]
-    with pytest.raises(TypeError, match="stacked by nn.scan"):
-        jaxlora.inject(variables, jaxlora.LoRAConfig(r=2, targets=[layer]), jax.random.key(0))
+    config = jaxlora.LoRAConfig(r=2, targets=[layer])
+    # Stacked kernels need layouts (tests/test_scan.py); this scan of a function over the
+    # parent module has no scanned submodule to name per-layer paths after: refused.
+    with pytest.raises(TypeError, match="nn.scan's layer axes"):
+        jaxlora.inject(variables, config, jax.random.key(0))
+    layouts = jaxlora.layouts(model, jnp.ones((2, 8)))
+    with pytest.raises(TypeError, match="no submodule is the scanned one"):
+        jaxlora.inject(variables, config, jax.random.key(0), layouts=layouts)
 
 
 def test_trainable_parameter_report():

@@ -1,4 +1,7 @@
-"""The twin GPT-style decoder in Flax Linen (``GPT``) and NNX (``NnxGPT``).
+"""The twin GPT-style decoder in Flax Linen (``GPT``) and NNX (``NnxGPT``), and their scanned
+variants (``ScanGPT``: ``nn.scan`` over the blocks; ``NnxScanGPT``: ``nnx.vmap``-made blocks
+run with ``nnx.scan``), whose block weights are stacked under ``blocks`` (a leading layer
+axis; ``stack_blocks``/``unstack_blocks`` convert the params trees).
 
 Mirrors ``torchlora.models.gpt`` layer for layer, with the same paths (``blocks_0.attn.query``),
 exact GELU, LayerNorm eps 1e-5 with the two-pass variance (as torch computes it). Weights move
@@ -85,6 +88,61 @@ class GPT(nn.Module):
         return nn.Dense(cfg.vocab_size, use_bias=False, name="head")(x)
 
 
+class _ScanBlock(nn.Module):
+    """``_Block`` as an ``nn.scan`` body: (carry, unused) -> (carry, None), same param paths."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        x = x + _Attn(self.cfg, name="attn")(_layer_norm(self.cfg, "ln_1")(x))
+        return x + _Mlp(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x)), None
+
+
+class ScanGPT(nn.Module):
+    """``GPT`` with its blocks ``nn.scan``ned (``variable_axes={"params": 0}``): one compiled
+    block, params ``blocks.attn.query.kernel`` (n_layer, d, d); ``remat`` wraps the block in
+    ``nn.remat``. The same function as ``GPT`` on ``stack_blocks`` of its params."""
+
+    cfg: GPTConfig
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        _check_length(tokens.shape[-1], cfg)
+        x = nn.Embed(cfg.vocab_size, cfg.d_model, name="tok_emb")(tokens)
+        x = x + nn.Embed(cfg.block_size, cfg.d_model, name="pos_emb")(jnp.arange(tokens.shape[-1]))
+        block = nn.remat(_ScanBlock) if self.remat else _ScanBlock
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=cfg.n_layer,
+        )
+        x, _ = blocks(cfg, name="blocks")(x, None)
+        x = _layer_norm(cfg, "ln_f")(x)
+        return nn.Dense(cfg.vocab_size, use_bias=False, name="head")(x)
+
+
+def stack_blocks(params: Mapping[str, Any], n_layer: int) -> dict:
+    """``GPT``'s params (``blocks_0`` … ``blocks_{n-1}``) as ``ScanGPT``'s (``blocks``, every
+    leaf stacked on a new leading axis); other entries are kept."""
+    names = [f"blocks_{i}" for i in range(n_layer)]
+    out = {k: v for k, v in params.items() if k not in names}
+    out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[n] for n in names))
+    return out
+
+
+def unstack_blocks(params: Mapping[str, Any]) -> dict:
+    """``ScanGPT``'s params as ``GPT``'s: the inverse of ``stack_blocks``."""
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    n_layer = jax.tree.leaves(params["blocks"])[0].shape[0]
+    for i in range(n_layer):
+        out[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+    return out
+
+
 def _nnx_layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(
         cfg.d_model, epsilon=cfg.layer_norm_eps, use_fast_variance=False, rngs=rngs
@@ -139,6 +197,35 @@ class NnxGPT(nnx.Module):
         for i in range(self.cfg.n_layer):
             x = getattr(self, f"blocks_{i}")(x)
         return self.head(self.ln_f(x))
+
+
+class NnxScanGPT(nnx.Module):
+    """``NnxGPT`` with its blocks made by ``nnx.vmap`` (one ``_NnxBlock`` whose weights carry a
+    leading n_layer axis, Flax's "scan over layers" pattern) and run with ``nnx.scan``."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs) -> None:
+        self.cfg = cfg
+        self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
+        self.pos_emb = nnx.Embed(cfg.block_size, cfg.d_model, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.n_layer)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs: nnx.Rngs) -> _NnxBlock:
+            return _NnxBlock(cfg, rngs)
+
+        self.blocks = create(rngs)
+        self.ln_f = _nnx_layer_norm(cfg, rngs)
+        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        _check_length(tokens.shape[-1], self.cfg)
+        x = self.tok_emb(tokens) + self.pos_emb(jnp.arange(tokens.shape[-1]))
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x: jax.Array, block: _NnxBlock) -> jax.Array:
+            return block(x)
+
+        return self.head(self.ln_f(body(x, self.blocks)))
 
 
 def partition_rules(params: Mapping[str, Any]) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -11,7 +12,7 @@ from flax import nnx
 from flax.nnx import graph
 
 from _loracore.config import WEIGHT_INITS
-from jaxlora import core, kinds
+from jaxlora import core, kinds, stacks
 from jaxlora.config import LoRAConfig
 from jaxlora.nnx.base import Adapter
 from jaxlora.nnx.conv import LoRAConv
@@ -24,7 +25,22 @@ SUPPORTED = "nnx.Linear, nnx.LinearGeneral (no batch_axis), nnx.Conv (no mask, g
 _ADAPTED = {nnx.LinearGeneral: LoRALinearGeneral, nnx.Conv: LoRAConv, nnx.Embed: LoRAEmbed}
 
 
-def _check(module: nnx.Module, name: str, config: LoRAConfig) -> None:
+def stack_of(module: nnx.Module) -> int:
+    """How many leading layer axes (``nnx.vmap``-made stacks) a supported layer's weight has
+    beyond what its own features say: a stacked ``nnx.Linear(16, 16)`` holds a (L, 16, 16)
+    kernel."""
+    if isinstance(module, nnx.Linear | LoRALinear):
+        return module.kernel.ndim - 2
+    if isinstance(module, nnx.LinearGeneral):
+        return module.kernel.ndim - len(module.in_features) - len(module.out_features)
+    if isinstance(module, nnx.Conv):
+        return module.kernel.ndim - len(module.kernel_size) - 2
+    if isinstance(module, nnx.Embed):
+        return module.embedding.ndim - 2
+    return 0
+
+
+def _check(module: nnx.Module, name: str, config: LoRAConfig, per_layer: list[str]) -> None:
     """Raises if ``module`` cannot take the adapter ``config`` gives it (changes nothing)."""
     where = f"inject: layer '{name}'"
     # nnx.Linear subclasses are accepted as before; the other kinds are wrapped by subclassing
@@ -55,7 +71,17 @@ def _check(module: nnx.Module, name: str, config: LoRAConfig) -> None:
         kind = cls.kind
         weight = module.embedding if kind == "embed" else module.kernel
         in_axes = len(module.in_features) if cls is LoRALinearGeneral else 1
-        n_in, n_out = kinds.flat_features(kind, weight.shape, in_axes)
+        n_in, n_out = kinds.flat_features(kind, weight.shape, in_axes, stack_of(module))
+    stack = stack_of(module)
+    if stack:
+        weight = module.embedding if kind == "embed" else module.kernel
+        if stack != 1 or kind == "conv" or stack < 0:
+            why = "conv layers cannot be stacked" if kind == "conv" else "one layer axis only"
+            raise TypeError(
+                f"{where} is stacked (its weight {tuple(weight.shape)} has {stack} axes more "
+                f"than its features say): {why}"
+            )
+        stacks.check_uniform(config, name, per_layer, where)
     if config.init in WEIGHT_INITS and kind != "linear":
         raise ValueError(
             f"{where}: init={config.init!r} adapts linear layers only, not a {kind} layer"
@@ -71,7 +97,12 @@ def _check(module: nnx.Module, name: str, config: LoRAConfig) -> None:
 
 
 def inject(
-    model: nnx.Module, config: LoRAConfig, rngs: nnx.Rngs, *, param_dtype: Any = jnp.float32
+    model: nnx.Module,
+    config: LoRAConfig,
+    rngs: nnx.Rngs,
+    *,
+    param_dtype: Any = jnp.float32,
+    layer_names: Mapping[str, str] | None = None,
 ) -> nnx.Module:
     """Replaces, in place, each layer whose '.'-joined path matches ``config.targets`` by its
     LoRA version sharing its weight and bias variables: ``nnx.Linear`` → ``LoRALinear``,
@@ -81,6 +112,15 @@ def inject(
     All matches are checked before the model is touched; the config is remembered as
     ``model.lora_config``. Train with ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``.
     Returns ``model``.
+
+    Layers of a stack made with ``nnx.vmap`` (Flax's "scan over layers": a weight with a
+    leading layer axis L, run with ``nnx.scan``) get stacked adapters, ``lora_a`` (L, …, r) and
+    ``lora_b`` (L, r, …), made by ``nnx.vmap`` over the layer with split rngs (so each layer
+    is drawn alone and its dropout has its own stream); the LoRA layer's ``__call__`` sees one
+    layer's slice inside ``nnx.scan``. The stack's per-layer paths put the layer index after
+    the outermost module whose adaptable layers are all stacked (``blocks.3.attn.query``), or
+    per ``layer_names`` (see ``jaxlora.stacks``); targets and rank/alpha patterns follow the
+    Linen rules (all layers of a stack or none; one (r, alpha) per stack).
 
     Raises:
         ValueError: no layer matches (the message lists the layer paths), the root module is
@@ -92,14 +132,15 @@ def inject(
     check_rngs(rngs, "inject")
     paths = _module_paths(model)
     modules = dict(sorted(paths.items(), key=lambda item: item[0]))
-    chosen = config.select(modules)
+    per_layer = _per_layer_paths(modules, layer_names)
+    chosen = stacks.select(list(modules), per_layer, config)
     for name in chosen:
         path, module = modules[name]
         if not path:
             raise ValueError(
                 f"targets {config.targets!r} match the root module itself; target its submodules"
             )
-        _check(module, name, config)
+        _check(module, name, config, per_layer.get(name, []))
     groups = _tied(modules, chosen, config)
     for names in groups:
         name = names[0]
@@ -115,9 +156,10 @@ def inject(
         if not isinstance(base, nnx.Embed):
             options["dropout"] = config.dropout
         if isinstance(base, nnx.Linear):
-            layer = LoRALinear.from_linear(base, **options)
+            wrap = LoRALinear.from_linear
         else:
-            layer = _ADAPTED[type(base)].from_base(base, **options)
+            wrap = _ADAPTED[type(base)].from_base
+        layer = _per_layer(wrap, base, stack_of(base), **options)
         for alias in names:  # a tied layer stays tied: one LoRA layer at each of its paths
             _replace(model, modules[alias][0], layer)
     model.lora_config = config
@@ -135,7 +177,7 @@ def merge(model: nnx.Module) -> nnx.Module:
         path, layer = names[0]
         if isinstance(layer, LoRALinear | Adapter):
             try:
-                plain.append(([p for p, _ in names], layer.to_base()))
+                plain.append(([p for p, _ in names], _merged(layer)))
             except ValueError as err:
                 where = ".".join(map(str, path))
                 raise ValueError(
@@ -147,6 +189,67 @@ def merge(model: nnx.Module) -> nnx.Module:
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
+
+
+def _per_layer(wrap, base: nnx.Module, stack: int, *, rngs: nnx.Rngs, **options) -> nnx.Module:
+    """``wrap(base, rngs=rngs, **options)``, or for a stacked layer ``wrap`` on each layer's
+    slice under ``nnx.vmap`` with the rngs split per layer: the new layer's state (the shared
+    weight, the adapter, dropout's rng stream) is stacked as the base's was."""
+    if not stack:
+        return wrap(base, rngs=rngs, **options)
+
+    @nnx.split_rngs(splits=_length(base))
+    @nnx.vmap(in_axes=(0, 0), out_axes=0)
+    def each(layer: nnx.Module, rngs: nnx.Rngs) -> nnx.Module:
+        return wrap(layer, rngs=rngs, **options)
+
+    return each(base, rngs)
+
+
+def _length(module: nnx.Module) -> int:
+    return (module.embedding if isinstance(module, nnx.Embed) else module.kernel).shape[0]
+
+
+def _merged(layer: nnx.Module) -> nnx.Module:
+    """``layer.to_base()``, per layer under ``nnx.vmap`` for a stacked one (checking the
+    merged weight is finite once, outside)."""
+    if not stack_of(layer):
+        return layer.to_base()
+    weight = getattr(layer, "embedding" if isinstance(layer, nnx.Embed) else "kernel")
+    with_delta = weight[...].astype(jnp.float32) + core.delta(
+        layer.lora_a[...], layer.lora_b[...], layer.scaling, weight.shape, 1
+    )
+    if not bool(jnp.isfinite(with_delta.astype(weight.dtype)).all()):
+        raise ValueError("the merged weight has non-finite values")
+    return nnx.vmap(lambda one: one.to_base(), in_axes=0, out_axes=0)(layer)
+
+
+def _per_layer_paths(
+    modules: dict[str, tuple[tuple, nnx.Module]], layer_names: Mapping[str, str] | None
+) -> dict[str, list[str]]:
+    """{path: per-layer paths} of every stacked supported layer. The index goes after the
+    outermost module whose adaptable layers are all stacked (where ``nnx.vmap`` made them)."""
+    adaptable = {n: stack_of(m) for n, (_, m) in modules.items() if _supported(m)}
+    out = {}
+    for name, stack in adaptable.items():
+        if stack != 1:
+            continue
+        parts = name.split(".")
+        prefixes = [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
+        scan = next(
+            p
+            for p in prefixes
+            if all(s for n, s in adaptable.items() if n == p or n.startswith(p + "."))
+        )
+        try:
+            out[name] = stacks.layer_paths(name, scan, _length(modules[name][1]), layer_names)
+        except ValueError as err:
+            raise ValueError(f"inject: layer '{name}': {err}") from None
+    return out
+
+
+def _supported(module: nnx.Module) -> bool:
+    return isinstance(module, nnx.Linear) or type(module) in _ADAPTED
 
 
 def trainable_parameters(model: nnx.Module) -> ParamCount:

@@ -44,7 +44,9 @@ def merged_weight(weight: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale
     merged = (
         weight.astype(jnp.float32) + core.delta(lora_a, lora_b, scale, jnp.shape(weight))
     ).astype(weight.dtype)
-    if not bool(jnp.isfinite(merged).all()):
+    finite = jnp.isfinite(merged).all()
+    # Under nnx.vmap (a stacked layer) the caller checks the whole stack before
+    if not isinstance(finite, jax.core.Tracer) and not bool(finite):
         raise ValueError("the merged weight has non-finite values")
     return merged
 

@@ -158,3 +158,69 @@ def test_stacked_adapter_file_loads_in_real_peft_and_back(tmp_path):
     partial.save_pretrained(str(tmp_path / "c"))
     with pytest.raises(ValueError, match=r"covers only some layers of the stack 'blocks'"):
         jaxlora.load_adapter(base, tmp_path / "c", layer_names=NAMES)
+
+
+def _nnx_scanned(params) -> nnx.Module:
+    model = jgpt.NnxScanGPT(jgpt.GPTConfig(**CFG), rngs=nnx.Rngs(0))
+    jaxlora.nnx.inject(model, jaxlora.LoRAConfig(**LORA), nnx.Rngs(1))
+    return jgpt.load_nnx(model, params)
+
+
+def test_nnx_stacked_adapter_file_loads_in_real_peft_and_back(tmp_path):
+    """NNX stacks are written as PEFT's per-layer keys and read back stacked (the file names
+    the torch twin's blocks_{i}); before this, save_adapter wrote one (r, L·in) tensor."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    tokens = _tokens(3)[:, :-1]
+    params = _scanned_params(_torch_twin())
+    model = _nnx_scanned(params)
+    jaxlora.nnx.save_adapter(model, tmp_path / "a", layer_names=NAMES)
+    peft_model = PeftModel.from_pretrained(_torch_base(), str(tmp_path / "a"))
+    want = peft_model(torch.from_numpy(tokens)).detach()
+    assert rel_err(model(jnp.asarray(tokens)), want) <= TOL
+
+    torch.manual_seed(6)
+    peft_model = get_peft_model(
+        _torch_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["key", "proj"])
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape) * 0.05)
+    peft_model.save_pretrained(str(tmp_path / "b"))
+    want = peft_model(torch.from_numpy(tokens)).detach()
+    base = jaxlora.split(params)[1]
+    plain = jgpt.load_nnx(jgpt.NnxScanGPT(jgpt.GPTConfig(**CFG), rngs=nnx.Rngs(0)), base)
+    jaxlora.nnx.load_adapter(plain, tmp_path / "b", layer_names=NAMES)
+    assert plain.blocks.attn.key.lora_a.shape == (CFG["n_layer"], CFG["d_model"], 4)
+    assert rel_err(plain(jnp.asarray(tokens)), want) <= TOL
+    # into an injected stacked model (same targets): the adapters are replaced
+    injected = jgpt.load_nnx(jgpt.NnxScanGPT(jgpt.GPTConfig(**CFG), rngs=nnx.Rngs(0)), base)
+    jaxlora.nnx.inject(
+        injected, jaxlora.LoRAConfig(r=4, alpha=2, targets=["key", "proj"]), nnx.Rngs(2)
+    )
+    jaxlora.nnx.load_adapter(injected, tmp_path / "b", layer_names=NAMES)
+    assert rel_err(injected(jnp.asarray(tokens)), want) <= TOL
+    # and it saves back to the same tensors
+    jaxlora.nnx.save_adapter(injected, tmp_path / "c", layer_names=NAMES)
+    from safetensors.numpy import load_file
+
+    ours = load_file(str(tmp_path / "c" / "adapter_model.safetensors"))
+    theirs = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        np.testing.assert_array_equal(ours[key], theirs[key])
+
+    # a file covering only some layers of the stack is refused, nothing changed
+    partial = get_peft_model(
+        _torch_base(), LoraConfig(r=4, lora_alpha=8, target_modules=r"blocks_[01]\.attn\.key")
+    )
+    partial.save_pretrained(str(tmp_path / "d"))
+    before = np.asarray(injected.blocks.attn.key.lora_a[...])
+    with pytest.raises(ValueError, match=r"missing tensors for layer\(s\) \['blocks_0\.mlp"):
+        jaxlora.nnx.load_adapter(injected, tmp_path / "d", layer_names=NAMES)
+    np.testing.assert_array_equal(np.asarray(injected.blocks.attn.key.lora_a[...]), before)
+    plain = jgpt.load_nnx(jgpt.NnxScanGPT(jgpt.GPTConfig(**CFG), rngs=nnx.Rngs(0)), base)
+    with pytest.raises(ValueError, match=r"'blocks\.attn\.key' needs all 3 layers' adapters"):
+        jaxlora.nnx.load_adapter(plain, tmp_path / "d", layer_names=NAMES)
+    assert type(plain.blocks.attn.key) is nnx.Linear

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from _loracore.config import WEIGHT_INITS
 from _loracore.peft_format import (
     PathMap,
     check_layer_set,
@@ -28,7 +30,7 @@ from jaxlora.nnx.base import Adapter
 from jaxlora.nnx.conv import LoRAConv
 from jaxlora.nnx.embed import LoRAEmbed
 from jaxlora.nnx.general import LoRALinearGeneral
-from jaxlora.nnx.inject import inject
+from jaxlora.nnx.inject import inject, per_layer_paths, stack_of
 from jaxlora.nnx.layer import LoRALinear
 
 ADAPTED = (LoRALinear, Adapter)
@@ -54,39 +56,48 @@ def save_adapter(
     config: LoRAConfig | None = None,
     *,
     path_map: PathMap = None,
+    layer_names: Mapping[str, str] | None = None,
 ) -> Path:
     """Writes the model's LoRA layers' adapters as a PEFT adapter; returns the directory.
 
     ``config`` defaults to the one ``inject`` remembered (``model.lora_config``); each layer's
     own rank and alpha are written. ``path_map`` maps a '.'-joined NNX path to the torch module
-    path where names differ.
+    path where names differ. A stacked (``nnx.vmap``) layer is written as PEFT's per-layer keys,
+    its per-layer paths named as ``inject`` names them (``blocks.3.attn.query``, or per
+    ``layer_names``; see ``jaxlora.stacks``), before ``path_map`` applies.
     """
     config = config if config is not None else getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("save_adapter: pass a LoRAConfig (the model has no lora_config)")
-    layers = _modules(model, path_map, ADAPTED)
+    views = _views(model, path_map, layer_names)
+    layers = {p: v[:3] for p, v in views.items() if isinstance(v[1], ADAPTED)}
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA layers")
-    if any(m.use_rslora != config.use_rslora for m in layers.values()):
+    if any(m.use_rslora != config.use_rslora for _, m, _ in layers.values()):
         raise ValueError("save_adapter: the layers' use_rslora differs from the config's")
     tensors = {}
-    for path, layer in layers.items():
+    for path, (_, layer, index) in layers.items():
         kind = describe(layer)[0]
         key_a, key_b = tensor_keys(path, kind)
         a, b = np.asarray(layer.lora_a[...]), np.asarray(layer.lora_b[...])
+        if index is not None:  # one layer of a stack
+            a, b = a[index], b[index]
         tensors[key_a], tensors[key_b] = kinds.to_torch(kind, a, b)
-    alphas = {p: float(m.r if m.alpha is None else m.alpha) for p, m in layers.items()}
     peft = file_config(
         config,
-        {p: (m.r, alphas[p]) for p, m in layers.items()},
-        list(_modules(model, path_map, nnx.Module)),
+        {p: (m.r, float(m.r if m.alpha is None else m.alpha)) for p, (_, m, _) in layers.items()},
+        list(views),
     )
     write_adapter(directory, tensors, peft)
     return Path(directory)
 
 
 def load_adapter(
-    model: nnx.Module, directory: str | os.PathLike, *, path_map: PathMap = None
+    model: nnx.Module,
+    directory: str | os.PathLike,
+    *,
+    path_map: PathMap = None,
+    layer_names: Mapping[str, str] | None = None,
 ) -> nnx.Module:
     """Loads the adapter in ``directory`` into ``model`` in place; returns ``model``.
 
@@ -95,10 +106,13 @@ def load_adapter(
     unchanged by a failed load (see ``jaxlora.load_adapter``). PiSSA/OLoRA files as in
     ``torchlora.load_adapter``: the residual is built for a plain or kaiming/gaussian-injected
     layer, and a PiSSA/OLoRA-injected layer takes only a file of its own init (and, for OLoRA,
-    scaling); each layer records its ``init``.
+    scaling); each layer records its ``init``. A stacked (``nnx.vmap``) layer takes the file's
+    per-layer adapters (named as in ``save_adapter``), all of its layers, with one rank and
+    alpha (PiSSA/OLoRA files are refused for stacked layers).
     """
     config, tensors = read_adapter(directory)
-    modules = _modules(model, path_map, nnx.Module)
+    views = _views(model, path_map, layer_names)
+    modules = {p: v[1] for p, v in views.items()}
     check_paths_exist(set(tensors), modules, path_map, directory)
     layers = {p: m for p, m in modules.items() if isinstance(m, ADAPTED)}
     expected = set(layers) if layers else set(config.select(modules, strict=False))
@@ -124,21 +138,24 @@ def load_adapter(
                 f"{directory}: layer '{path}' has rank {a.shape[0]} in the file "
                 f"but {module.r} in the model"
             )
+    _check_stacks(views, tensors, config, directory)
     residual = [
         path
         for path, (a, _, _) in tensors.items()
         if path in layers and _needs(config, path, a.shape[0], layers[path], directory)
     ]
     if not layers:
-        local = {
-            map_path(path_map, ".".join(map(str, p))): ".".join(map(str, p))
-            for p, _ in nnx.iter_modules(model)
-            if p
-        }
-        # Inject exactly the file's layers, named by their NNX paths, with their ranks.
-        exact = {local[t]: (a.shape[0], config.alpha_for(t)) for t, (a, _, _) in tensors.items()}
-        inject(model, config.for_layers(exact), nnx.Rngs(0))
-        layers = _modules(model, path_map, ADAPTED)
+        # Inject exactly the file's layers, named by their NNX paths (a stack by its own path
+        # and its per-layer paths), with their ranks.
+        exact = {}
+        for t, (a, _, _) in tensors.items():
+            nnx_path, _, index, local = views[t]
+            exact[nnx_path] = (a.shape[0], config.alpha_for(t))
+            if index is not None:
+                exact[local] = exact[nnx_path]
+        inject(model, config.for_layers(exact), nnx.Rngs(0), layer_names=layer_names)
+        views = _views(model, path_map, layer_names)
+        layers = {p: v[1] for p, v in views.items() if isinstance(v[1], ADAPTED)}
     for path in residual:  # a kaiming-injected layer still holds W: build the residual from it
         layer, (_, _, in_axes) = layers[path], shapes[path]
         scale = scaling(layer.r, config.alpha_for(path), use_rslora=config.use_rslora)
@@ -146,15 +163,55 @@ def load_adapter(
         make = init_leaves(kernel, layer.r, scale, config.init, None, kernel.dtype, in_axes=in_axes)
         layer.kernel[...] = make["kernel"]
         layer.init = config.init
+    stacked: dict[int, tuple[nnx.Module, dict[int, tuple]]] = {}
     for path, (a, b, _) in tensors.items():
-        layer = layers[path]
+        layer, index = layers[path], views[path][2]
         kind, shape, in_axes = shapes[path]
         lora_a, lora_b = kinds.from_torch(kind, a, b, shape, in_axes)
-        layer.lora_a[...] = jnp.asarray(lora_a, layer.lora_a.dtype)
-        layer.lora_b[...] = jnp.asarray(lora_b, layer.lora_b.dtype)
+        if index is None:
+            layer.lora_a[...] = jnp.asarray(lora_a, layer.lora_a.dtype)
+            layer.lora_b[...] = jnp.asarray(lora_b, layer.lora_b.dtype)
+        else:  # gathered, then written as one stacked array per factor
+            stacked.setdefault(id(layer), (layer, {}))[1][index] = (lora_a, lora_b)
         layer.alpha, layer.use_rslora = config.alpha_for(path), config.use_rslora
+    for layer, pieces in stacked.values():
+        order = [pieces[i] for i in range(len(pieces))]
+        layer.lora_a[...] = jnp.asarray(np.stack([a for a, _ in order]), layer.lora_a.dtype)
+        layer.lora_b[...] = jnp.asarray(np.stack([b for _, b in order]), layer.lora_b.dtype)
     model.lora_config = config
     return model
+
+
+def _check_stacks(views: dict, tensors: dict, config: LoRAConfig, directory) -> None:
+    """A stacked layer takes all of its layers from the file, with one (r, alpha) and a
+    kaiming/gaussian init (a PiSSA/OLoRA residual would differ per layer)."""
+    by_stack: dict[str, list[str]] = {}
+    for path, (nnx_path, _, index, _) in views.items():
+        if index is not None:
+            by_stack.setdefault(nnx_path, []).append(path)
+    for nnx_path, paths in by_stack.items():
+        present = [p for p in paths if p in tensors]
+        if not present:
+            continue
+        if len(present) != len(paths):
+            missing = sorted(set(paths) - set(present))
+            raise ValueError(
+                f"{directory}: the stacked layer '{nnx_path}' needs all {len(paths)} layers' "
+                f"adapters; the file lacks {', '.join(missing[:4])}"
+                f"{', ...' if len(missing) > 4 else ''}"
+            )
+        settings = {(tensors[p][0].shape[0], config.alpha_for(p)) for p in paths}
+        if len(settings) > 1:
+            raise ValueError(
+                f"{directory}: the file gives the layers of the stacked layer '{nnx_path}' "
+                f"different (r, alpha) {sorted(settings)}: a stacked layer has one of each"
+            )
+        if config.init in WEIGHT_INITS:
+            raise ValueError(
+                f"{directory}: an init={config.init!r} adapter cannot be loaded into the "
+                f"stacked layer '{nnx_path}' (its residual base is per layer); load it into "
+                "the unstacked model"
+            )
 
 
 def _needs(config: LoRAConfig, path: str, r: int, layer, directory) -> bool:
@@ -164,9 +221,19 @@ def _needs(config: LoRAConfig, path: str, r: int, layer, directory) -> bool:
     )
 
 
-def _modules(model: nnx.Module, path_map: PathMap, kind) -> dict[str, nnx.Module]:
-    return {
-        map_path(path_map, ".".join(map(str, p))): m
-        for p, m in nnx.iter_modules(model)
-        if isinstance(m, kind) and p
-    }
+def _views(
+    model: nnx.Module, path_map: PathMap, layer_names: Mapping[str, str] | None
+) -> dict[str, tuple[str, nnx.Module, int | None, str]]:
+    """{file path: (NNX path, module, layer index, path before path_map)} for every module: a
+    stacked layer appears once per layer, under its per-layer path (index set), since PEFT
+    files know no stacks."""
+    modules = {".".join(map(str, p)): (p, m) for p, m in nnx.iter_modules(model) if p}
+    per_layer = per_layer_paths(modules, layer_names)
+    out = {}
+    for name, (_, module) in modules.items():
+        if name in per_layer and stack_of(module):
+            for index, path in enumerate(per_layer[name]):
+                out[map_path(path_map, path)] = (name, module, index, path)
+        else:
+            out[map_path(path_map, name)] = (name, module, None, name)
+    return out

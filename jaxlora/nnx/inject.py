@@ -132,7 +132,7 @@ def inject(
     check_rngs(rngs, "inject")
     paths = _module_paths(model)
     modules = dict(sorted(paths.items(), key=lambda item: item[0]))
-    per_layer = _per_layer_paths(modules, layer_names)
+    per_layer = per_layer_paths(modules, layer_names)
     chosen = stacks.select(list(modules), per_layer, config)
     for name in chosen:
         path, module = modules[name]
@@ -224,7 +224,7 @@ def _merged(layer: nnx.Module) -> nnx.Module:
     return nnx.vmap(lambda one: one.to_base(), in_axes=0, out_axes=0)(layer)
 
 
-def _per_layer_paths(
+def per_layer_paths(
     modules: dict[str, tuple[tuple, nnx.Module]], layer_names: Mapping[str, str] | None
 ) -> dict[str, list[str]]:
     """{path: per-layer paths} of every stacked supported layer. The index goes after the
@@ -249,7 +249,8 @@ def _per_layer_paths(
 
 
 def _supported(module: nnx.Module) -> bool:
-    return isinstance(module, nnx.Linear) or type(module) in _ADAPTED
+    # Adapted layers count too: the adapter files name an injected stack's layers the same way.
+    return isinstance(module, nnx.Linear | LoRALinear | Adapter) or type(module) in _ADAPTED
 
 
 def trainable_parameters(model: nnx.Module) -> ParamCount:

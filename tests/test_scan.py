@@ -3,6 +3,8 @@ NNX blocks, against the unrolled twin GPT with the same weights."""
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -493,3 +495,64 @@ def test_two_adapters_share_one_scanned_base_without_recompiling():
     assert len(traces) == 1  # switching adapters does not recompile
     np.testing.assert_array_equal(y1, y1_again)
     assert float(jnp.max(jnp.abs(y1 - y2))) > 1e-3
+
+
+def test_nnx_stacked_adapter_takes_the_layer_axis_sharding_name():
+    """A stack made with nnx.vmap(transform_metadata={PARTITION_NAME: 'layers'}) over a
+    partitioned kernel: the adapter is stacked with the same leading axis name (before, inject
+    crashed unpacking the kernel's three names)."""
+    from flax import nnx
+    from jax.sharding import Mesh
+
+    import jaxlora.nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+            self.fc = nnx.Linear(8, 16, kernel_init=init, rngs=rngs)
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=3)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def create(rngs):
+                return Block(rngs)
+
+            self.blocks = create(rngs)
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("layers", "embed", "mlp"))
+    with jax.set_mesh(mesh):
+        model = Model(nnx.Rngs(0))
+        jaxlora.nnx.inject(model, jaxlora.LoRAConfig(r=2, targets=["fc"]), nnx.Rngs(1))
+        fc = model.blocks.fc
+        names = {n: getattr(fc, n).get_metadata()["out_sharding"] for n in ("lora_a", "lora_b")}
+    assert fc.lora_a.shape == (3, 8, 2) and fc.lora_b.shape == (3, 2, 16)
+    assert names == {"lora_a": ("layers", "embed", None), "lora_b": ("layers", None, "mlp")}
+
+
+def test_nnx_inject_failing_late_restores_weights(monkeypatch):
+    """PiSSA writes the residual while a layer is built; if a later layer fails, every weight
+    is put back and no layer is replaced."""
+    from flax import nnx
+
+    import jaxlora.nnx
+
+    nnx_inject = importlib.import_module("jaxlora.nnx.inject")  # the module, not the function
+    model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 8, rngs=nnx.Rngs(1)))
+    kernels = [np.asarray(layer.kernel[...]) for layer in model.layers]
+    real, calls = nnx_inject._per_layer, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the second layer failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nnx_inject, "_per_layer", second_fails)
+    config = jaxlora.LoRAConfig(r=2, targets=["layers.0", "layers.1"], init="pissa")
+    with pytest.raises(RuntimeError, match="second layer failed"):
+        jaxlora.nnx.inject(model, config, nnx.Rngs(2))
+    assert [type(layer) for layer in model.layers] == [nnx.Linear, nnx.Linear]
+    for layer, kernel in zip(model.layers, kernels, strict=True):
+        np.testing.assert_array_equal(np.asarray(layer.kernel[...]), kernel)
+    assert not hasattr(model, "lora_config")

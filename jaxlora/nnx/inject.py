@@ -18,7 +18,7 @@ from jaxlora.nnx.base import Adapter
 from jaxlora.nnx.conv import LoRAConv
 from jaxlora.nnx.embed import LoRAEmbed
 from jaxlora.nnx.general import LoRALinearGeneral
-from jaxlora.nnx.layer import LoRALinear, check_rngs
+from jaxlora.nnx.layer import _SHARDING_KEYS, LoRALinear, check_rngs
 from jaxlora.tree import ParamCount
 
 SUPPORTED = "nnx.Linear, nnx.LinearGeneral (no batch_axis), nnx.Conv (no mask, groups=1), nnx.Embed"
@@ -142,28 +142,49 @@ def inject(
             )
         _check(module, name, config, per_layer.get(name, []))
     groups = _tied(modules, chosen, config)
-    for names in groups:
-        name = names[0]
-        base = modules[name][1]
-        options = dict(
-            r=config.rank_for(name),
-            alpha=config.alpha_for(name),
-            use_rslora=config.use_rslora,
-            init=config.init,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-        if not isinstance(base, nnx.Embed):
-            options["dropout"] = config.dropout
-        if isinstance(base, nnx.Linear):
-            wrap = LoRALinear.from_linear
-        else:
-            wrap = _ADAPTED[type(base)].from_base
-        layer = _per_layer(wrap, base, stack_of(base), **options)
+    # Every layer is built before any is put in: a failure leaves the model as it was. PiSSA/
+    # OLoRA write the residual into the shared weight while building, so the weights' values
+    # (immutable arrays) are kept to be written back.
+    weights = [_weight(modules[names[0]][1]) for names in groups]
+    kept = [(weight, weight[...]) for weight in weights]
+    built = []
+    try:
+        for names in groups:
+            built.append((names, _build(modules[names[0]][1], names[0], config, param_dtype, rngs)))
+    except BaseException:
+        for weight, value in kept:
+            weight[...] = value
+        raise
+    for names, layer in built:
         for alias in names:  # a tied layer stays tied: one LoRA layer at each of its paths
             _replace(model, modules[alias][0], layer)
     model.lora_config = config
     return model
+
+
+def _weight(module: nnx.Module) -> nnx.Variable:
+    return module.embedding if isinstance(module, nnx.Embed) else module.kernel
+
+
+def _build(
+    base: nnx.Module, name: str, config: LoRAConfig, param_dtype: Any, rngs: nnx.Rngs
+) -> nnx.Module:
+    """The LoRA layer for ``base`` (the layer at ``name``), sharing its weights."""
+    options = dict(
+        r=config.rank_for(name),
+        alpha=config.alpha_for(name),
+        use_rslora=config.use_rslora,
+        init=config.init,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+    if not isinstance(base, nnx.Embed):
+        options["dropout"] = config.dropout
+    if isinstance(base, nnx.Linear):
+        wrap = LoRALinear.from_linear
+    else:
+        wrap = _ADAPTED[type(base)].from_base
+    return _per_layer(wrap, base, stack_of(base), **options)
 
 
 def merge(model: nnx.Module) -> nnx.Module:
@@ -197,9 +218,23 @@ def _per_layer(wrap, base: nnx.Module, stack: int, *, rngs: nnx.Rngs, **options)
     weight, the adapter, dropout's rng stream) is stacked as the base's was."""
     if not stack:
         return wrap(base, rngs=rngs, **options)
+    # A weight whose sharding names cover the layer axis (nnx.vmap(transform_metadata=
+    # {nnx.PARTITION_NAME: ...})) is seen per layer only when the same axis name is given here;
+    # the adapter then gets it as its leading name too.
+    metadata = _weight(base).get_metadata()
+    names = next((metadata[k] for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
+    extra = {}
+    if names is not None and len(names) == _weight(base).ndim:
+        if names[0] is None:
+            raise ValueError(
+                f"inject: the stacked layer's weight has sharding names {tuple(names)} with an "
+                "unnamed layer axis; make it with nnx.vmap(..., transform_metadata="
+                "{nnx.PARTITION_NAME: 'layers'}) so the adapter can be stacked alike"
+            )
+        extra["transform_metadata"] = {nnx.PARTITION_NAME: names[0]}
 
     @nnx.split_rngs(splits=_length(base))
-    @nnx.vmap(in_axes=(0, 0), out_axes=0)
+    @nnx.vmap(in_axes=(0, 0), out_axes=0, **extra)
     def each(layer: nnx.Module, rngs: nnx.Rngs) -> nnx.Module:
         return wrap(layer, rngs=rngs, **options)
 

@@ -5,14 +5,32 @@ All functions take the weight flattened in C order, as bitsandbytes does: blocks
 arithmetic is float32 and in the same order as bitsandbytes' CPU kernels, so that the codes
 and scales are the same bits (see ``parity_tests/test_qlora_bnb.py``).
 
-XLA flushes float32 subnormals to zero (on CPU as on GPU/TPU), bitsandbytes does not: a block
-whose absmax is subnormal (below 2**-126) is quantized here as a block of zeros, where
-bitsandbytes keeps values of at most that absmax. Weights that small are zero for any purpose.
+XLA flushes float32 subnormals to zero (on CPU as on GPU/TPU), bitsandbytes does not. Two
+kinds of block are therefore quantized differently from bitsandbytes (never silently wrong):
+a block whose absmax is subnormal (below 2**-126) is stored as zeros, where bitsandbytes keeps
+values of at most that absmax; and a block whose absmax exceeds 2**126 (about 8.5e37, whose
+reciprocal is subnormal) is divided by its absmax instead of multiplied by the flushed
+reciprocal, which gives the nearest codes where bitsandbytes' subnormal reciprocal may not.
 """
 
+import jax
 import jax.numpy as jnp
 
 from jaxlora.quant import _tables
+
+# Above this absmax the float32 reciprocal is subnormal, which XLA would flush to zero.
+_MAX_RECIPROCAL_SAFE = 2.0**126
+
+
+def _divide(blocks: jnp.ndarray, divisor: jnp.ndarray) -> jnp.ndarray:
+    """``blocks / divisor[:, None]`` correctly rounded.
+
+    XLA rewrites a division by a broadcast into a multiplication by the reciprocal, which
+    differs in the last bit (and flushes a subnormal reciprocal to zero); hiding the
+    broadcast behind a barrier keeps the true division bitsandbytes (torch) performs.
+    """
+    full = jax.lax.optimization_barrier(jnp.broadcast_to(divisor[:, None], blocks.shape))
+    return blocks / full
 
 
 def _blocks(flat: jnp.ndarray, blocksize: int) -> jnp.ndarray:
@@ -37,12 +55,12 @@ def _scale_4bit(blocks: jnp.ndarray, absmax: jnp.ndarray, n: int) -> jnp.ndarray
     so a zero absmax selects 0 instead (bitsandbytes gets 0 * 1e38 = 0 there too).
     """
     blocksize = blocks.shape[1]
-    positive = (absmax > 0)[:, None]
-    safe = jnp.where(absmax > 0, absmax, 1.0)[:, None]
-    scaled = jnp.where(positive, blocks * (1.0 / safe), 0.0)
+    safe = jnp.where(absmax > 0, absmax, 1.0)
+    divide = jnp.broadcast_to((absmax > _MAX_RECIPROCAL_SAFE)[:, None], blocks.shape)
     if n % blocksize:
-        last = jnp.where(positive[-1], blocks[-1] / safe[-1], 0.0)
-        scaled = scaled.at[-1].set(last)
+        divide = divide.at[-1].set(True)
+    scaled = jnp.where(divide, _divide(blocks, safe), blocks * (1.0 / safe)[:, None])
+    scaled = jnp.where((absmax > 0)[:, None], scaled, 0.0)
     return jnp.clip(scaled, -1.0, 1.0)
 
 
@@ -83,8 +101,10 @@ def quantize_8bit(flat: jnp.ndarray, blocksize: int):
     blocks = _blocks(flat, blocksize)
     absmax = _absmax(blocks)
     positive = absmax > 0
-    inv = 1.0 / jnp.where(positive, absmax, 1.0)
-    scaled = jnp.clip(blocks * inv[:, None], -1.0, 1.0)
+    safe = jnp.where(positive, absmax, 1.0)
+    huge = (absmax > _MAX_RECIPROCAL_SAFE)[:, None]
+    scaled = jnp.where(huge, _divide(blocks, safe), blocks * (1.0 / safe)[:, None])
+    scaled = jnp.clip(scaled, -1.0, 1.0)
     grid = ((scaled + 1.0) * 0.5 * float(_tables.LUT_SIZE - 1) + 0.5).astype(jnp.int32)
     codes = jnp.asarray(_tables.dynamic_lut())[grid]
     codes = jnp.where(positive[:, None], codes, jnp.uint8(0))

@@ -64,6 +64,18 @@ def _scale_4bit(blocks: jnp.ndarray, absmax: jnp.ndarray, n: int) -> jnp.ndarray
     return jnp.clip(scaled, -1.0, 1.0)
 
 
+# float32(1e-38), a subnormal: bitsandbytes stores max(absmax, 1e-38) for the last, partial
+# block only (``am.clamp(min=1e-38)``), full blocks keep their absmax, zero included.
+_ABSMAX_FLOOR_BITS = 0x006CE3EE
+
+
+def _at_least_1e_38(absmax: jnp.ndarray) -> jnp.ndarray:
+    # Compared and selected as bits: XLA would flush the subnormal in float arithmetic.
+    bits = jax.lax.bitcast_convert_type(absmax, jnp.uint32)
+    floor = jax.lax.bitcast_convert_type(jnp.uint32(_ABSMAX_FLOOR_BITS), jnp.float32)
+    return jnp.where(bits < _ABSMAX_FLOOR_BITS, floor, absmax)
+
+
 def quantize_4bit(flat: jnp.ndarray, blocksize: int, quant_type: str):
     """Packed codes ((n + 1) // 2, 1) uint8 and absmax (num_blocks,) float32.
 
@@ -75,6 +87,8 @@ def quantize_4bit(flat: jnp.ndarray, blocksize: int, quant_type: str):
     blocks = _blocks(flat, blocksize)
     absmax = _absmax(blocks)
     scaled = _scale_4bit(blocks, absmax, n).reshape(-1)[: n + n % 2]
+    if n % blocksize:
+        absmax = absmax.at[-1].set(_at_least_1e_38(absmax[-1]))
     midpoints, order = _tables.sorted_4bit(quant_type)
     rank = jnp.sum(scaled[:, None] > jnp.asarray(midpoints), axis=1)
     codes = jnp.asarray(order)[rank]

@@ -4,6 +4,8 @@ Bit-equality with bitsandbytes itself is in parity_tests/test_qlora_bnb.py.
 """
 
 import itertools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -162,6 +164,18 @@ def test_large_magnitudes_and_bf16_output(quant_type):
     np.testing.assert_array_equal(np.asarray(bf), dq.astype(jnp.bfloat16))
 
 
+@pytest.mark.parametrize("quant_type", FOUR_BIT)
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_weight_gives_a_non_finite_block(quant_type, bad):
+    # Loud, not silent: every value of that block dequantizes non-finite, the others are exact.
+    weight = np.random.default_rng(3).standard_normal(128).astype(np.float32)
+    clean = np.asarray(dequantize(quantize(jnp.asarray(weight), quant_type=quant_type)))
+    weight[3] = bad
+    dq = np.asarray(dequantize(quantize(jnp.asarray(weight), quant_type=quant_type)))
+    assert not np.any(np.isfinite(dq[:64]))
+    np.testing.assert_array_equal(dq[64:], clean[64:])
+
+
 def test_subnormal_block_quantizes_to_zero():
     # XLA flushes float32 subnormals; such a block is stored as zeros (documented).
     weight = jnp.asarray(np.full(64, 1e-40, np.float32))
@@ -255,3 +269,21 @@ def test_defaults_follow_bitsandbytes():
         q = quantize(jnp.ones((8, 8), dtype), quant_type=quant_type)
         assert q.blocksize == (4096 if quant_type == "int8" else 64)
         assert dequantize(q).dtype == dtype
+
+
+def test_imports_without_torch_or_bitsandbytes():
+    code = (
+        "import sys, importlib.abc\n"
+        "class B(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'bitsandbytes', 'scipy'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, B())\n"
+        "import jax.numpy as jnp\n"
+        "from jaxlora.quant import dequantize, quantize\n"
+        "print(float(dequantize(quantize(jnp.ones(3)))[0]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "1.0", out.stderr

@@ -206,8 +206,8 @@ def _eval(jaxpr, consts, args, path, at_product) -> list:
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
 
-    env.update(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
     for i, eqn in enumerate(jaxpr.eqns):
         operands = [read(v) for v in eqn.invars]
         if path and path[0] == i and len(path) == 1:
@@ -221,7 +221,7 @@ def _eval(jaxpr, consts, args, path, at_product) -> list:
             with eqn.ctx.manager:
                 ans = eqn.primitive.bind(*operands, **params)
             outs = ans if eqn.primitive.multiple_results else [ans]
-        for v, value in zip(eqn.outvars, outs):
+        for v, value in zip(eqn.outvars, outs, strict=True):
             if not isinstance(v, jcore.DropVar):
                 env[v] = value
     return [read(v) for v in jaxpr.outvars]
@@ -286,7 +286,7 @@ def _operand_view(factor, w_axes: tuple[int, ...], groups, op_axes: list[int], r
     goes last (``rank_at=None``) or at position ``rank_at``."""
     rank_axis = len(w_axes) if rank_at is None else rank_at
     position = [i for i in range(factor.ndim) if i != rank_axis]
-    where = dict(zip(w_axes, position))
+    where = dict(zip(w_axes, position, strict=True))
     order = [where[w] for a in op_axes for w in groups[a]]
     sizes = [math.prod(factor.shape[where[w]] for w in groups[a]) for a in op_axes]
     r = factor.shape[rank_axis]

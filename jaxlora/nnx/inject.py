@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -208,7 +209,7 @@ def inject(
         if name in products:
             del options["init"]
             weight, roles = products[name]
-            wrap = lambda base, **o: adapt(base, weight=weight, roles=roles, **o)  # noqa: E731
+            wrap = functools.partial(adapt, weight=weight, roles=roles)
         elif isinstance(base, nnx.Linear):
             wrap = LoRALinear.from_linear
         else:

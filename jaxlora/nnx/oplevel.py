@@ -147,7 +147,7 @@ def find_weights(
         ) from err
     found = {}
     for name, module in modules.items():
-        weights = {}
+        weights, unused = {}, []
         for attr, var in vars(module).items():
             if type(var) is not nnx.Param:
                 continue
@@ -155,17 +155,17 @@ def find_weights(
             index = index_of[tuple(map(str, where_of[id(var)]))]
             try:
                 product = oplevel.find_product(closed.jaxpr, index, var.shape, where=where)
-            except oplevel.NotAProduct:
+            except oplevel.NotAProduct as err:
+                unused.append(str(err).removeprefix(f"inject: layer '{name}', "))
                 continue
             weights[attr] = oplevel.with_shape(product, tuple(var.shape)).roles
         if len(weights) != 1:
             why = (
-                "no nnx.Param of it is used by a product (dot_general)"
-                if not weights
-                else (
-                    f"its weights {sorted(weights)} are each used by a product; a module with "
-                    "several adapted weights is not supported yet"
-                )
+                f"its weights {sorted(weights)} are each used by a product; a module with "
+                "several adapted weights is not supported yet"
+                if weights
+                else "no nnx.Param of it is used by a product (dot_general): "
+                + ("; ".join(unused) or "it holds none")
             )
             raise ValueError(f"inject: layer '{name}' ({type(module).__name__}): {why}")
         found[name] = next(iter(weights.items()))
@@ -180,13 +180,13 @@ def _split_args(args: tuple, kwargs: dict):
     """Array leaves are traced; every other leaf (None, flags, Python numbers) is static."""
     arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
     dynamic = [a if isinstance(a, jax.Array | np.ndarray) else None for a in arg_leaves]
-    static = tuple(None if d is not None else a for a, d in zip(arg_leaves, dynamic))
+    static = tuple(None if d is not None else a for a, d in zip(arg_leaves, dynamic, strict=True))
     return dynamic, static, arg_def
 
 
 def _join_args(arg_def, dynamic, static, dyn):
     it = iter(dyn)
-    leaves = [next(it) if d is not None else s for d, s in zip(dynamic, static)]
+    leaves = [next(it) if d is not None else s for d, s in zip(dynamic, static, strict=True)]
     return jax.tree.unflatten(arg_def, leaves)
 
 
@@ -268,6 +268,6 @@ def _call(module: OpAdapter, args: tuple, kwargs: dict):
     # Write back only what the call changed (rng counts, statistics): the branch's dropout
     # advanced its own rng stream outside the jaxpr, which the old leaves would undo.
     current, _ = jax.tree.flatten(nnx.split(module)[1])
-    merged = [c if n is o else n for o, n, c in zip(leaves, new_leaves, current)]
+    merged = [c if n is o else n for o, n, c in zip(leaves, new_leaves, current, strict=True)]
     nnx.update(module, jax.tree.unflatten(state_def, merged))
     return out

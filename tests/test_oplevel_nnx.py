@@ -65,6 +65,18 @@ class Dot(nnx.Module):
         return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
+@jax.jit
+def _jitted_product(x, w):
+    return jnp.einsum("bd,dnh->bnh", x, w)
+
+
+class Jitted(Dot):
+    """The product inside a jitted helper (a nested jaxpr the weight enters)."""
+
+    def __call__(self, x):
+        return _jitted_product(x, self.w[...])
+
+
 class Holder(nnx.Module):
     def __init__(self, layer: nnx.Module):
         self.proj = layer
@@ -119,6 +131,12 @@ CASES = {
     ),
     "dot_general": (
         lambda r: Dot("dot_general", r),
+        (4, 8),
+        "dr,rnh->dnh",
+        lambda x, w: np.einsum("bd,dnh->bnh", x, w),
+    ),
+    "jitted_helper": (
+        lambda r: Jitted("jit", r),
         (4, 8),
         "dr,rnh->dnh",
         lambda x, w: np.einsum("bd,dnh->bnh", x, w),
@@ -230,6 +248,7 @@ def _jax_product(name, x, w):
         "gemma_kv": "bsd,ckdh->cbskh",
         "moe": "ebd,edf->ebf",
         "dot_general": "bd,dnh->bnh",
+        "jitted_helper": "bd,dnh->bnh",
     }
     if name == "weight_first":
         return jnp.einsum("ndh,btd->btnh", w, x, precision="highest")
@@ -256,6 +275,38 @@ def test_merge_equals_unmerged_and_restores_the_type(name):
     _close(getattr(plain, _weight_name(plain))[...], merged_want)
     _close(model(x), want)
     _close(unmerged, want)
+
+
+class Half(Einsum):
+    """Computes in bf16 from fp32 storage, as ``dtype=bfloat16`` layers do."""
+
+    def __call__(self, x):
+        return jnp.einsum(self.shape_eqn, x.astype(jnp.bfloat16), self.w[...].astype(jnp.bfloat16))
+
+
+def test_bf16_compute_keeps_fp32_adapters():
+    model = Holder(Half("BTD,DNH->BTNH", (8, 2, 4), nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    config = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["proj"])
+    jnnx.inject(model, config, nnx.Rngs(2), inputs=(x,))
+    layer = model.proj
+    layer.lora_b[...] = jax.random.normal(jax.random.key(3), layer.lora_b.shape)
+    assert layer.lora_a[...].dtype == layer.lora_b[...].dtype == jnp.float32
+    y = model(x)
+    assert y.dtype == jnp.bfloat16
+    want = _reference("llama_q", layer, x, layer.lora_a[...], layer.lora_b[...])
+    scale = np.abs(want).max()
+    # bf16 has an 8-bit mantissa: inputs, factors and products each round at ~4e-3.
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=0, atol=3e-2 * scale)
+
+
+def test_a_model_that_cannot_be_traced_is_refused():
+    model, x = _model("llama_q")
+    with pytest.raises(ValueError, match="could not be traced on the inputs given"):
+        jnnx.inject(
+            model, jaxlora.LoRAConfig(r=2, targets=["proj"]), nnx.Rngs(1), inputs=(x[..., :3],)
+        )
+    assert type(model.proj) is Einsum
 
 
 def test_training_moves_only_the_adapter():

@@ -28,6 +28,7 @@ __all__ = [
     "lora_branch",
     "olora",
     "pissa",
+    "scale_once",
     "scaled_matmul",
     "scaling",
     "weight_init",
@@ -126,9 +127,13 @@ def scaled_matmul(
 ) -> jax.Array:
     """A branch's second half: the (…, r) intermediate times ``scale`` (in fp32, rounded once)
     times the 2-D ``lora_b`` (r, out)."""
+    return jnp.matmul(scale_once(h, scale), lora_b, precision=precision)
+
+
+def scale_once(h: jax.Array, scale: float) -> jax.Array:
+    """``h · scale`` computed in fp32 (or wider) and rounded once to ``h``'s dtype."""
     wide = jnp.promote_types(h.dtype, jnp.float32)
-    h = (h.astype(wide) * jnp.asarray(scale, wide)).astype(h.dtype)
-    return jnp.matmul(h, lora_b, precision=precision)
+    return (h.astype(wide) * jnp.asarray(scale, wide)).astype(h.dtype)
 
 
 def delta(

@@ -7,12 +7,14 @@ from jaxlora.nnx.embed import LoRAEmbed
 from jaxlora.nnx.general import LoRALinearGeneral
 from jaxlora.nnx.inject import inject, merge, trainable_parameters
 from jaxlora.nnx.layer import LoRALinear
+from jaxlora.nnx.oplevel import OpAdapter
 
 __all__ = [
     "LoRAConv",
     "LoRAEmbed",
     "LoRALinear",
     "LoRALinearGeneral",
+    "OpAdapter",
     "inject",
     "load_adapter",
     "merge",

@@ -32,8 +32,21 @@ from jaxlora.nnx.embed import LoRAEmbed
 from jaxlora.nnx.general import LoRALinearGeneral
 from jaxlora.nnx.inject import inject, per_layer_paths, stack_of
 from jaxlora.nnx.layer import LoRALinear
+from jaxlora.nnx.oplevel import OpAdapter
 
 ADAPTED = (LoRALinear, Adapter)
+
+
+def _refuse_op_level(model: nnx.Module, what: str) -> None:
+    # Their PEFT layout (which torch module, which axis order) needs a map not written yet:
+    # refusing beats a file that silently lacks them.
+    found = [".".join(map(str, p)) for p, m in nnx.iter_graph(model) if isinstance(m, OpAdapter)]
+    if found:
+        raise ValueError(
+            f"{what}: layers {found} are adapted at their product (jaxlora.oplevel), whose "
+            "PEFT files are not supported yet; merge them (jaxlora.nnx.merge) or save "
+            "nnx.state(model, nnx.LoRAParam) instead"
+        )
 
 
 def describe(module: nnx.Module) -> tuple[str, tuple[int, ...], int] | None:
@@ -66,6 +79,7 @@ def save_adapter(
     its per-layer paths named as ``inject`` names them (``blocks.3.attn.query``, or per
     ``layer_names``; see ``jaxlora.stacks``), before ``path_map`` applies.
     """
+    _refuse_op_level(model, "save_adapter")
     config = config if config is not None else getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("save_adapter: pass a LoRAConfig (the model has no lora_config)")
@@ -110,6 +124,7 @@ def load_adapter(
     per-layer adapters (named as in ``save_adapter``), all of its layers, with one rank and
     alpha (PiSSA/OLoRA files are refused for stacked layers).
     """
+    _refuse_op_level(model, "load_adapter")
     config, tensors = read_adapter(directory)
     views = _views(model, path_map, layer_names)
     modules = {p: v[1] for p, v in views.items()}

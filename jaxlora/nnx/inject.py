@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -19,6 +20,7 @@ from jaxlora.nnx.conv import LoRAConv
 from jaxlora.nnx.embed import LoRAEmbed
 from jaxlora.nnx.general import LoRALinearGeneral
 from jaxlora.nnx.layer import _SHARDING_KEYS, LoRALinear, check_rngs
+from jaxlora.nnx.oplevel import LORA_ATTRIBUTES, OpAdapter, adapt, find_weights
 from jaxlora.tree import ParamCount
 
 SUPPORTED = "nnx.Linear, nnx.LinearGeneral (no batch_axis), nnx.Conv (no mask, groups=1), nnx.Embed"
@@ -40,6 +42,37 @@ def stack_of(module: nnx.Module) -> int:
     return 0
 
 
+def _by_product(module: nnx.Module, name: str, inputs: Sequence | None) -> bool:
+    """Whether ``module`` is adapted at its weight's product (``jaxlora.oplevel``) rather than
+    as one of the known layers; a ``TypeError`` for an adapted module."""
+    if isinstance(module, LoRALinear | Adapter | OpAdapter):
+        raise TypeError(f"inject: layer '{name}' is a {type(module).__name__}: already adapted")
+    known = type(module) in _ADAPTED or (
+        isinstance(module, nnx.Linear) and type(module).__call__ is nnx.Linear.__call__
+    )
+    return not known and inputs is not None
+
+
+def _check_by_product(module: nnx.Module, name: str, config: LoRAConfig, roles) -> None:
+    where = f"inject: layer '{name}'"
+    taken = sorted(set(LORA_ATTRIBUTES) & set(vars(module)))
+    if taken:
+        raise ValueError(f"{where}: its attributes {taken} would be overwritten by the adapter")
+    if config.init != "kaiming":
+        raise ValueError(
+            f"{where} ({type(module).__name__}) is adapted at its product, which supports "
+            f"init='kaiming' only so far, got {config.init!r}"
+        )
+    core.check_hparams(
+        r=config.rank_for(name),
+        alpha=config.alpha_for(name),
+        dropout=config.dropout,
+        in_features=roles.in_features,
+        out_features=roles.out_features,
+        where=where,
+    )
+
+
 def _check(module: nnx.Module, name: str, config: LoRAConfig, per_layer: list[str]) -> None:
     """Raises if ``module`` cannot take the adapter ``config`` gives it (changes nothing)."""
     where = f"inject: layer '{name}'"
@@ -50,7 +83,8 @@ def _check(module: nnx.Module, name: str, config: LoRAConfig, per_layer: list[st
         why = "" if subclass is None else f" (a subclass of nnx.{subclass.__name__})"
         raise TypeError(
             f"layer '{name}' is a {type(module).__name__}{why}, which cannot be "
-            f"adapted; supported: {SUPPORTED}"
+            f"adapted; supported: {SUPPORTED}; or pass inject(..., inputs=(…)) to adapt it at "
+            "the product (einsum, dot_general, matmul) its weight enters"
         )
     if isinstance(module, nnx.Linear) and type(module).__call__ is not nnx.Linear.__call__:
         # The LoRA layer computes nnx.Linear's forward: replacing a subclass's own forward by
@@ -103,6 +137,7 @@ def inject(
     *,
     param_dtype: Any = jnp.float32,
     layer_names: Mapping[str, str] | None = None,
+    inputs: Sequence[Any] | None = None,
 ) -> nnx.Module:
     """Replaces, in place, each layer whose '.'-joined path matches ``config.targets`` by its
     LoRA version sharing its weight and bias variables: ``nnx.Linear`` → ``LoRALinear``,
@@ -122,9 +157,18 @@ def inject(
     per ``layer_names`` (see ``jaxlora.stacks``); targets and rank/alpha patterns follow the
     Linen rules (all layers of a stack or none; one (r, alpha) per stack).
 
+    Any other matched module (tunix's ``Einsum``, a layer computing ``x @ w.T``, an
+    ``nnx.Linear`` subclass with its own ``__call__``) is adapted at the product its weight
+    enters when ``inputs`` is given: ``model(*inputs)`` is traced once (abstractly, nothing
+    runs) to find, for each such module, its one ``nnx.Param`` used by a ``dot_general`` and
+    that weight's contracted, batch and free axes; see ``jaxlora.oplevel`` and
+    ``jaxlora.nnx.oplevel``. The module becomes a subclass of its own type with ``lora_a``
+    (batch…, contracted…, r) and ``lora_b`` (batch…, r, free…) beside the weight.
+
     Raises:
         ValueError: no layer matches (the message lists the layer paths), the root module is
-            matched, or a layer's rank exceeds its ``min(in, out)``.
+            matched, a layer's rank exceeds its ``min(in, out)``, or a module adapted at its
+            product has no weight used linearly in exactly one product.
         TypeError: a matched module is not of a supported type (or is already adapted).
     """
     if not isinstance(config, LoRAConfig):
@@ -134,23 +178,32 @@ def inject(
     modules = dict(sorted(paths.items(), key=lambda item: item[0]))
     per_layer = per_layer_paths(modules, layer_names)
     chosen = stacks.select(list(modules), per_layer, config)
+    by_product = {}
     for name in chosen:
         path, module = modules[name]
         if not path:
             raise ValueError(
                 f"targets {config.targets!r} match the root module itself; target its submodules"
             )
-        _check(module, name, config, per_layer.get(name, []))
+        if _by_product(module, name, inputs):
+            by_product[name] = module
+        else:
+            _check(module, name, config, per_layer.get(name, []))
+    products = find_weights(model, by_product, inputs) if by_product else {}
+    for name, (_, roles) in products.items():
+        _check_by_product(modules[name][1], name, config, roles)
     groups = _tied(modules, chosen, config)
     # Every layer is built before any is put in: a failure leaves the model as it was. PiSSA/
     # OLoRA write the residual into the shared weight while building, so the weights' values
     # (immutable arrays) are kept to be written back.
-    weights = [_weight(modules[names[0]][1]) for names in groups]
+    weights = [_weight(modules[names[0]][1], products.get(names[0])) for names in groups]
     kept = [(weight, weight[...]) for weight in weights]
     built = []
     try:
         for names in groups:
-            built.append((names, _build(modules[names[0]][1], names[0], config, param_dtype, rngs)))
+            name = names[0]
+            layer = _build(modules[name][1], name, config, param_dtype, rngs, products.get(name))
+            built.append((names, layer))
     except BaseException:
         for weight, value in kept:
             weight[...] = value
@@ -162,14 +215,23 @@ def inject(
     return model
 
 
-def _weight(module: nnx.Module) -> nnx.Variable:
+def _weight(module: nnx.Module, product: tuple | None = None) -> nnx.Variable:
+    """The weight an adapter goes on: an op-level ``product``'s (its weight's name first)."""
+    if product is not None:
+        return getattr(module, product[0])
     return module.embedding if isinstance(module, nnx.Embed) else module.kernel
 
 
 def _build(
-    base: nnx.Module, name: str, config: LoRAConfig, param_dtype: Any, rngs: nnx.Rngs
+    base: nnx.Module,
+    name: str,
+    config: LoRAConfig,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
+    product: tuple | None = None,
 ) -> nnx.Module:
-    """The LoRA layer for ``base`` (the layer at ``name``), sharing its weights."""
+    """The LoRA layer for ``base`` (the layer at ``name``), sharing its weights; ``product``
+    (weight name, axis roles) for a module adapted at the product its weight enters."""
     options = dict(
         r=config.rank_for(name),
         alpha=config.alpha_for(name),
@@ -180,7 +242,11 @@ def _build(
     )
     if not isinstance(base, nnx.Embed):
         options["dropout"] = config.dropout
-    if isinstance(base, nnx.Linear):
+    if product is not None:
+        del options["init"]
+        weight, roles = product
+        wrap = functools.partial(adapt, weight=weight, roles=roles)
+    elif isinstance(base, nnx.Linear):
         wrap = LoRALinear.from_linear
     else:
         wrap = _ADAPTED[type(base)].from_base
@@ -196,7 +262,7 @@ def merge(model: nnx.Module) -> nnx.Module:
     plain = []
     for names in _groups(_module_paths(model)).values():
         path, layer = names[0]
-        if isinstance(layer, LoRALinear | Adapter):
+        if isinstance(layer, LoRALinear | Adapter | OpAdapter):
             try:
                 plain.append(([p for p, _ in names], _merged(layer)))
             except ValueError as err:

@@ -1,0 +1,273 @@
+"""Op-level LoRA for NNX: any module whose weight enters one product (``jaxlora.oplevel``).
+
+``adapt(module, …)`` returns an instance of a subclass of the module's own type holding the
+same variables plus ``lora_a``/``lora_b`` (``nnx.LoRAParam``) and ``lora_dropout``, so the
+weight keeps its name and place (``q_proj.w`` beside ``q_proj.lora_a``), as the Dense-family
+LoRA layers keep ``kernel``. Its ``__call__`` evaluates the original ``__call__``'s jaxpr with
+the branch added at the weight's product (traced once per input shapes and static
+arguments, cached); ``to_base`` returns a module of the original type holding the merged
+weight. Dropout on the branch input follows ``nnx``'s ``train()``/``eval()`` (the wrapped call
+keeps the original signature, so it has no ``deterministic`` argument of its own).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.typing import HashableMapping
+
+from jaxlora import core, oplevel
+
+LORA_ATTRIBUTES = (
+    "r",
+    "alpha",
+    "use_rslora",
+    "lora_a",
+    "lora_b",
+    "lora_dropout",
+    "lora_weight",
+    "lora_roles",
+    "lora_base_type",
+)
+_CLASSES: dict[type, type] = {}
+_TRACES: dict[Any, tuple] = {}
+_MAX_TRACES = 256
+
+
+class OpAdapter:
+    """The mixin of every op-level adapted module (see the module docstring)."""
+
+    __slots__ = ()
+    lora_a: nnx.LoRAParam
+    lora_b: nnx.LoRAParam
+
+    def __init__(
+        self,
+        base: nnx.Module,
+        *,
+        weight: str,
+        roles: oplevel.Roles,
+        r: int,
+        alpha: float | None,
+        dropout: float,
+        use_rslora: bool,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ) -> None:
+        for name, value in vars(base).items():
+            if not name.startswith("_pytree__"):
+                setattr(self, name, value)
+        self.lora_base_type = type(base)
+        self.lora_weight, self.lora_roles = weight, roles
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        shape_a, shape_b = roles.lora_shapes(r)
+        # torch's kaiming_uniform(a=√5) on the (r, in) matrix: U(±1/√in), in = prod(C).
+        bound = 1.0 / math.sqrt(roles.in_features)
+        a = jax.random.uniform(rngs.params(), shape_a, param_dtype, -bound, bound)
+        self.lora_a = nnx.LoRAParam(a)
+        self.lora_b = nnx.LoRAParam(jnp.zeros(shape_b, param_dtype))
+        self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    @property
+    def scaling(self) -> float:
+        return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
+
+    def __call__(self, *args, **kwargs):
+        return _call(self, args, kwargs)
+
+    def delta(self) -> jax.Array:
+        """``scaling · lora_a ⋅ lora_b`` in fp32, in the weight's own axis order."""
+        return oplevel.delta(self.lora_roles, self.lora_a[...], self.lora_b[...], self.scaling)
+
+    def to_base(self) -> nnx.Module:
+        """A module of the original type sharing every variable but the weight, which holds
+        ``weight + delta`` (fp32, rounded once); a non-finite result is a ``ValueError``."""
+        weight = getattr(self, self.lora_weight)
+        merged = (weight[...].astype(jnp.float32) + self.delta()).astype(weight.dtype)
+        if not bool(jnp.isfinite(merged).all()):
+            raise ValueError("the merged weight has non-finite values")
+        state = {k: v for k, v in self.__getstate__().items() if k not in LORA_ATTRIBUTES}
+        nodes = self._pytree__nodes
+        state["_pytree__nodes"] = HashableMapping(
+            {k: v for k, v in nodes.items() if k not in LORA_ATTRIBUTES}
+        )
+        state["_pytree__state"] = type(self._pytree__state)()
+        state[self.lora_weight] = weight.replace(merged)  # keeps the variable's metadata
+        base_type = self.lora_base_type
+        plain = base_type.__new__(base_type)
+        plain.__setstate__(state)
+        return plain
+
+
+def adapted_class(base_type: type) -> type:
+    """The subclass of ``base_type`` that ``adapt`` makes (one per type)."""
+    if base_type not in _CLASSES:
+        name = f"LoRA{base_type.__name__}"
+        _CLASSES[base_type] = type(base_type)(
+            name, (OpAdapter, base_type), {"__module__": __name__, "__qualname__": name}
+        )
+    return _CLASSES[base_type]
+
+
+def adapt(base: nnx.Module, **options) -> nnx.Module:
+    """``base`` adapted at its weight ``options['weight']`` (see ``OpAdapter.__init__``)."""
+    return adapted_class(type(base))(base, **options)
+
+
+def find_weights(
+    model: nnx.Module, modules: dict[str, nnx.Module], inputs: Sequence[Any]
+) -> dict[str, tuple[str, oplevel.Roles]]:
+    """{path: (weight name, roles)} for each of ``modules`` (paths into ``model``), found by
+    tracing ``model(*inputs)`` once with every variable an input. A ``ValueError`` names the
+    path and the reason for any module that has no weight in exactly one product, or whose
+    weight is also used otherwise (anywhere in the model)."""
+    graphdef, state = nnx.split(model)
+    paths, state_def = jax.tree_util.tree_flatten_with_path(state)
+    leaves = [leaf for _, leaf in paths]
+    index_of = {_key(path): i for i, (path, _) in enumerate(paths)}
+    where_of = {id(v): p for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
+    dynamic, static, arg_def = _split_args(tuple(inputs), {})
+
+    def run(state_leaves, dyn):
+        args, _ = _join_args(arg_def, dynamic, static, dyn)
+        return nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))(*args)
+
+    try:
+        closed = jax.make_jaxpr(run)(leaves, [d for d in dynamic if d is not None])
+    except Exception as err:  # any failure of the user's model: say where it came from
+        raise ValueError(
+            f"inject: the model could not be traced on the inputs given "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    found = {}
+    for name, module in modules.items():
+        weights, unused = {}, []
+        for attr, var in vars(module).items():
+            if type(var) is not nnx.Param:
+                continue
+            where = f"inject: layer '{name}', weight '{attr}' {tuple(var.shape)}"
+            index = index_of[tuple(map(str, where_of[id(var)]))]
+            try:
+                product = oplevel.find_product(closed.jaxpr, index, var.shape, where=where)
+            except oplevel.NotAProduct as err:
+                unused.append(str(err).removeprefix(f"inject: layer '{name}', "))
+                continue
+            weights[attr] = oplevel.with_shape(product, tuple(var.shape)).roles
+        if len(weights) != 1:
+            why = (
+                f"its weights {sorted(weights)} are each used by a product; a module with "
+                "several adapted weights is not supported yet"
+                if weights
+                else "no nnx.Param of it is used by a product (dot_general): "
+                + ("; ".join(unused) or "it holds none")
+            )
+            raise ValueError(f"inject: layer '{name}' ({type(module).__name__}): {why}")
+        found[name] = next(iter(weights.items()))
+    return found
+
+
+def _key(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path[:-1])
+
+
+def _split_args(args: tuple, kwargs: dict):
+    """Array leaves are traced; every other leaf (None, flags, Python numbers) is static."""
+    arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
+    dynamic = [a if isinstance(a, jax.Array | np.ndarray) else None for a in arg_leaves]
+    static = tuple(None if d is not None else a for a, d in zip(arg_leaves, dynamic, strict=True))
+    return dynamic, static, arg_def
+
+
+def _join_args(arg_def, dynamic, static, dyn):
+    it = iter(dyn)
+    leaves = [next(it) if d is not None else s for d, s in zip(dynamic, static, strict=True)]
+    return jax.tree.unflatten(arg_def, leaves)
+
+
+def _aval(x) -> tuple:
+    return (tuple(jnp.shape(x)), jnp.result_type(x), getattr(x, "weak_type", False))
+
+
+def _trace(module: OpAdapter, graphdef, state_def, leaves, args, kwargs):
+    """(closed jaxpr, output treedef, product, static parts) of the base call, cached."""
+    dynamic, static, arg_def = _split_args(args, kwargs)
+    dyn = [d for d in dynamic if d is not None]
+    key = (
+        type(module),
+        graphdef,
+        state_def,
+        tuple(map(_aval, leaves)),
+        arg_def,
+        tuple(d is None for d in dynamic),
+        static,
+        tuple(map(_aval, dyn)),
+    )
+    try:
+        hash(key)
+    except TypeError:  # an unhashable static argument: trace every call
+        key = None
+    if key is not None and key in _TRACES:
+        return (*_TRACES[key], dyn)
+    base_call = module.lora_base_type.__call__
+
+    def run(state_leaves, dyn_leaves):
+        m = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
+        a, k = _join_args(arg_def, dynamic, static, dyn_leaves)
+        out = base_call(m, *a, **k)
+        return out, jax.tree.leaves(nnx.split(m)[1])
+
+    closed, shapes = jax.make_jaxpr(run, return_shape=True)(leaves, dyn)
+    out_def = jax.tree.structure(shapes[0])
+    index = _weight_index(module, state_def, leaves)
+    weight = getattr(module, module.lora_weight)
+    where = f"{type(module).__name__}: weight '{module.lora_weight}' {tuple(weight.shape)}"
+    product = oplevel.find_product(
+        closed.jaxpr, index, weight.shape, where=where, returned=out_def.num_leaves + index
+    )
+    product = oplevel.with_shape(product, tuple(weight.shape))
+    if product.roles != module.lora_roles:
+        raise ValueError(
+            f"{where}: this call uses the weight as {product.roles}, but the adapter was made "
+            f"for {module.lora_roles} (from the inputs given to inject)"
+        )
+    if key is not None:
+        if len(_TRACES) >= _MAX_TRACES:
+            _TRACES.pop(next(iter(_TRACES)))
+        _TRACES[key] = (closed, out_def, product)
+    return closed, out_def, product, dyn
+
+
+def _weight_index(module: OpAdapter, state_def, leaves) -> int:
+    paths = jax.tree_util.tree_flatten_with_path(jax.tree.unflatten(state_def, leaves))[0]
+    return next(i for i, (p, _) in enumerate(paths) if _key(p) == (module.lora_weight,))
+
+
+def _call(module: OpAdapter, args: tuple, kwargs: dict):
+    graphdef, state = nnx.split(module)
+    leaves, state_def = jax.tree.flatten(state)
+    closed, out_def, product, dyn = _trace(module, graphdef, state_def, leaves, args, kwargs)
+
+    def at_product(eqn, operands):
+        params = dict(eqn.params)
+        base = eqn.primitive.bind(*operands, **params)
+        x = module.lora_dropout(operands[1 - product.side])
+        extra = oplevel.branch(
+            product, eqn, operands, module.lora_a[...], module.lora_b[...], module.scaling, x=x
+        )
+        return base + extra.astype(base.dtype)
+
+    outs = oplevel.evaluate(closed, [*leaves, *dyn], product.path, at_product)
+    out = jax.tree.unflatten(out_def, outs[: out_def.num_leaves])
+    new_leaves = outs[out_def.num_leaves :]
+    # Write back only what the call changed (rng counts, statistics): the branch's dropout
+    # advanced its own rng stream outside the jaxpr, which the old leaves would undo.
+    current, _ = jax.tree.flatten(nnx.split(module)[1])
+    merged = [c if n is o else n for o, n, c in zip(leaves, new_leaves, current, strict=True)]
+    nnx.update(module, jax.tree.unflatten(state_def, merged))
+    return out

@@ -262,3 +262,57 @@ def test_inject_with_layouts_that_miss_a_layer_refuses():
         jaxlora.inject(
             variables, jaxlora.LoRAConfig(r=2, targets=["proj"]), jax.random.key(1), layouts=layouts
         )
+
+
+class ScanBody(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return Conv1D(4, name="c_attn")(h), None
+
+
+class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(
+            ScanBody, variable_axes={"params": 0}, split_rngs={"params": True}, length=2
+        )
+        return stack(name="blocks")(x, None)[0]
+
+
+def test_scanned_unsupported_module_holding_lora_refuses_the_call():
+    """inject refuses a stacked (L, out, in) kernel; a tree that has LoRA leaves there anyway
+    (written by hand or by another tool) is refused when called inside the scan."""
+    model = Scanned()
+    variables = model.init(jax.random.key(0), X)
+    config = jaxlora.LoRAConfig(r=2, targets=["blocks.c_attn"])
+    with pytest.raises(TypeError, match=r"'blocks.c_attn' holds .* in a \w*Conv1D"):
+        jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, X))
+    node = variables["params"]["blocks"]["c_attn"]
+    lora = {"lora_a": jnp.ones((2, 4, 2)), "lora_b": jnp.ones((2, 2, 4))}
+    params = {"blocks": {"c_attn": {**node, **lora}}}
+    with pytest.raises(ValueError, match=r"layer 'blocks.c_attn' is a Conv1D holding LoRA leaves"):
+        with jaxlora.intercept(config):
+            jax.jit(model.apply)({"params": params}, X)
+
+
+class OwnLoRA(nn.Module):
+    @nn.jit
+    @nn.compact
+    def __call__(self, x):
+        return jaxlora.LoRADense(3, 2, alpha=6, name="out")(x)
+
+
+def test_jaxlora_layer_under_nn_jit_adds_its_branch_once():
+    """jaxlora's own layers add their branch themselves: intercept leaves them alone, in
+    either order with an nn.jit trace made outside it."""
+    model = OwnLoRA()
+    variables = model.init(jax.random.key(0), X)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: v + 0.5 if p[-1].key == "lora_b" else v, variables["params"]
+    )
+    node = jax.tree.map(np.asarray, params["out"])
+    x = np.asarray(X)
+    expected = x @ node["kernel"] + node["bias"] + SCALE * (x @ node["lora_a"]) @ node["lora_b"]
+    np.testing.assert_allclose(model.apply({"params": params}, X), expected, atol=1e-5)
+    with jaxlora.intercept(jaxlora.LoRAConfig(r=2, alpha=6, targets=["out"])):
+        np.testing.assert_allclose(model.apply({"params": params}, X), expected, atol=1e-5)

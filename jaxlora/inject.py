@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -23,7 +24,7 @@ from flax.core import meta
 from _loracore.config import WEIGHT_INITS
 from jaxlora import core, kinds, stacks
 from jaxlora.config import LoRAConfig
-from jaxlora.intercept import SUPPORTED, input_axes, module_kind
+from jaxlora.intercept import SUPPORTED, input_axes, module_kind, traced_as
 from jaxlora.tree import LORA_NAMES, PyTree, _like, _require_mapping
 
 
@@ -39,9 +40,13 @@ def inject(
     """Returns a new params tree with ``lora_a``/``lora_b`` beside each layer whose '.'-joined
     path matches ``config.targets``.
 
-    ``nn.Dense`` kernels (2-D) and ``nn.Embed`` tables are recognised from the tree alone. For
-    kernels with more axes (``nn.DenseGeneral``, ``nn.Conv``) pass
-    ``layouts=jaxlora.layouts(model, *inputs)``, which says which axes are inputs. The shapes
+    ``nn.Dense`` kernels (2-D) and ``nn.Embed`` tables are recognised from the tree alone: without
+    ``layouts``, any 2-D ``kernel`` is taken as ``nn.Dense``'s (in, out), and ``intercept``
+    refuses the call if the module holding it is something else (e.g. a FlaxConv1D, whose
+    kernel is (out, in)). For kernels with more axes (``nn.DenseGeneral``, ``nn.Conv``) pass
+    ``layouts=jaxlora.layouts(model, *inputs)``, which says which axes are inputs; with
+    ``layouts``, a matched layer it does not describe (a module that is not a supported layer,
+    or one the traced call does not run) is refused, naming its class. The shapes
     are in ``jaxlora.kinds``. ``lora_a`` is drawn from ``rng`` folded with a hash of the layer
     path (so one layer's init does not depend on which others are targeted) per
     ``config.init``: "kaiming" as torch's kaiming_uniform(a=√5), "gaussian" N(0, 1/r) (both with
@@ -65,7 +70,8 @@ def inject(
             layers of a stack, or rank/alpha patterns give the layers of a stack different
             values.
         TypeError: a matched layer cannot be adapted, or its kernel has more than 2 axes and
-            ``layouts`` does not describe it, or ``rng`` is not a PRNG key.
+            ``layouts`` does not describe it, or ``layouts`` is given and does not describe it,
+            or ``rng`` is not a PRNG key.
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"inject expects a jaxlora.LoRAConfig, got {type(config).__name__}")
@@ -146,10 +152,26 @@ class Layout:
     scan: str | None = None
 
 
-def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> dict[str, Layout]:
+class Layouts(dict[str, Layout]):
+    """What ``layouts`` returns: {path: ``Layout``} of the layers jaxlora can adapt, and in
+    ``modules`` the class name of every module the trace called, by path (so that ``inject``
+    can name the class of a module it refuses)."""
+
+    def __init__(self, found: Mapping[str, Layout], modules: Mapping[str, str]) -> None:
+        super().__init__(found)
+        self.modules = dict(modules)
+
+
+# Each layouts() call traces afresh: an nn.jit trace cached by an earlier call (or by
+# model.init) would skip the interceptor that records the layers.
+_LAYOUTS_CALLS = itertools.count()
+
+
+def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> Layouts:
     """{'.'-joined layer path: ``Layout``} for every layer jaxlora can adapt in ``model``, found
     by tracing ``model.init(key, *args, **kwargs)`` abstractly (``jax.eval_shape``: no FLOPs,
-    no memory), for ``inject(..., layouts=...)``.
+    no memory), for ``inject(..., layouts=...)``. Modules wrapped by ``nn.jit`` are traced
+    again, whatever ran before.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import linen as nn
@@ -161,10 +183,13 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
     """
     found: dict[str, tuple[str, int, int]] = {}
     views: dict[str, Any] = {}  # lifted module path -> its params' ndims, as its body sees them
+    modules: dict[str, str] = {}  # path -> class name, the innermost (a lifted one wraps it)
 
     def record(next_fun, call_args, call_kwargs, context):
-        out = next_fun(*call_args, **call_kwargs)
         module = context.module
+        if module.scope is not None:
+            modules[".".join(module.scope.path)] = type(module).__name__
+        out = next_fun(*call_args, **call_kwargs)
         if module.scope is None:
             return out
         path = ".".join(module.scope.path)
@@ -181,7 +206,7 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
         return out
 
     def init():
-        with nn.intercept_methods(record):
+        with traced_as(("layouts", next(_LAYOUTS_CALLS))), nn.intercept_methods(record):
             extra = {} if method is None else {"method": method}
             return model.init(jax.random.key(0), *args, **extra, **kwargs)
 
@@ -192,7 +217,7 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
         stack = jnp.ndim(weight) - ndim if weight is not None else 0
         scan = _scan_root(path, views, params) if stack else None
         out[path] = Layout(kind, in_axes, ndim, stack, scan)
-    return out
+    return Layouts(out, modules)
 
 
 def _lookup(params: Mapping, path: str, leaf: str) -> Any:
@@ -233,11 +258,13 @@ def _layout(node: Mapping, path: str, layouts, where: str) -> tuple[str, str, in
     base = meta.unbox(node[name]) if name is not None else None
     ndim = jnp.ndim(base) if base is not None else 0
     layout = None if layouts is None else layouts.get(path)
-    if name == "embedding" and ndim == 2 and (layout is None or not layout.stack):
-        return "embed", name, 1
     found = {
         k: tuple(jnp.shape(meta.unbox(v))) for k, v in node.items() if not isinstance(v, Mapping)
     }
+    if layouts is not None and layout is None and name is not None:
+        raise TypeError(_refusal(path, layouts, found, where))
+    if name == "embedding" and ndim == 2 and (layout is None or not layout.stack):
+        return "embed", name, 1
     expected = {"kernel": ("linear", "conv"), "embedding": ("embed",)}.get(name, ())
     if layout is not None and layout.kind in expected:
         if layout.ndim + layout.stack != ndim:
@@ -268,7 +295,22 @@ def _layout(node: Mapping, path: str, layouts, where: str) -> tuple[str, str, in
             "which are nn.scan's layer axes) with inject(..., layouts=jaxlora.layouts(model, "
             "*inputs))"
         )
-    raise TypeError(f"{where} holds {found}, which cannot be adapted; supported: {SUPPORTED}")
+    raise TypeError(_refusal(path, layouts, found, where))
+
+
+def _refusal(path: str, layouts: Mapping | None, found: Mapping, where: str) -> str:
+    """Why a matched layer is refused: it cannot be adapted, or ``layouts`` is given and does
+    not describe it, so its layout would be a guess (a 2-D kernel taken as nn.Dense's (in, out),
+    which e.g. FlaxConv1D's (out, in) is not)."""
+    cls = None if layouts is None else getattr(layouts, "modules", {}).get(path)
+    if cls is not None or layouts is None:
+        held = f"{where} holds {found}" + (f" in a {cls}" if cls is not None else "")
+        return f"{held}, which cannot be adapted; supported: {SUPPORTED}"
+    return (
+        f"{where} holds {found} but the layouts given do not describe it "
+        "(jaxlora.layouts(model, *inputs) describes every supported layer the call runs): "
+        "its layout would be a guess"
+    )
 
 
 def _stacked_init(base: jax.Array, stack: int, key: jax.Array, init_one) -> dict[str, jax.Array]:

@@ -6,6 +6,12 @@ never built): ``scaling · dropout(x) @ a @ b``, contracted over ``DenseGeneral`
 conv like the base's followed by a 1×1 conv, or as a second lookup for ``Embed`` (whose
 ``attend`` uses the adapted table too, so the merged model computes the same). Any other layer
 that holds LoRA leaves is an error when called, never silently run without them.
+
+``flax.linen.jit`` reuses a module's trace while a fingerprint of the module (its fields and its
+scope) is unchanged, and the method interceptors that are active are not part of it: a trace
+made outside ``intercept`` (no branch) would be reused inside it, and the reverse. While a
+jaxlora context is active, nn.jit's key for a module (its fingerprint's hash) is folded with the
+keys of the active contexts (``traced_as``), so each gets its own trace.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Iterator
+import threading
+from collections.abc import Hashable, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta
+from flax.linen import transforms as linen_transforms
 
 from jaxlora import core, kinds
 from jaxlora.config import LoRAConfig
@@ -26,6 +34,60 @@ from jaxlora.tree import LORA_NAMES
 
 SUPPORTED = "nn.Dense, nn.DenseGeneral (no batch_dims), nn.Conv (no mask, groups=1), nn.Embed"
 _KIND = ((nn.Dense, "linear"), (nn.DenseGeneral, "linear"), (nn.Conv, "conv"), (nn.Embed, "embed"))
+
+
+class _Active(threading.local):  # Flax's interceptor stack is per thread too
+    def __init__(self) -> None:
+        self.keys: list[Hashable] = []
+
+
+_ACTIVE = _Active()
+
+
+def _keyed_from_module(flax_from_module):
+    """Flax's ``_HashableProxy.from_module`` (nn.jit's cache key for a module), with the keys
+    of the jaxlora contexts active now folded into the hash; unchanged outside of them. It is
+    the only hook: a root ``__call__`` wrapped by nn.jit is keyed before any interceptor runs."""
+
+    def from_module(cls, module):
+        proxy = flax_from_module(module)
+        keys = tuple(_ACTIVE.keys)
+        return cls(proxy.module_ref, hash((proxy.hash_key, keys))) if keys else proxy
+
+    from_module.jaxlora_keyed = True
+    return classmethod(from_module)
+
+
+def _install_jit_key() -> bool:
+    """Wraps nn.jit's key once; False where this flax's nn.jit is not keyed as expected."""
+    proxy = getattr(linen_transforms, "_HashableProxy", None)
+    fields = {f.name for f in dataclasses.fields(proxy)} if dataclasses.is_dataclass(proxy) else ()
+    from_module = getattr(proxy, "from_module", None)
+    if from_module is None or not {"module_ref", "hash_key"} <= set(fields):
+        return False
+    if not getattr(from_module, "jaxlora_keyed", False):
+        proxy.from_module = _keyed_from_module(from_module)
+    return True
+
+
+_JIT_KEYED = _install_jit_key()
+
+
+@contextlib.contextmanager
+def traced_as(key: Hashable) -> Iterator[None]:
+    """Within this context, ``nn.jit`` keys its traces by ``key`` too (and by the keys of the
+    contexts around it), so a trace made under a different interceptor state is not reused."""
+    if not _JIT_KEYED:
+        raise RuntimeError(
+            "this flax version's nn.jit has no cache key jaxlora can extend "
+            "(flax.linen.transforms._HashableProxy.from_module): its traces would ignore "
+            "jaxlora's interceptors (written for flax 0.12.8's)"
+        )
+    _ACTIVE.keys.append(key)
+    try:
+        yield
+    finally:
+        _ACTIVE.keys.pop()
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -73,9 +135,17 @@ def intercept(config: LoRAConfig, *, deterministic: bool = True) -> Iterator[Non
     >>> with intercept(config):
     ...     y = model.apply(variables, jnp.ones((1, 8)))
     """
+    if any(isinstance(key, tuple) and key[0] == "intercept" for key in _ACTIVE.keys):
+        raise ValueError(
+            "intercept: another jaxlora.intercept is already active; nesting them would add "
+            "each LoRA branch once per context. Enter it once, around the outermost call."
+        )
     state = _State(config, deterministic)
-    with nn.intercept_methods(state.interceptor):
-        yield
+    # The trace depends on the config and on deterministic only (and on the params' structure
+    # and shapes, which jax.jit keys already): equal contexts share nn.jit's traces.
+    with traced_as(("intercept", repr(config), deterministic)):
+        with nn.intercept_methods(state.interceptor):
+            yield
 
 
 @dataclasses.dataclass

@@ -119,6 +119,22 @@ def _scan_logits(params, tokens, config):
         return jgpt.ScanGPT(jgpt.GPTConfig(**CFG)).apply({"params": params}, tokens)
 
 
+def _peft_saved(directory, *, seed: int):
+    """A real PEFT adapter (key, proj; random B) on the torch twin base, saved to ``directory``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(
+        _torch_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["key", "proj"])
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape) * 0.05)
+    peft_model.save_pretrained(str(directory))
+    return peft_model
+
+
 def test_stacked_adapter_file_loads_in_real_peft_and_back(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -133,15 +149,7 @@ def test_stacked_adapter_file_loads_in_real_peft_and_back(tmp_path):
     assert rel_err(_scan_logits(params, tokens, config), want) <= TOL
 
     # PEFT's own per-layer file into the scanned base: stacked on load
-    torch.manual_seed(5)
-    peft_model = get_peft_model(
-        _torch_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["key", "proj"])
-    )
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape) * 0.05)
-    peft_model.save_pretrained(str(tmp_path / "b"))
+    peft_model = _peft_saved(tmp_path / "b", seed=5)
     want = peft_model(torch.from_numpy(tokens)).detach()
     base = jaxlora.split(params)[1]
     loaded = jaxlora.load_adapter(base, tmp_path / "b", layer_names=NAMES)
@@ -179,15 +187,7 @@ def test_nnx_stacked_adapter_file_loads_in_real_peft_and_back(tmp_path):
     want = peft_model(torch.from_numpy(tokens)).detach()
     assert rel_err(model(jnp.asarray(tokens)), want) <= TOL
 
-    torch.manual_seed(6)
-    peft_model = get_peft_model(
-        _torch_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["key", "proj"])
-    )
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape) * 0.05)
-    peft_model.save_pretrained(str(tmp_path / "b"))
+    peft_model = _peft_saved(tmp_path / "b", seed=6)
     want = peft_model(torch.from_numpy(tokens)).detach()
     base = jaxlora.split(params)[1]
     plain = jgpt.load_nnx(jgpt.NnxScanGPT(jgpt.GPTConfig(**CFG), rngs=nnx.Rngs(0)), base)

@@ -22,37 +22,12 @@ import jaxlora.nnx
 import torchlora
 from _loracore import peft_fields
 from jaxlora.config import LoRAConfig
+from parity_tests.test_peft_files import LinenNet, NnxNet, TorchNet
 
 X = np.random.default_rng(0).standard_normal((3, 12)).astype("f4")
 
 
-class TorchNet(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.query = torch.nn.Linear(12, 16)
-        self.value = torch.nn.Linear(16, 16)
-        self.out = torch.nn.Linear(16, 5)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.value(torch.tanh(self.query(x)))))
-
-
-class LinenNet(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = jnp.tanh(nn.Dense(16, name="query")(x))
-        return nn.Dense(5, name="out")(jnp.tanh(nn.Dense(16, name="value")(x)))
-
-
-class NnxNet(nnx.Module):
-    def __init__(self) -> None:
-        rngs = nnx.Rngs(0)
-        self.query, self.value = nnx.Linear(12, 16, rngs=rngs), nnx.Linear(16, 16, rngs=rngs)
-        self.out = nnx.Linear(16, 5, rngs=rngs)
-
-    def __call__(self, x):
-        return self.out(jnp.tanh(self.value(jnp.tanh(self.query(x)))))
+# The nets of the PEFT file parity tests: the same three layers in each framework.
 
 
 def linen_params() -> dict:

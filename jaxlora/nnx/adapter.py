@@ -21,10 +21,11 @@ from _loracore.peft_format import (
     residual_needed,
     tensor_keys,
 )
-from jaxlora import kinds
+from jaxlora import hf_maps, kinds
 from jaxlora.adapter import read_adapter, write_adapter
 from jaxlora.config import LoRAConfig
 from jaxlora.core import scaling
+from jaxlora.hf_maps import Layout
 from jaxlora.inject import init_leaves
 from jaxlora.nnx.base import Adapter
 from jaxlora.nnx.conv import LoRAConv
@@ -37,16 +38,23 @@ from jaxlora.nnx.oplevel import OpAdapter
 ADAPTED = (LoRALinear, Adapter)
 
 
-def _refuse_op_level(model: nnx.Module, what: str) -> None:
-    # Their PEFT layout (which torch module, which axis order) needs a map not written yet:
-    # refusing beats a file that silently lacks them.
-    found = [".".join(map(str, p)) for p, m in nnx.iter_graph(model) if isinstance(m, OpAdapter)]
-    if found:
-        raise ValueError(
-            f"{what}: layers {found} are adapted at their product (jaxlora.oplevel), whose "
-            "PEFT files are not supported yet; merge them (jaxlora.nnx.merge) or save "
-            "nnx.state(model, nnx.LoRAParam) instead"
-        )
+def _op_layouts(model: nnx.Module, path_map: PathMap) -> dict[str, tuple[OpAdapter, Layout]]:
+    """{NNX path: (op-level layer, its torch layout)} per ``path_map`` (a torch path or an
+    ``HFLinear``, see ``jaxlora.hf_maps``); refuses batch axes and bad specs by layer name."""
+    out = {}
+    for p, module in nnx.iter_graph(model):
+        if not isinstance(module, OpAdapter):
+            continue
+        name = ".".join(map(str, p))
+        weight = getattr(module, module.lora_weight)
+        where = f"layer '{name}', weight '{module.lora_weight}' {tuple(weight.shape)}"
+        spec = path_map(name) if callable(path_map) else (path_map or {}).get(name, name)
+        out[name] = (module, hf_maps.layout(spec, module.lora_roles, where))
+    torch_paths = [t for _, lay in out.values() for t in lay.paths]
+    twice = sorted({t for t in torch_paths if torch_paths.count(t) > 1})
+    if twice:
+        raise ValueError(f"path_map names the torch module(s) {twice} for several weights")
+    return out
 
 
 def describe(module: nnx.Module) -> tuple[str, tuple[int, ...], int] | None:
@@ -79,15 +87,19 @@ def save_adapter(
     its per-layer paths named as ``inject`` names them (``blocks.3.attn.query``, or per
     ``layer_names``; see ``jaxlora.stacks``), before ``path_map`` applies.
     """
-    _refuse_op_level(model, "save_adapter")
     config = config if config is not None else getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("save_adapter: pass a LoRAConfig (the model has no lora_config)")
+    ops = _op_layouts(model, path_map)
     views = _views(model, path_map, layer_names)
     layers = {p: v[:3] for p, v in views.items() if isinstance(v[1], ADAPTED)}
-    if not layers:
+    if not layers and not ops:
         raise ValueError("save_adapter: the model has no LoRA layers")
-    if any(m.use_rslora != config.use_rslora for _, m, _ in layers.values()):
+    clash = sorted(set(views) & {t for _, lay in ops.values() for t in lay.paths})
+    if clash:
+        raise ValueError(f"save_adapter: path_map names the torch module(s) {clash} twice")
+    modules = [m for _, m, _ in layers.values()] + [m for m, _ in ops.values()]
+    if any(m.use_rslora != config.use_rslora for m in modules):
         raise ValueError("save_adapter: the layers' use_rslora differs from the config's")
     tensors = {}
     for path, (_, layer, index) in layers.items():
@@ -97,11 +109,16 @@ def save_adapter(
         if index is not None:  # one layer of a stack
             a, b = a[index], b[index]
         tensors[key_a], tensors[key_b] = kinds.to_torch(kind, a, b)
-    peft = file_config(
-        config,
-        {p: (m.r, float(m.r if m.alpha is None else m.alpha)) for p, (_, m, _) in layers.items()},
-        list(views),
-    )
+    ranks = {
+        p: (m.r, float(m.r if m.alpha is None else m.alpha)) for p, (_, m, _) in layers.items()
+    }
+    for module, lay in ops.values():
+        a, b = np.asarray(module.lora_a[...]), np.asarray(module.lora_b[...])
+        for path, pair in hf_maps.to_peft(lay, a, b).items():
+            key_a, key_b = tensor_keys(path, "linear")
+            tensors[key_a], tensors[key_b] = pair
+            ranks[path] = (module.r, float(module.r if module.alpha is None else module.alpha))
+    peft = file_config(config, ranks, [*views, *(t for _, lay in ops.values() for t in lay.paths)])
     write_adapter(directory, tensors, peft)
     return Path(directory)
 
@@ -124,14 +141,18 @@ def load_adapter(
     per-layer adapters (named as in ``save_adapter``), all of its layers, with one rank and
     alpha (PiSSA/OLoRA files are refused for stacked layers).
     """
-    _refuse_op_level(model, "load_adapter")
-    config, tensors = read_adapter(directory)
+    config, everything = read_adapter(directory)
+    ops = _op_layouts(model, path_map)
+    op_paths = {t for _, lay in ops.values() for t in lay.paths}
     views = _views(model, path_map, layer_names)
     modules = {p: v[1] for p, v in views.items()}
-    check_paths_exist(set(tensors), modules, path_map, directory)
+    check_paths_exist(set(everything), {**modules, **dict.fromkeys(op_paths)}, path_map, directory)
     layers = {p: m for p, m in modules.items() if isinstance(m, ADAPTED)}
-    expected = set(layers) if layers else set(config.select(modules, strict=False))
-    check_layer_set(expected, set(tensors), directory)
+    injected = bool(layers or ops)
+    expected = set(layers) | op_paths if injected else set(config.select(modules, strict=False))
+    check_layer_set(expected, set(everything), directory)
+    op_values = _ops_from_file(ops, everything, config, directory)
+    tensors = {p: t for p, t in everything.items() if p not in op_paths}
     shapes = {}
     for path, (a, b, kind) in tensors.items():
         module = modules[path]
@@ -159,7 +180,7 @@ def load_adapter(
         for path, (a, _, _) in tensors.items()
         if path in layers and _needs(config, path, a.shape[0], layers[path], directory)
     ]
-    if not layers:
+    if not injected:
         # Inject exactly the file's layers, named by their NNX paths (a stack by its own path
         # and its per-layer paths), with their ranks.
         exact = {}
@@ -193,8 +214,53 @@ def load_adapter(
         order = [pieces[i] for i in range(len(pieces))]
         layer.lora_a[...] = jnp.asarray(np.stack([a for a, _ in order]), layer.lora_a.dtype)
         layer.lora_b[...] = jnp.asarray(np.stack([b for _, b in order]), layer.lora_b.dtype)
+    for layer, lora_a, lora_b, alpha in op_values:
+        layer.lora_a[...] = jnp.asarray(lora_a, layer.lora_a.dtype)
+        layer.lora_b[...] = jnp.asarray(lora_b, layer.lora_b.dtype)
+        layer.alpha, layer.use_rslora = alpha, config.use_rslora
     model.lora_config = config
     return model
+
+
+def _ops_from_file(ops: dict, tensors: dict, config: LoRAConfig, directory) -> list[tuple]:
+    """[(op-level layer, lora_a, lora_b, alpha)] from the file, everything checked first: the
+    torch modules' kind and shapes, one rank (the layer's) and one alpha per weight, no
+    PiSSA/OLoRA (their residual is defined on a torch weight, not on W)."""
+    out = []
+    for name, (layer, lay) in ops.items():
+        where = f"{directory}: layer '{name}' (torch {', '.join(lay.paths)})"
+        if config.init in WEIGHT_INITS:
+            raise ValueError(
+                f"{where}: an init={config.init!r} adapter cannot be loaded into an op-level "
+                "layer (its residual base is defined on the torch weight); load it into a "
+                "plain Dense model or use a kaiming/gaussian adapter"
+            )
+        pairs = {p: tensors[p] for p in lay.paths}
+        want = hf_maps.torch_shapes(lay, layer.r)
+        for path, (a, b, kind) in pairs.items():
+            if kind != "linear":
+                raise ValueError(f"{where}: the file holds a {kind} adapter for '{path}'")
+            for key, got, shape in zip(
+                tensor_keys(path, kind), (a.shape, b.shape), want[path], strict=True
+            ):
+                if tuple(got) != shape:
+                    raise ValueError(
+                        f"{where}: '{key}' has shape {tuple(got)}, expected {shape} (rank "
+                        f"{layer.r} of the model's layer)"
+                    )
+        alphas = {config.alpha_for(p) for p in lay.paths}
+        if len(alphas) > 1:
+            raise ValueError(
+                f"{where}: the file gives its modules different alphas {sorted(alphas)}; one "
+                "fused weight has one alpha"
+            )
+        pairs = {
+            p: (np.asarray(a, np.float32), np.asarray(b, np.float32))
+            for p, (a, b, _) in pairs.items()
+        }
+        lora_a, lora_b = hf_maps.from_peft(lay, pairs, where)
+        out.append((layer, lora_a, lora_b, alphas.pop()))
+    return out
 
 
 def _check_stacks(views: dict, tensors: dict, config: LoRAConfig, directory) -> None:
@@ -246,6 +312,8 @@ def _views(
     per_layer = per_layer_paths(modules, layer_names)
     out = {}
     for name, (_, module) in modules.items():
+        if isinstance(module, OpAdapter):  # mapped by _op_layouts (torch path or HFLinear)
+            continue
         if name in per_layer and stack_of(module):
             for index, path in enumerate(per_layer[name]):
                 out[map_path(path_map, path)] = (name, module, index, path)

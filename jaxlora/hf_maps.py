@@ -1,0 +1,168 @@
+"""How an op-level adapted weight (``jaxlora.oplevel``) is written as Hugging Face ``nn.Linear``
+module(s) in a PEFT file, and read back.
+
+A weight W whose product contracts its axes C and keeps its free axes F is, for torch, a
+Linear with weight (out, in) = (prod F, prod C): x's contracted axes are flattened into the
+Linear's input and the free axes come out flattened. The flattening order is the torch
+model's business, so a ``path_map`` value may be an ``HFLinear`` saying it:
+
+- ``HFLinear("model.layers.0.self_attn.q_proj")``: one Linear, C and F flattened in W's own
+  axis order (tunix Llama's q ``w`` (D, N, H) ↔ ``nn.Linear(D, N·H)`` with
+  ``weight = w.reshape(D, N·H).T``).
+- ``in_axes=`` / ``out_axes=``: W's contracted / free axes (indices into W's shape) in the
+  order the Linear flattens them (a W (H, N, D) used as 'BTNH,HND->BTD' read by a torch
+  ``o_proj`` whose input is (N, H) flattened: ``in_axes=(1, 0)``).
+- ``HFLinear(("…k_proj", "…v_proj"), split=0)``: one fused W whose free axis ``split`` is
+  several torch modules, one per index along it (Gemma's ``kv_einsum`` w (2, K, D, H) used as
+  'BSD,CKDH->CBSKH'). The adapter has one ``lora_a`` shared by all of them, written as every
+  module's ``lora_A``, and ``lora_b`` split along that axis into each module's ``lora_B``: PEFT
+  then computes, module by module, exactly the fused branch. Reading back requires the
+  modules' ``lora_A`` to be identical (a shared A), else it is refused naming the modules.
+
+A plain string value (or no entry) is ``HFLinear(that path)``. W's batch axes (one adapter per
+MoE expert, 'EBD,EDF->EBF') have no PEFT Linear equivalent: such a weight is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from jaxlora.oplevel import Roles
+
+
+@dataclasses.dataclass(frozen=True)
+class HFLinear:
+    """The torch ``nn.Linear`` module(s) an op-level weight is (see the module docstring).
+
+    ``path``: the torch module path, or a tuple of them with ``split``. ``in_axes`` /
+    ``out_axes``: W's contracted / free axes (free axes other than ``split``) in the torch
+    Linear's flattening order; ``None`` means W's own order. ``split``: W's free axis whose
+    indices are the modules of ``path`` (``None``: one module)."""
+
+    path: str | tuple[str, ...]
+    in_axes: tuple[int, ...] | None = None
+    out_axes: tuple[int, ...] | None = None
+    split: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """An ``HFLinear`` checked against a weight's roles: everything explicit."""
+
+    paths: tuple[str, ...]
+    in_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
+    split: int | None
+    roles: Roles
+
+
+def layout(spec: str | HFLinear, roles: Roles, where: str) -> Layout:
+    """``spec`` (a path or an ``HFLinear``) checked against ``roles``; a ``ValueError`` naming
+    ``where`` (the layer and its weight) and what was expected otherwise."""
+    if isinstance(spec, str):
+        spec = HFLinear(spec)
+    if not isinstance(spec, HFLinear):
+        raise TypeError(
+            f"{where}: path_map gives {spec!r}; expected a torch module path (str) or an HFLinear"
+        )
+    if roles.batch:
+        raise ValueError(
+            f"{where}: its axes {list(roles.batch)} are batch axes of its product (one adapter "
+            "per expert), which a PEFT nn.Linear cannot hold: op-level adapters with batch axes "
+            "have no PEFT file; merge them (jaxlora.nnx.merge) or save "
+            "nnx.state(model, nnx.LoRAParam) instead"
+        )
+    paths = (spec.path,) if isinstance(spec.path, str) else tuple(spec.path)
+    if not paths or not all(isinstance(p, str) and p for p in paths):
+        raise ValueError(f"{where}: HFLinear.path must be a module path or a tuple of them")
+    free = roles.free
+    if spec.split is None:
+        if len(paths) != 1:
+            raise ValueError(
+                f"{where}: HFLinear names {len(paths)} modules {list(paths)} but no split= "
+                f"axis (one of the free axes {list(free)}) to divide the weight among them"
+            )
+    else:
+        if spec.split not in free:
+            raise ValueError(
+                f"{where}: HFLinear split={spec.split} is not a free axis of the weight "
+                f"(free axes: {list(free)}, shape {roles.shape})"
+            )
+        if roles.shape[spec.split] != len(paths):
+            raise ValueError(
+                f"{where}: HFLinear splits axis {spec.split} of size "
+                f"{roles.shape[spec.split]} into {len(paths)} modules {list(paths)}; "
+                "expected one module per index"
+            )
+    rest = tuple(a for a in free if a != spec.split)
+    in_axes = _axes(spec.in_axes, roles.contracted, "in_axes", "contracted", where)
+    out_axes = _axes(spec.out_axes, rest, "out_axes", "free (other than split)", where)
+    return Layout(paths, in_axes, out_axes, spec.split, roles)
+
+
+def _axes(given, own: tuple[int, ...], name: str, role: str, where: str) -> tuple[int, ...]:
+    if given is None:
+        return own
+    given = tuple(given)
+    if sorted(given) != sorted(own):
+        raise ValueError(
+            f"{where}: HFLinear {name}={given} must order the weight's {role} axes {list(own)}"
+        )
+    return given
+
+
+def to_peft(lay: Layout, lora_a: np.ndarray, lora_b: np.ndarray) -> dict[str, tuple]:
+    """{torch path: (lora_A (r, in), lora_B (out, r))} for the adapter ``lora_a`` (C…, r),
+    ``lora_b`` (r, F…) (W's own axis orders)."""
+    roles, r = lay.roles, lora_a.shape[-1]
+    a_perm = [roles.contracted.index(w) for w in lay.in_axes] + [len(roles.contracted)]
+    big_a = np.transpose(lora_a, a_perm).reshape(-1, r).T
+    pieces = [lora_b] if lay.split is None else _split(lay, lora_b)
+    rest = [w for w in roles.free if w != lay.split]
+    b_perm = [0] + [rest.index(w) + 1 for w in lay.out_axes]
+    out = {}
+    for path, b in zip(lay.paths, pieces, strict=True):
+        out[path] = (big_a.copy(), np.transpose(b, b_perm).reshape(r, -1).T.copy())
+    return out
+
+
+def _split(lay: Layout, lora_b: np.ndarray) -> list[np.ndarray]:
+    axis = lay.roles.free.index(lay.split) + 1
+    return [np.take(lora_b, i, axis=axis) for i in range(lora_b.shape[axis])]
+
+
+def torch_shapes(lay: Layout, r: int) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """{torch path: (lora_A shape, lora_B shape)} expected for rank ``r``."""
+    shape = lay.roles.shape
+    n_out = math.prod(shape[w] for w in lay.out_axes)
+    return {p: ((r, lay.roles.in_features), (n_out, r)) for p in lay.paths}
+
+
+def from_peft(lay: Layout, pairs: dict[str, tuple], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of ``to_peft``: (lora_a, lora_b) in W's own axis orders from {torch path:
+    (lora_A, lora_B)} (shapes already checked). A fused weight's modules must share one
+    lora_A; else a ``ValueError`` names them."""
+    roles, shape = lay.roles, lay.roles.shape
+    first = lay.paths[0]
+    big_a = np.asarray(pairs[first][0])
+    for path in lay.paths[1:]:
+        if not np.array_equal(np.asarray(pairs[path][0]), big_a):
+            raise ValueError(
+                f"{where}: the file's lora_A of '{first}' and '{path}' differ, but they are "
+                "one fused weight with one shared A: PEFT adapters for its modules can only "
+                "be loaded when their lora_A are identical"
+            )
+    r = big_a.shape[0]
+    a = big_a.T.reshape(*(shape[w] for w in lay.in_axes), r)
+    a = np.transpose(a, [lay.in_axes.index(w) for w in roles.contracted] + [len(lay.in_axes)])
+    rest = [w for w in roles.free if w != lay.split]
+    pieces = []
+    for path in lay.paths:
+        b = np.asarray(pairs[path][1]).T.reshape(r, *(shape[w] for w in lay.out_axes))
+        pieces.append(np.transpose(b, [0] + [lay.out_axes.index(w) + 1 for w in rest]))
+    if lay.split is None:
+        return a, pieces[0]
+    return a, np.stack(pieces, axis=roles.free.index(lay.split) + 1)

@@ -7,6 +7,7 @@ from jaxlora.adapter import load_adapter, read_adapter_config, save_adapter
 from jaxlora.config import LoRAConfig
 from jaxlora.convert import from_torch, to_torch
 from jaxlora.core import scaling
+from jaxlora.hf_maps import HFLinear
 from jaxlora.inject import Layout, inject, layouts
 from jaxlora.intercept import intercept
 from jaxlora.linen import LoRAConv, LoRADense, LoRADenseGeneral, LoRAEmbed
@@ -22,6 +23,7 @@ from jaxlora.tree import (
 )
 
 __all__ = [
+    "HFLinear",
     "Layout",
     "LoRAConfig",
     "LoRAConv",

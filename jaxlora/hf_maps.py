@@ -49,7 +49,7 @@ class HFLinear:
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
+class HFLayout:
     """An ``HFLinear`` checked against a weight's roles: everything explicit."""
 
     paths: tuple[str, ...]
@@ -59,7 +59,7 @@ class Layout:
     roles: Roles
 
 
-def layout(spec: str | HFLinear, roles: Roles, where: str) -> Layout:
+def layout(spec: str | HFLinear, roles: Roles, where: str) -> HFLayout:
     """``spec`` (a path or an ``HFLinear``) checked against ``roles``; a ``ValueError`` naming
     ``where`` (the layer and its weight) and what was expected otherwise."""
     if isinstance(spec, str):
@@ -100,7 +100,7 @@ def layout(spec: str | HFLinear, roles: Roles, where: str) -> Layout:
     rest = tuple(a for a in free if a != spec.split)
     in_axes = _axes(spec.in_axes, roles.contracted, "in_axes", "contracted", where)
     out_axes = _axes(spec.out_axes, rest, "out_axes", "free (other than split)", where)
-    return Layout(paths, in_axes, out_axes, spec.split, roles)
+    return HFLayout(paths, in_axes, out_axes, spec.split, roles)
 
 
 def _axes(given, own: tuple[int, ...], name: str, role: str, where: str) -> tuple[int, ...]:
@@ -114,7 +114,7 @@ def _axes(given, own: tuple[int, ...], name: str, role: str, where: str) -> tupl
     return given
 
 
-def to_peft(lay: Layout, lora_a: np.ndarray, lora_b: np.ndarray) -> dict[str, tuple]:
+def to_peft(lay: HFLayout, lora_a: np.ndarray, lora_b: np.ndarray) -> dict[str, tuple]:
     """{torch path: (lora_A (r, in), lora_B (out, r))} for the adapter ``lora_a`` (C…, r),
     ``lora_b`` (r, F…) (W's own axis orders)."""
     roles, r = lay.roles, lora_a.shape[-1]
@@ -129,19 +129,19 @@ def to_peft(lay: Layout, lora_a: np.ndarray, lora_b: np.ndarray) -> dict[str, tu
     return out
 
 
-def _split(lay: Layout, lora_b: np.ndarray) -> list[np.ndarray]:
+def _split(lay: HFLayout, lora_b: np.ndarray) -> list[np.ndarray]:
     axis = lay.roles.free.index(lay.split) + 1
     return [np.take(lora_b, i, axis=axis) for i in range(lora_b.shape[axis])]
 
 
-def torch_shapes(lay: Layout, r: int) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+def torch_shapes(lay: HFLayout, r: int) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
     """{torch path: (lora_A shape, lora_B shape)} expected for rank ``r``."""
     shape = lay.roles.shape
     n_out = math.prod(shape[w] for w in lay.out_axes)
     return {p: ((r, lay.roles.in_features), (n_out, r)) for p in lay.paths}
 
 
-def from_peft(lay: Layout, pairs: dict[str, tuple], where: str) -> tuple[np.ndarray, np.ndarray]:
+def from_peft(lay: HFLayout, pairs: dict[str, tuple], where: str) -> tuple[np.ndarray, np.ndarray]:
     """The inverse of ``to_peft``: (lora_a, lora_b) in W's own axis orders from {torch path:
     (lora_A, lora_B)} (shapes already checked). A fused weight's modules must share one
     lora_A; else a ``ValueError`` names them."""

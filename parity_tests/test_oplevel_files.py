@@ -341,3 +341,23 @@ def test_axis_orders_match_the_closed_form(eqn, shape, in_axes, out_axes, split)
     back = hf_maps.from_peft(lay, pairs, "proj")
     np.testing.assert_array_equal(back[0], a)
     np.testing.assert_array_equal(back[1], b)
+
+
+def test_hflinear_for_a_layer_not_adapted_at_its_product_is_refused(tmp_path):
+    jnnx.save_adapter(_injected(), tmp_path, path_map=PATH_MAP)
+    plain = Model()
+    with pytest.raises(ValueError, match=r"layer 'attn.kv_einsum' \(a Einsum\).*inject it first"):
+        jnnx.load_adapter(plain, tmp_path, path_map=PATH_MAP)
+    assert type(plain.attn.kv_einsum) is Einsum and not nnx.state(plain, nnx.LoRAParam)
+
+
+def test_path_map_may_be_a_function(tmp_path):
+    """A callable path_map may return an HFLinear too: the same file as the dict's."""
+    from safetensors.numpy import load_file
+
+    model = _injected()
+    jnnx.save_adapter(model, tmp_path / "dict", path_map=PATH_MAP)
+    jnnx.save_adapter(model, tmp_path / "func", path_map=lambda p: PATH_MAP.get(p, p))
+    want, got = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("dict", "func"))
+    assert sorted(want) == sorted(got) and len(want) == 8
+    assert all(np.array_equal(want[k], got[k]) for k in want)

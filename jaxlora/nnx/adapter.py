@@ -25,7 +25,7 @@ from jaxlora import hf_maps, kinds
 from jaxlora.adapter import read_adapter, write_adapter
 from jaxlora.config import LoRAConfig
 from jaxlora.core import scaling
-from jaxlora.hf_maps import Layout
+from jaxlora.hf_maps import HFLayout
 from jaxlora.inject import init_leaves
 from jaxlora.nnx.base import Adapter
 from jaxlora.nnx.conv import LoRAConv
@@ -38,7 +38,7 @@ from jaxlora.nnx.oplevel import OpAdapter
 ADAPTED = (LoRALinear, Adapter)
 
 
-def _op_layouts(model: nnx.Module, path_map: PathMap) -> dict[str, tuple[OpAdapter, Layout]]:
+def _op_layouts(model: nnx.Module, path_map: PathMap) -> dict[str, tuple[OpAdapter, HFLayout]]:
     """{NNX path: (op-level layer, its torch layout)} per ``path_map`` (a torch path or an
     ``HFLinear``, see ``jaxlora.hf_maps``); refuses batch axes and bad specs by layer name."""
     out = {}
@@ -86,6 +86,11 @@ def save_adapter(
     path where names differ. A stacked (``nnx.vmap``) layer is written as PEFT's per-layer keys,
     its per-layer paths named as ``inject`` names them (``blocks.3.attn.query``, or per
     ``layer_names``; see ``jaxlora.stacks``), before ``path_map`` applies.
+
+    An op-level layer (``inject(..., inputs=)``) is written as the torch ``nn.Linear``
+    module(s) its ``path_map`` value names: a torch path, or a ``jaxlora.HFLinear`` giving the
+    axis orders or a fused weight's modules (one shared A; see ``jaxlora.hf_maps``). One with
+    batch axes (an adapter per MoE expert) is refused: PEFT has no such Linear.
     """
     config = config if config is not None else getattr(model, "lora_config", None)
     if config is None:
@@ -140,6 +145,11 @@ def load_adapter(
     scaling); each layer records its ``init``. A stacked (``nnx.vmap``) layer takes the file's
     per-layer adapters (named as in ``save_adapter``), all of its layers, with one rank and
     alpha (PiSSA/OLoRA files are refused for stacked layers).
+
+    Op-level layers are loaded only into a model already injected with ``inputs=`` (the
+    product, hence the layout, is found by tracing), from the torch module(s) ``path_map``
+    names for them (as in ``save_adapter``): a fused weight's modules must hold the same
+    ``lora_A`` and one alpha; PiSSA/OLoRA files are refused for them.
     """
     config, everything = read_adapter(directory)
     ops = _op_layouts(model, path_map)
@@ -314,6 +324,13 @@ def _views(
     for name, (_, module) in modules.items():
         if isinstance(module, OpAdapter):  # mapped by _op_layouts (torch path or HFLinear)
             continue
+        if not isinstance(map_path(path_map, name), str):
+            raise ValueError(
+                f"path_map gives {map_path(path_map, name)!r} for layer '{name}' (a "
+                f"{type(module).__name__}), which is not adapted at its product: an HFLinear "
+                "describes an op-level layer; inject it first (jaxlora.nnx.inject(..., "
+                "inputs=...)), then save or load"
+            )
         if name in per_layer and stack_of(module):
             for index, path in enumerate(per_layer[name]):
                 out[map_path(path_map, path)] = (name, module, index, path)

@@ -361,3 +361,47 @@ def test_path_map_may_be_a_function(tmp_path):
     want, got = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("dict", "func"))
     assert sorted(want) == sorted(got) and len(want) == 8
     assert all(np.array_equal(want[k], got[k]) for k in want)
+
+
+class Mixed(Model):
+    """Op-level layers beside a Dense-family LoRA layer (``nnx.Linear`` → ``LoRALinear``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nnx.Linear(D, 5, rngs=nnx.Rngs(7))
+
+    def __call__(self, x):
+        return self.out(jnp.tanh(self.attn(x)))
+
+
+class TorchMixed(TorchModel):
+    def __init__(self):
+        super().__init__()
+        self.out = torch.nn.Linear(D, 5)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.attn(x)))
+
+
+def test_op_level_and_dense_layers_in_one_file(tmp_path):
+    model = Mixed()
+    config = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=[*TARGETS, "out"])
+    jnnx.inject(model, config, nnx.Rngs(2), inputs=(jnp.asarray(X),))
+    keys = iter(jax.random.split(jax.random.key(11), 16))
+    for factor in jax.tree.leaves(
+        nnx.state(model, nnx.LoRAParam), is_leaf=lambda v: isinstance(v, nnx.Variable)
+    ):
+        factor[...] = 0.3 * jax.random.normal(next(keys), factor.shape)
+    twin = TorchMixed()
+    twin.attn = _torch_twin(model).attn
+    with torch.no_grad():
+        twin.out.weight.copy_(torch.from_numpy(np.asarray(model.out.kernel[...]).T.copy()))
+        twin.out.bias.copy_(torch.from_numpy(np.asarray(model.out.bias[...]).copy()))
+    jnnx.save_adapter(model, tmp_path, path_map=PATH_MAP)
+    y_peft = _peft_load(twin.eval(), tmp_path)(torch.from_numpy(X)).detach().numpy()
+    assert rel_err(model(jnp.asarray(X)), y_peft) <= TOL
+    other = Mixed()
+    jnnx.inject(other, config, nnx.Rngs(5), inputs=(jnp.asarray(X),))
+    jnnx.load_adapter(other, tmp_path, path_map=PATH_MAP)
+    want, got = _lora_state(model), _lora_state(other)
+    assert jax.tree.all(jax.tree.map(np.array_equal, want, got))

@@ -45,7 +45,7 @@ def quantize_base(
         quant_type, blocksize, double_quant: as ``jaxlora.quant.quantize``.
 
     Raises:
-        ValueError: no layer matches, or a matched layer has no 2-D ``kernel`` (an
+        ValueError: no layer matches, a targets entry matches no layer, or a matched layer has no 2-D ``kernel`` (an
             ``nn.Dense``'s), naming its path; nothing is changed.
 
     >>> import jax, jax.numpy as jnp
@@ -56,7 +56,7 @@ def quantize_base(
     >>> q = quantize_base(variables, ["layers_0"])
     >>> sorted(q["params"]["layers_0"]), q["quant"]["layers_0"]["kernel"].packed.shape
     (['bias'], (2048, 1))
-    >>> with jaxlora.intercept(jaxlora.LoRAConfig(r=1)):
+    >>> with jaxlora.intercept(jaxlora.LoRAConfig(r=1, targets=["layers_0"])):
     ...     y = model.apply(q, jnp.ones((1, 64)))
     """
     _require_mapping(variables, "quantize_base")
@@ -68,12 +68,10 @@ def quantize_base(
     blocksize = _check_options(quant_type, blocksize, double_quant)
     params = variables["params"]
     nodes = dict(_iter_nodes(params))
-    chosen = [path for path in nodes if config.matches(path)]
-    if not chosen:
-        raise ValueError(
-            f"quantize_base: no layer path matches targets {config.targets!r}; "
-            f"layer paths: {sorted(nodes)}"
-        )
+    try:  # LoRAConfig's rule: a targets entry that matches no layer is an error too
+        chosen = config.select(nodes)
+    except ValueError as error:
+        raise ValueError(f"quantize_base: {error}") from None
     for path in chosen:  # all checked before anything is quantized
         _check_kernel(nodes[path], path)
     quantized = {

@@ -45,8 +45,8 @@ def quantize_base(
         quant_type, blocksize, double_quant: as ``jaxlora.quant.quantize``.
 
     Raises:
-        ValueError: no layer matches, a targets entry matches no layer, or a matched layer has no 2-D ``kernel`` (an
-            ``nn.Dense``'s), naming its path; nothing is changed.
+        ValueError: no layer matches, a targets entry matches no layer, or a matched layer
+            has no 2-D ``kernel`` (an ``nn.Dense``'s), naming its path; nothing is changed.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import linen as nn

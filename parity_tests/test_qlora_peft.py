@@ -25,7 +25,7 @@ from flax import linen as nn
 import jaxlora
 from jaxlora.quant import quantize_base
 
-IN, HIDDEN, OUT, R, ALPHA = 128, 64, 16, 4, 8
+IN, HIDDEN, OUT, R, ALPHA = 128, 64, 32, 4, 8
 
 
 class MLP(nn.Module):
@@ -134,4 +134,59 @@ def test_jit_forward_equals_peft():
             return MLP().apply(variables, x)
 
     got = np.asarray(apply(variables, jnp.asarray(x.numpy())))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=3e-6 * np.abs(expected).max())
+
+
+def _bnb_net(dense, quant_type="nf4"):
+    layers = []
+    for lin in (dense[0], dense[2]):
+        q = bnb.nn.Linear4bit(
+            lin.in_features,
+            lin.out_features,
+            compute_dtype=torch.float32,
+            quant_type=quant_type,
+            compress_statistics=False,  # bitsandbytes' default is True (double quantization)
+        )
+        q.load_state_dict(lin.state_dict())
+        layers.append(q.to("cpu"))
+    return torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1])
+
+
+def test_jax_adapter_on_a_quantized_base_loads_into_peft_on_linear4bit(tmp_path):
+    dense, model = _torch_qlora("nf4", double_quant=False)
+    config, variables = _jax_qlora(dense, model, "nf4", double_quant=False)
+    # A different adapter than the torch model's: JAX's own values are what must arrive.
+    for i in ("0", "2"):
+        for name in ("lora_a", "lora_b"):
+            leaf = variables["params"][i][name]
+            variables["params"][i][name] = leaf + 0.05
+    jaxlora.save_adapter(variables, tmp_path, config)
+    # is_trainable keeps the modules in training mode: in eval mode, on a CPU with AVX-512
+    # bf16, bitsandbytes 0.50.2's Linear4bit repacks the weight for a bfloat16 gemm (even with
+    # compute_dtype float32), about 3e-3 off the float32 product (measured here).
+    loaded = peft.PeftModel.from_pretrained(_bnb_net(dense), tmp_path, is_trainable=True)
+    x = torch.randn(6, IN)
+    with torch.no_grad():
+        expected = loaded(x).numpy()
+    with jaxlora.intercept(config):
+        got = np.asarray(MLP().apply(variables, jnp.asarray(x.numpy())))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=3e-6 * np.abs(expected).max())
+
+
+def test_peft_qlora_adapter_loads_into_the_quantized_jax_model(tmp_path):
+    dense, model = _torch_qlora("nf4", double_quant=False)
+    model.save_pretrained(tmp_path)
+    _, variables = _jax_qlora(dense, model, "nf4", double_quant=False)
+    base = {
+        "params": {i: {"bias": p["bias"]} for i, p in variables["params"].items()},
+        "quant": variables["quant"],
+    }
+    loaded = jaxlora.load_adapter(base, tmp_path)
+    assert loaded["quant"] is variables["quant"]  # the base is not copied or changed
+    assert sorted(loaded["params"]["0"]) == ["bias", "lora_a", "lora_b"]
+    x = torch.randn(6, IN)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    with jaxlora.intercept(jaxlora.read_adapter_config(tmp_path)):
+        got = np.asarray(MLP().apply(loaded, jnp.asarray(x.numpy())))
     np.testing.assert_allclose(got, expected, rtol=0, atol=3e-6 * np.abs(expected).max())

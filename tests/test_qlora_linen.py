@@ -280,3 +280,25 @@ def test_dequantize_base_round_trip_layout():
         plain["params"]["up"]["kernel"], dequantize(quantized["quant"]["up"]["kernel"]).T
     )
     assert dequantize_base(plain) is plain
+
+
+def test_adapter_files_round_trip_on_a_quantized_base(tmp_path):
+    _, _, quantized = _model()
+    jaxlora.save_adapter(quantized, tmp_path, CONFIG)
+    base = {
+        "params": {k: {"bias": v["bias"]} for k, v in quantized["params"].items()},
+        "quant": quantized["quant"],
+    }
+    loaded = jaxlora.load_adapter(base, tmp_path)
+    assert loaded["quant"] is quantized["quant"]
+    assert "kernel" not in loaded["params"]["up"]  # no stand-in kernel is left behind
+    jax.tree.map(np.testing.assert_array_equal, loaded["params"], quantized["params"])
+
+
+def test_a_pissa_file_is_refused_for_a_quantized_base(tmp_path):
+    _, variables, quantized = _model(lora=False)
+    pissa = jaxlora.LoRAConfig(r=4, alpha=8, targets=["up", "down"], init="pissa")
+    injected = jaxlora.inject(variables, pissa, jax.random.key(1))
+    jaxlora.save_adapter(injected, tmp_path, pissa)
+    with pytest.raises(ValueError, match="init='pissa' adapter.*load it into the float base"):
+        jaxlora.load_adapter(quantized, tmp_path)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax.core import meta
 
 from jaxlora.config import LoRAConfig
@@ -93,10 +94,8 @@ def dequantize_base(variables: PyTree) -> PyTree:
     stored dtype, transposed back to (in, out)) into ``params``; the ``'quant'`` collection
     dropped. The values are the quantized ones (NF4 rounding is not undone)."""
     _require_mapping(variables, "dequantize_base")
-    if QUANT not in variables:
+    if not is_quantized(variables):
         return variables
-    if "params" not in variables:
-        raise ValueError("dequantize_base: a 'quant' collection needs the 'params' beside it")
     kernels = {path: dequantize(q).T for path, q in iter_quantized(variables[QUANT])}
     missing = sorted(set(kernels) - {path for path, _ in _iter_nodes(variables["params"])})
     if missing:
@@ -104,6 +103,36 @@ def dequantize_base(variables: PyTree) -> PyTree:
     params = _add_kernels(variables["params"], (), kernels)
     rest = {k: v for k, v in variables.items() if k != QUANT}
     return _like(variables, {**rest, "params": params})
+
+
+def is_quantized(variables: PyTree) -> bool:
+    """Whether ``variables`` is a variables dict holding ``'params'`` and a ``'quant'``
+    collection (a params tree may have a module named 'quant': that is not one)."""
+    return isinstance(variables, Mapping) and QUANT in variables and "params" in variables
+
+
+def with_kernel_shapes(variables: PyTree) -> PyTree:
+    """``variables`` without its ``'quant'`` collection, each quantized kernel standing in
+    ``params`` as a read-only zero array of its (in, out) shape and dtype that allocates no
+    memory (a broadcast view): for code that reads only a layer's kernel shape (adapter files),
+    never its values. Unchanged without a ``'quant'`` collection."""
+    if not is_quantized(variables):
+        return variables
+    kernels = {
+        path: np.broadcast_to(np.zeros((), q.dtype), tuple(reversed(q.shape)))
+        for path, q in iter_quantized(variables[QUANT])
+    }
+    rest = {k: v for k, v in variables.items() if k != QUANT}
+    return _like(variables, {**rest, "params": _add_kernels(variables["params"], (), kernels)})
+
+
+def restore_quantized(loaded: PyTree, quantized: PyTree) -> PyTree:
+    """``loaded`` (a tree ``with_kernel_shapes(quantized)`` became) with the stand-in kernels
+    dropped and ``quantized``'s ``'quant'`` collection back."""
+    paths = {path for path, _ in iter_quantized(quantized[QUANT])}
+    out = {**loaded, "params": _drop_kernels(loaded["params"], (), paths)}
+    out[QUANT] = quantized[QUANT]
+    return _like(quantized, out)
 
 
 def iter_quantized(tree: Mapping, path: tuple[str, ...] = ()):

@@ -161,3 +161,21 @@ def test_a_quantized_kernel_is_not_quantized_again():
     model, _ = _model()
     with pytest.raises(ValueError, match="layer 'up': the kernel is already quantized"):
         jnnx.quantize_base(model, ["up"])
+
+
+def test_adapter_files_round_trip_on_a_quantized_model(tmp_path):
+    # The file code reads the kernel's shape: a QuantizedKernel reports the (in, out) shape of
+    # the kernel it stands for.
+    model, _ = _model()
+    assert model.up.kernel.shape == (IN, HIDDEN) and model.up.kernel.ndim == 2
+    jnnx.save_adapter(model, tmp_path)
+    other, _ = _model()
+    for name in ("up", "down"):
+        getattr(other, name).lora_b[...] = jnp.zeros_like(getattr(other, name).lora_b[...])
+    jnnx.load_adapter(other, tmp_path)
+    for name in ("up", "down"):
+        for leaf in ("lora_a", "lora_b"):
+            np.testing.assert_array_equal(
+                getattr(getattr(other, name), leaf)[...], getattr(getattr(model, name), leaf)[...]
+            )
+    assert isinstance(other.up.kernel, jnnx.QuantizedKernel)

@@ -31,6 +31,7 @@ from _loracore.peft_format import (
 from jaxlora import kinds, stacks
 from jaxlora.config import LoRAConfig
 from jaxlora.core import scaling, weight_init
+from jaxlora.quant._base import is_quantized, restore_quantized, with_kernel_shapes
 from jaxlora.tree import (
     PyTree,
     _like,
@@ -82,6 +83,7 @@ def save_adapter(
     per-layer paths. Without it a stacked layer is refused.
     """
     _require_mapping(params, "save_adapter")
+    params = with_kernel_shapes(params)  # a quantized base: only its shapes are read
     if layer_names:
         params = stacks.unstack(meta.unbox(params), layer_names)
     tensors, layers = {}, {}
@@ -128,6 +130,8 @@ def load_adapter(
     every layer of a stack must be in the file. The base is not copied.
     """
     _require_mapping(params, "load_adapter")
+    if is_quantized(params):
+        return _load_quantized(params, directory, path_map, layer_names)
     if layer_names:
         return _load_stacked(params, directory, path_map, layer_names)
     config, tensors = read_adapter(directory)
@@ -184,6 +188,21 @@ def load_adapter(
                 boxed.replace_boxed(residual) if isinstance(boxed, meta.AxisMetadata) else residual
             )
     return _set_leaves(params, (), new)
+
+
+def _load_quantized(variables, directory, path_map, layer_names) -> PyTree:
+    """``load_adapter`` into variables holding a quantized base (``jaxlora.quant.quantize_base``):
+    the adapter's shapes are checked against the quantized kernels' and the base is left as it
+    is. PiSSA/OLoRA files are refused: they need the float kernel to build the residual."""
+    config, _ = read_adapter(directory)
+    if config.init in WEIGHT_INITS:
+        raise ValueError(
+            f"{directory}: the file is an init={config.init!r} adapter, relative to a residual "
+            "base PEFT builds from the float kernel; load it into the float base, then quantize"
+        )
+    shaped = with_kernel_shapes(variables)
+    loaded = load_adapter(shaped, directory, path_map=path_map, layer_names=layer_names)
+    return restore_quantized(loaded, variables)
 
 
 def _load_stacked(params, directory, path_map, layer_names) -> PyTree:

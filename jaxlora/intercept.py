@@ -30,6 +30,8 @@ from flax.linen import transforms as linen_transforms
 
 from jaxlora import core, kinds
 from jaxlora.config import LoRAConfig
+from jaxlora.quant._api import QuantizedWeight, dequantize
+from jaxlora.quant._base import QUANT
 from jaxlora.tree import LORA_NAMES
 
 SUPPORTED = "nn.Dense, nn.DenseGeneral (no batch_dims), nn.Conv (no mask, groups=1), nn.Embed"
@@ -161,14 +163,21 @@ class _State:
             return next_fun(*args, **kwargs)
         if getattr(module, "adds_own_lora_branch", False):  # jaxlora.linen's LoRA layers
             return next_fun(*args, **kwargs)
-        if not any(module.has_variable("params", n) for n in LORA_NAMES):
+        quantized = module.has_variable(QUANT, "kernel")
+        if not quantized and not any(module.has_variable("params", n) for n in LORA_NAMES):
             return next_fun(*args, **kwargs)
         kind = module_kind(module)
         method = context.method_name
         where = ".".join(module.scope.path) or "<root>"
-        if kind is None or not (method == "__call__" or (kind == "embed" and method == "attend")):
+        if quantized and not isinstance(module, nn.Dense):
             raise ValueError(
-                f"layer '{where}' is a {type(module).__name__} holding LoRA leaves (called as "
+                f"layer '{where}' is a {type(module).__name__} holding a quantized kernel (in "
+                "the 'quant' collection); only nn.Dense layers can have a quantized base"
+            )
+        if kind is None or not (method == "__call__" or (kind == "embed" and method == "attend")):
+            held = "a quantized kernel" if quantized else "LoRA leaves"
+            raise ValueError(
+                f"layer '{where}' is a {type(module).__name__} holding {held} (called as "
                 f"{method}); only these layers are adapted: {SUPPORTED}"
             )
         base = _base_method(module, method)
@@ -197,6 +206,12 @@ class _State:
             for n in (*kinds.BASE_NAMES, *LORA_NAMES)
             if module.has_variable("params", n)
         }
+        x = args[0] if args else next(iter(kwargs.values()))
+        quantized = module.has_variable(QUANT, "kernel")
+        if quantized:
+            node["kernel"] = _dequantized_kernel(module, x, where)
+        if not any(n in node for n in LORA_NAMES):  # a quantized base without an adapter
+            return _dense(module, node["kernel"], x, where)
         found, _, _, a, b = kinds.check_layer(node, where)
         if found != kind or (kind == "linear" and jnp.ndim(a) - 1 != input_axes(module)):
             raise ValueError(
@@ -211,10 +226,45 @@ class _State:
                 f"r={self.config.rank_for(name)}: the scale would be wrong"
             )
         scale = core.scaling(r, self.config.alpha_for(name), use_rslora=self.config.use_rslora)
-        y = next_fun(*args, **kwargs)
-        x = args[0] if args else next(iter(kwargs.values()))
+        y = _dense(module, node["kernel"], x, where) if quantized else next_fun(*args, **kwargs)
         rate = 0.0 if self.deterministic else self.config.dropout
         return y + branch(module, kind, method, x, a, b, scale, rate)
+
+
+def _dequantized_kernel(module: nn.Dense, x: jax.Array, where: str) -> jax.Array:
+    """The (in, out) kernel a quantized ``nn.Dense`` stands for, in its stored dtype (the
+    ``QuantizedWeight`` holds ``kernel.T``, torch's layout: see ``jaxlora.quant.quantize_base``)."""
+    q = module.get_variable(QUANT, "kernel")
+    expected = (module.features, jnp.shape(x)[-1])
+    if not isinstance(q, QuantizedWeight) or tuple(q.shape) != expected:
+        got = tuple(q.shape) if isinstance(q, QuantizedWeight) else type(q).__name__
+        raise ValueError(
+            f"{where}: the 'quant' collection's kernel must be a QuantizedWeight of shape "
+            f"(features, in) = {expected} for this nn.Dense and its input, got {got}"
+        )
+    return dequantize(q).T
+
+
+def _dense(module: nn.Dense, kernel: jax.Array, x: jax.Array, where: str) -> jax.Array:
+    """``nn.Dense.__call__``'s arithmetic with a given kernel (its dtype promotion, dot_general,
+    precision and bias): the base product of a layer whose kernel is quantized, which
+    ``nn.Dense`` itself cannot compute (it looks the kernel up in 'params')."""
+    bias = None
+    if module.use_bias:
+        if not module.has_variable("params", "bias"):
+            raise ValueError(f"{where}: an nn.Dense with use_bias=True has no 'bias' in params")
+        bias = meta.unbox(module.get_variable("params", "bias"))
+    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    if module.dot_general_cls is not None:
+        dot_general = module.dot_general_cls()
+    elif module.dot_general is not None:
+        dot_general = module.dot_general
+    else:
+        dot_general = jax.lax.dot_general
+    y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
+    if bias is not None:
+        y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
 
 
 def branch(

@@ -8,6 +8,7 @@ from jaxlora.nnx.general import LoRALinearGeneral
 from jaxlora.nnx.inject import inject, merge, trainable_parameters
 from jaxlora.nnx.layer import LoRALinear
 from jaxlora.nnx.oplevel import OpAdapter
+from jaxlora.nnx.quant import QuantizedKernel, quantize_base
 
 __all__ = [
     "LoRAConv",
@@ -15,9 +16,11 @@ __all__ = [
     "LoRALinear",
     "LoRALinearGeneral",
     "OpAdapter",
+    "QuantizedKernel",
     "inject",
     "load_adapter",
     "merge",
+    "quantize_base",
     "save_adapter",
     "trainable_parameters",
 ]

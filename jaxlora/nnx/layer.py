@@ -14,6 +14,7 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 
 from _loracore.config import INITS
 from jaxlora import core
+from jaxlora.nnx.quant import QuantizedKernel, kernel_value
 
 # Where NNX keeps a variable's partitioning (the name changed across Flax releases).
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
@@ -176,7 +177,7 @@ class LoRALinear(nnx.Module):
     def to_base(self) -> nnx.Linear:
         """An ``nnx.Linear`` holding the merged kernel (fp32 delta, rounded once; the kernel
         variable's metadata kept) and sharing the bias; a ``ValueError`` if non-finite."""
-        kernel = self.kernel[...]
+        kernel = kernel_value(self.kernel)  # a quantized kernel merges into a float one
         merged = merged_weight(kernel, self.lora_a[...], self.lora_b[...], self.scaling)
         linear = nnx.Linear(
             self.in_features,
@@ -189,7 +190,10 @@ class LoRALinear(nnx.Module):
             bias_init=_placeholder,
             rngs=nnx.Rngs(0),
         )
-        linear.kernel = self.kernel.replace(merged)
+        if isinstance(self.kernel, QuantizedKernel):
+            linear.kernel = nnx.Param(merged)
+        else:
+            linear.kernel = self.kernel.replace(merged)
         linear.bias = self.bias
         return linear
 
@@ -198,7 +202,8 @@ class LoRALinear(nnx.Module):
         core.check_input(x, self.in_features, where)
         bias = None if self.bias is None else self.bias[...]
         x, kernel, bias, lora_a, lora_b = nnx.nn.dtypes.promote_dtype(
-            (x, self.kernel[...], bias, self.lora_a[...], self.lora_b[...]), dtype=self.dtype
+            (x, kernel_value(self.kernel), bias, self.lora_a[...], self.lora_b[...]),
+            dtype=self.dtype,
         )
         y = jnp.matmul(x, kernel, precision=self.precision)
         if bias is not None:

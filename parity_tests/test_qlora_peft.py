@@ -40,18 +40,7 @@ def _torch_qlora(quant_type, double_quant):
     dense = torch.nn.Sequential(
         torch.nn.Linear(IN, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, OUT)
     )
-    layers = []
-    for lin in (dense[0], dense[2]):
-        q = bnb.nn.Linear4bit(
-            lin.in_features,
-            lin.out_features,
-            compute_dtype=torch.float32,
-            quant_type=quant_type,
-            compress_statistics=double_quant,
-        )
-        q.load_state_dict(lin.state_dict())
-        layers.append(q.to("cpu"))
-    net = torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1])
+    net = _bnb_net(dense, quant_type, double_quant=double_quant)
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["0", "2"])
     model = peft.get_peft_model(net, config)
     with torch.no_grad():  # PEFT's B starts at zero: nonzero values test the branch
@@ -138,7 +127,8 @@ def test_jit_forward_equals_peft():
     np.testing.assert_allclose(got, expected, rtol=0, atol=3e-6 * np.abs(expected).max())
 
 
-def _bnb_net(dense, quant_type="nf4"):
+def _bnb_net(dense, quant_type="nf4", *, double_quant=False):
+    """The Linear4bit twin of ``dense`` (bitsandbytes' default is double quantization: say it)."""
     layers = []
     for lin in (dense[0], dense[2]):
         q = bnb.nn.Linear4bit(
@@ -146,7 +136,7 @@ def _bnb_net(dense, quant_type="nf4"):
             lin.out_features,
             compute_dtype=torch.float32,
             quant_type=quant_type,
-            compress_statistics=False,  # bitsandbytes' default is True (double quantization)
+            compress_statistics=double_quant,
         )
         q.load_state_dict(lin.state_dict())
         layers.append(q.to("cpu"))

@@ -61,7 +61,9 @@ def _keyed_from_module(flax_from_module):
 
 
 def _install_jit_key() -> bool:
-    """Wraps nn.jit's key once; False where this flax's nn.jit is not keyed as expected."""
+    """Wraps nn.jit's key once; False where this flax's nn.jit is not keyed as expected.
+    Done when a jaxlora context is first entered, not at import: with no context active the
+    wrapped key equals Flax's own, so traces cached before are keyed alike."""
     proxy = getattr(linen_transforms, "_HashableProxy", None)
     fields = {f.name for f in dataclasses.fields(proxy)} if dataclasses.is_dataclass(proxy) else ()
     from_module = getattr(proxy, "from_module", None)
@@ -72,14 +74,11 @@ def _install_jit_key() -> bool:
     return True
 
 
-_JIT_KEYED = _install_jit_key()
-
-
 @contextlib.contextmanager
 def traced_as(key: Hashable) -> Iterator[None]:
     """Within this context, ``nn.jit`` keys its traces by ``key`` too (and by the keys of the
     contexts around it), so a trace made under a different interceptor state is not reused."""
-    if not _JIT_KEYED:
+    if not _install_jit_key():
         raise RuntimeError(
             "this flax version's nn.jit has no cache key jaxlora can extend "
             "(flax.linen.transforms._HashableProxy.from_module): its traces would ignore "

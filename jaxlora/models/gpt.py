@@ -25,13 +25,82 @@ from _loracore.gpt_config import GPTConfig
 from jaxlora.convert import as_numpy, from_torch, to_torch
 
 
+def _heads(z: jax.Array, n_head: int) -> jax.Array:
+    b, t, d = z.shape
+    return z.reshape(b, t, n_head, d // n_head).transpose(0, 2, 1, 3)
+
+
+def _causal_softmax(q: jax.Array, k: jax.Array) -> jax.Array:
+    """softmax over keys of ``q @ kᵀ`` (q already scaled), future keys masked out."""
+    s = q @ jnp.swapaxes(k, -1, -2)
+    t = s.shape[-1]
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+    e = jnp.exp(s - s.max(-1, keepdims=True))  # the diagonal is never masked: max is finite
+    return e * (1 / e.sum(-1, keepdims=True))
+
+
+def _wide(z: jax.Array) -> jax.Array:
+    """(…, t, hd) as (…, hd, t), materialised: a dot that contracts the (short) t axis of a
+    small operand then reads it row-major. Left to itself XLA folds the transpose into the dot
+    and runs a batched dot over the non-minor axis, which XLA:CPU does through a slow path
+    (benchmarks/README.md, the train-step breakdown)."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(z, -1, -2))
+
+
+@jax.custom_vjp
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal attention of (b, h, t, hd) heads, q pre-scaled. The backward pass is written out
+    (dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO Vᵀ ∘ P)), dQ = dS K, dK = dSᵀ Q) so that only P
+    is kept from the forward pass and every product runs as a row-major dot; autodiff of the
+    softmax saved broadcast intermediates of P's size and cost a third of the train step on
+    XLA:CPU. Reverse mode only (``jax.jvp`` of the twin is not supported)."""
+    return _causal_softmax(q, k) @ v
+
+
+def _attention_fwd(q, k, v):
+    p = _causal_softmax(q, k)
+    return p @ v, (p, q, k, v)
+
+
+def _attention_bwd(res, g):
+    p, q, k, v = res
+    dv = jnp.swapaxes(_wide(g) @ p, -1, -2)
+    dp = g @ jnp.swapaxes(v, -1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dk = jnp.swapaxes(_wide(q) @ ds, -1, -2)
+    return ds @ k, dk, dv
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 def _attend(q, k, v, n_head: int) -> jax.Array:
     b, t, d = q.shape
-    q, k, v = (z.reshape(b, t, n_head, d // n_head).transpose(0, 2, 1, 3) for z in (q, k, v))
-    att = (q @ k.transpose(0, 1, 3, 2)) / math.sqrt(d // n_head)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    att = jax.nn.softmax(jnp.where(causal, att, -jnp.inf), axis=-1)
-    return (att @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
+    scale = jnp.asarray(1 / math.sqrt(d // n_head), q.dtype)
+    out = _attention(_heads(q * scale, n_head), _heads(k, n_head), _heads(v, n_head))
+    return out.transpose(0, 2, 1, 3).reshape(b, t, d)
+
+
+@jax.custom_jvp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU as torch's ``F.gelu`` computes it, ``x·½(1 + erf(x/√2))``, with its
+    derivative ``Φ(x) + x·φ(x)`` written out: ``jax.nn.gelu(approximate=False)`` goes through
+    ``erfc``, whose XLA:CPU expansion and derivative cost several passes over the MLP's
+    widest activation in the train step."""
+    return x * _normal_cdf(x)
+
+
+def _normal_cdf(x: jax.Array) -> jax.Array:
+    half = jnp.asarray(0.5, x.dtype)
+    return half + half * jax.lax.erf(x * jnp.asarray(1 / math.sqrt(2), x.dtype))
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    cdf = _normal_cdf(x)
+    pdf = jnp.exp(-0.5 * x * x) * jnp.asarray(1 / math.sqrt(2 * math.pi), x.dtype)
+    return x * cdf, (cdf + x * pdf) * t
 
 
 def _check_length(t: int, cfg: GPTConfig) -> None:
@@ -59,7 +128,7 @@ class _Mlp(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
         h = nn.Dense(self.cfg.mlp_ratio * self.cfg.d_model, name="fc")(h)
-        return nn.Dense(self.cfg.d_model, name="proj")(jax.nn.gelu(h, approximate=False))
+        return nn.Dense(self.cfg.d_model, name="proj")(gelu(h))
 
 
 class _Block(nn.Module):
@@ -164,7 +233,7 @@ class _NnxMlp(nnx.Module):
         self.proj = nnx.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, rngs=rngs)
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        return self.proj(jax.nn.gelu(self.fc(h), approximate=False))
+        return self.proj(gelu(self.fc(h)))
 
 
 class _NnxBlock(nnx.Module):

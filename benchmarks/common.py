@@ -87,7 +87,9 @@ def torch_sync(value: Any) -> Any:
 
 
 def compiled_cost(fn: Callable, *args) -> dict[str, float]:
-    """Compiled FLOPs and XLA's temp/argument memory for ``jax.jit(fn)(*args)``."""
+    """Compiled FLOPs and XLA's memory for ``jax.jit(fn)(*args)``: arguments, temp, outputs
+    and their total (a train step's new params and optimizer state are outputs, not temp, so
+    temp alone undercounts a full fine-tune)."""
     compiled = jax.jit(fn).lower(*args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -96,6 +98,11 @@ def compiled_cost(fn: Callable, *args) -> dict[str, float]:
         "flops": float(cost.get("flops", 0.0)),
         "temp_bytes": float(getattr(memory, "temp_size_in_bytes", 0) or 0),
         "argument_bytes": float(getattr(memory, "argument_size_in_bytes", 0) or 0),
+        "output_bytes": float(getattr(memory, "output_size_in_bytes", 0) or 0),
+        "total_bytes": sum(
+            float(getattr(memory, f"{k}_size_in_bytes", 0) or 0)
+            for k in ("argument", "temp", "output")
+        ),
     }
 
 

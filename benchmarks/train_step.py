@@ -5,7 +5,8 @@ Models: a 4-layer 1024-wide MLP (n=2048 rows) and the twin GPT of the main examp
 ``freeze_base``, one jit); jaxlora's NNX LoRA and Flax's own ``nnx.LoRALinear`` (both
 ``nnx.Optimizer(wrt=nnx.LoRAParam)``, functional form); torchlora reference; PEFT. LoRA
 everywhere: r=8 on every MLP layer / on query and value.
-Reported: median step time, compiled FLOPs and XLA temp memory (JAX), optimizer-state bytes.
+Reported: median step time, compiled FLOPs, XLA temp memory and XLA's total (arguments + temp +
+outputs: a full fine-tune's new params and optimizer state are outputs), optimizer-state bytes.
 
     python benchmarks/train_step.py [--quick]
 """
@@ -132,6 +133,7 @@ def jax_steps(apply, loss, params, config, batch):
             fn=lambda jitted=jitted, p=p, state=state: jitted(p, state, *batch),
             flops=cost["flops"],
             temp_bytes=cost["temp_bytes"],
+            total_bytes=cost["total_bytes"],
             opt_bytes=nbytes(state),
             sync=jax.block_until_ready,
         )
@@ -159,6 +161,7 @@ def nnx_step(model, loss, batch):
         fn=lambda: step(state, *batch),
         flops=cost["flops"],
         temp_bytes=cost["temp_bytes"],
+        total_bytes=cost["total_bytes"],
         opt_bytes=opt_bytes,
         sync=jax.block_until_ready,
     )
@@ -327,6 +330,7 @@ def main() -> None:
                     if "full" not in name
                     else None,
                     "temp_mb": c["temp_bytes"] / 1e6 if "temp_bytes" in c else None,
+                    "total_mb": c["total_bytes"] / 1e6 if "total_bytes" in c else None,
                 }
             )
     mlp = {row["contender"]: row for row in rows if row["model"].startswith("MLP")}
@@ -346,6 +350,7 @@ def main() -> None:
             ("opt_state_bytes", "opt. state (B)"),
             ("opt_vs_2x_lora", "opt. state ÷ 2×LoRA"),
             ("temp_mb", "XLA temp (MB)"),
+            ("total_mb", "XLA args + temp + outputs (MB)"),
         ],
     )
     write(

@@ -10,8 +10,11 @@
     inputs are ``jax.eval_shape`` stand-ins. LoRA (r=16) and quantization on every block
     linear layer (query, key, value, out, fc, proj); embeddings, LayerNorms and the head stay
     bf16, as Hugging Face's bitsandbytes loading leaves them (it skips the output layer).
-    The step donates params and optimizer state, so outputs alias arguments: the last column
-    subtracts the aliased bytes.
+    The step donates params and optimizer state, so outputs alias arguments: "sum − donated"
+    subtracts the aliased bytes. Arguments are exact (asserted in tests/test_qlora_memory.py);
+    temp depends on the backend: XLA's CPU backend computes every bf16 dot in f32 (all dots of
+    the optimized HLO have f32 results), so there temp holds f32 copies of the bf16 (or
+    dequantized) kernels, which a GPU/TPU does not need.
 (c) Step time of QLoRA (NF4) vs LoRA on the bf16 base (the cost of dequantizing every
     quantized kernel on the fly, forward and backward) on a smaller twin GPT (d_model 768,
     2 blocks, 2x128 tokens), interleaved medians.
@@ -272,7 +275,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--check-run", action="store_true", help="label the tables as a check")
     args = parser.parse_args()
-    repeats = 3 if args.quick else 10
+    repeats = 3 if args.quick else 7  # (c) stays under 2 minutes on a 2-core CPU
     note = f" — {CHECK_RUN_NOTE}" if args.check_run else ""
     times, sizes = time_rows(repeats)
     write(

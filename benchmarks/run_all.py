@@ -18,8 +18,17 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("forward", "train_step", "scaling", "scan")
-TABLES = ("forward", "train_step", "train_step_floor", "scaling", "scan")
+SCRIPTS = ("forward", "train_step", "scaling", "scan", "qlora")
+TABLES = (
+    "forward",
+    "train_step",
+    "train_step_floor",
+    "scaling",
+    "scan",
+    "qlora_bytes",
+    "qlora_memory",
+    "qlora_time",
+)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from flax import struct
 from flax.core import meta
 
 from jaxlora import core, kinds
-from jaxlora.quant._base import dequantize_base
+from jaxlora.quant._base import dequantize_base, is_quantized, requantize_merged
 from jaxlora.tree import (
     LORA_NAMES,
     Path,
@@ -34,7 +34,12 @@ Alpha = float | None | Callable[[str], float | None]
 
 
 def merge(
-    params: PyTree, *, alpha: Alpha, use_rslora: bool = False, record: bool = False
+    params: PyTree,
+    *,
+    alpha: Alpha,
+    use_rslora: bool = False,
+    record: bool = False,
+    requantize: bool = False,
 ) -> PyTree | tuple[PyTree, MergeRecord]:
     """Returns a new tree with each ``lora_a``/``lora_b`` pair folded into its sibling ``kernel``
     (or ``embedding``).
@@ -52,19 +57,32 @@ def merge(
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
         record: also return the ``MergeRecord`` that ``unmerge`` needs to undo this merge:
             ``merged, record = merge(params, alpha=..., record=True)``.
+        requantize: for a quantized base only: store each merged kernel quantized again (see
+            below) instead of as a float kernel.
 
     A quantized base (a variables dict with the ``'quant'`` collection of
     ``jaxlora.quant.quantize_base``) is dequantized first (``dequantize_base``: each kernel in
-    its stored dtype, back in ``params``), then merged in float32 as above; the result holds
-    float kernels and no ``'quant'`` collection (it is not re-quantized). Its kernels equal
-    ``dequantize(q).T + scaling · lora_a @ lora_b`` rounded once, so they differ from merging
-    the same adapter into the unquantized kernel ``W`` by the quantization error
-    ``dequantize(q).T - W`` alone: at most half the widest gap between neighbouring codes
-    times the block's absmax (NF4: 0.152 · absmax, FP4: 0.167 · absmax), plus one rounding.
+    its stored dtype, back in ``params``), then merged in float32 as above. Two results:
+
+    - float (default): float kernels and no ``'quant'`` collection. Each kernel equals
+      ``dequantize(q).T + scaling · lora_a @ lora_b`` rounded once to the stored dtype, so it
+      differs from merging the same adapter into the unquantized kernel ``W`` by the
+      quantization error ``dequantize(q).T - W`` alone: per element at most half the widest
+      gap between neighbouring codes times its block's absmax (NF4: 0.1519 · absmax, FP4:
+      0.1667 · absmax, int8: 0.00703 · absmax, plus 1/65535 · absmax for bitsandbytes' 16-bit
+      grid), plus one rounding.
+    - ``requantize=True``: the ``'quant'`` collection again, each adapted layer's kernel
+      ``quantize(float merged kernel)`` in its own format (quant_type, blocksize, double
+      quantization), the other quantized layers unchanged; no LoRA leaves. Against the float
+      merge its error is one more quantization, bounded as above by the merged kernel's own
+      block absmax; with double quantization add the error of the stored absmax itself
+      (``|absmax - dequantized absmax|`` per block). Against merging into ``W``, both errors
+      add. Such a merge cannot be undone exactly, so ``record=True`` is refused with it.
 
     Raises:
         ValueError: a LoRA leaf without its pair or sibling ``kernel``, mismatched shapes, or
-            (on concrete arrays) a non-finite merged kernel. Nothing is returned half-merged.
+            (on concrete arrays) a non-finite merged kernel; ``requantize=True`` without a
+            quantized base or with ``record=True``. Nothing is returned half-merged.
 
     >>> import jax.numpy as jnp
     >>> p = {"kernel": jnp.zeros((2, 2)), "lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2))}
@@ -75,6 +93,9 @@ def merge(
     [[0.0, 0.0], [0.0, 0.0]]
     """
     _require_mapping(params, "merge")
+    quantized = params
+    if requantize:
+        _check_requantize(params, record)
     params = dequantize_base(params)  # unchanged without a 'quant' collection
     new_bases, layers = {}, []
     for path, node in iter_lora_layers(params):
@@ -85,10 +106,25 @@ def merge(
         new_bases[path] = name, _apply(base, new, path, "merge")
         layers.append((path, scale))
     merged = _rebuild(params, (), new_bases, drop_lora=True)
+    if requantize:
+        return requantize_merged(merged, quantized)
     if not record:
         return merged
     prints = tuple(fingerprint(new_bases[path][1]) for path, _ in layers)
     return merged, MergeRecord(split(params)[0], prints, tuple(layers))
+
+
+def _check_requantize(params: PyTree, record: bool) -> None:
+    if not is_quantized(params):
+        raise ValueError(
+            "merge: requantize=True needs a quantized base (variables holding 'params' and the "
+            "'quant' collection of jaxlora.quant.quantize_base); these have no 'quant'"
+        )
+    if record:
+        raise ValueError(
+            "merge: record=True cannot be combined with requantize=True: re-quantizing rounds "
+            "the merged kernels again, so unmerge could not restore the base"
+        )
 
 
 @struct.dataclass

@@ -253,27 +253,48 @@ def _build(
     return _per_layer(wrap, base, stack_of(base), **options)
 
 
-def merge(model: nnx.Module) -> nnx.Module:
+def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
     """Replaces, in place, every LoRA layer by its plain NNX layer holding the merged weight.
 
     ``weight + scaling · lora_a @ lora_b`` is computed in fp32 and rounded once to the weight's
     dtype; non-finite results are refused before any layer is replaced. Returns ``model``.
+
+    A ``LoRALinear`` with a quantized kernel (``jaxlora.nnx.quantize_base``) is merged from its
+    dequantized kernel. By default it becomes an ``nnx.Linear`` with that float kernel (error
+    against merging into the unquantized kernel: its quantization error, as for
+    ``jaxlora.merge``). With ``requantize=True`` it keeps a quantized base instead: it stays a
+    ``LoRALinear`` (NNX has no plain layer that runs a quantized kernel) whose kernel is the
+    float merge quantized again in the same format and whose ``lora_b`` is zero, so its output
+    is exactly the re-quantized merged base, ready for a new adapter. That adds one
+    quantization error, bounded as ``jaxlora.merge`` states. Other LoRA layers merge as
+    usual; ``requantize=True`` on a model without a quantized LoRALinear is refused.
     """
-    plain = []
+    plain, requantized = [], []
     for names in _groups(_module_paths(model)).values():
         path, layer = names[0]
         if isinstance(layer, LoRALinear | Adapter | OpAdapter):
             try:
-                plain.append(([p for p, _ in names], _merged(layer)))
+                if requantize and isinstance(layer, LoRALinear) and layer.is_quantized:
+                    requantized.append((layer, layer.requantized()))
+                else:
+                    plain.append(([p for p, _ in names], _merged(layer)))
             except ValueError as err:
                 where = ".".join(map(str, path))
                 raise ValueError(
                     f"merge: layer '{where}': {err}; the model was left unchanged"
                 ) from None
+    if requantize and not requantized:
+        raise ValueError(
+            "merge: requantize=True needs a LoRALinear with a quantized kernel "
+            "(jaxlora.nnx.quantize_base) and the model has none; it was left unchanged"
+        )
+    for layer, kernel in requantized:
+        layer.kernel = kernel
+        layer.lora_b[...] = jnp.zeros_like(layer.lora_b[...])
     for paths, linear in plain:
         for path in paths:
             _replace(model, path, linear)
-    if hasattr(model, "lora_config"):
+    if hasattr(model, "lora_config") and not requantized:
         del model.lora_config
     return model
 

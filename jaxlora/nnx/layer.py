@@ -15,6 +15,7 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 from _loracore.config import INITS
 from jaxlora import core
 from jaxlora.nnx.quant import QuantizedKernel, kernel_value
+from jaxlora.quant._api import requantize
 
 # Where NNX keeps a variable's partitioning (the name changed across Flax releases).
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
@@ -174,6 +175,10 @@ class LoRALinear(nnx.Module):
     def scaling(self) -> float:
         return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
 
+    @property
+    def is_quantized(self) -> bool:
+        return isinstance(self.kernel, QuantizedKernel)
+
     def to_base(self) -> nnx.Linear:
         """An ``nnx.Linear`` holding the merged kernel (fp32 delta, rounded once; the kernel
         variable's metadata kept) and sharing the bias; a ``ValueError`` if non-finite."""
@@ -196,6 +201,16 @@ class LoRALinear(nnx.Module):
             linear.kernel = self.kernel.replace(merged)
         linear.bias = self.bias
         return linear
+
+    def requantized(self) -> QuantizedKernel:
+        """The merged kernel ``to_base`` computes (from the dequantized kernel, fp32 delta,
+        rounded once) quantized again in this layer's quantized kernel's format; for
+        ``jaxlora.nnx.merge(model, requantize=True)``. A ``ValueError`` if non-finite."""
+        if not isinstance(self.kernel, QuantizedKernel):
+            raise ValueError("requantized: the kernel is not quantized")
+        kernel = kernel_value(self.kernel)
+        merged = merged_weight(kernel, self.lora_a[...], self.lora_b[...], self.scaling)
+        return QuantizedKernel(requantize(self.kernel.get_value(), merged.T))
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
         where = f"jaxlora.nnx.LoRALinear({self.in_features}, {self.out_features}, r={self.r})"

@@ -7,7 +7,8 @@
 wrt=nnx.LoRAParam)`` and ``nnx.DiffState(0, nnx.LoRAParam)`` never see it (nor does
 ``wrt=nnx.Param``, which would train the bias only). ``LoRALinear`` dequantizes it in its
 forward pass; ``jaxlora.nnx.merge`` (``to_base``) dequantizes, merges in fp32 and returns a
-plain ``nnx.Linear`` with a float kernel.
+plain ``nnx.Linear`` with a float kernel, or with ``requantize=True`` keeps the ``LoRALinear``
+with the merged kernel quantized again (``LoRALinear.requantized``) and ``lora_b`` zero.
 """
 
 from __future__ import annotations

@@ -124,6 +124,16 @@ def quantize(
     )
 
 
+def requantize(q: QuantizedWeight, weight: jax.Array) -> QuantizedWeight:
+    """``weight`` (of ``q``'s shape) quantized in ``q``'s format: the same quant_type,
+    blocksize and double quantization. What a re-quantizing merge stores."""
+    if tuple(weight.shape) != q.shape:
+        raise ValueError(f"requantize: weight shape {tuple(weight.shape)} != quantized {q.shape}")
+    return quantize(
+        weight, quant_type=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant
+    )
+
+
 def dequantize(q: QuantizedWeight, dtype=None) -> jax.Array:
     """The weight ``q`` stands for, as ``dequantize_4bit`` / ``dequantize_blockwise`` give it.
 

@@ -18,7 +18,7 @@ import numpy as np
 from flax.core import meta
 
 from jaxlora.config import LoRAConfig
-from jaxlora.quant._api import QuantizedWeight, _check_options, dequantize, quantize
+from jaxlora.quant._api import QuantizedWeight, _check_options, dequantize, quantize, requantize
 from jaxlora.tree import PyTree, _like, _require_mapping
 
 QUANT = "quant"  # the collection holding the quantized kernels
@@ -133,6 +133,26 @@ def restore_quantized(loaded: PyTree, quantized: PyTree) -> PyTree:
     out = {**loaded, "params": _drop_kernels(loaded["params"], (), paths)}
     out[QUANT] = quantized[QUANT]
     return _like(quantized, out)
+
+
+def requantize_merged(merged: PyTree, quantized: PyTree) -> PyTree:
+    """``merged`` (``quantized`` dequantized and merged) with each quantized layer's kernel in
+    ``'quant'`` again: a layer that held an adapter in ``quantized`` gets its merged kernel
+    re-quantized in its own format, the others keep their quantized kernel unchanged."""
+    new = {}
+    for path, q in iter_quantized(quantized[QUANT]):
+        node = _node(quantized["params"], path)
+        if node is not None and "lora_a" in node:
+            new[path] = requantize(q, _node(merged["params"], path)["kernel"].T)
+        else:
+            new[path] = q
+    return restore_quantized(merged, _like(quantized, {**quantized, QUANT: _nest(new)}))
+
+
+def _node(tree: Mapping, path: str) -> Mapping | None:
+    for key in path.split("."):
+        tree = tree.get(key) if isinstance(tree, Mapping) else None
+    return tree if isinstance(tree, Mapping) else None
 
 
 def iter_quantized(tree: Mapping, path: tuple[str, ...] = ()):

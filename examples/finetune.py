@@ -108,7 +108,11 @@ def train_jax(model, params, config, batches, lr, mesh=None):
         batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
         put, out_shardings = (lambda t: jax.device_put(t, batch_sharding)), (shardings, None, None)
 
-    @functools.partial(jax.jit, out_shardings=out_shardings)
+    # The step's params and optimizer state are donated: XLA updates them in place instead of
+    # writing new buffers (the caller's tree is copied first, so it stays usable).
+    params = jax.tree.map(jnp.copy, params)
+
+    @functools.partial(jax.jit, out_shardings=out_shardings, donate_argnums=(0, 1))
     @jaxlora.intercept(config)
     def step(params, opt_state, tokens):
         loss, grads = jax.value_and_grad(

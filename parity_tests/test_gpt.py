@@ -245,7 +245,7 @@ def _nnx_leaf(model, key: str):
 def _weight_name(obj) -> str:
     if isinstance(obj, nnx.Embed):
         return "embedding"
-    return "scale" if isinstance(obj, nnx.LayerNorm) else "kernel"
+    return "scale" if isinstance(obj, (nnx.LayerNorm, jgpt.NnxLayerNorm)) else "kernel"
 
 
 def test_full_fine_tune_gradients_match_torch():

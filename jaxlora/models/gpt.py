@@ -11,6 +11,7 @@ and ``load_nnx`` (that tree into an NNX model).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -108,8 +109,61 @@ def _check_length(t: int, cfg: GPTConfig) -> None:
         raise ValueError(f"sequence length {t} exceeds block_size={cfg.block_size}")
 
 
-def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(cfg.layer_norm_eps, use_fast_variance=False, name=name)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """torch's LayerNorm over the last axis: two-pass variance (mean of squared deviations),
+    statistics in float32 or wider, output in the promoted dtype of ``x`` and the params (as
+    ``nn.LayerNorm``'s). The backward pass is written out (dx = rstd·(dx̂ − mean(dx̂) −
+    x̂·mean(dx̂·x̂)), dx̂ = dy·scale), keeping only x̂ and rstd: autodiff of the same formula
+    cost about a fifth of the twin GPT's LoRA train step on XLA:CPU (benchmarks/README.md)."""
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    xw = x.astype(wide)
+    centered = xw - xw.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt((centered * centered).mean(-1, keepdims=True) + jnp.asarray(eps, wide))
+    normed = centered * rstd
+    out = normed * scale.astype(wide) + bias.astype(wide)
+    # residuals are arrays: x's dtype travels as a 0-d array of it
+    kept = (normed, rstd, scale, bias, jnp.zeros((), x.dtype))
+    return out.astype(jnp.result_type(x, scale, bias)), kept
+
+
+def _layer_norm_bwd(eps, res, g):
+    normed, rstd, scale, bias, x_like = res
+    g = g.astype(normed.dtype)
+    dnormed = g * scale.astype(normed.dtype)
+    dx = rstd * (
+        dnormed
+        - dnormed.mean(-1, keepdims=True)
+        - normed * (dnormed * normed).mean(-1, keepdims=True)
+    )
+    over = tuple(range(g.ndim - 1))
+    dscale = (g * normed).sum(over).astype(scale.dtype)
+    return dx.astype(x_like.dtype), dscale, g.sum(over).astype(bias.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+    """Linen LayerNorm computing ``layer_norm``, with ``nn.LayerNorm``'s params (``scale``
+    ones, ``bias`` zeros, float32)."""
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,))
+        bias = self.param("bias", nn.initializers.zeros, (d,))
+        return layer_norm(x, scale, bias, self.epsilon)
+
+
+def _layer_norm(cfg: GPTConfig, name: str) -> LayerNorm:
+    return LayerNorm(cfg.layer_norm_eps, name=name)
 
 
 class _Attn(nn.Module):
@@ -212,10 +266,21 @@ def unstack_blocks(params: Mapping[str, Any]) -> dict:
     return out
 
 
-def _nnx_layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
-        cfg.d_model, epsilon=cfg.layer_norm_eps, use_fast_variance=False, rngs=rngs
-    )
+class NnxLayerNorm(nnx.Module):
+    """NNX LayerNorm computing ``layer_norm``, with ``nnx.LayerNorm``'s params."""
+
+    def __init__(self, features: int, epsilon: float = 1e-5) -> None:
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+        self.epsilon = epsilon
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.scale[...], self.bias[...], self.epsilon)
+
+
+def _nnx_layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> NnxLayerNorm:
+    del rngs  # deterministic init, as nnx.LayerNorm's
+    return NnxLayerNorm(cfg.d_model, cfg.layer_norm_eps)
 
 
 class _NnxAttn(nnx.Module):

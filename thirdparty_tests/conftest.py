@@ -16,6 +16,8 @@ THIRD_PARTY_WARNINGS = [
     "ignore:jax.experimental.shard_map is deprecated:DeprecationWarning",
     # ... and its safetensors loader calls State.to_pure_dict.
     "ignore:`flax.nnx.State` will be deprecated:DeprecationWarning",
+    # tunix's PeftTrainer logs the gradient norm with optax.global_norm.
+    "ignore:optax.global_norm is deprecated:DeprecationWarning",
     # transformers 4.57 decorates with torch.jit.script_method at import.
     "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
 ]

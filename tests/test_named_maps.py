@@ -143,3 +143,15 @@ def test_file_naming_an_unadapted_fused_weight_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"layer 'layers.0.attn.kv_einsum' \(a Einsum\).*inject"):
         jnnx.load_adapter(plain, tmp_path, path_map="tunix.gemma3")
     assert not nnx.state(plain, nnx.LoRAParam)
+
+
+def test_hflinear_for_a_dense_family_lora_layer_is_refused(tmp_path):
+    """An adapted nnx.Linear is written as one torch module: an HFLinear for it is refused by
+    name, never skipped."""
+    model = GemmaLike()
+    jnnx.inject(model, jaxlora.LoRAConfig(r=2, targets=["gate_proj"]), nnx.Rngs(1))
+    path_map = {"layers.0.mlp.gate_proj": HFLinear("model.layers.0.mlp.gate_proj")}
+    match = r"layer 'layers.0.mlp.gate_proj' \(a LoRALinear\), whose adapter is written as one"
+    with pytest.raises(ValueError, match=match):
+        jnnx.save_adapter(model, tmp_path / "a", path_map=path_map)
+    assert not (tmp_path / "a").exists()

@@ -347,9 +347,19 @@ def _views(
     per_layer = per_layer_paths(modules, layer_names)
     out = {}
     for name, (_, module) in modules.items():
-        # Op-level layers are mapped by _op_layouts; an HFLinear for a layer not adapted (a
-        # ready map names every fused weight, adapted or not) is no layer of the file.
-        if isinstance(module, OpAdapter) or not isinstance(map_path(path_map, name), str):
+        if isinstance(module, OpAdapter):  # mapped by _op_layouts (torch path or HFLinear)
+            continue
+        spec = map_path(path_map, name)
+        if isinstance(module, ADAPTED) and not isinstance(spec, str):
+            raise ValueError(
+                f"path_map gives {spec!r} for layer '{name}' (a {type(module).__name__}), "
+                "whose adapter is written as one torch module: give its torch module path (a "
+                "str); an HFLinear describes a layer adapted at its product (inject(..., "
+                "inputs=...))"
+            )
+        if not isinstance(spec, str):
+            # An HFLinear for a layer not adapted (a ready map names every fused weight,
+            # adapted or not) is no layer of the file; load_adapter refuses a file naming it.
             continue
         if name in per_layer and stack_of(module):
             for index, path in enumerate(per_layer[name]):

@@ -186,3 +186,17 @@ def test_gpt2_conv1d_holding_lora_leaves_is_refused_when_called(gpt2):
     match = r"layer 'transformer.h.0.attn.c_attn' is a FlaxConv1D holding LoRA leaves"
     with pytest.raises(ValueError, match=match), jaxlora.intercept(GPT2_TARGETS):
         model(ids, params=params)
+
+
+def test_gpt2_peft_adapter_is_refused_by_load(gpt2, tmp_path):
+    """PEFT's GPT-2 adapters (Conv1D, fan_in_fan_out=True) are refused, so no (out, in)
+    FlaxConv1D kernel is merged with a Dense-layout delta."""
+    from transformers import GPT2LMHeadModel
+
+    model, _ = gpt2
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
+    config = LoraConfig(r=R, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    get_peft_model(hf, config).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=r"fan_in_fan_out=True, which is not supported"):
+        jaxlora.load_adapter(model.params, tmp_path)

@@ -28,7 +28,7 @@ from _loracore.peft_format import (
     map_path,
     tensor_keys,
 )
-from jaxlora import kinds, stacks
+from jaxlora import hf_maps, kinds, stacks
 from jaxlora.config import LoRAConfig
 from jaxlora.core import scaling, weight_init
 from jaxlora.quant._base import is_quantized, restore_quantized, with_kernel_shapes
@@ -80,8 +80,10 @@ def save_adapter(
     ``layer_names`` says, for each scanned module, where the layer index goes
     (``{"blocks": "blocks.{i}"}`` writes ``…blocks.0.attn.query.lora_A.weight``, …;
     ``{"blocks": "blocks_{i}"}`` writes ``blocks_0.…``); ``path_map`` then applies to the
-    per-layer paths. Without it a stacked layer is refused.
+    per-layer paths. Without it a stacked layer is refused. ``path_map`` may also name a ready
+    map (``"transformers.flax_llama"``; see ``jaxlora.hf_maps.NAMED_MAPS``).
     """
+    path_map = hf_maps.resolve(path_map)
     _require_mapping(params, "save_adapter")
     params = with_kernel_shapes(params)  # a quantized base: only its shapes are read
     if layer_names:
@@ -127,8 +129,10 @@ def load_adapter(
 
     A per-layer file (PEFT's keys of the unscanned twin) loads into a scanned (``nn.scan``)
     tree with ``layer_names`` as for ``save_adapter``: the layers' adapters are stacked, and
-    every layer of a stack must be in the file. The base is not copied.
+    every layer of a stack must be in the file. The base is not copied. ``path_map`` as for
+    ``save_adapter`` (a dict, a function or a ready map's name).
     """
+    path_map = hf_maps.resolve(path_map)
     _require_mapping(params, "load_adapter")
     if is_quantized(params):
         return _load_quantized(params, directory, path_map, layer_names)
@@ -273,6 +277,7 @@ def read_adapter_config(
             paths.
     """
     config, tensors = read_adapter(directory)
+    path_map = hf_maps.resolve(path_map)
     if path_map is _UNSET:
         if config.rank_pattern or config.alpha_pattern:
             raise ValueError(

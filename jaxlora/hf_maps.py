@@ -21,15 +21,42 @@ model's business, so a ``path_map`` value may be an ``HFLinear`` saying it:
 
 A plain string value (or no entry) is ``HFLinear(that path)``. W's batch axes (one adapter per
 MoE expert, 'EBD,EDF->EBF') have no PEFT Linear equivalent: such a weight is refused.
+
+Ready maps: ``path_map`` may also be one of the names in ``NAMED_MAPS`` (``save_adapter`` /
+``load_adapter`` / ``read_adapter_config`` resolve it with ``resolve``), for models nobody
+here wrote against transformers' torch classes. A named map is a function of the path
+(layer indices are read from it: any number of layers); a path it does not know is its own
+torch path, as with a dict.
+
+- ``"tunix.llama3"``, ``"tunix.qwen3"``: tunix 0.1.7's NNX ``Llama3`` / ``Qwen3`` (dense MLP)
+  ↔ ``LlamaForCausalLM`` / ``Qwen3ForCausalLM``: ``layers.{i}.attn.{q,k,v,o}_proj`` (Einsum
+  ``w`` (D, N, H) / (N, H, D), torch's (N, H) flattening) → ``model.layers.{i}.self_attn.…``,
+  ``layers.{i}.mlp.{gate,up,down}_proj`` → ``model.layers.{i}.mlp.…``, ``lm_head`` →
+  ``lm_head``.
+- ``"tunix.gemma3"``: tunix's ``Gemma3`` ↔ ``Gemma3ForCausalLM``: ``q_einsum`` → ``q_proj``,
+  the fused ``kv_einsum`` (2, K, D, H) → ``k_proj`` and ``v_proj`` (split on axis 0, one
+  shared A), the fused ``qkv_einsum`` (3, N, D, H) → ``q_proj``, ``k_proj``, ``v_proj``,
+  ``attn_vec_einsum`` → ``o_proj``, the MLP as for Llama.
+- ``"transformers.flax_llama"``: transformers 4.x's Linen ``FlaxLlamaForCausalLM``, whose
+  param paths already are ``LlamaForCausalLM``'s module paths (the identity, ``None``).
+
+>>> resolve("tunix.gemma3")("layers.3.attn.kv_einsum")
+HFLinear(path=('model.layers.3.self_attn.k_proj', 'model.layers.3.self_attn.v_proj'), \
+in_axes=None, out_axes=None, split=0)
+>>> resolve("tunix.llama3")("layers.0.mlp.down_proj")
+'model.layers.0.mlp.down_proj'
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Callable
 
 import numpy as np
 
+from _loracore.peft_format import PathMap
 from jaxlora.oplevel import Roles
 
 
@@ -166,3 +193,64 @@ def from_peft(lay: HFLayout, pairs: dict[str, tuple], where: str) -> tuple[np.nd
     if lay.split is None:
         return a, pieces[0]
     return a, np.stack(pieces, axis=roles.free.index(lay.split) + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedMap:
+    """A ready ``path_map``: the first rule whose pattern matches the whole '.'-joined JAX path
+    gives its torch path (a template) or, for a fused weight, an ``HFLinear`` of several
+    templates split along the weight's axis 0; an unmatched path is its own torch path."""
+
+    name: str
+    rules: tuple[tuple[str, str | tuple[str, ...]], ...]
+
+    def __call__(self, path: str) -> str | HFLinear:
+        for pattern, target in self.rules:
+            match = re.fullmatch(pattern, path)
+            if match is None:
+                continue
+            if isinstance(target, str):
+                return match.expand(target)
+            return HFLinear(tuple(match.expand(t) for t in target), split=0)
+        return path
+
+    def __repr__(self) -> str:
+        return f"path_map {self.name!r}"
+
+
+_LAYER = r"layers\.(\d+)\."
+_TORCH = r"model.layers.\1."
+_MLP = (_LAYER + r"mlp\.(gate|up|down)_proj", _TORCH + r"mlp.\2_proj")
+_TUNIX_LLAMA = (
+    (_LAYER + r"attn\.([qkvo])_proj", _TORCH + r"self_attn.\2_proj"),
+    _MLP,
+    (r"lm_head", "lm_head"),
+)
+_ATTN = _TORCH + "self_attn."
+_TUNIX_GEMMA3 = (
+    (_LAYER + r"attn\.q_einsum", _ATTN + "q_proj"),
+    (_LAYER + r"attn\.kv_einsum", (_ATTN + "k_proj", _ATTN + "v_proj")),
+    (_LAYER + r"attn\.qkv_einsum", (_ATTN + "q_proj", _ATTN + "k_proj", _ATTN + "v_proj")),
+    (_LAYER + r"attn\.attn_vec_einsum", _ATTN + "o_proj"),
+    _MLP,
+)
+NAMED_MAPS: dict[str, NamedMap | None] = {
+    "tunix.llama3": NamedMap("tunix.llama3", _TUNIX_LLAMA),
+    "tunix.qwen3": NamedMap("tunix.qwen3", _TUNIX_LLAMA),
+    "tunix.gemma3": NamedMap("tunix.gemma3", _TUNIX_GEMMA3),
+    "transformers.flax_llama": None,
+}
+
+
+def resolve(path_map: PathMap | str) -> PathMap | Callable[[str], str | HFLinear]:
+    """``path_map`` itself, or the ready map a name in ``NAMED_MAPS`` stands for; a
+    ``ValueError`` naming the known names for any other string."""
+    if not isinstance(path_map, str):
+        return path_map
+    if path_map not in NAMED_MAPS:
+        raise ValueError(
+            f"path_map={path_map!r} is not a known map name; known names: "
+            f"{sorted(NAMED_MAPS)} (or pass a dict or a function from a '.'-joined JAX path "
+            "to the torch module path)"
+        )
+    return NAMED_MAPS[path_map]

@@ -25,7 +25,7 @@ from jaxlora import hf_maps, kinds
 from jaxlora.adapter import read_adapter, write_adapter
 from jaxlora.config import LoRAConfig
 from jaxlora.core import scaling
-from jaxlora.hf_maps import HFLayout
+from jaxlora.hf_maps import HFLayout, HFLinear
 from jaxlora.inject import init_leaves
 from jaxlora.nnx.base import Adapter
 from jaxlora.nnx.conv import LoRAConv
@@ -91,7 +91,12 @@ def save_adapter(
     module(s) its ``path_map`` value names: a torch path, or a ``jaxlora.HFLinear`` giving the
     axis orders or a fused weight's modules (one shared A; see ``jaxlora.hf_maps``). One with
     batch axes (an adapter per MoE expert) is refused: PEFT has no such Linear.
+
+    ``path_map`` may also name a ready map for a third-party model (``"tunix.llama3"``,
+    ``"tunix.qwen3"``, ``"tunix.gemma3"``; see ``jaxlora.hf_maps.NAMED_MAPS``); an unknown
+    name is refused, naming the known ones.
     """
+    path_map = hf_maps.resolve(path_map)
     config = config if config is not None else getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("save_adapter: pass a LoRAConfig (the model has no lora_config)")
@@ -149,13 +154,16 @@ def load_adapter(
     Op-level layers are loaded only into a model already injected with ``inputs=`` (the
     product, hence the layout, is found by tracing), from the torch module(s) ``path_map``
     names for them (as in ``save_adapter``): a fused weight's modules must hold the same
-    ``lora_A`` and one alpha; PiSSA/OLoRA files are refused for them.
+    ``lora_A`` and one alpha; PiSSA/OLoRA files are refused for them. ``path_map`` may name a
+    ready map, as for ``save_adapter``.
     """
+    path_map = hf_maps.resolve(path_map)
     config, everything = read_adapter(directory)
     ops = _op_layouts(model, path_map)
     op_paths = {t for _, lay in ops.values() for t in lay.paths}
     views = _views(model, path_map, layer_names)
     modules = {p: v[1] for p, v in views.items()}
+    _refuse_unadapted_ops(model, path_map, set(everything), directory)
     check_paths_exist(set(everything), {**modules, **dict.fromkeys(op_paths)}, path_map, directory)
     layers = {p: m for p, m in modules.items() if isinstance(m, ADAPTED)}
     injected = bool(layers or ops)
@@ -312,6 +320,23 @@ def _needs(config: LoRAConfig, path: str, r: int, layer, directory) -> bool:
     )
 
 
+def _refuse_unadapted_ops(model: nnx.Module, path_map: PathMap, found: set[str], directory):
+    """A file layer that ``path_map`` gives as (part of) an ``HFLinear`` of a layer not adapted
+    at its product: say to inject it first (its layout is found by tracing)."""
+    for p, module in nnx.iter_modules(model):
+        name = ".".join(map(str, p))
+        spec = map_path(path_map, name) if p else None
+        if isinstance(spec, HFLinear) and not isinstance(module, OpAdapter):
+            paths = {spec.path} if isinstance(spec.path, str) else set(spec.path)
+            if paths & found:
+                raise ValueError(
+                    f"{directory}: path_map gives {spec!r} for layer '{name}' (a "
+                    f"{type(module).__name__}), which is not adapted at its product: an "
+                    "HFLinear describes an op-level layer; inject it first "
+                    "(jaxlora.nnx.inject(..., inputs=...)), then load"
+                )
+
+
 def _views(
     model: nnx.Module, path_map: PathMap, layer_names: Mapping[str, str] | None
 ) -> dict[str, tuple[str, nnx.Module, int | None, str]]:
@@ -324,13 +349,18 @@ def _views(
     for name, (_, module) in modules.items():
         if isinstance(module, OpAdapter):  # mapped by _op_layouts (torch path or HFLinear)
             continue
-        if not isinstance(map_path(path_map, name), str):
+        spec = map_path(path_map, name)
+        if isinstance(module, ADAPTED) and not isinstance(spec, str):
             raise ValueError(
-                f"path_map gives {map_path(path_map, name)!r} for layer '{name}' (a "
-                f"{type(module).__name__}), which is not adapted at its product: an HFLinear "
-                "describes an op-level layer; inject it first (jaxlora.nnx.inject(..., "
-                "inputs=...)), then save or load"
+                f"path_map gives {spec!r} for layer '{name}' (a {type(module).__name__}), "
+                "whose adapter is written as one torch module: give its torch module path (a "
+                "str); an HFLinear describes a layer adapted at its product (inject(..., "
+                "inputs=...))"
             )
+        if not isinstance(spec, str):
+            # An HFLinear for a layer not adapted (a ready map names every fused weight,
+            # adapted or not) is no layer of the file; load_adapter refuses a file naming it.
+            continue
         if name in per_layer and stack_of(module):
             for index, path in enumerate(per_layer[name]):
                 out[map_path(path_map, path)] = (name, module, index, path)

@@ -1,0 +1,202 @@
+"""jaxlora on transformers 4.57's Linen Flax models (unmodified): ``FlaxLlamaForCausalLM``
+trained with ``jaxlora.inject`` + ``intercept`` and served by the real ``peft`` on
+``LlamaForCausalLM`` holding the same base (loaded with ``from_pt=True``), and back; and
+``FlaxGPT2LMHeadModel``'s ``FlaxConv1D`` (kernel (out, in), used as ``x @ kernel.T``), which
+Linen cannot adapt yet, refused by name.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    FlaxGPT2LMHeadModel,
+    FlaxLlamaForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+import jaxlora
+from thirdparty_tests.twins import TOKENS, TOL, VOCAB, peft_load, rel_err, torch_logits
+
+R, ALPHA = 4, 8.0
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIG = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=TARGETS)
+MAP = "transformers.flax_llama"
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(HF checkpoint directory, the Flax model, its base params, the torch logits)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+    )
+    directory = str(tmp_path_factory.mktemp("llama"))
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(directory)
+    flax_model = FlaxLlamaForCausalLM.from_pretrained(directory, from_pt=True)
+    return directory, flax_model, flax_model.params, torch_logits(hf)
+
+
+def _logits(model, params) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(TOKENS), params=params).logits)
+
+
+def _base(params):
+    return {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(params)
+        if not any(getattr(k, "key", None) in ("lora_a", "lora_b") for k in p)
+    }
+
+
+def _lora(params):
+    return {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(params)
+        if any(getattr(k, "key", None) in ("lora_a", "lora_b") for k in p)
+    }
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _train(model, params, steps: int = 5):
+    tx = jaxlora.freeze_base(optax.adam(1e-2))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    @jaxlora.intercept(CONFIG)
+    def step(params, opt_state):
+        def loss_fn(p):
+            logits = model(jnp.asarray(TOKENS), params=p).logits[:, :-1]
+            labels = jnp.asarray(TOKENS)[:, 1:]
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for _ in range(steps):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+    return params, losses
+
+
+def test_base_logits_agree(llama):
+    _, model, params, want = llama
+    assert rel_err(_logits(model, params), want) <= TOL
+
+
+def test_jax_trained_adapter_is_served_by_peft(llama, tmp_path):
+    directory, model, base, y_base = llama
+    params = jaxlora.inject(base, CONFIG, jax.random.key(1))
+    params, losses = _train(model, params)
+    assert losses[-1] < losses[0], losses
+    assert _equal(_base(params), _base(base))  # only the adapters trained
+    with jaxlora.intercept(CONFIG):
+        y_jax = _logits(model, params)
+    assert rel_err(y_jax, y_base) > 1e-3  # the adapters count
+
+    jaxlora.save_adapter(params, tmp_path, CONFIG, path_map=MAP)
+    peft_model = peft_load(LlamaForCausalLM.from_pretrained(directory).eval(), tmp_path)
+    assert rel_err(torch_logits(peft_model), y_jax) <= TOL
+
+    other = jaxlora.inject(base, CONFIG, jax.random.key(9))
+    loaded = jaxlora.load_adapter(other, tmp_path, path_map=MAP)
+    assert _equal(_lora(loaded), _lora(params))
+    with jaxlora.intercept(jaxlora.read_adapter_config(tmp_path, path_map=MAP)):
+        np.testing.assert_array_equal(_logits(model, loaded), y_jax)
+
+    merged = jaxlora.merge(params, alpha=CONFIG.alpha)
+    assert not _lora(merged)
+    assert rel_err(_logits(model, merged), y_jax) <= TOL  # the unmodified model runs it
+    assert rel_err(torch_logits(peft_model.merge_and_unload()), y_jax) <= TOL
+
+
+def test_peft_trained_adapter_loads_in_jax(llama, tmp_path):
+    directory, model, base, y_base = llama
+    torch.manual_seed(3)
+    hf = LlamaForCausalLM.from_pretrained(directory)
+    peft_model = get_peft_model(
+        copy.deepcopy(hf), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS)
+    )
+    optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    tokens = torch.from_numpy(TOKENS)
+    for _ in range(3):
+        logits = peft_model(tokens).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    peft_model.save_pretrained(str(tmp_path))
+    want = torch_logits(peft_model.eval())
+    assert rel_err(want, y_base) > 1e-3
+    params = jaxlora.load_adapter(base, tmp_path, path_map=MAP)  # into the plain params
+    with jaxlora.intercept(jaxlora.read_adapter_config(tmp_path, path_map=MAP)):
+        assert rel_err(_logits(model, params), want) <= TOL
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    model = FlaxGPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
+    return model, jnp.asarray(TOKENS)
+
+
+GPT2_TARGETS = jaxlora.LoRAConfig(r=R, targets=["c_attn"])
+
+
+def test_gpt2_conv1d_is_refused_by_inject_with_layouts(gpt2):
+    """With the model's layouts, inject refuses FlaxConv1D before anything changes."""
+    model, ids = gpt2
+    layouts = jaxlora.layouts(model.module, ids, jnp.ones_like(ids), jnp.zeros_like(ids))
+    match = r"layer 'transformer.h.0.attn.c_attn' holds .* in a FlaxConv1D, which cannot be adapted"
+    with pytest.raises(TypeError, match=match):
+        jaxlora.inject(model.params, GPT2_TARGETS, jax.random.key(0), layouts=layouts)
+
+
+def test_gpt2_conv1d_holding_lora_leaves_is_refused_when_called(gpt2):
+    """Without layouts a 2-D kernel is taken as nn.Dense's; the first call under intercept
+    finds a FlaxConv1D holding the leaves and refuses it, never computing a wrong branch."""
+    model, ids = gpt2
+    params = jaxlora.inject(model.params, GPT2_TARGETS, jax.random.key(0))
+    match = r"layer 'transformer.h.0.attn.c_attn' is a FlaxConv1D holding LoRA leaves"
+    with pytest.raises(ValueError, match=match), jaxlora.intercept(GPT2_TARGETS):
+        model(ids, params=params)
+
+
+def test_gpt2_peft_adapter_is_refused_by_load(gpt2, tmp_path):
+    """PEFT's GPT-2 adapters (Conv1D, fan_in_fan_out=True) are refused, so no (out, in)
+    FlaxConv1D kernel is merged with a Dense-layout delta."""
+    from transformers import GPT2LMHeadModel
+
+    model, _ = gpt2
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
+    config = LoraConfig(r=R, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    get_peft_model(hf, config).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=r"fan_in_fan_out=True, which is not supported"):
+        jaxlora.load_adapter(model.params, tmp_path)

@@ -78,7 +78,9 @@ def _readme_blocks() -> list[str]:
 
 def test_readme_blocks_are_the_snippet():
     """Every ```python thirdparty block of the README is the snippet this file runs."""
-    assert all(block == SNIPPET for block in _readme_blocks())
+    blocks = _readme_blocks()
+    assert blocks, "README.md has no ```python thirdparty block"
+    assert all(block == SNIPPET for block in blocks)
 
 
 def test_snippet_runs_and_peft_serves_the_adapter():

@@ -19,7 +19,7 @@ from flax import linen as nn
 from jaxlora import multi
 from jaxlora.intercept import _ACTIVE, _dense, _dequantized_kernel, _State, input_axes, traced_as
 from jaxlora.quant._base import QUANT
-from jaxlora.tree import LORA_NAMES
+from jaxlora.tree import LORA_NAMES, path_str
 
 __all__ = ["intercept_stack"]
 
@@ -37,13 +37,13 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
     >>> import jax, jax.numpy as jnp
     >>> from flax import linen as nn
     >>> import jaxlora
-    >>> model = nn.Dense(4)
-    >>> base = {"params": model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]}
-    >>> config = jaxlora.LoRAConfig(r=2, targets=".*")
+    >>> model = nn.Sequential([nn.Dense(4)])
+    >>> base = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> config = jaxlora.LoRAConfig(r=2, targets=["layers_0"])
     >>> one = jaxlora.inject(base, config, jax.random.key(1))
     >>> stack = jaxlora.stack_adapters([(one, config)], capacity=2)
     >>> with intercept_stack(stack, jnp.array([0, -1])):
-    ...     y = model.apply(base, jnp.ones((2, 8)))
+    ...     y = model.apply({"params": base}, jnp.ones((2, 8)))
     >>> y.shape
     (2, 4)
 
@@ -82,11 +82,11 @@ class _StackState(_State):
 
     def adapted(self, module: nn.Module) -> bool:
         own = super().adapted(module)
-        return own or ".".join(module.scope.path) in self.stack.lora_a
+        return own or path_str(module.scope.path) in self.stack.lora_a
 
     def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
-        name = ".".join(module.scope.path)
-        where = f"layer '{name or '<root>'}'"
+        name = path_str(module.scope.path)  # the stack's keys, '<root>' for a root layer
+        where = f"layer '{name}'"
         held = [n for n in LORA_NAMES if module.has_variable("params", n)]
         if held:
             raise ValueError(
@@ -122,7 +122,7 @@ class _StackState(_State):
         return y + branch
 
     def _check(self, module: nn.Module, kind: str, name: str, kernel_shape, x) -> None:
-        where = f"layer '{name or '<root>'}'"
+        where = f"layer '{name}'"
         if kind != "linear":
             raise ValueError(f"{where}: only linear layers can take a stack, this is a {kind}")
         expected = dict(self.stack.kernels)[name]

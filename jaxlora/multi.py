@@ -290,7 +290,8 @@ def gathered_branch(
     safe = jnp.clip(index, 0, n - 1)
     valid = (index >= 0) & (index < n) & occupied[safe]
     s = jnp.where(index == -1, 0.0, jnp.where(valid, scale[safe], jnp.nan))
-    a, b = jnp.take(lora_a, safe, axis=0), jnp.take(lora_b, safe, axis=0)
+    a = jnp.take(lora_a, safe, axis=0, mode="clip")  # safe is in range: no fill
+    b = jnp.take(lora_b, safe, axis=0, mode="clip")
     dims = ((axis, tuple(range(1, len(axis) + 1))), ((0,), (0,)))
     h = jax.lax.dot_general(x, a, dims, precision=precision)  # (B, free…, R)
     wide = jnp.promote_types(h.dtype, jnp.float32)

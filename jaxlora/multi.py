@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _loracore.config import WEIGHT_INITS
 from jaxlora import core, kinds
 from jaxlora.config import LoRAConfig
 from jaxlora.tree import iter_lora_layers, path_str
@@ -179,6 +180,11 @@ def _adapter_layers(params: Mapping[str, Any], config: LoRAConfig, rank: int | N
         raise TypeError(f"an adapter must be a params tree (a dict), got {type(params).__name__}")
     if "params" in params and isinstance(params["params"], Mapping):
         params = params["params"]
+    if config.init in WEIGHT_INITS:
+        raise ValueError(
+            f"an adapter with init={config.init!r} is relative to a residual kernel, not to the "
+            "stack's base: it cannot be served from a stack"
+        )
     layers = {}
     for path, node in iter_lora_layers(params):
         name = path_str(path)

@@ -8,14 +8,19 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxlora
 import jaxlora.nnx as jnnx
+from jaxlora import multi
+from jaxlora.models import gpt as jgpt
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 RANKS_ALPHAS = [(2, 4.0), (4, 3.0), (1, 1.0)]  # different ranks and scales in one stack
 INDEX = [0, 1, -1, 2, 1, -1]
+SCAN_CFG = dict(vocab_size=32, block_size=8, n_layer=2, n_head=2, d_model=8)
 
 
 class MLP(nn.Module):
@@ -155,6 +160,9 @@ def test_linen_refusals(linen_setup):
             pass
     with pytest.raises(ValueError, match=r"r=2 \(from its shapes\) but the config gives it r=4"):
         stack.set(0, params0, adapters[1][1])
+    pissa = jaxlora.LoRAConfig(r=2, alpha=4.0, targets=r"fc\d", init="pissa")
+    with pytest.raises(ValueError, match="init='pissa' is relative to a residual"):
+        stack.set(0, params0, pissa)
 
 
 def test_linen_stack_layers_never_called_are_an_error(linen_setup):
@@ -238,4 +246,75 @@ def test_nnx_refusals(nnx_setup):
     jnnx.inject(other, jaxlora.LoRAConfig(r=2, targets=r"fc\d"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"layer 'fc0'.*\(5, 16\).*another base"):
         jnnx.set_adapter(serving, 0, other)
+    retrained = nnx.clone(sources[0])
+    retrained.fc1.kernel[...] = retrained.fc1.kernel[...] + 1.0  # a fine-tuned base
+    with pytest.raises(ValueError, match=r"layer 'fc1'.*kernel differs from the stack's base"):
+        jnnx.set_adapter(serving, 0, retrained)
+    pissa = nnx.clone(base)
+    jnnx.inject(pissa, jaxlora.LoRAConfig(r=2, targets=r"fc\d", init="pissa"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"kernel differs.*init='pissa'"):
+        jnnx.set_adapter(serving, 0, pissa)
     assert not bool(serving.fc1.occupied[...].any())  # the refused sets changed nothing
+    scanned = jgpt.NnxScanGPT(jgpt.GPTConfig(**SCAN_CFG), rngs=nnx.Rngs(0))
+    jnnx.inject(scanned, jaxlora.LoRAConfig(r=2, targets=["query"]), nnx.Rngs(1))
+    with pytest.raises(ValueError, match=r"\['blocks.attn.query'\] are stacked"):
+        jnnx.to_multi(scanned, capacity=2)
+
+
+def test_linen_stack_on_a_quantized_base():
+    """QLoRA serving: the stack's adapters on an nf4 base, each row as its adapter alone."""
+    from jaxlora.quant import quantize_base
+
+    model = nn.Sequential([nn.Dense(32), jax.nn.relu, nn.Dense(4)])
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+    variables = model.init(jax.random.key(0), x)
+    config = jaxlora.LoRAConfig(r=2, alpha=4.0, targets=["layers_0", "layers_2"])
+    adapters = [_random_b(jaxlora.inject(variables, config, jax.random.key(i)), i) for i in (1, 2)]
+    stack = jaxlora.stack_adapters([(a, config) for a in adapters])
+    quantized = [quantize_base(a, config) for a in adapters]
+    base = {"params": jaxlora.split(quantized[0]["params"])[1], "quant": quantized[0]["quant"]}
+    index = [1, -1, 0, 1]
+    with jaxlora.intercept_stack(stack, jnp.array(index)):
+        y = model.apply(base, x)
+    for row, i in enumerate(index):
+        with jaxlora.intercept(config):  # the quantized base alone, or with adapter i
+            ref = model.apply(base if i == -1 else quantized[i], x[row : row + 1])
+        np.testing.assert_allclose(y[row], ref[0], rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 5),
+    rank=st.integers(1, 4),
+    index=st.lists(st.integers(-1, 4), min_size=1, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_gathered_branch_is_each_rows_own_branch(n, rank, index, seed):
+    """Closed form, in float64 numpy: row i is ``scale[k] · x[i] @ a[k] @ b[k]`` for
+    k = index[i], 0 for -1, NaN for an index past the stack."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((len(index), 3, 5)).astype("f4")
+    a = rng.standard_normal((n, 5, rank)).astype("f4")
+    b = rng.standard_normal((n, rank, 7)).astype("f4")
+    scale = rng.uniform(0.5, 2.0, n).astype("f4")
+    y = multi.gathered_branch(
+        jnp.asarray(x), a, b, scale, jnp.ones(n, bool), jnp.asarray(index, jnp.int32)
+    )
+    for row, k in enumerate(index):
+        if k >= n:
+            assert np.isnan(np.asarray(y[row])).all()
+            continue
+        ref = np.zeros((3, 7)) if k == -1 else scale[k] * (x[row] @ a[k].astype("f8")) @ b[k]
+        np.testing.assert_allclose(y[row], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(initial=1))
+
+
+def test_linen_scanned_adapters_are_refused():
+    model = jgpt.ScanGPT(jgpt.GPTConfig(**SCAN_CFG))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    config = jaxlora.LoRAConfig(r=2, targets=["query"])
+    params = model.init(jax.random.key(0), tokens)["params"]
+    params = jaxlora.inject(
+        params, config, jax.random.key(1), layouts=jaxlora.layouts(model, tokens)
+    )
+    with pytest.raises(ValueError, match=r"'blocks.attn.query'.*stacked over 1 leading layer"):
+        jaxlora.stack_adapters([(params, config)])

@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxlora import core, multi
 from jaxlora.nnx.base import Adapter
-from jaxlora.nnx.inject import _module_paths, _replace
+from jaxlora.nnx.inject import _module_paths, _replace, stack_of
 from jaxlora.nnx.layer import LoRALinear
 from jaxlora.nnx.oplevel import OpAdapter
 from jaxlora.nnx.quant import kernel_value
@@ -135,6 +135,12 @@ def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nn
         )
     if not layers:
         raise ValueError("to_multi: the model has no jaxlora.nnx.LoRALinear layer")
+    stacked = sorted(p for p, (_, m) in layers.items() if stack_of(m))
+    if stacked:  # nnx.vmap would slice the adapter axis as if it were the layer axis
+        raise ValueError(
+            f"to_multi: layers {stacked} are stacked (nnx.vmap/scan, a leading layer axis): "
+            "adapter stacks of stacked layers are not supported"
+        )
     if not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"to_multi: capacity must be a positive int, got {capacity!r}")
     rank = max(m.r for _, m in layers.values()) if rank is None else rank
@@ -155,7 +161,9 @@ def _stacked(model: nnx.Module) -> dict[str, MultiLoRALinear]:
 def set_adapter(model: nnx.Module, slot: int, source: nnx.Module) -> None:
     """Puts the adapters of ``source`` (a model with ``LoRALinear`` layers at the same paths,
     e.g. one trained or loaded with ``jaxlora.nnx.load_adapter``) into ``slot`` of ``model``'s
-    stacks, in place; checked completely before anything is written."""
+    stacks, in place; checked completely before anything is written. The source's kernels
+    must equal the serving model's (same shapes and values, compared once here): an adapter
+    trained on another base, or a PiSSA/OLoRA one (whose kernel is a residual), is refused."""
     stacks = _stacked(model)
     capacity = next(iter(stacks.values())).capacity
     multi._check_slot(slot, capacity)
@@ -175,6 +183,12 @@ def set_adapter(model: nnx.Module, slot: int, source: nnx.Module) -> None:
                 f"{kernel_value(src.kernel).shape}, the stack's base has "
                 f"{kernel_value(layer.kernel).shape}: it was made for another base model"
             )
+        if not _same_values(src.kernel, layer.kernel):
+            raise ValueError(
+                f"set_adapter: layer '{path}': the adapter's base kernel differs from the "
+                f"stack's base (init={src.init!r}; PiSSA/OLoRA kernels are residuals): it was "
+                "made for another base model (load it into a copy of the serving base)"
+            )
         if src.r > layer.rank:
             raise ValueError(
                 f"set_adapter: layer '{path}' has r={src.r}, above the stack's rank "
@@ -186,6 +200,11 @@ def set_adapter(model: nnx.Module, slot: int, source: nnx.Module) -> None:
         new[path] = (*multi.pad_rank(a, b, layer.rank), src.scaling)
     for path, (a, b, scale) in new.items():
         _write(stacks[path], slot, a, b, scale, True)
+
+
+def _same_values(a: nnx.Variable, b: nnx.Variable) -> bool:
+    """Whether two kernels are the same variable or hold equal values (one pass over them)."""
+    return a is b or bool(jnp.array_equal(kernel_value(a), kernel_value(b)))
 
 
 def clear_adapter(model: nnx.Module, slot: int) -> None:

@@ -321,3 +321,14 @@ def test_linen_scanned_adapters_are_refused():
     )
     with pytest.raises(ValueError, match=r"'blocks.attn.query'.*stacked over 1 leading layer"):
         jaxlora.stack_adapters([(params, config)])
+
+
+def test_linen_layer_contracting_the_examples_axis_is_refused():
+    model = nn.Sequential([nn.DenseGeneral(4, axis=0)])
+    x = jnp.ones((6, 8))
+    base = model.init(jax.random.key(0), x)["params"]
+    config = jaxlora.LoRAConfig(r=2, targets=["layers_0"])
+    stack = jaxlora.stack_adapters([(jaxlora.inject(base, config, jax.random.key(1)), config)])
+    with pytest.raises(ValueError, match="layer 'layers_0' contracts its input's axis 0"):
+        with jaxlora.intercept_stack(stack, jnp.zeros(6, jnp.int32)):
+            model.apply({"params": base}, x)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("forward", "train_step", "scaling", "scan", "qlora")
+SCRIPTS = ("forward", "train_step", "scaling", "scan", "qlora", "multi_adapter")
 TABLES = (
     "forward",
     "train_step",
@@ -28,6 +28,7 @@ TABLES = (
     "qlora_bytes",
     "qlora_memory",
     "qlora_time",
+    "multi_adapter",
 )
 
 

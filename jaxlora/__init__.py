@@ -12,6 +12,8 @@ from jaxlora.inject import Layout, inject, layouts
 from jaxlora.intercept import intercept
 from jaxlora.linen import LoRAConv, LoRADense, LoRADenseGeneral, LoRAEmbed
 from jaxlora.merge import MergeRecord, merge, unmerge
+from jaxlora.multi import AdapterStack, stack_adapters
+from jaxlora.multi_linen import intercept_stack
 from jaxlora.sharding import partition_specs
 from jaxlora.tree import (
     ParamCount,
@@ -23,6 +25,7 @@ from jaxlora.tree import (
 )
 
 __all__ = [
+    "AdapterStack",
     "HFLinear",
     "Layout",
     "LoRAConfig",
@@ -37,6 +40,7 @@ __all__ = [
     "from_torch",
     "inject",
     "intercept",
+    "intercept_stack",
     "layouts",
     "load_adapter",
     "lora_mask",
@@ -46,6 +50,7 @@ __all__ = [
     "save_adapter",
     "scaling",
     "split",
+    "stack_adapters",
     "to_torch",
     "trainable_parameters",
     "unmerge",

@@ -163,7 +163,7 @@ class _State:
         if getattr(module, "adds_own_lora_branch", False):  # jaxlora.linen's LoRA layers
             return next_fun(*args, **kwargs)
         quantized = module.has_variable(QUANT, "kernel")
-        if not quantized and not any(module.has_variable("params", n) for n in LORA_NAMES):
+        if not quantized and not self.adapted(module):
             return next_fun(*args, **kwargs)
         kind = module_kind(module)
         method = context.method_name
@@ -196,6 +196,11 @@ class _State:
                 f"calls) their base class's can be adapted: {SUPPORTED}"
             )
         return y
+
+    def adapted(self, module: nn.Module) -> bool:
+        """Whether this context adds a branch to ``module`` (``jaxlora.intercept_stack`` also
+        adapts the layers its stack names)."""
+        return any(module.has_variable("params", n) for n in LORA_NAMES)
 
     def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
         name = ".".join(module.scope.path)

@@ -42,5 +42,6 @@ def test_task_switch_example(tmp_path):
         assert abs(merged - own) <= 0.005 and abs(torch_acc - own) <= 0.005
         assert own > base + 0.3  # the adapter really learned its task
     assert "switches in the batch stream: 0 recompilation(s)" in out.stdout
+    assert re.search(r"one mixed batch of 96 rows .* each row matches: True$", out.stdout, re.M)
     for task in ("task_a", "task_b"):
         assert (tmp_path / task / "adapter_model.safetensors").exists()

@@ -7,6 +7,13 @@ from jaxlora.nnx.embed import LoRAEmbed
 from jaxlora.nnx.general import LoRALinearGeneral
 from jaxlora.nnx.inject import inject, merge, trainable_parameters
 from jaxlora.nnx.layer import LoRALinear
+from jaxlora.nnx.multi import (
+    MultiLoRALinear,
+    adapter_index,
+    clear_adapter,
+    set_adapter,
+    to_multi,
+)
 from jaxlora.nnx.oplevel import OpAdapter
 from jaxlora.nnx.quant import QuantizedKernel, quantize_base
 
@@ -15,12 +22,17 @@ __all__ = [
     "LoRAEmbed",
     "LoRALinear",
     "LoRALinearGeneral",
+    "MultiLoRALinear",
     "OpAdapter",
     "QuantizedKernel",
+    "adapter_index",
+    "clear_adapter",
     "inject",
     "load_adapter",
     "merge",
     "quantize_base",
     "save_adapter",
+    "set_adapter",
+    "to_multi",
     "trainable_parameters",
 ]

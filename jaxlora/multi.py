@@ -1,0 +1,307 @@
+"""Many adapters of one base in one batch (multi-tenant serving, PEFT's ``adapter_names=``).
+
+An ``AdapterStack`` holds up to ``capacity`` adapters for the same layers of one base, each
+layer's factors stacked on a leading adapter axis: ``lora_a`` (N, *in_axes, R), ``lora_b``
+(N, R, *out_axes), with N the capacity and R the stack's rank. Design choices:
+
+- Ranks may differ: an adapter of rank r < R is padded with R − r zero rank components (zero
+  columns of A, zero rows of B), which add exactly zero, so the padded branch is the adapter's
+  own. The padded rank costs what rank R costs; choose R as the largest rank served.
+- Each adapter keeps its own scale (alpha/r, or alpha/√r for rsLoRA) in a per-layer ``scale``
+  vector (N,) instead of being folded into B: the scale is then applied as the single-adapter
+  path applies it (to the (…, R) intermediate, in fp32, rounded once), B stays the file's B, and
+  slot state is plain data. An empty slot has scale 0.
+- Each example's index picks its adapter; ``-1`` means the base alone. The branch gathers each
+  example's A and B (``jnp.take`` on the adapter axis) and contracts them batched over the
+  examples: per example it costs one adapter's branch (never all N computed and selected).
+  Base-only rows get scale 0: their branch is exactly zero, so they equal the base model.
+- The stack is a pytree whose arrays are its leaves and whose layer paths, shapes and capacity
+  are static: putting an adapter in a slot (``set``, a functional ``.at[slot].set``) or
+  clearing one changes no shape, so a jitted forward taking the stack as an argument does not
+  recompile. A larger capacity or rank is a new shape (a recompile).
+- An index that is out of range or names an empty slot is a ``ValueError`` when the index is
+  concrete; under ``jax.jit`` (a traced index, which cannot raise) such rows become NaN, never
+  a silently plausible number.
+
+Linen models are served with ``jaxlora.intercept_stack`` (the ``jaxlora.intercept``
+interceptor, with this branch); NNX models with ``jaxlora.nnx.to_multi``. Only linear layers
+(``nn.Dense``, ``nn.DenseGeneral``; NNX ``LoRALinear``) are stacked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from _loracore.config import WEIGHT_INITS
+from jaxlora import core, kinds
+from jaxlora.config import LoRAConfig
+from jaxlora.tree import iter_lora_layers, path_str
+
+__all__ = ["AdapterStack", "check_index", "gathered_branch", "pad_rank", "stack_adapters"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterStack:
+    """Up to ``capacity`` adapters for the same linear layers of one base (see the module
+    docstring). Build one with ``stack_adapters``; ``set``/``clear`` return a new stack.
+
+    Attributes:
+        lora_a: {layer path: (N, *in_axes, R)}; ``lora_b``: {layer path: (N, R, *out_axes)}.
+        scale: {layer path: (N,) float32}, each adapter's own scaling (0 for an empty slot).
+        occupied: (N,) bool, which slots hold an adapter.
+        kernels: static ((layer path, base kernel shape), ...), the base the stack is for.
+    """
+
+    lora_a: dict[str, jax.Array]
+    lora_b: dict[str, jax.Array]
+    scale: dict[str, jax.Array]
+    occupied: jax.Array
+    kernels: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def capacity(self) -> int:
+        return int(self.occupied.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return int(next(iter(self.lora_a.values())).shape[-1])
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(path for path, _ in self.kernels)
+
+    def set(self, slot: int, params: Mapping[str, Any], config: LoRAConfig) -> AdapterStack:
+        """A new stack with ``slot`` holding the adapter in ``params`` (a params tree with
+        ``lora_a``/``lora_b`` leaves, e.g. from ``jaxlora.load_adapter``), scaled per
+        ``config`` (``read_adapter_config`` for a file). Same shapes: no recompile.
+
+        Raises:
+            ValueError: a slot outside [0, capacity), a rank above the stack's, other layers
+                than the stack's, a base kernel of another shape, a non-linear or stacked
+                (scanned) layer, a rank that disagrees with ``config``, non-finite values.
+        """
+        _check_slot(slot, self.capacity)
+        layers = _adapter_layers(params, config, self.rank)
+        _check_same_layers(self.paths, layers, dict(self.kernels))
+        a, b, scale = dict(self.lora_a), dict(self.lora_b), dict(self.scale)
+        for path, (_, la, lb, s) in layers.items():
+            a[path] = a[path].at[slot].set(la.astype(a[path].dtype))
+            b[path] = b[path].at[slot].set(lb.astype(b[path].dtype))
+            scale[path] = scale[path].at[slot].set(s)
+        return dataclasses.replace(
+            self, lora_a=a, lora_b=b, scale=scale, occupied=self.occupied.at[slot].set(True)
+        )
+
+    def clear(self, slot: int) -> AdapterStack:
+        """A new stack with ``slot`` empty (zeros, scale 0); indexing it is then an error."""
+        _check_slot(slot, self.capacity)
+        zero = {p: v.at[slot].set(0) for p, v in self.lora_a.items()}
+        return dataclasses.replace(
+            self,
+            lora_a=zero,
+            lora_b={p: v.at[slot].set(0) for p, v in self.lora_b.items()},
+            scale={p: v.at[slot].set(0.0) for p, v in self.scale.items()},
+            occupied=self.occupied.at[slot].set(False),
+        )
+
+
+jax.tree_util.register_dataclass(
+    AdapterStack,
+    data_fields=["lora_a", "lora_b", "scale", "occupied"],
+    meta_fields=["kernels"],
+)
+
+
+def stack_adapters(
+    adapters: Sequence[tuple[Mapping[str, Any], LoRAConfig]],
+    *,
+    capacity: int | None = None,
+    rank: int | None = None,
+) -> AdapterStack:
+    """A stack holding ``adapters`` (each ``(params, config)``) in slots 0, 1, …; the other
+    slots up to ``capacity`` (default: as many as given) are empty. ``rank`` (default: the
+    largest given) bounds the ranks of adapters set later. The first adapter's layers and base
+    kernel shapes define the stack; every other adapter must have the same.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import jaxlora
+    >>> model = nn.Dense(4)
+    >>> base = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> config = jaxlora.LoRAConfig(r=2, targets=".*")
+    >>> one = jaxlora.inject({"dense": base}, config, jax.random.key(1))
+    >>> stack = stack_adapters([(one, config)], capacity=4)
+    >>> stack.capacity, stack.rank, stack.lora_a["dense"].shape
+    (4, 2, (4, 8, 2))
+    """
+    if not adapters:
+        raise ValueError("stack_adapters: give at least one (params, config) adapter")
+    capacity = len(adapters) if capacity is None else capacity
+    if not isinstance(capacity, int) or capacity < len(adapters):
+        raise ValueError(
+            f"stack_adapters: capacity must be an int >= the {len(adapters)} adapter(s) given, "
+            f"got {capacity!r}"
+        )
+    first = _adapter_layers(*adapters[0], None)
+    if rank is None:
+        rank = max(
+            max(int(la.shape[-1]) for _, la, _, _ in _adapter_layers(p, c, None).values())
+            for p, c in adapters
+        )
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"stack_adapters: rank must be a positive int, got {rank!r}")
+    empty = AdapterStack(
+        lora_a={
+            p: jnp.zeros((capacity, *la.shape[:-1], rank), la.dtype)
+            for p, (_, la, _, _) in first.items()
+        },
+        lora_b={
+            p: jnp.zeros((capacity, rank, *lb.shape[1:]), lb.dtype)
+            for p, (_, _, lb, _) in first.items()
+        },
+        scale={p: jnp.zeros((capacity,), jnp.float32) for p in first},
+        occupied=jnp.zeros((capacity,), bool),
+        kernels=tuple((p, kernel) for p, (kernel, _, _, _) in first.items()),
+    )
+    for slot, (params, config) in enumerate(adapters):
+        empty = empty.set(slot, params, config)
+    return empty
+
+
+def _adapter_layers(params: Mapping[str, Any], config: LoRAConfig, rank: int | None) -> dict:
+    """{layer path: (kernel shape, lora_a, lora_b padded to ``rank``, scale)} of a params tree."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"an adapter must be a params tree (a dict), got {type(params).__name__}")
+    if "params" in params and isinstance(params["params"], Mapping):
+        params = params["params"]
+    if config.init in WEIGHT_INITS:
+        raise ValueError(
+            f"an adapter with init={config.init!r} is relative to a residual kernel, not to the "
+            "stack's base: it cannot be served from a stack"
+        )
+    layers = {}
+    for path, node in iter_lora_layers(params):
+        name = path_str(path)
+        where = f"layer '{name}'"
+        kind, _, kernel, a, b = kinds.check_layer(node, where)
+        if kind != "linear":
+            raise ValueError(f"{where} holds a {kind} adapter: only linear layers can be stacked")
+        r = int(a.shape[-1])
+        if r != config.rank_for(name):
+            raise ValueError(
+                f"{where} has r={r} (from its shapes) but the config gives it "
+                f"r={config.rank_for(name)}: the scale would be wrong"
+            )
+        if not (np.isfinite(np.asarray(a)).all() and np.isfinite(np.asarray(b)).all()):
+            raise ValueError(f"{where}: the adapter has non-finite values")
+        if rank is not None and r > rank:
+            raise ValueError(
+                f"{where} has r={r}, above the stack's rank {rank}: build a stack of a larger "
+                "rank (stack_adapters(..., rank=...))"
+            )
+        target = r if rank is None else rank
+        scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
+        layers[name] = (tuple(np.shape(kernel)), *pad_rank(a, b, target), scale)
+    if not layers:
+        raise ValueError("the adapter's params tree holds no 'lora_a'/'lora_b' leaves")
+    return layers
+
+
+def pad_rank(a: jax.Array, b: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+    """``a`` (…, r) and ``b`` (r, …) with zero rank components up to ``rank`` (exact: they add
+    zero to the branch)."""
+    extra = rank - a.shape[-1]
+    a = jnp.pad(jnp.asarray(a), [(0, 0)] * (a.ndim - 1) + [(0, extra)])
+    return a, jnp.pad(jnp.asarray(b), [(0, extra)] + [(0, 0)] * (b.ndim - 1))
+
+
+def _check_slot(slot: Any, capacity: int) -> None:
+    if isinstance(slot, bool) or not isinstance(slot, int | np.integer):
+        raise TypeError(f"the slot must be an int, got {type(slot).__name__}")
+    if not 0 <= slot < capacity:
+        raise ValueError(
+            f"slot {slot} is outside the stack's capacity {capacity} (slots 0..{capacity - 1}): "
+            "build a larger stack (stack_adapters(..., capacity=...)); that recompiles once"
+        )
+
+
+def _check_same_layers(paths: Sequence[str], layers: Mapping, kernels: Mapping) -> None:
+    missing, extra = sorted(set(paths) - set(layers)), sorted(set(layers) - set(paths))
+    if missing or extra:
+        raise ValueError(
+            f"the adapter targets other layers than the stack's: missing {missing}, "
+            f"unexpected {extra} (every adapter in a stack must adapt the same layers)"
+        )
+    for path, (kernel, *_) in layers.items():
+        if kernel != tuple(kernels[path]):
+            raise ValueError(
+                f"layer '{path}': the adapter's base kernel has shape {kernel}, the stack's "
+                f"base has {tuple(kernels[path])}: it was made for another base model"
+            )
+
+
+def check_index(index: Any, where: str) -> None:
+    """A ``TypeError``/``ValueError`` unless ``index`` is a 1-D integer array (one adapter
+    index per example)."""
+    dtype = getattr(index, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"{where}: the adapter index must be an integer array of shape (batch,) "
+            f"(-1 for the base alone), got {getattr(dtype, 'name', type(index).__name__)}"
+        )
+    if jnp.ndim(index) != 1:
+        raise ValueError(
+            f"{where}: the adapter index must have shape (batch,), got {tuple(jnp.shape(index))}"
+        )
+
+
+def check_index_values(index: Any, occupied: Any, where: str) -> None:
+    """Where ``index`` and ``occupied`` are concrete: a ``ValueError`` for an index outside
+    [-1, capacity) or naming an empty slot (traced, such rows become NaN instead)."""
+    if isinstance(index, jax.core.Tracer) or isinstance(occupied, jax.core.Tracer):
+        return
+    index, occupied = np.asarray(index), np.asarray(occupied)
+    bad = [int(i) for i in index if not (i == -1 or (0 <= i < len(occupied) and occupied[i]))]
+    if bad:
+        raise ValueError(
+            f"{where}: adapter index values {sorted(set(bad))} name no adapter (expected -1 for "
+            f"the base or an occupied slot of {np.flatnonzero(occupied).tolist()})"
+        )
+
+
+def gathered_branch(
+    x: jax.Array,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    scale: jax.Array,
+    occupied: jax.Array,
+    index: jax.Array,
+    axis: tuple[int, ...] = (-1,),
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
+    """Each example's own branch: ``x[i]``'s ``axis`` contracted with ``lora_a[index[i]]``,
+    times ``scale[index[i]]`` (in fp32, rounded once), times ``lora_b[index[i]]``; exactly zero
+    where ``index[i] == -1`` and NaN where it names no adapter. ``x`` has the examples on axis
+    0; the output axes come last, as ``core.general_branch``'s do."""
+    n = lora_a.shape[0]
+    axis = tuple(i % x.ndim for i in axis)
+    if 0 in axis:
+        raise ValueError("the examples' axis 0 cannot be contracted by a stacked layer")
+    safe = jnp.clip(index, 0, n - 1)
+    valid = (index >= 0) & (index < n) & occupied[safe]
+    s = jnp.where(index == -1, 0.0, jnp.where(valid, scale[safe], jnp.nan))
+    a = jnp.take(lora_a, safe, axis=0, mode="clip")  # safe is in range: no fill
+    b = jnp.take(lora_b, safe, axis=0, mode="clip")
+    dims = ((axis, tuple(range(1, len(axis) + 1))), ((0,), (0,)))
+    h = jax.lax.dot_general(x, a, dims, precision=precision)  # (B, free…, R)
+    wide = jnp.promote_types(h.dtype, jnp.float32)
+    h = (h.astype(wide) * s.reshape((-1,) + (1,) * (h.ndim - 1)).astype(wide)).astype(h.dtype)
+    b_flat = b.reshape(b.shape[0], b.shape[1], -1)
+    y = jax.lax.dot_general(h, b_flat, (((h.ndim - 1,), (1,)), ((0,), (0,))), precision=precision)
+    return y.reshape((*h.shape[:-1], *lora_b.shape[2:]))

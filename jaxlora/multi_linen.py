@@ -1,0 +1,146 @@
+"""``intercept_stack(stack, index)``: unmodified Linen models serve many adapters in one batch.
+
+The same interceptor as ``jaxlora.intercept`` (its layer checks, subclass handling and nn.jit
+keying), adding to each layer the stack names the per-example branch of
+``jaxlora.multi.gathered_branch`` instead of a branch from LoRA leaves in the params.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxlora import multi
+from jaxlora.intercept import _ACTIVE, _dense, _dequantized_kernel, _State, input_axes, traced_as
+from jaxlora.quant._base import QUANT
+from jaxlora.tree import LORA_NAMES, path_str
+
+__all__ = ["intercept_stack"]
+
+
+@contextlib.contextmanager
+def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[None]:
+    """Within this context, each example ``i`` of a Linen model's batch runs with adapter
+    ``index[i]`` of ``stack`` (``-1``: the base alone) on the stack's layers.
+
+    The params passed to ``apply`` must be the plain base (no ``lora_a``/``lora_b`` leaves:
+    ``jaxlora.split`` them off), the examples on axis 0 of every stacked layer's input. Enter it
+    inside the jitted function, with the stack and the index as its arguments: replacing an
+    adapter in the stack (same capacity and rank) then reuses the compiled forward.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> import jaxlora
+    >>> model = nn.Sequential([nn.Dense(4)])
+    >>> base = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> config = jaxlora.LoRAConfig(r=2, targets=["layers_0"])
+    >>> one = jaxlora.inject(base, config, jax.random.key(1))
+    >>> stack = jaxlora.stack_adapters([(one, config)], capacity=2)
+    >>> with intercept_stack(stack, jnp.array([0, -1])):
+    ...     y = model.apply({"params": base}, jnp.ones((2, 8)))
+    >>> y.shape
+    (2, 4)
+
+    Raises:
+        TypeError, ValueError: an index that is not a 1-D integer array, or (when concrete)
+            holds a value that is neither -1 nor an occupied slot; a base holding LoRA leaves;
+            a stacked layer whose kernel or input does not match the stack; a stack layer the
+            model never called (on leaving the context); nesting with ``jaxlora.intercept``.
+    """
+    if not isinstance(stack, multi.AdapterStack):
+        raise TypeError(f"intercept_stack: expected an AdapterStack, got {type(stack).__name__}")
+    multi.check_index(index, "intercept_stack")
+    multi.check_index_values(index, stack.occupied, "intercept_stack")
+    if any(isinstance(k, tuple) and k[0] == "intercept" for k in _ACTIVE.keys):
+        raise ValueError(
+            "intercept_stack: a jaxlora.intercept or intercept_stack is already active; nesting "
+            "them would add branches twice. Enter one, around the outermost call."
+        )
+    state = _StackState(None, True, stack=stack, index=index)
+    key = ("intercept", "stack", stack.kernels, stack.capacity, stack.rank)
+    with traced_as(key), nn.intercept_methods(state.interceptor):
+        yield
+    never = sorted(set(stack.paths) - state.applied)
+    if never:
+        raise ValueError(
+            f"intercept_stack: the stack's layers {never} were never called by the model: "
+            "their adapters would be silently skipped (a stack built for another model?)"
+        )
+
+
+@dataclasses.dataclass
+class _StackState(_State):
+    stack: Any = None
+    index: Any = None
+    applied: set[str] = dataclasses.field(default_factory=set)
+
+    def adapted(self, module: nn.Module) -> bool:
+        own = super().adapted(module)
+        return own or path_str(module.scope.path) in self.stack.lora_a
+
+    def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
+        name = path_str(module.scope.path)  # the stack's keys, '<root>' for a root layer
+        where = f"layer '{name}'"
+        held = [n for n in LORA_NAMES if module.has_variable("params", n)]
+        if held:
+            raise ValueError(
+                f"{where} holds its own {held} in the params: intercept_stack serves the "
+                "stack's adapters on the plain base (jaxlora.split the adapter off first)"
+            )
+        x = args[0] if args else next(iter(kwargs.values()))
+        quantized = module.has_variable(QUANT, "kernel")
+        if quantized:
+            kernel = _dequantized_kernel(module, x, where)
+            y = _dense(module, kernel, x, where)
+        else:
+            kernel = module.get_variable("params", "kernel")
+            y = next_fun(*args, **kwargs)
+        if name not in self.stack.lora_a:  # a quantized base layer the stack does not adapt
+            return y
+        self._check(module, kind, name, jnp.shape(kernel), x)
+        a, b = self.stack.lora_a[name], self.stack.lora_b[name]
+        x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
+        axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
+        axis = tuple(axis) if isinstance(axis, tuple | list) else (axis,)
+        if 0 in (i % jnp.ndim(x) for i in axis):
+            raise ValueError(f"{where} contracts its input's axis 0, which is the examples' axis")
+        self.applied.add(name)
+        branch = multi.gathered_branch(
+            x,
+            a,
+            b,
+            self.stack.scale[name],
+            self.stack.occupied,
+            self.index,
+            axis,
+            module.precision,
+        )
+        return y + branch
+
+    def _check(self, module: nn.Module, kind: str, name: str, kernel_shape, x) -> None:
+        where = f"layer '{name}'"
+        if kind != "linear":
+            raise ValueError(f"{where}: only linear layers can take a stack, this is a {kind}")
+        expected = dict(self.stack.kernels)[name]
+        if tuple(kernel_shape) != tuple(expected):
+            raise ValueError(
+                f"{where}: the model's kernel has shape {tuple(kernel_shape)}, the stack was "
+                f"built for a base kernel of shape {tuple(expected)}"
+            )
+        if input_axes(module) != self.stack.lora_a[name].ndim - 2:
+            raise ValueError(
+                f"{where}: the layer contracts {input_axes(module)} axis(es), the "
+                f"stack's lora_a {self.stack.lora_a[name].shape} has "
+                f"{self.stack.lora_a[name].ndim - 2}"
+            )
+        if jnp.ndim(x) < 2 or jnp.shape(x)[0] != jnp.shape(self.index)[0]:
+            raise ValueError(
+                f"{where}: the adapter index has shape {tuple(jnp.shape(self.index))} but the "
+                f"layer's input {tuple(jnp.shape(x))} has no matching batch axis 0"
+            )

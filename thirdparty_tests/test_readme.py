@@ -29,14 +29,29 @@ from jaxlora import nnx as jnnx
 
 # A Hugging Face checkpoint (here a tiny random one), loaded by tunix's own loader.
 hf_dir, adapter_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
-LlamaForCausalLM(LlamaConfig(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e6,
-    tie_word_embeddings=False,
-)).save_pretrained(hf_dir)
+LlamaForCausalLM(
+    LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+    )
+).save_pretrained(hf_dir)
 config = llama3.ModelConfig(
-    num_layers=2, vocab_size=128, embed_dim=64, hidden_dim=96, num_heads=4, head_dim=16,
-    num_kv_heads=2, rope_theta=1_000_000, norm_eps=1e-6,
+    num_layers=2,
+    vocab_size=128,
+    embed_dim=64,
+    hidden_dim=96,
+    num_heads=4,
+    head_dim=16,
+    num_kv_heads=2,
+    rope_theta=1_000_000,
+    norm_eps=1e-6,
 )
 model = llama3_params.create_model_from_safe_tensors(hf_dir, config)
 
@@ -47,9 +62,19 @@ inputs = (tokens, positions, None, mask)  # tunix's model(tokens, positions, cac
 
 # LoRA on the attention projections (tunix Einsums: adapted at their einsum, found by
 # tracing the call on `inputs`) and on the MLP's nnx.Linear layers.
-lora = jaxlora.LoRAConfig(r=8, alpha=16, targets=[
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-])
+lora = jaxlora.LoRAConfig(
+    r=8,
+    alpha=16,
+    targets=[
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ],
+)
 jnnx.inject(model, lora, nnx.Rngs(0), inputs=inputs)
 
 

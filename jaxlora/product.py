@@ -28,8 +28,7 @@ from flax import linen as nn
 from flax.core import meta
 
 from jaxlora import core, oplevel
-
-ROLES = "lora_roles"
+from jaxlora.tree import ROLES_NAME as ROLES
 
 
 @jax.tree_util.register_static
@@ -70,7 +69,9 @@ def check_product(node: Mapping[str, Any], where: str) -> tuple[str, Any, Any, A
     roles = marker.roles
     r = jnp.shape(a)[-1] if jnp.ndim(a) else 0
     want = (roles.shape, *roles.lora_shapes(r))
-    for name, value, expected in zip((marker.weight, "lora_a", "lora_b"), (w, a, b), want):
+    for name, value, expected in zip(
+        (marker.weight, "lora_a", "lora_b"), (w, a, b), want, strict=True
+    ):
         if tuple(jnp.shape(value)) != tuple(expected):
             raise ValueError(
                 f"{where}, '{name}': expected shape {tuple(expected)} for the product roles "
@@ -147,9 +148,7 @@ def trace(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Traced:
     unbound, variables = module.unbind()
     variables = dict(variables)
     params = {
-        k: v
-        for k, v in variables.get("params", {}).items()
-        if k not in ("lora_a", "lora_b", ROLES)
+        k: v for k, v in variables.get("params", {}).items() if k not in ("lora_a", "lora_b", ROLES)
     }
     variables["params"] = params
     paths, tree_def = jax.tree_util.tree_flatten_with_path(variables)

@@ -393,7 +393,10 @@ def _refusal(path: str, layouts: Mapping | None, found: Mapping, where: str) -> 
     if cls is not None or layouts is None:
         held = f"{where} holds {found}" + (f" in a {cls}" if cls is not None else "")
         if reason is not None:
-            return f"{held}, which cannot be adapted: {reason}"
+            return (
+                f"{held}, which cannot be adapted; supported: {SUPPORTED}, or a module whose "
+                f"one weight enters one product (here: {reason})"
+            )
         if layouts is None:
             return (
                 f"{held}, which is no layer jaxlora knows ({SUPPORTED}); a weight of any "

@@ -168,13 +168,11 @@ def unmerge(merged: PyTree, record: MergeRecord) -> PyTree:
         lora_node = _get(record.adapter, path) or {}
         name = None if node is None else kinds.base_name(node)
         if ROLES_NAME in lora_node:  # an adapter made at a product: its weight's own name
-            name = (
-                lora_node[ROLES_NAME].weight
-                if node is not None and lora_node[ROLES_NAME].weight in node
-                else None
-            )
+            name = lora_node[ROLES_NAME].weight
+            if node is None or name not in node:
+                raise ValueError(f"{where}: the merged tree has no '{name}' at this path")
         if name is None:
-            raise ValueError(f"{where}: the merged tree has no base weight at this path")
+            raise ValueError(f"{where}: the merged tree has no kernel or embedding at this path")
         if any(n in node for n in LORA_NAMES):
             raise ValueError(f"{where}: the merged tree still holds LoRA leaves here")
         _, base, new, _ = _delta(

@@ -389,7 +389,7 @@ def test_inject_refuses_naming_path_and_reason(case):
     x = jnp.ones((5, 4))
     variables = model.init(jax.random.key(0), x)
     config = jaxlora.LoRAConfig(r=1, targets=["proj"])
-    with pytest.raises(TypeError, match=rf"layer 'proj' holds .*cannot be adapted: .*{reason}"):
+    with pytest.raises(TypeError, match=rf"layer 'proj' holds .*cannot be adapted.*{reason}"):
         jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
 
 

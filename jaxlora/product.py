@@ -29,6 +29,7 @@ from flax.core import meta
 
 from jaxlora import core, oplevel
 from jaxlora.tree import ROLES_NAME as ROLES
+from jaxlora.tree import iter_lora_layers
 
 
 @jax.tree_util.register_static
@@ -202,6 +203,15 @@ def apply(module: nn.Module, config, deterministic: bool, args: tuple, kwargs: d
     where = f"layer '{name or '<root>'}'"
     node = {n: module.get_variable("params", n) for n in module.variables.get("params", {})}
     weight, _, a, b, marker = check_product(node, where)
+    inner = [
+        ".".join(p)
+        for p, _ in iter_lora_layers({k: v for k, v in node.items() if isinstance(v, Mapping)})
+    ]
+    if inner:  # the call is evaluated from its trace: their own branches would never run
+        raise ValueError(
+            f"{where} is adapted at its weight's product and its submodules {inner} hold LoRA "
+            "leaves too; adapt either the module or its submodules, not both"
+        )
     traced = trace(module, "__call__", args, kwargs)
     found, product = find(module, traced, where)
     if (found, product.roles) != (weight, marker.roles):

@@ -422,3 +422,51 @@ def test_save_adapter_refuses_product_adapters(tmp_path):
             lora, tmp_path / "a", config=jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["proj"])
         )
     assert not (tmp_path / "a").exists()
+
+
+class WithChild(nn.Module):
+    """A module with its own weight and a Dense child: both targeted."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(), (4, 4))
+        return nn.Dense(3, name="child")(x @ w)
+
+
+def test_intercept_refuses_a_product_module_whose_submodules_are_adapted_too():
+    model = Wrap(lambda name: WithChild(name=name))
+    x = jnp.ones((5, 4))
+    variables = model.init(jax.random.key(0), x)
+    config = jaxlora.LoRAConfig(r=1, targets=["proj", "proj.child"])
+    lora = jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+    assert "lora_roles" in lora["params"]["proj"]
+    with pytest.raises(ValueError, match=r"layer 'proj' is adapted .* submodules \['child'\]"):
+        with jaxlora.intercept(config):
+            model.apply(lora, x)
+    # each alone is applied
+    for target in ("proj", "proj.child"):
+        one = jaxlora.LoRAConfig(r=1, targets=[target])
+        lora = jaxlora.inject(variables, one, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+        with jaxlora.intercept(one):
+            np.testing.assert_array_equal(model.apply(lora, x), model.apply(variables, x))
+
+
+class Partitioned(nn.Module):
+    """tunix-style q_proj whose weight carries logical axis names."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.with_partitioning(nn.initializers.normal(), ("heads", "embed", None))
+        return jnp.einsum("BTD,NDH->BTNH", x, self.param("w", init, (2, 4, 3)))
+
+
+def test_boxed_weight_gives_boxed_adapters_with_its_axis_names():
+    model = Wrap(lambda name: Partitioned(name=name))
+    x = jnp.ones((2, 5, 4))
+    variables = model.init(jax.random.key(0), x)
+    config = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["proj"])
+    lora = jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+    specs = nn.get_partition_spec(lora)["params"]["proj"]
+    assert (specs["lora_a"], specs["lora_b"]) == (P("embed", None), P(None, "heads", None))
+    with jaxlora.intercept(config):
+        np.testing.assert_array_equal(model.apply(lora, x), model.apply(variables, x))

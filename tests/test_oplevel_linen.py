@@ -18,6 +18,8 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 import jaxlora
@@ -470,3 +472,37 @@ def test_boxed_weight_gives_boxed_adapters_with_its_axis_names():
     assert (specs["lora_a"], specs["lora_b"]) == (P("embed", None), P(None, "heads", None))
     with jaxlora.intercept(config):
         np.testing.assert_array_equal(model.apply(lora, x), model.apply(variables, x))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    order=st.permutations("DFG"),
+    sizes=st.tuples(*[st.integers(2, 4)] * 3),
+    weight_first=st.booleans(),
+)
+def test_any_axis_order_matches_closed_form(order, sizes, weight_first):
+    """W's contracted axis D and free axes F, G in any order, W on either side: forward and
+    merge against the closed form (delta 'Dr,r<free>' with the free axes in W's order)."""
+    size = dict(zip("DFG", sizes, strict=True))
+    w_axes = "".join(order)
+    eqn = f"{w_axes},BD->BFG" if weight_first else f"BD,{w_axes}->BFG"
+    shape = tuple(size[c] for c in w_axes)
+    model = Wrap(functools.partial(Einsum, eqn, shape, weight_first=weight_first))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, size["D"])), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    config = jaxlora.LoRAConfig(r=1, alpha=2.0, targets=["proj"])
+    lora = jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+    node = dict(lora["params"]["proj"])
+    assert node["lora_a"].shape == (size["D"], 1)
+    free = w_axes.replace("D", "")  # lora_b's free axes keep W's own order
+    assert node["lora_b"].shape == (1, *(size[c] for c in free))
+    node["lora_b"] = jnp.asarray(np.random.default_rng(1).standard_normal(node["lora_b"].shape))
+    lora = {"params": {"proj": node}}
+    delta = 2.0 * np.einsum(f"Dr,r{free}->{w_axes}", node["lora_a"], node["lora_b"])
+    w = np.asarray(node["w"], np.float64) + delta
+    want = np.einsum(f"BD,{w_axes}->BFG", np.asarray(x, np.float64), w)
+    with jaxlora.intercept(config):
+        y = model.apply(lora, x)
+    np.testing.assert_allclose(y, want, atol=TOL * np.abs(want).max())
+    merged = jaxlora.merge(lora, alpha=2.0)
+    np.testing.assert_allclose(merged["params"]["proj"]["w"], w, atol=1e-6 * np.abs(w).max())

@@ -46,8 +46,14 @@ def inject(
     kernel is (out, in)). For kernels with more axes (``nn.DenseGeneral``, ``nn.Conv``) pass
     ``layouts=jaxlora.layouts(model, *inputs)``, which says which axes are inputs; with
     ``layouts``, a matched layer it does not describe (a module that is not a supported layer,
-    or one the traced call does not run) is refused, naming its class. The shapes
-    are in ``jaxlora.kinds``. ``lora_a`` is drawn from ``rng`` folded with a hash of the layer
+    or one the traced call does not run) is refused, naming its class and the reason. The shapes
+    are in ``jaxlora.kinds``. With ``layouts``, a module that is no known layer (a custom
+    einsum projection, transformers' ``FlaxConv1D``) is adapted at the one product its weight
+    enters (``jaxlora.product``): ``lora_a`` (B…, C…, r), ``lora_b`` (B…, r, F…) over the
+    weight's batch, contracted and free axes in its own order, and a ``lora_roles`` leaf (no
+    arrays) recording them; kaiming or gaussian init only. A weight used non-linearly or by
+    two products, a module called twice per forward, a module with several weights in
+    products, or one stacked by ``nn.scan`` is refused, naming the reason. ``lora_a`` is drawn from ``rng`` folded with a hash of the layer
     path (so one layer's init does not depend on which others are targeted) per
     ``config.init``: "kaiming" as torch's kaiming_uniform(a=√5), "gaussian" N(0, 1/r) (both with
     ``lora_b`` zero), "pissa"/"olora" from the kernel's SVD/QR (which becomes the residual);

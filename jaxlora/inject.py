@@ -53,7 +53,9 @@ def inject(
     weight's batch, contracted and free axes in its own order, and a ``lora_roles`` leaf (no
     arrays) recording them; kaiming or gaussian init only. A weight used non-linearly or by
     two products, a module called twice per forward, a module with several weights in
-    products, or one stacked by ``nn.scan`` is refused, naming the reason. ``lora_a`` is drawn from ``rng`` folded with a hash of the layer
+    products, or one stacked by ``nn.scan`` is refused, naming the reason.
+
+    ``lora_a`` is drawn from ``rng`` folded with a hash of the layer
     path (so one layer's init does not depend on which others are targeted) per
     ``config.init``: "kaiming" as torch's kaiming_uniform(a=√5), "gaussian" N(0, 1/r) (both with
     ``lora_b`` zero), "pissa"/"olora" from the kernel's SVD/QR (which becomes the residual);

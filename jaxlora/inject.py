@@ -22,7 +22,7 @@ from flax import linen as nn
 from flax.core import meta
 
 from _loracore.config import WEIGHT_INITS
-from jaxlora import core, kinds, stacks
+from jaxlora import core, kinds, product, stacks
 from jaxlora.config import LoRAConfig
 from jaxlora.intercept import SUPPORTED, input_axes, module_kind, traced_as
 from jaxlora.tree import LORA_NAMES, PyTree, _like, _require_mapping
@@ -46,8 +46,16 @@ def inject(
     kernel is (out, in)). For kernels with more axes (``nn.DenseGeneral``, ``nn.Conv``) pass
     ``layouts=jaxlora.layouts(model, *inputs)``, which says which axes are inputs; with
     ``layouts``, a matched layer it does not describe (a module that is not a supported layer,
-    or one the traced call does not run) is refused, naming its class. The shapes
-    are in ``jaxlora.kinds``. ``lora_a`` is drawn from ``rng`` folded with a hash of the layer
+    or one the traced call does not run) is refused, naming its class and the reason. The shapes
+    are in ``jaxlora.kinds``. With ``layouts``, a module that is no known layer (a custom
+    einsum projection, transformers' ``FlaxConv1D``) is adapted at the one product its weight
+    enters (``jaxlora.product``): ``lora_a`` (B…, C…, r), ``lora_b`` (B…, r, F…) over the
+    weight's batch, contracted and free axes in its own order, and a ``lora_roles`` leaf (no
+    arrays) recording them; kaiming or gaussian init only. A weight used non-linearly or by
+    two products, a module called twice per forward, a module with several weights in
+    products, or one stacked by ``nn.scan`` is refused, naming the reason.
+
+    ``lora_a`` is drawn from ``rng`` folded with a hash of the layer
     path (so one layer's init does not depend on which others are targeted) per
     ``config.init``: "kaiming" as torch's kaiming_uniform(a=√5), "gaussian" N(0, 1/r) (both with
     ``lora_b`` zero), "pissa"/"olora" from the kernel's SVD/QR (which becomes the residual);
@@ -91,8 +99,12 @@ def _inject(
     new = {}
     for path in chosen:
         node, where = nodes[path], f"inject: layer '{path}'"
-        if any(name in node for name in LORA_NAMES):
+        if any(name in node for name in (*LORA_NAMES, product.ROLES)):
             raise ValueError(f"{where} already has LoRA leaves")
+        layout = None if layouts is None else layouts.get(path)
+        if isinstance(layout, product.ProductLayout):
+            new[path] = _product_leaves(node, layout, config, rng, param_dtype, path, where)
+            continue
         kind, name, in_axes = _layout(node, path, layouts, where)
         boxed = node[name]
         base = meta.unbox(boxed)
@@ -137,6 +149,39 @@ def _inject(
     return _add_leaves(params, (), new)
 
 
+def _product_leaves(node, layout, config, rng, param_dtype, path: str, where: str) -> dict:
+    """The adapter of a module adapted at its weight's product (``jaxlora.product``)."""
+    roles = layout.roles
+    boxed = node.get(layout.weight)
+    shape = None if boxed is None else tuple(jnp.shape(meta.unbox(boxed)))
+    if shape != roles.shape:
+        raise TypeError(
+            f"{where}: the layouts give weight '{layout.weight}' {roles.shape}, but the params "
+            f"tree holds {shape if shape is not None else 'no such leaf'} there"
+        )
+    if config.init not in ("kaiming", "gaussian"):
+        raise ValueError(
+            f"{where}: init={config.init!r} is not supported for a weight adapted at its "
+            "product (a non-Dense module): use 'kaiming' or 'gaussian'"
+        )
+    r, alpha = config.rank_for(path), config.alpha_for(path)
+    core.check_hparams(
+        r=r,
+        alpha=alpha,
+        dropout=config.dropout,
+        in_features=roles.in_features,
+        out_features=roles.out_features,
+        where=where,
+    )
+    key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
+    leaves = product.init_leaves(layout, r, config.init, key, param_dtype)
+    if isinstance(boxed, meta.AxisMetadata) and hasattr(boxed, "names"):
+        names_a, names_b = product.axis_names(roles, tuple(boxed.names))
+        leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)
+        leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)
+    return leaves
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How a layer's weight is laid out: its kind ("linear", "conv" or "embed"), for a linear
@@ -155,11 +200,20 @@ class Layout:
 class Layouts(dict[str, Layout]):
     """What ``layouts`` returns: {path: ``Layout``} of the layers jaxlora can adapt, and in
     ``modules`` the class name of every module the trace called, by path (so that ``inject``
-    can name the class of a module it refuses)."""
+    can name the class of a module it refuses). A module that is no known layer kind gets a
+    ``jaxlora.product.ProductLayout`` (its weight's roles in its one product) or, in
+    ``reasons``, why it has none."""
 
-    def __init__(self, found: Mapping[str, Layout], modules: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        found: Mapping[str, Layout | product.ProductLayout],
+        modules: Mapping[str, str],
+        reasons: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(found)
         self.modules = dict(modules)
+        # path -> why a module that is no known layer kind cannot be adapted at a product
+        self.reasons = dict(reasons or {})
 
 
 # Each layouts() call traces afresh: an nn.jit trace cached by an earlier call (or by
@@ -185,8 +239,12 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
     views: dict[str, Any] = {}  # lifted module path -> its params' ndims, as its body sees them
     modules: dict[str, str] = {}  # path -> class name, the innermost (a lifted one wraps it)
 
+    products: dict[str, list] = {}  # path -> [ProductLayout or reason] per call
+
     def record(next_fun, call_args, call_kwargs, context):
         module = context.module
+        if product.tracing():  # a clone traced for a product: not a module of the model
+            return next_fun(*call_args, **call_kwargs)
         if module.scope is not None:
             modules[".".join(module.scope.path)] = type(module).__name__
         out = next_fun(*call_args, **call_kwargs)
@@ -203,6 +261,8 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
             in_axes = input_axes(module) if kind == "linear" else 1
             weight = module.get_variable("params", "embedding" if kind == "embed" else "kernel")
             found[path] = (kind, in_axes, jnp.ndim(meta.unbox(weight)))
+        elif kind is None and context.method_name == "__call__" and _has_weights(module):
+            products.setdefault(path, []).append(_product_layout(module, call_args, call_kwargs))
         return out
 
     def init():
@@ -217,7 +277,41 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
         stack = jnp.ndim(weight) - ndim if weight is not None else 0
         scan = _scan_root(path, views, params) if stack else None
         out[path] = Layout(kind, in_axes, ndim, stack, scan)
-    return Layouts(out, modules)
+    reasons = {}
+    for path, calls in products.items():
+        layout = calls[0]
+        weight = None if isinstance(layout, str) else _lookup(params, path, layout.weight)
+        if len(calls) > 1:
+            reasons[path] = f"it is called {len(calls)} times in one forward (one product each)"
+        elif isinstance(layout, str):
+            reasons[path] = layout
+        elif weight is not None and jnp.ndim(weight) != layout.ndim:
+            reasons[path] = (
+                f"its weight '{layout.weight}' is stacked by nn.scan/nn.vmap ({jnp.ndim(weight)} "
+                f"axes in the params tree, {layout.ndim} in its call): not supported at a product"
+            )
+        else:
+            out[path] = layout
+    return Layouts(out, modules, reasons)
+
+
+def _has_weights(module: nn.Module) -> bool:
+    params = module.variables.get("params", {})
+    return any(not isinstance(v, Mapping) for v in params.values())
+
+
+def _product_layout(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The module's ``ProductLayout``, or why it has none (a string)."""
+    where = f"layer '{'.'.join(module.scope.path)}'"
+    try:
+        traced = product.trace(module, "__call__", args, kwargs)
+    except Exception as err:  # any failure of the user's module: say where it came from
+        return f"its call could not be traced on the inputs given ({type(err).__name__}: {err})"
+    try:
+        weight, found = product.find(module, traced, where)
+    except ValueError as err:
+        return str(err).removeprefix(f"{where} ({type(module).__name__}): ")
+    return product.ProductLayout(weight, found.roles)
 
 
 def _lookup(params: Mapping, path: str, leaf: str) -> Any:
@@ -303,8 +397,20 @@ def _refusal(path: str, layouts: Mapping | None, found: Mapping, where: str) -> 
     not describe it, so its layout would be a guess (a 2-D kernel taken as nn.Dense's (in, out),
     which e.g. FlaxConv1D's (out, in) is not)."""
     cls = None if layouts is None else getattr(layouts, "modules", {}).get(path)
+    reason = None if layouts is None else getattr(layouts, "reasons", {}).get(path)
     if cls is not None or layouts is None:
         held = f"{where} holds {found}" + (f" in a {cls}" if cls is not None else "")
+        if reason is not None:
+            return (
+                f"{held}, which cannot be adapted; supported: {SUPPORTED}, or a module whose "
+                f"one weight enters one product (here: {reason})"
+            )
+        if layouts is None:
+            return (
+                f"{held}, which is no layer jaxlora knows ({SUPPORTED}); a weight of any "
+                "other module can be adapted at the product it enters, found by tracing: pass "
+                "layouts=jaxlora.layouts(model, *inputs)"
+            )
         return f"{held}, which cannot be adapted; supported: {SUPPORTED}"
     return (
         f"{where} holds {found} but the layouts given do not describe it "

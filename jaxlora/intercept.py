@@ -5,7 +5,8 @@ that finds ``lora_a``/``lora_b`` beside its weight adds its factored branch (the
 never built): ``scaling · dropout(x) @ a @ b``, contracted over ``DenseGeneral``'s axes, as a
 conv like the base's followed by a 1×1 conv, or as a second lookup for ``Embed`` (whose
 ``attend`` uses the adapted table too, so the merged model computes the same). Any other layer
-that holds LoRA leaves is an error when called, never silently run without them.
+that holds LoRA leaves is an error when called, never silently run without them, unless
+``inject`` adapted it at its weight's product (``jaxlora.product``: a ``lora_roles`` leaf).
 
 ``flax.linen.jit`` reuses a module's trace while a fingerprint of the module (its fields and its
 scope) is unchanged, and the method interceptors that are active are not part of it: a trace
@@ -28,7 +29,7 @@ from flax import linen as nn
 from flax.core import meta
 from flax.linen import transforms as linen_transforms
 
-from jaxlora import core, kinds
+from jaxlora import core, kinds, product
 from jaxlora.config import LoRAConfig
 from jaxlora.quant._api import QuantizedWeight, dequantize
 from jaxlora.quant._base import QUANT
@@ -158,7 +159,7 @@ class _State:
 
     def interceptor(self, next_fun, args, kwargs, context):
         module = context.module
-        if module.scope is None or context.method_name == "setup":
+        if module.scope is None or context.method_name == "setup" or product.tracing():
             return next_fun(*args, **kwargs)
         if getattr(module, "adds_own_lora_branch", False):  # jaxlora.linen's LoRA layers
             return next_fun(*args, **kwargs)
@@ -168,6 +169,8 @@ class _State:
         kind = module_kind(module)
         method = context.method_name
         where = ".".join(module.scope.path) or "<root>"
+        if kind is None and method == "__call__" and module.has_variable("params", product.ROLES):
+            return product.apply(module, self.config, self.deterministic, args, kwargs)
         if quantized and not isinstance(module, nn.Dense):
             raise ValueError(
                 f"layer '{where}' is a {type(module).__name__} holding a quantized kernel (in "

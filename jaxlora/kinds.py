@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from flax.core import meta
 
+from jaxlora.tree import ROLES_NAME
+
 BASE_NAMES = ("kernel", "embedding")
 
 
@@ -95,6 +97,11 @@ def check_layer(
     every shape checked; a ``ValueError`` naming the layer otherwise. Stacked layers (leading
     layer axes, see ``stack_of``) are accepted only with ``stacked=True``: a caller that does
     not handle them must refuse them, not misread the layer axis as a feature axis."""
+    if ROLES_NAME in node:  # jaxlora.product's adapter: its layout is not one of these
+        raise ValueError(
+            f"{where} holds an adapter made at its weight's product ('lora_roles': a module "
+            "that is no Dense/DenseGeneral/Conv/Embed), which this operation does not handle yet"
+        )
     name = base_name(node)
     missing = [n for n in ("lora_a", "lora_b") if n not in node]
     if name is None or missing:

@@ -16,10 +16,11 @@ import numpy as np
 from flax import struct
 from flax.core import meta
 
-from jaxlora import core, kinds
+from jaxlora import core, kinds, oplevel, product
 from jaxlora.quant._base import dequantize_base, is_quantized, requantize_merged
 from jaxlora.tree import (
     LORA_NAMES,
+    ROLES_NAME,
     Path,
     PyTree,
     _like,
@@ -99,10 +100,7 @@ def merge(
     params = dequantize_base(params)  # unchanged without a 'quant' collection
     new_bases, layers = {}, []
     for path, node in iter_lora_layers(params):
-        kind, name, base, lora_a, lora_b = _layer(node, path, "merge")
-        stack = kinds.stack_of(kind, *map(jnp.shape, (base, lora_a, lora_b)))
-        scale = _scale(path, kind, base, lora_a, lora_b, alpha, use_rslora, "merge")
-        new = core.delta(lora_a, lora_b, scale, jnp.shape(base), stack)
+        name, base, new, scale = _delta(node, path, alpha, use_rslora, "merge")
         new_bases[path] = name, _apply(base, new, path, "merge")
         layers.append((path, scale))
     merged = _rebuild(params, (), new_bases, drop_lora=True)
@@ -167,14 +165,19 @@ def unmerge(merged: PyTree, record: MergeRecord) -> PyTree:
     for (path, scale), expected in zip(record.layers, record.fingerprints, strict=True):
         node = _get(merged, path)
         where = f"unmerge: layer '{path_str(path)}'"
+        lora_node = _get(record.adapter, path) or {}
         name = None if node is None else kinds.base_name(node)
+        if ROLES_NAME in lora_node:  # an adapter made at a product: its weight's own name
+            name = lora_node[ROLES_NAME].weight
+            if node is None or name not in node:
+                raise ValueError(f"{where}: the merged tree has no '{name}' at this path")
         if name is None:
             raise ValueError(f"{where}: the merged tree has no kernel or embedding at this path")
         if any(n in node for n in LORA_NAMES):
             raise ValueError(f"{where}: the merged tree still holds LoRA leaves here")
-        lora_node = _get(record.adapter, path)
-        kind, _, base, lora_a, lora_b = _layer({**lora_node, name: node[name]}, path, "unmerge")
-        stack = kinds.stack_of(kind, *map(jnp.shape, (base, lora_a, lora_b)))
+        _, base, new, _ = _delta(
+            {**lora_node, name: node[name]}, path, None, False, "unmerge", scale
+        )
         same = fingerprint(base) == expected
         if not isinstance(same, jax.core.Tracer) and not bool(same):
             raise ValueError(
@@ -182,8 +185,7 @@ def unmerge(merged: PyTree, record: MergeRecord) -> PyTree:
                 "merged, was changed since, or belongs to another merge): unmerging it would "
                 "shift the kernel by an adapter it does not hold"
             )
-        new = -core.delta(lora_a, lora_b, scale, jnp.shape(base), stack)
-        restored = _apply(base, new, path, "unmerge")
+        restored = _apply(base, -new, path, "unmerge")
         new_bases[path] = name, jnp.where(same, restored, jnp.nan).astype(restored.dtype)
     return combine(record.adapter, _rebuild(merged, (), new_bases, drop_lora=False))
 
@@ -198,6 +200,41 @@ def fingerprint(x: jax.Array) -> jax.Array:
     bits = bits.reshape(-1).astype(jnp.uint32)
     weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
     return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def _delta(
+    node: Mapping,
+    path: Path,
+    alpha: Alpha,
+    use_rslora: bool,
+    op: str,
+    scale: float | None = None,
+) -> tuple[str, jax.Array, jax.Array, float]:
+    """(weight name, weight, fp32 delta in the weight's layout, scale) of an adapted node: a
+    known layer kind (``jaxlora.kinds``) or an adapter made at a product (``lora_roles``).
+    ``scale`` (unmerge's recorded one) replaces the one ``alpha`` gives."""
+    if ROLES_NAME in node:
+        where = f"{op}: layer '{path_str(path)}'"
+        name, base, lora_a, lora_b, marker = product.check_product(node, where)
+        roles = marker.roles
+        r = jnp.shape(lora_a)[-1]
+        layer_alpha = alpha(path_str(path)) if callable(alpha) else alpha
+        core.check_hparams(
+            r=r,
+            alpha=layer_alpha,
+            dropout=0.0,
+            in_features=roles.in_features,
+            out_features=roles.out_features,
+            where=where,
+        )
+        if scale is None:
+            scale = core.scaling(r, layer_alpha, use_rslora=use_rslora)
+        return name, base, oplevel.delta(roles, lora_a, lora_b, scale), scale
+    kind, name, base, lora_a, lora_b = _layer(node, path, op)
+    stack = kinds.stack_of(kind, *map(jnp.shape, (base, lora_a, lora_b)))
+    if scale is None:
+        scale = _scale(path, kind, base, lora_a, lora_b, alpha, use_rslora, op)
+    return name, base, core.delta(lora_a, lora_b, scale, jnp.shape(base), stack), scale
 
 
 def _layer(node: Mapping, path: Path, op: str) -> tuple[str, str, jax.Array, jax.Array, jax.Array]:
@@ -256,7 +293,7 @@ def _rebuild(
     for key, value in tree.items():
         if isinstance(value, Mapping):
             out[key] = _rebuild(value, (*path, str(key)), bases, drop_lora=drop_lora)
-        elif drop_lora and key in LORA_NAMES:
+        elif drop_lora and (key in LORA_NAMES or key == ROLES_NAME):
             continue
         elif path in bases and key == bases[path][0]:
             new = bases[path][1]  # keeps nn.Partitioned-style metadata on the kernel

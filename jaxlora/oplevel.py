@@ -36,6 +36,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jcore
 
 from jaxlora import core
@@ -181,6 +182,21 @@ def _product(path, side, eqn, groups) -> Product:
     free_axes = [a for a in range(len(groups)) if a not in mine_c and a not in mine_b]
     roles = Roles((), of(mine_b), of(mine_c), of(free_axes))
     return Product(path, side, eqn.params["dimension_numbers"], groups, roles)
+
+
+def split_args(args: tuple, kwargs: dict):
+    """Array leaves are traced; every other leaf (None, flags, Python numbers) is static."""
+    arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
+    dynamic = [a if isinstance(a, jax.Array | np.ndarray) else None for a in arg_leaves]
+    static = tuple(None if d is not None else a for a, d in zip(arg_leaves, dynamic, strict=True))
+    return dynamic, static, arg_def
+
+
+def join_args(arg_def, dynamic, static, dyn):
+    """The (args, kwargs) ``split_args`` took apart, with ``dyn`` as the array leaves."""
+    it = iter(dyn)
+    leaves = [next(it) if d is not None else s for d, s in zip(dynamic, static, strict=True)]
+    return jax.tree.unflatten(arg_def, leaves)
 
 
 def with_shape(product: Product, shape: tuple[int, ...]) -> Product:

@@ -1,7 +1,9 @@
 """Sharding for LoRA params: the adapter follows its base weight's partitioning.
 
 ``lora_a`` takes the weight's input-axis sharding and ``lora_b`` its output-axis sharding; the
-rank axis is replicated (``jaxlora.kinds.lora_axis_names``, for every layer kind). Boxed
+rank axis is replicated (``jaxlora.kinds.lora_axis_names``, for every layer kind; an adapter
+made at a product takes, axis by axis, the names of the weight axes it stands for:
+``jaxlora.product.axis_names``). Boxed
 params (``nn.with_partitioning`` / logical axis names) get matching boxes from
 ``jaxlora.inject`` directly, so ``nn.get_partition_spec`` already covers them; for plain
 trees, ``partition_specs`` completes a spec tree written for the base.
@@ -14,8 +16,8 @@ from typing import Any
 
 from jax.sharding import PartitionSpec
 
-from jaxlora import kinds
-from jaxlora.tree import LORA_NAMES, PyTree, _like, _require_mapping, path_str
+from jaxlora import kinds, product
+from jaxlora.tree import LORA_NAMES, ROLES_NAME, PyTree, _like, _require_mapping, path_str
 
 
 def partition_specs(params: PyTree, base_specs: PyTree) -> PyTree:
@@ -45,9 +47,18 @@ def _specs(node: Mapping, specs: Mapping, path: tuple) -> Mapping:
         spec = specs.get(key) if isinstance(specs, Mapping) else None
         if isinstance(value, Mapping):
             out[key] = _specs(value, spec if isinstance(spec, Mapping) else {}, (*path, key))
+        elif key == ROLES_NAME:  # no arrays: it stays as it is, so the trees match
+            out[key] = value
         elif key not in LORA_NAMES:
             out[key] = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
-    if any(name in node for name in LORA_NAMES):
+    if ROLES_NAME in node:  # an adapter made at a product: each axis as the weight's
+        where = f"partition_specs: layer '{path_str(path)}'"
+        name, base, _, _, marker = product.check_product(node, where)
+        spec = specs.get(name) if isinstance(specs, Mapping) else None
+        names = tuple(spec) if isinstance(spec, PartitionSpec) else ()
+        names_a, names_b = product.axis_names(marker.roles, names)
+        out["lora_a"], out["lora_b"] = PartitionSpec(*names_a), PartitionSpec(*names_b)
+    elif any(name in node for name in LORA_NAMES):
         where = f"partition_specs: layer '{path_str(path)}'"
         kind, name, base, lora_a, lora_b = kinds.check_layer(node, where, stacked=True)
         stack = kinds.stack_of(kind, base.shape, lora_a.shape, lora_b.shape)

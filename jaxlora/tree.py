@@ -17,6 +17,8 @@ from flax.core import FrozenDict
 from _loracore.report import ParamCount
 
 LORA_NAMES = ("lora_a", "lora_b")
+# beside an adapter made at a product (jaxlora.product): no arrays, it goes with the adapter
+ROLES_NAME = "lora_roles"
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -178,7 +180,7 @@ def _filter(tree: Mapping, *, keep_lora: bool) -> Mapping | None:
             sub = _filter(value, keep_lora=keep_lora)
             if sub is not None and (sub or not keep_lora):
                 out[key] = sub
-        elif (key in LORA_NAMES) == keep_lora:
+        elif (key in LORA_NAMES or key == ROLES_NAME) == keep_lora:
             out[key] = value
     if keep_lora and not out:
         return None

@@ -237,20 +237,24 @@ def test_unsupported_module_holding_lora_refuses_the_call(name, how):
 
 
 @pytest.mark.parametrize("name", list(CONV1D))
-def test_inject_with_layouts_refuses_unsupported_module(name):
+def test_inject_with_layouts_adapts_conv1d_at_its_product(name):
+    """With layouts (the inputs), a FlaxConv1D-style module is adapted at the product its
+    (out, in) kernel enters (jaxlora.product): lora_a (in, r), lora_b (r, out), never a guessed
+    Dense layout. (Until op-level LoRA, inject refused it here.)"""
     model = CONV1D[name]()
     variables = model.init(jax.random.key(0), X)
     layouts = jaxlora.layouts(model, X)
-    assert set(layouts) == {"proj"}
-    with pytest.raises(
-        TypeError, match=r"layer 'c_attn' holds .*kernel.*\(6, 4\).* in a \w*Conv1D"
-    ):
-        jaxlora.inject(variables, C_ATTN, jax.random.key(1), layouts=layouts)
-    # the supported layer beside it is still adapted with the same layouts
+    assert set(layouts) == {"proj", "c_attn"}
+    assert layouts["c_attn"].roles == jaxlora.oplevel.Roles((6, 4), (), (1,), (0,))
     both = jaxlora.inject(
-        variables, jaxlora.LoRAConfig(r=2, targets=["proj"]), jax.random.key(1), layouts=layouts
+        variables,
+        jaxlora.LoRAConfig(r=2, targets=["proj", "c_attn"]),
+        jax.random.key(1),
+        layouts=layouts,
     )
     assert jnp.shape(both["params"]["proj"]["lora_a"]) == (6, 2)
+    assert jnp.shape(both["params"]["c_attn"]["lora_a"]) == (4, 2)
+    assert jnp.shape(both["params"]["c_attn"]["lora_b"]) == (2, 6)
 
 
 def test_inject_with_layouts_that_miss_a_layer_refuses():

@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.typing import HashableMapping
 
@@ -132,10 +131,10 @@ def find_weights(
     leaves = [leaf for _, leaf in paths]
     index_of = {_key(path): i for i, (path, _) in enumerate(paths)}
     where_of = {id(v): p for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
-    dynamic, static, arg_def = _split_args(tuple(inputs), {})
+    dynamic, static, arg_def = oplevel.split_args(tuple(inputs), {})
 
     def run(state_leaves, dyn):
-        args, _ = _join_args(arg_def, dynamic, static, dyn)
+        args, _ = oplevel.join_args(arg_def, dynamic, static, dyn)
         return nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))(*args)
 
     try:
@@ -176,27 +175,13 @@ def _key(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path[:-1])
 
 
-def _split_args(args: tuple, kwargs: dict):
-    """Array leaves are traced; every other leaf (None, flags, Python numbers) is static."""
-    arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
-    dynamic = [a if isinstance(a, jax.Array | np.ndarray) else None for a in arg_leaves]
-    static = tuple(None if d is not None else a for a, d in zip(arg_leaves, dynamic, strict=True))
-    return dynamic, static, arg_def
-
-
-def _join_args(arg_def, dynamic, static, dyn):
-    it = iter(dyn)
-    leaves = [next(it) if d is not None else s for d, s in zip(dynamic, static, strict=True)]
-    return jax.tree.unflatten(arg_def, leaves)
-
-
 def _aval(x) -> tuple:
     return (tuple(jnp.shape(x)), jnp.result_type(x), getattr(x, "weak_type", False))
 
 
 def _trace(module: OpAdapter, graphdef, state_def, leaves, args, kwargs):
     """(closed jaxpr, output treedef, product, static parts) of the base call, cached."""
-    dynamic, static, arg_def = _split_args(args, kwargs)
+    dynamic, static, arg_def = oplevel.split_args(args, kwargs)
     dyn = [d for d in dynamic if d is not None]
     key = (
         type(module),
@@ -218,7 +203,7 @@ def _trace(module: OpAdapter, graphdef, state_def, leaves, args, kwargs):
 
     def run(state_leaves, dyn_leaves):
         m = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
-        a, k = _join_args(arg_def, dynamic, static, dyn_leaves)
+        a, k = oplevel.join_args(arg_def, dynamic, static, dyn_leaves)
         out = base_call(m, *a, **k)
         return out, jax.tree.leaves(nnx.split(m)[1])
 

@@ -1,0 +1,241 @@
+"""Op-level LoRA for Linen: a weight of any module that enters one product (``jaxlora.oplevel``).
+
+A targeted module that is not a layer kind jaxlora knows (a custom ``Einsum`` holding ``w``,
+``FlaxConv1D``'s ``x @ kernel.T``) is traced by ``jaxlora.layouts``: its call, as a function of
+its own params (``Module.unbind`` and ``apply`` on a clone), becomes a jaxpr in which the one
+``dot_general`` consuming the weight gives the weight's ``Roles``. ``inject`` then puts beside
+the weight ``lora_a`` (B…, C…, r), ``lora_b`` (B…, r, F…) and a leaf ``lora_roles`` (a
+``ProductRoles``: a pytree with no arrays, so jit, grad, optax and ``meta.unbox`` carry it
+unchanged) that says which weight and which roles the adapter was made for. Tree-only code
+(``merge``, ``partition_specs``) reads the layout from it, where shapes alone are ambiguous
+(a square ``FlaxConv1D`` kernel (out, in) looks like a Dense (in, out) one). ``intercept``
+traces the module's call again and evaluates that jaxpr with the branch added at the product,
+after checking that the call uses the weight as recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.core import meta
+
+from jaxlora import core, oplevel
+from jaxlora.tree import ROLES_NAME as ROLES
+from jaxlora.tree import iter_lora_layers
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class ProductRoles:
+    """The ``lora_roles`` leaf: the adapted weight's name and its roles in its product."""
+
+    weight: str
+    roles: oplevel.Roles
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductLayout:
+    """``jaxlora.layouts``' entry for a module adapted at a product: which weight, its roles
+    (``kind`` is ``"product"``; such a layer is never stacked)."""
+
+    weight: str
+    roles: oplevel.Roles
+    kind: str = "product"
+    stack: int = 0
+    scan: None = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.roles.shape)
+
+
+def check_product(node: Mapping[str, Any], where: str) -> tuple[str, Any, Any, Any, ProductRoles]:
+    """(weight name, weight, lora_a, lora_b, marker) of a node with ``lora_roles``, unboxed,
+    every shape checked against the roles; a ``ValueError`` naming the layer otherwise."""
+    marker = node[ROLES]
+    if not isinstance(marker, ProductRoles):
+        raise ValueError(f"{where}: '{ROLES}' must be a ProductRoles, got {type(marker).__name__}")
+    missing = [n for n in (marker.weight, "lora_a", "lora_b") if n not in node]
+    if missing:
+        raise ValueError(f"{where}: an op-level adapter (lora_roles) without {missing}")
+    w, a, b = (meta.unbox(node[n]) for n in (marker.weight, "lora_a", "lora_b"))
+    roles = marker.roles
+    r = jnp.shape(a)[-1] if jnp.ndim(a) else 0
+    want = (roles.shape, *roles.lora_shapes(r))
+    for name, value, expected in zip(
+        (marker.weight, "lora_a", "lora_b"), (w, a, b), want, strict=True
+    ):
+        if tuple(jnp.shape(value)) != tuple(expected):
+            raise ValueError(
+                f"{where}, '{name}': expected shape {tuple(expected)} for the product roles "
+                f"{roles} and r={r}, got {tuple(jnp.shape(value))}"
+            )
+    return marker.weight, w, a, b, marker
+
+
+def axis_names(roles: oplevel.Roles, names: tuple) -> tuple[tuple, tuple]:
+    """Partitioning of (lora_a, lora_b) from the weight's axis names: each adapter axis takes
+    the name of the weight axis it stands for; the rank is replicated."""
+    names = tuple(names) + (None,) * (len(roles.shape) - len(names))
+    pick = lambda axes: tuple(names[i] for i in axes)  # noqa: E731
+    return (*pick(roles.batch), *pick(roles.contracted), None), (
+        *pick(roles.batch),
+        None,
+        *pick(roles.free),
+    )
+
+
+def init_leaves(layout: ProductLayout, r: int, init: str, key, param_dtype) -> dict[str, Any]:
+    """New ``lora_a`` (kaiming: torch's U(±1/√in), in = prod(C); gaussian: N(0, 1/r)) and zero
+    ``lora_b``, so the adapted module starts equal to the base; and the ``lora_roles`` leaf."""
+    roles = layout.roles
+    shape_a, shape_b = roles.lora_shapes(r)
+    if init == "gaussian":
+        lora_a = jax.random.normal(key, shape_a, param_dtype) / r
+    else:
+        bound = 1.0 / math.sqrt(roles.in_features)
+        lora_a = jax.random.uniform(key, shape_a, param_dtype, -bound, bound)
+    return {
+        "lora_a": lora_a,
+        "lora_b": jnp.zeros(shape_b, param_dtype),
+        ROLES: ProductRoles(layout.weight, roles),
+    }
+
+
+class _Tracing(threading.local):
+    def __init__(self) -> None:
+        self.depth = 0
+
+
+_TRACING = _Tracing()
+
+
+def tracing() -> bool:
+    """True while a module call is being traced here: jaxlora's interceptors pass through."""
+    return _TRACING.depth > 0
+
+
+@contextlib.contextmanager
+def _passthrough() -> Iterator[None]:
+    _TRACING.depth += 1
+    try:
+        yield
+    finally:
+        _TRACING.depth -= 1
+
+
+@dataclasses.dataclass
+class Traced:
+    """A bound module's call as a jaxpr of (its variables' leaves, the array arguments)."""
+
+    closed: Any
+    out_def: Any
+    leaves: list
+    dyn: list
+    weights: dict[str, int]  # weight name -> its input index
+
+
+def trace(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Traced:
+    """Traces ``module.<method>(*args, **kwargs)`` with the module's own variables (LoRA leaves
+    left out) as inputs; the direct array params are the candidate weights."""
+    unbound, variables = module.unbind()
+    variables = dict(variables)
+    params = {
+        k: v for k, v in variables.get("params", {}).items() if k not in ("lora_a", "lora_b", ROLES)
+    }
+    variables["params"] = params
+    paths, tree_def = jax.tree_util.tree_flatten_with_path(variables)
+    leaves = [leaf for _, leaf in paths]
+    weights = {}
+    for i, (path, _) in enumerate(paths):
+        keys = [getattr(k, "key", None) for k in path]
+        if keys[0] == "params" and keys[1] in params and not isinstance(params[keys[1]], Mapping):
+            weights[str(keys[1])] = i
+    dynamic, static, arg_def = oplevel.split_args(args, kwargs)
+    dyn = [d for d in dynamic if d is not None]
+
+    def run(var_leaves, dyn_leaves):
+        a, k = oplevel.join_args(arg_def, dynamic, static, dyn_leaves)
+        with _passthrough():
+            return unbound.apply(jax.tree.unflatten(tree_def, var_leaves), *a, method=method, **k)
+
+    closed, shapes = jax.make_jaxpr(run, return_shape=True)(leaves, dyn)
+    return Traced(closed, jax.tree.structure(shapes), leaves, dyn, weights)
+
+
+def find(module: nn.Module, traced: Traced, where: str) -> tuple[str, oplevel.Product]:
+    """The one weight of ``module`` that enters a product, and that product; a ``ValueError``
+    saying why otherwise (none, several, or one used besides its product)."""
+    found, unused = {}, []
+    for name, index in traced.weights.items():
+        shape = tuple(jnp.shape(traced.leaves[index]))
+        at = f"{where}, weight '{name}' {shape}"
+        try:
+            product = oplevel.find_product(traced.closed.jaxpr, index, shape, where=at)
+        except oplevel.NotAProduct as err:
+            unused.append(str(err).removeprefix(f"{where}, "))
+            continue
+        found[name] = oplevel.with_shape(product, shape)
+    if len(found) != 1:
+        why = (
+            f"its weights {sorted(found)} are each used by a product; a module with several "
+            "adapted weights is not supported yet"
+            if found
+            else "no param of it is used by a product (dot_general): "
+            + ("; ".join(unused) or "it holds none")
+        )
+        raise ValueError(f"{where} ({type(module).__name__}): {why}")
+    return next(iter(found.items()))
+
+
+def apply(module: nn.Module, config, deterministic: bool, args: tuple, kwargs: dict):
+    """``module.__call__(*args, **kwargs)`` with the LoRA branch added at its weight's product
+    (what ``intercept`` does for a node holding ``lora_roles``)."""
+    name = ".".join(module.scope.path)
+    where = f"layer '{name or '<root>'}'"
+    node = {n: module.get_variable("params", n) for n in module.variables.get("params", {})}
+    weight, _, a, b, marker = check_product(node, where)
+    inner = [
+        ".".join(p)
+        for p, _ in iter_lora_layers({k: v for k, v in node.items() if isinstance(v, Mapping)})
+    ]
+    if inner:  # the call is evaluated from its trace: their own branches would never run
+        raise ValueError(
+            f"{where} is adapted at its weight's product and its submodules {inner} hold LoRA "
+            "leaves too; adapt either the module or its submodules, not both"
+        )
+    traced = trace(module, "__call__", args, kwargs)
+    found, product = find(module, traced, where)
+    if (found, product.roles) != (weight, marker.roles):
+        raise ValueError(
+            f"{where}: this call uses weight '{found}' as {product.roles}, but the adapter was "
+            f"made for weight '{weight}' as {marker.roles} (from the inputs given to layouts)"
+        )
+    r = jnp.shape(a)[-1]
+    if r != config.rank_for(name):
+        raise ValueError(
+            f"{where} has r={r} (from its shapes) but the config gives it "
+            f"r={config.rank_for(name)}: the scale would be wrong"
+        )
+    scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
+    rate = 0.0 if deterministic else config.dropout
+
+    def at_product(eqn, operands):
+        base = eqn.primitive.bind(*operands, **eqn.params)
+        x = operands[1 - product.side]
+        if rate > 0:
+            keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
+            x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+        extra = oplevel.branch(product, eqn, operands, a, b, scale, x=x)
+        return base + extra.astype(base.dtype)
+
+    outs = oplevel.evaluate(traced.closed, [*traced.leaves, *traced.dyn], product.path, at_product)
+    return jax.tree.unflatten(traced.out_def, outs)

@@ -1,8 +1,9 @@
 """jaxlora on transformers 4.57's Linen Flax models (unmodified): ``FlaxLlamaForCausalLM``
 trained with ``jaxlora.inject`` + ``intercept`` and served by the real ``peft`` on
 ``LlamaForCausalLM`` holding the same base (loaded with ``from_pt=True``), and back; and
-``FlaxGPT2LMHeadModel``'s ``FlaxConv1D`` (kernel (out, in), used as ``x @ kernel.T``), which
-Linen cannot adapt yet, refused by name.
+``FlaxGPT2LMHeadModel``'s ``FlaxConv1D`` (kernel (out, in), used as ``x @ kernel.T``), adapted
+at its product (with ``layouts``) and checked against PEFT on ``GPT2LMHeadModel``; without
+layouts, and for PEFT's GPT-2 files, refused by name.
 """
 
 from __future__ import annotations
@@ -161,27 +162,80 @@ def test_peft_trained_adapter_loads_in_jax(llama, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gpt2():
-    model = FlaxGPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
-    return model, jnp.asarray(TOKENS)
+def gpt2(tmp_path_factory):
+    """(the Flax model, token ids, the torch GPT2LMHeadModel with the same weights)."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0)
+    config.embd_pdrop = config.attn_pdrop = 0.0
+    directory = str(tmp_path_factory.mktemp("gpt2"))
+    hf = GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(directory)
+    model = FlaxGPT2LMHeadModel.from_pretrained(directory, from_pt=True)
+    return model, jnp.asarray(TOKENS), hf
 
 
-GPT2_TARGETS = jaxlora.LoRAConfig(r=R, targets=["c_attn"])
+GPT2_TARGETS = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["c_attn", "c_proj"])
 
 
-def test_gpt2_conv1d_is_refused_by_inject_with_layouts(gpt2):
-    """With the model's layouts, inject refuses FlaxConv1D before anything changes."""
-    model, ids = gpt2
-    layouts = jaxlora.layouts(model.module, ids, jnp.ones_like(ids), jnp.zeros_like(ids))
-    match = r"layer 'transformer.h.0.attn.c_attn' holds .* in a FlaxConv1D, which cannot be adapted"
-    with pytest.raises(TypeError, match=match):
-        jaxlora.inject(model.params, GPT2_TARGETS, jax.random.key(0), layouts=layouts)
+def _gpt2_layouts(model, ids):
+    return jaxlora.layouts(model.module, ids, jnp.ones_like(ids), jnp.zeros_like(ids))
+
+
+def test_gpt2_conv1d_adapted_at_its_product_equals_peft(gpt2):
+    """FlaxConv1D (kernel (out, in), used as ``x @ kernel.T``) is adapted at its product when
+    inject gets the model's layouts: ``lora_a`` (in, r), ``lora_b`` (r, out). With the same
+    factors, PEFT's LoRA on the torch GPT-2's Conv1D (``fan_in_fan_out=True``) gives the same
+    logits, and jaxlora's merge (in the (out, in) layout) gives them with no adapter."""
+    model, ids, hf = gpt2
+    layouts = _gpt2_layouts(model, ids)
+    params = jaxlora.inject(model.params, GPT2_TARGETS, jax.random.key(0), layouts=layouts)
+    attn = params["transformer"]["h"]["0"]["attn"]["c_attn"]
+    assert attn["kernel"].shape == (96, 32)  # (out, in): FlaxConv1D's own layout
+    assert (attn["lora_a"].shape, attn["lora_b"].shape) == ((32, R), (R, 96))
+    key = iter(jax.random.split(jax.random.key(1), 64))
+    params = jax.tree_util.tree_map_with_path(  # B ≠ 0, so the branch counts
+        lambda p, v: (
+            0.1 * jax.random.normal(next(key), v.shape)
+            if getattr(p[-1], "key", None) == "lora_b"
+            else v
+        ),
+        params,
+    )
+    with jaxlora.intercept(GPT2_TARGETS):
+        y_jax = np.asarray(model(ids, params=params).logits)
+
+    peft_model = get_peft_model(
+        copy.deepcopy(hf),
+        LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+    )
+    adapted = 0
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                node = params
+                for part in name.split(".")[name.split(".").index("transformer") :]:
+                    node = node[part]
+                module.lora_A["default"].weight.copy_(
+                    torch.from_numpy(np.array(node["lora_a"]).T.copy())
+                )
+                module.lora_B["default"].weight.copy_(
+                    torch.from_numpy(np.array(node["lora_b"]).T.copy())
+                )
+                adapted += 1
+    assert adapted == 3 * 2  # c_attn, attn.c_proj and mlp.c_proj in each of 2 blocks
+    want = torch_logits(peft_model.eval())
+    assert rel_err(y_jax, torch_logits(hf)) > 1e-3
+    assert rel_err(y_jax, want) <= TOL
+    merged = jaxlora.merge(params, alpha=ALPHA)
+    assert rel_err(np.asarray(model(ids, params=merged).logits), want) <= TOL
 
 
 def test_gpt2_conv1d_holding_lora_leaves_is_refused_when_called(gpt2):
     """Without layouts a 2-D kernel is taken as nn.Dense's; the first call under intercept
     finds a FlaxConv1D holding the leaves and refuses it, never computing a wrong branch."""
-    model, ids = gpt2
+    model, ids, _ = gpt2
     params = jaxlora.inject(model.params, GPT2_TARGETS, jax.random.key(0))
     match = r"layer 'transformer.h.0.attn.c_attn' is a FlaxConv1D holding LoRA leaves"
     with pytest.raises(ValueError, match=match), jaxlora.intercept(GPT2_TARGETS):
@@ -193,7 +247,7 @@ def test_gpt2_peft_adapter_is_refused_by_load(gpt2, tmp_path):
     FlaxConv1D kernel is merged with a Dense-layout delta."""
     from transformers import GPT2LMHeadModel
 
-    model, _ = gpt2
+    model, _, _ = gpt2
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
     config = LoraConfig(r=R, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)

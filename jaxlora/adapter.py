@@ -33,6 +33,8 @@ from jaxlora.config import LoRAConfig
 from jaxlora.core import scaling, weight_init
 from jaxlora.quant._base import is_quantized, restore_quantized, with_kernel_shapes
 from jaxlora.tree import (
+    INIT_NAME,
+    InitRecord,
     PyTree,
     _like,
     _require_mapping,
@@ -92,6 +94,7 @@ def save_adapter(
     for path, node in iter_lora_layers(params):
         name = path_str(path)
         kind, _, _, a, b = kinds.check_layer(node, f"save_adapter: layer '{name}'")
+        _check_init_record(node, config, f"save_adapter: layer '{name}'")
         torch_path = map_path(path_map, name)
         key_a, key_b = tensor_keys(torch_path, kind)
         tensors[key_a], tensors[key_b] = kinds.to_torch(kind, np.asarray(a), np.asarray(b))
@@ -157,6 +160,7 @@ def load_adapter(
             "load it into the plain base tree instead (no LoRA leaves, the original kernels): "
             "jaxlora.load_adapter(base_params, directory)"
         )
+    _check_residual_bases(tensors, nodes, config, directory)
     new = {}
     for torch_path, (a, b, file_kind) in tensors.items():
         flax_path, node = nodes[torch_path]
@@ -191,7 +195,44 @@ def load_adapter(
             new[flax_path][name] = (
                 boxed.replace_boxed(residual) if isinstance(boxed, meta.AxisMetadata) else residual
             )
+            new[flax_path][INIT_NAME] = InitRecord(config.init)  # the kernel is the residual
     return _set_leaves(params, (), new)
+
+
+def _check_init_record(node: Mapping, config, where: str) -> None:
+    """The file says ``config.init``; a PiSSA/OLoRA file makes its reader rebuild the residual
+    from the base weight, so it must describe a layer whose kernel is that residual (its
+    ``lora_init`` record), and a plain file a layer whose kernel is the base weight itself."""
+    record = node.get(INIT_NAME)
+    made = (
+        "kaiming/gaussian (its kernel is the base weight)"
+        if record is None
+        else (f"{record.init!r} (its kernel is the residual W − scaling·B₀A₀)")
+    )
+    if (record.init if record is not None else None) != (
+        config.init if config.init in WEIGHT_INITS else None
+    ):
+        raise ValueError(
+            f"{where} was injected with init={made}, but the config says "
+            f"init={config.init!r}: the file would make PEFT rebuild the wrong base. Pass the "
+            "config the tree was injected with"
+        )
+
+
+def _check_residual_bases(tensors: Mapping, nodes: Mapping, config, directory) -> None:
+    """A plain adapter is relative to the base weight W; a layer injected (or loaded) with
+    PiSSA/OLoRA holds the residual W − scaling·B₀A₀ instead (its ``lora_init`` record)."""
+    for torch_path in tensors:
+        record = nodes[torch_path][1].get(INIT_NAME)
+        if record is not None and config.init != record.init:
+            raise ValueError(
+                f"{directory}: layer '{torch_path}' was injected with init={record.init!r}, so "
+                "its kernel is the residual W − scaling·B₀A₀, but the file is an "
+                f"init={config.init!r} adapter, made for the original W: applied to the "
+                "residual it would compute something else. Load it into the plain base tree "
+                "(no LoRA leaves, the original kernels): jaxlora.load_adapter(base_params, "
+                "directory)"
+            )
 
 
 def _load_quantized(variables, directory, path_map, layer_names) -> PyTree:

@@ -25,7 +25,15 @@ from _loracore.config import WEIGHT_INITS
 from jaxlora import core, kinds, product, stacks
 from jaxlora.config import LoRAConfig
 from jaxlora.intercept import SUPPORTED, input_axes, module_kind, traced_as
-from jaxlora.tree import LORA_NAMES, PyTree, _like, _require_mapping
+from jaxlora.tree import (
+    INIT_NAME,
+    LORA_NAMES,
+    RECORD_NAMES,
+    InitRecord,
+    PyTree,
+    _like,
+    _require_mapping,
+)
 
 
 def inject(
@@ -99,7 +107,7 @@ def _inject(
     new = {}
     for path in chosen:
         node, where = nodes[path], f"inject: layer '{path}'"
-        if any(name in node for name in (*LORA_NAMES, product.ROLES)):
+        if any(name in node for name in (*LORA_NAMES, *RECORD_NAMES)):
             raise ValueError(f"{where} already has LoRA leaves")
         layout = None if layouts is None else layouts.get(path)
         if isinstance(layout, product.ProductLayout):
@@ -136,6 +144,8 @@ def _inject(
             where=where,
         )
         leaves = _stacked_init(base, stack, key, init_one)
+        if config.init in WEIGHT_INITS:  # the kernel is now the residual: say so in the tree
+            leaves[INIT_NAME] = InitRecord(config.init)
         if isinstance(boxed, meta.AxisMetadata):
             if name in leaves:
                 leaves[name] = boxed.replace_boxed(leaves[name])

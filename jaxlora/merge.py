@@ -20,6 +20,7 @@ from jaxlora import core, kinds, oplevel, product
 from jaxlora.quant._base import dequantize_base, is_quantized, requantize_merged
 from jaxlora.tree import (
     LORA_NAMES,
+    RECORD_NAMES,
     ROLES_NAME,
     Path,
     PyTree,
@@ -293,7 +294,7 @@ def _rebuild(
     for key, value in tree.items():
         if isinstance(value, Mapping):
             out[key] = _rebuild(value, (*path, str(key)), bases, drop_lora=drop_lora)
-        elif drop_lora and (key in LORA_NAMES or key == ROLES_NAME):
+        elif drop_lora and (key in LORA_NAMES or key in RECORD_NAMES):
             continue
         elif path in bases and key == bases[path][0]:
             new = bases[path][1]  # keeps nn.Partitioned-style metadata on the kernel

@@ -17,7 +17,15 @@ from typing import Any
 from jax.sharding import PartitionSpec
 
 from jaxlora import kinds, product
-from jaxlora.tree import LORA_NAMES, ROLES_NAME, PyTree, _like, _require_mapping, path_str
+from jaxlora.tree import (
+    LORA_NAMES,
+    RECORD_NAMES,
+    ROLES_NAME,
+    PyTree,
+    _like,
+    _require_mapping,
+    path_str,
+)
 
 
 def partition_specs(params: PyTree, base_specs: PyTree) -> PyTree:
@@ -47,7 +55,7 @@ def _specs(node: Mapping, specs: Mapping, path: tuple) -> Mapping:
         spec = specs.get(key) if isinstance(specs, Mapping) else None
         if isinstance(value, Mapping):
             out[key] = _specs(value, spec if isinstance(spec, Mapping) else {}, (*path, key))
-        elif key == ROLES_NAME:  # no arrays: it stays as it is, so the trees match
+        elif key in RECORD_NAMES:  # no arrays: it stays as it is, so the trees match
             out[key] = value
         elif key not in LORA_NAMES:
             out[key] = spec if isinstance(spec, PartitionSpec) else PartitionSpec()

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -17,8 +18,25 @@ from flax.core import FrozenDict
 from _loracore.report import ParamCount
 
 LORA_NAMES = ("lora_a", "lora_b")
-# beside an adapter made at a product (jaxlora.product): no arrays, it goes with the adapter
-ROLES_NAME = "lora_roles"
+# Records beside an adapter: pytrees with no arrays (jit, grad, optax and meta.unbox carry them
+# unchanged), saying how the adapter was made where the arrays cannot. They go with the adapter
+# (split, MergeRecord) and are dropped by merge.
+ROLES_NAME = "lora_roles"  # made at its weight's product (jaxlora.product)
+INIT_NAME = "lora_init"  # made by PiSSA/OLoRA: the base weight beside it is the residual
+RECORD_NAMES = (ROLES_NAME, INIT_NAME)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class InitRecord:
+    """The ``lora_init`` record of a Linen layer injected (or loaded) with ``init`` "pissa" or
+    "olora": its base weight is the residual W − scaling·B₀A₀, not W. A params tree cannot
+    tell that from its arrays; with the record, ``load_adapter`` refuses a plain adapter for
+    such a layer and ``save_adapter`` a config that says another init (either would pair the
+    residual with an adapter made for W: silently wrong outputs)."""
+
+    init: str
+
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -180,7 +198,7 @@ def _filter(tree: Mapping, *, keep_lora: bool) -> Mapping | None:
             sub = _filter(value, keep_lora=keep_lora)
             if sub is not None and (sub or not keep_lora):
                 out[key] = sub
-        elif (key in LORA_NAMES or key == ROLES_NAME) == keep_lora:
+        elif (key in LORA_NAMES or key in RECORD_NAMES) == keep_lora:
             out[key] = value
     if keep_lora and not out:
         return None

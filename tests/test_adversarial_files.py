@@ -474,6 +474,62 @@ def test_file_into_weight_init_model_it_does_not_fit_is_refused(
     with pytest.raises(ValueError, match=match):
         jaxlora.nnx.load_adapter(net, tmp_path)
     np.testing.assert_array_equal(np.asarray(net.query.kernel[...]), kernel)
+    # Linen: the tree's lora_init record says its kernels are residuals.
+    params = jaxlora.inject(linen_params(), injected, jax.random.key(0))
+    linen_match = (
+        rf"was injected with init='{model_init}', so its kernel is the residual"
+        if file_init in ("kaiming", "gaussian")
+        else "load it into the plain base tree"
+    )
+    with pytest.raises(ValueError, match=linen_match):
+        jaxlora.load_adapter(params, tmp_path)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_linen_residual_record_survives_training_split_and_unmerge(tmp_path, init):
+    """The lora_init record (no arrays) goes through jit, grad, freeze_base/optax, split/combine
+    and a merge record; merging drops it (the merged kernel is the full weight again); a
+    PiSSA/OLoRA file loaded into the plain tree adds it; then a plain file is refused."""
+    import optax
+
+    config = LoRAConfig(**INJECTED, alpha=8, init=init)
+    params = jaxlora.inject(linen_params(), config, jax.random.key(0))
+    tx = jaxlora.freeze_base(optax.adam(1e-2))
+    model = LinenNet()
+
+    @jax.jit
+    def step(params, state):
+        with jaxlora.intercept(config):
+            grads = jax.grad(lambda p: (model.apply({"params": p}, X) ** 2).sum())(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, _ = step(params, tx.init(params))
+    adapter, base = jaxlora.split(params)
+    params = jaxlora.combine(adapter, base)
+    merged, record = jaxlora.merge(params, alpha=8, record=True)
+    assert "lora_init" not in merged["query"]
+    params = jaxlora.unmerge(merged, record)
+    assert params["query"]["lora_init"] == params["value"]["lora_init"]
+    torch_adapter(tmp_path / "plain", alpha=8)
+    with pytest.raises(ValueError, match=rf"init='{init}', so its kernel is the residual"):
+        jaxlora.load_adapter(params, tmp_path / "plain")
+    torch_adapter(tmp_path / "weight-init", init=init, alpha=8)
+    loaded = jaxlora.load_adapter(linen_params(), tmp_path / "weight-init")
+    assert loaded["query"]["lora_init"] == params["query"]["lora_init"]
+    with pytest.raises(ValueError, match=rf"init='{init}', so its kernel is the residual"):
+        jaxlora.load_adapter(loaded, tmp_path / "plain")
+
+
+@pytest.mark.parametrize("tree_init,config_init", [("pissa", "kaiming"), ("kaiming", "olora")])
+def test_linen_save_refuses_a_config_with_another_init(tmp_path, tree_init, config_init):
+    """The file's init tells PEFT whether to rebuild a residual base: it must be the tree's."""
+    params = jaxlora.inject(
+        linen_params(), LoRAConfig(**INJECTED, alpha=8, init=tree_init), jax.random.key(0)
+    )
+    with pytest.raises(ValueError, match=rf"injected with init=.*config says init='{config_init}'"):
+        jaxlora.save_adapter(params, tmp_path, LoRAConfig(**INJECTED, alpha=8, init=config_init))
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])

@@ -134,8 +134,12 @@ REFUSALS = {
     "rank": (lambda lo: None, {"rank": 2}, r"its rank 4 is not the rule's 2"),
     "not_adaptable": (  # the embedding table is looked up, not multiplied
         lambda lo: lo.update(
-            {"embedder": {"input_embedding_lora_a": np.zeros((128, R)),
-                          "input_embedding_lora_b": np.zeros((R, 64))}}
+            {
+                "embedder": {
+                    "input_embedding_lora_a": np.zeros((128, R)),
+                    "input_embedding_lora_b": np.zeros((R, 64)),
+                }
+            }
         ),
         None,
         r"'embedder'",

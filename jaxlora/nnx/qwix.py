@@ -193,7 +193,7 @@ def check_shapes(
                 raise ValueError(f"{where} {shape}: its rank {shape[-1]} is not the rule's {rank}")
             if shape != tuple(want):
                 raise ValueError(f"{where}: shape {shape}, expected {tuple(want)}")
-            dtype = jnp.result_type(array)
+            dtype = np.dtype(getattr(array, "dtype", None) or np.result_type(array))
             if not jnp.issubdtype(dtype, jnp.floating) or jnp.promote_types(
                 dtype, param_dtype
             ) != jnp.dtype(param_dtype):

@@ -18,6 +18,10 @@ THIRD_PARTY_WARNINGS = [
     "ignore:`flax.nnx.State` will be deprecated:DeprecationWarning",
     # tunix's PeftTrainer logs the gradient norm with optax.global_norm.
     "ignore:optax.global_norm is deprecated:DeprecationWarning",
+    # qwix 0.1.8 walks NNX models with the deprecated Module.iter_modules method.
+    "ignore:The 'm.iter_modules\\(\\)' method is deprecated:DeprecationWarning",
+    # ... and unboxes its variables through flax's removed alias nnx.VariableState.
+    "ignore:'VariableState' was removed:DeprecationWarning",
     # transformers 4.57 decorates with torch.jit.script_method at import.
     "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
 ]

@@ -16,6 +16,7 @@ from jaxlora.nnx.multi import (
 )
 from jaxlora.nnx.oplevel import OpAdapter
 from jaxlora.nnx.quant import QuantizedKernel, quantize_base
+from jaxlora.nnx.qwix import from_qwix
 
 __all__ = [
     "LoRAConv",
@@ -27,6 +28,7 @@ __all__ = [
     "QuantizedKernel",
     "adapter_index",
     "clear_adapter",
+    "from_qwix",
     "inject",
     "load_adapter",
     "merge",

@@ -1,0 +1,203 @@
+"""Adapters trained with Google's qwix, read into jaxlora (``from_qwix``), so they can be
+merged (``jaxlora.nnx.merge``) and written as PEFT files (``jaxlora.nnx.save_adapter``).
+
+qwix 0.1.8 (``qwix.apply_lora_to_model(model, qwix.LoraProvider(...), *inputs)``) puts
+``<weight>_lora_a`` / ``<weight>_lora_b`` beside a weight that reaches an einsum or
+dot_general as its right operand, and adds ``(alpha / rank) · (x ⋅ a) ⋅ b`` to that product:
+through ``jnp.einsum``, ``a`` holds the weight's axes shared with x (contracted or batch), in
+the weight's order, then the rank, and ``b`` the rank then the weight's other axes; through
+``jax.lax.dot_general`` (``nnx.Linear``), ``a`` is (batch…, prod(contracted), rank) and ``b``
+(batch…, rank, prod(free)). For a weight without batch axes whose contracted and free axes
+are one each, or reached through an einsum, that is exactly jaxlora's op-level adapter
+(``lora_a`` (contracted…, r), ``lora_b`` (r, free…), scaling ``alpha / r``; qwix has no
+rsLoRA), so the arrays are copied as they are. Anything else is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlora.config import LoRAConfig
+from jaxlora.nnx.inject import _by_product, _module_paths, inject
+from jaxlora.nnx.oplevel import find_weights
+
+_SUFFIXES = ("_lora_a", "_lora_b")
+_OPS = {"einsum", "dot_general"}
+
+
+def from_qwix(
+    model: nnx.Module,
+    lora: Any,
+    rules: Any,
+    *,
+    inputs: Sequence[Any],
+    rngs: nnx.Rngs | None = None,
+    param_dtype: Any = jnp.float32,
+) -> nnx.Module:
+    """Injects, in place, jaxlora adapters into the un-adapted ``model`` holding the qwix
+    adapters ``lora``, so that ``model`` computes what the qwix-adapted model computed.
+
+    Args:
+        model: the model before ``qwix.apply_lora_to_model`` (same base weights).
+        lora: the qwix adapters: an ``nnx.State`` of the qwix-adapted model (all of it or
+            ``nnx.state(m, nnx.LoRAParam)``), or a nested dict of arrays as an orbax
+            checkpoint of those restores it. Leaves named ``<weight>_lora_a`` /
+            ``<weight>_lora_b`` are the adapters; other leaves are ignored.
+        rules: the ``qwix.LoraProvider`` used for training (its rules are read), or its list
+            of ``qwix.LoraRule``: each adapter's rank, alpha and dropout come from the first
+            rule whose ``module_path`` fully matches its '/'-joined module path, as in qwix.
+        inputs: ``model(*inputs)`` arguments, to find each weight's product (as ``inject``).
+        rngs: for the adapters' dropout stream (their values come from ``lora``).
+        param_dtype: the adapters' dtype; the qwix arrays must convert to it exactly.
+
+    Returns ``model``, injected with ``LoRAConfig(r=rank, alpha=alpha, targets=<the adapted
+    paths>)``. Raises ``ValueError`` naming the path, before anything changes, for an adapter
+    it cannot map exactly: an ``_lora_a`` without its ``_lora_b``, a module or weight the model
+    lacks, a module with several adapted weights, a weight jaxlora adapts differently (not
+    an ``nnx.Linear`` or a module adapted at its product; batch axes), a shape other than
+    jaxlora's, a rank other than the rule's, no LoRA rule, a quantized rule (QLoRA: the base
+    qwix trained against was quantized), or rules giving different (rank, alpha, dropout).
+    """
+    adapters = qwix_adapters(lora)
+    if not adapters:
+        raise ValueError("from_qwix: no '<weight>_lora_a' / '<weight>_lora_b' arrays in lora")
+    rule_list = list(getattr(rules, "_rules", rules))
+    settings = {path: rule_for(rule_list, path) for path in adapters}
+    if len(set(settings.values())) != 1:
+        raise ValueError(
+            "from_qwix: the rules give different (rank, alpha, dropout) per module "
+            f"({sorted(set(settings.values()))}); only one setting is supported so far"
+        )
+    rank, alpha, dropout = next(iter(settings.values()))
+    expected = expected_shapes(model, {p: w for p, (w, _, _) in adapters.items()}, rank, inputs)
+    check_shapes(adapters, expected, rank, param_dtype)
+    config = LoRAConfig(r=rank, alpha=alpha, dropout=dropout, targets=sorted(adapters))
+    inject(model, config, rngs or nnx.Rngs(0), param_dtype=param_dtype, inputs=inputs)
+    modules = _module_paths(model)
+    for path, (_, a, b) in adapters.items():
+        layer = modules[path][1]
+        layer.lora_a[...] = jnp.asarray(a, param_dtype)
+        layer.lora_b[...] = jnp.asarray(b, param_dtype)
+    return model
+
+
+def qwix_adapters(lora: Any) -> dict[str, tuple[str, Any, Any]]:
+    """{'.'-joined module path: (weight name, lora_a, lora_b)} from a qwix state or dict."""
+    if isinstance(lora, nnx.State):
+        lora = nnx.to_pure_dict(lora)
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(lora)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in key_path]
+        name = keys[-1]
+        suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
+        if suffix is None or name == suffix:
+            continue
+        module = ".".join(keys[:-1])
+        found.setdefault((module, name.removesuffix(suffix)), {})[suffix] = leaf
+    adapters: dict[str, tuple[str, Any, Any]] = {}
+    for (module, weight), pair in sorted(found.items()):
+        where = f"from_qwix: layer '{module}', weight '{weight}'"
+        missing = [weight + s for s in _SUFFIXES if s not in pair]
+        if missing:
+            raise ValueError(f"{where}: {missing[0]} is missing (qwix writes both factors)")
+        if module in adapters:
+            raise ValueError(
+                f"{where}: the module holds adapters on '{adapters[module][0]}' too; a module "
+                "with several adapted weights is not supported"
+            )
+        adapters[module] = (weight, pair["_lora_a"], pair["_lora_b"])
+    return adapters
+
+
+def rule_for(rules: Sequence[Any], path: str) -> tuple[int, float, float]:
+    """(rank, alpha, dropout) of the first rule that qwix applies to the module at ``path``
+    ('.'-joined; qwix matches the '/'-joined path), refusing a quantized (QLoRA) rule."""
+    qwix_path = path.replace(".", "/")
+    where = f"from_qwix: layer '{path}'"
+    for rule in rules:
+        ops = set(getattr(rule, "op_names", ()) or ())
+        if re.fullmatch(rule.module_path, qwix_path) is None or (ops and not ops & _OPS):
+            continue
+        if not hasattr(rule, "rank") or not hasattr(rule, "alpha"):
+            raise ValueError(f"{where}: the first rule matching it is not a LoRA rule: {rule}")
+        quantized = {
+            k: getattr(rule, k) for k in ("weight_qtype", "act_qtype") if getattr(rule, k, None)
+        }
+        if quantized:
+            raise ValueError(
+                f"{where}: its rule quantizes ({quantized}): QLoRA adapters were trained "
+                "against a quantized base, which jaxlora's float base would not reproduce"
+            )
+        return int(rule.rank), float(rule.alpha), float(getattr(rule, "dropout", 0.0))
+    raise ValueError(f"{where}: no rule's module_path matches '{qwix_path}'")
+
+
+def expected_shapes(
+    model: nnx.Module, weights: Mapping[str, str], rank: int, inputs: Sequence[Any]
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """{path: (lora_a shape, lora_b shape)} jaxlora gives the weight ``weights[path]`` of the
+    module at ``path``; a ``ValueError`` for one it cannot adapt as qwix did."""
+    modules = _module_paths(model)
+    shapes, by_product = {}, {}
+    for path, weight in weights.items():
+        where = f"from_qwix: layer '{path}', weight '{weight}'"
+        if path not in modules or not path:
+            raise ValueError(f"{where}: the model has no module at that path")
+        module = modules[path][1]
+        if not isinstance(getattr(module, weight, None), nnx.Param):
+            raise ValueError(f"{where}: the module has no nnx.Param '{weight}'")
+        if _by_product(module, path, inputs):
+            by_product[path] = module
+        elif type(module) is nnx.Linear and weight == "kernel":
+            *stack, n_in, n_out = module.kernel.shape
+            shapes[path] = ((*stack, n_in, rank), (*stack, rank, n_out))
+        else:
+            raise ValueError(
+                f"{where}: a {type(module).__name__}, which jaxlora adapts as a layer of its "
+                "own kind; from_qwix reads adapters on nnx.Linear kernels and on weights "
+                "adapted at their product only"
+            )
+    for path, (weight, roles) in find_weights(model, by_product, inputs).items():
+        where = f"from_qwix: layer '{path}', weight '{weights[path]}'"
+        if weight != weights[path]:
+            raise ValueError(f"{where}: jaxlora finds '{weight}' in the module's product")
+        if roles.batch:
+            raise ValueError(
+                f"{where}: its product has batch axes {roles.batch}; qwix's einsum adapter "
+                "shares lora_b across them, which jaxlora's per-batch adapter is not"
+            )
+        shapes[path] = roles.lora_shapes(rank)
+    return shapes
+
+
+def check_shapes(
+    adapters: Mapping[str, tuple[str, Any, Any]],
+    expected: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]],
+    rank: int,
+    param_dtype: Any,
+) -> None:
+    """Each array has jaxlora's shape for its weight (a flattened dot_general layout of
+    several axes is refused: the order qwix flattened them in is not in the state)."""
+    for path, (weight, a, b) in adapters.items():
+        for name, array, want in zip(_SUFFIXES, (a, b), expected[path], strict=True):
+            where = f"from_qwix: layer '{path}', {weight}{name}"
+            shape = tuple(np.shape(array))
+            if name == "_lora_a" and shape and shape[-1] != rank:
+                raise ValueError(f"{where} {shape}: its rank {shape[-1]} is not the rule's {rank}")
+            if shape != tuple(want):
+                raise ValueError(f"{where}: shape {shape}, expected {tuple(want)}")
+            dtype = np.dtype(getattr(array, "dtype", None) or np.result_type(array))
+            if not jnp.issubdtype(dtype, jnp.floating) or jnp.promote_types(
+                dtype, param_dtype
+            ) != jnp.dtype(param_dtype):
+                raise ValueError(
+                    f"{where}: dtype {dtype} does not convert exactly to param_dtype "
+                    f"{jnp.dtype(param_dtype)}"
+                )

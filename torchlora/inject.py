@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from _loracore.config import WEIGHT_INITS
+from _loracore.config import LORA_NAMES, WEIGHT_INITS
 from _loracore.report import ParamCount
 from torchlora import checks
 from torchlora.base import LoRALayer
@@ -17,9 +17,9 @@ from torchlora.conv import Conv1d, Conv2d, Conv3d, _ConvNd
 from torchlora.embedding import Embedding
 from torchlora.layer import Linear
 
-LORA_NAMES = ("lora_a", "lora_b")
 SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYERS = (Linear, Embedding, Conv1d, Conv2d, Conv3d)
+DORA_LAYERS = (Linear,)  # the layer types that implement use_dora
 
 
 def flat_features(module: nn.Module) -> tuple[int, int]:
@@ -40,7 +40,9 @@ def wrap(module: nn.Module, config: LoRAConfig, path: str) -> LoRALayer:
     conv = next((c for c in (Conv1d, Conv2d, Conv3d) if isinstance(module, c.base_type)), None)
     if conv is not None:
         return conv.from_conv(module, r, alpha, dropout=config.dropout, **common)
-    return Linear.from_linear(module, r, alpha, dropout=config.dropout, **common)
+    return Linear.from_linear(
+        module, r, alpha, dropout=config.dropout, use_dora=config.use_dora, **common
+    )
 
 
 def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
@@ -110,6 +112,11 @@ def _check_target(model: nn.Module, config: LoRAConfig, path: str, paths: list[s
     reason = kind.unsupported(module)
     if config.init in WEIGHT_INITS and kind is not Linear:
         reason = f"init={config.init!r} adapts Linear layers only, not a {type(module).__name__}"
+    if config.use_dora and kind not in DORA_LAYERS:
+        reason = (
+            f"use_dora=True is implemented for {', '.join(k.base_type.__name__ for k in DORA_LAYERS)}"
+            f" layers only, not a {type(module).__name__}"
+        )
     if reason:
         raise ValueError(f"layer '{path}': {reason}")
     for alias in paths:

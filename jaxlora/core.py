@@ -24,6 +24,7 @@ __all__ = [
     "default_lora_a_init",
     "default_lora_b_init",
     "delta",
+    "dora_norm",
     "general_branch",
     "lora_branch",
     "olora",
@@ -160,6 +161,15 @@ def delta(
     )
     prod = prod * jnp.asarray(scale, dtype)
     return prod if shape is None else prod.reshape(shape)
+
+
+def dora_norm(kernel: jax.Array, delta: jax.Array) -> jax.Array:
+    """DoRA's ``‖W + scaling·B A‖`` per output feature: the column norms (out,) of the (in, out)
+    ``kernel + delta``, in ``delta``'s dtype (fp32 or wider), with no gradient: PEFT, following
+    the paper (§4.3), treats the norm as a constant in the backward pass. The same as
+    ``torchlora.core.dora_norm`` on ``W = kernelᵀ``."""
+    full = kernel.astype(delta.dtype) + delta
+    return jax.lax.stop_gradient(jnp.sqrt(jnp.sum(full * full, axis=0)))
 
 
 def pissa(kernel: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:

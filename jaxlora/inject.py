@@ -124,6 +124,8 @@ def _inject(
             where=where,
         )
         leaves = _stacked_init(base, stack, key, init_one)
+        if config.use_dora:
+            leaves["lora_magnitude"] = dora_magnitude(base, leaves, scale, kind, stack, where)
         if isinstance(boxed, meta.AxisMetadata):
             if name in leaves:
                 leaves[name] = boxed.replace_boxed(leaves[name])
@@ -348,6 +350,21 @@ def _select(nodes: Mapping, config: LoRAConfig, layouts, layer_names) -> list[st
             shape = jnp.shape(meta.unbox(node[name]))
             per_layer[path] = _per_layer(layouts, path, shape, layer_names, f"layer '{path}'")
     return stacks.select(names, per_layer, config)
+
+
+def dora_magnitude(
+    base: jax.Array, leaves: Mapping, scale: float, kind: str, stack: int, where: str
+) -> jax.Array:
+    """DoRA's initial magnitude (PEFT's): ``‖K + scale·a b‖`` per output feature, in the
+    adapter's dtype; a ``ValueError`` for a layer DoRA is not implemented for."""
+    shape = tuple(jnp.shape(base))
+    if kind != "linear" or stack or len(shape) != 2:
+        raise ValueError(
+            f"{where}: use_dora=True is implemented for {kinds.DORA_KINDS} only; this is a "
+            f"{kind} layer with a {shape} weight" + (" in a stack" if stack else "")
+        )
+    a, b = leaves["lora_a"], leaves["lora_b"]
+    return core.dora_norm(base, core.delta(a, b, scale)).astype(a.dtype)
 
 
 def init_leaves(

@@ -211,7 +211,14 @@ class _State:
             node["kernel"] = _dequantized_kernel(module, x, where)
         if not any(n in node for n in LORA_NAMES):  # a quantized base without an adapter
             return _dense(module, node["kernel"], x, where)
-        found, _, _, a, b = kinds.check_layer(node, where)
+        found, _, base, a, b = kinds.check_layer(node, where)
+        magnitude = kinds.check_magnitude(node, found, base, 0, where)
+        if magnitude is not None and (quantized or type(module) is not nn.Dense):
+            raise ValueError(
+                f"{where}: a {type(module).__name__}"
+                + (" with a quantized kernel" if quantized else "")
+                + f" holds 'lora_magnitude' (DoRA), which is implemented for {kinds.DORA_KINDS}"
+            )
         if found != kind or (kind == "linear" and jnp.ndim(a) - 1 != input_axes(module)):
             raise ValueError(
                 f"{where}: a {type(module).__name__} contracting {input_axes(module)} axis(es) "
@@ -227,6 +234,9 @@ class _State:
         scale = core.scaling(r, self.config.alpha_for(name), use_rslora=self.config.use_rslora)
         y = _dense(module, node["kernel"], x, where) if quantized else next_fun(*args, **kwargs)
         rate = 0.0 if self.deterministic else self.config.dropout
+        if magnitude is not None:
+            bias = module.get_variable("params", "bias") if module.use_bias else None
+            return y + dora(module, x, base, bias, (a, b, magnitude), scale, y, rate)
         return y + branch(module, kind, method, x, a, b, scale, rate)
 
 
@@ -287,9 +297,7 @@ def branch(
             return core.scaled_matmul(jnp.matmul(x, b.T), a.T, scale)
         return core.scaled_matmul(jnp.take(a, x, axis=0), b, scale)
     x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
-    if rate > 0:
-        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
-        x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    x = dropped(module, x, rate)
     if kind == "conv":
         h = _conv_like(module, r)(x, a)
         return core.scaled_matmul(h, b.reshape(r, -1), scale, module.precision)
@@ -298,6 +306,42 @@ def branch(
     if jnp.ndim(a) == 2 and jnp.ndim(b) == 2 and axis == (-1,):
         return core.lora_branch(x, a, b, scale, module.precision)
     return core.general_branch(x, a, b, scale, axis, module.precision)
+
+
+def dropped(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
+    """``x`` with dropout at ``rate`` (the layer's ``'dropout'`` rng); ``x`` itself at 0."""
+    if rate <= 0:
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def dora(
+    module: nn.Module,
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    adapter: tuple[jax.Array, jax.Array, jax.Array],
+    scale: float,
+    y: jax.Array,
+    rate: float = 0.0,
+) -> jax.Array:
+    """What DoRA adds to a Dense layer's output ``y`` (bias included), as PEFT computes it:
+    ``(m/‖K + s·a b‖ − 1) · plain + m/‖K + s·a b‖ · s·h a b``, norms per output feature and
+    constant in backward, ``h`` the branch input (dropped out at ``rate``). ``plain`` is ``y``
+    without its bias, except while dropout is active: then it is ``h @ K``, the base product
+    of the dropped-out input (PEFT's ``DoraLinearLayer.forward``)."""
+    a, b, magnitude = (meta.unbox(v) for v in adapter)
+    x, kernel, a, b = nn.dtypes.promote_dtype(x, meta.unbox(kernel), a, b, dtype=module.dtype)
+    h = dropped(module, x, rate)
+    lora = core.lora_branch(h, a, b, scale, module.precision)
+    norm = core.dora_norm(kernel, core.delta(a, b, scale))
+    factor = (magnitude / norm).astype(y.dtype)
+    if rate > 0:
+        plain = jnp.matmul(h, kernel, precision=module.precision)
+    else:
+        plain = y if bias is None else y - meta.unbox(bias).astype(y.dtype)
+    return (factor - 1) * plain + factor * lora
 
 
 def _conv_like(module: nn.Conv, r: int):

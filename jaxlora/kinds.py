@@ -138,6 +138,30 @@ def check_layer(
     return kind, name, base, a, b
 
 
+DORA_KINDS = "2-D nn.Dense kernels (not stacked, not quantized)"
+
+
+def check_magnitude(node: Mapping[str, Any], kind: str, base: Any, stack: int, where: str):
+    """A node's DoRA magnitude ``lora_magnitude`` (out,), unboxed, or ``None`` if it has none;
+    a ``ValueError`` where DoRA is not implemented for the layer or the shape is wrong."""
+    if "lora_magnitude" not in node:
+        return None
+    shape = tuple(np.shape(base))
+    if kind != "linear" or stack or len(shape) != 2:
+        raise ValueError(
+            f"{where}: holds 'lora_magnitude' (DoRA), which is implemented for {DORA_KINDS} "
+            f"only; this is a {kind} layer with a {shape} weight"
+            + (f" stacked over {stack} layer axis(es)" if stack else "")
+        )
+    magnitude = meta.unbox(node["lora_magnitude"])
+    if tuple(np.shape(magnitude)) != (shape[1],):
+        raise ValueError(
+            f"{where}, 'lora_magnitude': expected shape ({shape[1]},) (one per output feature "
+            f"of the kernel {shape}), got {tuple(np.shape(magnitude))}"
+        )
+    return magnitude
+
+
 def lora_axis_names(kind: str, names: tuple, a_ndim: int, stack: int = 0) -> tuple[tuple, tuple]:
     """Partitioning for an adapter from its base weight's axis names (one per axis): ``lora_a``
     shares the input axes, ``lora_b`` the output axes, both the ``stack`` leading layer axes

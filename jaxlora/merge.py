@@ -82,6 +82,16 @@ def merge(
         stack = kinds.stack_of(kind, *map(jnp.shape, (base, lora_a, lora_b)))
         scale = _scale(path, kind, base, lora_a, lora_b, alpha, use_rslora, "merge")
         new = core.delta(lora_a, lora_b, scale, jnp.shape(base), stack)
+        where = f"merge: layer '{path_str(path)}'"
+        magnitude = kinds.check_magnitude(node, kind, base, stack, where)
+        if magnitude is not None:
+            if record:
+                raise ValueError(
+                    f"{where} is DoRA (it holds 'lora_magnitude'): its merged kernel "
+                    "m/‖K + ΔK‖·(K + ΔK) cannot be unmerged exactly, so merge(record=True) is "
+                    "refused; keep the unmerged params (merge returns a new tree)"
+                )
+            new = _dora_delta(base, new, magnitude)
         new_bases[path] = name, _apply(base, new, path, "merge")
         layers.append((path, scale))
     merged = _rebuild(params, (), new_bases, drop_lora=True)
@@ -193,6 +203,14 @@ def _scale(
         where=f"{op}: layer '{path_str(path)}'",
     )
     return core.scaling(r, layer_alpha, use_rslora=use_rslora)
+
+
+def _dora_delta(kernel: jax.Array, delta: jax.Array, magnitude: jax.Array) -> jax.Array:
+    """What DoRA's merge adds to ``kernel`` (in fp32): PEFT's merged weight
+    ``m/‖K + ΔK‖ · (K + ΔK)``, per output feature (column), minus ``kernel``."""
+    full = kernel.astype(delta.dtype) + delta
+    factor = magnitude.astype(delta.dtype) / core.dora_norm(kernel, delta)
+    return factor * full - kernel.astype(delta.dtype)
 
 
 def _apply(kernel: jax.Array, delta: jax.Array, path: Path, op: str) -> jax.Array:

@@ -1,4 +1,5 @@
-"""The naming convention: a leaf is LoRA exactly when it is named ``lora_a`` or ``lora_b``.
+"""The naming convention: a leaf is LoRA exactly when it is named ``lora_a`` or ``lora_b``
+(or ``lora_magnitude``, DoRA's magnitude vector).
 
 ``lora_mask``, ``split``/``combine`` and ``freeze_base`` all rest on this one rule.
 """
@@ -14,9 +15,8 @@ import numpy as np
 import optax
 from flax.core import FrozenDict
 
+from _loracore.config import LORA_NAMES  # the one naming rule, shared with torchlora
 from _loracore.report import ParamCount
-
-LORA_NAMES = ("lora_a", "lora_b")
 
 PyTree = Any
 Path = tuple[str, ...]

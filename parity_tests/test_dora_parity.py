@@ -58,9 +58,7 @@ def peft_tensors(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
 
 
 def torch_twin(base: nn.Module, peft: nn.Module, *, r=3, alpha=6, dropout=0.0) -> nn.Module:
-    config = torchlora.LoRAConfig(
-        r=r, alpha=alpha, targets=TARGETS, use_dora=True, dropout=dropout
-    )
+    config = torchlora.LoRAConfig(r=r, alpha=alpha, targets=TARGETS, use_dora=True, dropout=dropout)
     model = torchlora.inject(copy.deepcopy(base), config)
     with torch.no_grad():
         for path in TARGETS:
@@ -70,8 +68,13 @@ def torch_twin(base: nn.Module, peft: nn.Module, *, r=3, alpha=6, dropout=0.0) -
     return model
 
 
+def _np(t) -> np.ndarray:
+    return np.asarray(t.detach() if isinstance(t, torch.Tensor) else t, np.float64)
+
+
 def rel(actual, expected) -> float:
-    actual, expected = (np.asarray(t.detach(), np.float64) for t in (actual, expected))
+    """Max abs difference relative to the expected value's scale (torch, numpy or jax)."""
+    actual, expected = _np(actual), _np(expected)
     return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30))
 
 
@@ -81,10 +84,14 @@ def x_input(seed: int = 2) -> torch.Tensor:
 
 def test_peft_initialises_magnitude_to_the_weight_norm():
     base = make_base()
-    ours = torchlora.inject(copy.deepcopy(base), torchlora.LoRAConfig(r=3, targets=TARGETS, use_dora=True))
+    ours = torchlora.inject(
+        copy.deepcopy(base), torchlora.LoRAConfig(r=3, targets=TARGETS, use_dora=True)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=3, target_modules=TARGETS, use_dora=True))
+        theirs = get_peft_model(
+            copy.deepcopy(base), LoraConfig(r=3, target_modules=TARGETS, use_dora=True)
+        )
     for path in TARGETS:
         m = peft_tensors(theirs, path)["lora_magnitude"]
         assert rel(ours.get_submodule(path).lora_magnitude, m) < TOL
@@ -171,3 +178,167 @@ def test_torch_files_both_ways(tmp_path):
     for path in TARGETS:
         for name, theirs in peft_tensors(back, path).items():
             assert torch.equal(getattr(ours.get_submodule(path), name), theirs), (path, name)
+
+
+# --- jaxlora Linen: inject + intercept on the unmodified twin ---------------------------------
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import linen as fnn  # noqa: E402
+
+import jaxlora  # noqa: E402
+
+LINEN_PATHS = {"0": "layers_0", "2": "layers_2"}
+
+
+class FlaxNet(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):
+        x = jnp.tanh(fnn.Dense(10, name="layers_0")(x))
+        return fnn.Dense(6, use_bias=False, name="layers_2")(x)
+
+
+def linen_twin(base: nn.Module, peft: nn.Module, *, r=3, alpha=6, dropout=0.0):
+    """The Linen twin: the base's kernels, then PEFT's adapter tensors, in Flax layout."""
+    params = {}
+    for path, name in LINEN_PATHS.items():
+        layer = base.get_submodule(path)
+        params[name] = {"kernel": jnp.asarray(layer.weight.detach().numpy().T)}
+        if layer.bias is not None:
+            params[name]["bias"] = jnp.asarray(layer.bias.detach().numpy())
+    config = jaxlora.LoRAConfig(
+        r=r, alpha=alpha, targets=list(LINEN_PATHS.values()), use_dora=True, dropout=dropout
+    )
+    params = jaxlora.inject(params, config, jax.random.key(0))
+    for path, name in LINEN_PATHS.items():
+        t = {k: v.detach().numpy() for k, v in peft_tensors(peft, path).items()}
+        params[name] = {
+            **params[name],
+            "lora_a": jnp.asarray(t["lora_a"].T),
+            "lora_b": jnp.asarray(t["lora_b"].T),
+            "lora_magnitude": jnp.asarray(t["lora_magnitude"]),
+        }
+    return config, {"params": params}
+
+
+def _linen_apply(config, variables, x):
+    with jaxlora.intercept(config):
+        return FlaxNet().apply(variables, x)
+
+
+def test_linen_inject_magnitude_is_peft_init():
+    base = make_base()
+    config, variables = linen_twin(base, peft_model(base))
+    fresh = jaxlora.inject(
+        {
+            n: {k: v for k, v in d.items() if not k.startswith("lora")}
+            for n, d in variables["params"].items()
+        },
+        config,
+        jax.random.key(3),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(
+            copy.deepcopy(base),
+            LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS, use_dora=True),
+        )
+    for path, name in LINEN_PATHS.items():
+        m = peft_tensors(theirs, path)["lora_magnitude"]
+        assert rel(np.asarray(fresh[name]["lora_magnitude"]), m) < TOL
+
+
+def test_linen_forward_grads_merge_match_peft():
+    base = make_base()
+    peft = peft_model(base)
+    config, variables = linen_twin(base, peft)
+    x = x_input()
+    xj = jnp.asarray(x.numpy())
+    y_peft = peft(x)
+    assert rel(np.asarray(_linen_apply(config, variables, xj)), y_peft) < TOL
+    (y_peft**2).sum().backward()
+    adapter, frozen = jaxlora.split(variables["params"])
+
+    def loss(adapter):
+        y = _linen_apply(config, {"params": jaxlora.combine(adapter, frozen)}, xj)
+        return (y**2).sum()
+
+    grads = jax.grad(loss)(adapter)
+    for path, name in LINEN_PATHS.items():
+        theirs = peft_tensors(peft, path)
+        g = {k: np.asarray(v) for k, v in grads[name].items()}
+        assert rel(g["lora_a"].T, theirs["lora_a"].grad) < TOL
+        assert rel(g["lora_b"].T, theirs["lora_b"].grad) < TOL
+        assert rel(g["lora_magnitude"], theirs["lora_magnitude"].grad) < TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged_peft = copy.deepcopy(peft).merge_and_unload()
+    merged = jaxlora.merge(variables["params"], alpha=6)
+    for path, name in LINEN_PATHS.items():
+        kernel = np.asarray(merged[name]["kernel"]).T.copy()
+        assert rel(kernel, merged_peft.get_submodule(path).weight) < TOL
+        assert set(merged[name]) <= {"kernel", "bias"}
+
+
+def test_linen_twenty_adamw_steps_match_peft():
+    base = make_base()
+    peft = peft_model(base)
+    config, variables = linen_twin(base, peft)
+    x = x_input()
+    xj = jnp.asarray(x.numpy())
+    _adamw_run(peft, [p for p in peft.parameters() if p.requires_grad], x)
+    tx = jaxlora.freeze_base(optax.adamw(1e-2, weight_decay=0.01))
+    params = variables["params"]
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        def loss(p):
+            return (_linen_apply(config, {"params": p}, xj) ** 2).mean()
+
+        grads = jax.grad(loss)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(20):
+        params, state = step(params, state)
+    for path, name in LINEN_PATHS.items():
+        theirs = peft_tensors(peft, path)
+        ours = {k: np.asarray(v) for k, v in params[name].items()}
+        assert rel(ours["lora_a"].T.copy(), theirs["lora_a"]) < TOL_TRAIN
+        assert rel(ours["lora_b"].T.copy(), theirs["lora_b"]) < TOL_TRAIN
+        assert rel(ours["lora_magnitude"], theirs["lora_magnitude"]) < TOL_TRAIN
+        np.testing.assert_array_equal(
+            ours["kernel"], np.asarray(variables["params"][name]["kernel"])
+        )
+
+
+def test_linen_files_both_ways(tmp_path):
+    base = make_base()
+    peft = peft_model(base)
+    config, variables = linen_twin(base, peft)
+    x = x_input()
+    xj = jnp.asarray(x.numpy())
+    peft.save_pretrained(str(tmp_path / "peft"))
+    plain = {
+        n: {k: v for k, v in d.items() if not k.startswith("lora")}
+        for n, d in variables["params"].items()
+    }
+    path_map = {v: k for k, v in LINEN_PATHS.items()}
+    loaded = jaxlora.load_adapter(plain, tmp_path / "peft", path_map=path_map)
+    file_config = jaxlora.read_adapter_config(tmp_path / "peft")
+    assert file_config.use_dora
+    loaded_config = jaxlora.LoRAConfig(
+        r=3, alpha=6, targets=list(LINEN_PATHS.values()), use_dora=True
+    )
+    y = _linen_apply(loaded_config, {"params": loaded}, xj)
+    assert rel(np.asarray(y), peft(x)) < TOL
+    jaxlora.save_adapter(loaded, tmp_path / "ours", loaded_config, path_map=path_map)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    for path in TARGETS:
+        for name, theirs in peft_tensors(back, path).items():
+            assert torch.equal(theirs, peft_tensors(peft, path)[name]), (path, name)
+    assert rel(back(x), peft(x)) < TOL

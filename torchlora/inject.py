@@ -113,9 +113,9 @@ def _check_target(model: nn.Module, config: LoRAConfig, path: str, paths: list[s
     if config.init in WEIGHT_INITS and kind is not Linear:
         reason = f"init={config.init!r} adapts Linear layers only, not a {type(module).__name__}"
     if config.use_dora and kind not in DORA_LAYERS:
+        names = ", ".join(k.base_type.__name__ for k in DORA_LAYERS)
         reason = (
-            f"use_dora=True is implemented for {', '.join(k.base_type.__name__ for k in DORA_LAYERS)}"
-            f" layers only, not a {type(module).__name__}"
+            f"use_dora=True is implemented for {names} layers only, not a {type(module).__name__}"
         )
     if reason:
         raise ValueError(f"layer '{path}': {reason}")

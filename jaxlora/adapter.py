@@ -25,8 +25,8 @@ from _loracore.peft_format import (
     check_pair,
     check_paths_exist,
     file_config,
-    map_path,
     magnitude_key,
+    map_path,
     tensor_keys,
 )
 from jaxlora import kinds, stacks

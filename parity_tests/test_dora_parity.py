@@ -15,7 +15,6 @@ import copy
 import warnings
 
 import numpy as np
-import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -317,7 +316,7 @@ def test_linen_twenty_adamw_steps_match_peft():
 def test_linen_files_both_ways(tmp_path):
     base = make_base()
     peft = peft_model(base)
-    config, variables = linen_twin(base, peft)
+    _, variables = linen_twin(base, peft)
     x = x_input()
     xj = jnp.asarray(x.numpy())
     peft.save_pretrained(str(tmp_path / "peft"))

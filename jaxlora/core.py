@@ -24,6 +24,7 @@ __all__ = [
     "default_lora_a_init",
     "default_lora_b_init",
     "delta",
+    "dora_branch",
     "dora_norm",
     "general_branch",
     "lora_branch",
@@ -170,6 +171,34 @@ def dora_norm(kernel: jax.Array, delta: jax.Array) -> jax.Array:
     ``torchlora.core.dora_norm`` on ``W = kernelᵀ``."""
     full = kernel.astype(delta.dtype) + delta
     return jax.lax.stop_gradient(jnp.sqrt(jnp.sum(full * full, axis=0)))
+
+
+def dora_branch(
+    h: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    adapter: tuple[jax.Array, jax.Array, jax.Array],
+    scale: float,
+    y: jax.Array,
+    dropout_active: bool,
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
+    """What DoRA adds to a dense layer's output ``y = x @ kernel + bias``, as PEFT computes it:
+    ``(m/‖K + s·a b‖ − 1) · plain + m/‖K + s·a b‖ · s·(h @ a @ b)`` with ``adapter = (a, b, m)``,
+    norms per output feature and constant in backward, ``h`` the branch input (``x`` dropped
+    out when ``dropout_active``; ``h``, ``kernel``, ``a``, ``b`` in the compute dtype).
+    ``plain`` is ``y`` without its bias, except while dropout is active: then it is
+    ``h @ kernel``, the base product of the dropped-out input (PEFT's
+    ``DoraLinearLayer.forward``). Without dropout the sum is ``x @ (m/‖·‖ ⊙ (K + s·a b)) + bias``.
+    """
+    a, b, magnitude = adapter
+    lora = lora_branch(h, a, b, scale, precision)
+    factor = (magnitude / dora_norm(kernel, delta(a, b, scale))).astype(y.dtype)
+    if dropout_active:
+        plain = jnp.matmul(h, kernel, precision=precision)
+    else:
+        plain = y if bias is None else y - bias.astype(y.dtype)
+    return (factor - 1) * plain + factor * lora
 
 
 def pissa(kernel: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:

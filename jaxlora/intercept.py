@@ -235,8 +235,13 @@ class _State:
         y = _dense(module, node["kernel"], x, where) if quantized else next_fun(*args, **kwargs)
         rate = 0.0 if self.deterministic else self.config.dropout
         if magnitude is not None:
-            bias = module.get_variable("params", "bias") if module.use_bias else None
-            return y + dora(module, x, base, bias, (a, b, magnitude), scale, y, rate)
+            bias = meta.unbox(module.get_variable("params", "bias")) if module.use_bias else None
+            x, base, a, b = nn.dtypes.promote_dtype(x, base, a, b, dtype=module.dtype)
+            h = dropped(module, x, rate)
+            adapter = (a, b, meta.unbox(magnitude))
+            return y + core.dora_branch(
+                h, base, bias, adapter, scale, y, rate > 0, module.precision
+            )
         return y + branch(module, kind, method, x, a, b, scale, rate)
 
 
@@ -314,34 +319,6 @@ def dropped(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
         return x
     keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def dora(
-    module: nn.Module,
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    adapter: tuple[jax.Array, jax.Array, jax.Array],
-    scale: float,
-    y: jax.Array,
-    rate: float = 0.0,
-) -> jax.Array:
-    """What DoRA adds to a Dense layer's output ``y`` (bias included), as PEFT computes it:
-    ``(m/‖K + s·a b‖ − 1) · plain + m/‖K + s·a b‖ · s·h a b``, norms per output feature and
-    constant in backward, ``h`` the branch input (dropped out at ``rate``). ``plain`` is ``y``
-    without its bias, except while dropout is active: then it is ``h @ K``, the base product
-    of the dropped-out input (PEFT's ``DoraLinearLayer.forward``)."""
-    a, b, magnitude = (meta.unbox(v) for v in adapter)
-    x, kernel, a, b = nn.dtypes.promote_dtype(x, meta.unbox(kernel), a, b, dtype=module.dtype)
-    h = dropped(module, x, rate)
-    lora = core.lora_branch(h, a, b, scale, module.precision)
-    norm = core.dora_norm(kernel, core.delta(a, b, scale))
-    factor = (magnitude / norm).astype(y.dtype)
-    if rate > 0:
-        plain = jnp.matmul(h, kernel, precision=module.precision)
-    else:
-        plain = y if bias is None else y - meta.unbox(bias).astype(y.dtype)
-    return (factor - 1) * plain + factor * lora
 
 
 def _conv_like(module: nn.Conv, r: int):

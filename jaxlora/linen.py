@@ -32,6 +32,10 @@ class LoRADense(nn.Module):
         dropout: dropout rate on the LoRA branch's input only; needs a ``'dropout'`` rng when
             ``deterministic=False``.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        use_dora: DoRA (PEFT's ``use_dora``): a trainable ``lora_magnitude`` m (out,),
+            initialised to the column norms of ``kernel + scaling · lora_a @ lora_b``; the layer
+            computes with ``m / ‖kernel + scaling · lora_a @ lora_b‖`` times that kernel (the
+            norm constant in backward, as in PEFT).
         dtype: computation dtype (``None``: inferred from inputs and params).
         param_dtype: dtype of the params.
         precision: matmul precision, as for ``nn.Dense``.
@@ -52,6 +56,7 @@ class LoRADense(nn.Module):
     use_bias: bool = True
     dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
@@ -84,10 +89,16 @@ class LoRADense(nn.Module):
             "kernel": (in_features, self.features),
             "lora_a": (in_features, self.r),
             "lora_b": (self.r, self.features),
+            "lora_magnitude": (self.features,),
         }
         for name, shape in shapes.items():
             if self.has_variable("params", name):
                 core.check_shape(self.get_variable("params", name), shape, f"{where}, '{name}'")
+        if not self.use_dora and self.has_variable("params", "lora_magnitude"):
+            raise ValueError(
+                f"{where}: the params hold 'lora_magnitude' (a DoRA adapter) but the layer has "
+                "use_dora=False, which would ignore it; build it with use_dora=True"
+            )
         kernel = self.param("kernel", self.kernel_init, shapes["kernel"], self.param_dtype)
         bias = (
             self.param("bias", self.bias_init, (self.features,), self.param_dtype)
@@ -96,6 +107,12 @@ class LoRADense(nn.Module):
         )
         lora_a = self.param("lora_a", self.lora_a_init, shapes["lora_a"], self.param_dtype)
         lora_b = self.param("lora_b", self.lora_b_init, shapes["lora_b"], self.param_dtype)
+        if self.use_dora:  # PEFT's init: the norms of the adapted kernel as initialised
+            delta = core.delta(lora_a, lora_b, self.scaling)
+            magnitude = self.param(
+                "lora_magnitude",
+                lambda _: core.dora_norm(kernel, delta).astype(self.param_dtype),
+            )
         x, kernel, bias, lora_a, lora_b = nn.dtypes.promote_dtype(
             x, kernel, bias, lora_a, lora_b, dtype=self.dtype
         )
@@ -103,6 +120,12 @@ class LoRADense(nn.Module):
         if bias is not None:
             y = y + bias
         h = nn.Dropout(self.dropout, name="lora_dropout")(x, deterministic=deterministic)
+        if self.use_dora:
+            active = not deterministic and self.dropout > 0
+            adapter = (lora_a, lora_b, magnitude)
+            return y + core.dora_branch(
+                h, kernel, bias, adapter, self.scaling, y, active, self.precision
+            )
         return y + core.lora_branch(h, lora_a, lora_b, self.scaling, self.precision)
 
 

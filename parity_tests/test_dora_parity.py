@@ -341,3 +341,160 @@ def test_linen_files_both_ways(tmp_path):
         for name, theirs in peft_tensors(back, path).items():
             assert torch.equal(theirs, peft_tensors(peft, path)[name]), (path, name)
     assert rel(back(x), peft(x)) < TOL
+
+
+# --- jaxlora.nnx: inject on a plain NNX twin --------------------------------------------------
+
+from flax import nnx  # noqa: E402
+
+import jaxlora.nnx as jnnx  # noqa: E402
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.layers_0 = nnx.Linear(12, 10, rngs=rngs)
+        self.layers_2 = nnx.Linear(10, 6, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        return self.layers_2(jnp.tanh(self.layers_0(x)))
+
+
+def nnx_base(base: nn.Module) -> NnxNet:
+    model = NnxNet(nnx.Rngs(0))
+    for path, name in LINEN_PATHS.items():
+        layer, ours = base.get_submodule(path), getattr(model, name)
+        ours.kernel[...] = jnp.asarray(layer.weight.detach().numpy().T)
+        if layer.bias is not None:
+            ours.bias[...] = jnp.asarray(layer.bias.detach().numpy())
+    return model
+
+
+def nnx_twin(base: nn.Module, peft: nn.Module, *, dropout=0.0) -> NnxNet:
+    model = nnx_base(base)
+    config = jaxlora.LoRAConfig(
+        r=3, alpha=6, targets=list(LINEN_PATHS.values()), use_dora=True, dropout=dropout
+    )
+    jnnx.inject(model, config, nnx.Rngs(1))
+    for path, name in LINEN_PATHS.items():
+        t = {k: v.detach().numpy() for k, v in peft_tensors(peft, path).items()}
+        layer = getattr(model, name)
+        layer.lora_a[...] = jnp.asarray(t["lora_a"].T)
+        layer.lora_b[...] = jnp.asarray(t["lora_b"].T)
+        layer.lora_magnitude[...] = jnp.asarray(t["lora_magnitude"])
+    return model
+
+
+def test_nnx_inject_magnitude_is_peft_init():
+    base = make_base()
+    model = nnx_base(base)
+    config = jaxlora.LoRAConfig(r=3, targets=list(LINEN_PATHS.values()), use_dora=True)
+    jnnx.inject(model, config, nnx.Rngs(1))
+    for path, name in LINEN_PATHS.items():
+        expected = torch.linalg.norm(base.get_submodule(path).weight, dim=1)
+        assert rel(getattr(model, name).lora_magnitude[...], expected) < TOL
+    assert sorted(nnx.state(model, nnx.LoRAParam)["layers_0"]) == [
+        "lora_a",
+        "lora_b",
+        "lora_magnitude",
+    ]
+
+
+def test_nnx_forward_grads_merge_match_peft():
+    base = make_base()
+    peft = peft_model(base)
+    model = nnx_twin(base, peft)
+    x = x_input()
+    xj = jnp.asarray(x.numpy())
+    y_peft = peft(x)
+    assert rel(model(xj), y_peft) < TOL
+    (y_peft**2).sum().backward()
+    grads = nnx.grad(lambda m: (m(xj) ** 2).sum(), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    for path, name in LINEN_PATHS.items():
+        theirs = peft_tensors(peft, path)
+        g = grads[name]
+        assert rel(np.asarray(g["lora_a"][...]).T, theirs["lora_a"].grad) < TOL
+        assert rel(np.asarray(g["lora_b"][...]).T, theirs["lora_b"].grad) < TOL
+        assert rel(g["lora_magnitude"][...], theirs["lora_magnitude"].grad) < TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged_peft = copy.deepcopy(peft).merge_and_unload()
+    jnnx.merge(model)
+    for path, name in LINEN_PATHS.items():
+        layer = getattr(model, name)
+        assert type(layer) is nnx.Linear
+        assert rel(np.asarray(layer.kernel[...]).T, merged_peft.get_submodule(path).weight) < TOL
+    assert rel(model(xj), y_peft) < TOL
+
+
+def test_nnx_twenty_adamw_steps_match_peft():
+    base = make_base()
+    peft = peft_model(base)
+    model = nnx_twin(base, peft)
+    x = x_input()
+    xj = jnp.asarray(x.numpy())
+    _adamw_run(peft, [p for p in peft.parameters() if p.requires_grad], x)
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2, weight_decay=0.01), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss = lambda m: (m(xj) ** 2).mean()  # noqa: E731
+        grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        optimizer.update(model, grads)
+
+    for _ in range(20):
+        step(model, optimizer)
+    for path, name in LINEN_PATHS.items():
+        theirs = peft_tensors(peft, path)
+        layer = getattr(model, name)
+        assert rel(np.asarray(layer.lora_a[...]).T, theirs["lora_a"]) < TOL_TRAIN
+        assert rel(np.asarray(layer.lora_b[...]).T, theirs["lora_b"]) < TOL_TRAIN
+        assert rel(layer.lora_magnitude[...], theirs["lora_magnitude"]) < TOL_TRAIN
+
+
+def test_nnx_files_both_ways(tmp_path):
+    base = make_base()
+    peft = peft_model(base)
+    x = x_input()
+    xj = jnp.asarray(x.numpy())
+    peft.save_pretrained(str(tmp_path / "peft"))
+    path_map = {v: k for k, v in LINEN_PATHS.items()}
+    model = jnnx.load_adapter(nnx_base(base), tmp_path / "peft", path_map=path_map)
+    assert model.layers_0.use_dora
+    assert rel(model(xj), peft(x)) < TOL
+    jnnx.save_adapter(model, tmp_path / "ours", path_map=path_map)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    for path in TARGETS:
+        for name, theirs in peft_tensors(back, path).items():
+            assert torch.equal(theirs, peft_tensors(peft, path)[name]), (path, name)
+    assert rel(back(x), peft(x)) < TOL
+
+
+# --- the layer classes: jaxlora.LoRADense (Linen) on PEFT's single Linear ---------------------
+
+
+def test_linen_lora_dense_matches_peft_forward_and_grads():
+    base = make_base()
+    peft = peft_model(base)
+    layer = base.get_submodule("0")
+    t = peft_tensors(peft, "0")
+    params = {
+        "kernel": jnp.asarray(layer.weight.detach().numpy().T),
+        "bias": jnp.asarray(layer.bias.detach().numpy()),
+        "lora_a": jnp.asarray(t["lora_a"].detach().numpy().T),
+        "lora_b": jnp.asarray(t["lora_b"].detach().numpy().T),
+        "lora_magnitude": jnp.asarray(t["lora_magnitude"].detach().numpy()),
+    }
+    dense = jaxlora.LoRADense(10, 3, 6, use_dora=True)
+    x = x_input()
+    y_peft = peft.base_model.model.get_submodule("0")(x)
+    xj = jnp.asarray(x.numpy())
+    assert rel(dense.apply({"params": params}, xj), y_peft) < TOL
+    (y_peft**2).sum().backward()
+    grads = jax.grad(lambda p: (dense.apply({"params": p}, xj) ** 2).sum())(params)
+    assert rel(grads["lora_a"].T, t["lora_a"].grad) < TOL
+    assert rel(grads["lora_b"].T, t["lora_b"].grad) < TOL
+    assert rel(grads["lora_magnitude"], t["lora_magnitude"].grad) < TOL
+    init = dense.init(jax.random.key(0), xj)["params"]
+    assert rel(init["lora_magnitude"], np.linalg.norm(np.asarray(init["kernel"]), axis=0)) < TOL

@@ -63,6 +63,11 @@ def _check_by_product(module: nnx.Module, name: str, config: LoRAConfig, roles) 
             f"{where} ({type(module).__name__}) is adapted at its product, which supports "
             f"init='kaiming' only so far, got {config.init!r}"
         )
+    if config.use_dora:
+        raise ValueError(
+            f"{where} ({type(module).__name__}) is adapted at its product, where use_dora=True "
+            "is not implemented (DoRA: unstacked nnx.Linear layers only)"
+        )
     core.check_hparams(
         r=config.rank_for(name),
         alpha=config.alpha_for(name),
@@ -119,6 +124,11 @@ def _check(module: nnx.Module, name: str, config: LoRAConfig, per_layer: list[st
     if config.init in WEIGHT_INITS and kind != "linear":
         raise ValueError(
             f"{where}: init={config.init!r} adapts linear layers only, not a {kind} layer"
+        )
+    if config.use_dora and (not isinstance(module, nnx.Linear) or stack):
+        raise ValueError(
+            f"{where}: use_dora=True is implemented for unstacked nnx.Linear layers only, not "
+            f"{'a stacked ' if stack else 'a '}{type(module).__name__}"
         )
     core.check_hparams(
         r=config.rank_for(name),
@@ -247,7 +257,7 @@ def _build(
         weight, roles = product
         wrap = functools.partial(adapt, weight=weight, roles=roles)
     elif isinstance(base, nnx.Linear):
-        wrap = LoRALinear.from_linear
+        wrap = functools.partial(LoRALinear.from_linear, use_dora=config.use_dora)
     else:
         wrap = _ADAPTED[type(base)].from_base
     return _per_layer(wrap, base, stack_of(base), **options)

@@ -196,7 +196,7 @@ def read_adapter(
                 f"{weights_path}: layer '{path}' has rank {a.shape[0]} in its "
                 f"tensors but {config.rank_for(path)} in {CONFIG_FILE}"
             )
-        magnitude = _magnitude(magnitudes, path, b, is_finite, config)
+        magnitude = _magnitude(magnitudes, path, b, is_finite, config, weights_path)
         tensors[path] = layer_tensors(a, b, kind, magnitude)
     if not tensors:
         raise ValueError(f"{weights_path}: holds no LoRA tensors")
@@ -223,12 +223,14 @@ def _magnitudes(raw: Mapping[str, Any], config: LoRAConfig, weights_path: Path) 
     return found
 
 
-def _magnitude(magnitudes: dict, path: str, b: Any, is_finite, config: LoRAConfig) -> Any:
+def _magnitude(
+    magnitudes: dict, path: str, b: Any, is_finite, config: LoRAConfig, weights_path: Path
+) -> Any:
     """The layer's DoRA magnitude vector, checked against B's output features."""
     if not config.use_dora:
         return None
     key = magnitude_key(path)
-    where = f"layer '{path}'"
+    where = f"{weights_path}: layer '{path}'"
     if path not in magnitudes:
         raise ValueError(f"{where}: use_dora=true but the file has no '{key}'")
     value = magnitudes[path]

@@ -1,0 +1,391 @@
+"""DoRA (``use_dora=True``): closed-form numpy references, the naming rule, merge/unmerge,
+dropout as PEFT applies it, and every refusal. Parity with the real ``peft`` is in
+``parity_tests/test_dora_parity.py``."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import linen as nn
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxlora
+import jaxlora.nnx as jnnx
+import torchlora
+
+# in < out: the dropout tests solve the output for the dropped-out input exactly.
+N_IN, N_OUT, R, ALPHA = 6, 8, 2, 4.0
+SCALE = ALPHA / R
+
+
+def _arrays(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    kernel = rng.normal(size=(N_IN, N_OUT)).astype(np.float32)  # Flax layout (in, out)
+    bias = rng.normal(size=(N_OUT,)).astype(np.float32)
+    a = rng.normal(size=(N_IN, R)).astype(np.float32)
+    b = rng.normal(size=(R, N_OUT)).astype(np.float32)
+    m = rng.uniform(0.5, 2.0, size=(N_OUT,)).astype(np.float32)
+    x = rng.normal(size=(5, N_IN)).astype(np.float32)
+    return kernel, bias, a, b, m, x
+
+
+def reference(kernel, bias, a, b, m, x, scale=SCALE):
+    """DoRA in float64, closed form: x (m/‖K + s a b‖ ⊙ (K + s a b)) + bias (column norms)."""
+    full = kernel.astype(np.float64) + scale * a.astype(np.float64) @ b
+    merged = full * (m / np.linalg.norm(full, axis=0))
+    return x @ merged + bias, merged
+
+
+def rel(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(N_OUT, name="fc")(x)
+
+
+def _linen(seed=0, dropout=0.0):
+    kernel, bias, a, b, m, x = _arrays(seed)
+    params = {"fc": {"kernel": kernel, "bias": bias}}
+    config = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["fc"], use_dora=True, dropout=dropout)
+    params = jaxlora.inject(params, config, jax.random.key(0))
+    params["fc"] = {**params["fc"], "lora_a": a, "lora_b": b, "lora_magnitude": m}
+    return config, params, x
+
+
+def _torch(seed=0, dropout=0.0):
+    kernel, bias, a, b, m, x = _arrays(seed)
+    layer = torchlora.Linear(N_IN, N_OUT, True, R, ALPHA, use_dora=True, dropout=dropout)
+    with torch.no_grad():
+        for name, value in zip(
+            ("weight", "bias", "lora_a", "lora_b", "lora_magnitude"),
+            (kernel.T, bias, a.T, b.T, m),
+            strict=True,
+        ):
+            getattr(layer, name).copy_(torch.from_numpy(np.ascontiguousarray(value)))
+    return layer, torch.from_numpy(x)
+
+
+def _nnx(seed=0, dropout=0.0):
+    kernel, bias, a, b, m, x = _arrays(seed)
+    layer = jnnx.LoRALinear(
+        N_IN, N_OUT, r=R, alpha=ALPHA, use_dora=True, dropout=dropout, rngs=nnx.Rngs(0)
+    )
+    for name, value in zip(
+        ("kernel", "bias", "lora_a", "lora_b", "lora_magnitude"),
+        (kernel, bias, a, b, m),
+        strict=True,
+    ):
+        getattr(layer, name)[...] = jnp.asarray(value)
+    return layer, jnp.asarray(x)
+
+
+# --- forward and merge against the closed form ------------------------------------------------
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_all_sides_match_the_closed_form(seed):
+    kernel, bias, a, b, m, x = _arrays(seed)
+    expected, merged = reference(kernel, bias, a, b, m, x)
+    config, params, _ = _linen(seed)
+    with jaxlora.intercept(config):
+        assert rel(Net().apply({"params": params}, x), expected) < 1e-5
+    dense = jaxlora.LoRADense(N_OUT, R, ALPHA, use_dora=True)
+    assert rel(dense.apply({"params": params["fc"]}, x), expected) < 1e-5
+    layer, xt = _torch(seed)
+    assert rel(layer(xt).detach(), expected) < 1e-5
+    assert rel(layer.merged_weight().T, merged) < 1e-5
+    nl, xj = _nnx(seed)
+    assert rel(nl(xj), expected) < 1e-5
+    assert rel(nl.to_base().kernel[...], merged) < 1e-5
+    assert rel(jaxlora.merge(params, alpha=ALPHA)["fc"]["kernel"], merged) < 1e-5
+
+
+def test_magnitude_starts_at_the_weight_norm_so_the_layer_starts_as_its_base():
+    kernel, bias, *_, x = _arrays()
+    params = {"fc": {"kernel": kernel, "bias": bias}}
+    config = jaxlora.LoRAConfig(r=R, targets=["fc"], use_dora=True)
+    params = jaxlora.inject(params, config, jax.random.key(0))
+    np.testing.assert_allclose(
+        params["fc"]["lora_magnitude"], np.linalg.norm(kernel, axis=0), rtol=1e-6
+    )
+    with jaxlora.intercept(config):
+        y = Net().apply({"params": params}, x)
+    np.testing.assert_allclose(y, x @ kernel + bias, rtol=1e-5, atol=1e-5)
+    layer = torchlora.Linear(N_IN, N_OUT, True, R, use_dora=True)
+    expected = torch.linalg.norm(layer.weight, dim=1)
+    torch.testing.assert_close(layer.lora_magnitude.detach(), expected)
+
+
+def test_norm_is_constant_in_backward():
+    # d/dB of the output only through the lora term: the norm's own derivative is dropped.
+    kernel, _, a, b, m, x = _arrays()
+    layer, xt = _torch()
+    layer(xt).sum().backward()
+    full = kernel + SCALE * a @ b
+    factor = m / np.linalg.norm(full, axis=0)  # (out,)
+    # y = x K + b + (f-1) x K + f s x a b  ->  dB = s (x a)^T (1 * f), norm held constant
+    expected_b = SCALE * (x @ a).T @ np.ones((5, N_OUT)) * factor
+    assert rel(layer.lora_b.grad.T, expected_b) < 1e-5
+    expected_m = (x @ full).sum(0) / np.linalg.norm(full, axis=0)
+    assert rel(layer.lora_magnitude.grad, expected_m) < 1e-5
+
+
+# --- dropout: PEFT computes the correction on base(dropout(x)) --------------------------------
+
+
+def _dropped_input(z, x, kernel, bias, a, b, m):
+    """Solves z = x K + bias + h ((f−1) K + f·s a b) (f per column) for the branch input h:
+    PEFT's DoRA with dropout, whose correction term uses base(h), not base(x)."""
+    full = kernel.astype(np.float64) + SCALE * a @ b
+    f = m / np.linalg.norm(full, axis=0)
+    matrix = kernel * (f - 1) + SCALE * (a @ b) * f  # (in, out), full row rank as in < out
+    return (np.asarray(z, np.float64) - x @ kernel - bias) @ np.linalg.pinv(matrix)
+
+
+@pytest.mark.parametrize("side", ["torch", "linen-intercept", "linen-layer", "nnx"])
+def test_dropout_applies_to_the_dora_correction_as_in_peft(side):
+    rate = 0.5
+    kernel, bias, a, b, m, x = _arrays()
+    if side == "torch":
+        layer, xt = _torch(dropout=rate)
+        layer.train()
+        torch.manual_seed(0)
+        z = layer(xt).detach().numpy()
+    elif side == "linen-intercept":
+        config, params, _ = _linen(dropout=rate)
+        with jaxlora.intercept(config, deterministic=False):
+            z = Net().apply({"params": params}, x, rngs={"dropout": jax.random.key(3)})
+    elif side == "linen-layer":
+        dense = jaxlora.LoRADense(N_OUT, R, ALPHA, use_dora=True, dropout=rate)
+        params = _linen()[1]["fc"]
+        z = dense.apply({"params": params}, x, False, rngs={"dropout": jax.random.key(3)})
+    else:
+        layer, xj = _nnx(dropout=rate)
+        z = layer(xj, deterministic=False)
+    h = _dropped_input(z, x, kernel, bias, a, b, m)
+    kept = np.isclose(h, x / (1 - rate), rtol=1e-3, atol=1e-4)
+    dropped = np.isclose(h, 0.0, atol=1e-4)
+    assert (kept | dropped).all()  # every entry of h is x/(1-rate) or 0: dropout(x)
+    assert dropped.any() and kept.any()
+
+
+# --- the naming rule: the magnitude is trained, split off, frozen by nothing ------------------
+
+
+def test_magnitude_is_an_adapter_leaf_everywhere():
+    _, params, _ = _linen()
+    assert jaxlora.lora_mask(params)["fc"]["lora_magnitude"]
+    adapter, base = jaxlora.split(params)
+    assert sorted(adapter["fc"]) == ["lora_a", "lora_b", "lora_magnitude"]
+    assert sorted(base["fc"]) == ["bias", "kernel"]
+    tx = jaxlora.freeze_base(optax.sgd(0.1))
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert float(jnp.abs(updates["fc"]["lora_magnitude"]).min()) > 0
+    assert float(jnp.abs(updates["fc"]["kernel"]).max()) == 0
+    model = torch.nn.Sequential(torch.nn.Linear(N_IN, N_OUT))
+    torchlora.inject(model, torchlora.LoRAConfig(r=R, targets=["0"], use_dora=True))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained == ["0.lora_a", "0.lora_b", "0.lora_magnitude"]
+    assert "0.lora_magnitude" in torchlora.lora_state_dict(model)
+    nl, _ = _nnx()
+    assert "lora_magnitude" in nnx.state(nl, nnx.LoRAParam)
+
+
+# --- merge / unmerge ----------------------------------------------------------------------------
+
+
+def test_torch_unmerge_restores_the_weight_exactly():
+    layer, xt = _torch()
+    before, y = layer.weight.detach().clone(), layer(xt).detach()
+    layer.merge()
+    assert rel(layer(xt).detach(), y) < 1e-5
+    with torch.no_grad():  # edits while merged do not change what unmerge restores
+        layer.lora_magnitude.mul_(3.0)
+    layer.unmerge()
+    assert torch.equal(layer.weight, before)
+
+
+def test_linen_merge_with_record_is_refused_for_dora():
+    _, params, _ = _linen()
+    with pytest.raises(ValueError, match="layer 'fc' is DoRA.*cannot be unmerged exactly"):
+        jaxlora.merge(params, alpha=ALPHA, record=True)
+
+
+def test_torch_use_dora_is_fixed_after_build():
+    layer, _ = _torch()
+    with pytest.raises(ValueError, match="use_dora is fixed"):
+        layer.use_dora = False
+
+
+# --- refusals: what is not implemented, by name -------------------------------------------------
+
+
+def test_config_refuses_bad_use_dora():
+    with pytest.raises(TypeError, match="use_dora must be True or False, got 'yes'"):
+        jaxlora.LoRAConfig(targets=["q"], use_dora="yes")
+    with pytest.raises(ValueError, match="use_dora=True with init='olora' is not implemented"):
+        jaxlora.LoRAConfig(targets=["q"], use_dora=True, init="olora")
+    assert jaxlora.LoRAConfig(targets=["q"], use_dora=True).to_peft()["use_dora"] is True
+
+
+def test_torch_refuses_dora_on_embedding_and_conv():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Conv1d(4, 4, 3))
+    for target, kind in (("0", "Embedding"), ("1", "Conv1d")):
+        config = torchlora.LoRAConfig(r=2, targets=[target], use_dora=True)
+        with pytest.raises(ValueError, match=f"implemented for Linear layers only, not a {kind}"):
+            torchlora.inject(model, config)
+    assert isinstance(model[0], torch.nn.Embedding)  # unchanged
+
+
+def test_linen_refuses_dora_on_other_layers():
+    class Other(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Embed(10, 4, name="emb")(ids)
+
+    params = Other().init(jax.random.key(0), jnp.arange(3))["params"]
+    config = jaxlora.LoRAConfig(r=2, targets=["emb"], use_dora=True)
+    with pytest.raises(ValueError, match="use_dora=True is implemented for 2-D nn.Dense"):
+        jaxlora.inject(params, config, jax.random.key(1))
+    general = {"g": {"kernel": jnp.ones((4, 2, 3))}}
+    layouts = {"g": jaxlora.Layout("linear", 1, 3)}
+    with pytest.raises(ValueError, match="implemented for 2-D nn.Dense"):
+        jaxlora.inject(
+            general,
+            jaxlora.LoRAConfig(r=1, targets=["g"], use_dora=True),
+            jax.random.key(0),
+            layouts=layouts,
+        )
+
+
+def test_intercept_refuses_magnitude_on_dense_general():
+    class G(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.DenseGeneral(N_OUT, name="fc")(x)
+
+    config, params, x = _linen()
+    with pytest.raises(ValueError, match="DenseGeneral holds 'lora_magnitude'"):
+        with jaxlora.intercept(config):
+            G().apply({"params": params}, x)
+
+
+def test_lora_dense_refuses_a_magnitude_it_would_ignore():
+    params = _linen()[1]["fc"]
+    with pytest.raises(ValueError, match="use_dora=False, which would ignore it"):
+        jaxlora.LoRADense(N_OUT, R, ALPHA).apply({"params": params}, _arrays()[-1])
+
+
+def test_nnx_refuses_dora_on_other_layers():
+    class M(nnx.Module):
+        def __init__(self):
+            self.emb = nnx.Embed(10, 4, rngs=nnx.Rngs(0))
+
+    config = jaxlora.LoRAConfig(r=2, targets=["emb"], use_dora=True)
+    with pytest.raises(ValueError, match="unstacked nnx.Linear layers only, not a Embed"):
+        jnnx.inject(M(), config, nnx.Rngs(0))
+
+
+# --- adapter files --------------------------------------------------------------------------------
+
+
+def _torch_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(N_IN, N_OUT))
+    return torchlora.inject(model, torchlora.LoRAConfig(r=R, targets=["0"], use_dora=True))
+
+
+def test_file_keys_and_round_trip(tmp_path):
+    from safetensors.numpy import load_file
+
+    model = _torch_model()
+    with torch.no_grad():
+        model[0].lora_magnitude.mul_(1.5)
+    torchlora.save_adapter(model, tmp_path)
+    keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys == [
+        "base_model.model.0.lora_A.weight",
+        "base_model.model.0.lora_B.weight",
+        "base_model.model.0.lora_magnitude_vector",
+    ]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+    torch.manual_seed(0)
+    fresh = torch.nn.Sequential(torch.nn.Linear(N_IN, N_OUT))
+    loaded = torchlora.load_adapter(fresh, tmp_path)
+    assert torch.equal(loaded[0].lora_magnitude, model[0].lora_magnitude)
+
+
+def _rewrite(tmp_path, change_tensors=None, change_config=None):
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    if change_tensors:
+        weights = change_tensors(weights)
+    if change_config:
+        config = change_config(config)
+    save_file(weights, tmp_path / "adapter_model.safetensors", {"format": "pt"})
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+
+
+MAG = "base_model.model.0.lora_magnitude_vector"
+
+
+@pytest.mark.parametrize(
+    "tensors,config,match",
+    [
+        (lambda w: {k: v for k, v in w.items() if k != MAG}, None, "has no '.*lora_magnitude"),
+        (lambda w: {**w, MAG: w[MAG][:3]}, None, r"has shape \(3,\), expected \(8,\)"),
+        (lambda w: {**w, MAG: w[MAG] * np.nan}, None, "non-finite values in '.*magnitude"),
+        (None, lambda c: {**c, "use_dora": False}, "does not set use_dora=true"),
+        (
+            lambda w: {**w, "base_model.model.9.lora_magnitude_vector": w[MAG]},
+            None,
+            "'base_model.model.9.lora_magnitude_vector' belongs to no layer",
+        ),
+    ],
+    ids=["missing", "shape", "nan", "not-dora", "stray"],
+)
+def test_bad_dora_files_are_refused(tmp_path, tensors, config, match):
+    torchlora.save_adapter(_torch_model(), tmp_path)
+    _rewrite(tmp_path, tensors, config)
+    fresh = torch.nn.Sequential(torch.nn.Linear(N_IN, N_OUT))
+    with pytest.raises(ValueError, match=match):
+        torchlora.load_adapter(fresh, tmp_path)
+    assert isinstance(fresh[0], torch.nn.Linear)  # untouched
+    with pytest.raises(ValueError, match=match):
+        jaxlora.load_adapter({"0": {"kernel": jnp.ones((N_IN, N_OUT))}}, tmp_path)
+
+
+def test_dora_file_into_a_plain_lora_layer_is_refused(tmp_path):
+    torchlora.save_adapter(_torch_model(), tmp_path)
+    plain = torchlora.inject(
+        torch.nn.Sequential(torch.nn.Linear(N_IN, N_OUT)), torchlora.LoRAConfig(r=R, targets=["0"])
+    )
+    with pytest.raises(ValueError, match="has use_dora=False but the file has use_dora=True"):
+        torchlora.load_adapter(plain, tmp_path)
+    params = {"0": {"kernel": jnp.ones((N_IN, N_OUT))}}
+    params = jaxlora.inject(params, jaxlora.LoRAConfig(r=R, targets=["0"]), jax.random.key(0))
+    with pytest.raises(ValueError, match="has no 'lora_magnitude'"):
+        jaxlora.load_adapter(params, tmp_path)
+
+
+def test_save_refuses_a_config_that_disagrees(tmp_path):
+    _, params, _ = _linen()
+    with pytest.raises(ValueError, match="use_dora=False but the layer holds 'lora_magnitude'"):
+        jaxlora.save_adapter(params, tmp_path, jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["fc"]))
+    assert not tmp_path.joinpath("adapter_config.json").exists()

@@ -56,6 +56,12 @@ def magnitude_key(path: str) -> str:
     return f"{PREFIX}{path}{MAGNITUDE}"
 
 
+def magnitude_shape(kind: str, out: int, window: int) -> tuple[int, ...]:
+    """The shape PEFT stores a magnitude of ``out`` features in: (out,), except for a conv with
+    ``window`` spatial axes, whose norm PEFT keeps as (1, out, 1, ...)."""
+    return (1, out, *(1,) * window) if kind == "conv" else (out,)
+
+
 class LayerTensors(tuple):
     """One layer's ``(A, B, kind)`` as ``read_adapter`` returns it, with DoRA's magnitude
     vector (out,) in ``magnitude`` (``None`` for a plain LoRA file)."""
@@ -196,7 +202,7 @@ def read_adapter(
                 f"{weights_path}: layer '{path}' has rank {a.shape[0]} in its "
                 f"tensors but {config.rank_for(path)} in {CONFIG_FILE}"
             )
-        magnitude = _magnitude(magnitudes, path, b, is_finite, config, weights_path)
+        magnitude = _magnitude(magnitudes, path, kind, b, is_finite, config, weights_path)
         tensors[path] = layer_tensors(a, b, kind, magnitude)
     if not tensors:
         raise ValueError(f"{weights_path}: holds no LoRA tensors")
@@ -224,7 +230,7 @@ def _magnitudes(raw: Mapping[str, Any], config: LoRAConfig, weights_path: Path) 
 
 
 def _magnitude(
-    magnitudes: dict, path: str, b: Any, is_finite, config: LoRAConfig, weights_path: Path
+    magnitudes: dict, path: str, kind: str, b: Any, is_finite, config: LoRAConfig, weights_path
 ) -> Any:
     """The layer's DoRA magnitude vector, checked against B's output features."""
     if not config.use_dora:
@@ -234,14 +240,15 @@ def _magnitude(
     if path not in magnitudes:
         raise ValueError(f"{where}: use_dora=true but the file has no '{key}'")
     value = magnitudes[path]
-    if tuple(value.shape) != (b.shape[0],):
+    expected = magnitude_shape(kind, b.shape[0], b.ndim - 2)
+    if tuple(value.shape) != expected:
         raise ValueError(
-            f"{where}: '{key}' has shape {tuple(value.shape)}, expected ({b.shape[0]},) (one "
+            f"{where}: '{key}' has shape {tuple(value.shape)}, expected {expected} (one "
             "magnitude per output feature)"
         )
     if not is_finite(value):
         raise ValueError(f"{where}: non-finite values in '{key}'")
-    return value
+    return value.reshape(b.shape[0])  # (out,) for every kind
 
 
 def check_paths_exist(found: set[str], nodes: Mapping, path_map: PathMap, directory: Any) -> None:

@@ -498,3 +498,140 @@ def test_linen_lora_dense_matches_peft_forward_and_grads():
     assert rel(grads["lora_magnitude"], t["lora_magnitude"].grad) < TOL
     init = dense.init(jax.random.key(0), xj)["params"]
     assert rel(init["lora_magnitude"], np.linalg.norm(np.asarray(init["kernel"]), axis=0)) < TOL
+
+
+# --- torch Embedding and Conv (PEFT supports DoRA on both) ------------------------------------
+
+
+class KindsNet(nn.Module):
+    """An embedding feeding a Conv2d and a Conv1d: every DoRA layer kind PEFT has besides
+    Linear (a conv's magnitude is stored (1, out, 1, ...) by PEFT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 7)
+        self.conv = nn.Conv2d(7, 5, 3, padding=1)
+        self.conv1 = nn.Conv1d(5, 4, 2)
+
+    def forward(self, ids):
+        e = self.emb(ids).permute(0, 2, 1)  # (N, 7, L)
+        h = self.conv(e[..., None].expand(-1, -1, -1, 3))  # (N, 5, L, 3)
+        return self.conv1(torch.tanh(h.mean(-1)))
+
+
+KIND_TARGETS = ["emb", "conv", "conv1"]
+
+
+def kinds_peft(base: nn.Module, dropout: float = 0.0) -> nn.Module:
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=KIND_TARGETS, use_dora=True, lora_dropout=dropout
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(copy.deepcopy(base), config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_embedding_A" in name or "lora_B" in name:
+                p.normal_(0.0, 0.3)
+            if "lora_magnitude" in name:
+                p.mul_(1.0 + 0.2 * torch.rand_like(p))
+    return model
+
+
+def kind_tensors(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
+    layer = model.base_model.model.get_submodule(path)
+    if path == "emb":
+        a, b = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+    else:
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    return {
+        "lora_a": a,
+        "lora_b": b,
+        "lora_magnitude": layer.lora_magnitude_vector["default"].weight,
+    }
+
+
+def kinds_twin(base: nn.Module, peft: nn.Module, dropout: float = 0.0) -> nn.Module:
+    config = torchlora.LoRAConfig(
+        r=2, alpha=4, targets=KIND_TARGETS, use_dora=True, dropout=dropout
+    )
+    model = torchlora.inject(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for path in KIND_TARGETS:
+            layer = model.get_submodule(path)
+            for name, value in kind_tensors(peft, path).items():
+                getattr(layer, name).copy_(value.reshape(getattr(layer, name).shape))
+    return model
+
+
+def _kinds_setup(dropout: float = 0.0):
+    torch.manual_seed(0)
+    base = KindsNet()
+    peft = kinds_peft(base, dropout)
+    ids = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(4))
+    return base, peft, kinds_twin(base, peft, dropout), ids
+
+
+def test_torch_embedding_and_conv_forward_grads_merge_match_peft():
+    base, peft, ours, ids = _kinds_setup()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = get_peft_model(
+            copy.deepcopy(base),
+            LoraConfig(r=2, lora_alpha=4, target_modules=KIND_TARGETS, use_dora=True),
+        )
+    initial = torchlora.inject(
+        copy.deepcopy(base),
+        torchlora.LoRAConfig(r=2, alpha=4, targets=KIND_TARGETS, use_dora=True),
+    )
+    for path in KIND_TARGETS:  # the magnitude starts where PEFT's does
+        m = kind_tensors(fresh, path)["lora_magnitude"]
+        assert rel(initial.get_submodule(path).lora_magnitude, m.reshape(-1)) < TOL
+    y_peft, y_ours = peft(ids), ours(ids)
+    assert rel(y_ours, y_peft) < TOL
+    (y_peft**2).sum().backward()
+    (y_ours**2).sum().backward()
+    for path in KIND_TARGETS:
+        layer = ours.get_submodule(path)
+        for name, theirs in kind_tensors(peft, path).items():
+            got = getattr(layer, name).grad
+            assert rel(got, theirs.grad.reshape(got.shape)) < TOL, (path, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = copy.deepcopy(peft).merge_and_unload()
+    for path in KIND_TARGETS:
+        layer = ours.get_submodule(path)
+        assert rel(layer.merged_weight(), merged.get_submodule(path).weight) < TOL, path
+
+
+def test_torch_conv_dropout_matches_peft():
+    _, peft, ours, ids = _kinds_setup(dropout=0.3)
+    peft.train()
+    ours.train()
+    torch.manual_seed(5)
+    y_peft = peft(ids)
+    torch.manual_seed(5)
+    assert rel(ours(ids), y_peft) < TOL
+
+
+def test_torch_embedding_and_conv_twenty_adamw_steps_and_files(tmp_path):
+    base, peft, ours, ids = _kinds_setup()
+    _adamw_run(peft, [p for p in peft.parameters() if p.requires_grad], ids)
+    _adamw_run(ours, [p for p in ours.parameters() if p.requires_grad], ids)
+    for path in KIND_TARGETS:
+        layer = ours.get_submodule(path)
+        for name, theirs in kind_tensors(peft, path).items():
+            got = getattr(layer, name)
+            assert rel(got, theirs.reshape(got.shape)) < TOL_TRAIN, (path, name)
+    peft.save_pretrained(str(tmp_path / "peft"))
+    loaded = torchlora.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert rel(loaded(ids), peft(ids)) < TOL
+    torchlora.save_adapter(loaded, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    for path in KIND_TARGETS:
+        for name, theirs in kind_tensors(back, path).items():
+            assert torch.equal(theirs, kind_tensors(peft, path)[name]), (path, name)
+    assert rel(back(ids), peft(ids)) < TOL

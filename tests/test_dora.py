@@ -242,13 +242,36 @@ def test_config_refuses_bad_use_dora():
     assert jaxlora.LoRAConfig(targets=["q"], use_dora=True).to_peft()["use_dora"] is True
 
 
-def test_torch_refuses_dora_on_embedding_and_conv():
-    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Conv1d(4, 4, 3))
-    for target, kind in (("0", "Embedding"), ("1", "Conv1d")):
-        config = torchlora.LoRAConfig(r=2, targets=[target], use_dora=True)
-        with pytest.raises(ValueError, match=f"implemented for Linear layers only, not a {kind}"):
-            torchlora.inject(model, config)
-    assert isinstance(model[0], torch.nn.Embedding)  # unchanged
+def test_torch_embedding_and_conv_closed_form_and_exact_unmerge():
+    torch.manual_seed(0)
+    emb = torchlora.Embedding(11, 5, 2, alpha=4, use_dora=True)
+    conv = torchlora.Conv2d(3, 4, 3, 2, alpha=4, use_dora=True, padding=1)
+    with torch.no_grad():
+        emb.lora_a.normal_()
+        conv.lora_b.normal_()
+        for layer in (emb, conv):
+            layer.lora_magnitude.uniform_(0.5, 2.0)
+    table = (emb.weight + 2.0 * (emb.lora_b @ emb.lora_a).T).detach().double().numpy()
+    m = emb.lora_magnitude.detach().double().numpy()
+    expected = table * (m / np.linalg.norm(table, axis=0))  # per embedding feature (column)
+    assert rel(emb.merged_weight(), expected) < 1e-6
+    ids = torch.tensor([[1, 4, 10]])
+    assert rel(emb(ids).detach(), expected[ids.numpy()]) < 1e-5
+    delta = (conv.lora_b.flatten(1) @ conv.lora_a.flatten(1)).reshape(conv.weight.shape)
+    full = (conv.weight + 2.0 * delta).detach().double().numpy()
+    norm = np.linalg.norm(full.reshape(4, -1), axis=1)
+    factor = conv.lora_magnitude.detach().double().numpy() / norm
+    assert rel(conv.merged_weight(), full * factor[:, None, None, None]) < 1e-6
+    x = torch.randn(2, 3, 5, 5)
+    expected_y = torch.nn.functional.conv2d(
+        x.double(), torch.from_numpy(full * factor[:, None, None, None]), conv.bias.double(), 1, 1
+    )
+    assert rel(conv(x).detach(), expected_y) < 1e-5
+    for layer in (emb, conv):
+        before = layer.weight.detach().clone()
+        layer.merge()
+        layer.unmerge()
+        assert torch.equal(layer.weight, before)
 
 
 def test_linen_refuses_dora_on_other_layers():

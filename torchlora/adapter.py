@@ -20,6 +20,7 @@ from _loracore.peft_format import (
     check_pair,
     file_config,
     magnitude_key,
+    magnitude_shape,
     residual_needed,
     tensor_keys,
 )
@@ -89,7 +90,11 @@ def save_adapter(
         tensors[key_a] = layer.lora_a.detach().cpu().contiguous()
         tensors[key_b] = layer.lora_b.detach().cpu().contiguous()
         if layer.use_dora:
-            tensors[magnitude_key(path)] = layer.lora_magnitude.detach().cpu().contiguous()
+            shape = magnitude_shape(
+                layer.kind, layer.lora_magnitude.shape[0], layer.weight.ndim - 2
+            )
+            m = layer.lora_magnitude.detach().cpu().reshape(shape)
+            tensors[magnitude_key(path)] = m.contiguous()
     peft = file_config(
         config,
         {p: (m.r, m.alpha) for p, m in layers.items()},

@@ -32,6 +32,7 @@ class LoRALayer(nn.Module):
     # DoRA (PEFT's use_dora): a trainable ``lora_magnitude`` m (out,) rescales each output
     # feature of W + scaling·B A to norm m. Only the layer types that accept it set it.
     use_dora: bool = False
+    dora_axis = 0  # the weight's axis of output features (1 for an embedding table)
 
     def _setup_lora(
         self, r: int, alpha: float | None, use_rslora: bool, init: str, inits: tuple[str, ...]
@@ -58,7 +59,7 @@ class LoRALayer(nn.Module):
     def _reset_magnitude(self) -> None:
         """DoRA's m = ‖W + scaling·B A‖ per output feature (PEFT's init, with the current A, B)."""
         if self.use_dora:
-            m = core.dora_norm(self.weight, self._delta())
+            m = core.dora_norm(self.weight, self._delta(), self.dora_axis)
             self.lora_magnitude.copy_(m.to(self.lora_magnitude.dtype))
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -196,8 +197,12 @@ class LoRALayer(nn.Module):
         full = self._wide_weight() + delta
         if not self.use_dora:
             return full
-        factor = self.lora_magnitude.to(full.dtype) / core.dora_norm(self.weight, delta)
-        return factor.view(-1, *(1,) * (full.ndim - 1)) * full
+        factor = self.lora_magnitude.to(full.dtype) / core.dora_norm(
+            self.weight, delta, self.dora_axis
+        )
+        view = [1] * full.ndim
+        view[self.dora_axis] = -1
+        return factor.view(view) * full
 
     def _dora_output(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, lora, base):
         """What DoRA adds to the base output ``y`` (bias included), as PEFT computes it:

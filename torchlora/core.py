@@ -18,11 +18,12 @@ def delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Ten
     return (lora_b.to(dtype) @ lora_a.to(dtype)) * scale
 
 
-def dora_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """DoRA's ``‖W + scaling·B A‖`` per output feature (row norms of the torch-layout weight,
-    every axis after the first flattened), in ``delta``'s dtype (fp32 or wider), detached:
-    PEFT, following the paper (§4.3), treats the norm as a constant in the backward pass."""
-    full = weight.detach().to(delta.dtype) + delta.detach()
+def dora_norm(weight: torch.Tensor, delta: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """DoRA's ``‖W + scaling·B A‖`` per output feature: the norm over every axis but ``axis``
+    (0 for a Linear's or conv's weight, 1 for an embedding table's columns), in ``delta``'s
+    dtype (fp32 or wider), detached: PEFT, following the paper (§4.3), treats the norm as a
+    constant in the backward pass."""
+    full = (weight.detach().to(delta.dtype) + delta.detach()).movedim(axis, 0)
     return torch.linalg.norm(full.flatten(1), dim=1)
 
 

@@ -19,7 +19,6 @@ from torchlora.layer import Linear
 
 SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYERS = (Linear, Embedding, Conv1d, Conv2d, Conv3d)
-DORA_LAYERS = (Linear,)  # the layer types that implement use_dora
 
 
 def flat_features(module: nn.Module) -> tuple[int, int]:
@@ -34,15 +33,13 @@ def flat_features(module: nn.Module) -> tuple[int, int]:
 def wrap(module: nn.Module, config: LoRAConfig, path: str) -> LoRALayer:
     """The torchlora layer for a pretrained module, sharing its weights, per ``config``."""
     r, alpha = config.rank_for(path), config.alpha_for(path)
-    common = {"use_rslora": config.use_rslora, "init": config.init}
+    common = {"use_rslora": config.use_rslora, "init": config.init, "use_dora": config.use_dora}
     if isinstance(module, nn.Embedding):
         return Embedding.from_embedding(module, r, alpha, **common)
     conv = next((c for c in (Conv1d, Conv2d, Conv3d) if isinstance(module, c.base_type)), None)
     if conv is not None:
         return conv.from_conv(module, r, alpha, dropout=config.dropout, **common)
-    return Linear.from_linear(
-        module, r, alpha, dropout=config.dropout, use_dora=config.use_dora, **common
-    )
+    return Linear.from_linear(module, r, alpha, dropout=config.dropout, **common)
 
 
 def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
@@ -112,11 +109,6 @@ def _check_target(model: nn.Module, config: LoRAConfig, path: str, paths: list[s
     reason = kind.unsupported(module)
     if config.init in WEIGHT_INITS and kind is not Linear:
         reason = f"init={config.init!r} adapts Linear layers only, not a {type(module).__name__}"
-    if config.use_dora and kind not in DORA_LAYERS:
-        names = ", ".join(k.base_type.__name__ for k in DORA_LAYERS)
-        reason = (
-            f"use_dora=True is implemented for {names} layers only, not a {type(module).__name__}"
-        )
     if reason:
         raise ValueError(f"layer '{path}': {reason}")
     for alias in paths:

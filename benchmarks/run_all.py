@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("forward", "train_step", "scaling", "scan")
-TABLES = ("forward", "train_step", "train_step_floor", "scaling", "scan")
+SCRIPTS = ("forward", "train_step", "scaling", "scan", "dora")
+TABLES = ("forward", "train_step", "train_step_floor", "scaling", "scan", "dora")
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from _loracore.peft_format import (
     check_paths_exist,
     file_config,
     magnitude_key,
+    magnitude_shape,
     map_path,
     tensor_keys,
 )
@@ -116,7 +117,8 @@ def _saved_magnitude(node, kind: str, config: LoRAConfig, where: str) -> np.ndar
     if not config.use_dora:
         return None
     base = meta.unbox(node[kinds.base_name(node)])
-    return np.asarray(kinds.check_magnitude(node, kind, base, 0, where))
+    magnitude = np.asarray(kinds.check_magnitude(node, kind, base, 0, where))
+    return magnitude.reshape(magnitude_shape(kind, magnitude.shape[0], np.ndim(base) - 2))
 
 
 def load_adapter(

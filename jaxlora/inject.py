@@ -357,12 +357,7 @@ def dora_magnitude(
 ) -> jax.Array:
     """DoRA's initial magnitude (PEFT's): ``‖K + scale·a b‖`` per output feature, in the
     adapter's dtype; a ``ValueError`` for a layer DoRA is not implemented for."""
-    shape = tuple(jnp.shape(base))
-    if kind != "linear" or stack or len(shape) != 2:
-        raise ValueError(
-            f"{where}: use_dora=True is implemented for {kinds.DORA_KINDS} only; this is a "
-            f"{kind} layer with a {shape} weight" + (" in a stack" if stack else "")
-        )
+    kinds.check_dora_layer(kind, tuple(jnp.shape(base)), stack, f"{where}: use_dora=True")
     a, b = leaves["lora_a"], leaves["lora_b"]
     return core.dora_norm(base, core.delta(a, b, scale)).astype(a.dtype)
 

@@ -213,7 +213,7 @@ class _State:
             return _dense(module, node["kernel"], x, where)
         found, _, base, a, b = kinds.check_layer(node, where)
         magnitude = kinds.check_magnitude(node, found, base, 0, where)
-        if magnitude is not None and (quantized or type(module) is not nn.Dense):
+        if magnitude is not None and (quantized or isinstance(module, nn.DenseGeneral)):
             raise ValueError(
                 f"{where}: a {type(module).__name__}"
                 + (" with a quantized kernel" if quantized else "")
@@ -232,17 +232,49 @@ class _State:
                 f"r={self.config.rank_for(name)}: the scale would be wrong"
             )
         scale = core.scaling(r, self.config.alpha_for(name), use_rslora=self.config.use_rslora)
-        y = _dense(module, node["kernel"], x, where) if quantized else next_fun(*args, **kwargs)
         rate = 0.0 if self.deterministic else self.config.dropout
+        if magnitude is not None and method == "attend":
+            # The merged table's attend: query @ (f ⊙ (E + s·a b))ᵀ = (query ⊙ f) @ (E + s·a b)ᵀ.
+            (q,) = nn.dtypes.promote_dtype(x, dtype=module.dtype)
+            q = q * core.dora_factor(base, a, b, meta.unbox(magnitude), scale, q.dtype)
+            args, kwargs = _with_input(q, args, kwargs)
+            return next_fun(*args, **kwargs) + branch(module, kind, method, q, a, b, scale)
+        y = _dense(module, node["kernel"], x, where) if quantized else next_fun(*args, **kwargs)
         if magnitude is not None:
-            bias = meta.unbox(module.get_variable("params", "bias")) if module.use_bias else None
-            x, base, a, b = nn.dtypes.promote_dtype(x, base, a, b, dtype=module.dtype)
-            h = dropped(module, x, rate)
-            adapter = (a, b, meta.unbox(magnitude))
-            return y + core.dora_branch(
-                h, base, bias, adapter, scale, y, rate > 0, module.precision
-            )
+            return y + _dora(module, kind, x, y, base, (a, b, magnitude), scale, rate)
         return y + branch(module, kind, method, x, a, b, scale, rate)
+
+
+def _with_input(x: jax.Array, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The method's arguments with its input (the first one) replaced by ``x``."""
+    if args:
+        return (x, *args[1:]), kwargs
+    first = next(iter(kwargs))
+    return args, {**kwargs, first: x}
+
+
+def _dora(module, kind: str, x, y, base, adapter, scale: float, rate: float) -> jax.Array:
+    """What DoRA adds to the output ``y`` of a Dense, Conv or Embed call (``core.dora_combine``:
+    the bias-free base output is ``y`` less its bias, or, while dropout is active, the base
+    product of the same dropped-out input the LoRA branch gets, as in PEFT)."""
+    a, b, magnitude = (meta.unbox(v) for v in adapter)
+    factor = core.dora_factor(base, a, b, magnitude, scale, y.dtype)
+    if kind == "embed":  # no bias and no dropout: f ⊙ (E[x] + s·a[x] b)
+        return core.dora_combine(y, branch(module, kind, "__call__", x, a, b, scale), factor)
+    (x,) = nn.dtypes.promote_dtype(x, dtype=module.dtype)
+    h = dropped(module, x, rate)
+    lora = branch(module, kind, "__call__", h, a, b, scale)
+    if rate > 0:
+        (kernel,) = nn.dtypes.promote_dtype(base, dtype=module.dtype)
+        if kind == "conv":
+            plain = _conv_like(module, jnp.shape(base)[-1])(h, kernel).astype(y.dtype)
+        else:
+            plain = jnp.matmul(h, kernel, precision=module.precision).astype(y.dtype)
+    elif module.use_bias:
+        plain = y - meta.unbox(module.get_variable("params", "bias")).astype(y.dtype)
+    else:
+        plain = y
+    return core.dora_combine(plain, lora, factor)
 
 
 def _dequantized_kernel(module: nn.Dense, x: jax.Array, where: str) -> jax.Array:
@@ -322,8 +354,9 @@ def dropped(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
 
 
 def _conv_like(module: nn.Conv, r: int):
-    """A function ``(x, lora_a) -> (…, r)``: a plain ``nn.Conv`` with the layer's own settings
-    (strides, padding, dilations, precision, dtypes) and ``r`` output features, no bias."""
+    """A function ``(x, kernel) -> (…, r)``: a plain ``nn.Conv`` with the layer's own settings
+    (strides, padding, dilations, precision, dtypes), ``r`` output features and no bias (the
+    LoRA branch's first conv with ``lora_a``, or the base conv with the kernel)."""
     fields = {
         f.name: getattr(module, f.name)
         for f in dataclasses.fields(nn.Conv)

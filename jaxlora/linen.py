@@ -151,6 +151,12 @@ class _Adapter:
             where=where,
         )
         shape_a, shape_b = kinds.lora_shapes(self.kind, base_shape, self.r, in_axes)
+        if self.has_variable("params", "lora_magnitude"):
+            raise ValueError(
+                f"{where}: the params hold 'lora_magnitude' (a DoRA adapter), which this layer "
+                "class does not implement and would ignore; use the plain Flax layer with "
+                "jaxlora.inject and jaxlora.intercept (or LoRADense) for DoRA"
+            )
         for name, shape in (("lora_a", shape_a), ("lora_b", shape_b)):
             if self.has_variable("params", name):
                 core.check_shape(self.get_variable("params", name), shape, f"{where}, '{name}'")

@@ -635,3 +635,134 @@ def test_torch_embedding_and_conv_twenty_adamw_steps_and_files(tmp_path):
         for name, theirs in kind_tensors(back, path).items():
             assert torch.equal(theirs, kind_tensors(peft, path)[name]), (path, name)
     assert rel(back(ids), peft(ids)) < TOL
+
+
+# --- jaxlora Linen Embed and Conv through inject/intercept, from PEFT's file -------------------
+
+from jaxlora import kinds  # noqa: E402
+
+
+class FlaxKindsNet(fnn.Module):
+    @fnn.compact
+    def __call__(self, ids):
+        e = fnn.Embed(11, 7, name="emb")(ids)  # (N, L, 7)
+        e = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], 3, 7))
+        h = fnn.Conv(5, (3, 3), padding=1, name="conv")(e).mean(2)  # (N, L, 5)
+        return fnn.Conv(4, (2,), padding="VALID", name="conv1")(jnp.tanh(h)).transpose(0, 2, 1)
+
+
+def flax_kinds_base(base: nn.Module) -> dict:
+    weight = {n: base.get_submodule(n).weight.detach().numpy() for n in KIND_TARGETS}
+    bias = {n: base.get_submodule(n).bias.detach().numpy() for n in ("conv", "conv1")}
+    return {
+        "emb": {"embedding": jnp.asarray(weight["emb"])},
+        "conv": {"kernel": jnp.asarray(weight["conv"].transpose(2, 3, 1, 0)), "bias": bias["conv"]},
+        "conv1": {"kernel": jnp.asarray(weight["conv1"].transpose(2, 1, 0)), "bias": bias["conv1"]},
+    }
+
+
+def _flax_kinds(tmp_path):
+    base, peft, _, ids = _kinds_setup()
+    peft.save_pretrained(str(tmp_path / "peft"))
+    params = jaxlora.load_adapter(flax_kinds_base(base), tmp_path / "peft")
+    config = jaxlora.read_adapter_config(tmp_path / "peft")
+    return base, peft, ids, config, params
+
+
+def _kinds_apply(config, params, ids):
+    with jaxlora.intercept(config):
+        return FlaxKindsNet().apply({"params": params}, ids)
+
+
+def test_linen_embed_and_conv_from_peft_file_forward_grads_merge(tmp_path):
+    _, peft, ids, config, params = _flax_kinds(tmp_path)
+    idsj = jnp.asarray(ids.numpy())
+    y_peft = peft(ids)
+    assert rel(_kinds_apply(config, params, idsj), y_peft) < TOL
+    (y_peft**2).sum().backward()
+    adapter, frozen = jaxlora.split(params)
+    grads = jax.grad(
+        lambda ad: (_kinds_apply(config, jaxlora.combine(ad, frozen), idsj) ** 2).sum()
+    )(adapter)
+    for path in KIND_TARGETS:
+        kind = "embed" if path == "emb" else "conv"
+        g = {k: np.asarray(v) for k, v in grads[path].items()}
+        ga, gb = kinds.to_torch(kind, g["lora_a"], g["lora_b"])
+        theirs = kind_tensors(peft, path)
+        assert rel(ga, theirs["lora_a"].grad) < TOL, path
+        assert rel(gb, theirs["lora_b"].grad) < TOL, path
+        assert rel(g["lora_magnitude"], theirs["lora_magnitude"].grad.reshape(-1)) < TOL, path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged_peft = copy.deepcopy(peft).merge_and_unload()
+    merged = jaxlora.merge(params, alpha=config.alpha_for)
+    assert rel(FlaxKindsNet().apply({"params": merged}, idsj), y_peft) < TOL
+    expected = flax_kinds_base(merged_peft)
+    for path in KIND_TARGETS:
+        name = "embedding" if path == "emb" else "kernel"
+        assert rel(merged[path][name], expected[path][name]) < TOL, path
+
+
+def test_linen_embed_attend_uses_the_dora_table():
+    class Tied(fnn.Module):
+        @fnn.compact
+        def __call__(self, q):
+            return fnn.Embed(11, 7, name="emb").attend(q)
+
+    torch.manual_seed(0)
+    base = KindsNet()
+    peft = kinds_peft(base)
+    t = {k: v.detach().numpy() for k, v in kind_tensors(peft, "emb").items()}
+    a, b = kinds.from_torch("embed", t["lora_a"], t["lora_b"], (11, 7))
+    params = {
+        "emb": {
+            "embedding": jnp.asarray(base.emb.weight.detach().numpy()),
+            "lora_a": jnp.asarray(a),
+            "lora_b": jnp.asarray(b),
+            "lora_magnitude": jnp.asarray(t["lora_magnitude"]),
+        }
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = copy.deepcopy(peft).merge_and_unload().emb.weight.detach().numpy()
+    q = np.random.default_rng(0).normal(size=(4, 7)).astype(np.float32)
+    config = jaxlora.LoRAConfig(r=2, alpha=4, targets=["emb"], use_dora=True)
+    with jaxlora.intercept(config):
+        got = Tied().apply({"params": params}, jnp.asarray(q))
+    assert rel(got, q @ table.T) < TOL
+
+
+def test_linen_embed_and_conv_twenty_adamw_steps_and_file_back(tmp_path):
+    base, peft, ids, config, params = _flax_kinds(tmp_path)
+    idsj = jnp.asarray(ids.numpy())
+    _adamw_run(peft, [p for p in peft.parameters() if p.requires_grad], ids)
+    tx = jaxlora.freeze_base(optax.adamw(1e-2, weight_decay=0.01))
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(lambda p: (_kinds_apply(config, p, idsj) ** 2).mean())(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(20):
+        params, state = step(params, state)
+    for path in KIND_TARGETS:
+        kind = "embed" if path == "emb" else "conv"
+        a, b = kinds.to_torch(
+            kind, np.asarray(params[path]["lora_a"]), np.asarray(params[path]["lora_b"])
+        )
+        theirs = kind_tensors(peft, path)
+        assert rel(a, theirs["lora_a"]) < TOL_TRAIN, path
+        assert rel(b, theirs["lora_b"]) < TOL_TRAIN, path
+        m = theirs["lora_magnitude"].reshape(-1)
+        assert rel(params[path]["lora_magnitude"], m) < TOL_TRAIN, path
+    jaxlora.save_adapter(params, tmp_path / "ours", config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    for path in KIND_TARGETS:
+        for name, theirs in kind_tensors(back, path).items():
+            ours = kind_tensors(peft, path)[name]
+            assert theirs.shape == ours.shape and rel(theirs, ours) < TOL_TRAIN, (path, name)
+    assert rel(back(ids), peft(ids)) < TOL_TRAIN

@@ -766,3 +766,93 @@ def test_linen_embed_and_conv_twenty_adamw_steps_and_file_back(tmp_path):
             ours = kind_tensors(peft, path)[name]
             assert theirs.shape == ours.shape and rel(theirs, ours) < TOL_TRAIN, (path, name)
     assert rel(back(ids), peft(ids)) < TOL_TRAIN
+
+
+# --- jaxlora.nnx Embed and Conv, from PEFT's file -------------------------------------------------
+
+
+class NnxKindsNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.emb = nnx.Embed(11, 7, rngs=rngs)
+        self.conv = nnx.Conv(7, 5, (3, 3), padding=1, rngs=rngs)
+        self.conv1 = nnx.Conv(5, 4, (2,), padding="VALID", rngs=rngs)
+
+    def __call__(self, ids):
+        e = self.emb(ids)
+        e = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], 3, 7))
+        h = self.conv(e).mean(2)
+        return self.conv1(jnp.tanh(h)).transpose(0, 2, 1)
+
+
+def nnx_kinds_base(base: nn.Module) -> NnxKindsNet:
+    model = NnxKindsNet(nnx.Rngs(0))
+    for path, leaves in flax_kinds_base(base).items():
+        for name, value in leaves.items():
+            getattr(getattr(model, path), name)[...] = jnp.asarray(value)
+    return model
+
+
+def test_nnx_embed_and_conv_from_peft_file_forward_grads_steps_files(tmp_path):
+    base, peft, _, ids = _kinds_setup()
+    idsj = jnp.asarray(ids.numpy())
+    peft.save_pretrained(str(tmp_path / "peft"))
+    model = jnnx.load_adapter(nnx_kinds_base(base), tmp_path / "peft")
+    y_peft = peft(ids)
+    assert rel(model(idsj), y_peft) < TOL
+    (y_peft**2).sum().backward()
+    grads = nnx.grad(lambda m: (m(idsj) ** 2).sum(), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    for path in KIND_TARGETS:
+        kind = "embed" if path == "emb" else "conv"
+        g = grads[path]
+        ga, gb = kinds.to_torch(kind, np.asarray(g["lora_a"][...]), np.asarray(g["lora_b"][...]))
+        theirs = kind_tensors(peft, path)
+        assert rel(ga, theirs["lora_a"].grad) < TOL, path
+        assert rel(gb, theirs["lora_b"].grad) < TOL, path
+        got = g["lora_magnitude"][...]
+        assert rel(got, theirs["lora_magnitude"].grad.reshape(-1)) < TOL, path
+    _adamw_run(peft, [p for p in peft.parameters() if p.requires_grad], ids)
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2, weight_decay=0.01), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss = lambda m: (m(idsj) ** 2).mean()  # noqa: E731
+        optimizer.update(model, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model))
+
+    for _ in range(20):
+        step(model, optimizer)
+    assert rel(model(idsj), peft(ids)) < TOL_TRAIN
+    jnnx.save_adapter(model, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    for path in KIND_TARGETS:
+        for name, theirs in kind_tensors(back, path).items():
+            ours = kind_tensors(peft, path)[name]
+            assert theirs.shape == ours.shape and rel(theirs, ours) < TOL_TRAIN, (path, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged_peft = copy.deepcopy(peft).merge_and_unload()
+    jnnx.merge(model)
+    assert type(model.conv) is nnx.Conv and type(model.emb) is nnx.Embed
+    expected = flax_kinds_base(merged_peft)
+    for path in KIND_TARGETS:
+        name = "embedding" if path == "emb" else "kernel"
+        assert rel(getattr(model, path).__dict__[name][...], expected[path][name]) < TOL_TRAIN
+
+
+def test_nnx_embed_attend_uses_the_merged_table():
+    torch.manual_seed(0)
+    base = KindsNet()
+    model = nnx_kinds_base(base)
+    config = jaxlora.LoRAConfig(r=2, alpha=4, targets=["emb"], use_dora=True)
+    jnnx.inject(model, config, nnx.Rngs(1))
+    emb = model.emb
+    emb.lora_a[...] = jax.random.normal(jax.random.key(0), emb.lora_a.shape)
+    emb.lora_magnitude[...] = emb.lora_magnitude[...] * 1.3
+    table = jnnx.merge(model).emb.embedding[...]
+    model = nnx_kinds_base(base)
+    jnnx.inject(model, config, nnx.Rngs(1))
+    model.emb.lora_a[...] = emb.lora_a[...]
+    model.emb.lora_magnitude[...] = emb.lora_magnitude[...]
+    q = jax.random.normal(jax.random.key(1), (4, 7))
+    assert rel(model.emb.attend(q), q @ table.T) < TOL

@@ -155,7 +155,23 @@ def _dropped_input(z, x, kernel, bias, a, b, m):
     return (np.asarray(z, np.float64) - x @ kernel - bias) @ np.linalg.pinv(matrix)
 
 
-@pytest.mark.parametrize("side", ["torch", "linen-intercept", "linen-layer", "nnx"])
+class Conv1x1(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(N_OUT, (1,), name="fc")(x[:, None, :])[:, 0, :]
+
+
+def _conv_kernel(params):
+    """The Dense twin's params as a (1, in, out) conv's (a 1×1 conv is the same product)."""
+    fc = dict(params["fc"])
+    fc["kernel"], fc["lora_a"] = fc["kernel"][None], fc["lora_a"][None]
+    fc["lora_b"] = fc["lora_b"][None]
+    return {"fc": fc}
+
+
+@pytest.mark.parametrize(
+    "side", ["torch", "linen-intercept", "linen-layer", "nnx", "linen-conv", "nnx-conv"]
+)
 def test_dropout_applies_to_the_dora_correction_as_in_peft(side):
     rate = 0.5
     kernel, bias, a, b, m, x = _arrays()
@@ -172,6 +188,20 @@ def test_dropout_applies_to_the_dora_correction_as_in_peft(side):
         dense = jaxlora.LoRADense(N_OUT, R, ALPHA, use_dora=True, dropout=rate)
         params = _linen()[1]["fc"]
         z = dense.apply({"params": params}, x, False, rngs={"dropout": jax.random.key(3)})
+    elif side == "linen-conv":
+        config, params, _ = _linen(dropout=rate)
+        with jaxlora.intercept(config, deterministic=False):
+            z = Conv1x1().apply(
+                {"params": _conv_kernel(params)}, x, rngs={"dropout": jax.random.key(3)}
+            )
+    elif side == "nnx-conv":
+        conv = jnnx.LoRAConv(
+            N_IN, N_OUT, (1,), r=R, alpha=ALPHA, use_dora=True, dropout=rate, rngs=nnx.Rngs(0)
+        )
+        fc = _conv_kernel(_linen()[1])["fc"]
+        for name, value in fc.items():
+            getattr(conv, name)[...] = jnp.asarray(value)
+        z = conv(jnp.asarray(x)[:, None, :], deterministic=False)[:, 0, :]
     else:
         layer, xj = _nnx(dropout=rate)
         z = layer(xj, deterministic=False)
@@ -274,22 +304,18 @@ def test_torch_embedding_and_conv_closed_form_and_exact_unmerge():
         assert torch.equal(layer.weight, before)
 
 
-def test_linen_refuses_dora_on_other_layers():
-    class Other(nn.Module):
-        @nn.compact
-        def __call__(self, ids):
-            return nn.Embed(10, 4, name="emb")(ids)
-
-    params = Other().init(jax.random.key(0), jnp.arange(3))["params"]
-    config = jaxlora.LoRAConfig(r=2, targets=["emb"], use_dora=True)
-    with pytest.raises(ValueError, match="use_dora=True is implemented for 2-D nn.Dense"):
-        jaxlora.inject(params, config, jax.random.key(1))
+def test_linen_refuses_dora_on_multi_axis_and_stacked_kernels():
     general = {"g": {"kernel": jnp.ones((4, 2, 3))}}
     layouts = {"g": jaxlora.Layout("linear", 1, 3)}
-    with pytest.raises(ValueError, match="implemented for 2-D nn.Dense"):
+    config = jaxlora.LoRAConfig(r=1, targets=["g"], use_dora=True)
+    with pytest.raises(ValueError, match=r"implemented for nn.Dense \(2-D kernel\), nn.Conv"):
+        jaxlora.inject(general, config, jax.random.key(0), layouts=layouts)
+    stacked = {"s": {"kernel": jnp.ones((3, 4, 2))}}
+    layouts = {"s": jaxlora.Layout("linear", 1, 2, stack=1, scan="s")}
+    with pytest.raises(ValueError, match="stacked over 1 layer axis"):
         jaxlora.inject(
-            general,
-            jaxlora.LoRAConfig(r=1, targets=["g"], use_dora=True),
+            stacked,
+            config.__class__(r=1, targets=["s"], use_dora=True),
             jax.random.key(0),
             layouts=layouts,
         )
@@ -313,14 +339,16 @@ def test_lora_dense_refuses_a_magnitude_it_would_ignore():
         jaxlora.LoRADense(N_OUT, R, ALPHA).apply({"params": params}, _arrays()[-1])
 
 
-def test_nnx_refuses_dora_on_other_layers():
+def test_nnx_refuses_dora_on_linear_general():
     class M(nnx.Module):
         def __init__(self):
-            self.emb = nnx.Embed(10, 4, rngs=nnx.Rngs(0))
+            self.g = nnx.LinearGeneral(4, (2, 3), rngs=nnx.Rngs(0))
 
-    config = jaxlora.LoRAConfig(r=2, targets=["emb"], use_dora=True)
-    with pytest.raises(ValueError, match="unstacked nnx.Linear layers only, not a Embed"):
-        jnnx.inject(M(), config, nnx.Rngs(0))
+    config = jaxlora.LoRAConfig(r=1, targets=["g"], use_dora=True)
+    model = M()
+    with pytest.raises(ValueError, match="not a LinearGeneral"):
+        jnnx.inject(model, config, nnx.Rngs(0))
+    assert type(model.g) is nnx.LinearGeneral
 
 
 # --- adapter files --------------------------------------------------------------------------------

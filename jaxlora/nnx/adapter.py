@@ -18,6 +18,7 @@ from _loracore.peft_format import (
     check_paths_exist,
     file_config,
     magnitude_key,
+    magnitude_shape,
     map_path,
     residual_needed,
     tensor_keys,
@@ -117,7 +118,9 @@ def save_adapter(
             a, b = a[index], b[index]
         tensors[key_a], tensors[key_b] = kinds.to_torch(kind, a, b)
         if config.use_dora:  # DoRA layers are never stacked (inject refuses)
-            tensors[magnitude_key(path)] = np.asarray(layer.lora_magnitude[...])
+            m = np.asarray(layer.lora_magnitude[...])
+            window = a.ndim - 2 if kind == "conv" else 0
+            tensors[magnitude_key(path)] = m.reshape(magnitude_shape(kind, m.shape[0], window))
     ranks = {
         p: (m.r, float(m.r if m.alpha is None else m.alpha)) for p, (_, m, _) in layers.items()
     }
@@ -196,7 +199,8 @@ def load_adapter(
     if config.use_dora and ops:
         raise ValueError(
             f"{directory}: a DoRA adapter (use_dora=true) cannot be loaded into op-level layers "
-            f"({', '.join(sorted(ops))}): DoRA is implemented for unstacked nnx.Linear layers only"
+            f"({', '.join(sorted(ops))}): DoRA is implemented for unstacked nnx.Linear, nnx.Conv "
+            "and nnx.Embed layers only"
         )
     _check_stacks(views, tensors, config, directory)
     residual = [

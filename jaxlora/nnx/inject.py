@@ -66,7 +66,7 @@ def _check_by_product(module: nnx.Module, name: str, config: LoRAConfig, roles) 
     if config.use_dora:
         raise ValueError(
             f"{where} ({type(module).__name__}) is adapted at its product, where use_dora=True "
-            "is not implemented (DoRA: unstacked nnx.Linear layers only)"
+            "is not implemented (DoRA: unstacked nnx.Linear, nnx.Conv and nnx.Embed layers)"
         )
     core.check_hparams(
         r=config.rank_for(name),
@@ -125,10 +125,10 @@ def _check(module: nnx.Module, name: str, config: LoRAConfig, per_layer: list[st
         raise ValueError(
             f"{where}: init={config.init!r} adapts linear layers only, not a {kind} layer"
         )
-    if config.use_dora and (not isinstance(module, nnx.Linear) or stack):
+    if config.use_dora and (isinstance(module, nnx.LinearGeneral) or stack):
         raise ValueError(
-            f"{where}: use_dora=True is implemented for unstacked nnx.Linear layers only, not "
-            f"{'a stacked ' if stack else 'a '}{type(module).__name__}"
+            f"{where}: use_dora=True is implemented for unstacked nnx.Linear, nnx.Conv and "
+            f"nnx.Embed layers only, not {'a stacked ' if stack else 'a '}{type(module).__name__}"
         )
     core.check_hparams(
         r=config.rank_for(name),
@@ -247,17 +247,18 @@ def _build(
         alpha=config.alpha_for(name),
         use_rslora=config.use_rslora,
         init=config.init,
+        use_dora=config.use_dora,
         param_dtype=param_dtype,
         rngs=rngs,
     )
     if not isinstance(base, nnx.Embed):
         options["dropout"] = config.dropout
     if product is not None:
-        del options["init"]
+        del options["init"], options["use_dora"]
         weight, roles = product
         wrap = functools.partial(adapt, weight=weight, roles=roles)
     elif isinstance(base, nnx.Linear):
-        wrap = functools.partial(LoRALinear.from_linear, use_dora=config.use_dora)
+        wrap = LoRALinear.from_linear
     else:
         wrap = _ADAPTED[type(base)].from_base
     return _per_layer(wrap, base, stack_of(base), **options)

@@ -4,8 +4,11 @@ Within the context, every ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv`` and ``n
 that finds ``lora_a``/``lora_b`` beside its weight adds its factored branch (the full delta is
 never built): ``scaling · dropout(x) @ a @ b``, contracted over ``DenseGeneral``'s axes, as a
 conv like the base's followed by a 1×1 conv, or as a second lookup for ``Embed`` (whose
-``attend`` uses the adapted table too, so the merged model computes the same). Any other layer
-that holds LoRA leaves is an error when called, never silently run without them.
+``attend`` uses the adapted table too, so the merged model computes the same). A layer that also
+holds ``lora_magnitude`` (DoRA, PEFT's ``use_dora``: not for ``DenseGeneral``) computes with
+``m / ‖W + s·a b‖ ⊙ (W + s·a b)`` per output feature, the norm constant in backward, and with
+dropout active PEFT's correction on the dropped-out input. Any other layer that holds LoRA
+leaves is an error when called, never silently run without them.
 
 ``flax.linen.jit`` reuses a module's trace while a fingerprint of the module (its fields and its
 scope) is unchanged, and the method interceptors that are active are not part of it: a trace
@@ -241,7 +244,7 @@ class _State:
             return next_fun(*args, **kwargs) + branch(module, kind, method, q, a, b, scale)
         y = _dense(module, node["kernel"], x, where) if quantized else next_fun(*args, **kwargs)
         if magnitude is not None:
-            return y + _dora(module, kind, x, y, base, (a, b, magnitude), scale, rate)
+            return y + dora_output(module, kind, x, y, base, (a, b, magnitude), scale, rate)
         return y + branch(module, kind, method, x, a, b, scale, rate)
 
 
@@ -253,8 +256,9 @@ def _with_input(x: jax.Array, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, {**kwargs, first: x}
 
 
-def _dora(module, kind: str, x, y, base, adapter, scale: float, rate: float) -> jax.Array:
-    """What DoRA adds to the output ``y`` of a Dense, Conv or Embed call (``core.dora_combine``:
+def dora_output(module, kind: str, x, y, base, adapter, scale: float, rate: float) -> jax.Array:
+    """What DoRA adds to the output ``y`` of a bound Dense, Conv or Embed layer's call (also
+    ``LoRAConv``/``LoRAEmbed``'s) for the input ``x`` (``core.dora_combine``:
     the bias-free base output is ``y`` less its bias, or, while dropout is active, the base
     product of the same dropped-out input the LoRA branch gets, as in PEFT)."""
     a, b, magnitude = (meta.unbox(v) for v in adapter)

@@ -42,7 +42,10 @@ def merge(
     ``kernel + scaling · lora_a @ lora_b`` is computed in float32 and rounded once to the
     kernel's dtype; the LoRA leaves are removed, so the result is what the plain model
     consumes (and costs exactly its FLOPs). ``r`` and the layer kind (Dense, DenseGeneral,
-    Conv, Embed: see ``jaxlora.kinds``) are read from the shapes.
+    Conv, Embed: see ``jaxlora.kinds``) are read from the shapes. A DoRA layer (one holding
+    ``lora_magnitude`` m) merges to PEFT's ``m / ‖K + ΔK‖ · (K + ΔK)`` per output feature;
+    as ``K`` cannot be recovered exactly from it, ``record=True`` is refused for such a tree
+    (keep the unmerged params: this function never modifies its input).
 
     Args:
         params: a nested-dict params tree (with or without the top 'params' collection).

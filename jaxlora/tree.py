@@ -23,7 +23,8 @@ Path = tuple[str, ...]
 
 
 def lora_mask(params: PyTree) -> PyTree:
-    """A tree of bools shaped like ``params``: True exactly at leaves named lora_a/lora_b.
+    """A tree of bools shaped like ``params``: True exactly at leaves named lora_a/lora_b (and
+    DoRA's lora_magnitude).
 
     >>> lora_mask({"dense": {"kernel": 1.0, "lora_a": 2.0, "lora_b": 3.0}})
     {'dense': {'kernel': False, 'lora_a': True, 'lora_b': True}}
@@ -139,7 +140,7 @@ def combine(adapter: PyTree, base: PyTree) -> PyTree:
 
 
 def iter_lora_layers(params: Mapping[str, Any], path: Path = ()) -> Iterator[tuple[Path, Mapping]]:
-    """Yields ``(path, node)`` for each dict that holds ``lora_a`` or ``lora_b`` leaves."""
+    """Yields ``(path, node)`` for each dict that holds LoRA leaves (``LORA_NAMES``)."""
     if any(name in params for name in LORA_NAMES):
         yield path, params
     for key, value in params.items():

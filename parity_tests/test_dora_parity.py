@@ -856,3 +856,31 @@ def test_nnx_embed_attend_uses_the_merged_table():
     model.emb.lora_magnitude[...] = emb.lora_magnitude[...]
     q = jax.random.normal(jax.random.key(1), (4, 7))
     assert rel(model.emb.attend(q), q @ table.T) < TOL
+
+
+class FlaxKindsLayers(fnn.Module):
+    """``FlaxKindsNet`` built from jaxlora's Linen layer classes with ``use_dora=True``."""
+
+    @fnn.compact
+    def __call__(self, ids):
+        lora = dict(r=2, alpha=4, use_dora=True)
+        e = jaxlora.LoRAEmbed(11, 7, name="emb", **lora)(ids)
+        e = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], 3, 7))
+        h = jaxlora.LoRAConv(5, (3, 3), padding=1, name="conv", **lora)(e).mean(2)
+        conv1 = jaxlora.LoRAConv(4, (2,), padding="VALID", name="conv1", **lora)
+        return conv1(jnp.tanh(h)).transpose(0, 2, 1)
+
+
+def test_linen_layer_classes_embed_and_conv_match_peft(tmp_path):
+    _, peft, ids, _, params = _flax_kinds(tmp_path)
+    idsj = jnp.asarray(ids.numpy())
+    y_peft = peft(ids)
+    assert rel(FlaxKindsLayers().apply({"params": params}, idsj), y_peft) < TOL
+    (y_peft**2).sum().backward()
+    grads = jax.grad(lambda p: (FlaxKindsLayers().apply({"params": p}, idsj) ** 2).sum())(params)
+    for path in KIND_TARGETS:
+        theirs = kind_tensors(peft, path)["lora_magnitude"].grad.reshape(-1)
+        assert rel(grads[path]["lora_magnitude"], theirs) < TOL, path
+    init = FlaxKindsLayers().init(jax.random.key(0), idsj)["params"]
+    conv = np.asarray(init["conv"]["kernel"]).reshape(-1, 5)
+    assert rel(init["conv"]["lora_magnitude"], np.linalg.norm(conv, axis=0)) < TOL

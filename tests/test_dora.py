@@ -440,3 +440,32 @@ def test_save_refuses_a_config_that_disagrees(tmp_path):
     with pytest.raises(ValueError, match="use_dora=False but the layer holds 'lora_magnitude'"):
         jaxlora.save_adapter(params, tmp_path, jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["fc"]))
     assert not tmp_path.joinpath("adapter_config.json").exists()
+
+
+def test_linen_lora_embed_class_attend_matches_intercept():
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, q):
+            return nn.Embed(11, 5, name="emb").attend(q)
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, q):
+            return jaxlora.LoRAEmbed(11, 5, r=2, alpha=4, use_dora=True, name="emb").attend(q)
+
+    rng = np.random.default_rng(0)
+    params = {
+        "emb": {
+            "embedding": rng.normal(size=(11, 5)).astype(np.float32),
+            "lora_a": rng.normal(size=(11, 2)).astype(np.float32),
+            "lora_b": rng.normal(size=(2, 5)).astype(np.float32),
+            "lora_magnitude": rng.uniform(0.5, 2, size=(5,)).astype(np.float32),
+        }
+    }
+    q = rng.normal(size=(3, 5)).astype(np.float32)
+    full = params["emb"]["embedding"] + 2.0 * params["emb"]["lora_a"] @ params["emb"]["lora_b"]
+    table = full * params["emb"]["lora_magnitude"] / np.linalg.norm(full, axis=0)
+    config = jaxlora.LoRAConfig(r=2, alpha=4, targets=["emb"], use_dora=True)
+    with jaxlora.intercept(config):
+        assert rel(Plain().apply({"params": params}, q), q @ table.T) < 1e-5
+    assert rel(Layer().apply({"params": params}, q), q @ table.T) < 1e-5

@@ -469,3 +469,31 @@ def test_linen_lora_embed_class_attend_matches_intercept():
     with jaxlora.intercept(config):
         assert rel(Plain().apply({"params": params}, q), q @ table.T) < 1e-5
     assert rel(Layer().apply({"params": params}, q), q @ table.T) < 1e-5
+
+
+def test_partition_specs_shard_the_magnitude_like_the_output_features():
+    from jax.sharding import PartitionSpec
+
+    _, params, _ = _linen()
+    specs = jaxlora.partition_specs(params, {"fc": {"kernel": PartitionSpec("fsdp", "tensor")}})
+    assert specs["fc"]["lora_magnitude"] == PartitionSpec("tensor")
+    assert jax.tree.structure(specs) == jax.tree.structure(params)
+
+
+def test_intercept_refuses_dora_on_a_quantized_kernel():
+    from jaxlora.quant import quantize_base
+
+    rng = np.random.default_rng(0)
+    variables = {"params": {"fc": {"kernel": rng.normal(size=(64, 64)).astype(np.float32)}}}
+    config = jaxlora.LoRAConfig(r=2, targets=["fc"], use_dora=True)
+    variables = jaxlora.inject(variables, config, jax.random.key(0))
+    quantized = quantize_base(variables, ["fc"])
+
+    class Bare(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(64, use_bias=False, name="fc")(x)
+
+    with pytest.raises(ValueError, match="with a quantized kernel holds 'lora_magnitude'"):
+        with jaxlora.intercept(config):
+            Bare().apply(quantized, jnp.ones((1, 64)))

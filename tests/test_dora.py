@@ -497,3 +497,13 @@ def test_intercept_refuses_dora_on_a_quantized_kernel():
     with pytest.raises(ValueError, match="with a quantized kernel holds 'lora_magnitude'"):
         with jaxlora.intercept(config):
             Bare().apply(quantized, jnp.ones((1, 64)))
+
+
+def test_convert_carries_the_magnitude_both_ways():
+    layer, _ = _torch()
+    params = jaxlora.from_torch(dict(layer.state_dict()))
+    np.testing.assert_array_equal(params["lora_magnitude"], layer.lora_magnitude.detach().numpy())
+    back = jaxlora.to_torch(params)
+    np.testing.assert_array_equal(back["lora_magnitude"], layer.lora_magnitude.detach().numpy())
+    with pytest.raises(ValueError, match="'lora_magnitude' has shape"):
+        jaxlora.from_torch({**dict(layer.state_dict()), "lora_magnitude": np.ones(3)})

@@ -204,7 +204,7 @@ class LoRALayer(nn.Module):
         view[self.dora_axis] = -1
         return factor.view(view) * full
 
-    def _dora_output(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, lora, base):
+    def _dora_output(self, h: torch.Tensor, y: torch.Tensor, lora: torch.Tensor, base):
         """What DoRA adds to the base output ``y`` (bias included), as PEFT computes it:
         ``(m/‖W+ΔW‖ − 1) · plain + m/‖W+ΔW‖ · lora`` with the norm a constant in backward.
         ``plain`` is ``y`` without its bias, except while dropout is active (training with a

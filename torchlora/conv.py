@@ -172,7 +172,7 @@ class _ConvNd(LoRALayer):
         lora = self._function(self._conv(dropped, self.lora_a, None), self.lora_b) * self.scaling
         if self.use_dora:
             plain = lambda h: self._conv(h, self.weight, None)  # noqa: E731
-            return y + self._dora_output(x, dropped, y, lora, plain)
+            return y + self._dora_output(dropped, y, lora, plain)
         return y + lora
 
     def to_base(self) -> nn.Module:

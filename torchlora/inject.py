@@ -47,7 +47,7 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     ``config.targets`` by a ``torchlora.Linear``, ``Embedding`` or ``Conv1d/2d/3d``.
 
     The new layers wrap the same pretrained weight and bias (shared, not copied); every
-    parameter that is not ``lora_a``/``lora_b`` is frozen. A module registered under several
+    parameter that is not ``lora_a``/``lora_b`` (or DoRA's ``lora_magnitude``) is frozen. A module registered under several
     paths (the same object) gets one LoRA layer, put at every one of them, named by its first
     path (``named_modules()``'s). All matches are checked before the model is touched, so a
     failed call changes nothing. The config is remembered as ``model.lora_config``. Returns
@@ -176,7 +176,8 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors only: the state-dict entries named ``lora_a``/``lora_b``, once
+    """The adapter's tensors only: the state-dict entries named ``lora_a``/``lora_b`` (and
+    ``lora_magnitude``), once
     per layer (under its ``named_modules()`` path, also for a layer registered twice)."""
     layers = {path for path, m in model.named_modules() if isinstance(m, LoRALayer)}
     return {
@@ -235,7 +236,8 @@ def _check_adapter_tensor(key: str, value: object, current: torch.Tensor) -> Non
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
-    """Sets ``requires_grad`` on exactly the parameters named ``lora_a``/``lora_b``."""
+    """Sets ``requires_grad`` on exactly the adapter's parameters (``lora_a``/``lora_b``, and
+    DoRA's ``lora_magnitude``)."""
     for name, param in model.named_parameters():
         param.requires_grad_(name.rsplit(".", 1)[-1] in LORA_NAMES)
     return model

@@ -187,7 +187,7 @@ class Linear(LoRALayer):
         h = self.lora_dropout(x)
         lora = (h @ self.lora_a.T @ self.lora_b.T) * self.scaling
         if self.use_dora:
-            return y + self._dora_output(x, h, y, lora, lambda h: F.linear(h, self.weight))
+            return y + self._dora_output(h, y, lora, lambda h: F.linear(h, self.weight))
         return y + lora
 
     def to_linear(self) -> nn.Linear:

@@ -47,11 +47,11 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     ``config.targets`` by a ``torchlora.Linear``, ``Embedding`` or ``Conv1d/2d/3d``.
 
     The new layers wrap the same pretrained weight and bias (shared, not copied); every
-    parameter that is not ``lora_a``/``lora_b`` (or DoRA's ``lora_magnitude``) is frozen. A module registered under several
-    paths (the same object) gets one LoRA layer, put at every one of them, named by its first
-    path (``named_modules()``'s). All matches are checked before the model is touched, so a
-    failed call changes nothing. The config is remembered as ``model.lora_config``. Returns
-    ``model``.
+    parameter that is not ``lora_a``/``lora_b`` (or DoRA's ``lora_magnitude``) is frozen. A
+    module registered under several paths (the same object) gets one LoRA layer, put at every
+    one of them, named by its first path (``named_modules()``'s). All matches are checked
+    before the model is touched, so a failed call changes nothing. The config is remembered as
+    ``model.lora_config``. Returns ``model``.
 
     Raises:
         ValueError: no layer matches (the message lists the layer paths), a layer is already

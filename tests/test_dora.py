@@ -507,3 +507,8 @@ def test_convert_carries_the_magnitude_both_ways():
     np.testing.assert_array_equal(back["lora_magnitude"], layer.lora_magnitude.detach().numpy())
     with pytest.raises(ValueError, match="'lora_magnitude' has shape"):
         jaxlora.from_torch({**dict(layer.state_dict()), "lora_magnitude": np.ones(3)})
+
+
+def test_nnx_linear_general_layer_refuses_use_dora():
+    with pytest.raises(ValueError, match="use_dora=True is not implemented for LoRALinearGeneral"):
+        jnnx.LoRALinearGeneral(4, (2, 3), r=1, use_dora=True, rngs=nnx.Rngs(0))

@@ -47,6 +47,7 @@ class LoRAConfig:
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     init: str = "kaiming"
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         hparams.check_hparams(
@@ -66,6 +67,16 @@ class LoRAConfig:
             raise TypeError(
                 f"LoRAConfig: use_rslora must be True or False, got {self.use_rslora!r} "
                 f"({type(self.use_rslora).__name__})"
+            )
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(
+                f"LoRAConfig: use_dora must be True or False, got {self.use_dora!r} "
+                f"({type(self.use_dora).__name__})"
+            )
+        if self.use_dora and self.init in WEIGHT_INITS:
+            raise ValueError(
+                f"LoRAConfig: use_dora=True with init={self.init!r} is not implemented "
+                "(DoRA is supported with init 'kaiming' or 'gaussian')"
             )
         if not isinstance(self.init, str) or self.init not in INITS:
             raise ValueError(f"LoRAConfig: init must be one of {INITS}, got {self.init!r}")
@@ -109,7 +120,7 @@ class LoRAConfig:
             "alpha_pattern": alpha_pattern,
             "bias": "none",
             "fan_in_fan_out": False,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "modules_to_save": None,
             "init_lora_weights": True if self.init == "kaiming" else self.init,
             "inference_mode": True,
@@ -141,6 +152,7 @@ class LoRAConfig:
             rank_pattern=_or_empty(peft_config.get("rank_pattern")),
             alpha_pattern=_or_empty(peft_config.get("alpha_pattern")),
             init=_init_from_peft(peft_config.get("init_lora_weights", True)),
+            use_dora=peft_config.get("use_dora", False),
         )
 
     def select(self, paths: Iterable[str], *, strict: bool = True) -> list[str]:
@@ -270,6 +282,9 @@ def _pattern_key(pattern: Mapping[str, Any], path: str) -> str | None:
 
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
+# The naming rule: a leaf or parameter is part of the adapter (trained, split off, saved)
+# exactly when it has one of these names. ``lora_magnitude`` is DoRA's magnitude vector m.
+LORA_NAMES = ("lora_a", "lora_b", "lora_magnitude")
 WEIGHT_INITS = ("pissa", "olora")  # derived from the weight, which becomes the residual
 
 

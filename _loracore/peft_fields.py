@@ -23,6 +23,7 @@ IMPLEMENTED = (
     "rank_pattern",
     "alpha_pattern",
     "init_lora_weights",
+    "use_dora",
 )
 
 INERT = (
@@ -51,7 +52,6 @@ REFUSED: dict[str, tuple[Any, ...]] = {
     "eva_config": (None,),
     "corda_config": (None,),
     "lora_ga_config": (None,),
-    "use_dora": (False,),
     "velora_config": (None,),
     "alora_invocation_tokens": (None,),
     "use_qalora": (False,),

@@ -48,6 +48,33 @@ def tensor_keys(path: str, kind: str) -> tuple[str, str]:
     return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
 
 
+MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, shape (out,), as peft 0.21 writes it
+
+
+def magnitude_key(path: str) -> str:
+    """The file's key for a DoRA layer's magnitude vector (the same for every kind)."""
+    return f"{PREFIX}{path}{MAGNITUDE}"
+
+
+def magnitude_shape(kind: str, out: int, window: int) -> tuple[int, ...]:
+    """The shape PEFT stores a magnitude of ``out`` features in: (out,), except for a conv with
+    ``window`` spatial axes, whose norm PEFT keeps as (1, out, 1, ...)."""
+    return (1, out, *(1,) * window) if kind == "conv" else (out,)
+
+
+class LayerTensors(tuple):
+    """One layer's ``(A, B, kind)`` as ``read_adapter`` returns it, with DoRA's magnitude
+    vector (out,) in ``magnitude`` (``None`` for a plain LoRA file)."""
+
+    magnitude: Any = None
+
+
+def layer_tensors(a: Any, b: Any, kind: str, magnitude: Any = None) -> LayerTensors:
+    entry = LayerTensors((a, b, kind))
+    entry.magnitude = magnitude
+    return entry
+
+
 PathMap = Mapping[str, str] | Callable[[str], str] | None
 
 
@@ -130,7 +157,10 @@ def read_adapter(
     if META_KEY in metadata:
         _check_same_save(directory, metadata[META_KEY], config)
     pairs: dict[str, dict[str, Any]] = {}
+    magnitudes = _magnitudes(raw, config, weights_path)
     for key, value in raw.items():
+        if key.startswith(PREFIX) and key.endswith(MAGNITUDE):
+            continue  # read by _magnitudes
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
         if not key.startswith(PREFIX) or suffix is None:
             raise ValueError(
@@ -172,10 +202,53 @@ def read_adapter(
                 f"{weights_path}: layer '{path}' has rank {a.shape[0]} in its "
                 f"tensors but {config.rank_for(path)} in {CONFIG_FILE}"
             )
-        tensors[path] = (a, b, kind)
+        magnitude = _magnitude(magnitudes, path, kind, b, is_finite, config, weights_path)
+        tensors[path] = layer_tensors(a, b, kind, magnitude)
     if not tensors:
         raise ValueError(f"{weights_path}: holds no LoRA tensors")
+    stray = sorted(set(magnitudes) - set(tensors))
+    if stray:
+        raise ValueError(
+            f"{weights_path}: '{magnitude_key(stray[0])}' belongs to no layer with lora_A/lora_B"
+        )
     return config, tensors
+
+
+def _magnitudes(raw: Mapping[str, Any], config: LoRAConfig, weights_path: Path) -> dict:
+    """{layer path: value} of the file's DoRA magnitude vectors; an error in a non-DoRA file."""
+    found = {
+        k[len(PREFIX) : -len(MAGNITUDE)]: v
+        for k, v in raw.items()
+        if k.startswith(PREFIX) and k.endswith(MAGNITUDE)
+    }
+    if found and not config.use_dora:
+        raise ValueError(
+            f"{weights_path}: '{next(iter(found))}' is a DoRA magnitude vector but "
+            f"{CONFIG_FILE} does not set use_dora=true"
+        )
+    return found
+
+
+def _magnitude(
+    magnitudes: dict, path: str, kind: str, b: Any, is_finite, config: LoRAConfig, weights_path
+) -> Any:
+    """The layer's DoRA magnitude vector, checked against B's output features."""
+    if not config.use_dora:
+        return None
+    key = magnitude_key(path)
+    where = f"{weights_path}: layer '{path}'"
+    if path not in magnitudes:
+        raise ValueError(f"{where}: use_dora=true but the file has no '{key}'")
+    value = magnitudes[path]
+    expected = magnitude_shape(kind, b.shape[0], b.ndim - 2)
+    if tuple(value.shape) != expected:
+        raise ValueError(
+            f"{where}: '{key}' has shape {tuple(value.shape)}, expected {expected} (one "
+            "magnitude per output feature)"
+        )
+    if not is_finite(value):
+        raise ValueError(f"{where}: non-finite values in '{key}'")
+    return value.reshape(b.shape[0])  # (out,) for every kind
 
 
 def check_paths_exist(found: set[str], nodes: Mapping, path_map: PathMap, directory: Any) -> None:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("forward", "train_step", "scaling", "scan", "qlora", "multi_adapter")
+SCRIPTS = ("forward", "train_step", "scaling", "scan", "qlora", "multi_adapter", "dora")
 TABLES = (
     "forward",
     "train_step",
@@ -29,6 +29,7 @@ TABLES = (
     "qlora_memory",
     "qlora_time",
     "multi_adapter",
+    "dora",
 )
 
 

@@ -25,6 +25,8 @@ from _loracore.peft_format import (
     check_pair,
     check_paths_exist,
     file_config,
+    magnitude_key,
+    magnitude_shape,
     map_path,
     tensor_keys,
 )
@@ -98,12 +100,30 @@ def save_adapter(
         torch_path = map_path(path_map, name)
         key_a, key_b = tensor_keys(torch_path, kind)
         tensors[key_a], tensors[key_b] = kinds.to_torch(kind, np.asarray(a), np.asarray(b))
+        magnitude = _saved_magnitude(node, kind, config, f"save_adapter: layer '{name}'")
+        if magnitude is not None:
+            tensors[magnitude_key(torch_path)] = magnitude
         layers[torch_path] = (a.shape[-1], config.alpha_for(name))
     if not layers:
         raise ValueError("save_adapter: the params tree has no 'lora_a'/'lora_b' leaves")
     candidates = [map_path(path_map, p) for p in _node_paths(params)]
     write_adapter(directory, tensors, file_config(config, layers, candidates))
     return Path(directory)
+
+
+def _saved_magnitude(node, kind: str, config: LoRAConfig, where: str) -> np.ndarray | None:
+    """A layer's DoRA magnitude for the file, or ``None``; a ``ValueError`` unless the layer
+    has one exactly when ``config.use_dora``."""
+    if ("lora_magnitude" in node) != config.use_dora:
+        raise ValueError(
+            f"{where}: the config has use_dora={config.use_dora} but the layer "
+            f"{'holds' if 'lora_magnitude' in node else 'has no'} 'lora_magnitude'"
+        )
+    if not config.use_dora:
+        return None
+    base = meta.unbox(node[kinds.base_name(node)])
+    magnitude = np.asarray(kinds.check_magnitude(node, kind, base, 0, where))
+    return magnitude.reshape(magnitude_shape(kind, magnitude.shape[0], np.ndim(base) - 2))
 
 
 def load_adapter(
@@ -137,6 +157,11 @@ def load_adapter(
     """
     path_map = hf_maps.resolve(path_map)
     _require_mapping(params, "load_adapter")
+    if (is_quantized(params) or layer_names) and read_adapter(directory)[0].use_dora:
+        raise ValueError(
+            f"{directory}: a DoRA adapter (use_dora=true) loads into a plain, unstacked params "
+            f"tree only: DoRA is implemented for {kinds.DORA_KINDS}"
+        )
     if is_quantized(params):
         return _load_quantized(params, directory, path_map, layer_names)
     if layer_names:
@@ -185,6 +210,16 @@ def load_adapter(
             "lora_a": jnp.asarray(lora_a, dtype),
             "lora_b": jnp.asarray(lora_b, dtype),
         }
+        where = f"{directory}: layer '{torch_path}'"
+        if injected and ("lora_magnitude" in node) != config.use_dora:
+            raise ValueError(
+                f"{where}: the file has use_dora={config.use_dora} but the params tree's layer "
+                f"{'has' if 'lora_magnitude' in node else 'has no'} 'lora_magnitude'"
+            )
+        if config.use_dora:
+            m = tensors[torch_path].magnitude
+            kinds.check_magnitude({"lora_magnitude": m}, kind, base, 0, where)
+            new[flax_path]["lora_magnitude"] = jnp.asarray(m, dtype)
         if config.init in WEIGHT_INITS and not injected:
             # A PiSSA/OLoRA adapter is relative to the residual base W − scaling·B₀A₀ (B₀A₀: the
             # top-r SVD/QR part of W, sign-free), which PEFT's loader recomputes the same way.

@@ -21,7 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_TO_FLAX = {"weight": "kernel", "bias": "bias", "lora_a": "lora_a", "lora_b": "lora_b"}
+_TO_FLAX = {
+    "weight": "kernel",
+    "bias": "bias",
+    "lora_a": "lora_a",
+    "lora_b": "lora_b",
+    "lora_magnitude": "lora_magnitude",  # DoRA's m (out,): the same in both layouts
+}
 _TO_TORCH = {v: k for k, v in _TO_FLAX.items()}
 
 
@@ -73,9 +79,16 @@ def _check_torch_shapes(arrays: Mapping[str, np.ndarray]) -> None:
         raise ValueError(f"'weight' must be 2-D (out, in), got shape {weight.shape}")
     n_out, n_in = weight.shape
     r = arrays["lora_a"].shape[0] if "lora_a" in arrays and arrays["lora_a"].ndim else None
-    expected = {"bias": (n_out,), "lora_a": (r, n_in), "lora_b": (n_out, r)}
+    expected = {
+        "bias": (n_out,),
+        "lora_a": (r, n_in),
+        "lora_b": (n_out, r),
+        "lora_magnitude": (n_out,),
+    }
     if ("lora_a" in arrays) != ("lora_b" in arrays):
         raise ValueError("'lora_a' and 'lora_b' must come together, got only one of them")
+    if "lora_magnitude" in arrays and "lora_a" not in arrays:
+        raise ValueError("'lora_magnitude' (DoRA) needs 'lora_a' and 'lora_b' beside it")
     for key, shape in expected.items():
         if key in arrays and arrays[key].shape != shape:
             raise ValueError(

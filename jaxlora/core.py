@@ -24,6 +24,10 @@ __all__ = [
     "default_lora_a_init",
     "default_lora_b_init",
     "delta",
+    "dora_branch",
+    "dora_combine",
+    "dora_factor",
+    "dora_norm",
     "general_branch",
     "lora_branch",
     "olora",
@@ -160,6 +164,55 @@ def delta(
     )
     prod = prod * jnp.asarray(scale, dtype)
     return prod if shape is None else prod.reshape(shape)
+
+
+def dora_norm(weight: jax.Array, delta: jax.Array) -> jax.Array:
+    """DoRA's ``‖W + scaling·B A‖`` per output feature: the norms (out,) over every axis but
+    the last of ``weight + delta`` (a Dense or Conv kernel, an Embed table: Flax keeps the
+    output features last; ``delta`` may be the flat (…, out) product), in ``delta``'s dtype
+    (fp32 or wider), with no gradient: PEFT, following the paper (§4.3), treats the norm as a
+    constant in the backward pass. The same as ``torchlora.core.dora_norm`` in torch layout."""
+    out = jnp.shape(weight)[-1]
+    full = weight.reshape(-1, out).astype(delta.dtype) + delta.reshape(-1, out)
+    return jax.lax.stop_gradient(jnp.sqrt(jnp.sum(full * full, axis=0)))
+
+
+def dora_factor(
+    weight: jax.Array, a: jax.Array, b: jax.Array, magnitude: jax.Array, scale: float, dtype
+) -> jax.Array:
+    """``m / ‖W + scale·a b‖`` (out,) in ``dtype``: what DoRA rescales each output feature by."""
+    return (magnitude / dora_norm(weight, delta(a, b, scale))).astype(dtype)
+
+
+def dora_combine(plain: jax.Array, lora: jax.Array, factor: jax.Array) -> jax.Array:
+    """What DoRA adds to a layer's output, as PEFT computes it: ``(f − 1)·plain + f·lora``
+    with ``f`` the factor per output feature (last axis), ``lora`` the LoRA branch and
+    ``plain`` the bias-free base output (of the dropped-out input while dropout is active:
+    PEFT's ``DoraLinearLayer.forward``). Without dropout the layer's output is then that of
+    the merged weight ``f ⊙ (W + scale·a b)`` plus its bias."""
+    return (factor - 1) * plain + factor * lora
+
+
+def dora_branch(
+    h: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    adapter: tuple[jax.Array, jax.Array, jax.Array],
+    scale: float,
+    y: jax.Array,
+    dropout_active: bool,
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
+    """``dora_combine`` for a dense layer ``y = x @ kernel + bias`` with ``adapter = (a, b,
+    m)`` and branch input ``h`` (``x`` dropped out when ``dropout_active``; ``h``, ``kernel``,
+    ``a``, ``b`` in the compute dtype)."""
+    a, b, magnitude = adapter
+    lora = lora_branch(h, a, b, scale, precision)
+    if dropout_active:
+        plain = jnp.matmul(h, kernel, precision=precision)
+    else:
+        plain = y if bias is None else y - bias.astype(y.dtype)
+    return dora_combine(plain, lora, dora_factor(kernel, a, b, magnitude, scale, y.dtype))
 
 
 def pissa(kernel: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -146,6 +146,8 @@ def _inject(
         leaves = _stacked_init(base, stack, key, init_one)
         if config.init in WEIGHT_INITS:  # the kernel is now the residual: say so in the tree
             leaves[INIT_NAME] = InitRecord(config.init)
+        if config.use_dora:
+            leaves["lora_magnitude"] = dora_magnitude(base, leaves, scale, kind, stack, where)
         if isinstance(boxed, meta.AxisMetadata):
             if name in leaves:
                 leaves[name] = boxed.replace_boxed(leaves[name])
@@ -464,6 +466,16 @@ def _select(nodes: Mapping, config: LoRAConfig, layouts, layer_names) -> list[st
             shape = jnp.shape(meta.unbox(node[name]))
             per_layer[path] = _per_layer(layouts, path, shape, layer_names, f"layer '{path}'")
     return stacks.select(names, per_layer, config)
+
+
+def dora_magnitude(
+    base: jax.Array, leaves: Mapping, scale: float, kind: str, stack: int, where: str
+) -> jax.Array:
+    """DoRA's initial magnitude (PEFT's): ``‖K + scale·a b‖`` per output feature, in the
+    adapter's dtype; a ``ValueError`` for a layer DoRA is not implemented for."""
+    kinds.check_dora_layer(kind, tuple(jnp.shape(base)), stack, f"{where}: use_dora=True")
+    a, b = leaves["lora_a"], leaves["lora_b"]
+    return core.dora_norm(base, core.delta(a, b, scale)).astype(a.dtype)
 
 
 def init_leaves(

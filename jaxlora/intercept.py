@@ -4,9 +4,12 @@ Within the context, every ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv`` and ``n
 that finds ``lora_a``/``lora_b`` beside its weight adds its factored branch (the full delta is
 never built): ``scaling · dropout(x) @ a @ b``, contracted over ``DenseGeneral``'s axes, as a
 conv like the base's followed by a 1×1 conv, or as a second lookup for ``Embed`` (whose
-``attend`` uses the adapted table too, so the merged model computes the same). Any other layer
-that holds LoRA leaves is an error when called, never silently run without them, unless
-``inject`` adapted it at its weight's product (``jaxlora.product``: a ``lora_roles`` leaf).
+``attend`` uses the adapted table too, so the merged model computes the same). A layer that also
+holds ``lora_magnitude`` (DoRA, PEFT's ``use_dora``: not for ``DenseGeneral``) computes with
+``m / ‖W + s·a b‖ ⊙ (W + s·a b)`` per output feature, the norm constant in backward, and with
+dropout active PEFT's correction on the dropped-out input. Any other layer that holds LoRA
+leaves is an error when called, never silently run without them, unless ``inject`` adapted it
+at its weight's product (``jaxlora.product``: a ``lora_roles`` leaf).
 
 ``flax.linen.jit`` reuses a module's trace while a fingerprint of the module (its fields and its
 scope) is unchanged, and the method interceptors that are active are not part of it: a trace
@@ -219,7 +222,14 @@ class _State:
             node["kernel"] = _dequantized_kernel(module, x, where)
         if not any(n in node for n in LORA_NAMES):  # a quantized base without an adapter
             return _dense(module, node["kernel"], x, where)
-        found, _, _, a, b = kinds.check_layer(node, where)
+        found, _, base, a, b = kinds.check_layer(node, where)
+        magnitude = kinds.check_magnitude(node, found, base, 0, where)
+        if magnitude is not None and (quantized or isinstance(module, nn.DenseGeneral)):
+            raise ValueError(
+                f"{where}: a {type(module).__name__}"
+                + (" with a quantized kernel" if quantized else "")
+                + f" holds 'lora_magnitude' (DoRA), which is implemented for {kinds.DORA_KINDS}"
+            )
         if found != kind or (kind == "linear" and jnp.ndim(a) - 1 != input_axes(module)):
             raise ValueError(
                 f"{where}: a {type(module).__name__} contracting {input_axes(module)} axis(es) "
@@ -233,9 +243,50 @@ class _State:
                 f"r={self.config.rank_for(name)}: the scale would be wrong"
             )
         scale = core.scaling(r, self.config.alpha_for(name), use_rslora=self.config.use_rslora)
-        y = _dense(module, node["kernel"], x, where) if quantized else next_fun(*args, **kwargs)
         rate = 0.0 if self.deterministic else self.config.dropout
+        if magnitude is not None and method == "attend":
+            # The merged table's attend: query @ (f ⊙ (E + s·a b))ᵀ = (query ⊙ f) @ (E + s·a b)ᵀ.
+            (q,) = nn.dtypes.promote_dtype(x, dtype=module.dtype)
+            q = q * core.dora_factor(base, a, b, meta.unbox(magnitude), scale, q.dtype)
+            args, kwargs = _with_input(q, args, kwargs)
+            return next_fun(*args, **kwargs) + branch(module, kind, method, q, a, b, scale)
+        y = _dense(module, node["kernel"], x, where) if quantized else next_fun(*args, **kwargs)
+        if magnitude is not None:
+            return y + dora_output(module, kind, x, y, base, (a, b, magnitude), scale, rate)
         return y + branch(module, kind, method, x, a, b, scale, rate)
+
+
+def _with_input(x: jax.Array, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The method's arguments with its input (the first one) replaced by ``x``."""
+    if args:
+        return (x, *args[1:]), kwargs
+    first = next(iter(kwargs))
+    return args, {**kwargs, first: x}
+
+
+def dora_output(module, kind: str, x, y, base, adapter, scale: float, rate: float) -> jax.Array:
+    """What DoRA adds to the output ``y`` of a bound Dense, Conv or Embed layer's call (also
+    ``LoRAConv``/``LoRAEmbed``'s) for the input ``x`` (``core.dora_combine``:
+    the bias-free base output is ``y`` less its bias, or, while dropout is active, the base
+    product of the same dropped-out input the LoRA branch gets, as in PEFT)."""
+    a, b, magnitude = (meta.unbox(v) for v in adapter)
+    factor = core.dora_factor(base, a, b, magnitude, scale, y.dtype)
+    if kind == "embed":  # no bias and no dropout: f ⊙ (E[x] + s·a[x] b)
+        return core.dora_combine(y, branch(module, kind, "__call__", x, a, b, scale), factor)
+    (x,) = nn.dtypes.promote_dtype(x, dtype=module.dtype)
+    h = dropped(module, x, rate)
+    lora = branch(module, kind, "__call__", h, a, b, scale)
+    if rate > 0:
+        (kernel,) = nn.dtypes.promote_dtype(base, dtype=module.dtype)
+        if kind == "conv":
+            plain = _conv_like(module, jnp.shape(base)[-1])(h, kernel).astype(y.dtype)
+        else:
+            plain = jnp.matmul(h, kernel, precision=module.precision).astype(y.dtype)
+    elif module.use_bias:
+        plain = y - meta.unbox(module.get_variable("params", "bias")).astype(y.dtype)
+    else:
+        plain = y
+    return core.dora_combine(plain, lora, factor)
 
 
 def _dequantized_kernel(module: nn.Dense, x: jax.Array, where: str) -> jax.Array:
@@ -295,9 +346,7 @@ def branch(
             return core.scaled_matmul(jnp.matmul(x, b.T), a.T, scale)
         return core.scaled_matmul(jnp.take(a, x, axis=0), b, scale)
     x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
-    if rate > 0:
-        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
-        x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    x = dropped(module, x, rate)
     if kind == "conv":
         h = _conv_like(module, r)(x, a)
         return core.scaled_matmul(h, b.reshape(r, -1), scale, module.precision)
@@ -308,9 +357,18 @@ def branch(
     return core.general_branch(x, a, b, scale, axis, module.precision)
 
 
+def dropped(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
+    """``x`` with dropout at ``rate`` (the layer's ``'dropout'`` rng); ``x`` itself at 0."""
+    if rate <= 0:
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 def _conv_like(module: nn.Conv, r: int):
-    """A function ``(x, lora_a) -> (…, r)``: a plain ``nn.Conv`` with the layer's own settings
-    (strides, padding, dilations, precision, dtypes) and ``r`` output features, no bias."""
+    """A function ``(x, kernel) -> (…, r)``: a plain ``nn.Conv`` with the layer's own settings
+    (strides, padding, dilations, precision, dtypes), ``r`` output features and no bias (the
+    LoRA branch's first conv with ``lora_a``, or the base conv with the kernel)."""
     fields = {
         f.name: getattr(module, f.name)
         for f in dataclasses.fields(nn.Conv)

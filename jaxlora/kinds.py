@@ -145,6 +145,36 @@ def check_layer(
     return kind, name, base, a, b
 
 
+DORA_KINDS = "nn.Dense (2-D kernel), nn.Conv and nn.Embed layers (not stacked, not quantized)"
+
+
+def check_magnitude(node: Mapping[str, Any], kind: str, base: Any, stack: int, where: str):
+    """A node's DoRA magnitude ``lora_magnitude`` (out,), unboxed, or ``None`` if it has none;
+    a ``ValueError`` where DoRA is not implemented for the layer or the shape is wrong."""
+    if "lora_magnitude" not in node:
+        return None
+    shape = tuple(np.shape(base))
+    check_dora_layer(kind, shape, stack, f"{where}: holds 'lora_magnitude' (DoRA), which")
+    magnitude = meta.unbox(node["lora_magnitude"])
+    if tuple(np.shape(magnitude)) != (shape[-1],):
+        raise ValueError(
+            f"{where}, 'lora_magnitude': expected shape ({shape[-1]},) (one per output feature "
+            f"of the weight {shape}), got {tuple(np.shape(magnitude))}"
+        )
+    return magnitude
+
+
+def check_dora_layer(kind: str, shape: tuple[int, ...], stack: int, what: str) -> None:
+    """A ``ValueError`` starting with ``what`` unless DoRA is implemented for the layer: not
+    stacked, and a linear layer's kernel 2-D (its output features are then the last axis, as
+    a conv's and an embedding's are)."""
+    if stack or (kind == "linear" and len(shape) != 2):
+        raise ValueError(
+            f"{what} is implemented for {DORA_KINDS} only; this is a {kind} layer with a "
+            f"{shape} weight" + (f" stacked over {stack} layer axis(es)" if stack else "")
+        )
+
+
 def lora_axis_names(kind: str, names: tuple, a_ndim: int, stack: int = 0) -> tuple[tuple, tuple]:
     """Partitioning for an adapter from its base weight's axis names (one per axis): ``lora_a``
     shares the input axes, ``lora_b`` the output axes, both the ``stack`` leading layer axes

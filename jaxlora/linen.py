@@ -13,7 +13,7 @@ from flax.core import meta
 from flax.typing import Dtype, Initializer, PrecisionLike
 
 from jaxlora import core, kinds
-from jaxlora.intercept import branch
+from jaxlora.intercept import branch, dora_output
 
 
 class LoRADense(nn.Module):
@@ -32,6 +32,10 @@ class LoRADense(nn.Module):
         dropout: dropout rate on the LoRA branch's input only; needs a ``'dropout'`` rng when
             ``deterministic=False``.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        use_dora: DoRA (PEFT's ``use_dora``): a trainable ``lora_magnitude`` m (out,),
+            initialised to the column norms of ``kernel + scaling · lora_a @ lora_b``; the layer
+            computes with ``m / ‖kernel + scaling · lora_a @ lora_b‖`` times that kernel (the
+            norm constant in backward, as in PEFT).
         dtype: computation dtype (``None``: inferred from inputs and params).
         param_dtype: dtype of the params.
         precision: matmul precision, as for ``nn.Dense``.
@@ -52,6 +56,7 @@ class LoRADense(nn.Module):
     use_bias: bool = True
     dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
@@ -84,10 +89,16 @@ class LoRADense(nn.Module):
             "kernel": (in_features, self.features),
             "lora_a": (in_features, self.r),
             "lora_b": (self.r, self.features),
+            "lora_magnitude": (self.features,),
         }
         for name, shape in shapes.items():
             if self.has_variable("params", name):
                 core.check_shape(self.get_variable("params", name), shape, f"{where}, '{name}'")
+        if not self.use_dora and self.has_variable("params", "lora_magnitude"):
+            raise ValueError(
+                f"{where}: the params hold 'lora_magnitude' (a DoRA adapter) but the layer has "
+                "use_dora=False, which would ignore it; build it with use_dora=True"
+            )
         kernel = self.param("kernel", self.kernel_init, shapes["kernel"], self.param_dtype)
         bias = (
             self.param("bias", self.bias_init, (self.features,), self.param_dtype)
@@ -96,6 +107,12 @@ class LoRADense(nn.Module):
         )
         lora_a = self.param("lora_a", self.lora_a_init, shapes["lora_a"], self.param_dtype)
         lora_b = self.param("lora_b", self.lora_b_init, shapes["lora_b"], self.param_dtype)
+        if self.use_dora:  # PEFT's init: the norms of the adapted kernel as initialised
+            delta = core.delta(lora_a, lora_b, self.scaling)
+            magnitude = self.param(
+                "lora_magnitude",
+                lambda _: core.dora_norm(kernel, delta).astype(self.param_dtype),
+            )
         x, kernel, bias, lora_a, lora_b = nn.dtypes.promote_dtype(
             x, kernel, bias, lora_a, lora_b, dtype=self.dtype
         )
@@ -103,6 +120,12 @@ class LoRADense(nn.Module):
         if bias is not None:
             y = y + bias
         h = nn.Dropout(self.dropout, name="lora_dropout")(x, deterministic=deterministic)
+        if self.use_dora:
+            active = not deterministic and self.dropout > 0
+            adapter = (lora_a, lora_b, magnitude)
+            return y + core.dora_branch(
+                h, kernel, bias, adapter, self.scaling, y, active, self.precision
+            )
         return y + core.lora_branch(h, lora_a, lora_b, self.scaling, self.precision)
 
 
@@ -128,11 +151,33 @@ class _Adapter:
             where=where,
         )
         shape_a, shape_b = kinds.lora_shapes(self.kind, base_shape, self.r, in_axes)
+        if not getattr(self, "use_dora", False) and self.has_variable("params", "lora_magnitude"):
+            raise ValueError(
+                f"{where}: the params hold 'lora_magnitude' (a DoRA adapter) but the layer does "
+                "not use DoRA and would ignore it; build it with use_dora=True (LoRADense, "
+                "LoRAConv, LoRAEmbed) or use the plain Flax layer with jaxlora.intercept"
+            )
         for name, shape in (("lora_a", shape_a), ("lora_b", shape_b)):
             if self.has_variable("params", name):
                 core.check_shape(self.get_variable("params", name), shape, f"{where}, '{name}'")
         lora_a = self.param("lora_a", self.lora_a_init, shape_a, self.param_dtype)
         return lora_a, self.param("lora_b", self.lora_b_init, shape_b, self.param_dtype)
+
+    def _magnitude(self, weight, lora_a, lora_b):
+        """DoRA's ``lora_magnitude`` (out,), initialised as PEFT does: ‖W + scaling·a b‖."""
+        weight, lora_a, lora_b = (meta.unbox(v) for v in (weight, lora_a, lora_b))
+        out = jnp.shape(weight)[-1]
+        if self.has_variable("params", "lora_magnitude"):
+            where = f"{type(self).__name__} at '{'.'.join(self.scope.path) or '<root>'}'"
+            core.check_shape(
+                self.get_variable("params", "lora_magnitude"), (out,), f"{where}, 'lora_magnitude'"
+            )
+
+        def init(_):
+            delta = core.delta(lora_a, lora_b, self.scaling)
+            return core.dora_norm(weight, delta).astype(self.param_dtype)
+
+        return self.param("lora_magnitude", init)
 
 
 class LoRADenseGeneral(_Adapter, nn.DenseGeneral):
@@ -169,7 +214,8 @@ class LoRADenseGeneral(_Adapter, nn.DenseGeneral):
 class LoRAConv(_Adapter, nn.Conv):
     """``nn.Conv`` plus a LoRA branch in PEFT's layout: ``lora_a`` (*window, in, r), a conv with
     the base's strides, padding and dilations, then ``lora_b`` (1, …, 1, r, out), a 1×1 conv.
-    Grouped (``feature_group_count`` > 1) and masked convs are not supported.
+    Grouped (``feature_group_count`` > 1) and masked convs are not supported. ``use_dora``:
+    PEFT's DoRA, with a trainable ``lora_magnitude`` (out,) (see ``LoRADense``).
 
     >>> import jax, jax.numpy as jnp
     >>> layer = LoRAConv(8, (3, 3), r=2)
@@ -183,6 +229,7 @@ class LoRAConv(_Adapter, nn.Conv):
     alpha: float | None = dataclasses.field(default=None, kw_only=True)
     dropout: float = dataclasses.field(default=0.0, kw_only=True)
     use_rslora: bool = dataclasses.field(default=False, kw_only=True)
+    use_dora: bool = dataclasses.field(default=False, kw_only=True)
     lora_a_init: Initializer = dataclasses.field(default=core.default_lora_a_init, kw_only=True)
     lora_b_init: Initializer = dataclasses.field(default=core.default_lora_b_init, kw_only=True)
 
@@ -194,12 +241,18 @@ class LoRAConv(_Adapter, nn.Conv):
         kernel = self.get_variable("params", "kernel")
         a, b = self._adapter(jnp.shape(meta.unbox(kernel)), 1, self.dropout)
         rate = 0.0 if deterministic else self.dropout
+        if self.use_dora:
+            adapter = (a, b, self._magnitude(kernel, a, b))
+            return y + dora_output(
+                self, "conv", inputs, y, meta.unbox(kernel), adapter, self.scaling, rate
+            )
         return y + branch(self, "conv", "__call__", inputs, a, b, self.scaling, rate)
 
 
 class LoRAEmbed(_Adapter, nn.Embed):
     """``nn.Embed`` plus PEFT's embedding adapter: ``lora_a`` (num_embeddings, r) zeros,
     ``lora_b`` (r, features) standard normal, no dropout; ``attend`` uses the adapted table.
+    ``use_dora``: PEFT's DoRA, with a trainable ``lora_magnitude`` (features,).
 
     >>> import jax, jax.numpy as jnp
     >>> layer = LoRAEmbed(10, 4, r=2)
@@ -212,17 +265,33 @@ class LoRAEmbed(_Adapter, nn.Embed):
     r: int = dataclasses.field(default=1, kw_only=True)
     alpha: float | None = dataclasses.field(default=None, kw_only=True)
     use_rslora: bool = dataclasses.field(default=False, kw_only=True)
+    use_dora: bool = dataclasses.field(default=False, kw_only=True)
     lora_a_init: Initializer = dataclasses.field(default=nn.initializers.zeros_init(), kw_only=True)
     lora_b_init: Initializer = dataclasses.field(default=nn.initializers.normal(1.0), kw_only=True)
 
     def setup(self) -> None:
         super().setup()
         self.lora_a, self.lora_b = self._adapter((self.num_embeddings, self.features), 1, 0.0)
+        if self.use_dora:
+            self.lora_magnitude = self._magnitude(self.embedding, self.lora_a, self.lora_b)
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         y = super().__call__(inputs)
-        return y + branch(self, "embed", "__call__", inputs, self.lora_a, self.lora_b, self.scaling)
+        a, b = self.lora_a, self.lora_b
+        if self.use_dora:
+            adapter = (a, b, self.lora_magnitude)
+            return y + dora_output(
+                self, "embed", inputs, y, self.embedding, adapter, self.scaling, 0.0
+            )
+        return y + branch(self, "embed", "__call__", inputs, a, b, self.scaling)
 
     def attend(self, query: jax.Array) -> jax.Array:
+        if self.use_dora:  # the merged table's attend: (query ⊙ f) @ (E + s·a b)ᵀ
+            (query,) = nn.dtypes.promote_dtype(query, dtype=self.dtype)
+            m = self.lora_magnitude
+            f = core.dora_factor(
+                self.embedding, self.lora_a, self.lora_b, m, self.scaling, query.dtype
+            )
+            query = query * f
         y = super().attend(query)
         return y + branch(self, "embed", "attend", query, self.lora_a, self.lora_b, self.scaling)

@@ -49,7 +49,10 @@ def merge(
     ``kernel + scaling · lora_a @ lora_b`` is computed in float32 and rounded once to the
     kernel's dtype; the LoRA leaves are removed, so the result is what the plain model
     consumes (and costs exactly its FLOPs). ``r`` and the layer kind (Dense, DenseGeneral,
-    Conv, Embed: see ``jaxlora.kinds``) are read from the shapes.
+    Conv, Embed: see ``jaxlora.kinds``) are read from the shapes. A DoRA layer (one holding
+    ``lora_magnitude`` m) merges to PEFT's ``m / ‖K + ΔK‖ · (K + ΔK)`` per output feature;
+    as ``K`` cannot be recovered exactly from it, ``record=True`` is refused for such a tree
+    (keep the unmerged params: this function never modifies its input).
 
     Args:
         params: a nested-dict params tree (with or without the top 'params' collection).
@@ -102,6 +105,8 @@ def merge(
     new_bases, layers = {}, []
     for path, node in iter_lora_layers(params):
         name, base, new, scale = _delta(node, path, alpha, use_rslora, "merge")
+        if "lora_magnitude" in node:  # DoRA: the merged kernel is m/‖K + ΔK‖·(K + ΔK)
+            new = _dora_merged_delta(node, path, base, new, record)
         new_bases[path] = name, _apply(base, new, path, "merge")
         layers.append((path, scale))
     merged = _rebuild(params, (), new_bases, drop_lora=True)
@@ -267,6 +272,29 @@ def _scale(
         where=f"{op}: layer '{path_str(path)}'",
     )
     return core.scaling(r, layer_alpha, use_rslora=use_rslora)
+
+
+def _dora_merged_delta(node: Mapping, path: Path, base, delta, record: bool) -> jax.Array:
+    """DoRA's merged delta, m/‖K + ΔK‖·(K + ΔK) − K, for ``merge``; refused with a record."""
+    kind, _, _, lora_a, lora_b = _layer(node, path, "merge")
+    stack = kinds.stack_of(kind, *map(jnp.shape, (base, lora_a, lora_b)))
+    where = f"merge: layer '{path_str(path)}'"
+    magnitude = kinds.check_magnitude(node, kind, base, stack, where)
+    if record:
+        raise ValueError(
+            f"{where} is DoRA (it holds 'lora_magnitude'): its merged kernel "
+            "m/‖K + ΔK‖·(K + ΔK) cannot be unmerged exactly, so merge(record=True) is "
+            "refused; keep the unmerged params (merge returns a new tree)"
+        )
+    return _dora_delta(base, delta, magnitude)
+
+
+def _dora_delta(kernel: jax.Array, delta: jax.Array, magnitude: jax.Array) -> jax.Array:
+    """What DoRA's merge adds to ``kernel`` (in fp32): PEFT's merged weight
+    ``m/‖K + ΔK‖ · (K + ΔK)``, per output feature (column), minus ``kernel``."""
+    full = kernel.astype(delta.dtype) + delta
+    factor = magnitude.astype(delta.dtype) / core.dora_norm(kernel, delta)
+    return factor * full - kernel.astype(delta.dtype)
 
 
 def _apply(kernel: jax.Array, delta: jax.Array, path: Path, op: str) -> jax.Array:

@@ -75,4 +75,6 @@ def _specs(node: Mapping, specs: Mapping, path: tuple) -> Mapping:
         names += (None,) * (len(base.shape) - len(names))
         names_a, names_b = kinds.lora_axis_names(kind, names, len(lora_a.shape), stack)
         out["lora_a"], out["lora_b"] = PartitionSpec(*names_a), PartitionSpec(*names_b)
+        if "lora_magnitude" in node:  # DoRA's m (out,): sharded as the output features are
+            out["lora_magnitude"] = PartitionSpec(names[-1])
     return _like(node, out)

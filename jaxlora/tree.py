@@ -1,4 +1,5 @@
-"""The naming convention: a leaf is LoRA exactly when it is named ``lora_a`` or ``lora_b``.
+"""The naming convention: a leaf is LoRA exactly when it is named ``lora_a`` or ``lora_b``
+(or ``lora_magnitude``, DoRA's magnitude vector).
 
 ``lora_mask``, ``split``/``combine`` and ``freeze_base`` all rest on this one rule.
 """
@@ -15,9 +16,9 @@ import numpy as np
 import optax
 from flax.core import FrozenDict
 
+from _loracore.config import LORA_NAMES  # the one naming rule, shared with torchlora
 from _loracore.report import ParamCount
 
-LORA_NAMES = ("lora_a", "lora_b")
 # Records beside an adapter: pytrees with no arrays (jit, grad, optax and meta.unbox carry them
 # unchanged), saying how the adapter was made where the arrays cannot. They go with the adapter
 # (split, MergeRecord) and are dropped by merge.
@@ -43,7 +44,8 @@ Path = tuple[str, ...]
 
 
 def lora_mask(params: PyTree) -> PyTree:
-    """A tree of bools shaped like ``params``: True exactly at leaves named lora_a/lora_b.
+    """A tree of bools shaped like ``params``: True exactly at leaves named lora_a/lora_b (and
+    DoRA's lora_magnitude).
 
     >>> lora_mask({"dense": {"kernel": 1.0, "lora_a": 2.0, "lora_b": 3.0}})
     {'dense': {'kernel': False, 'lora_a': True, 'lora_b': True}}
@@ -159,7 +161,7 @@ def combine(adapter: PyTree, base: PyTree) -> PyTree:
 
 
 def iter_lora_layers(params: Mapping[str, Any], path: Path = ()) -> Iterator[tuple[Path, Mapping]]:
-    """Yields ``(path, node)`` for each dict that holds ``lora_a`` or ``lora_b`` leaves."""
+    """Yields ``(path, node)`` for each dict that holds LoRA leaves (``LORA_NAMES``)."""
     if any(name in params for name in LORA_NAMES):
         yield path, params
     for key, value in params.items():

@@ -42,7 +42,6 @@ OPTIONS = {
     "eva_config": lora_config.EvaConfig,
     "corda_config": lora_config.CordaConfig,
     "lora_ga_config": lora_config.LoraGAConfig,
-    "use_dora": lambda: True,
     "velora_config": lora_config.VeloraConfig,
     "alora_invocation_tokens": lambda: [1, 2],
     "use_qalora": lambda: True,

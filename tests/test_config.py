@@ -89,6 +89,7 @@ def test_one_config_class_for_both_packages():
         "rank_pattern",
         "alpha_pattern",
         "init",
+        "use_dora",
     ]
     with pytest.raises(
         ValueError, match=r"init must be one of \('kaiming', 'gaussian', 'pissa', 'olora'\)"
@@ -143,10 +144,13 @@ def test_peft_config_roundtrip(Config):
         (dict(peft_type="IA3"), "peft_type 'IA3'; only 'LORA'"),
         (dict(lora_alpha=None), r"no 'lora_alpha' \(PEFT would silently use 8\)"),
         (dict(r=None), "no 'r'"),
-        (dict(use_dora=True), "use_dora=True, which is not supported"),
+        (
+            dict(use_dora=True, init_lora_weights="pissa"),
+            "use_dora=True with init='pissa' is not implemented",
+        ),
         (dict(bias="all"), "bias='all'"),
     ],
-    ids=["no-type", "ia3", "no-alpha", "no-r", "dora", "bias"],
+    ids=["no-type", "ia3", "no-alpha", "no-r", "dora-pissa", "bias"],
 )
 def test_peft_config_errors(Config, change, match):
     peft = {**Config(r=4, targets=["q"]).to_peft(), **change}

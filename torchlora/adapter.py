@@ -19,6 +19,8 @@ from _loracore.peft_format import (
     check_layer_set,
     check_pair,
     file_config,
+    magnitude_key,
+    magnitude_shape,
     residual_needed,
     tensor_keys,
 )
@@ -79,13 +81,20 @@ def save_adapter(
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
     if not layers:
         raise ValueError("save_adapter: the model has no torchlora layers")
-    if len({m.use_rslora for m in layers.values()} | {config.use_rslora}) != 1:
-        raise ValueError("save_adapter: the layers' use_rslora differs from the config's")
+    for flag in ("use_rslora", "use_dora"):
+        if len({getattr(m, flag) for m in layers.values()} | {getattr(config, flag)}) != 1:
+            raise ValueError(f"save_adapter: the layers' {flag} differs from the config's")
     tensors = {}
     for path, layer in layers.items():
         key_a, key_b = tensor_keys(path, layer.kind)
         tensors[key_a] = layer.lora_a.detach().cpu().contiguous()
         tensors[key_b] = layer.lora_b.detach().cpu().contiguous()
+        if layer.use_dora:
+            shape = magnitude_shape(
+                layer.kind, layer.lora_magnitude.shape[0], layer.weight.ndim - 2
+            )
+            m = layer.lora_magnitude.detach().cpu().reshape(shape)
+            tensors[magnitude_key(path)] = m.contiguous()
     peft = file_config(
         config,
         {p: (m.r, m.alpha) for p, m in layers.items()},
@@ -126,6 +135,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         check_pair(path, kind, a, b, layer, directory)
         if isinstance(module, LoRALayer) and module.merged:
             raise ValueError(f"{directory}: layer '{path}' is merged; unmerge() it first")
+        if isinstance(module, LoRALayer) and module.use_dora != config.use_dora:
+            raise ValueError(
+                f"{directory}: layer '{path}' has use_dora={module.use_dora} but the file has "
+                f"use_dora={config.use_dora}"
+            )
         if isinstance(module, LoRALayer) and module.r != a.shape[0]:
             raise ValueError(
                 f"{directory}: layer '{path}' has rank {a.shape[0]} in the file "
@@ -148,6 +162,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             layer = model.get_submodule(path)
             layer.lora_a.copy_(a.to(layer.lora_a.dtype))
             layer.lora_b.copy_(b.to(layer.lora_b.dtype))
+            if config.use_dora:
+                m = tensors[path].magnitude
+                layer.lora_magnitude.copy_(m.to(layer.lora_magnitude.dtype))
             layer.alpha = config.alpha_for(path)
             layer.use_rslora = config.use_rslora
     model.lora_config = config

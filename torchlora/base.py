@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from _loracore.config import INITS
+from _loracore.config import INITS, WEIGHT_INITS
 from torchlora import core
 
 # What ``scaling`` is computed from. A merged weight holds ``scaling · B A``, so these cannot
 # change while merged: unmerge would subtract another delta than merge added.
-_HPARAMS = ("r", "alpha", "use_rslora")
+_HPARAMS = ("r", "alpha", "use_rslora", "use_dora")
 
 
 class LoRALayer(nn.Module):
@@ -29,6 +29,10 @@ class LoRALayer(nn.Module):
     # Other (path, module, attribute) holding this layer's weight, recorded by ``inject``: an
     # in-place merge would change them too (a tied embedding and head).
     weight_ties: tuple[tuple[str, nn.Module, str], ...] = ()
+    # DoRA (PEFT's use_dora): a trainable ``lora_magnitude`` m (out,) rescales each output
+    # feature of W + scaling·B A to norm m. Only the layer types that accept it set it.
+    use_dora: bool = False
+    dora_axis = 0  # the weight's axis of output features (1 for an embedding table)
 
     def _setup_lora(
         self, r: int, alpha: float | None, use_rslora: bool, init: str, inits: tuple[str, ...]
@@ -41,6 +45,22 @@ class LoRALayer(nn.Module):
         self.use_rslora = use_rslora
         self.init = init
         self._merged = False
+
+    def _setup_dora(self, use_dora: bool, init: str, where: str) -> None:
+        check_flag(use_dora, "use_dora", where)
+        if use_dora and init in WEIGHT_INITS:
+            raise ValueError(
+                f"{where}: use_dora=True with init={init!r} is not implemented (DoRA is "
+                "supported with init 'kaiming' or 'gaussian')"
+            )
+        self.use_dora = use_dora
+
+    @torch.no_grad()
+    def _reset_magnitude(self) -> None:
+        """DoRA's m = ‖W + scaling·B A‖ per output feature (PEFT's init, with the current A, B)."""
+        if self.use_dora:
+            m = core.dora_norm(self.weight, self._delta(), self.dora_axis)
+            self.lora_magnitude.copy_(m.to(self.lora_magnitude.dtype))
 
     def __setattr__(self, name: str, value: object) -> None:
         if name in _HPARAMS and name in self.__dict__:
@@ -58,6 +78,11 @@ class LoRALayer(nn.Module):
             raise ValueError(
                 f"{self._name()}: r is fixed by the shape of lora_a; build a new layer for "
                 f"rank {value!r}"
+            )
+        if name == "use_dora":
+            raise ValueError(
+                f"{self._name()}: use_dora is fixed when the layer is built (it decides "
+                f"whether it has a lora_magnitude); build a new layer for use_dora={value!r}"
             )
         if name == "alpha":
             core.check_hparams(
@@ -92,7 +117,10 @@ class LoRALayer(nn.Module):
         if self._merged:
             raise RuntimeError(f"{self._name()} is already merged; call unmerge() first")
         self.check_untied("merge")
-        self.weight.copy_(self._checked(self._wide_weight() + self._delta(), "merge"))
+        merged = self._checked(self._merged_value(), "merge")
+        if self.use_dora:  # W cannot be recovered exactly from m/‖W+ΔW‖·(W+ΔW): keep it
+            self.register_buffer("_unmerged_weight", self.weight.detach().clone(), persistent=False)
+        self.weight.copy_(merged)
         # What was folded in, so that unmerge subtracts exactly it even if lora_a/lora_b are
         # edited meanwhile (non-persistent: not part of any state dict).
         self.register_buffer("_merged_a", self.lora_a.detach().clone(), persistent=False)
@@ -106,8 +134,12 @@ class LoRALayer(nn.Module):
         if not self._merged:
             raise RuntimeError(f"{self._name()} is not merged; nothing to unmerge")
         self.check_untied("unmerge")
-        delta = self._delta(self._merged_a, self._merged_b)
-        self.weight.copy_(self._checked(self._wide_weight() - delta, "unmerge"))
+        if self.use_dora:  # exactly the weight merge replaced
+            self.weight.copy_(self._unmerged_weight)
+            del self._unmerged_weight
+        else:
+            delta = self._delta(self._merged_a, self._merged_b)
+            self.weight.copy_(self._checked(self._wide_weight() - delta, "unmerge"))
         del self._merged_a, self._merged_b
         self._merged = False
 
@@ -116,7 +148,7 @@ class LoRALayer(nn.Module):
         """A new tensor: the weight with the adapter folded in (whether or not merged)."""
         if self._merged:
             return self.weight.detach().clone()
-        return self._checked(self._wide_weight() + self._delta(), "merged_weight")
+        return self._checked(self._merged_value(), "merged_weight")
 
     def to_base(self) -> nn.Module:
         """A new plain layer of the base type holding the merged weight (and a copy of the bias)."""
@@ -158,10 +190,42 @@ class LoRALayer(nn.Module):
         flat = core.delta(lora_a.flatten(1), lora_b.flatten(1), self.scaling)
         return flat.reshape(self.weight.shape)
 
+    def _merged_value(self) -> torch.Tensor:
+        """``W + scaling·B A`` in fp32; with DoRA each output feature (row) rescaled by
+        ``m / ‖W + scaling·B A‖``, PEFT's merged weight."""
+        delta = self._delta()
+        full = self._wide_weight() + delta
+        if not self.use_dora:
+            return full
+        factor = self.lora_magnitude.to(full.dtype) / core.dora_norm(
+            self.weight, delta, self.dora_axis
+        )
+        view = [1] * full.ndim
+        view[self.dora_axis] = -1
+        return factor.view(view) * full
+
+    def _dora_output(self, h: torch.Tensor, y: torch.Tensor, lora: torch.Tensor, base):
+        """What DoRA adds to the base output ``y`` (bias included), as PEFT computes it:
+        ``(m/‖W+ΔW‖ − 1) · plain + m/‖W+ΔW‖ · lora`` with the norm a constant in backward.
+        ``plain`` is ``y`` without its bias, except while dropout is active (training with a
+        rate > 0): then it is ``base(h)``, the bias-free base product of the dropped-out input
+        ``h``, which is what PEFT's ``DoraLinearLayer.forward`` does. Output features are the
+        last axis of a linear output and axis 1 of a conv's (PEFT's factor view)."""
+        view = (-1, *(1,) * (self.weight.ndim - 2))
+        norm = core.dora_norm(self.weight, self._delta()).to(y.dtype)
+        factor = (self.lora_magnitude.to(y.dtype) / norm).view(view)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            plain = y if self.bias is None else y - self.bias.view(view)
+        else:
+            plain = base(h)
+        return (factor - 1) * plain + factor * lora
+
     def _adapter_repr(self) -> str:
         """The adapter's part of ``extra_repr``, the same for every layer type."""
+        dora = ", use_dora=True" if self.use_dora else ""
         return (
-            f"r={self.r}, alpha={self.alpha:g}, use_rslora={self.use_rslora}, merged={self._merged}"
+            f"r={self.r}, alpha={self.alpha:g}, use_rslora={self.use_rslora}{dora}, "
+            f"merged={self._merged}"
         )
 
     def _name(self, r: int | None = None) -> str:
@@ -191,6 +255,9 @@ class LoRALayer(nn.Module):
             self.bias = bias.requires_grad_(False)
         self.lora_a = nn.Parameter(torch.empty_like(self.lora_a, device=weight.device))
         self.lora_b = nn.Parameter(torch.empty_like(self.lora_b, device=weight.device))
+        if self.use_dora:
+            m = self.lora_magnitude
+            self.lora_magnitude = nn.Parameter(torch.empty_like(m, device=weight.device))
 
 
 def check_flag(value: object, name: str, where: str) -> None:

@@ -47,6 +47,7 @@ class _ConvNd(LoRALayer):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -65,6 +66,7 @@ class _ConvNd(LoRALayer):
         self.stride, self.dilation = tup(stride), tup(dilation)
         self.padding = padding if isinstance(padding, str) else tup(padding)
         self._setup_lora(r, alpha, use_rslora, init, ("kaiming", "gaussian"))
+        self._setup_dora(use_dora, init, f"torchlora.{type(self).__name__}")
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels, *window, **factory), requires_grad=False
@@ -75,6 +77,8 @@ class _ConvNd(LoRALayer):
             self.register_parameter("bias", None)
         self.lora_a = nn.Parameter(torch.empty(r, in_channels, *window, **factory))
         self.lora_b = nn.Parameter(torch.empty(out_channels, r, *(1,) * self.dims, **factory))
+        if use_dora:
+            self.lora_magnitude = nn.Parameter(torch.empty(out_channels, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
@@ -88,6 +92,7 @@ class _ConvNd(LoRALayer):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
         copy: bool = False,
     ) -> _ConvNd:
         """Wraps a pretrained ``nn.Conv1d``/``Conv2d``/``Conv3d`` (this class's base type),
@@ -113,6 +118,7 @@ class _ConvNd(LoRALayer):
             dropout=dropout,
             use_rslora=use_rslora,
             init=init,
+            use_dora=use_dora,
             device="meta",
             dtype=conv.weight.dtype,
         )
@@ -150,6 +156,7 @@ class _ConvNd(LoRALayer):
         else:
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b)
+        self._reset_magnitude()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.dims
@@ -161,8 +168,12 @@ class _ConvNd(LoRALayer):
         y = self._conv(x, self.weight, self.bias)
         if self._merged:
             return y
-        h = self._conv(self.lora_dropout(x), self.lora_a, None)
-        return y + self._function(h, self.lora_b) * self.scaling
+        dropped = self.lora_dropout(x)
+        lora = self._function(self._conv(dropped, self.lora_a, None), self.lora_b) * self.scaling
+        if self.use_dora:
+            plain = lambda h: self._conv(h, self.weight, None)  # noqa: E731
+            return y + self._dora_output(dropped, y, lora, plain)
+        return y + lora
 
     def to_base(self) -> nn.Module:
         """A new plain conv of the base type holding the merged weight (and a copy of the

@@ -6,7 +6,7 @@ import torch
 
 from _loracore.hparams import check_hparams, scaling
 
-__all__ = ["check_hparams", "delta", "olora", "pissa", "scaling", "weight_init"]
+__all__ = ["check_hparams", "delta", "dora_norm", "olora", "pissa", "scaling", "weight_init"]
 
 
 def delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -16,6 +16,15 @@ def delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Ten
     """
     dtype = torch.promote_types(lora_a.dtype, torch.float32)
     return (lora_b.to(dtype) @ lora_a.to(dtype)) * scale
+
+
+def dora_norm(weight: torch.Tensor, delta: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """DoRA's ``‖W + scaling·B A‖`` per output feature: the norm over every axis but ``axis``
+    (0 for a Linear's or conv's weight, 1 for an embedding table's columns), in ``delta``'s
+    dtype (fp32 or wider), detached: PEFT, following the paper (§4.3), treats the norm as a
+    constant in the backward pass."""
+    full = (weight.detach().to(delta.dtype) + delta.detach()).movedim(axis, 0)
+    return torch.linalg.norm(full.flatten(1), dim=1)
 
 
 def pissa(

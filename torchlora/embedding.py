@@ -29,6 +29,7 @@ class Embedding(LoRALayer):
 
     base_type = nn.Embedding
     kind = "embed"
+    dora_axis = 1  # DoRA's magnitude is per embedding feature: the table's columns
 
     def __init__(
         self,
@@ -40,6 +41,7 @@ class Embedding(LoRALayer):
         padding_idx: int | None = None,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -57,12 +59,15 @@ class Embedding(LoRALayer):
             padding_idx += num_embeddings
         self.padding_idx = padding_idx
         self._setup_lora(r, alpha, use_rslora, init, ("kaiming", "gaussian"))
+        self._setup_dora(use_dora, init, "torchlora.Embedding")
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(num_embeddings, embedding_dim, **factory), requires_grad=False
         )
         self.lora_a = nn.Parameter(torch.empty(r, num_embeddings, **factory))
         self.lora_b = nn.Parameter(torch.empty(embedding_dim, r, **factory))
+        if use_dora:
+            self.lora_magnitude = nn.Parameter(torch.empty(embedding_dim, **factory))
         self.reset_parameters()
 
     @classmethod
@@ -74,6 +79,7 @@ class Embedding(LoRALayer):
         *,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
         copy: bool = False,
     ) -> Embedding:
         """Wraps a pretrained ``nn.Embedding``, sharing its weight unless ``copy=True``.
@@ -96,6 +102,7 @@ class Embedding(LoRALayer):
             padding_idx=embedding.padding_idx,
             use_rslora=use_rslora,
             init=init,
+            use_dora=use_dora,
             device="meta",
             dtype=embedding.weight.dtype,
         )
@@ -132,6 +139,7 @@ class Embedding(LoRALayer):
             return
         nn.init.zeros_(self.lora_a)
         nn.init.normal_(self.lora_b)
+        self._reset_magnitude()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in (torch.int32, torch.int64):
@@ -139,7 +147,12 @@ class Embedding(LoRALayer):
         y = self._lookup(x, self.weight)
         if self._merged:
             return y
-        return y + (self._lookup(x, self.lora_a.T) @ self.lora_b.T) * self.scaling
+        lora = (self._lookup(x, self.lora_a.T) @ self.lora_b.T) * self.scaling
+        if self.use_dora:  # PEFT: m/‖E + ΔE‖ (per embedding feature) times both terms
+            norm = core.dora_norm(self.weight, self._delta(), self.dora_axis).to(y.dtype)
+            factor = self.lora_magnitude.to(y.dtype) / norm
+            return factor * y + factor * lora
+        return y + lora
 
     def to_base(self) -> nn.Embedding:
         """A new plain ``nn.Embedding`` holding the merged table."""

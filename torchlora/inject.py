@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from _loracore.config import WEIGHT_INITS
+from _loracore.config import LORA_NAMES, WEIGHT_INITS
 from _loracore.report import ParamCount
 from torchlora import checks
 from torchlora.base import LoRALayer
@@ -17,7 +17,6 @@ from torchlora.conv import Conv1d, Conv2d, Conv3d, _ConvNd
 from torchlora.embedding import Embedding
 from torchlora.layer import Linear
 
-LORA_NAMES = ("lora_a", "lora_b")
 SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYERS = (Linear, Embedding, Conv1d, Conv2d, Conv3d)
 
@@ -34,7 +33,7 @@ def flat_features(module: nn.Module) -> tuple[int, int]:
 def wrap(module: nn.Module, config: LoRAConfig, path: str) -> LoRALayer:
     """The torchlora layer for a pretrained module, sharing its weights, per ``config``."""
     r, alpha = config.rank_for(path), config.alpha_for(path)
-    common = {"use_rslora": config.use_rslora, "init": config.init}
+    common = {"use_rslora": config.use_rslora, "init": config.init, "use_dora": config.use_dora}
     if isinstance(module, nn.Embedding):
         return Embedding.from_embedding(module, r, alpha, **common)
     conv = next((c for c in (Conv1d, Conv2d, Conv3d) if isinstance(module, c.base_type)), None)
@@ -48,11 +47,11 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     ``config.targets`` by a ``torchlora.Linear``, ``Embedding`` or ``Conv1d/2d/3d``.
 
     The new layers wrap the same pretrained weight and bias (shared, not copied); every
-    parameter that is not ``lora_a``/``lora_b`` is frozen. A module registered under several
-    paths (the same object) gets one LoRA layer, put at every one of them, named by its first
-    path (``named_modules()``'s). All matches are checked before the model is touched, so a
-    failed call changes nothing. The config is remembered as ``model.lora_config``. Returns
-    ``model``.
+    parameter that is not ``lora_a``/``lora_b`` (or DoRA's ``lora_magnitude``) is frozen. A
+    module registered under several paths (the same object) gets one LoRA layer, put at every
+    one of them, named by its first path (``named_modules()``'s). All matches are checked
+    before the model is touched, so a failed call changes nothing. The config is remembered as
+    ``model.lora_config``. Returns ``model``.
 
     Raises:
         ValueError: no layer matches (the message lists the layer paths), a layer is already
@@ -177,7 +176,8 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors only: the state-dict entries named ``lora_a``/``lora_b``, once
+    """The adapter's tensors only: the state-dict entries named ``lora_a``/``lora_b`` (and
+    ``lora_magnitude``), once
     per layer (under its ``named_modules()`` path, also for a layer registered twice)."""
     layers = {path for path, m in model.named_modules() if isinstance(m, LoRALayer)}
     return {
@@ -236,7 +236,8 @@ def _check_adapter_tensor(key: str, value: object, current: torch.Tensor) -> Non
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
-    """Sets ``requires_grad`` on exactly the parameters named ``lora_a``/``lora_b``."""
+    """Sets ``requires_grad`` on exactly the adapter's parameters (``lora_a``/``lora_b``, and
+    DoRA's ``lora_magnitude``)."""
     for name, param in model.named_parameters():
         param.requires_grad_(name.rsplit(".", 1)[-1] in LORA_NAMES)
     return model

@@ -34,6 +34,9 @@ class Linear(LoRALayer):
         alpha: the LoRA alpha; ``None`` means ``r``.
         dropout: dropout rate on the LoRA branch's input only (the base path sees ``x``).
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        use_dora: DoRA (PEFT's ``use_dora``): a trainable ``lora_magnitude`` m (out,),
+            initialised to the row norms of ``W + scaling·B A``, and the output
+            ``x (m/‖W + scaling·B A‖ ⊙ (W + scaling·B A))ᵀ + b``, the norm detached in backward.
 
     >>> layer = Linear(16, 8, True, 4, alpha=8)
     >>> layer(torch.ones(2, 3, 16)).shape
@@ -56,6 +59,7 @@ class Linear(LoRALayer):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -72,6 +76,7 @@ class Linear(LoRALayer):
         self.in_features = in_features
         self.out_features = out_features
         self._setup_lora(r, alpha, use_rslora, init, INITS)
+        self._setup_dora(use_dora, init, where)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, **factory), requires_grad=False
@@ -82,6 +87,8 @@ class Linear(LoRALayer):
             self.register_parameter("bias", None)
         self.lora_a = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_b = nn.Parameter(torch.empty(out_features, r, **factory))
+        if use_dora:
+            self.lora_magnitude = nn.Parameter(torch.empty(out_features, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
@@ -95,6 +102,7 @@ class Linear(LoRALayer):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
         copy: bool = False,
     ) -> Linear:
         """Wraps a pretrained ``nn.Linear``.
@@ -118,6 +126,7 @@ class Linear(LoRALayer):
             dropout=dropout,
             use_rslora=use_rslora,
             init=init,
+            use_dora=use_dora,
             device="meta",
             dtype=weight.dtype,
         )
@@ -164,6 +173,7 @@ class Linear(LoRALayer):
         else:
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b)
+        self._reset_magnitude()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
@@ -175,7 +185,10 @@ class Linear(LoRALayer):
         if self._merged:
             return y
         h = self.lora_dropout(x)
-        return y + (h @ self.lora_a.T @ self.lora_b.T) * self.scaling
+        lora = (h @ self.lora_a.T @ self.lora_b.T) * self.scaling
+        if self.use_dora:
+            return y + self._dora_output(h, y, lora, lambda h: F.linear(h, self.weight))
+        return y + lora
 
     def to_linear(self) -> nn.Linear:
         """Returns a new plain ``nn.Linear`` holding the merged weight (and a copy of the bias)."""

@@ -17,6 +17,8 @@ from _loracore.peft_format import (
     check_pair,
     check_paths_exist,
     file_config,
+    magnitude_key,
+    magnitude_shape,
     map_path,
     residual_needed,
     tensor_keys,
@@ -109,8 +111,9 @@ def save_adapter(
     if clash:
         raise ValueError(f"save_adapter: path_map names the torch module(s) {clash} twice")
     modules = [m for _, m, _ in layers.values()] + [m for m, _ in ops.values()]
-    if any(m.use_rslora != config.use_rslora for m in modules):
-        raise ValueError("save_adapter: the layers' use_rslora differs from the config's")
+    for flag in ("use_rslora", "use_dora"):
+        if any(getattr(m, flag, False) != getattr(config, flag) for m in modules):
+            raise ValueError(f"save_adapter: the layers' {flag} differs from the config's")
     tensors = {}
     for path, (_, layer, index) in layers.items():
         kind = describe(layer)[0]
@@ -119,6 +122,10 @@ def save_adapter(
         if index is not None:  # one layer of a stack
             a, b = a[index], b[index]
         tensors[key_a], tensors[key_b] = kinds.to_torch(kind, a, b)
+        if config.use_dora:  # DoRA layers are never stacked (inject refuses)
+            m = np.asarray(layer.lora_magnitude[...])
+            window = a.ndim - 2 if kind == "conv" else 0
+            tensors[magnitude_key(path)] = m.reshape(magnitude_shape(kind, m.shape[0], window))
     ranks = {
         p: (m.r, float(m.r if m.alpha is None else m.alpha)) for p, (_, m, _) in layers.items()
     }
@@ -192,6 +199,17 @@ def load_adapter(
                 f"{directory}: layer '{path}' has rank {a.shape[0]} in the file "
                 f"but {module.r} in the model"
             )
+        if isinstance(module, ADAPTED) and getattr(module, "use_dora", False) != config.use_dora:
+            raise ValueError(
+                f"{directory}: layer '{path}' has use_dora="
+                f"{getattr(module, 'use_dora', False)} but the file has use_dora={config.use_dora}"
+            )
+    if config.use_dora and ops:
+        raise ValueError(
+            f"{directory}: a DoRA adapter (use_dora=true) cannot be loaded into op-level layers "
+            f"({', '.join(sorted(ops))}): DoRA is implemented for unstacked nnx.Linear, nnx.Conv "
+            "and nnx.Embed layers only"
+        )
     _check_stacks(views, tensors, config, directory)
     residual = [
         path
@@ -225,6 +243,9 @@ def load_adapter(
         if index is None:
             layer.lora_a[...] = jnp.asarray(lora_a, layer.lora_a.dtype)
             layer.lora_b[...] = jnp.asarray(lora_b, layer.lora_b.dtype)
+            if config.use_dora:
+                m = tensors[path].magnitude
+                layer.lora_magnitude[...] = jnp.asarray(m, layer.lora_magnitude.dtype)
         else:  # gathered, then written as one stacked array per factor
             stacked.setdefault(id(layer), (layer, {}))[1][index] = (lora_a, lora_b)
         layer.alpha, layer.use_rslora = config.alpha_for(path), config.use_rslora

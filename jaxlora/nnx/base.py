@@ -18,7 +18,13 @@ from flax import nnx
 from _loracore.config import INITS, WEIGHT_INITS
 from jaxlora import core, kinds
 from jaxlora.inject import init_leaves, lora_init
-from jaxlora.nnx.layer import _SHARDING_KEYS, check_init, check_rngs, merged_weight
+from jaxlora.nnx.layer import (
+    _SHARDING_KEYS,
+    check_dora,
+    check_init,
+    check_rngs,
+    merged_weight,
+)
 
 
 def _zeros(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
@@ -51,6 +57,7 @@ class Adapter:
         init: str,
         lora_dtype: Any,
         rngs: nnx.Rngs,
+        use_dora: bool = False,
     ) -> None:
         n_in, n_out = kinds.flat_features(self.kind, base_shape, in_axes)
         where = f"jaxlora.nnx.{type(self).__name__}{base_shape}"
@@ -65,6 +72,33 @@ class Adapter:
         self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
         if init in WEIGHT_INITS:  # lora_init made a placeholder: PiSSA/OLoRA need the weight
             self._reinit(init, rngs, lora_dtype)
+        self.use_dora = check_dora(use_dora, where)
+        if use_dora:
+            if self.kind == "linear":
+                raise ValueError(
+                    f"{where}: use_dora=True is not implemented for {type(self).__name__} "
+                    "(DoRA: LoRALinear, LoRAConv and LoRAEmbed)"
+                )
+            self.lora_magnitude = nnx.LoRAParam(jnp.zeros((base_shape[-1],), lora_dtype))
+            if getattr(self, self.base_name)[...].shape == tuple(base_shape):
+                self.reset_magnitude()
+
+    def reset_magnitude(self) -> None:
+        """Sets DoRA's ``lora_magnitude`` to ‖W + scaling · a b‖ per output feature (PEFT's
+        init, from the current weight and adapter)."""
+        weight = getattr(self, self.base_name)[...]
+        delta = core.delta(self.lora_a[...], self.lora_b[...], self.scaling)
+        self.lora_magnitude[...] = core.dora_norm(weight, delta).astype(self.lora_magnitude.dtype)
+
+    def _dora_factor(self, dtype: Any):
+        """``m / ‖W + scaling · a b‖`` (out,) in ``dtype``."""
+        weight = getattr(self, self.base_name)[...]
+        a, b, m = self.lora_a[...], self.lora_b[...], self.lora_magnitude[...]
+        return core.dora_factor(weight, a, b, m, self.scaling, dtype)
+
+    def _dropout_active(self, deterministic: bool | None) -> bool:
+        off = self.lora_dropout.deterministic if deterministic is None else deterministic
+        return self.lora_dropout.rate > 0 and not off
 
     def _reinit(self, init: str, rngs: nnx.Rngs, lora_dtype: Any) -> None:
         """Draws the adapter again per ``init``; PiSSA/OLoRA write the residual weight."""
@@ -99,6 +133,7 @@ class Adapter:
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -117,7 +152,7 @@ class Adapter:
         check_init(init, _known_inits(cls.kind), f"{cls.__name__}.from_base")
         check_rngs(rngs, f"{cls.__name__}.from_base")
         args, kwargs = cls._arguments(base)
-        options = dict(r=r, alpha=alpha, use_rslora=use_rslora, init="kaiming")
+        options = dict(r=r, alpha=alpha, use_rslora=use_rslora, init="kaiming", use_dora=use_dora)
         if cls.kind != "embed":
             options["dropout"] = dropout
         layer = cls(*args, **kwargs, **options, lora_dtype=param_dtype, rngs=rngs)
@@ -138,6 +173,8 @@ class Adapter:
         layer.init = init
         if init != "kaiming":
             layer._reinit(init, rngs, param_dtype)
+        if use_dora:  # from the shared weight, now in place
+            layer.reset_magnitude()
         return layer
 
     def to_base(self) -> nnx.Module:
@@ -145,7 +182,8 @@ class Adapter:
         once); the bias variable is shared. A non-finite result is a ``ValueError``."""
         weight = getattr(self, self.base_name)
         value = weight[...]
-        merged = merged_weight(value, self.lora_a[...], self.lora_b[...], self.scaling)
+        magnitude = self.lora_magnitude[...] if self.use_dora else None
+        merged = merged_weight(value, self.lora_a[...], self.lora_b[...], self.scaling, magnitude)
         args, kwargs = self._arguments(self)
         kwargs = {**kwargs, "param_dtype": value.dtype}
         plain = self.base_type(*args, **kwargs, rngs=nnx.Rngs(0))

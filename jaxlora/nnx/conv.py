@@ -42,6 +42,7 @@ class LoRAConv(Adapter, nnx.Conv):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
         lora_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
         **kwargs: Any,
@@ -59,6 +60,7 @@ class LoRAConv(Adapter, nnx.Conv):
             init=init,
             lora_dtype=lora_dtype,
             rngs=rngs,
+            use_dora=use_dora,
         )
 
     @staticmethod
@@ -82,12 +84,26 @@ class LoRAConv(Adapter, nnx.Conv):
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
         y = super().__call__(x)
-        h, a, b = nnx.nn.dtypes.promote_dtype(
+        dropped, a, b = nnx.nn.dtypes.promote_dtype(
             (self._branch_input(x, deterministic), self.lora_a[...], self.lora_b[...]),
             dtype=self.dtype,
         )
-        conv = nn.Conv(  # Linen's conv as a pure function: the same padding rules as nnx.Conv
-            self.r,
+        h = self._conv(self.r)(dropped, a)
+        lora = core.scaled_matmul(h, b.reshape(self.r, -1), self.scaling, self.precision)
+        if not self.use_dora:
+            return y + lora
+        if self._dropout_active(deterministic):  # PEFT: the base conv of the dropped-out input
+            (kernel,) = nnx.nn.dtypes.promote_dtype((self.kernel[...],), dtype=self.dtype)
+            plain = self._conv(self.out_features)(dropped, kernel).astype(y.dtype)
+        else:
+            plain = y if self.bias is None else y - self.bias[...].astype(y.dtype)
+        return y + core.dora_combine(plain, lora, self._dora_factor(y.dtype))
+
+    def _conv(self, features: int):
+        """``(x, kernel) -> conv``: Linen's conv as a pure function with this layer's settings
+        (the same padding rules as nnx.Conv), ``features`` outputs and no bias."""
+        conv = nn.Conv(
+            features,
             self.kernel_size,
             strides=self.strides,
             padding=self.padding,
@@ -96,5 +112,4 @@ class LoRAConv(Adapter, nnx.Conv):
             use_bias=False,
             precision=self.precision,
         )
-        h = conv.apply({"params": {"kernel": a}}, h)
-        return y + core.scaled_matmul(h, b.reshape(self.r, -1), self.scaling, self.precision)
+        return lambda x, kernel: conv.apply({"params": {"kernel": kernel}}, x)

@@ -35,6 +35,7 @@ class LoRAEmbed(Adapter, nnx.Embed):
         alpha: float | None = None,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
         lora_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
         **kwargs: Any,
@@ -50,6 +51,7 @@ class LoRAEmbed(Adapter, nnx.Embed):
             init=init,
             lora_dtype=lora_dtype,
             rngs=rngs,
+            use_dora=use_dora,
         )
 
     @staticmethod
@@ -63,9 +65,15 @@ class LoRAEmbed(Adapter, nnx.Embed):
         a, b = nnx.nn.dtypes.promote_dtype(
             (self.lora_a[...], self.lora_b[...]), dtype=self.dtype, inexact=False
         )
-        return y + core.scaled_matmul(jnp.take(a, inputs, axis=0), b, self.scaling)
+        lora = core.scaled_matmul(jnp.take(a, inputs, axis=0), b, self.scaling)
+        if self.use_dora:  # PEFT: f ⊙ (E[x] + s·a[x] b)
+            return y + core.dora_combine(y, lora, self._dora_factor(y.dtype))
+        return y + lora
 
     def attend(self, query: jax.Array, out_sharding=None) -> jax.Array:
+        if self.use_dora:  # the merged table's attend: (query ⊙ f) @ (E + s·a b)ᵀ
+            (query,) = nnx.nn.dtypes.promote_dtype((query,), dtype=self.dtype)
+            query = query * self._dora_factor(query.dtype)
         y = super().attend(query, out_sharding=out_sharding)
         query, a, b = nnx.nn.dtypes.promote_dtype(
             (query, self.lora_a[...], self.lora_b[...]), dtype=self.dtype

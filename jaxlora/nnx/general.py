@@ -38,6 +38,7 @@ class LoRALinearGeneral(Adapter, nnx.LinearGeneral):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
         lora_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
         **kwargs: Any,
@@ -55,6 +56,7 @@ class LoRALinearGeneral(Adapter, nnx.LinearGeneral):
             init=init,
             lora_dtype=lora_dtype,
             rngs=rngs,
+            use_dora=use_dora,  # refused: DoRA is not implemented for LinearGeneral
         )
 
     @staticmethod

@@ -63,6 +63,11 @@ def _check_by_product(module: nnx.Module, name: str, config: LoRAConfig, roles) 
             f"{where} ({type(module).__name__}) is adapted at its product, which supports "
             f"init='kaiming' only so far, got {config.init!r}"
         )
+    if config.use_dora:
+        raise ValueError(
+            f"{where} ({type(module).__name__}) is adapted at its product, where use_dora=True "
+            "is not implemented (DoRA: unstacked nnx.Linear, nnx.Conv and nnx.Embed layers)"
+        )
     core.check_hparams(
         r=config.rank_for(name),
         alpha=config.alpha_for(name),
@@ -119,6 +124,11 @@ def _check(module: nnx.Module, name: str, config: LoRAConfig, per_layer: list[st
     if config.init in WEIGHT_INITS and kind != "linear":
         raise ValueError(
             f"{where}: init={config.init!r} adapts linear layers only, not a {kind} layer"
+        )
+    if config.use_dora and (isinstance(module, nnx.LinearGeneral) or stack):
+        raise ValueError(
+            f"{where}: use_dora=True is implemented for unstacked nnx.Linear, nnx.Conv and "
+            f"nnx.Embed layers only, not {'a stacked ' if stack else 'a '}{type(module).__name__}"
         )
     core.check_hparams(
         r=config.rank_for(name),
@@ -237,13 +247,14 @@ def _build(
         alpha=config.alpha_for(name),
         use_rslora=config.use_rslora,
         init=config.init,
+        use_dora=config.use_dora,
         param_dtype=param_dtype,
         rngs=rngs,
     )
     if not isinstance(base, nnx.Embed):
         options["dropout"] = config.dropout
     if product is not None:
-        del options["init"]
+        del options["init"], options["use_dora"]
         weight, roles = product
         wrap = functools.partial(adapt, weight=weight, roles=roles)
     elif isinstance(base, nnx.Linear):

@@ -40,12 +40,31 @@ def check_init(init: object, known: tuple[str, ...], where: str) -> None:
         raise ValueError(f"{where}: init must be one of {known}, got {init!r}")
 
 
-def merged_weight(weight: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float):
+def check_dora(use_dora: object, where: str) -> bool:
+    """``use_dora`` if it is exactly ``True`` or ``False``; a ``TypeError`` naming it otherwise."""
+    if not isinstance(use_dora, bool):
+        raise TypeError(
+            f"{where}: use_dora must be True or False, got {use_dora!r} ({type(use_dora).__name__})"
+        )
+    return use_dora
+
+
+def merged_weight(
+    weight: jax.Array,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    scale: float,
+    magnitude: jax.Array | None = None,
+):
     """``weight + scale · a @ b`` (reshaped to the weight's shape) in fp32, rounded once to the
-    weight's dtype; a ``ValueError`` if the result is not finite."""
-    merged = (
-        weight.astype(jnp.float32) + core.delta(lora_a, lora_b, scale, jnp.shape(weight))
-    ).astype(weight.dtype)
+    weight's dtype; with DoRA's ``magnitude`` m (out,) each output column rescaled by
+    ``m / ‖weight + scale · a @ b‖`` (PEFT's merged weight). A ``ValueError`` if the result is
+    not finite."""
+    delta = core.delta(lora_a, lora_b, scale, jnp.shape(weight))
+    full = weight.astype(jnp.float32) + delta
+    if magnitude is not None:
+        full = magnitude.astype(full.dtype) / core.dora_norm(weight, delta) * full
+    merged = full.astype(weight.dtype)
     finite = jnp.isfinite(merged).all()
     # Under nnx.vmap (a stacked layer) the caller checks the whole stack before
     if not isinstance(finite, jax.core.Tracer) and not bool(finite):
@@ -60,6 +79,11 @@ class LoRALinear(nnx.Module):
     initialisers; ``lora_a`` (in, r), initialised like torch's kaiming_uniform(a=√5), and
     ``lora_b`` (r, out), zeros, are ``nnx.LoRAParam``. Dropout (on the LoRA branch's input only)
     follows NNX's convention: active until ``model.eval()``, or per call via ``deterministic``.
+
+    With ``use_dora=True`` (PEFT's DoRA) the layer also has ``lora_magnitude`` m (out,), an
+    ``nnx.LoRAParam`` initialised to the column norms of ``kernel + scaling · a @ b``, and
+    computes with ``m / ‖kernel + scaling · a @ b‖`` times that kernel (the norm constant in
+    backward; with dropout active, PEFT's correction on the dropped-out input).
 
     >>> from flax import nnx
     >>> layer = LoRALinear(16, 8, r=4, alpha=8, rngs=nnx.Rngs(0))
@@ -79,6 +103,7 @@ class LoRALinear(nnx.Module):
         use_bias: bool = True,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        use_dora: bool = False,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         precision: PrecisionLike = None,
@@ -113,6 +138,18 @@ class LoRALinear(nnx.Module):
         self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), (in_features, r), param_dtype))
         self.lora_b = nnx.LoRAParam(lora_b_init(rngs.params(), (r, out_features), param_dtype))
         self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.use_dora = check_dora(use_dora, where)
+        if use_dora:
+            self.lora_magnitude = nnx.LoRAParam(jnp.zeros((out_features,), param_dtype))
+            if kernel_init is not _placeholder:
+                self.reset_magnitude()
+
+    def reset_magnitude(self) -> None:
+        """Sets DoRA's ``lora_magnitude`` to ‖kernel + scaling · a @ b‖ per output feature
+        (PEFT's init, from the current kernel and adapter)."""
+        delta = core.delta(self.lora_a[...], self.lora_b[...], self.scaling)
+        norm = core.dora_norm(kernel_value(self.kernel), delta)
+        self.lora_magnitude[...] = norm.astype(self.lora_magnitude.dtype)
 
     @classmethod
     def from_linear(
@@ -124,6 +161,7 @@ class LoRALinear(nnx.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ) -> LoRALinear:
@@ -145,6 +183,7 @@ class LoRALinear(nnx.Module):
             use_bias=linear.bias is not None,
             dropout=dropout,
             use_rslora=use_rslora,
+            use_dora=use_dora,
             dtype=linear.dtype,
             param_dtype=param_dtype,
             precision=linear.precision,
@@ -169,6 +208,13 @@ class LoRALinear(nnx.Module):
             )
             for name, value in leaves.items():
                 getattr(layer, name)[...] = value
+        if use_dora:
+            if isinstance(layer.kernel, QuantizedKernel):
+                raise ValueError(
+                    "LoRALinear.from_linear: use_dora=True with a quantized kernel is not "
+                    "implemented"
+                )
+            layer.reset_magnitude()
         return layer
 
     @property
@@ -183,7 +229,8 @@ class LoRALinear(nnx.Module):
         """An ``nnx.Linear`` holding the merged kernel (fp32 delta, rounded once; the kernel
         variable's metadata kept) and sharing the bias; a ``ValueError`` if non-finite."""
         kernel = kernel_value(self.kernel)  # a quantized kernel merges into a float one
-        merged = merged_weight(kernel, self.lora_a[...], self.lora_b[...], self.scaling)
+        magnitude = self.lora_magnitude[...] if self.use_dora else None
+        merged = merged_weight(kernel, self.lora_a[...], self.lora_b[...], self.scaling, magnitude)
         linear = nnx.Linear(
             self.in_features,
             self.out_features,
@@ -224,4 +271,11 @@ class LoRALinear(nnx.Module):
         if bias is not None:
             y = y + bias
         h = self.lora_dropout(x, deterministic=deterministic)
+        if self.use_dora:
+            off = self.lora_dropout.deterministic if deterministic is None else deterministic
+            active = self.lora_dropout.rate > 0 and not off
+            adapter = (lora_a, lora_b, self.lora_magnitude[...])
+            return y + core.dora_branch(
+                h, kernel, bias, adapter, self.scaling, y, active, self.precision
+            )
         return y + core.lora_branch(h, lora_a, lora_b, self.scaling, self.precision)

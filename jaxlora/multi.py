@@ -190,6 +190,11 @@ def _adapter_layers(params: Mapping[str, Any], config: LoRAConfig, rank: int | N
         name = path_str(path)
         where = f"layer '{name}'"
         kind, _, kernel, a, b = kinds.check_layer(node, where)
+        if config.use_dora or "lora_magnitude" in node:
+            raise ValueError(
+                f"{where} is a DoRA adapter (use_dora, 'lora_magnitude'): a stack serves plain "
+                "LoRA adapters only; its magnitude would be ignored"
+            )
         if kind != "linear":
             raise ValueError(f"{where} holds a {kind} adapter: only linear layers can be stacked")
         r = int(a.shape[-1])

@@ -332,3 +332,26 @@ def test_linen_layer_contracting_the_examples_axis_is_refused():
     with pytest.raises(ValueError, match="layer 'layers_0' contracts its input's axis 0"):
         with jaxlora.intercept_stack(stack, jnp.zeros(6, jnp.int32)):
             model.apply({"params": base}, x)
+
+
+def test_dora_adapters_are_refused_by_stacks():
+    """A stack's branch has no magnitude: a DoRA adapter would be served without it."""
+    model = nn.Dense(4)
+    base = model.init(jax.random.key(0), jnp.ones((1, 6)))["params"]
+    config = jaxlora.LoRAConfig(r=2, targets=["fc"], use_dora=True)
+    params = jaxlora.inject({"fc": base}, config, jax.random.key(1))
+    with pytest.raises(ValueError, match=r"layer 'fc' is a DoRA adapter"):
+        jaxlora.stack_adapters([(params, config)], capacity=2)
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.fc = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
+
+    net = jnnx.inject(Net(), config, nnx.Rngs(1))
+    with pytest.raises(ValueError, match=r"to_multi: layers \['fc'\] are DoRA"):
+        jnnx.to_multi(net, capacity=2)
+    assert isinstance(net.fc, jnnx.LoRALinear)  # unchanged
+    plain = jnnx.inject(Net(), jaxlora.LoRAConfig(r=2, targets=["fc"]), nnx.Rngs(1))
+    jnnx.to_multi(plain, capacity=2)
+    with pytest.raises(ValueError, match=r"set_adapter: layer 'fc' is a DoRA adapter"):
+        jnnx.set_adapter(plain, 0, net)

@@ -135,6 +135,11 @@ def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nn
         )
     if not layers:
         raise ValueError("to_multi: the model has no jaxlora.nnx.LoRALinear layer")
+    dora = sorted(p for p, (_, m) in layers.items() if m.use_dora)
+    if dora:  # a stack's branch has no magnitude: it would be silently dropped
+        raise ValueError(
+            f"to_multi: layers {dora} are DoRA (use_dora): stacks serve plain LoRA only"
+        )
     stacked = sorted(p for p, (_, m) in layers.items() if stack_of(m))
     if stacked:  # nnx.vmap would slice the adapter axis as if it were the layer axis
         raise ValueError(
@@ -177,6 +182,11 @@ def set_adapter(model: nnx.Module, slot: int, source: nnx.Module) -> None:
     new = {}
     for path, layer in stacks.items():
         src = found[path]
+        if src.use_dora:
+            raise ValueError(
+                f"set_adapter: layer '{path}' is a DoRA adapter (use_dora): a stack serves plain "
+                "LoRA adapters only; its magnitude would be ignored"
+            )
         if kernel_value(src.kernel).shape != kernel_value(layer.kernel).shape:
             raise ValueError(
                 f"set_adapter: layer '{path}': the adapter's base kernel has shape "

@@ -5,7 +5,8 @@ twin holding the same base weights.
 Tolerances (fp32, relative to max |logit|): the qwix model and the converted jaxlora model
 compute the same sums in a different association (qwix: one 3-operand einsum times
 alpha/r; jaxlora: two products with the scaling folded in), so they agree to rounding:
-``SAME`` = 1e-5 (about 100 fp32 ulps of the logit scale); merging adds one rounding of each weight (also ``SAME``);
+``SAME`` = 1e-5 (about 100 fp32 ulps of the logit scale); merging adds one rounding of each
+weight (also ``SAME``);
 PEFT on torch is another framework: ``TOL`` = 1e-4 as in test_tunix.py.
 """
 

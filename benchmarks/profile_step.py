@@ -127,7 +127,7 @@ def profile_torch(cfg, tokens, steps: int) -> list[tuple[float, str, str]]:
 def table(title: str, rows: list[tuple[float, str, str]], top: int) -> list[str]:
     total = sum(ms for ms, _, _ in rows)
     lines = [f"#### {title}: {total:.1f} ms of op time per step", ""]
-    lines += ["| ms / step | share | XLA op kind | from |", "|---|---|---|---|"]
+    lines += ["| ms / step | share | op kind | op (JAX: where it came from) |", "|---|---|---|---|"]
     for ms, kind, name in rows[:top]:
         lines.append(f"| {ms:.2f} | {ms / total:.0%} | {kind} | `{name or '—'}` |")
     return [*lines, ""]

@@ -139,3 +139,30 @@ def test_weight_not_in_a_product_is_refused():
     with pytest.raises(ValueError, match="from_qwix: layer ''"):
         jnnx.from_qwix(model, lora, [Rule(module_path=".*")], inputs=(jnp.asarray(X),))
     assert not nnx.state(model, nnx.LoRAParam)
+
+
+class SwappedProj(nnx.Module):  # w (D, H, H) used as 'BD,DNH->BNH' after swapping its free axes
+    def __init__(self):
+        self.w = nnx.Param(jnp.asarray(RNG.normal(size=(D, H, H)), jnp.float32))
+
+    def __call__(self, x):
+        return jnp.einsum("BD,DNH->BNH", x, jnp.swapaxes(self.w[...], 1, 2))
+
+
+class Holder(nnx.Module):
+    def __init__(self):
+        self.proj = SwappedProj()
+
+    def __call__(self, x):
+        return self.proj(x)
+
+
+def test_transpose_reordering_equal_sized_axes_is_refused():
+    """qwix's lora_b follows the transposed operand (N, H); jaxlora's follows w's own (H, N)
+    order: with N = H the shapes agree and a copy would be silently wrong, so it is refused."""
+    model = Holder()
+    a, b = np.zeros((D, R), np.float32), np.ones((R, H, H), np.float32)
+    lora = {"proj": {"w_lora_a": a, "w_lora_b": b}}
+    with pytest.raises(ValueError, match=r"transpose that reorders its free axes"):
+        jnnx.from_qwix(model, lora, [Rule(module_path="proj")], inputs=(jnp.asarray(X),))
+    assert not nnx.state(model, nnx.LoRAParam)

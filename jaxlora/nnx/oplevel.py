@@ -120,12 +120,16 @@ def adapt(base: nnx.Module, **options) -> nnx.Module:
 
 
 def find_weights(
-    model: nnx.Module, modules: dict[str, nnx.Module], inputs: Sequence[Any]
+    model: nnx.Module,
+    modules: dict[str, nnx.Module],
+    inputs: Sequence[Any],
+    orders: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, tuple[str, oplevel.Roles]]:
     """{path: (weight name, roles)} for each of ``modules`` (paths into ``model``), found by
     tracing ``model(*inputs)`` once with every variable an input. A ``ValueError`` names the
     path and the reason for any module that has no weight in exactly one product, or whose
-    weight is also used otherwise (anywhere in the model)."""
+    weight is also used otherwise (anywhere in the model). ``orders``, if given, receives per
+    path the weight's axes in the order the product's operand holds them (after transposes)."""
     graphdef, state = nnx.split(model)
     paths, state_def = jax.tree_util.tree_flatten_with_path(state)
     leaves = [leaf for _, leaf in paths]
@@ -157,7 +161,10 @@ def find_weights(
             except oplevel.NotAProduct as err:
                 unused.append(str(err).removeprefix(f"inject: layer '{name}', "))
                 continue
-            weights[attr] = oplevel.with_shape(product, tuple(var.shape)).roles
+            product = oplevel.with_shape(product, tuple(var.shape))
+            weights[attr] = product.roles
+            if orders is not None:
+                orders[name] = tuple(axis for group in product.groups for axis in group)
         if len(weights) != 1:
             why = (
                 f"its weights {sorted(weights)} are each used by a product; a module with "

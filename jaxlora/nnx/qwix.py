@@ -164,10 +164,12 @@ def expected_shapes(
                 "own kind; from_qwix reads adapters on nnx.Linear kernels and on weights "
                 "adapted at their product only"
             )
-    for path, (weight, roles) in find_weights(model, by_product, inputs).items():
+    orders: dict[str, tuple[int, ...]] = {}
+    for path, (weight, roles) in find_weights(model, by_product, inputs, orders).items():
         where = f"from_qwix: layer '{path}', weight '{weights[path]}'"
         if weight != weights[path]:
             raise ValueError(f"{where}: jaxlora finds '{weight}' in the module's product")
+        _check_axis_order(orders[path], roles, where)
         if roles.batch:
             raise ValueError(
                 f"{where}: its product has batch axes {roles.batch}; qwix's einsum adapter "
@@ -175,6 +177,20 @@ def expected_shapes(
             )
         shapes[path] = roles.lora_shapes(rank)
     return shapes
+
+
+def _check_axis_order(order: tuple[int, ...], roles, where: str) -> None:
+    """qwix's factors follow the product's operand (the weight after any transpose); jaxlora's
+    follow the weight's own axis order. Where a transpose reorders the contracted (or free)
+    axes the two differ, and equal axis sizes would hide it in the shapes: refused."""
+    for role, axes in (("contracted", roles.contracted), ("free", roles.free)):
+        seen = [axis for axis in order if axis in axes]
+        if seen != sorted(seen):
+            raise ValueError(
+                f"{where}: the weight reaches its product through a transpose that reorders "
+                f"its {role} axes (the product holds them as {tuple(seen)}); qwix's factors "
+                "follow that order and jaxlora's the weight's own, so they cannot be copied"
+            )
 
 
 def check_shapes(

@@ -53,8 +53,9 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Causal attention of (b, h, t, hd) heads, q pre-scaled. The backward pass is written out
     (dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO Vᵀ ∘ P)), dQ = dS K, dK = dSᵀ Q) so that only P
     is kept from the forward pass and every product runs as a row-major dot; autodiff of the
-    softmax saved broadcast intermediates of P's size and cost a third of the train step on
-    XLA:CPU. Reverse mode only (``jax.jvp`` of the twin is not supported)."""
+    softmax kept broadcast intermediates of P's size and ran two of the products through a
+    slow XLA:CPU path (benchmarks/README.md, the train step op by op). Reverse mode only
+    (``jax.jvp`` through the twin's attention is not supported)."""
     return _causal_softmax(q, k) @ v
 
 

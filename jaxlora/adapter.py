@@ -30,12 +30,13 @@ from _loracore.peft_format import (
     map_path,
     tensor_keys,
 )
-from jaxlora import hf_maps, kinds, stacks
+from jaxlora import hf_maps, kinds, product, stacks
 from jaxlora.config import LoRAConfig
 from jaxlora.core import scaling, weight_init
 from jaxlora.quant._base import is_quantized, restore_quantized, with_kernel_shapes
 from jaxlora.tree import (
     INIT_NAME,
+    ROLES_NAME,
     InitRecord,
     PyTree,
     _like,
@@ -86,6 +87,11 @@ def save_adapter(
     ``{"blocks": "blocks_{i}"}`` writes ``blocks_0.…``); ``path_map`` then applies to the
     per-layer paths. Without it a stacked layer is refused. ``path_map`` may also name a ready
     map (``"transformers.flax_llama"``; see ``jaxlora.hf_maps.NAMED_MAPS``).
+
+    An adapter made at its weight's product (``inject(..., layouts=)`` on a module such as
+    ``FlaxConv1D`` or an einsum projection) is written as the torch ``nn.Linear`` module(s) its
+    ``path_map`` value names: a torch path, or a ``jaxlora.HFLinear`` with the axis orders or a
+    fused weight's modules (``jaxlora.hf_maps``). ``load_adapter`` does not read them back yet.
     """
     path_map = hf_maps.resolve(path_map)
     _require_mapping(params, "save_adapter")
@@ -95,6 +101,9 @@ def save_adapter(
     tensors, layers = {}, {}
     for path, node in iter_lora_layers(params):
         name = path_str(path)
+        if ROLES_NAME in node:  # adapted at its weight's product: written as torch Linear(s)
+            _save_product(node, name, path_map, config, tensors, layers)
+            continue
         kind, _, _, a, b = kinds.check_layer(node, f"save_adapter: layer '{name}'")
         _check_init_record(node, config, f"save_adapter: layer '{name}'")
         torch_path = map_path(path_map, name)
@@ -106,7 +115,9 @@ def save_adapter(
         layers[torch_path] = (a.shape[-1], config.alpha_for(name))
     if not layers:
         raise ValueError("save_adapter: the params tree has no 'lora_a'/'lora_b' leaves")
-    candidates = [map_path(path_map, p) for p in _node_paths(params)]
+    mapped = (map_path(path_map, p) for p in _node_paths(params))
+    # a product layer's modules are named by its layout (an HFLinear may name several)
+    candidates = [*(p for p in mapped if isinstance(p, str) and p not in layers), *layers]
     write_adapter(directory, tensors, file_config(config, layers, candidates))
     return Path(directory)
 
@@ -232,6 +243,25 @@ def load_adapter(
             )
             new[flax_path][INIT_NAME] = InitRecord(config.init)  # the kernel is the residual
     return _set_leaves(params, (), new)
+
+
+def _save_product(node, name: str, path_map, config, tensors: dict, layers: dict) -> None:
+    """A Linen adapter made at its weight's product (``jaxlora.product``) as the torch
+    ``nn.Linear`` module(s) its ``path_map`` value names: a torch path, or a
+    ``jaxlora.HFLinear`` with the axis orders / a fused weight's modules (``jaxlora.hf_maps``,
+    the same rule as NNX's op-level layers)."""
+    where = f"save_adapter: layer '{name}'"
+    _, _, a, b, marker = product.check_product(node, where)
+    if "lora_magnitude" in node:
+        raise ValueError(f"{where}: DoRA is not supported for an adapter made at a product")
+    spec = path_map(name) if callable(path_map) else (path_map or {}).get(name, name)
+    lay = hf_maps.layout(spec, marker.roles, f"{where}, weight '{marker.weight}'")
+    for torch_path, pair in hf_maps.to_peft(lay, np.asarray(a), np.asarray(b)).items():
+        if torch_path in layers:
+            raise ValueError(f"{where}: path_map names the torch module '{torch_path}' twice")
+        key_a, key_b = tensor_keys(torch_path, "linear")
+        tensors[key_a], tensors[key_b] = pair
+        layers[torch_path] = (int(np.shape(a)[-1]), config.alpha_for(name))
 
 
 def _check_init_record(node: Mapping, config, where: str) -> None:

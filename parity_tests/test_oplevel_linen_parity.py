@@ -133,3 +133,28 @@ def test_merged_weights_match_torch(twins):
     )
     c, _ = model.apply({"params": merged}, jnp.asarray(x))
     _close(c, torch_model(_t(x))[0].detach().numpy())
+
+
+def test_adapter_file_is_served_by_peft(twins, tmp_path):
+    """``save_adapter`` writes each product adapter as its torch ``nn.Linear`` (``lora_A`` =
+    lora_a.T over the contracted axes, ``lora_B`` over the free axes in the weight's order):
+    the real PEFT, loading the file onto the torch twin's base, gives jaxlora's outputs."""
+    import peft
+
+    model, variables, torch_model, x = twins
+    jaxlora.save_adapter(variables["params"], tmp_path, CONFIG)
+    base = TorchBlock()
+    with torch.no_grad():
+        for name in ("c_attn", "q_proj"):
+            getattr(base, name).weight.copy_(getattr(torch_model, name).weight)
+        base.c_attn.bias.copy_(torch_model.c_attn.bias)
+    served = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    with jaxlora.intercept(CONFIG):
+        c, q = model.apply(variables, jnp.asarray(x))
+    with torch.no_grad():
+        want_c, want_q = served(_t(x))
+    _close(c, want_c.numpy())
+    _close(np.asarray(q).reshape(B, T, N * H), want_q.numpy())
+    # Loading such a file back into a Linen tree is not implemented: refused, naming the layer.
+    with pytest.raises(ValueError, match=r"layer 'c_attn'.*product"):
+        jaxlora.load_adapter(variables["params"], tmp_path)

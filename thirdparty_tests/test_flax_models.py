@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     FlaxGPT2LMHeadModel,
     FlaxLlamaForCausalLM,
@@ -230,6 +230,34 @@ def test_gpt2_conv1d_adapted_at_its_product_equals_peft(gpt2):
     assert rel_err(y_jax, want) <= TOL
     merged = jaxlora.merge(params, alpha=ALPHA)
     assert rel_err(np.asarray(model(ids, params=merged).logits), want) <= TOL
+
+
+def test_gpt2_adapter_file_is_served_by_peft(gpt2, tmp_path):
+    """A FlaxGPT2 adapter made at the FlaxConv1D products is saved as PEFT's GPT-2 adapter
+    (``lora_A`` (r, in), ``lora_B`` (out, r) per Conv1D; the Flax and torch module paths are
+    the same): the real PEFT loads it onto GPT2LMHeadModel with the same logits. The file says
+    ``fan_in_fan_out=False`` (jaxlora cannot know the torch module is a Conv1D); PEFT warns and
+    sets it, which changes only how it would merge, not the adapter's tensors."""
+    model, ids, hf = gpt2
+    params = jaxlora.inject(
+        model.params, GPT2_TARGETS, jax.random.key(0), layouts=_gpt2_layouts(model, ids)
+    )
+    key = iter(jax.random.split(jax.random.key(1), 64))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: (
+            0.1 * jax.random.normal(next(key), v.shape)
+            if getattr(p[-1], "key", None) == "lora_b"
+            else v
+        ),
+        params,
+    )
+    with jaxlora.intercept(GPT2_TARGETS):
+        y_jax = np.asarray(model(ids, params=params).logits)
+    jaxlora.save_adapter(params, tmp_path, GPT2_TARGETS)
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to False"):
+        served = PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path))
+    assert rel_err(y_jax, torch_logits(hf)) > 1e-3
+    assert rel_err(y_jax, torch_logits(served.eval())) <= TOL
 
 
 def test_gpt2_conv1d_holding_lora_leaves_is_refused_when_called(gpt2):

@@ -417,13 +417,26 @@ def test_intercept_refuses_a_call_that_uses_the_weight_otherwise():
             model.apply({"params": {"proj": node}}, x)
 
 
-def test_save_adapter_refuses_product_adapters(tmp_path):
-    _, _, _, lora, _ = _setup("conv1d")
-    with pytest.raises(ValueError, match="layer 'proj' holds an adapter made at its weight's"):
-        jaxlora.save_adapter(
-            lora, tmp_path / "a", config=jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["proj"])
-        )
-    assert not (tmp_path / "a").exists()
+def test_save_adapter_writes_product_adapters_as_torch_linears(tmp_path):
+    """(Until product adapters were written, save refused them; now) a FlaxConv1D's adapter is
+    PEFT's Linear: lora_A (r, in) = lora_a.T, lora_B (out, r) = lora_b.T; a per-expert adapter
+    (batch axes) has no PEFT Linear and is refused, writing nothing."""
+    from safetensors.numpy import load_file
+
+    _, _, _, lora, config = _setup("conv1d")
+    jaxlora.save_adapter(lora, tmp_path / "a", config=config)
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    node = lora["params"]["proj"]
+    np.testing.assert_array_equal(
+        tensors["base_model.model.proj.lora_A.weight"], np.asarray(node["lora_a"]).T
+    )
+    np.testing.assert_array_equal(
+        tensors["base_model.model.proj.lora_B.weight"], np.asarray(node["lora_b"]).T
+    )
+    _, _, _, experts, config = _setup("experts")
+    with pytest.raises(ValueError, match=r"layer 'proj'.*batch"):
+        jaxlora.save_adapter(experts, tmp_path / "b", config=config)
+    assert not (tmp_path / "b").exists()
 
 
 class WithChild(nn.Module):

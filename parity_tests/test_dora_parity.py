@@ -12,7 +12,6 @@ AdamW steps 1e-4: Adam divides by √v, which amplifies rounding differences in 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import numpy as np
 import torch
@@ -34,9 +33,7 @@ def peft_model(base: nn.Module, *, r=3, alpha=6, dropout=0.0, seed=1) -> nn.Modu
     config = LoraConfig(
         r=r, lora_alpha=alpha, target_modules=TARGETS, use_dora=True, lora_dropout=dropout
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(copy.deepcopy(base), config)
+    model = get_peft_model(copy.deepcopy(base), config)
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -86,11 +83,9 @@ def test_peft_initialises_magnitude_to_the_weight_norm():
     ours = torchlora.inject(
         copy.deepcopy(base), torchlora.LoRAConfig(r=3, targets=TARGETS, use_dora=True)
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = get_peft_model(
-            copy.deepcopy(base), LoraConfig(r=3, target_modules=TARGETS, use_dora=True)
-        )
+    theirs = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=3, target_modules=TARGETS, use_dora=True)
+    )
     for path in TARGETS:
         m = peft_tensors(theirs, path)["lora_magnitude"]
         assert rel(ours.get_submodule(path).lora_magnitude, m) < TOL
@@ -111,9 +106,7 @@ def test_torch_forward_grads_and_merge_match_peft():
         for name, theirs in peft_tensors(peft, path).items():
             assert rel(getattr(layer, name).grad, theirs.grad) < TOL, (path, name)
         assert layer.weight.grad is None  # frozen
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged = copy.deepcopy(peft).merge_and_unload()
+    merged = copy.deepcopy(peft).merge_and_unload()
     for path in TARGETS:
         layer = ours.get_submodule(path)
         assert rel(layer.merged_weight(), merged.get_submodule(path).weight) < TOL
@@ -170,9 +163,7 @@ def test_torch_files_both_ways(tmp_path):
     ours = torchlora.load_adapter(copy.deepcopy(base), tmp_path / "peft")
     assert rel(ours(x), peft(x)) < TOL
     torchlora.save_adapter(ours, tmp_path / "ours")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
     assert rel(back(x), peft(x)) < TOL
     for path in TARGETS:
         for name, theirs in peft_tensors(back, path).items():
@@ -237,12 +228,10 @@ def test_linen_inject_magnitude_is_peft_init():
         config,
         jax.random.key(3),
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = get_peft_model(
-            copy.deepcopy(base),
-            LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS, use_dora=True),
-        )
+    theirs = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS, use_dora=True),
+    )
     for path, name in LINEN_PATHS.items():
         m = peft_tensors(theirs, path)["lora_magnitude"]
         assert rel(np.asarray(fresh[name]["lora_magnitude"]), m) < TOL
@@ -270,9 +259,7 @@ def test_linen_forward_grads_merge_match_peft():
         assert rel(g["lora_a"].T, theirs["lora_a"].grad) < TOL
         assert rel(g["lora_b"].T, theirs["lora_b"].grad) < TOL
         assert rel(g["lora_magnitude"], theirs["lora_magnitude"].grad) < TOL
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged_peft = copy.deepcopy(peft).merge_and_unload()
+    merged_peft = copy.deepcopy(peft).merge_and_unload()
     merged = jaxlora.merge(variables["params"], alpha=6)
     for path, name in LINEN_PATHS.items():
         kernel = np.asarray(merged[name]["kernel"]).T.copy()
@@ -334,9 +321,7 @@ def test_linen_files_both_ways(tmp_path):
     y = _linen_apply(loaded_config, {"params": loaded}, xj)
     assert rel(np.asarray(y), peft(x)) < TOL
     jaxlora.save_adapter(loaded, tmp_path / "ours", loaded_config, path_map=path_map)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
     for path in TARGETS:
         for name, theirs in peft_tensors(back, path).items():
             assert torch.equal(theirs, peft_tensors(peft, path)[name]), (path, name)
@@ -415,9 +400,7 @@ def test_nnx_forward_grads_merge_match_peft():
         assert rel(np.asarray(g["lora_a"][...]).T, theirs["lora_a"].grad) < TOL
         assert rel(np.asarray(g["lora_b"][...]).T, theirs["lora_b"].grad) < TOL
         assert rel(g["lora_magnitude"][...], theirs["lora_magnitude"].grad) < TOL
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged_peft = copy.deepcopy(peft).merge_and_unload()
+    merged_peft = copy.deepcopy(peft).merge_and_unload()
     jnnx.merge(model)
     for path, name in LINEN_PATHS.items():
         layer = getattr(model, name)
@@ -462,9 +445,7 @@ def test_nnx_files_both_ways(tmp_path):
     assert model.layers_0.use_dora
     assert rel(model(xj), peft(x)) < TOL
     jnnx.save_adapter(model, tmp_path / "ours", path_map=path_map)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
     for path in TARGETS:
         for name, theirs in peft_tensors(back, path).items():
             assert torch.equal(theirs, peft_tensors(peft, path)[name]), (path, name)
@@ -526,9 +507,7 @@ def kinds_peft(base: nn.Module, dropout: float = 0.0) -> nn.Module:
     config = LoraConfig(
         r=2, lora_alpha=4, target_modules=KIND_TARGETS, use_dora=True, lora_dropout=dropout
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(copy.deepcopy(base), config)
+    model = get_peft_model(copy.deepcopy(base), config)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -575,12 +554,10 @@ def _kinds_setup(dropout: float = 0.0):
 
 def test_torch_embedding_and_conv_forward_grads_merge_match_peft():
     base, peft, ours, ids = _kinds_setup()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fresh = get_peft_model(
-            copy.deepcopy(base),
-            LoraConfig(r=2, lora_alpha=4, target_modules=KIND_TARGETS, use_dora=True),
-        )
+    fresh = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=2, lora_alpha=4, target_modules=KIND_TARGETS, use_dora=True),
+    )
     initial = torchlora.inject(
         copy.deepcopy(base),
         torchlora.LoRAConfig(r=2, alpha=4, targets=KIND_TARGETS, use_dora=True),
@@ -597,9 +574,7 @@ def test_torch_embedding_and_conv_forward_grads_merge_match_peft():
         for name, theirs in kind_tensors(peft, path).items():
             got = getattr(layer, name).grad
             assert rel(got, theirs.grad.reshape(got.shape)) < TOL, (path, name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged = copy.deepcopy(peft).merge_and_unload()
+    merged = copy.deepcopy(peft).merge_and_unload()
     for path in KIND_TARGETS:
         layer = ours.get_submodule(path)
         assert rel(layer.merged_weight(), merged.get_submodule(path).weight) < TOL, path
@@ -628,9 +603,7 @@ def test_torch_embedding_and_conv_twenty_adamw_steps_and_files(tmp_path):
     loaded = torchlora.load_adapter(copy.deepcopy(base), tmp_path / "peft")
     assert rel(loaded(ids), peft(ids)) < TOL
     torchlora.save_adapter(loaded, tmp_path / "ours")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
     for path in KIND_TARGETS:
         for name, theirs in kind_tensors(back, path).items():
             assert torch.equal(theirs, kind_tensors(peft, path)[name]), (path, name)
@@ -692,9 +665,7 @@ def test_linen_embed_and_conv_from_peft_file_forward_grads_merge(tmp_path):
         assert rel(ga, theirs["lora_a"].grad) < TOL, path
         assert rel(gb, theirs["lora_b"].grad) < TOL, path
         assert rel(g["lora_magnitude"], theirs["lora_magnitude"].grad.reshape(-1)) < TOL, path
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged_peft = copy.deepcopy(peft).merge_and_unload()
+    merged_peft = copy.deepcopy(peft).merge_and_unload()
     merged = jaxlora.merge(params, alpha=config.alpha_for)
     assert rel(FlaxKindsNet().apply({"params": merged}, idsj), y_peft) < TOL
     expected = flax_kinds_base(merged_peft)
@@ -722,9 +693,7 @@ def test_linen_embed_attend_uses_the_dora_table():
             "lora_magnitude": jnp.asarray(t["lora_magnitude"]),
         }
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        table = copy.deepcopy(peft).merge_and_unload().emb.weight.detach().numpy()
+    table = copy.deepcopy(peft).merge_and_unload().emb.weight.detach().numpy()
     q = np.random.default_rng(0).normal(size=(4, 7)).astype(np.float32)
     config = jaxlora.LoRAConfig(r=2, alpha=4, targets=["emb"], use_dora=True)
     with jaxlora.intercept(config):
@@ -758,9 +727,7 @@ def test_linen_embed_and_conv_twenty_adamw_steps_and_file_back(tmp_path):
         m = theirs["lora_magnitude"].reshape(-1)
         assert rel(params[path]["lora_magnitude"], m) < TOL_TRAIN, path
     jaxlora.save_adapter(params, tmp_path / "ours", config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
     for path in KIND_TARGETS:
         for name, theirs in kind_tensors(back, path).items():
             ours = kind_tensors(peft, path)[name]
@@ -822,16 +789,12 @@ def test_nnx_embed_and_conv_from_peft_file_forward_grads_steps_files(tmp_path):
         step(model, optimizer)
     assert rel(model(idsj), peft(ids)) < TOL_TRAIN
     jnnx.save_adapter(model, tmp_path / "ours")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
     for path in KIND_TARGETS:
         for name, theirs in kind_tensors(back, path).items():
             ours = kind_tensors(peft, path)[name]
             assert theirs.shape == ours.shape and rel(theirs, ours) < TOL_TRAIN, (path, name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged_peft = copy.deepcopy(peft).merge_and_unload()
+    merged_peft = copy.deepcopy(peft).merge_and_unload()
     jnnx.merge(model)
     assert type(model.conv) is nnx.Conv and type(model.emb) is nnx.Embed
     expected = flax_kinds_base(merged_peft)

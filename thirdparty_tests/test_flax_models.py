@@ -183,19 +183,13 @@ def _gpt2_layouts(model, ids):
     return jaxlora.layouts(model.module, ids, jnp.ones_like(ids), jnp.zeros_like(ids))
 
 
-def test_gpt2_conv1d_adapted_at_its_product_equals_peft(gpt2):
-    """FlaxConv1D (kernel (out, in), used as ``x @ kernel.T``) is adapted at its product when
-    inject gets the model's layouts: ``lora_a`` (in, r), ``lora_b`` (r, out). With the same
-    factors, PEFT's LoRA on the torch GPT-2's Conv1D (``fan_in_fan_out=True``) gives the same
-    logits, and jaxlora's merge (in the (out, in) layout) gives them with no adapter."""
-    model, ids, hf = gpt2
-    layouts = _gpt2_layouts(model, ids)
-    params = jaxlora.inject(model.params, GPT2_TARGETS, jax.random.key(0), layouts=layouts)
-    attn = params["transformer"]["h"]["0"]["attn"]["c_attn"]
-    assert attn["kernel"].shape == (96, 32)  # (out, in): FlaxConv1D's own layout
-    assert (attn["lora_a"].shape, attn["lora_b"].shape) == ((32, R), (R, 96))
+def _gpt2_adapted(model, ids):
+    """The GPT-2 params adapted at the FlaxConv1D products, with B ≠ 0 (so the branch counts)."""
+    params = jaxlora.inject(
+        model.params, GPT2_TARGETS, jax.random.key(0), layouts=_gpt2_layouts(model, ids)
+    )
     key = iter(jax.random.split(jax.random.key(1), 64))
-    params = jax.tree_util.tree_map_with_path(  # B ≠ 0, so the branch counts
+    return jax.tree_util.tree_map_with_path(
         lambda p, v: (
             0.1 * jax.random.normal(next(key), v.shape)
             if getattr(p[-1], "key", None) == "lora_b"
@@ -203,6 +197,18 @@ def test_gpt2_conv1d_adapted_at_its_product_equals_peft(gpt2):
         ),
         params,
     )
+
+
+def test_gpt2_conv1d_adapted_at_its_product_equals_peft(gpt2):
+    """FlaxConv1D (kernel (out, in), used as ``x @ kernel.T``) is adapted at its product when
+    inject gets the model's layouts: ``lora_a`` (in, r), ``lora_b`` (r, out). With the same
+    factors, PEFT's LoRA on the torch GPT-2's Conv1D (``fan_in_fan_out=True``) gives the same
+    logits, and jaxlora's merge (in the (out, in) layout) gives them with no adapter."""
+    model, ids, hf = gpt2
+    params = _gpt2_adapted(model, ids)
+    attn = params["transformer"]["h"]["0"]["attn"]["c_attn"]
+    assert attn["kernel"].shape == (96, 32)  # (out, in): FlaxConv1D's own layout
+    assert (attn["lora_a"].shape, attn["lora_b"].shape) == ((32, R), (R, 96))
     with jaxlora.intercept(GPT2_TARGETS):
         y_jax = np.asarray(model(ids, params=params).logits)
 
@@ -239,18 +245,7 @@ def test_gpt2_adapter_file_is_served_by_peft(gpt2, tmp_path):
     ``fan_in_fan_out=False`` (jaxlora cannot know the torch module is a Conv1D); PEFT warns and
     sets it, which changes only how it would merge, not the adapter's tensors."""
     model, ids, hf = gpt2
-    params = jaxlora.inject(
-        model.params, GPT2_TARGETS, jax.random.key(0), layouts=_gpt2_layouts(model, ids)
-    )
-    key = iter(jax.random.split(jax.random.key(1), 64))
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, v: (
-            0.1 * jax.random.normal(next(key), v.shape)
-            if getattr(p[-1], "key", None) == "lora_b"
-            else v
-        ),
-        params,
-    )
+    params = _gpt2_adapted(model, ids)
     with jaxlora.intercept(GPT2_TARGETS):
         y_jax = np.asarray(model(ids, params=params).logits)
     jaxlora.save_adapter(params, tmp_path, GPT2_TARGETS)

@@ -259,7 +259,10 @@ def _call(module: OpAdapter, args: tuple, kwargs: dict):
     new_leaves = outs[out_def.num_leaves :]
     # Write back only what the call changed (rng counts, statistics): the branch's dropout
     # advanced its own rng stream outside the jaxpr, which the old leaves would undo.
-    current, _ = jax.tree.flatten(nnx.split(module)[1])
-    merged = [c if n is o else n for o, n, c in zip(leaves, new_leaves, current, strict=True)]
-    nnx.update(module, jax.tree.unflatten(state_def, merged))
+    # Nothing changed (no dropout, no statistics): write nothing, so a module rebuilt by
+    # ``nnx.merge`` inside ``jax.jit`` is not asked to mutate variables of an outer trace.
+    if any(n is not o for o, n in zip(leaves, new_leaves, strict=True)):
+        current, _ = jax.tree.flatten(nnx.split(module)[1])
+        merged = [c if n is o else n for o, n, c in zip(leaves, new_leaves, current, strict=True)]
+        nnx.update(module, jax.tree.unflatten(state_def, merged))
     return out

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("forward", "train_step", "scaling", "scan", "qlora", "multi_adapter", "dora")
+SCRIPTS = ("forward", "train_step", "scaling", "scan", "qlora", "multi_adapter", "dora", "oplevel")
 TABLES = (
     "forward",
     "train_step",
@@ -30,7 +30,10 @@ TABLES = (
     "qlora_time",
     "multi_adapter",
     "dora",
+    "oplevel_einsum",
 )
+# Written only where tunix and qwix are installed (oplevel.py's part 2).
+OPTIONAL_TABLES = ("oplevel_tunix_qwix",)
 
 
 def main() -> None:
@@ -48,6 +51,11 @@ def main() -> None:
         )
         subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True)
     tables = [(HERE / "results" / f"{name}.md").read_text() for name in TABLES]
+    tables += [
+        path.read_text()
+        for path in (HERE / "results" / f"{name}.md" for name in OPTIONAL_TABLES)
+        if path.exists() and path.stat().st_mtime >= start  # not a stale table
+    ]
     (HERE / "results" / "summary.md").write_text("\n".join(tables))
     print(f"done in {time.time() - start:.0f}s; tables in {HERE / 'results' / 'summary.md'}")
 

@@ -16,10 +16,11 @@ def scaling(r: int, alpha: float | None = None, *, use_rslora: bool = False) -> 
 
     ``alpha`` defaults to ``r``, so the default scaling is 1.
 
-    >>> scaling(8, 16)
-    2.0
-    >>> scaling(4, 8, use_rslora=True)
-    4.0
+    Examples:
+        >>> scaling(8, 16)
+        2.0
+        >>> scaling(4, 8, use_rslora=True)
+        4.0
     """
     alpha = r if alpha is None else alpha
     return float(alpha) / (math.sqrt(r) if use_rslora else r)

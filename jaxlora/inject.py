@@ -239,13 +239,14 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
     no memory), for ``inject(..., layouts=...)``. Modules wrapped by ``nn.jit`` are traced
     again, whatever ran before.
 
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
-    >>> layouts(attn, jnp.ones((1, 3, 8)))["query"]
-    Layout(kind='linear', in_axes=1, ndim=3, stack=0, scan=None)
-    >>> layouts(attn, jnp.ones((1, 3, 8)))["out"]
-    Layout(kind='linear', in_axes=2, ndim=3, stack=0, scan=None)
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import linen as nn
+        >>> attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+        >>> layouts(attn, jnp.ones((1, 3, 8)))["query"]
+        Layout(kind='linear', in_axes=1, ndim=3, stack=0, scan=None)
+        >>> layouts(attn, jnp.ones((1, 3, 8)))["out"]
+        Layout(kind='linear', in_axes=2, ndim=3, stack=0, scan=None)
     """
     found: dict[str, tuple[str, int, int]] = {}
     views: dict[str, Any] = {}  # lifted module path -> its params' ndims, as its body sees them

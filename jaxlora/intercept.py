@@ -128,17 +128,18 @@ def intercept(config: LoRAConfig, *, deterministic: bool = True) -> Iterator[Non
     ``deterministic=False`` and ``config.dropout > 0`` the LoRA branch's input is dropped out
     with the ``'dropout'`` rng passed to ``apply`` (never for ``nn.Embed``, as in PEFT).
 
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> from jaxlora import inject
-    >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
-    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 8)))
-    >>> config = LoRAConfig(r=2, alpha=4, targets=["layers_0"])
-    >>> variables = inject(variables, config, jax.random.key(1))
-    >>> sorted(variables["params"]["layers_0"])
-    ['bias', 'kernel', 'lora_a', 'lora_b']
-    >>> with intercept(config):
-    ...     y = model.apply(variables, jnp.ones((1, 8)))
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import linen as nn
+        >>> from jaxlora import inject
+        >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
+        >>> variables = model.init(jax.random.key(0), jnp.ones((1, 8)))
+        >>> config = LoRAConfig(r=2, alpha=4, targets=["layers_0"])
+        >>> variables = inject(variables, config, jax.random.key(1))
+        >>> sorted(variables["params"]["layers_0"])
+        ['bias', 'kernel', 'lora_a', 'lora_b']
+        >>> with intercept(config):
+        ...     y = model.apply(variables, jnp.ones((1, 8)))
     """
     if any(isinstance(key, tuple) and key[0] == "intercept" for key in _ACTIVE.keys):
         raise ValueError(

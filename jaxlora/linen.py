@@ -40,11 +40,12 @@ class LoRADense(nn.Module):
         param_dtype: dtype of the params.
         precision: matmul precision, as for ``nn.Dense``.
 
-    >>> import jax, jax.numpy as jnp
-    >>> layer = LoRADense(8, r=4, alpha=8)
-    >>> params = layer.init(jax.random.key(0), jnp.ones((2, 16)))["params"]
-    >>> {k: v.shape for k, v in params.items()}
-    {'kernel': (16, 8), 'bias': (8,), 'lora_a': (16, 4), 'lora_b': (4, 8)}
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = LoRADense(8, r=4, alpha=8)
+        >>> params = layer.init(jax.random.key(0), jnp.ones((2, 16)))["params"]
+        >>> {k: v.shape for k, v in params.items()}
+        {'kernel': (16, 8), 'bias': (8,), 'lora_a': (16, 4), 'lora_b': (4, 8)}
     """
 
     adds_own_lora_branch = True  # so jaxlora.intercept leaves it alone
@@ -185,11 +186,12 @@ class LoRADenseGeneral(_Adapter, nn.DenseGeneral):
     (*in_axes, r), ``lora_b`` (r, *features), a torch ``Linear`` over the flattened axes.
     ``batch_dims`` is not supported.
 
-    >>> import jax, jax.numpy as jnp
-    >>> layer = LoRADenseGeneral((2, 4), r=2)
-    >>> params = layer.init(jax.random.key(0), jnp.ones((3, 8)))["params"]
-    >>> params["lora_a"].shape, params["lora_b"].shape
-    ((8, 2), (2, 2, 4))
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = LoRADenseGeneral((2, 4), r=2)
+        >>> params = layer.init(jax.random.key(0), jnp.ones((3, 8)))["params"]
+        >>> params["lora_a"].shape, params["lora_b"].shape
+        ((8, 2), (2, 2, 4))
     """
 
     r: int = dataclasses.field(default=1, kw_only=True)
@@ -217,11 +219,12 @@ class LoRAConv(_Adapter, nn.Conv):
     Grouped (``feature_group_count`` > 1) and masked convs are not supported. ``use_dora``:
     PEFT's DoRA, with a trainable ``lora_magnitude`` (out,) (see ``LoRADense``).
 
-    >>> import jax, jax.numpy as jnp
-    >>> layer = LoRAConv(8, (3, 3), r=2)
-    >>> params = layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))["params"]
-    >>> params["lora_a"].shape, params["lora_b"].shape
-    ((3, 3, 3, 2), (1, 1, 2, 8))
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = LoRAConv(8, (3, 3), r=2)
+        >>> params = layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))["params"]
+        >>> params["lora_a"].shape, params["lora_b"].shape
+        ((3, 3, 3, 2), (1, 1, 2, 8))
     """
 
     kind = "conv"
@@ -254,11 +257,12 @@ class LoRAEmbed(_Adapter, nn.Embed):
     ``lora_b`` (r, features) standard normal, no dropout; ``attend`` uses the adapted table.
     ``use_dora``: PEFT's DoRA, with a trainable ``lora_magnitude`` (features,).
 
-    >>> import jax, jax.numpy as jnp
-    >>> layer = LoRAEmbed(10, 4, r=2)
-    >>> params = layer.init(jax.random.key(0), jnp.arange(3))["params"]
-    >>> params["lora_a"].shape, params["lora_b"].shape
-    ((10, 2), (2, 4))
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = LoRAEmbed(10, 4, r=2)
+        >>> params = layer.init(jax.random.key(0), jnp.arange(3))["params"]
+        >>> params["lora_a"].shape, params["lora_b"].shape
+        ((10, 2), (2, 4))
     """
 
     kind = "embed"

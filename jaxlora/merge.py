@@ -89,13 +89,15 @@ def merge(
             (on concrete arrays) a non-finite merged kernel; ``requantize=True`` without a
             quantized base or with ``record=True``. Nothing is returned half-merged.
 
-    >>> import jax.numpy as jnp
-    >>> p = {"kernel": jnp.zeros((2, 2)), "lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2))}
-    >>> merge(p, alpha=2.0)["kernel"].tolist()
-    [[2.0, 2.0], [2.0, 2.0]]
-    >>> merged, rec = merge(p, alpha=2.0, record=True)
-    >>> unmerge(merged, rec)["kernel"].tolist()
-    [[0.0, 0.0], [0.0, 0.0]]
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> p = {"kernel": jnp.zeros((2, 2)), "lora_a": jnp.ones((2, 1))}
+        >>> p["lora_b"] = jnp.ones((1, 2))
+        >>> merge(p, alpha=2.0)["kernel"].tolist()
+        [[2.0, 2.0], [2.0, 2.0]]
+        >>> merged, rec = merge(p, alpha=2.0, record=True)
+        >>> unmerge(merged, rec)["kernel"].tolist()
+        [[0.0, 0.0], [0.0, 0.0]]
     """
     _require_mapping(params, "merge")
     quantized = params

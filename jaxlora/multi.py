@@ -129,16 +129,17 @@ def stack_adapters(
     largest given) bounds the ranks of adapters set later. The first adapter's layers and base
     kernel shapes define the stack; every other adapter must have the same.
 
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> import jaxlora
-    >>> model = nn.Dense(4)
-    >>> base = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
-    >>> config = jaxlora.LoRAConfig(r=2, targets=".*")
-    >>> one = jaxlora.inject({"dense": base}, config, jax.random.key(1))
-    >>> stack = stack_adapters([(one, config)], capacity=4)
-    >>> stack.capacity, stack.rank, stack.lora_a["dense"].shape
-    (4, 2, (4, 8, 2))
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import linen as nn
+        >>> import jaxlora
+        >>> model = nn.Dense(4)
+        >>> base = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+        >>> config = jaxlora.LoRAConfig(r=2, targets=".*")
+        >>> one = jaxlora.inject({"dense": base}, config, jax.random.key(1))
+        >>> stack = stack_adapters([(one, config)], capacity=4)
+        >>> stack.capacity, stack.rank, stack.lora_a["dense"].shape
+        (4, 2, (4, 8, 2))
     """
     if not adapters:
         raise ValueError("stack_adapters: give at least one (params, config) adapter")

@@ -34,18 +34,19 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
     inside the jitted function, with the stack and the index as its arguments: replacing an
     adapter in the stack (same capacity and rank) then reuses the compiled forward.
 
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> import jaxlora
-    >>> model = nn.Sequential([nn.Dense(4)])
-    >>> base = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
-    >>> config = jaxlora.LoRAConfig(r=2, targets=["layers_0"])
-    >>> one = jaxlora.inject(base, config, jax.random.key(1))
-    >>> stack = jaxlora.stack_adapters([(one, config)], capacity=2)
-    >>> with intercept_stack(stack, jnp.array([0, -1])):
-    ...     y = model.apply({"params": base}, jnp.ones((2, 8)))
-    >>> y.shape
-    (2, 4)
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import linen as nn
+        >>> import jaxlora
+        >>> model = nn.Sequential([nn.Dense(4)])
+        >>> base = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+        >>> config = jaxlora.LoRAConfig(r=2, targets=["layers_0"])
+        >>> one = jaxlora.inject(base, config, jax.random.key(1))
+        >>> stack = jaxlora.stack_adapters([(one, config)], capacity=2)
+        >>> with intercept_stack(stack, jnp.array([0, -1])):
+        ...     y = model.apply({"params": base}, jnp.ones((2, 8)))
+        >>> y.shape
+        (2, 4)
 
     Raises:
         TypeError, ValueError: an index that is not a 1-D integer array, or (when concrete)

@@ -24,10 +24,11 @@ def layer_path(path: str, scan: str, index: int, layer_names: LayerNames = None)
     the scanned module at ``scan``: ``layer_names[scan]`` (a template with ``{i}``, default
     ``'<scan>.{i}'``) formatted with the index, followed by the rest of ``path``.
 
-    >>> layer_path("blocks.attn.query", "blocks", 3)
-    'blocks.3.attn.query'
-    >>> layer_path("blocks.attn.query", "blocks", 3, {"blocks": "h_{i}"})
-    'h_3.attn.query'
+    Examples:
+        >>> layer_path("blocks.attn.query", "blocks", 3)
+        'blocks.3.attn.query'
+        >>> layer_path("blocks.attn.query", "blocks", 3, {"blocks": "h_{i}"})
+        'h_3.attn.query'
     """
     if not (path == scan or path.startswith(scan + ".")):
         raise ValueError(f"layer '{path}' does not lie in the scanned module '{scan}'")

@@ -47,8 +47,9 @@ def lora_mask(params: PyTree) -> PyTree:
     """A tree of bools shaped like ``params``: True exactly at leaves named lora_a/lora_b (and
     DoRA's lora_magnitude).
 
-    >>> lora_mask({"dense": {"kernel": 1.0, "lora_a": 2.0, "lora_b": 3.0}})
-    {'dense': {'kernel': False, 'lora_a': True, 'lora_b': True}}
+    Examples:
+        >>> lora_mask({"dense": {"kernel": 1.0, "lora_a": 2.0, "lora_b": 3.0}})
+        {'dense': {'kernel': False, 'lora_a': True, 'lora_b': True}}
     """
     return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in LORA_NAMES, params)
 
@@ -71,13 +72,14 @@ def freeze_base(
         mask: a bool tree (or a function of the params returning one) that is True at the
             leaves to train; defaults to ``lora_mask``.
 
-    >>> import jax.numpy as jnp, optax
-    >>> params = {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)),
-    ...           "lora_b": jnp.ones((1, 2))}
-    >>> tx = freeze_base(optax.sgd(0.5))
-    >>> updates, _ = tx.update(params, tx.init(params), params)
-    >>> float(updates["kernel"].sum()), float(updates["lora_a"].sum())
-    (0.0, -2.0)
+    Examples:
+        >>> import jax.numpy as jnp, optax
+        >>> params = {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)),
+        ...           "lora_b": jnp.ones((1, 2))}
+        >>> tx = freeze_base(optax.sgd(0.5))
+        >>> updates, _ = tx.update(params, tx.init(params), params)
+        >>> float(updates["kernel"].sum()), float(updates["lora_a"].sum())
+        (0.0, -2.0)
     """
 
     def labels(params: PyTree) -> PyTree:
@@ -143,9 +145,10 @@ def split(params: PyTree) -> tuple[PyTree, PyTree]:
     Both keep the nesting (and the dict/FrozenDict type); subtrees that end up empty are
     dropped from the adapter. ``combine(adapter, base)`` gives back ``params``.
 
-    >>> adapter, base = split({"dense": {"kernel": 1, "lora_a": 2, "lora_b": 3}})
-    >>> adapter, base
-    ({'dense': {'lora_a': 2, 'lora_b': 3}}, {'dense': {'kernel': 1}})
+    Examples:
+        >>> adapter, base = split({"dense": {"kernel": 1, "lora_a": 2, "lora_b": 3}})
+        >>> adapter, base
+        ({'dense': {'lora_a': 2, 'lora_b': 3}}, {'dense': {'kernel': 1}})
     """
     _require_mapping(params, "split")
     adapter = _filter(params, keep_lora=True)

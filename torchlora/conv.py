@@ -210,8 +210,9 @@ class _ConvNd(LoRALayer):
 class Conv1d(_ConvNd):
     """``_ConvNd`` over one spatial dimension (the base is an ``nn.Conv1d``).
 
-    >>> Conv1d(3, 8, 5, 2, padding=2).lora_a.shape
-    torch.Size([2, 3, 5])
+    Examples:
+        >>> Conv1d(3, 8, 5, 2, padding=2).lora_a.shape
+        torch.Size([2, 3, 5])
     """
 
     base_type = nn.Conv1d
@@ -221,11 +222,12 @@ class Conv1d(_ConvNd):
 class Conv2d(_ConvNd):
     """``_ConvNd`` over two spatial dimensions (the base is an ``nn.Conv2d``).
 
-    >>> layer = Conv2d(3, 8, 3, 2, padding=1)
-    >>> layer(torch.ones(1, 3, 5, 5)).shape
-    torch.Size([1, 8, 5, 5])
-    >>> layer.lora_a.shape, layer.lora_b.shape
-    (torch.Size([2, 3, 3, 3]), torch.Size([8, 2, 1, 1]))
+    Examples:
+        >>> layer = Conv2d(3, 8, 3, 2, padding=1)
+        >>> layer(torch.ones(1, 3, 5, 5)).shape
+        torch.Size([1, 8, 5, 5])
+        >>> layer.lora_a.shape, layer.lora_b.shape
+        (torch.Size([2, 3, 3, 3]), torch.Size([8, 2, 1, 1]))
     """
 
     base_type = nn.Conv2d
@@ -235,8 +237,9 @@ class Conv2d(_ConvNd):
 class Conv3d(_ConvNd):
     """``_ConvNd`` over three spatial dimensions (the base is an ``nn.Conv3d``).
 
-    >>> Conv3d(3, 8, (1, 3, 3), 2).lora_b.shape
-    torch.Size([8, 2, 1, 1, 1])
+    Examples:
+        >>> Conv3d(3, 8, (1, 3, 3), 2).lora_b.shape
+        torch.Size([8, 2, 1, 1, 1])
     """
 
     base_type = nn.Conv3d

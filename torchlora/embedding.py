@@ -20,11 +20,12 @@ class Embedding(LoRALayer):
     embedding's adapter, as in PEFT. ``init`` "kaiming" and "gaussian" both mean this
     initialisation (PEFT's); PiSSA is not defined for embeddings.
 
-    >>> layer = Embedding(10, 4, 2, alpha=4)
-    >>> layer(torch.tensor([[1, 2, 3]])).shape
-    torch.Size([1, 3, 4])
-    >>> layer.lora_a.shape, layer.lora_b.shape
-    (torch.Size([2, 10]), torch.Size([4, 2]))
+    Examples:
+        >>> layer = Embedding(10, 4, 2, alpha=4)
+        >>> layer(torch.tensor([[1, 2, 3]])).shape
+        torch.Size([1, 3, 4])
+        >>> layer.lora_a.shape, layer.lora_b.shape
+        (torch.Size([2, 10]), torch.Size([4, 2]))
     """
 
     base_type = nn.Embedding

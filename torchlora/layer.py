@@ -38,11 +38,12 @@ class Linear(LoRALayer):
             initialised to the row norms of ``W + scaling·B A``, and the output
             ``x (m/‖W + scaling·B A‖ ⊙ (W + scaling·B A))ᵀ + b``, the norm detached in backward.
 
-    >>> layer = Linear(16, 8, True, 4, alpha=8)
-    >>> layer(torch.ones(2, 3, 16)).shape
-    torch.Size([2, 3, 8])
-    >>> [name for name, p in layer.named_parameters() if p.requires_grad]
-    ['lora_a', 'lora_b']
+    Examples:
+        >>> layer = Linear(16, 8, True, 4, alpha=8)
+        >>> layer(torch.ones(2, 3, 16)).shape
+        torch.Size([2, 3, 8])
+        >>> [name for name, p in layer.named_parameters() if p.requires_grad]
+        ['lora_a', 'lora_b']
     """
 
     base_type = nn.Linear

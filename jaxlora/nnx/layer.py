@@ -85,12 +85,13 @@ class LoRALinear(nnx.Module):
     computes with ``m / ‖kernel + scaling · a @ b‖`` times that kernel (the norm constant in
     backward; with dropout active, PEFT's correction on the dropped-out input).
 
-    >>> from flax import nnx
-    >>> layer = LoRALinear(16, 8, r=4, alpha=8, rngs=nnx.Rngs(0))
-    >>> layer(jnp.ones((2, 16))).shape
-    (2, 8)
-    >>> sorted(nnx.state(layer, nnx.LoRAParam).keys())
-    ['lora_a', 'lora_b']
+    Examples:
+        >>> from flax import nnx
+        >>> layer = LoRALinear(16, 8, r=4, alpha=8, rngs=nnx.Rngs(0))
+        >>> layer(jnp.ones((2, 16))).shape
+        (2, 8)
+        >>> sorted(nnx.state(layer, nnx.LoRAParam).keys())
+        ['lora_a', 'lora_b']
     """
 
     def __init__(

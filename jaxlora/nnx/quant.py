@@ -54,7 +54,9 @@ def quantize_base(
     Args:
         model: an NNX model.
         targets: a ``LoRAConfig`` (its ``targets``) or targets as ``LoRAConfig`` takes them.
-        quant_type, blocksize, double_quant: as ``jaxlora.quant.quantize``.
+        quant_type: "nf4", "fp4" or "int8", as in ``jaxlora.quant.quantize``.
+        blocksize: elements per scale, as in ``jaxlora.quant.quantize``.
+        double_quant: also quantize the scales, as in ``jaxlora.quant.quantize``.
 
     Raises:
         ValueError: no module matches, a targets entry matches none, a matched module is not

@@ -49,16 +49,17 @@ def quantize_base(
         ValueError: no layer matches, a targets entry matches no layer, or a matched layer
             has no 2-D ``kernel`` (an ``nn.Dense``'s), naming its path; nothing is changed.
 
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> import jaxlora
-    >>> model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(4)])
-    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 64)))
-    >>> q = quantize_base(variables, ["layers_0"])
-    >>> sorted(q["params"]["layers_0"]), q["quant"]["layers_0"]["kernel"].packed.shape
-    (['bias'], (2048, 1))
-    >>> with jaxlora.intercept(jaxlora.LoRAConfig(r=1, targets=["layers_0"])):
-    ...     y = model.apply(q, jnp.ones((1, 64)))
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import linen as nn
+        >>> import jaxlora
+        >>> model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(4)])
+        >>> variables = model.init(jax.random.key(0), jnp.ones((1, 64)))
+        >>> q = quantize_base(variables, ["layers_0"])
+        >>> sorted(q["params"]["layers_0"]), q["quant"]["layers_0"]["kernel"].packed.shape
+        (['bias'], (2048, 1))
+        >>> with jaxlora.intercept(jaxlora.LoRAConfig(r=1, targets=["layers_0"])):
+        ...     y = model.apply(q, jnp.ones((1, 64)))
     """
     _require_mapping(variables, "quantize_base")
     if "params" not in variables:

@@ -298,13 +298,28 @@ def test_file_that_does_not_match_the_tree_is_refused(tmp_path, change, config, 
     with pytest.raises(ValueError, match=match):
         jaxlora.load_adapter(params, tmp_path)
     assert all(np.array_equal(v, before[k]) for k, v in _lora(params).items())
+    _accepts_the_matching_file(tmp_path / "good", params)
+
+
+def _accepts_the_matching_file(directory, params) -> None:
+    """The control: the same tree takes the matching file, whose tensors it then holds."""
+    names = sorted(n for n in params if "lora_roles" in params[n])
+    good = {k: v for k, v in _good().items() if k.split(".")[0] in names}
+    _write(directory, good, target_modules=names)
+    loaded = jaxlora.load_adapter(params, directory)
+    for name in names:
+        np.testing.assert_array_equal(
+            np.asarray(loaded[name]["lora_a"]).T, good[f"{name}.lora_A.weight"].astype(np.float32)
+        )
 
 
 def test_layer_the_tree_does_not_adapt_is_refused(tmp_path):
     _write(tmp_path, _good(), target_modules=["c_attn", "q_proj"])
     config = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["c_attn"])
+    params = _injected(config)
     with pytest.raises(ValueError, match=r"unexpected tensors for layer\(s\) \['q_proj'\]"):
-        jaxlora.load_adapter(_injected(config), tmp_path)
+        jaxlora.load_adapter(params, tmp_path)
+    _accepts_the_matching_file(tmp_path / "good", params)
 
 
 def test_plain_tree_with_an_hflinear_map_is_refused(tmp_path):

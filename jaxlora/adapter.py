@@ -195,9 +195,7 @@ def load_adapter(
         return _load_stacked(params, directory, path_map, layer_names)
     products = _product_layouts(params, path_map, f"load_adapter {directory}")
     lays = [lay for _, _, lay in products.values()]
-    # every module path_map gives as a Conv1D, adapted or not: a plain tree's is refused below
-    conv1d = hf_maps.conv1d_paths(lays) | _conv1d_of(path_map, params)
-    config, everything = read_adapter(directory, conv1d=conv1d)
+    config, everything = read_adapter(directory, conv1d=_conv1d_of(path_map, params))
     op_paths = {t for lay in lays for t in lay.paths}
     nodes = _plain_nodes(params, path_map, products, set(everything), directory)
     check_paths_exist(set(everything), {**nodes, **dict.fromkeys(op_paths)}, path_map, directory)
@@ -538,12 +536,8 @@ def _conv1d_of(path_map, params) -> frozenset[str]:
     if path_map is _UNSET or path_map is None:
         return frozenset()
     if callable(path_map):
-        specs = [path_map(p) for p in _node_paths(params)] if params is not None else []
-    else:
-        specs = list(path_map.values())
-    return frozenset(
-        t for s in specs if isinstance(s, hf_maps.HFLinear) and s.conv1d for t in _spec_paths(s)
-    )
+        return hf_maps.conv1d_of(map(path_map, _node_paths(params) if params is not None else []))
+    return hf_maps.conv1d_of(path_map.values())
 
 
 def _spec_paths(spec) -> tuple[str, ...]:

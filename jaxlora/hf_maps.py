@@ -52,7 +52,7 @@ torch path, as with a dict.
 
 >>> resolve("tunix.gemma3")("layers.3.attn.kv_einsum")
 HFLinear(path=('model.layers.3.self_attn.k_proj', 'model.layers.3.self_attn.v_proj'), \
-in_axes=None, out_axes=None, split=0)
+in_axes=None, out_axes=None, split=0, conv1d=False)
 >>> resolve("tunix.llama3")("layers.0.mlp.down_proj")
 'model.layers.0.mlp.down_proj'
 >>> resolve("transformers.flax_gpt2")("transformer.h.1.mlp.c_fc")
@@ -214,9 +214,21 @@ def from_peft(lay: HFLayout, pairs: dict[str, tuple], where: str) -> tuple[np.nd
 
 
 def conv1d_paths(layouts: Iterable[HFLayout]) -> frozenset[str]:
-    """The torch module paths of ``layouts`` that are transformers ``Conv1D``: what a reader
-    passes to ``read_adapter(conv1d=)``."""
+    """The torch module paths of ``layouts`` that are transformers ``Conv1D``."""
     return frozenset(p for lay in layouts if lay.conv1d for p in lay.paths)
+
+
+def conv1d_of(specs: Iterable) -> frozenset[str]:
+    """The torch paths that ``path_map`` values (``specs``: paths or ``HFLinear``) give as
+    transformers ``Conv1D``: what a reader passes to ``read_adapter(conv1d=)``, for every
+    layer of the model, adapted or not (a Conv1D not adapted at its product is then refused
+    by the reader with its own reason)."""
+    return frozenset(
+        p
+        for s in specs
+        if isinstance(s, HFLinear) and s.conv1d
+        for p in ((s.path,) if isinstance(s.path, str) else s.path)
+    )
 
 
 def fan_in_fan_out(layouts: list[HFLayout], n_modules: int) -> bool:

@@ -366,9 +366,28 @@ def test_nnx_op_level_layers_share_the_conv1d_rule(tmp_path):
     jnnx.inject(other, config, nnx.Rngs(5), inputs=(jnp.asarray(X),))
     with pytest.raises(ValueError, match=r"fan_in_fan_out=True, which is not supported for"):
         jnnx.load_adapter(other, tmp_path)
+    plain = NNXBlock(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"layer 'c_attn' \(a NNXConv1D\), which is not adapted"):
+        jnnx.load_adapter(plain, tmp_path, path_map=CONV1D)
     jnnx.load_adapter(other, tmp_path, path_map=CONV1D)
     np.testing.assert_array_equal(other.c_attn.lora_a[...], model.c_attn.lora_a[...])
     np.testing.assert_array_equal(other.c_attn.lora_b[...], model.c_attn.lora_b[...])
+
+
+def test_hflinear_for_a_dense_adapter_is_refused_on_save(tmp_path):
+    """A Dense adapter (not made at a product) is one torch module named by a path: an
+    HFLinear for it (say a Conv1D map on a tree injected without layouts) is refused by name
+    instead of being written under a key made of its repr."""
+    kernel = np.asarray(jax.random.normal(jax.random.key(0), (D, D)))
+    params = {"params": {"out": {"kernel": kernel, "bias": np.zeros(D, np.float32)}}}
+    config = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["out"])
+    params = jaxlora.inject(params, config, jax.random.key(1))
+    with pytest.raises(ValueError, match=r"path_map gives HFLinear\(path='out'.* for layer 'out'"):
+        jaxlora.save_adapter(params, tmp_path, config, path_map={"out": jaxlora.HFLinear("out")})
+    assert not tmp_path.joinpath("adapter_config.json").exists()
+    jaxlora.save_adapter(params, tmp_path, config, path_map={"out": "out"})
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["fan_in_fan_out"] is False and saved["target_modules"] == ["out"]
 
 
 def test_embedded_config_must_agree_on_fan_in_fan_out(tmp_path):

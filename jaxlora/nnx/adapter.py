@@ -172,9 +172,8 @@ def load_adapter(
     """
     path_map = hf_maps.resolve(path_map)
     ops = _op_layouts(model, path_map)
-    config, everything = read_adapter(
-        directory, conv1d=hf_maps.conv1d_paths(lay for _, lay in ops.values())
-    )
+    specs = (map_path(path_map, ".".join(map(str, p))) for p, _ in nnx.iter_modules(model) if p)
+    config, everything = read_adapter(directory, conv1d=hf_maps.conv1d_of(specs))
     op_paths = {t for _, lay in ops.values() for t in lay.paths}
     views = _views(model, path_map, layer_names)
     modules = {p: v[1] for p, v in views.items()}

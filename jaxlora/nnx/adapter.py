@@ -135,7 +135,13 @@ def save_adapter(
             key_a, key_b = tensor_keys(path, "linear")
             tensors[key_a], tensors[key_b] = pair
             ranks[path] = (module.r, float(module.r if module.alpha is None else module.alpha))
-    peft = file_config(config, ranks, [*views, *(t for _, lay in ops.values() for t in lay.paths)])
+    lays = [lay for _, lay in ops.values()]
+    peft = file_config(
+        config,
+        ranks,
+        [*views, *(t for lay in lays for t in lay.paths)],
+        fan_in_fan_out=hf_maps.fan_in_fan_out(lays, len(ranks)),
+    )
     write_adapter(directory, tensors, peft)
     return Path(directory)
 
@@ -165,8 +171,9 @@ def load_adapter(
     ready map, as for ``save_adapter``.
     """
     path_map = hf_maps.resolve(path_map)
-    config, everything = read_adapter(directory)
     ops = _op_layouts(model, path_map)
+    specs = (map_path(path_map, ".".join(map(str, p))) for p, _ in nnx.iter_modules(model) if p)
+    config, everything = read_adapter(directory, conv1d=hf_maps.conv1d_of(specs))
     op_paths = {t for _, lay in ops.values() for t in lay.paths}
     views = _views(model, path_map, layer_names)
     modules = {p: v[1] for p, v in views.items()}
@@ -262,43 +269,12 @@ def load_adapter(
 
 
 def _ops_from_file(ops: dict, tensors: dict, config: LoRAConfig, directory) -> list[tuple]:
-    """[(op-level layer, lora_a, lora_b, alpha)] from the file, everything checked first: the
-    torch modules' kind and shapes, one rank (the layer's) and one alpha per weight, no
-    PiSSA/OLoRA (their residual is defined on a torch weight, not on W)."""
+    """[(op-level layer, lora_a, lora_b, alpha)] from the file, each checked by
+    ``hf_maps.read_op`` (the reader shared with Linen's product adapters)."""
     out = []
     for name, (layer, lay) in ops.items():
-        where = f"{directory}: layer '{name}' (torch {', '.join(lay.paths)})"
-        if config.init in WEIGHT_INITS:
-            raise ValueError(
-                f"{where}: an init={config.init!r} adapter cannot be loaded into an op-level "
-                "layer (its residual base is defined on the torch weight); load it into a "
-                "plain Dense model or use a kaiming/gaussian adapter"
-            )
-        pairs = {p: tensors[p] for p in lay.paths}
-        want = hf_maps.torch_shapes(lay, layer.r)
-        for path, (a, b, kind) in pairs.items():
-            if kind != "linear":
-                raise ValueError(f"{where}: the file holds a {kind} adapter for '{path}'")
-            for key, got, shape in zip(
-                tensor_keys(path, kind), (a.shape, b.shape), want[path], strict=True
-            ):
-                if tuple(got) != shape:
-                    raise ValueError(
-                        f"{where}: '{key}' has shape {tuple(got)}, expected {shape} (rank "
-                        f"{layer.r} of the model's layer)"
-                    )
-        alphas = {config.alpha_for(p) for p in lay.paths}
-        if len(alphas) > 1:
-            raise ValueError(
-                f"{where}: the file gives its modules different alphas {sorted(alphas)}; one "
-                "fused weight has one alpha"
-            )
-        pairs = {
-            p: (np.asarray(a, np.float32), np.asarray(b, np.float32))
-            for p, (a, b, _) in pairs.items()
-        }
-        lora_a, lora_b = hf_maps.from_peft(lay, pairs, where)
-        out.append((layer, lora_a, lora_b, alphas.pop()))
+        where = f"{directory}: layer '{name}'"
+        out.append((layer, *hf_maps.read_op(lay, layer.r, tensors, config, where)))
     return out
 
 

@@ -99,10 +99,15 @@ class _StackState(_State):
         self._check_plain(module, where)
         marker = dict(self.stack.roles)[name]
         traced, found = product.traced_product(module, marker, where, args, kwargs)
-        n = int(jnp.shape(self.index)[0])
-        probe = multi_oplevel.probe_inputs(args, kwargs, n, where)
-        grown, _ = product.traced_product(module, marker, where, *probe)
-        multi_oplevel.check_examples(found, traced.closed, grown.closed, n, where)
+        multi_oplevel.check_call(
+            found,
+            traced.closed,
+            lambda a, k: product.traced_product(module, marker, where, a, k)[0].closed,
+            args,
+            kwargs,
+            int(jnp.shape(self.index)[0]),
+            where,
+        )
         self.applied.add(name)
         stack = self.stack
         factors = (stack.lora_a[name], stack.lora_b[name], stack.scale[name], stack.occupied)

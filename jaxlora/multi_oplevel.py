@@ -26,6 +26,25 @@ import numpy as np
 from jaxlora import multi, oplevel
 
 
+def check_call(
+    product: oplevel.Product, closed, retrace, args: tuple, kwargs: dict, n: int, where: str
+) -> None:
+    """A ``ValueError`` naming ``where`` unless the product's activation holds the ``n``
+    examples on its axis 0 alone: ``closed`` is the call traced on ``(args, kwargs)``,
+    ``retrace(args, kwargs)`` traces it on other arguments (here: one more example)."""
+    probe = probe_inputs(args, kwargs, n, where)
+    try:
+        grown = retrace(*probe)
+    except Exception as err:  # whatever the user's call raises on one more example
+        raise ValueError(
+            f"{where}: the call cannot be traced with {n + 1} examples (axis 0 of its inputs "
+            f"grown by one), so where its product's activation holds them is unknown "
+            f"({type(err).__name__}: {err}); e.g. the examples' axis is contracted with the "
+            "weight: adapters cannot be gathered per example there"
+        ) from err
+    check_examples(product, closed, grown, n, where)
+
+
 def probe_inputs(args: tuple, kwargs: dict, n: int, where: str) -> tuple[tuple, dict]:
     """``(args, kwargs)`` with every array of ``n`` rows (axis 0) replaced by a shape-only
     one of ``n + 1`` rows, to see which axes of the product's activation follow the batch."""

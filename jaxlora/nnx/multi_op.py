@@ -51,10 +51,9 @@ class MultiOpAdapter:
     def __call__(self, *args, **kwargs):
         where = f"layer '{self.lora_path}'"
         index = serving.active_index(where)
-        n = int(index.shape[0])
         closed, product = traced_call(self, args, kwargs)
-        grown, _ = traced_call(self, *multi_oplevel.probe_inputs(args, kwargs, n, where))
-        multi_oplevel.check_examples(product, closed, grown, n, where)
+        retrace = lambda a, k: traced_call(self, a, k)[0]  # noqa: E731
+        multi_oplevel.check_call(product, closed, retrace, args, kwargs, index.shape[0], where)
         multi.check_index_values(index, self.occupied[...], where)
         stack = (self.lora_a[...], self.lora_b[...], self.scale[...], self.occupied[...])
 

@@ -50,8 +50,8 @@ __all__ = ["AdapterStack", "check_index", "gathered_branch", "pad_rank", "stack_
 
 @dataclasses.dataclass(frozen=True)
 class AdapterStack:
-    """Up to ``capacity`` adapters for the same linear layers of one base (see the module
-    docstring). Build one with ``stack_adapters``; ``set``/``clear`` return a new stack.
+    """Up to ``capacity`` adapters for the same linear or op-level layers of one base (see the
+    module docstring). Build one with ``stack_adapters``; ``set``/``clear`` return a new stack.
 
     Attributes:
         lora_a: {layer path: (N, *in_axes, R)}; ``lora_b``: {layer path: (N, R, *out_axes)}.
@@ -133,7 +133,8 @@ def stack_adapters(
     """A stack holding ``adapters`` (each ``(params, config)``) in slots 0, 1, …; the other
     slots up to ``capacity`` (default: as many as given) are empty. ``rank`` (default: the
     largest given) bounds the ranks of adapters set later. The first adapter's layers and base
-    kernel shapes define the stack; every other adapter must have the same.
+    kernel shapes (and, for an adapter made at its weight's product, the weight's roles in
+    it) define the stack; every other adapter must have the same.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import linen as nn

@@ -69,7 +69,7 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
             "them would add branches twice. Enter one, around the outermost call."
         )
     state = _StackState(None, True, stack=stack, index=index)
-    key = ("intercept", "stack", stack.kernels, stack.capacity, stack.rank)
+    key = ("intercept", "stack", stack.kernels, stack.roles, stack.capacity, stack.rank)
     with traced_as(key), nn.intercept_methods(state.interceptor):
         yield
     never = sorted(set(stack.paths) - state.applied)

@@ -6,14 +6,19 @@ the adapter axis in front, as ``jaxlora.multi``'s stacks of linear layers. The b
 ``jaxlora.multi.gathered_branch`` on the product's operands: each example's factors gathered,
 the product's contraction done batched over the examples.
 
-Which axis holds the examples (the rule): axis 0 of the product's other operand (the
-activation ``x`` of ``dot_general(x, W)``), and only it. It is checked from the traced call
-itself, by tracing it again with axis 0 of every array argument of the batch's size grown by
-one (``probe_inputs``): exactly axis 0 of the activation must grow, and it must be a free axis
-of the product (not contracted), of the index's length. Refused, naming the layer: an
-activation whose examples moved (a transpose), were merged into another axis or summed away,
-and any weight whose product has batch axes (an MoE expert axis: after routing, an expert's
-rows are tokens from any example, so there is no per-example adapter to gather).
+Which axis holds the examples (the rule): as for every stacked layer, the examples are axis 0
+of the layer's inputs (each array argument of the index's length on axis 0); at the product
+they must be axis 0 of the activation (the other operand of ``dot_general(x, W)``), and only
+it, a free axis of the product. This is checked on the layer's traced call itself, by tracing
+it again with axis 0 of those arguments grown by one example (``check_call``): exactly axis
+0 of the activation must grow, to the index's length. Refused, naming the layer: a call that
+moves the examples off axis 0 before the product (a transpose), merges them into another
+axis, sums them away, or contracts them with the weight (then the grown call cannot be traced
+at all); and any weight whose product has batch axes (an MoE expert axis: after routing, an
+expert's rows are tokens from any example, so there is no per-example adapter to gather).
+What happens between layers is the model's contract, as for stacked Dense layers: a model
+that transposes its examples off axis 0 before calling a stacked layer gives that layer
+another axis 0, refused only where its length differs from the index's.
 """
 
 from __future__ import annotations

@@ -173,8 +173,8 @@ class _State:
         kind = module_kind(module)
         method = context.method_name
         where = ".".join(module.scope.path) or "<root>"
-        if kind is None and method == "__call__" and module.has_variable("params", product.ROLES):
-            return product.apply(module, self.config, self.deterministic, args, kwargs)
+        if kind is None and method == "__call__" and self.at_product(module):
+            return self.apply_product(module, args, kwargs)
         if quantized and not isinstance(module, nn.Dense):
             raise ValueError(
                 f"layer '{where}' is a {type(module).__name__} holding a quantized kernel (in "
@@ -208,6 +208,13 @@ class _State:
         """Whether this context adds a branch to ``module`` (``jaxlora.intercept_stack`` also
         adapts the layers its stack names)."""
         return any(module.has_variable("params", n) for n in LORA_NAMES)
+
+    def at_product(self, module: nn.Module) -> bool:
+        """Whether ``module`` (of no kind jaxlora knows) is adapted at its weight's product."""
+        return module.has_variable("params", product.ROLES)
+
+    def apply_product(self, module: nn.Module, args: tuple, kwargs: dict):
+        return product.apply(module, self.config, self.deterministic, args, kwargs)
 
     def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
         name = ".".join(module.scope.path)

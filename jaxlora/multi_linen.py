@@ -2,7 +2,9 @@
 
 The same interceptor as ``jaxlora.intercept`` (its layer checks, subclass handling and nn.jit
 keying), adding to each layer the stack names the per-example branch of
-``jaxlora.multi.gathered_branch`` instead of a branch from LoRA leaves in the params.
+``jaxlora.multi.gathered_branch`` instead of a branch from LoRA leaves in the params; for a
+layer adapted at its weight's product (the stack's ``roles``), at that product
+(``jaxlora.multi_oplevel``, which also says where the examples must be).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlora import multi
+from jaxlora import multi, multi_oplevel, product
 from jaxlora.intercept import _ACTIVE, _dense, _dequantized_kernel, _State, input_axes, traced_as
 from jaxlora.quant._base import QUANT
-from jaxlora.tree import LORA_NAMES, path_str
+from jaxlora.tree import LORA_NAMES, ROLES_NAME, path_str
 
 __all__ = ["intercept_stack"]
 
@@ -30,7 +32,8 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
     ``index[i]`` of ``stack`` (``-1``: the base alone) on the stack's layers.
 
     The params passed to ``apply`` must be the plain base (no ``lora_a``/``lora_b`` leaves:
-    ``jaxlora.split`` them off), the examples on axis 0 of every stacked layer's input. Enter it
+    ``jaxlora.split`` them off), the examples on axis 0 of every stacked layer's input (for
+    a layer adapted at its weight's product: of the product's activation, and only there). Enter it
     inside the jitted function, with the stack and the index as its arguments: replacing an
     adapter in the stack (same capacity and rank) then reuses the compiled forward.
 
@@ -51,8 +54,11 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
     Raises:
         TypeError, ValueError: an index that is not a 1-D integer array, or (when concrete)
             holds a value that is neither -1 nor an occupied slot; a base holding LoRA leaves;
-            a stacked layer whose kernel or input does not match the stack; a stack layer the
-            model never called (on leaving the context); nesting with ``jaxlora.intercept``.
+            a stacked layer whose kernel or input does not match the stack; a layer adapted
+            at its weight's product whose call uses the weight otherwise than the stack's
+            roles, or whose product's activation does not hold the examples on its axis 0
+            alone; a stack layer the model never called (on leaving the context); nesting
+            with ``jaxlora.intercept``.
     """
     if not isinstance(stack, multi.AdapterStack):
         raise TypeError(f"intercept_stack: expected an AdapterStack, got {type(stack).__name__}")
@@ -64,7 +70,7 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
             "them would add branches twice. Enter one, around the outermost call."
         )
     state = _StackState(None, True, stack=stack, index=index)
-    key = ("intercept", "stack", stack.kernels, stack.capacity, stack.rank)
+    key = ("intercept", "stack", stack.kernels, stack.roles, stack.capacity, stack.rank)
     with traced_as(key), nn.intercept_methods(state.interceptor):
         yield
     never = sorted(set(stack.paths) - state.applied)
@@ -85,15 +91,45 @@ class _StackState(_State):
         own = super().adapted(module)
         return own or path_str(module.scope.path) in self.stack.lora_a
 
-    def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
-        name = path_str(module.scope.path)  # the stack's keys, '<root>' for a root layer
+    def at_product(self, module: nn.Module) -> bool:
+        return path_str(module.scope.path) in dict(self.stack.roles)
+
+    def apply_product(self, module: nn.Module, args: tuple, kwargs: dict):
+        name = path_str(module.scope.path)
         where = f"layer '{name}'"
-        held = [n for n in LORA_NAMES if module.has_variable("params", n)]
+        self._check_plain(module, where)
+        marker = dict(self.stack.roles)[name]
+        traced, found = product.traced_product(module, marker, where, args, kwargs)
+        multi_oplevel.check_call(
+            found,
+            traced.closed,
+            lambda a, k: product.traced_product(module, marker, where, a, k)[0].closed,
+            args,
+            kwargs,
+            int(jnp.shape(self.index)[0]),
+            where,
+        )
+        self.applied.add(name)
+        stack = self.stack
+        factors = (stack.lora_a[name], stack.lora_b[name], stack.scale[name], stack.occupied)
+        return product.evaluate(
+            traced,
+            found,
+            lambda eqn, operands: multi_oplevel.gathered(found, eqn, operands, factors, self.index),
+        )
+
+    def _check_plain(self, module: nn.Module, where: str) -> None:
+        held = [n for n in (*LORA_NAMES, ROLES_NAME) if module.has_variable("params", n)]
         if held:
             raise ValueError(
                 f"{where} holds its own {held} in the params: intercept_stack serves the "
                 "stack's adapters on the plain base (jaxlora.split the adapter off first)"
             )
+
+    def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
+        name = path_str(module.scope.path)  # the stack's keys, '<root>' for a root layer
+        where = f"layer '{name}'"
+        self._check_plain(module, where)
         x = args[0] if args else next(iter(kwargs.values()))
         quantized = module.has_variable(QUANT, "kernel")
         if quantized:

@@ -202,7 +202,7 @@ def apply(module: nn.Module, config, deterministic: bool, args: tuple, kwargs: d
     name = ".".join(module.scope.path)
     where = f"layer '{name or '<root>'}'"
     node = {n: module.get_variable("params", n) for n in module.variables.get("params", {})}
-    weight, _, a, b, marker = check_product(node, where)
+    _, _, a, b, marker = check_product(node, where)
     inner = [
         ".".join(p)
         for p, _ in iter_lora_layers({k: v for k, v in node.items() if isinstance(v, Mapping)})
@@ -212,13 +212,7 @@ def apply(module: nn.Module, config, deterministic: bool, args: tuple, kwargs: d
             f"{where} is adapted at its weight's product and its submodules {inner} hold LoRA "
             "leaves too; adapt either the module or its submodules, not both"
         )
-    traced = trace(module, "__call__", args, kwargs)
-    found, product = find(module, traced, where)
-    if (found, product.roles) != (weight, marker.roles):
-        raise ValueError(
-            f"{where}: this call uses weight '{found}' as {product.roles}, but the adapter was "
-            f"made for weight '{weight}' as {marker.roles} (from the inputs given to layouts)"
-        )
+    traced, product = traced_product(module, marker, where, args, kwargs)
     r = jnp.shape(a)[-1]
     if r != config.rank_for(name):
         raise ValueError(
@@ -228,14 +222,38 @@ def apply(module: nn.Module, config, deterministic: bool, args: tuple, kwargs: d
     scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
     rate = 0.0 if deterministic else config.dropout
 
-    def at_product(eqn, operands):
-        base = eqn.primitive.bind(*operands, **eqn.params)
+    def extra(eqn, operands):
         x = operands[1 - product.side]
         if rate > 0:
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
             x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-        extra = oplevel.branch(product, eqn, operands, a, b, scale, x=x)
-        return base + extra.astype(base.dtype)
+        return oplevel.branch(product, eqn, operands, a, b, scale, x=x)
+
+    return evaluate(traced, product, extra)
+
+
+def traced_product(
+    module: nn.Module, marker: ProductRoles, where: str, args: tuple, kwargs: dict
+) -> tuple[Traced, oplevel.Product]:
+    """The module's call traced, and its weight's product, checked to be the one ``marker``
+    records (the weight and its roles the adapter was made for)."""
+    traced = trace(module, "__call__", args, kwargs)
+    found, product = find(module, traced, where)
+    if (found, product.roles) != (marker.weight, marker.roles):
+        raise ValueError(
+            f"{where}: this call uses weight '{found}' as {product.roles}, but the adapter was "
+            f"made for weight '{marker.weight}' as {marker.roles} (from the inputs given to "
+            "layouts)"
+        )
+    return traced, product
+
+
+def evaluate(traced: Traced, product: oplevel.Product, extra) -> Any:
+    """The traced call's outputs with ``extra(eqn, operands)`` added at the product."""
+
+    def at_product(eqn, operands):
+        base = eqn.primitive.bind(*operands, **eqn.params)
+        return base + extra(eqn, operands).astype(base.dtype)
 
     outs = oplevel.evaluate(traced.closed, [*traced.leaves, *traced.dyn], product.path, at_product)
     return jax.tree.unflatten(traced.out_def, outs)

@@ -78,7 +78,12 @@ class OpAdapter:
         return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
 
     def __call__(self, *args, **kwargs):
-        return _call(self, args, kwargs)
+        def extra(product, eqn, operands):
+            x = self.lora_dropout(operands[1 - product.side])
+            a, b = self.lora_a[...], self.lora_b[...]
+            return oplevel.branch(product, eqn, operands, a, b, self.scaling, x=x)
+
+        return call(self, args, kwargs, extra)
 
     def delta(self) -> jax.Array:
         """``scaling · lora_a ⋅ lora_b`` in fp32, in the weight's own axis order."""
@@ -186,7 +191,7 @@ def _aval(x) -> tuple:
     return (tuple(jnp.shape(x)), jnp.result_type(x), getattr(x, "weak_type", False))
 
 
-def _trace(module: OpAdapter, graphdef, state_def, leaves, args, kwargs):
+def _trace(module: nnx.Module, graphdef, state_def, leaves, args, kwargs):
     """(closed jaxpr, output treedef, product, static parts) of the base call, cached."""
     dynamic, static, arg_def = oplevel.split_args(args, kwargs)
     dyn = [d for d in dynamic if d is not None]
@@ -235,24 +240,30 @@ def _trace(module: OpAdapter, graphdef, state_def, leaves, args, kwargs):
     return closed, out_def, product, dyn
 
 
-def _weight_index(module: OpAdapter, state_def, leaves) -> int:
+def _weight_index(module: nnx.Module, state_def, leaves) -> int:
     paths = jax.tree_util.tree_flatten_with_path(jax.tree.unflatten(state_def, leaves))[0]
     return next(i for i, (p, _) in enumerate(paths) if _key(p) == (module.lora_weight,))
 
 
-def _call(module: OpAdapter, args: tuple, kwargs: dict):
+def traced_call(module: nnx.Module, args: tuple, kwargs: dict):
+    """(closed jaxpr, product) of the base call of an op-level layer (``OpAdapter``, or a
+    stacked one of ``to_multi``) on these arguments (cached, as its calls are)."""
+    graphdef, state = nnx.split(module)
+    leaves, state_def = jax.tree.flatten(state)
+    closed, _, product, _ = _trace(module, graphdef, state_def, leaves, args, kwargs)
+    return closed, product
+
+
+def call(module: nnx.Module, args: tuple, kwargs: dict, extra):
+    """The base call of an op-level layer with ``extra(product, eqn, operands)`` added at its
+    weight's product (the layer's branch)."""
     graphdef, state = nnx.split(module)
     leaves, state_def = jax.tree.flatten(state)
     closed, out_def, product, dyn = _trace(module, graphdef, state_def, leaves, args, kwargs)
 
     def at_product(eqn, operands):
-        params = dict(eqn.params)
-        base = eqn.primitive.bind(*operands, **params)
-        x = module.lora_dropout(operands[1 - product.side])
-        extra = oplevel.branch(
-            product, eqn, operands, module.lora_a[...], module.lora_b[...], module.scaling, x=x
-        )
-        return base + extra.astype(base.dtype)
+        base = eqn.primitive.bind(*operands, **eqn.params)
+        return base + extra(product, eqn, operands).astype(base.dtype)
 
     outs = oplevel.evaluate(closed, [*leaves, *dyn], product.path, at_product)
     out = jax.tree.unflatten(out_def, outs[: out_def.num_leaves])

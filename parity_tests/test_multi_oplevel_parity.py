@@ -201,7 +201,16 @@ def linen_files(tmp_path_factory):
 def test_linen_stack_matches_peft_mixed_batch(linen_files):
     model, base, adapters, dirs = linen_files
     mixed = _peft_mixed(_torch_block(base), dirs)
-    stack = jaxlora.stack_adapters(adapters, capacity=4)
+    layouts = jaxlora.layouts(model, X)
+    # The stack is read from the same files PEFT serves (into a tree injected with layouts).
+    loaded = []
+    for i, directory in enumerate(dirs):
+        config = jaxlora.read_adapter_config(directory)
+        fresh = jaxlora.inject(base, config, jax.random.key(100 + i), layouts=layouts)
+        loaded.append((jaxlora.load_adapter(fresh, directory), config))
+    for (got, _), (want, _) in zip(loaded, adapters, strict=True):
+        assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), got, want))
+    stack = jaxlora.stack_adapters(loaded, capacity=4)
 
     @jax.jit
     def forward(stack, params, x, index):

@@ -17,8 +17,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxlora import multi
-from jaxlora.intercept import _ACTIVE, _dense, _dequantized_kernel, _State, input_axes, traced_as
-from jaxlora.quant._base import QUANT
+from jaxlora.intercept import (
+    _ACTIVE,
+    _check_dense_kernel,
+    _own_call,
+    _State,
+    input_axes,
+    traced_as,
+)
 from jaxlora.tree import LORA_NAMES, path_str
 
 __all__ = ["intercept_stack"]
@@ -84,7 +90,7 @@ class _StackState(_State):
         own = super().adapted(module)
         return own or path_str(module.scope.path) in self.stack.lora_a
 
-    def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
+    def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs, quantized):
         name = path_str(module.scope.path)  # the stack's keys, '<root>' for a root layer
         where = f"layer '{name}'"
         held = [n for n in LORA_NAMES if module.has_variable("params", n)]
@@ -94,10 +100,10 @@ class _StackState(_State):
                 "stack's adapters on the plain base (jaxlora.split the adapter off first)"
             )
         x = args[0] if args else next(iter(kwargs.values()))
-        quantized = module.has_variable(QUANT, "kernel")
         if quantized:
-            kernel = _dequantized_kernel(module, x, where)
-            y = _dense(module, kernel, x, where)
+            _check_dense_kernel(module, quantized, x, where)
+            kernel = quantized["kernel"]
+            y = _own_call(module, method, quantized, args, kwargs)
         else:
             kernel = module.get_variable("params", "kernel")
             y = next_fun(*args, **kwargs)

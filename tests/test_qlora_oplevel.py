@@ -18,11 +18,12 @@ import numpy as np
 import optax
 import pytest
 import safetensors
+from flax import linen as lnn
 from flax import nnx
 
 import jaxlora
 from jaxlora import nnx as jnnx
-from jaxlora.quant import QuantizedWeight, dequantize, quantize
+from jaxlora.quant import QuantizedWeight, dequantize, quantize, quantize_base
 
 R, ALPHA = 4, 8.0
 S = ALPHA / R
@@ -353,3 +354,262 @@ def test_batch_axes_are_refused_and_nothing_changes():
     for module, old in zip((model.q, model.experts), before, strict=True):
         assert type(module.w) is nnx.Param
         np.testing.assert_array_equal(module.w[...], old)
+
+
+# ---- Linen: product adapters (lora_roles) and nn.DenseGeneral, the same stored layout ----
+
+
+class LinenEinsum(lnn.Module):
+    """tunix's ``Einsum`` (Linen twin)."""
+
+    eqn: str
+    shape: tuple[int, ...]
+
+    @lnn.compact
+    def __call__(self, x):
+        return jnp.einsum(self.eqn, x, self.param("w", lnn.initializers.normal(0.2), self.shape))
+
+
+class FlaxConv1D(lnn.Module):
+    """transformers' ``FlaxConv1D``: kernel (out, in), ``x @ kernel.T + bias``."""
+
+    features: int
+
+    @lnn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", lnn.initializers.normal(0.2), (self.features, x.shape[-1]))
+        return x @ kernel.T + self.param("bias", lnn.initializers.normal(0.2), (self.features,))
+
+
+class LinenBlock(lnn.Module):
+    """An einsum q (D, N, H), a DenseGeneral o over (N, H), a FlaxConv1D, a DenseGeneral
+    q-like (D → (N, H)) and a plain Dense: every Linen route to a quantized weight."""
+
+    @lnn.compact
+    def __call__(self, x):
+        q = LinenEinsum("BTD,DNH->BTNH", (D, N, H), name="q_einsum")(x)
+        y = lnn.DenseGeneral(D, axis=(-2, -1), name="o_general")(q)
+        z = lnn.DenseGeneral((N, H), name="q_general")(FlaxConv1D(D, name="fc")(y))
+        return lnn.Dense(8, name="out")(z.reshape(*z.shape[:-2], N * H))
+
+
+LINEN_TARGETS = ["q_einsum", "o_general", "fc", "q_general", "out"]
+# The torch Linear weight (out, in) of each layer, written out by hand from its float weight.
+LINEN_TORCH = {
+    "q_einsum": ("w", lambda w: w.reshape(D, N * H).T),
+    "o_general": ("kernel", lambda w: w.reshape(N * H, D).T),
+    "fc": ("kernel", lambda w: w),
+    "q_general": ("kernel", lambda w: w.reshape(D, N * H).T),
+    "out": ("kernel", lambda w: w.T),
+}
+LINEN_BACK = {
+    "q_einsum": lambda m: m.T.reshape(D, N, H),
+    "o_general": lambda m: m.T.reshape(N, H, D),
+    "fc": lambda m: m,
+    "q_general": lambda m: m.T.reshape(D, N, H),
+    "out": lambda m: m.T,
+}
+
+
+def _linen(targets=tuple(LINEN_TARGETS), **options):
+    """(model, x, config, adapted float variables, quantized variables); B nonzero."""
+    model = LinenBlock()
+    x = jax.random.normal(jax.random.key(1), (2, 3, D))
+    variables = model.init(jax.random.key(0), x)
+    config = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=list(targets))
+    lora = jaxlora.inject(variables, config, jax.random.key(2), layouts=jaxlora.layouts(model, x))
+    params = dict(lora["params"])
+    for i, name in enumerate(targets):
+        b = params[name]["lora_b"]
+        params[name] = {
+            **params[name],
+            "lora_b": 0.3 * jax.random.normal(jax.random.key(i), b.shape),
+        }
+    lora = {"params": params}
+    return model, x, config, lora, quantize_base(lora, config, **options)
+
+
+def _linen_reference(quantized, x) -> np.ndarray:
+    """The block in float64 with each layer's dequantized weight (brought back by hand from
+    the Linear layout) plus s·delta."""
+    params = quantized["params"]
+
+    def weight(name):
+        linear = np.asarray(dequantize(quantized["quant"][name][LINEN_TORCH[name][0]]), np.float64)
+        node = params[name]
+        a, b = (np.asarray(node[n], np.float64) for n in ("lora_a", "lora_b"))
+        w = LINEN_BACK[name](linear)
+        a2, b2 = a.reshape(-1, R), b.reshape(R, -1)
+        delta = (a2 @ b2).reshape(w.shape) if name != "fc" else (a2 @ b2).T
+        return w + S * delta
+
+    def bias(name):
+        return np.asarray(params[name]["bias"], np.float64)
+
+    x = np.asarray(x, np.float64)
+    q = np.einsum("btd,dnh->btnh", x, weight("q_einsum"))
+    y = np.einsum("btnh,nhd->btd", q, weight("o_general")) + bias("o_general")
+    f = y @ weight("fc").T + bias("fc")
+    z = np.einsum("btd,dnh->btnh", f, weight("q_general")) + bias("q_general")
+    return z.reshape(2, 3, N * H) @ weight("out") + bias("out")
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_linen_stored_as_the_torch_linear_and_forward_is_the_closed_form(options):
+    model, x, config, lora, quantized = _linen(**OPTIONS[options])
+    for name, (weight, torch_layout) in LINEN_TORCH.items():
+        assert weight not in quantized["params"][name]  # out of params: not a parameter
+        q = quantized["quant"][name][weight]
+        float_weight = np.asarray(lora["params"][name][weight])
+        want = quantize(
+            jnp.asarray(np.ascontiguousarray(torch_layout(float_weight))), **OPTIONS[options]
+        )
+        assert q.shape == want.shape
+        for got, expected in zip(jax.tree.leaves(q), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(got, expected)
+    expected = _linen_reference(quantized, x)
+    with jaxlora.intercept(config):
+        _close(model.apply(quantized, x), expected)
+
+    @jax.jit
+    def apply(variables, x):
+        with jaxlora.intercept(config):
+            return model.apply(variables, x)
+
+    _close(apply(quantized, x), expected)
+
+
+def test_linen_base_path_is_the_modules_own_product():
+    # B = 0 everywhere: bit for bit the plain model on the dequantized weights.
+    model, x, config, _, quantized = _linen()
+    params = {
+        k: {**v, "lora_b": jnp.zeros_like(v["lora_b"])} for k, v in quantized["params"].items()
+    }
+    zeroed = {**quantized, "params": params}
+    with jaxlora.intercept(config):
+        got = model.apply(zeroed, x)
+    plain = jaxlora.quant.dequantize_base(quantized)["params"]
+    plain = {
+        k: {n: v for n, v in node.items() if not n.startswith("lora_")} for k, node in plain.items()
+    }
+    np.testing.assert_array_equal(got, model.apply({"params": plain}, x))
+
+
+def test_linen_training_never_touches_the_packed_base():
+    model, x, config, _, quantized = _linen()
+    params, frozen = quantized["params"], quantized["quant"]
+    before = jax.tree.map(np.array, frozen)
+    target = jax.random.normal(jax.random.key(5), (2, 3, 8))
+    tx = jaxlora.freeze_base(optax.adam(1e-2))
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        def loss_fn(params):
+            with jaxlora.intercept(config):
+                return jnp.mean((model.apply({"params": params, "quant": frozen}, x) - target) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss, grads
+
+    losses = []
+    for _ in range(10):
+        params, state, loss, grads = step(params, state)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    for name in LINEN_TARGETS:  # no gradient exists for a base weight: it is not in params
+        assert LINEN_TORCH[name][0] not in grads[name]
+    jax.tree.map(np.testing.assert_array_equal, frozen, before)
+    assert jax.tree.structure(frozen) == jax.tree.structure(before)
+
+
+@pytest.mark.parametrize("options", ["nf4", "nf4_double"])
+def test_linen_merge_and_requantize(options):
+    model, x, config, _, quantized = _linen(**OPTIONS[options])
+    with jaxlora.intercept(config):
+        unmerged = np.asarray(model.apply(quantized, x))
+    merged = jaxlora.merge(quantized, alpha=ALPHA)
+    assert "quant" not in merged
+    _close(model.apply(merged, x), _linen_reference(quantized, x))
+    _close(unmerged, _linen_reference(quantized, x))
+    requantized = jaxlora.merge(quantized, alpha=ALPHA, requantize=True)
+    for name, (weight, torch_layout) in LINEN_TORCH.items():
+        assert sorted(requantized["params"][name]) == sorted(
+            n for n in merged["params"][name] if n != weight
+        )
+        want = quantize(
+            jnp.asarray(
+                np.ascontiguousarray(torch_layout(np.asarray(merged["params"][name][weight])))
+            ),
+            **OPTIONS[options],
+        )
+        for got, expected in zip(
+            jax.tree.leaves(requantized["quant"][name][weight]), jax.tree.leaves(want), strict=True
+        ):
+            np.testing.assert_array_equal(got, expected)
+    # No adapter is left: the layers (an einsum module too) run their re-quantized base.
+    with jaxlora.intercept(config):
+        got = model.apply(requantized, x)
+    plain = jaxlora.quant.dequantize_base(requantized)
+    np.testing.assert_array_equal(got, model.apply(plain, x))
+    # Each weight within one more quantization error of the float merge (NF4: 0.152·absmax
+    # of its block, at most the weight's largest magnitude).
+    for name, (weight, _) in LINEN_TORCH.items():
+        float_merge = np.asarray(merged["params"][name][weight])
+        error = np.abs(np.asarray(plain["params"][name][weight]) - float_merge).max()
+        assert 0 < error <= 0.153 * np.abs(float_merge).max()
+
+
+def test_linen_adapter_files_do_not_hold_the_base_and_round_trip(tmp_path):
+    # Product adapters (lora_roles) are written as PEFT Linears; Linen's load_adapter does not
+    # read them yet (with or without a quantized base), so the round trip is on the Dense and
+    # DenseGeneral layers, whose quantized weights stand in by their own shapes.
+    *_, config, lora, quantized = _linen()
+    jaxlora.save_adapter(quantized, tmp_path / "q", config)
+    jaxlora.save_adapter(lora, tmp_path / "p", config)  # the float model: the same file
+    files = [safetensors.safe_open(tmp_path / d / "adapter_model.safetensors", "np") for d in "qp"]
+    assert sorted(files[0].keys()) == sorted(files[1].keys())
+    assert len(files[0].keys()) == 2 * len(LINEN_TARGETS)
+    for key in files[0].keys():
+        np.testing.assert_array_equal(files[0].get_tensor(key), files[1].get_tensor(key))
+    *_, config, _, quantized = _linen(targets=("o_general", "q_general", "out"))
+    jaxlora.save_adapter(quantized, tmp_path / "d", config)
+    zeroed = {
+        k: {n: jnp.zeros_like(v) if n in ("lora_a", "lora_b") else v for n, v in node.items()}
+        for k, node in quantized["params"].items()
+    }
+    loaded = jaxlora.load_adapter({**quantized, "params": zeroed}, tmp_path / "d")
+    assert loaded["quant"] is quantized["quant"]
+    jax.tree.map(np.testing.assert_array_equal, loaded["params"], quantized["params"])
+
+
+class LinenExperts(lnn.Module):
+    @lnn.compact
+    def __call__(self, x):
+        return LinenEinsum("EBD,EDF->EBF", (3, D, 6), name="experts")(x)
+
+
+def test_linen_batch_axes_and_scan_stacks_are_refused_and_nothing_changes():
+    model, x = LinenExperts(), jnp.ones((3, 5, D))
+    config = jaxlora.LoRAConfig(r=R, targets=["experts"])
+    variables = model.init(jax.random.key(0), x)
+    lora = jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+    before = jax.tree.map(np.asarray, lora)
+    with pytest.raises(ValueError, match=r"layer 'experts', weight 'w'.*batch axes \(0,\)"):
+        quantize_base(lora, config)
+    jax.tree.map(np.testing.assert_array_equal, lora, before)
+    # An nn.scan stack (a leading layer axis on the kernel and its adapter).
+    stacked = {
+        "params": {
+            "layers": {
+                "kernel": jnp.ones((3, D, 8)),
+                "lora_a": jnp.ones((3, D, R)),
+                "lora_b": jnp.zeros((3, R, 8)),
+            }
+        }
+    }
+    with pytest.raises(ValueError, match=r"'layers'.*nn.scan/nnx.vmap stack.*cannot be quantized"):
+        quantize_base(stacked, ["layers"])
+    with pytest.raises(ValueError, match=r"'layers' has a kernel of shape .*nn.scan"):
+        quantize_base({"params": {"layers": {"kernel": jnp.ones((3, D, 8))}}}, ["layers"])

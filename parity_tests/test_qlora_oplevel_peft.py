@@ -10,7 +10,9 @@ jaxlora's packed weights equal bitsandbytes' ``quantize_4bit`` / ``quantize_bloc
 those matrices bit for bit (and the bytes ``Linear4bit`` holds); an adapter saved from the
 quantized JAX model (op-level file writer, ``path_map``) loads with ``PeftModel`` onto the
 ``Linear4bit`` twin with the same outputs, a PEFT QLoRA adapter loads into the quantized JAX
-model with PEFT's outputs, and 10 Adam steps give PEFT's losses and adapters.
+model with PEFT's outputs, and 10 Adam steps give PEFT's losses and adapters. The Linen twin
+(an einsum ``q_proj``, an ``nn.DenseGeneral`` ``o_proj`` over (N, H), a FlaxConv1D-like ``fc``)
+holds the same bytes and its saved adapter gives PEFT's outputs on ``Linear4bit``.
 
 Tolerance as parity_tests/test_qlora_peft.py: the same dequantized float32 weights on both
 sides, summed in another order: 3e-6 of the output's largest magnitude (observed below
@@ -31,10 +33,12 @@ import optax
 import peft
 import pytest
 import torch
+from flax import linen as nn
 from flax import nnx
 
 import jaxlora
 from jaxlora import nnx as jnnx
+from jaxlora.quant import quantize_base
 
 B, T, D, N, H, F, R, ALPHA = 2, 3, 64, 2, 32, 48, 4, 8.0
 TARGETS = ["q_einsum", "o_einsum", "fc"]
@@ -274,3 +278,74 @@ def test_ten_adam_steps_match_peft_on_linear4bit():
         want = peft_layer.lora_B["default"].weight.detach().numpy()
         got = np.asarray(layer.lora_b[...]).reshape(R, -1).T
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+class LinenEinsum(nn.Module):
+    eqn: str
+    shape: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.einsum(self.eqn, x, self.param("w", nn.initializers.normal(0.125), self.shape))
+
+
+class LinenConv1D(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.125), (F, D))
+        return x @ kernel.T + self.param("bias", nn.initializers.normal(0.1), (F,))
+
+
+class LinenBlock(nn.Module):
+    """The Linen twin: an einsum q_proj (D, N, H), an nn.DenseGeneral o_proj over (N, H) and
+    a FlaxConv1D-like fc, named as the torch modules."""
+
+    @nn.compact
+    def __call__(self, x):
+        q = LinenEinsum("BTD,DNH->BTNH", (D, N, H), name="q_proj")(x)
+        y = nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, name="o_proj")(q)
+        return LinenConv1D(name="fc")(jax.nn.gelu(y))
+
+
+@pytest.mark.parametrize(
+    ("quant_type", "double_quant"), [("nf4", False), ("fp4", False), ("nf4", True)]
+)
+def test_linen_adapter_on_the_quantized_base_loads_in_peft_on_linear4bit(
+    tmp_path, quant_type, double_quant
+):
+    model, x = LinenBlock(), jnp.asarray(X)
+    variables = model.init(jax.random.key(0), x)
+    config = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=list(PATH_MAP.values()))
+    lora = jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+    keys = iter(jax.random.split(jax.random.key(3), 8))
+    params = {
+        name: {
+            **node,
+            "lora_a": 0.2 * jax.random.normal(next(keys), node["lora_a"].shape),
+            "lora_b": 0.2 * jax.random.normal(next(keys), node["lora_b"].shape),
+        }
+        for name, node in lora["params"].items()
+    }
+    p = jax.tree.map(np.asarray, variables["params"])
+    weights = {
+        "q_proj.weight": p["q_proj"]["w"].reshape(D, N * H).T,
+        "o_proj.weight": p["o_proj"]["kernel"].reshape(N * H, D).T,
+        "fc.weight": p["fc"]["kernel"],
+        "fc.bias": p["fc"]["bias"],
+    }
+    quantized = quantize_base(
+        {"params": params}, config, quant_type=quant_type, double_quant=double_quant
+    )
+    base = _bnb_twin(weights, quant_type, double_quant)
+    for name, weight in (("q_proj", "w"), ("o_proj", "kernel"), ("fc", "kernel")):
+        packed = np.asarray(quantized["quant"][name][weight].packed)
+        np.testing.assert_array_equal(packed, getattr(base, name).weight.data.numpy())
+    jaxlora.save_adapter(quantized, tmp_path, config)
+    with torch.no_grad():
+        no_adapter = base(torch.from_numpy(X)).numpy()
+    loaded = _peft_load(base, tmp_path)
+    with torch.no_grad():
+        want = loaded(torch.from_numpy(X)).numpy()
+    assert np.abs(no_adapter - want).max() > 1e-2  # the adapter counts at this size
+    with jaxlora.intercept(config):
+        _close(model.apply(quantized, x), want)

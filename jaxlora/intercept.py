@@ -304,6 +304,11 @@ def _quantized(module: nn.Module, where: str) -> dict[str, jax.Array]:
     if held is None:
         return {}
     name, q, roles = held
+    if module.has_variable("params", name):  # which one would run is ambiguous: refuse
+        raise ValueError(
+            f"layer '{where}' has a '{name}' both in 'params' and in 'quant' (quantize_base "
+            "moves it out of 'params')"
+        )
     try:
         return {name: dequantize_weight(q, roles)}
     except ValueError as err:
@@ -313,9 +318,9 @@ def _quantized(module: nn.Module, where: str) -> dict[str, jax.Array]:
 def _check_dense_kernel(module: nn.Module, quantized: dict, x: jax.Array, where: str) -> None:
     """An ``nn.Dense``'s quantized kernel must be (features, in) for its input (the message
     says what it is; Flax's own check would name only the param)."""
-    kernel = quantized.get("kernel")
     if not isinstance(module, nn.Dense):
         return
+    kernel = quantized.get("kernel")
     expected = (jnp.shape(x)[-1], module.features)
     if kernel is None or tuple(jnp.shape(kernel)) != expected:
         got = None if kernel is None else tuple(reversed(jnp.shape(kernel)))

@@ -613,3 +613,13 @@ def test_linen_batch_axes_and_scan_stacks_are_refused_and_nothing_changes():
         quantize_base(stacked, ["layers"])
     with pytest.raises(ValueError, match=r"'layers' has a kernel of shape .*nn.scan"):
         quantize_base({"params": {"layers": {"kernel": jnp.ones((3, D, 8))}}}, ["layers"])
+
+
+def test_linen_a_weight_both_in_params_and_quant_is_refused_at_the_call():
+    model, x, config, lora, quantized = _linen()
+    both = {**quantized, "params": {**quantized["params"], "q_einsum": lora["params"]["q_einsum"]}}
+    with (
+        jaxlora.intercept(config),
+        pytest.raises(ValueError, match="'q_einsum' has a 'w' both in 'params' and in 'quant'"),
+    ):
+        model.apply(both, x)

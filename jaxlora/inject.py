@@ -317,7 +317,7 @@ def _product_layout(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     """The module's ``ProductLayout``, or why it has none (a string)."""
     where = f"layer '{'.'.join(module.scope.path)}'"
     try:
-        traced = product.trace(module, "__call__", args, kwargs)
+        traced = product.trace(module, "__call__", args, kwargs, {})
     except Exception as err:  # any failure of the user's module: say where it came from
         return f"its call could not be traced on the inputs given ({type(err).__name__}: {err})"
     try:

@@ -19,8 +19,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxlora import multi, multi_oplevel, product
-from jaxlora.intercept import _ACTIVE, _dense, _dequantized_kernel, _State, input_axes, traced_as
-from jaxlora.quant._base import QUANT
+from jaxlora.intercept import (
+    _ACTIVE,
+    _check_dense_kernel,
+    _own_call,
+    _State,
+    input_axes,
+    traced_as,
+)
 from jaxlora.tree import LORA_NAMES, ROLES_NAME, path_str
 
 __all__ = ["intercept_stack"]
@@ -94,16 +100,16 @@ class _StackState(_State):
     def at_product(self, module: nn.Module) -> bool:
         return path_str(module.scope.path) in dict(self.stack.roles)
 
-    def apply_product(self, module: nn.Module, args: tuple, kwargs: dict):
+    def apply_product(self, module: nn.Module, args: tuple, kwargs: dict, quantized):
         name = path_str(module.scope.path)
         where = f"layer '{name}'"
         self._check_plain(module, where)
         marker = dict(self.stack.roles)[name]
-        traced, found = product.traced_product(module, marker, where, args, kwargs)
+        traced, found = product.traced_product(module, marker, where, args, kwargs, quantized)
         multi_oplevel.check_call(
             found,
             traced.closed,
-            lambda a, k: product.traced_product(module, marker, where, a, k)[0].closed,
+            lambda a, k: product.traced_product(module, marker, where, a, k, quantized)[0].closed,
             args,
             kwargs,
             int(jnp.shape(self.index)[0]),
@@ -126,15 +132,15 @@ class _StackState(_State):
                 "stack's adapters on the plain base (jaxlora.split the adapter off first)"
             )
 
-    def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
+    def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs, quantized):
         name = path_str(module.scope.path)  # the stack's keys, '<root>' for a root layer
         where = f"layer '{name}'"
         self._check_plain(module, where)
         x = args[0] if args else next(iter(kwargs.values()))
-        quantized = module.has_variable(QUANT, "kernel")
         if quantized:
-            kernel = _dequantized_kernel(module, x, where)
-            y = _dense(module, kernel, x, where)
+            _check_dense_kernel(module, quantized, x, where)
+            kernel = quantized["kernel"]
+            y = _own_call(module, method, quantized, args, kwargs)
         else:
             kernel = module.get_variable("params", "kernel")
             y = next_fun(*args, **kwargs)

@@ -23,6 +23,7 @@ from _loracore.report import ParamCount
 # unchanged), saying how the adapter was made where the arrays cannot. They go with the adapter
 # (split, MergeRecord) and are dropped by merge.
 ROLES_NAME = "lora_roles"  # made at its weight's product (jaxlora.product)
+QUANT_NAME = "quant"  # the collection of quantized base weights (jaxlora.quant.quantize_base)
 INIT_NAME = "lora_init"  # made by PiSSA/OLoRA: the base weight beside it is the residual
 RECORD_NAMES = (ROLES_NAME, INIT_NAME)
 

@@ -270,22 +270,22 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
     ``weight + scaling · lora_a @ lora_b`` is computed in fp32 and rounded once to the weight's
     dtype; non-finite results are refused before any layer is replaced. Returns ``model``.
 
-    A ``LoRALinear`` with a quantized kernel (``jaxlora.nnx.quantize_base``) is merged from its
-    dequantized kernel. By default it becomes an ``nnx.Linear`` with that float kernel (error
-    against merging into the unquantized kernel: its quantization error, as for
-    ``jaxlora.merge``). With ``requantize=True`` it keeps a quantized base instead: it stays a
-    ``LoRALinear`` (NNX has no plain layer that runs a quantized kernel) whose kernel is the
-    float merge quantized again in the same format and whose ``lora_b`` is zero, so its output
-    is exactly the re-quantized merged base, ready for a new adapter. That adds one
+    A ``LoRALinear`` or op-level adapter with a quantized weight (``jaxlora.nnx.quantize_base``)
+    is merged from its dequantized weight. By default it becomes its plain layer with that
+    float weight (error against merging into the unquantized weight: its quantization error,
+    as for ``jaxlora.merge``). With ``requantize=True`` it keeps a quantized base instead: it
+    stays the adapted layer (no plain layer runs a quantized weight) whose weight is the float
+    merge quantized again in the same format and layout and whose ``lora_b`` is zero, so its
+    output is exactly the re-quantized merged base, ready for a new adapter. That adds one
     quantization error, bounded as ``jaxlora.merge`` states. Other LoRA layers merge as
-    usual; ``requantize=True`` on a model without a quantized LoRALinear is refused.
+    usual; ``requantize=True`` on a model without a quantized LoRA layer is refused.
     """
     plain, requantized = [], []
     for names in _groups(_module_paths(model)).values():
         path, layer = names[0]
         if isinstance(layer, LoRALinear | Adapter | OpAdapter):
             try:
-                if requantize and isinstance(layer, LoRALinear) and layer.is_quantized:
+                if requantize and _quantized(layer):
                     requantized.append((layer, layer.requantized()))
                 else:
                     plain.append(([p for p, _ in names], _merged(layer)))
@@ -296,11 +296,12 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
                 ) from None
     if requantize and not requantized:
         raise ValueError(
-            "merge: requantize=True needs a LoRALinear with a quantized kernel "
-            "(jaxlora.nnx.quantize_base) and the model has none; it was left unchanged"
+            "merge: requantize=True needs a LoRALinear with a quantized kernel or an op-level "
+            "adapter with a quantized weight (jaxlora.nnx.quantize_base) and the model has "
+            "none; it was left unchanged"
         )
     for layer, kernel in requantized:
-        layer.kernel = kernel
+        setattr(layer, getattr(layer, "lora_weight", "kernel"), kernel)
         layer.lora_b[...] = jnp.zeros_like(layer.lora_b[...])
     for paths, linear in plain:
         for path in paths:
@@ -308,6 +309,11 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
     if hasattr(model, "lora_config") and not requantized:
         del model.lora_config
     return model
+
+
+def _quantized(layer: nnx.Module) -> bool:
+    """Whether ``layer`` is a LoRA layer whose base weight is quantized."""
+    return isinstance(layer, LoRALinear | OpAdapter) and layer.is_quantized
 
 
 def _per_layer(wrap, base: nnx.Module, stack: int, *, rngs: nnx.Rngs, **options) -> nnx.Module:

@@ -14,8 +14,7 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 
 from _loracore.config import INITS
 from jaxlora import core
-from jaxlora.nnx.quant import QuantizedKernel, kernel_value
-from jaxlora.quant._api import requantize
+from jaxlora.nnx.quant import QuantizedKernel, kernel_value, requantized_kernel
 
 # Where NNX keeps a variable's partitioning (the name changed across Flax releases).
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
@@ -258,7 +257,7 @@ class LoRALinear(nnx.Module):
             raise ValueError("requantized: the kernel is not quantized")
         kernel = kernel_value(self.kernel)
         merged = merged_weight(kernel, self.lora_a[...], self.lora_b[...], self.scaling)
-        return QuantizedKernel(requantize(self.kernel.get_value(), merged.T))
+        return requantized_kernel(self.kernel, merged)
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
         where = f"jaxlora.nnx.LoRALinear({self.in_features}, {self.out_features}, r={self.r})"

@@ -349,3 +349,15 @@ def test_linen_adapter_on_the_quantized_base_loads_in_peft_on_linear4bit(
     assert np.abs(no_adapter - want).max() > 1e-2  # the adapter counts at this size
     with jaxlora.intercept(config):
         _close(model.apply(quantized, x), want)
+    # ... and the file reads back into a fresh quantized tree (adapters made at the product
+    # included), which then gives PEFT's outputs again.
+    fresh = jaxlora.inject(variables, config, jax.random.key(9), layouts=jaxlora.layouts(model, x))
+    fresh = quantize_base(fresh, config, quant_type=quant_type, double_quant=double_quant)
+    reloaded = jaxlora.load_adapter(fresh, tmp_path)
+    for name in PATH_MAP.values():
+        for leaf in ("lora_a", "lora_b"):
+            np.testing.assert_array_equal(
+                np.asarray(reloaded["params"][name][leaf]), np.asarray(params[name][leaf])
+            )
+    with jaxlora.intercept(config):
+        _close(model.apply(reloaded, x), want)

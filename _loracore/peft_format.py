@@ -33,6 +33,10 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PREFIX = "base_model.model."
 META_KEY = "lora_config"
+
+# What ``check_pair`` compares a file's (A, B) with: (the layer's kind, a description such as
+# 'Linear 16 -> 8', and a function from r to the expected (A, B) shapes).
+LayerShapes = tuple[str, str, Callable[[int], tuple[tuple[int, ...], tuple[int, ...]]]]
 SUFFIXES = {
     ".lora_A.weight": ("lora_A", False),
     ".lora_B.weight": ("lora_B", False),
@@ -62,7 +66,7 @@ def magnitude_shape(kind: str, out: int, window: int) -> tuple[int, ...]:
     return (1, out, *(1,) * window) if kind == "conv" else (out,)
 
 
-class LayerTensors(tuple):
+class LayerTensors(tuple[Any, Any, str]):
     """One layer's ``(A, B, kind)`` as ``read_adapter`` returns it, with DoRA's magnitude
     vector (out,) in ``magnitude`` (``None`` for a plain LoRA file)."""
 
@@ -136,7 +140,7 @@ def write_adapter(
 
 def read_adapter(
     directory: str | os.PathLike, *, framework: str, is_finite: Callable[[Any], bool]
-) -> tuple[LoRAConfig, dict[str, tuple[Any, Any, str]]]:
+) -> tuple[LoRAConfig, dict[str, LayerTensors]]:
     """Reads and checks an adapter directory: its config and {torch module path: (A, B, kind)},
     as ``framework``'s arrays ('np' or 'pt'), kind "linear", "conv" or "embed"."""
     directory = Path(directory)
@@ -175,7 +179,7 @@ def read_adapter(
                 f"{weights_path}: '{key}' mixes embedding and linear/conv keys for one layer"
             )
         pair[half] = value
-    tensors = {}
+    tensors: dict[str, LayerTensors] = {}
     for path, pair in pairs.items():
         kind = "embed" if pair["embed"] else "linear"
         for half, key in zip(("lora_A", "lora_B"), tensor_keys(path, kind), strict=True):
@@ -330,7 +334,7 @@ def check_pair(
     kind: str,
     a: Any,
     b: Any,
-    layer: tuple[str, str, Callable[[int], tuple[tuple, tuple]]],
+    layer: LayerShapes,
     directory: Any,
 ) -> None:
     """Checks a file's (A, B) against the layer it goes to: ``layer`` is (the layer's kind, a

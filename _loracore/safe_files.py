@@ -40,7 +40,7 @@ def write_files(directory: Path, contents: Mapping[str, bytes]) -> None:
     temps: list[str] = []
     try:
         for name, blob in contents.items():
-            temps.append(_temp(directory / name, lambda f, blob=blob: f.write(blob)))
+            temps.append(_temp(directory / name, blob))
         for name, tmp in zip(contents, list(temps), strict=True):
             os.replace(tmp, directory / name)
             temps.remove(tmp)
@@ -48,12 +48,13 @@ def write_files(directory: Path, contents: Mapping[str, bytes]) -> None:
         _remove(*temps)
 
 
-def _temp(final: Path, write: Callable[[Any], Any]) -> str:
-    """Writes a temporary file beside ``final`` (flushed to disk); returns its name."""
+def _temp(final: Path, blob: bytes) -> str:
+    """Writes ``blob`` to a temporary file beside ``final`` (flushed to disk); returns its
+    name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(blob)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:

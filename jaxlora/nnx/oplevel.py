@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,13 @@ _TRACES: dict[Any, tuple] = {}
 _MAX_TRACES = 256
 
 
-class OpAdapter:
+if TYPE_CHECKING:
+    _Module = nnx.Module  # OpAdapter is only ever mixed into an NNX module (adapted_class)
+else:
+    _Module = object
+
+
+class OpAdapter(_Module):
     """The mixin of every op-level adapted module (see the module docstring)."""
 
     __slots__ = ()
@@ -190,7 +196,7 @@ def _trace(module: OpAdapter, graphdef, state_def, leaves, args, kwargs):
     """(closed jaxpr, output treedef, product, static parts) of the base call, cached."""
     dynamic, static, arg_def = oplevel.split_args(args, kwargs)
     dyn = [d for d in dynamic if d is not None]
-    key = (
+    key: tuple | None = (
         type(module),
         graphdef,
         state_def,
@@ -219,8 +225,10 @@ def _trace(module: OpAdapter, graphdef, state_def, leaves, args, kwargs):
     index = _weight_index(module, state_def, leaves)
     weight = getattr(module, module.lora_weight)
     where = f"{type(module).__name__}: weight '{module.lora_weight}' {tuple(weight.shape)}"
+    # jaxlib ships PyTreeDef without type stubs, so the checker cannot see its attributes.
+    returned = out_def.num_leaves + index  # type: ignore[attr-defined]
     product = oplevel.find_product(
-        closed.jaxpr, index, weight.shape, where=where, returned=out_def.num_leaves + index
+        closed.jaxpr, index, weight.shape, where=where, returned=returned
     )
     product = oplevel.with_shape(product, tuple(weight.shape))
     if product.roles != module.lora_roles:

@@ -24,7 +24,8 @@ import contextlib
 import dataclasses
 import inspect
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,8 @@ def _keyed_from_module(flax_from_module):
         keys = tuple(_ACTIVE.keys)
         return cls(proxy.module_ref, hash((proxy.hash_key, keys))) if keys else proxy
 
-    from_module.jaxlora_keyed = True
+    # A marker on the function object (any function takes attributes; mypy allows none).
+    from_module.jaxlora_keyed = True  # type: ignore[attr-defined]
     return classmethod(from_module)
 
 
@@ -71,7 +73,7 @@ def _install_jit_key() -> bool:
     proxy = getattr(linen_transforms, "_HashableProxy", None)
     fields = {f.name for f in dataclasses.fields(proxy)} if dataclasses.is_dataclass(proxy) else ()
     from_module = getattr(proxy, "from_module", None)
-    if from_module is None or not {"module_ref", "hash_key"} <= set(fields):
+    if proxy is None or from_module is None or not {"module_ref", "hash_key"} <= set(fields):
         return False
     if not getattr(from_module, "jaxlora_keyed", False):
         proxy.from_module = _keyed_from_module(from_module)
@@ -209,9 +211,9 @@ class _State:
         return any(module.has_variable("params", n) for n in LORA_NAMES)
 
     def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
-        name = ".".join(module.scope.path)
+        name = ".".join(module.path)
         where = f"layer '{name or '<root>'}'"
-        node = {
+        node: dict[str, Any] = {
             n: module.get_variable("params", n)
             for n in (*kinds.BASE_NAMES, *LORA_NAMES)
             if module.has_variable("params", n)
@@ -289,10 +291,22 @@ def dora_output(module, kind: str, x, y, base, adapter, scale: float, rate: floa
     return core.dora_combine(plain, lora, factor)
 
 
-def _dequantized_kernel(module: nn.Dense, x: jax.Array, where: str) -> jax.Array:
+def _quantized_dense(module: nn.Module, where: str) -> nn.Dense:
+    """``module``, which holds a quantized kernel: only an ``nn.Dense`` may (the interceptor
+    refuses any other before calling the helpers below)."""
+    if not isinstance(module, nn.Dense):
+        raise ValueError(
+            f"{where} is a {type(module).__name__} holding a quantized kernel; only nn.Dense "
+            "layers can have a quantized base"
+        )
+    return module
+
+
+def _dequantized_kernel(module: nn.Module, x: jax.Array, where: str) -> jax.Array:
     """The (in, out) kernel a quantized ``nn.Dense`` stands for, in its stored dtype (the
     ``QuantizedWeight`` holds ``kernel.T``, torch's layout: see ``jaxlora.quant.quantize_base``)."""
-    q = module.get_variable(QUANT, "kernel")
+    module = _quantized_dense(module, where)
+    q: object = module.get_variable(QUANT, "kernel")
     expected = (module.features, jnp.shape(x)[-1])
     if not isinstance(q, QuantizedWeight) or tuple(q.shape) != expected:
         got = tuple(q.shape) if isinstance(q, QuantizedWeight) else type(q).__name__
@@ -303,16 +317,18 @@ def _dequantized_kernel(module: nn.Dense, x: jax.Array, where: str) -> jax.Array
     return dequantize(q).T
 
 
-def _dense(module: nn.Dense, kernel: jax.Array, x: jax.Array, where: str) -> jax.Array:
+def _dense(module: nn.Module, kernel: jax.Array, x: jax.Array, where: str) -> jax.Array:
     """``nn.Dense.__call__``'s arithmetic with a given kernel (its dtype promotion, dot_general,
     precision and bias): the base product of a layer whose kernel is quantized, which
     ``nn.Dense`` itself cannot compute (it looks the kernel up in 'params')."""
+    module = _quantized_dense(module, where)
     bias = None
     if module.use_bias:
         if not module.has_variable("params", "bias"):
             raise ValueError(f"{where}: an nn.Dense with use_bias=True has no 'bias' in params")
         bias = meta.unbox(module.get_variable("params", "bias"))
-    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    # flax types each promoted value Array | None (None in, None out: only bias can be).
+    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)  # type: ignore[assignment]
     if module.dot_general_cls is not None:
         dot_general = module.dot_general_cls()
     elif module.dot_general is not None:
@@ -351,10 +367,10 @@ def branch(
         h = _conv_like(module, r)(x, a)
         return core.scaled_matmul(h, b.reshape(r, -1), scale, module.precision)
     axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
-    axis = tuple(axis) if isinstance(axis, tuple | list) else (axis,)
-    if jnp.ndim(a) == 2 and jnp.ndim(b) == 2 and axis == (-1,):
+    axes = tuple(axis) if isinstance(axis, Sequence) else (axis,)
+    if jnp.ndim(a) == 2 and jnp.ndim(b) == 2 and axes == (-1,):
         return core.lora_branch(x, a, b, scale, module.precision)
-    return core.general_branch(x, a, b, scale, axis, module.precision)
+    return core.general_branch(x, a, b, scale, axes, module.precision)
 
 
 def dropped(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
@@ -365,7 +381,7 @@ def dropped(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _conv_like(module: nn.Conv, r: int):
+def _conv_like(module: nn.Module, r: int):
     """A function ``(x, kernel) -> (…, r)``: a plain ``nn.Conv`` with the layer's own settings
     (strides, padding, dilations, precision, dtypes), ``r`` output features and no bias (the
     LoRA branch's first conv with ``lora_a``, or the base conv with the kernel)."""
@@ -377,6 +393,8 @@ def _conv_like(module: nn.Conv, r: int):
     conv = nn.Conv(**{**fields, "features": r, "use_bias": False})
 
     def apply(x: jax.Array, lora_a: jax.Array) -> jax.Array:
-        return conv.apply({"params": {"kernel": meta.unbox(lora_a)}}, x)
+        # flax types apply's result as maybe (output, mutated variables); without mutable=
+        # it is the output alone.
+        return conv.apply({"params": {"kernel": meta.unbox(lora_a)}}, x)  # type: ignore[return-value]
 
     return apply

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -62,7 +62,8 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
             "intercept_stack: a jaxlora.intercept or intercept_stack is already active; nesting "
             "them would add branches twice. Enter one, around the outermost call."
         )
-    state = _StackState(None, True, stack=stack, index=index)
+    # No LoRAConfig: the stack's _apply uses the stack's own scales, not _State.config.
+    state = _StackState(None, True, stack=stack, index=index)  # type: ignore[arg-type]
     key = ("intercept", "stack", stack.kernels, stack.capacity, stack.rank)
     with traced_as(key), nn.intercept_methods(state.interceptor):
         yield
@@ -82,10 +83,10 @@ class _StackState(_State):
 
     def adapted(self, module: nn.Module) -> bool:
         own = super().adapted(module)
-        return own or path_str(module.scope.path) in self.stack.lora_a
+        return own or path_str(module.path) in self.stack.lora_a
 
     def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
-        name = path_str(module.scope.path)  # the stack's keys, '<root>' for a root layer
+        name = path_str(module.path)  # the stack's keys, '<root>' for a root layer
         where = f"layer '{name}'"
         held = [n for n in LORA_NAMES if module.has_variable("params", n)]
         if held:
@@ -107,7 +108,7 @@ class _StackState(_State):
         a, b = self.stack.lora_a[name], self.stack.lora_b[name]
         x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
         axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
-        axis = tuple(axis) if isinstance(axis, tuple | list) else (axis,)
+        axis = tuple(axis) if isinstance(axis, Sequence) else (axis,)
         if 0 in (i % jnp.ndim(x) for i in axis):
             raise ValueError(f"{where} contracts its input's axis 0, which is the examples' axis")
         self.applied.add(name)

@@ -199,9 +199,11 @@ def find(module: nn.Module, traced: Traced, where: str) -> tuple[str, oplevel.Pr
 def apply(module: nn.Module, config, deterministic: bool, args: tuple, kwargs: dict):
     """``module.__call__(*args, **kwargs)`` with the LoRA branch added at its weight's product
     (what ``intercept`` does for a node holding ``lora_roles``)."""
-    name = ".".join(module.scope.path)
+    name = ".".join(module.path)
     where = f"layer '{name or '<root>'}'"
-    node = {n: module.get_variable("params", n) for n in module.variables.get("params", {})}
+    node: dict[str, Any] = {
+        n: module.get_variable("params", n) for n in module.variables.get("params", {})
+    }
     weight, _, a, b, marker = check_product(node, where)
     inner = [
         ".".join(p)

@@ -51,7 +51,9 @@ class Adapter(_Module):
     lora_a: nnx.LoRAParam
     lora_b: nnx.LoRAParam
     lora_magnitude: nnx.LoRAParam  # with use_dora only
-    bias: nnx.Param[jax.Array] | None  # the base layer's (LoRAEmbed has none)
+    # The base layer's weights: kernel and bias (LoRAEmbed has an embedding instead).
+    kernel: nnx.Param[jax.Array]
+    bias: nnx.Param[jax.Array] | None
 
     if TYPE_CHECKING:  # the layer class this is mixed into takes its base type's arguments
 

@@ -11,7 +11,7 @@ The packed bytes are then not parameters: ``jax.grad`` over ``params``, ``freeze
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -139,20 +139,23 @@ def requantize_merged(merged: PyTree, quantized: PyTree) -> PyTree:
     """``merged`` (``quantized`` dequantized and merged) with each quantized layer's kernel in
     ``'quant'`` again: a layer that held an adapter in ``quantized`` gets its merged kernel
     re-quantized in its own format, the others keep their quantized kernel unchanged."""
-    new = {}
+    new: dict[str, Any] = {}
     for path, q in iter_quantized(quantized[QUANT]):
         node = _node(quantized["params"], path)
         if node is not None and "lora_a" in node:
-            new[path] = requantize(q, _node(merged["params"], path)["kernel"].T)
+            # merged is quantized merged (jaxlora.merge): it has every layer quantized has.
+            merged_node = cast(Mapping, _node(merged["params"], path))
+            new[path] = requantize(q, merged_node["kernel"].T)
         else:
             new[path] = q
     return restore_quantized(merged, _like(quantized, {**quantized, QUANT: _nest(new)}))
 
 
 def _node(tree: Mapping, path: str) -> Mapping | None:
+    node: Any = tree
     for key in path.split("."):
-        tree = tree.get(key) if isinstance(tree, Mapping) else None
-    return tree if isinstance(tree, Mapping) else None
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node if isinstance(node, Mapping) else None
 
 
 def iter_quantized(tree: Mapping, path: tuple[str, ...] = ()):

@@ -22,9 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from _loracore import safe_files
 from _loracore.config import WEIGHT_INITS, LoRAConfig
@@ -79,10 +79,15 @@ def layer_tensors(a: Any, b: Any, kind: str, magnitude: Any = None) -> LayerTens
     return entry
 
 
+# A map from a '.'-joined JAX path to a torch module path: a dict, a function, or None (the same
+# paths). A framework's maps may give a richer value for some layers (jaxlora's HFLinear).
 PathMap = Mapping[str, str] | Callable[[str], str] | None
+_Spec = TypeVar("_Spec")
 
 
-def map_path(path_map: PathMap, path: str) -> str:
+def map_path(
+    path_map: Mapping[str, _Spec] | Callable[[str], _Spec] | None, path: str
+) -> str | _Spec:
     if path_map is None:
         return path
     return path_map(path) if callable(path_map) else path_map.get(path, path)
@@ -255,7 +260,7 @@ def _magnitude(
     return value.reshape(b.shape[0])  # (out,) for every kind
 
 
-def check_paths_exist(found: set[str], nodes: Mapping, path_map: PathMap, directory: Any) -> None:
+def check_paths_exist(found: set[str], nodes: Mapping, path_map: object, directory: Any) -> None:
     """The file's layer paths must be in the model (after path_map): else say how to map them."""
     absent = sorted(found - set(nodes))
     if absent:
@@ -315,8 +320,9 @@ def residual_needed(
     return True
 
 
-def check_layer_set(expected: set[str], found: set[str], directory: Any) -> None:
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
+def check_layer_set(expected: Set[object], found: Set[str], directory: Any) -> None:
+    # key=str: an expected layer may be a framework's spec (an HFLinear), not a path
+    missing, unexpected = sorted(expected - found, key=str), sorted(found - expected)
     if missing:
         raise ValueError(
             f"{directory}: missing tensors for layer(s) {missing} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,6 @@ from flax.core import meta
 from _loracore import peft_format
 from _loracore.config import WEIGHT_INITS
 from _loracore.peft_format import (
-    PathMap,
     check_layer_set,
     check_pair,
     check_paths_exist,
@@ -68,7 +68,7 @@ def save_adapter(
     directory: str | os.PathLike,
     config: LoRAConfig,
     *,
-    path_map: PathMap = None,
+    path_map: hf_maps.PathMapArg = None,
     layer_names: Mapping[str, str] | None = None,
 ) -> Path:
     """Writes the LoRA leaves of a Linen params tree as a PEFT adapter; returns the directory.
@@ -98,7 +98,8 @@ def save_adapter(
     params = with_kernel_shapes(params)  # a quantized base: only its shapes are read
     if layer_names:
         params = stacks.unstack(meta.unbox(params), layer_names)
-    tensors, layers = {}, {}
+    tensors: dict[str, np.ndarray] = {}
+    layers: dict[str, tuple[int, float]] = {}
     for path, node in iter_lora_layers(params):
         name = path_str(path)
         if ROLES_NAME in node:  # adapted at its weight's product: written as torch Linear(s)
@@ -107,6 +108,12 @@ def save_adapter(
         kind, _, _, a, b = kinds.check_layer(node, f"save_adapter: layer '{name}'")
         _check_init_record(node, config, f"save_adapter: layer '{name}'")
         torch_path = map_path(path_map, name)
+        if not isinstance(torch_path, str):
+            raise ValueError(
+                f"save_adapter: layer '{name}': path_map gives {torch_path!r}, but its adapter is "
+                "written as one torch module: give its torch module path (a str); an HFLinear "
+                "describes a layer adapted at its product"
+            )
         key_a, key_b = tensor_keys(torch_path, kind)
         tensors[key_a], tensors[key_b] = kinds.to_torch(kind, np.asarray(a), np.asarray(b))
         magnitude = _saved_magnitude(node, kind, config, f"save_adapter: layer '{name}'")
@@ -141,7 +148,7 @@ def load_adapter(
     params: PyTree,
     directory: str | os.PathLike,
     *,
-    path_map: PathMap = None,
+    path_map: hf_maps.PathMapArg = None,
     layer_names: Mapping[str, str] | None = None,
 ) -> PyTree:
     """Returns a new params tree holding the adapter in ``directory``.
@@ -197,7 +204,7 @@ def load_adapter(
             "jaxlora.load_adapter(base_params, directory)"
         )
     _check_residual_bases(tensors, nodes, config, directory)
-    new = {}
+    new: dict[tuple, dict[str, Any]] = {}
     for torch_path, (a, b, file_kind) in tensors.items():
         flax_path, node = nodes[torch_path]
         kind, name, in_axes = _target(node, file_kind, a, f"{directory}: layer '{torch_path}'")
@@ -345,12 +352,13 @@ def _load_stacked(params, directory, path_map, layer_names) -> PyTree:
 def _target(node, file_kind: str, a: np.ndarray, where: str) -> tuple[str, str, int]:
     """(kind, base leaf name, input axes) of the layer a file's adapter goes to: from its LoRA
     leaves when injected, else from its weight and the file's tensors."""
+    name: str | None
     if "lora_a" in node or "lora_b" in node:
         kind, name, _, lora_a, _ = kinds.check_layer(node, where)
         return kind, name, kinds.in_axes_of(kind, jnp.shape(lora_a))
     name = kinds.base_name(node)
     base = meta.unbox(node[name]) if name is not None else None
-    if base is None or jnp.ndim(base) < 2:
+    if name is None or base is None or jnp.ndim(base) < 2:
         raise ValueError(f"{where} has no kernel or embedding to adapt")
     shape = tuple(jnp.shape(base))
     if name == "embedding":
@@ -360,11 +368,14 @@ def _target(node, file_kind: str, a: np.ndarray, where: str) -> tuple[str, str, 
     return "linear", name, kinds.linear_in_axes(shape, a.shape[1], where)
 
 
-_UNSET: PathMap = object()  # type: ignore[assignment]
+_UNSET: hf_maps.PathMapArg = object()  # type: ignore[assignment]
 
 
 def read_adapter_config(
-    directory: str | os.PathLike, *, path_map: PathMap = _UNSET, params: PyTree | None = None
+    directory: str | os.PathLike,
+    *,
+    path_map: hf_maps.PathMapArg = _UNSET,
+    params: PyTree | None = None,
 ) -> LoRAConfig:
     """The ``LoRAConfig`` stored in an adapter directory, keyed by Flax paths, for
     ``intercept`` and ``merge(alpha=config.alpha_for)``.
@@ -405,7 +416,7 @@ def read_adapter_config(
     else:  # a dict: a torch path that no key maps to is its own Flax path
         images = set(path_map.values())
         flax_paths = [*path_map, *(t for t in tensors if t not in images)]
-    flax_of: dict[str, list[str]] = {}
+    flax_of: dict[str | hf_maps.HFLinear, list[str]] = {}
     for flax_path in dict.fromkeys(flax_paths):
         flax_of.setdefault(map_path(path_map, flax_path), []).append(flax_path)
     exact = {}

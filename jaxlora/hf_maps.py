@@ -52,11 +52,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from _loracore.peft_format import PathMap
 from jaxlora.oplevel import Roles
 
 
@@ -242,7 +241,14 @@ NAMED_MAPS: dict[str, NamedMap | None] = {
 }
 
 
-def resolve(path_map: PathMap | str) -> PathMap | Callable[[str], str | HFLinear]:
+# A path_map once resolved: a dict or a function from a '.'-joined JAX path to a torch module
+# path or an HFLinear, or None (the same paths).
+SpecMap = Mapping[str, "str | HFLinear"] | Callable[[str], "str | HFLinear"] | None
+# What save_adapter, load_adapter and read_adapter_config take: that, or a name in NAMED_MAPS.
+PathMapArg = SpecMap | str
+
+
+def resolve(path_map: PathMapArg) -> SpecMap:
     """``path_map`` itself, or the ready map a name in ``NAMED_MAPS`` stands for; a
     ``ValueError`` naming the known names for any other string."""
     if not isinstance(path_map, str):

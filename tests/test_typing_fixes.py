@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 import jaxlora
 from _loracore.peft_format import check_layer_set
@@ -67,3 +68,29 @@ def test_init_leaves_without_a_key_refuses_a_random_init():
     )
     with pytest.raises(ValueError, match="init='kaiming' draws the adapter and needs a random"):
         init_leaves(base, 2, 1.0, "kaiming", None, jnp.float32)
+
+
+def test_nnx_save_adapter_refuses_an_hflinear_for_one_layer_of_a_stack(tmp_path):
+    # _views checked the stack's own path's value but not each per-layer path's: an HFLinear
+    # there became a dict key where a torch path (str) is expected.
+    from flax import nnx
+
+    import jaxlora.nnx
+    from jaxlora.models import gpt as jgpt
+
+    cfg = jgpt.GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, d_model=8)
+    model = jgpt.NnxScanGPT(cfg, rngs=nnx.Rngs(0))
+    config = jaxlora.LoRAConfig(r=2, targets=["query"])
+    jaxlora.nnx.inject(model, config, nnx.Rngs(1))
+
+    def path_map(path):
+        return jaxlora.HFLinear("h.1.q") if path == "blocks.1.attn.query" else path
+
+    with pytest.raises(ValueError, match=r"HFLinear\(.*'blocks\.1\.attn\.query'.*a str"):
+        jaxlora.nnx.save_adapter(model, tmp_path / "a", config, path_map=path_map)
+    assert not (tmp_path / "a").exists()
+    jaxlora.nnx.save_adapter(model, tmp_path / "b", config)  # str paths: written per layer
+    keys = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert sorted(k for k in keys if k.endswith("lora_A.weight")) == [
+        f"base_model.model.blocks.{i}.attn.query.lora_A.weight" for i in range(2)
+    ]

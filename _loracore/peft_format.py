@@ -22,9 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Set
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from _loracore import safe_files
 from _loracore.config import WEIGHT_INITS, LoRAConfig
@@ -33,6 +33,10 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PREFIX = "base_model.model."
 META_KEY = "lora_config"
+
+# What ``check_pair`` compares a file's (A, B) with: (the layer's kind, a description such as
+# 'Linear 16 -> 8', and a function from r to the expected (A, B) shapes).
+LayerShapes = tuple[str, str, Callable[[int], tuple[tuple[int, ...], tuple[int, ...]]]]
 SUFFIXES = {
     ".lora_A.weight": ("lora_A", False),
     ".lora_B.weight": ("lora_B", False),
@@ -62,7 +66,7 @@ def magnitude_shape(kind: str, out: int, window: int) -> tuple[int, ...]:
     return (1, out, *(1,) * window) if kind == "conv" else (out,)
 
 
-class LayerTensors(tuple):
+class LayerTensors(tuple[Any, Any, str]):
     """One layer's ``(A, B, kind)`` as ``read_adapter`` returns it, with DoRA's magnitude
     vector (out,) in ``magnitude`` (``None`` for a plain LoRA file)."""
 
@@ -75,10 +79,15 @@ def layer_tensors(a: Any, b: Any, kind: str, magnitude: Any = None) -> LayerTens
     return entry
 
 
+# A map from a '.'-joined JAX path to a torch module path: a dict, a function, or None (the same
+# paths). A framework's maps may give a richer value for some layers (jaxlora's HFLinear).
 PathMap = Mapping[str, str] | Callable[[str], str] | None
+_Spec = TypeVar("_Spec")
 
 
-def map_path(path_map: PathMap, path: str) -> str:
+def map_path(
+    path_map: Mapping[str, _Spec] | Callable[[str], _Spec] | None, path: str
+) -> str | _Spec:
     if path_map is None:
         return path
     return path_map(path) if callable(path_map) else path_map.get(path, path)
@@ -156,7 +165,7 @@ def read_adapter(
     framework: str,
     is_finite: Callable[[Any], bool],
     conv1d: Collection[str] | None = None,
-) -> tuple[LoRAConfig, dict[str, tuple[Any, Any, str]]]:
+) -> tuple[LoRAConfig, dict[str, LayerTensors]]:
     """Reads and checks an adapter directory: its config and {torch module path: (A, B, kind)},
     as ``framework``'s arrays ('np' or 'pt'), kind "linear", "conv" or "embed".
 
@@ -201,7 +210,7 @@ def read_adapter(
                 f"{weights_path}: '{key}' mixes embedding and linear/conv keys for one layer"
             )
         pair[half] = value
-    tensors = {}
+    tensors: dict[str, LayerTensors] = {}
     for path, pair in pairs.items():
         kind = "embed" if pair["embed"] else "linear"
         for half, key in zip(("lora_A", "lora_B"), tensor_keys(path, kind), strict=True):
@@ -232,8 +241,8 @@ def read_adapter(
         tensors[path] = layer_tensors(a, b, kind, magnitude)
     if not tensors:
         raise ValueError(f"{weights_path}: holds no LoRA tensors")
-    if fan_in_fan_out:
-        _check_conv1d(tensors, conv1d, config_path)
+    if fan_in_fan_out:  # parse_config reads it as True only when conv1d is given
+        _check_conv1d(tensors, conv1d or (), config_path)
     stray = sorted(set(magnitudes) - set(tensors))
     if stray:
         raise ValueError(
@@ -279,7 +288,7 @@ def _magnitude(
     return value.reshape(b.shape[0])  # (out,) for every kind
 
 
-def check_paths_exist(found: set[str], nodes: Mapping, path_map: PathMap, directory: Any) -> None:
+def check_paths_exist(found: set[str], nodes: Mapping, path_map: object, directory: Any) -> None:
     """The file's layer paths must be in the model (after path_map): else say how to map them."""
     absent = sorted(found - set(nodes))
     if absent:
@@ -339,8 +348,9 @@ def residual_needed(
     return True
 
 
-def check_layer_set(expected: set[str], found: set[str], directory: Any) -> None:
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
+def check_layer_set(expected: Set[object], found: Set[str], directory: Any) -> None:
+    # key=str: an expected layer may be a framework's spec (an HFLinear), not a path
+    missing, unexpected = sorted(expected - found, key=str), sorted(found - expected)
     if missing:
         raise ValueError(
             f"{directory}: missing tensors for layer(s) {missing} "
@@ -358,7 +368,7 @@ def check_pair(
     kind: str,
     a: Any,
     b: Any,
-    layer: tuple[str, str, Callable[[int], tuple[tuple, tuple]]],
+    layer: LayerShapes,
     directory: Any,
 ) -> None:
     """Checks a file's (A, B) against the layer it goes to: ``layer`` is (the layer's kind, a

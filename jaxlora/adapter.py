@@ -20,7 +20,6 @@ from flax.core import meta
 from _loracore import peft_format
 from _loracore.config import WEIGHT_INITS
 from _loracore.peft_format import (
-    PathMap,
     check_layer_set,
     check_pair,
     check_paths_exist,
@@ -69,7 +68,7 @@ def save_adapter(
     directory: str | os.PathLike,
     config: LoRAConfig,
     *,
-    path_map: PathMap = None,
+    path_map: hf_maps.PathMapArg = None,
     layer_names: Mapping[str, str] | None = None,
 ) -> Path:
     """Writes the LoRA leaves of a Linen params tree as a PEFT adapter; returns the directory.
@@ -101,7 +100,8 @@ def save_adapter(
     params = with_kernel_shapes(params)  # a quantized base: only its shapes are read
     if layer_names:
         params = stacks.unstack(meta.unbox(params), layer_names)
-    tensors, layers = {}, {}
+    tensors: dict[str, np.ndarray] = {}
+    layers: dict[str, tuple[int, float]] = {}
     products = _product_layouts(params, path_map, "save_adapter")
     for path, node in iter_lora_layers(params):
         name = path_str(path)
@@ -147,7 +147,7 @@ def load_adapter(
     params: PyTree,
     directory: str | os.PathLike,
     *,
-    path_map: PathMap = None,
+    path_map: hf_maps.PathMapArg = None,
     layer_names: Mapping[str, str] | None = None,
 ) -> PyTree:
     """Returns a new params tree holding the adapter in ``directory``.
@@ -274,7 +274,8 @@ def _product_layouts(params, path_map, caller: str) -> dict[str, tuple]:
     each node checked (``product.check_product``) and its torch layout taken from ``path_map``
     (a torch path or a ``jaxlora.HFLinear``: ``jaxlora.hf_maps``, the rule NNX's op-level
     layers use); a torch module named for two weights is refused."""
-    out, seen = {}, {}
+    out: dict[str, tuple] = {}
+    seen: dict[str, str] = {}
     for path, node in iter_lora_layers(params):
         if ROLES_NAME not in node:
             continue
@@ -448,12 +449,13 @@ def _load_stacked(params, directory, path_map, layer_names) -> PyTree:
 def _target(node, file_kind: str, a: np.ndarray, where: str) -> tuple[str, str, int]:
     """(kind, base leaf name, input axes) of the layer a file's adapter goes to: from its LoRA
     leaves when injected, else from its weight and the file's tensors."""
+    name: str | None
     if "lora_a" in node or "lora_b" in node:
         kind, name, _, lora_a, _ = kinds.check_layer(node, where)
         return kind, name, kinds.in_axes_of(kind, jnp.shape(lora_a))
     name = kinds.base_name(node)
     base = meta.unbox(node[name]) if name is not None else None
-    if base is None or jnp.ndim(base) < 2:
+    if name is None or base is None or jnp.ndim(base) < 2:
         raise ValueError(f"{where} has no kernel or embedding to adapt")
     shape = tuple(jnp.shape(base))
     if name == "embedding":
@@ -463,11 +465,14 @@ def _target(node, file_kind: str, a: np.ndarray, where: str) -> tuple[str, str, 
     return "linear", name, kinds.linear_in_axes(shape, a.shape[1], where)
 
 
-_UNSET: PathMap = object()  # type: ignore[assignment]
+_UNSET: hf_maps.PathMapArg = object()  # type: ignore[assignment]
 
 
 def read_adapter_config(
-    directory: str | os.PathLike, *, path_map: PathMap = _UNSET, params: PyTree | None = None
+    directory: str | os.PathLike,
+    *,
+    path_map: hf_maps.PathMapArg = _UNSET,
+    params: PyTree | None = None,
 ) -> LoRAConfig:
     """The ``LoRAConfig`` stored in an adapter directory, keyed by Flax paths, for
     ``intercept`` and ``merge(alpha=config.alpha_for)``.
@@ -508,11 +513,11 @@ def read_adapter_config(
     else:  # a dict: a torch path that no key maps to is its own Flax path
         images = {t for spec in path_map.values() for t in _spec_paths(spec)}
         flax_paths = [*path_map, *(t for t in tensors if t not in images)]
-    flax_of: dict[str, list[str]] = {}
+    flax_of: dict[str | hf_maps.HFLinear, list[str]] = {}
     for flax_path in dict.fromkeys(flax_paths):
         for torch_path in _spec_paths(map_path(path_map, flax_path)):
             flax_of.setdefault(torch_path, []).append(flax_path)
-    exact = {}
+    exact: dict[str, tuple[int, float]] = {}
     for torch_path, (a, _, _) in tensors.items():
         found = flax_of.get(torch_path, [])
         if len(found) != 1:

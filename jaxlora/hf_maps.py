@@ -69,7 +69,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 
 from _loracore.config import WEIGHT_INITS, LoRAConfig
-from _loracore.peft_format import PathMap, tensor_keys
+from _loracore.peft_format import tensor_keys
 from jaxlora.oplevel import Roles
 
 
@@ -338,7 +338,14 @@ NAMED_MAPS: dict[str, NamedMap | None] = {
 }
 
 
-def resolve(path_map: PathMap | str) -> PathMap | Callable[[str], str | HFLinear]:
+# A path_map once resolved: a dict or a function from a '.'-joined JAX path to a torch module
+# path or an HFLinear, or None (the same paths).
+SpecMap = Mapping[str, "str | HFLinear"] | Callable[[str], "str | HFLinear"] | None
+# What save_adapter, load_adapter and read_adapter_config take: that, or a name in NAMED_MAPS.
+PathMapArg = SpecMap | str
+
+
+def resolve(path_map: PathMapArg) -> SpecMap:
     """``path_map`` itself, or the ready map a name in ``NAMED_MAPS`` stands for; a
     ``ValueError`` naming the known names for any other string."""
     if not isinstance(path_map, str):

@@ -143,7 +143,7 @@ def _inject(
             in_axes=in_axes,
             where=where,
         )
-        leaves = _stacked_init(base, stack, key, init_one)
+        leaves: dict[str, Any] = _stacked_init(base, stack, key, init_one)
         if config.init in WEIGHT_INITS:  # the kernel is now the residual: say so in the tree
             leaves[INIT_NAME] = InitRecord(config.init)
         if config.use_dora:
@@ -155,8 +155,10 @@ def _inject(
                 names_a, names_b = kinds.lora_axis_names(
                     kind, tuple(boxed.names), jnp.ndim(leaves["lora_a"]), stack
                 )
-                leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)
-                leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)
+                # boxed is a flax struct dataclass (nn.Partitioned-like: it has names), which
+                # flax's AxisMetadata type does not say.
+                leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)  # type: ignore[type-var]
+                leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)  # type: ignore[type-var]
         new[path] = leaves
     return _add_leaves(params, (), new)
 
@@ -189,8 +191,9 @@ def _product_leaves(node, layout, config, rng, param_dtype, path: str, where: st
     leaves = product.init_leaves(layout, r, config.init, key, param_dtype)
     if isinstance(boxed, meta.AxisMetadata) and hasattr(boxed, "names"):
         names_a, names_b = product.axis_names(roles, tuple(boxed.names))
-        leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)
-        leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)
+        # boxed is a flax struct dataclass (see _inject).
+        leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)  # type: ignore[type-var]
+        leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)  # type: ignore[type-var]
     return leaves
 
 
@@ -209,7 +212,7 @@ class Layout:
     scan: str | None = None
 
 
-class Layouts(dict[str, Layout]):
+class Layouts(dict[str, Layout | product.ProductLayout]):
     """What ``layouts`` returns: {path: ``Layout``} of the layers jaxlora can adapt, and in
     ``modules`` the class name of every module the trace called, by path (so that ``inject``
     can name the class of a module it refuses). A module that is no known layer kind gets a
@@ -259,11 +262,11 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
         if product.tracing():  # a clone traced for a product: not a module of the model
             return next_fun(*call_args, **call_kwargs)
         if module.scope is not None:
-            modules[".".join(module.scope.path)] = type(module).__name__
+            modules[".".join(module.path)] = type(module).__name__
         out = next_fun(*call_args, **call_kwargs)
         if module.scope is None:
             return out
-        path = ".".join(module.scope.path)
+        path = ".".join(module.path)
         if path and not isinstance(module.parent, nn.Module) and path not in views:
             # The root of a lifted transform (nn.scan, nn.vmap, nn.remat, ...): inside it the
             # params are the body's view (one layer's slice under a scan).
@@ -315,7 +318,7 @@ def _has_weights(module: nn.Module) -> bool:
 
 def _product_layout(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     """The module's ``ProductLayout``, or why it has none (a string)."""
-    where = f"layer '{'.'.join(module.scope.path)}'"
+    where = f"layer '{'.'.join(module.path)}'"
     try:
         traced = product.trace(module, "__call__", args, kwargs, {})
     except Exception as err:  # any failure of the user's module: say where it came from
@@ -345,7 +348,8 @@ def _scan_root(path: str, views: Mapping[str, Any], params: Mapping) -> str | No
         if not isinstance(full, Mapping) or not inner:
             continue
         outer = jax.tree.map(jnp.ndim, full)
-        if jax.tree.structure(outer) != jax.tree.structure(inner):
+        # jaxlib ships PyTreeDef without type stubs, so the checker cannot see its __ne__.
+        if jax.tree.structure(outer) != jax.tree.structure(inner):  # type: ignore[operator]
             continue
         if all(o > i for o, i in zip(jax.tree.leaves(outer), jax.tree.leaves(inner), strict=True)):
             return root
@@ -372,8 +376,12 @@ def _layout(node: Mapping, path: str, layouts, where: str) -> tuple[str, str, in
         raise TypeError(_refusal(path, layouts, found, where))
     if name == "embedding" and ndim == 2 and (layout is None or not layout.stack):
         return "embed", name, 1
-    expected = {"kernel": ("linear", "conv"), "embedding": ("embed",)}.get(name, ())
-    if layout is not None and layout.kind in expected:
+    kinds_of: dict[str | None, tuple[str, ...]] = {
+        "kernel": ("linear", "conv"),
+        "embedding": ("embed",),
+    }
+    expected = kinds_of.get(name, ())
+    if layout is not None and name is not None and layout.kind in expected:
         if layout.ndim + layout.stack != ndim:
             raise TypeError(
                 f"{where}: the layer's {name} has {layout.ndim} axes (and {layout.stack} "
@@ -484,7 +492,7 @@ def init_leaves(
     r: int,
     scale: float,
     init: str,
-    key: jax.Array,
+    key: jax.Array | None,
     param_dtype: Any,
     *,
     kind: str = "linear",
@@ -492,7 +500,8 @@ def init_leaves(
     where: str = "inject",
 ) -> dict[str, jax.Array]:
     """New ``lora_a``/``lora_b`` for a base weight per ``init`` (and, for PiSSA/OLoRA, its residual
-    ``kernel`` in the kernel's dtype): the adapted layer's output is unchanged."""
+    ``kernel`` in the kernel's dtype): the adapted layer's output is unchanged. PiSSA/OLoRA are
+    deterministic: ``key`` may be ``None`` for them."""
     shape_a, shape_b = kinds.lora_shapes(kind, jnp.shape(base), r, in_axes)
     if init in WEIGHT_INITS:
         if kind != "linear":
@@ -506,6 +515,8 @@ def init_leaves(
             "lora_a": lora_a.reshape(shape_a).astype(param_dtype),
             "lora_b": lora_b.reshape(shape_b).astype(param_dtype),
         }
+    if key is None:
+        raise ValueError(f"{where}: init={init!r} draws the adapter and needs a random key")
     return lora_init(kind, jnp.shape(base), r, init, key, param_dtype, in_axes)
 
 

@@ -24,7 +24,8 @@ import contextlib
 import dataclasses
 import inspect
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,8 @@ def _keyed_from_module(flax_from_module):
         keys = tuple(_ACTIVE.keys)
         return cls(proxy.module_ref, hash((proxy.hash_key, keys))) if keys else proxy
 
-    from_module.jaxlora_keyed = True
+    # A marker on the function object (any function takes attributes; mypy allows none).
+    from_module.jaxlora_keyed = True  # type: ignore[attr-defined]
     return classmethod(from_module)
 
 
@@ -71,7 +73,7 @@ def _install_jit_key() -> bool:
     proxy = getattr(linen_transforms, "_HashableProxy", None)
     fields = {f.name for f in dataclasses.fields(proxy)} if dataclasses.is_dataclass(proxy) else ()
     from_module = getattr(proxy, "from_module", None)
-    if from_module is None or not {"module_ref", "hash_key"} <= set(fields):
+    if proxy is None or from_module is None or not {"module_ref", "hash_key"} <= set(fields):
         return False
     if not getattr(from_module, "jaxlora_keyed", False):
         proxy.from_module = _keyed_from_module(from_module)
@@ -167,7 +169,7 @@ class _State:
             return next_fun(*args, **kwargs)
         if getattr(module, "adds_own_lora_branch", False):  # jaxlora.linen's LoRA layers
             return next_fun(*args, **kwargs)
-        where = ".".join(module.scope.path) or "<root>"
+        where = ".".join(module.path) or "<root>"
         quantized = _quantized(module, where)
         if not quantized and not self.adapted(module):
             return next_fun(*args, **kwargs)
@@ -222,9 +224,9 @@ class _State:
         return product.apply(module, self.config, self.deterministic, args, kwargs, quantized)
 
     def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs, quantized):
-        name = ".".join(module.scope.path)
+        name = ".".join(module.path)
         where = f"layer '{name or '<root>'}'"
-        node = {
+        node: dict[str, Any] = {
             n: module.get_variable("params", n)
             for n in (*kinds.BASE_NAMES, *LORA_NAMES)
             if module.has_variable("params", n)
@@ -373,10 +375,10 @@ def branch(
         h = _conv_like(module, r)(x, a)
         return core.scaled_matmul(h, b.reshape(r, -1), scale, module.precision)
     axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
-    axis = tuple(axis) if isinstance(axis, tuple | list) else (axis,)
-    if jnp.ndim(a) == 2 and jnp.ndim(b) == 2 and axis == (-1,):
+    axes = tuple(axis) if isinstance(axis, Sequence) else (axis,)
+    if jnp.ndim(a) == 2 and jnp.ndim(b) == 2 and axes == (-1,):
         return core.lora_branch(x, a, b, scale, module.precision)
-    return core.general_branch(x, a, b, scale, axis, module.precision)
+    return core.general_branch(x, a, b, scale, axes, module.precision)
 
 
 def dropped(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
@@ -387,7 +389,7 @@ def dropped(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _conv_like(module: nn.Conv, r: int):
+def _conv_like(module: nn.Module, r: int):
     """A function ``(x, kernel) -> (…, r)``: a plain ``nn.Conv`` with the layer's own settings
     (strides, padding, dilations, precision, dtypes), ``r`` output features and no bias (the
     LoRA branch's first conv with ``lora_a``, or the base conv with the kernel)."""
@@ -399,6 +401,8 @@ def _conv_like(module: nn.Conv, r: int):
     conv = nn.Conv(**{**fields, "features": r, "use_bias": False})
 
     def apply(x: jax.Array, lora_a: jax.Array) -> jax.Array:
-        return conv.apply({"params": {"kernel": meta.unbox(lora_a)}}, x)
+        # flax types apply's result as maybe (output, mutated variables); without mutable=
+        # it is the output alone.
+        return conv.apply({"params": {"kernel": meta.unbox(lora_a)}}, x)  # type: ignore[return-value]
 
     return apply

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -75,7 +75,8 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
             "intercept_stack: a jaxlora.intercept or intercept_stack is already active; nesting "
             "them would add branches twice. Enter one, around the outermost call."
         )
-    state = _StackState(None, True, stack=stack, index=index)
+    # No LoRAConfig: the stack's layers use the stack's own scales, not _State.config.
+    state = _StackState(None, True, stack=stack, index=index)  # type: ignore[arg-type]
     key = ("intercept", "stack", stack.kernels, stack.roles, stack.capacity, stack.rank)
     with traced_as(key), nn.intercept_methods(state.interceptor):
         yield
@@ -95,13 +96,13 @@ class _StackState(_State):
 
     def adapted(self, module: nn.Module) -> bool:
         own = super().adapted(module)
-        return own or path_str(module.scope.path) in self.stack.lora_a
+        return own or path_str(module.path) in self.stack.lora_a
 
     def at_product(self, module: nn.Module) -> bool:
-        return path_str(module.scope.path) in dict(self.stack.roles)
+        return path_str(module.path) in dict(self.stack.roles)
 
     def apply_product(self, module: nn.Module, args: tuple, kwargs: dict, quantized):
-        name = path_str(module.scope.path)
+        name = path_str(module.path)
         where = f"layer '{name}'"
         self._check_plain(module, where)
         marker = dict(self.stack.roles)[name]
@@ -133,7 +134,7 @@ class _StackState(_State):
             )
 
     def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs, quantized):
-        name = path_str(module.scope.path)  # the stack's keys, '<root>' for a root layer
+        name = path_str(module.path)  # the stack's keys, '<root>' for a root layer
         where = f"layer '{name}'"
         self._check_plain(module, where)
         x = args[0] if args else next(iter(kwargs.values()))
@@ -150,7 +151,7 @@ class _StackState(_State):
         a, b = self.stack.lora_a[name], self.stack.lora_b[name]
         x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
         axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
-        axis = tuple(axis) if isinstance(axis, tuple | list) else (axis,)
+        axis = tuple(axis) if isinstance(axis, Sequence) else (axis,)
         if 0 in (i % jnp.ndim(x) for i in axis):
             raise ValueError(f"{where} contracts its input's axis 0, which is the examples' axis")
         self.applied.add(name)

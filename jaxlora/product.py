@@ -230,9 +230,11 @@ def apply(
     """``module.__call__(*args, **kwargs)`` with the LoRA branch added at its weight's product
     (what ``intercept`` does for a node holding ``lora_roles``); ``weights``: its quantized
     weights, dequantized (the base product runs on them)."""
-    name = ".".join(module.scope.path)
+    name = ".".join(module.path)
     where = f"layer '{name or '<root>'}'"
-    node = {n: module.get_variable("params", n) for n in module.variables.get("params", {})}
+    node: dict[str, Any] = {
+        n: module.get_variable("params", n) for n in module.variables.get("params", {})
+    }
     node.update(weights)
     _, _, a, b, marker = check_product(node, where)
     inner = [

@@ -10,6 +10,7 @@ twin that names its layers ``blocks_3`` pass ``{"blocks": "blocks_{i}"}``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -127,11 +128,12 @@ def _plain(tree: Mapping) -> dict:
 
 def _pop(tree: dict, path: str):
     *parents, last = path.split(".")
+    node: Any = tree
     for key in parents:
-        tree = tree.get(key)
-        if not isinstance(tree, dict):
+        node = node.get(key)
+        if not isinstance(node, dict):
             return None
-    return tree.pop(last, None)
+    return node.pop(last, None)
 
 
 def _put(tree: dict, path: str, value) -> None:
@@ -168,6 +170,7 @@ def _stack(trees: list) -> dict:
 
 
 def _subtree(tree: Mapping, path: str):
+    node: Any = tree
     for key in path.split("."):
-        tree = tree.get(key) if isinstance(tree, Mapping) else None
-    return tree
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node

@@ -123,7 +123,8 @@ def _skeleton(tree: PyTree) -> PyTree:
 def _check_same_tree(skeleton: PyTree, tree: PyTree, name: str) -> None:
     """A ``ValueError`` (at trace time under jit: structures are static) if ``tree``'s
     structure is not the one ``init`` saw, naming leaves that were added or removed."""
-    if jax.tree.structure(_skeleton(tree)) == jax.tree.structure(skeleton):
+    # jaxlib ships PyTreeDef without type stubs, so the checker cannot see its __eq__.
+    if jax.tree.structure(_skeleton(tree)) == jax.tree.structure(skeleton):  # type: ignore[operator]
         return
 
     def paths(t: PyTree) -> set[str]:

@@ -5,6 +5,7 @@ spatial dimensions."""
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from torch.nn.modules.utils import _ntuple
 
 from torchlora import core
 from torchlora.base import LoRALayer
+
+# The torch layers a torchlora conv wraps (its ``base_type``).
+TorchConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 
 class _ConvNd(LoRALayer):
@@ -28,7 +32,7 @@ class _ConvNd(LoRALayer):
     differs from its own merge for a dilated base).
     """
 
-    base_type: type[nn.Module]
+    base_type: ClassVar[type[TorchConv]]
     dims: int
     kind = "conv"
 
@@ -67,7 +71,7 @@ class _ConvNd(LoRALayer):
         self.padding = padding if isinstance(padding, str) else tup(padding)
         self._setup_lora(r, alpha, use_rslora, init, ("kaiming", "gaussian"))
         self._setup_dora(use_dora, init, f"torchlora.{type(self).__name__}")
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels, *window, **factory), requires_grad=False
         )
@@ -85,7 +89,7 @@ class _ConvNd(LoRALayer):
     @classmethod
     def from_conv(
         cls,
-        conv: nn.Module,
+        conv: TorchConv,
         r: int,
         alpha: float | None = None,
         *,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,7 +63,7 @@ class Embedding(LoRALayer):
         self.padding_idx = padding_idx
         self._setup_lora(r, alpha, use_rslora, init, ("kaiming", "gaussian"))
         self._setup_dora(use_dora, init, "torchlora.Embedding")
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(num_embeddings, embedding_dim, **factory), requires_grad=False
         )
@@ -115,7 +117,7 @@ class Embedding(LoRALayer):
     scale_grad_by_freq = False
 
     @staticmethod
-    def unsupported(embedding: nn.Embedding) -> str | None:
+    def unsupported(embedding: nn.Module) -> str | None:
         """Why ``embedding`` cannot be adapted, or ``None``."""
         if embedding.max_norm is not None or embedding.sparse:
             return (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,7 @@ class Linear(LoRALayer):
         self.out_features = out_features
         self._setup_lora(r, alpha, use_rslora, init, INITS)
         self._setup_dora(use_dora, init, where)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, **factory), requires_grad=False
         )
@@ -136,7 +137,7 @@ class Linear(LoRALayer):
         return layer
 
     @staticmethod
-    def unsupported(linear: nn.Linear) -> str | None:
+    def unsupported(linear: nn.Module) -> str | None:
         """Why ``linear`` cannot be adapted, or ``None`` (every ``nn.Linear`` can)."""
         return None
 

@@ -83,7 +83,11 @@ class LoRAConv(Adapter, nnx.Conv):
             bias_init=_placeholder,
         )
 
-    def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+    # Unlike nnx.Conv, no out_sharding (the LoRA branch is not sharded to match) and a
+    # deterministic flag for the branch's dropout: a narrower signature, on purpose.
+    def __call__(  # type: ignore[override]
+        self, x: jax.Array, *, deterministic: bool | None = None
+    ) -> jax.Array:
         y = super().__call__(x)
         dropped, a, b = nnx.nn.dtypes.promote_dtype(
             (self._branch_input(x, deterministic), self.lora_a[...], self.lora_b[...]),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -24,7 +24,11 @@ from jaxlora.nnx.oplevel import LORA_ATTRIBUTES, OpAdapter, adapt, find_weights
 from jaxlora.tree import ParamCount
 
 SUPPORTED = "nnx.Linear, nnx.LinearGeneral (no batch_axis), nnx.Conv (no mask, groups=1), nnx.Embed"
-_ADAPTED = {nnx.LinearGeneral: LoRALinearGeneral, nnx.Conv: LoRAConv, nnx.Embed: LoRAEmbed}
+_ADAPTED: dict[type[nnx.Module], type[Adapter]] = {
+    nnx.LinearGeneral: LoRALinearGeneral,
+    nnx.Conv: LoRAConv,
+    nnx.Embed: LoRAEmbed,
+}
 
 
 def stack_of(module: nnx.Module) -> int:
@@ -108,12 +112,12 @@ def _check(module: nnx.Module, name: str, config: LoRAConfig, per_layer: list[st
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
         kind = cls.kind
-        weight = module.embedding if kind == "embed" else module.kernel
-        in_axes = len(module.in_features) if cls is LoRALinearGeneral else 1
+        weight = getattr(module, "embedding" if kind == "embed" else "kernel")
+        in_axes = len(module.in_features) if isinstance(module, nnx.LinearGeneral) else 1
         n_in, n_out = kinds.flat_features(kind, weight.shape, in_axes, stack_of(module))
     stack = stack_of(module)
     if stack:
-        weight = module.embedding if kind == "embed" else module.kernel
+        weight = getattr(module, "embedding" if kind == "embed" else "kernel")
         if stack != 1 or kind == "conv" or stack < 0:
             why = "conv layers cannot be stacked" if kind == "conv" else "one layer axis only"
             raise TypeError(
@@ -199,7 +203,9 @@ def inject(
             by_product[name] = module
         else:
             _check(module, name, config, per_layer.get(name, []))
-    products = find_weights(model, by_product, inputs) if by_product else {}
+    products: dict[str, tuple[str, Any]] = {}
+    if by_product and inputs is not None:  # by_product is empty without inputs (_by_product)
+        products = find_weights(model, by_product, inputs)
     for name, (_, roles) in products.items():
         _check_by_product(modules[name][1], name, config, roles)
     groups = _tied(modules, chosen, config)
@@ -221,7 +227,8 @@ def inject(
     for names, layer in built:
         for alias in names:  # a tied layer stays tied: one LoRA layer at each of its paths
             _replace(model, modules[alias][0], layer)
-    model.lora_config = config
+    # flax declares no attributes on nnx.Module; a module takes any.
+    model.lora_config = config  # type: ignore[attr-defined]
     return model
 
 
@@ -229,7 +236,7 @@ def _weight(module: nnx.Module, product: tuple | None = None) -> nnx.Variable:
     """The weight an adapter goes on: an op-level ``product``'s (its weight's name first)."""
     if product is not None:
         return getattr(module, product[0])
-    return module.embedding if isinstance(module, nnx.Embed) else module.kernel
+    return getattr(module, "embedding" if isinstance(module, nnx.Embed) else "kernel")
 
 
 def _build(
@@ -253,6 +260,7 @@ def _build(
     )
     if not isinstance(base, nnx.Embed):
         options["dropout"] = config.dropout
+    wrap: Callable[..., nnx.Module]
     if product is not None:
         del options["init"], options["use_dora"]
         weight, roles = product
@@ -285,7 +293,7 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
         path, layer = names[0]
         if isinstance(layer, LoRALinear | Adapter | OpAdapter):
             try:
-                if requantize and _quantized(layer):
+                if requantize and isinstance(layer, LoRALinear | OpAdapter) and layer.is_quantized:
                     requantized.append((layer, layer.requantized()))
                 else:
                     plain.append(([p for p, _ in names], _merged(layer)))
@@ -311,11 +319,6 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
     return model
 
 
-def _quantized(layer: nnx.Module) -> bool:
-    """Whether ``layer`` is a LoRA layer whose base weight is quantized."""
-    return isinstance(layer, LoRALinear | OpAdapter) and layer.is_quantized
-
-
 def _per_layer(wrap, base: nnx.Module, stack: int, *, rngs: nnx.Rngs, **options) -> nnx.Module:
     """``wrap(base, rngs=rngs, **options)``, or for a stacked layer ``wrap`` on each layer's
     slice under ``nnx.vmap`` with the rngs split per layer: the new layer's state (the shared
@@ -327,7 +330,7 @@ def _per_layer(wrap, base: nnx.Module, stack: int, *, rngs: nnx.Rngs, **options)
     # the adapter then gets it as its leading name too.
     metadata = _weight(base).get_metadata()
     names = next((metadata[k] for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
-    extra = {}
+    extra: dict[str, Any] = {}
     if names is not None and len(names) == _weight(base).ndim:
         if names[0] is None:
             raise ValueError(
@@ -346,10 +349,10 @@ def _per_layer(wrap, base: nnx.Module, stack: int, *, rngs: nnx.Rngs, **options)
 
 
 def _length(module: nnx.Module) -> int:
-    return (module.embedding if isinstance(module, nnx.Embed) else module.kernel).shape[0]
+    return _weight(module).shape[0]
 
 
-def _merged(layer: nnx.Module) -> nnx.Module:
+def _merged(layer: LoRALinear | Adapter | OpAdapter) -> nnx.Module:
     """``layer.to_base()``, per layer under ``nnx.vmap`` for a stacked one (checking the
     merged weight is finite once, outside)."""
     if not stack_of(layer):
@@ -460,7 +463,7 @@ def _tied(modules: dict, chosen: list[str], config: LoRAConfig) -> list[list[str
 
 
 def _replace(model: nnx.Module, path: tuple, module: nnx.Module) -> None:
-    parent = model
+    parent: Any = model  # a module, or a list or dict of them
     for key in path[:-1]:
         parent = parent[key] if isinstance(key, int) else getattr(parent, key)
     if isinstance(path[-1], int):

@@ -129,7 +129,8 @@ class LoRALinear(nnx.Module):
         # kernel is a residual, which decides what an adapter file may be loaded into it.
         self.init = "kaiming"
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
-        self.kernel = nnx.Param(
+        # jaxlora.nnx.quantize may replace it by a QuantizedKernel.
+        self.kernel: nnx.Param[jax.Array] | QuantizedKernel = nnx.Param(
             kernel_init(rngs.params(), (in_features, out_features), param_dtype)
         )
         self.bias = (
@@ -197,8 +198,8 @@ class LoRALinear(nnx.Module):
         if key is not None:  # the adapter follows the kernel: A (in, ·), B (·, out)
             names_in, names_out = metadata[key]
             extra = {k: metadata[k] for k in ("mesh", "eager_sharding") if k in metadata}
-            layer.lora_a = nnx.LoRAParam(layer.lora_a[...], **{key: (names_in, None)}, **extra)
-            layer.lora_b = nnx.LoRAParam(layer.lora_b[...], **{key: (None, names_out)}, **extra)
+            layer.lora_a = nnx.LoRAParam(layer.lora_a[...], **{key: (names_in, None), **extra})
+            layer.lora_b = nnx.LoRAParam(layer.lora_b[...], **{key: (None, names_out), **extra})
         layer.init = init
         if init != "kaiming":
             from jaxlora.inject import init_leaves
@@ -245,7 +246,8 @@ class LoRALinear(nnx.Module):
         if isinstance(self.kernel, QuantizedKernel):
             linear.kernel = nnx.Param(merged)
         else:
-            linear.kernel = self.kernel.replace(merged)
+            # flax types Variable.replace as returning Variable; it keeps the type (a Param).
+            linear.kernel = self.kernel.replace(merged)  # type: ignore[assignment]
         linear.bias = self.bias
         return linear
 

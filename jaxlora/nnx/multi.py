@@ -54,6 +54,11 @@ class MultiLoRALinear(nnx.Module):
     branch of the adapter the active ``adapter_index`` picks (``jaxlora.multi.gathered_branch``).
     """
 
+    lora_a: StackedAdapter
+    lora_b: StackedAdapter
+    scale: StackedAdapter
+    occupied: StackedAdapter
+
     def __init__(self, layer: LoRALinear, *, capacity: int, rank: int) -> None:
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.dtype, self.precision = layer.dtype, layer.precision
@@ -139,7 +144,9 @@ def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nn
 
 def _stacked(model: nnx.Module) -> dict[str, MultiLoRALinear | MultiOpAdapter]:
     kinds = MultiLoRALinear | MultiOpAdapter
-    found = {p: m for p, (_, m) in _module_paths(model).items() if isinstance(m, kinds)}
+    found: dict[str, MultiLoRALinear | MultiOpAdapter] = {
+        p: m for p, (_, m) in _module_paths(model).items() if isinstance(m, kinds)
+    }
     if not found:
         raise ValueError("the model has no stacked layer: call jaxlora.nnx.to_multi")
     return found
@@ -150,8 +157,8 @@ def _weights(layer, src: nnx.Module, path: str) -> tuple[nnx.Variable, nnx.Varia
     layer is of another kind (or, op-level, made for another weight or roles)."""
     where = f"set_adapter: layer '{path}'"
     if isinstance(layer, MultiOpAdapter):
-        multi_op.check_source(layer, src, where)
-        return getattr(src, src.lora_weight), getattr(layer, layer.lora_weight)
+        op = multi_op.check_source(layer, src, where)
+        return getattr(op, op.lora_weight), getattr(layer, layer.lora_weight)
     if not isinstance(src, LoRALinear):
         raise ValueError(f"{where} is a LoRALinear in the stack, the adapter's a {type(src)}")
     return src.kernel, layer.kernel

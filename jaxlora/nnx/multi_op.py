@@ -11,7 +11,7 @@ examples on its axis 0 alone.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flax import nnx
 
@@ -22,13 +22,24 @@ from jaxlora.nnx.oplevel import LORA_ATTRIBUTES, OpAdapter, call, traced_call
 _CLASSES: dict[type, type] = {}
 
 
-class MultiOpAdapter:
+if TYPE_CHECKING:
+    _Module = nnx.Module  # MultiOpAdapter is only ever mixed into an NNX module (stacked)
+else:
+    _Module = object
+
+
+class MultiOpAdapter(_Module):
     """The mixin of every stacked op-level layer (see the module docstring)."""
 
     __slots__ = ()
+    lora_base_type: type[nnx.Module]
     lora_weight: str
     lora_roles: oplevel.Roles
     lora_path: str
+    lora_a: serving.StackedAdapter
+    lora_b: serving.StackedAdapter
+    scale: serving.StackedAdapter
+    occupied: serving.StackedAdapter
 
     def __init__(self, layer: OpAdapter, *, path: str, capacity: int, rank: int) -> None:
         for name, value in vars(layer).items():
@@ -65,7 +76,7 @@ class MultiOpAdapter:
 
 def stacked(layer: OpAdapter, *, path: str, capacity: int, rank: int) -> Any:
     """``layer``'s base with an empty stack of ``capacity`` adapters of rank ``rank``."""
-    base_type = layer.lora_base_type
+    base_type: type = layer.lora_base_type
     if base_type not in _CLASSES:
         name = f"MultiLoRA{base_type.__name__}"
         _CLASSES[base_type] = type(base_type)(
@@ -74,8 +85,9 @@ def stacked(layer: OpAdapter, *, path: str, capacity: int, rank: int) -> Any:
     return _CLASSES[base_type](layer, path=path, capacity=capacity, rank=rank)
 
 
-def check_source(layer: MultiOpAdapter, src: nnx.Module, where: str) -> None:
-    """A ``ValueError`` unless ``src`` is an op-level adapter of the same weight and roles."""
+def check_source(layer: MultiOpAdapter, src: nnx.Module, where: str) -> OpAdapter:
+    """``src``, checked to be an op-level adapter of the same weight and roles (a
+    ``ValueError`` otherwise)."""
     if not isinstance(src, OpAdapter):
         raise ValueError(
             f"{where} is adapted at its weight's product in the stack, but the adapter's layer "
@@ -86,3 +98,4 @@ def check_source(layer: MultiOpAdapter, src: nnx.Module, where: str) -> None:
             f"{where}: the adapter was made for weight '{src.lora_weight}' as {src.lora_roles}, "
             f"the stack's for '{layer.lora_weight}' as {layer.lora_roles}"
         )
+    return src

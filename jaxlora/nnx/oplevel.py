@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +40,23 @@ _TRACES: dict[Any, tuple] = {}
 _MAX_TRACES = 256
 
 
-class OpAdapter:
+if TYPE_CHECKING:
+    from jaxlora.nnx.multi_op import MultiOpAdapter
+
+    _Module = nnx.Module  # OpAdapter is only ever mixed into an NNX module (adapted_class)
+else:
+    _Module = object
+
+
+class OpAdapter(_Module):
     """The mixin of every op-level adapted module (see the module docstring)."""
 
     __slots__ = ()
     lora_a: nnx.LoRAParam
     lora_b: nnx.LoRAParam
+    lora_base_type: type[nnx.Module]
+    lora_weight: str
+    lora_roles: oplevel.Roles
 
     def __init__(
         self,
@@ -214,11 +225,11 @@ def _aval(x) -> tuple:
     return (tuple(jnp.shape(x)), jnp.result_type(x), getattr(x, "weak_type", False))
 
 
-def _trace(module: nnx.Module, graphdef, state_def, leaves, args, kwargs):
+def _trace(module: OpAdapter | MultiOpAdapter, graphdef, state_def, leaves, args, kwargs):
     """(closed jaxpr, output treedef, product, static parts) of the base call, cached."""
     dynamic, static, arg_def = oplevel.split_args(args, kwargs)
     dyn = [d for d in dynamic if d is not None]
-    key = (
+    key: tuple | None = (
         type(module),
         graphdef,
         state_def,
@@ -247,8 +258,10 @@ def _trace(module: nnx.Module, graphdef, state_def, leaves, args, kwargs):
     index = _weight_index(module, state_def, leaves)
     weight = getattr(module, module.lora_weight)
     where = f"{type(module).__name__}: weight '{module.lora_weight}' {tuple(weight.shape)}"
+    # jaxlib ships PyTreeDef without type stubs, so the checker cannot see its attributes.
+    returned = out_def.num_leaves + index  # type: ignore[attr-defined]
     product = oplevel.find_product(
-        closed.jaxpr, index, weight.shape, where=where, returned=out_def.num_leaves + index
+        closed.jaxpr, index, weight.shape, where=where, returned=returned
     )
     product = oplevel.with_shape(product, tuple(weight.shape))
     if product.roles != module.lora_roles:
@@ -263,12 +276,12 @@ def _trace(module: nnx.Module, graphdef, state_def, leaves, args, kwargs):
     return closed, out_def, product, dyn
 
 
-def _weight_index(module: nnx.Module, state_def, leaves) -> int:
+def _weight_index(module: OpAdapter | MultiOpAdapter, state_def, leaves) -> int:
     paths = jax.tree_util.tree_flatten_with_path(jax.tree.unflatten(state_def, leaves))[0]
     return next(i for i, (p, _) in enumerate(paths) if _key(p) == (module.lora_weight,))
 
 
-def _split(module: nnx.Module, weight: jax.Array | None):
+def _split(module: OpAdapter | MultiOpAdapter, weight: jax.Array | None):
     """``nnx.split(module)``, its weight's entry a plain ``nnx.Param`` holding ``weight`` (the
     dequantized weight of a quantized module) when given: the call is traced and evaluated on
     the weight's own shape and dtype, so its product is the module's own."""
@@ -278,12 +291,12 @@ def _split(module: nnx.Module, weight: jax.Array | None):
     return graphdef, state
 
 
-def _dequantized(module: nnx.Module) -> jax.Array | None:
+def _dequantized(module: OpAdapter | MultiOpAdapter) -> jax.Array | None:
     held = getattr(module, module.lora_weight)
     return kernel_value(held) if isinstance(held, QuantizedKernel) else None
 
 
-def traced_call(module: nnx.Module, args: tuple, kwargs: dict):
+def traced_call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict):
     """(closed jaxpr, product) of the base call of an op-level layer (``OpAdapter``, or a
     stacked one of ``to_multi``) on these arguments (cached, as its calls are)."""
     graphdef, state = _split(module, _dequantized(module))
@@ -292,7 +305,7 @@ def traced_call(module: nnx.Module, args: tuple, kwargs: dict):
     return closed, product
 
 
-def call(module: nnx.Module, args: tuple, kwargs: dict, extra):
+def call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict, extra):
     """The base call of an op-level layer with ``extra(product, eqn, operands)`` added at its
     weight's product (the layer's branch); a quantized weight is dequantized first."""
     weight = _dequantized(module)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Protocol
 
 import jax
 from flax import nnx
@@ -16,6 +17,15 @@ from jaxlora import multi
 class StackedAdapter(nnx.Variable):
     """An adapter stack of a ``MultiLoRALinear`` or a stacked op-level layer (served, never
     trained)."""
+
+
+class Stacked(Protocol):
+    """What a stacked layer holds (``MultiLoRALinear``, a stacked op-level layer)."""
+
+    lora_a: StackedAdapter
+    lora_b: StackedAdapter
+    scale: StackedAdapter
+    occupied: StackedAdapter
 
 
 class _Index(threading.local):
@@ -48,7 +58,7 @@ def active_index(where: str) -> jax.Array:
     return _INDEX.stack[-1]
 
 
-def new_stack(layer: nnx.Module, shape_a, shape_b, dtype, capacity: int) -> None:
+def new_stack(layer: Stacked, shape_a, shape_b, dtype, capacity: int) -> None:
     """Gives ``layer`` an empty stack: ``lora_a`` (capacity, *shape_a), ``lora_b`` (capacity,
     *shape_b), ``scale`` and ``occupied`` (capacity,)."""
     layer.lora_a = StackedAdapter(jax.numpy.zeros((capacity, *shape_a), dtype))
@@ -57,7 +67,7 @@ def new_stack(layer: nnx.Module, shape_a, shape_b, dtype, capacity: int) -> None
     layer.occupied = StackedAdapter(jax.numpy.zeros((capacity,), bool))
 
 
-def write(layer: nnx.Module, slot: int, a, b, scale, occupied: bool) -> None:
+def write(layer: Stacked, slot: int, a, b, scale, occupied: bool) -> None:
     """Puts one adapter (or zeros) in ``slot`` of ``layer``'s stack, in place."""
     layer.lora_a[...] = layer.lora_a[...].at[slot].set(a)
     layer.lora_b[...] = layer.lora_b[...].at[slot].set(b)

@@ -15,7 +15,7 @@ dequantizes the weight to its own shape and runs the layer's own product on it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -161,20 +161,23 @@ def requantize_merged(merged: PyTree, quantized: PyTree) -> PyTree:
     """``merged`` (``quantized`` dequantized and merged) with each quantized layer's weight in
     ``'quant'`` again: a layer that held an adapter in ``quantized`` gets its merged weight
     re-quantized in its own format and layout, the others keep their quantized weight."""
-    new = {}
+    new: dict[str, Any] = {}
     for path, name, q, roles in iter_quantized(quantized[QUANT]):
         node = _node(quantized["params"], path)
         if node is not None and "lora_a" in node:
-            q = requantize_weight(q, roles, _node(merged["params"], path)[name])
-        entry = dict(_node(quantized[QUANT], path))
+            # merged is quantized merged (jaxlora.merge): it has every layer quantized has.
+            merged_node = cast(Mapping, _node(merged["params"], path))
+            q = requantize_weight(q, roles, merged_node[name])
+        entry = dict(cast(Mapping, _node(quantized[QUANT], path)))
         new[path] = {**entry, name: q}
     return restore_quantized(merged, _like(quantized, {**quantized, QUANT: _nest(new)}))
 
 
 def _node(tree: Mapping, path: str) -> Mapping | None:
+    node: Any = tree
     for key in path.split("."):
-        tree = tree.get(key) if isinstance(tree, Mapping) else None
-    return tree if isinstance(tree, Mapping) else None
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node if isinstance(node, Mapping) else None
 
 
 def iter_quantized(tree: Mapping, path: tuple[str, ...] = ()):

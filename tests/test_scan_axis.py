@@ -316,3 +316,141 @@ def test_files_are_the_unrolled_twins_and_load_back_exactly(tmp_path, dims, axis
     assert _max_err(jaxlora.split(into_base)[0], adapter) == 0.0
     assert into_base["layers"]["query"][STACK_NAME] == adapter["layers"]["query"][STACK_NAME]
     jax.tree.map(np.testing.assert_array_equal, jaxlora.split(into_base)[1], base)
+
+
+# ------------------------------------------------------------------------------- refusals
+
+
+def test_a_plain_tree_on_another_axis_needs_the_layouts_to_load(tmp_path):
+    _, unrolled, _, scanned, config, _ = _twins(MAXTEXT, 1)
+    jaxlora.save_adapter(unrolled, tmp_path, config)
+    base = jaxlora.split(scanned)[1]
+    with pytest.raises(ValueError, match=r"under 'layers' share no layer axis at position 0.*"):
+        jaxlora.load_adapter(base, tmp_path, layer_names=NAMES)
+
+
+def test_per_layer_targets_count_the_layers_on_the_scan_axis():
+    """A per-layer path names each of the L layers on the scan axis (not the D rows of axis
+    0): targeting all of them adapts the stack."""
+    x = _inputs(MAXTEXT)
+    model = Scanned(MAXTEXT, 1)
+    base = model.init(jax.random.key(0), x)["params"]
+    config = jaxlora.LoRAConfig(r=2, targets=r"layers_[0-2]\.query")
+    params = jaxlora.inject(
+        base, config, jax.random.key(1), layouts=jaxlora.layouts(model, x), layer_names=NAMES
+    )
+    assert params["layers"]["query"]["lora_a"].shape == (16, 3, 2)
+
+
+def test_a_scan_axis_a_factor_does_not_have_is_refused():
+    """nn.scan stacks every param of the layer on its axis: lora_b (r, D) of a (N, H, D)
+    kernel has no axis 3 to be stacked on."""
+
+    class Out(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            y = nn.DenseGeneral(4, axis=(-2, -1), use_bias=False, name="out")(x)
+            return x + y[..., None, :2], None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            stack = nn.scan(Out, variable_axes={"params": 3}, split_rngs={"params": True}, length=3)
+            return stack(name="layers")(x, None)[0]
+
+    model, x = Model(), jnp.ones((2, 5, 2, 2))
+    base = model.init(jax.random.key(0), x)["params"]
+    assert base["layers"]["out"]["kernel"].shape == (2, 2, 4, 3)
+    layouts = jaxlora.layouts(model, x)
+    assert layouts["layers.out"].axis == 3
+    config = jaxlora.LoRAConfig(r=2, targets=["out"])
+    with pytest.raises(TypeError, match=r"'layers\.out' is stacked on axis 3 .* 'lora_b' \(2, 4\)"):
+        jaxlora.inject(base, config, jax.random.key(1), layouts=layouts)
+
+
+def test_many_adapter_stacks_refuse_a_scanned_adapter():
+    *_, scanned, config, _ = _twins(MAXTEXT, 1)
+    with pytest.raises(ValueError, match=r"'layers\.(fc|key|mlp|out|query|value)'.*stacked over 1"):
+        jaxlora.stack_adapters([(scanned, config)])
+
+
+class _BoxedLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        init = nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "heads", "kv"))
+        q = nn.DenseGeneral((2, 4), kernel_init=init, use_bias=False, name="query")(x)
+        return x + q.reshape(x.shape), None
+
+
+class _BoxedScan(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(
+            _BoxedLayer,
+            variable_axes={"params": 1},
+            split_rngs={"params": True},
+            length=3,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        return stack(name="layers")(x, None)[0]
+
+
+def test_boxed_names_put_the_layer_axis_name_at_the_scan_axis():
+    model, x = _BoxedScan(), jnp.ones((2, 8))
+    variables = model.init(jax.random.key(0), x)
+    config = jaxlora.LoRAConfig(r=2, alpha=4, targets=["query"])
+    params = jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+    spec = nn.get_partition_spec(params)["params"]["layers"]["query"]
+    assert spec["kernel"] == P("embed", "layers", "heads", "kv")
+    assert spec["lora_a"] == P("embed", "layers", None)
+    assert spec["lora_b"] == P(None, "layers", "heads", "kv")
+    query = params["params"]["layers"]["query"]
+    b = jax.random.normal(jax.random.key(2), (2, 3, 2, 4)) * 0.3
+    params["params"]["layers"]["query"] = {**query, "lora_b": query["lora_b"].replace_boxed(b)}
+    with jaxlora.intercept(config):
+        y = model.apply(params, x)  # the scan strips the layer axis name from the adapter too
+    merged = jaxlora.merge(nn.meta.unbox(params), alpha=4.0)
+    assert float(jnp.max(jnp.abs(model.apply(merged, x) - y))) < 1e-5
+    assert float(jnp.max(jnp.abs(model.apply(variables, x) - y))) > 1e-2
+
+
+# ------------------------------------------------------------------------------------- NNX
+
+
+def _nnx_stack(out_axes: int, width: int = 16, length: int = 3):
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(width, width // 2 if width > 4 else width, rngs=rngs)
+
+    @nnx.split_rngs(splits=length)
+    @nnx.vmap(in_axes=(0,), out_axes=out_axes)
+    def create(rngs):
+        return Block(rngs)
+
+    return nnx.Dict(blocks=create(nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize(
+    "out_axes, width, match",
+    [
+        (1, 16, r"not axis 0 but one of \[1\]"),
+        (-1, 16, r"not axis 0 but one of \[-1\]"),
+        (0, 4, r"ambiguous: sizes coincide, so axes \[-2, -1, 0, 1\] all fit"),
+    ],
+    ids=["out_axes=1", "out_axes=-1", "coinciding"],
+)
+def test_nnx_stacks_off_axis_0_are_refused_and_nothing_changes(out_axes, width, match):
+    """jaxlora.nnx stacks adapters on axis 0: an nnx.vmap(out_axes=1) stack used to fail
+    inside inject with a bare vmap size error (or, where sizes coincide, be misread)."""
+    from flax import nnx
+
+    import jaxlora.nnx
+
+    model = _nnx_stack(out_axes, width, 4 if width == 4 else 3)
+    kernel = np.asarray(model["blocks"].fc.kernel[...])
+    with pytest.raises(TypeError, match=r"inject: layer 'blocks\.fc' is stacked .*" + match):
+        jaxlora.nnx.inject(model, jaxlora.LoRAConfig(r=2, targets=["fc"]), nnx.Rngs(1))
+    assert type(model["blocks"].fc) is nnx.Linear and not hasattr(model, "lora_config")
+    np.testing.assert_array_equal(np.asarray(model["blocks"].fc.kernel[...]), kernel)

@@ -271,11 +271,14 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
     modules: dict[str, str] = {}  # path -> class name, the innermost (a lifted one wraps it)
 
     products: dict[str, list] = {}  # path -> [ProductLayout or reason] per call
+    probing: list[bool] = []  # set for a second trace, which only learns the stacks' axes
 
     def record(next_fun, call_args, call_kwargs, context):
         module = context.module
         if product.tracing():  # a clone traced for a product: not a module of the model
             return next_fun(*call_args, **call_kwargs)
+        if probing:
+            return _probe_lifted(next_fun, call_args, call_kwargs, module, axes)
         if module.scope is not None:
             modules[".".join(module.scope.path)] = type(module).__name__
         out = next_fun(*call_args, **call_kwargs)
@@ -287,8 +290,6 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
             # params are the body's view (one layer's slice under a scan).
             params = meta.unbox(module.variables.get("params", {}))
             views[path] = jax.tree.map(jnp.ndim, params)
-        if path and not isinstance(module.parent, nn.Module):
-            _put_probe(module, path, axes)
         kind = module_kind(module)
         if kind is not None and context.method_name == "__call__":
             in_axes = input_axes(module) if kind == "linear" else 1
@@ -303,11 +304,18 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
             extra = {} if method is None else {"method": method}
             return model.init(jax.random.key(0), *args, **extra, **kwargs)
 
-    params = meta.unbox(_without_probes(jax.eval_shape(init).get("params", {})))
+    params = meta.unbox(jax.eval_shape(init).get("params", {}))
+    weights = {
+        path: _lookup(params, path, "embedding" if kind == "embed" else "kernel")
+        for path, (kind, _, _) in found.items()
+    }
+    if any(w is not None and jnp.ndim(w) > len(found[p][2]) for p, w in weights.items()):
+        probing.append(True)  # a stacked layer: trace again to learn where its layer axis is
+        jax.eval_shape(lambda: init())  # a new function: eval_shape caches traces by function
     out = {}
     reasons = {}
     for path, (kind, in_axes, shape) in found.items():
-        weight = _lookup(params, path, "embedding" if kind == "embed" else "kernel")
+        weight = weights[path]
         stack = jnp.ndim(weight) - len(shape) if weight is not None else 0
         scan = _scan_root(path, views, params) if stack else None
         axis = axes.get(scan, [0])[0] if scan is not None else 0
@@ -335,11 +343,11 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
     return Layouts(out, modules, reasons)
 
 
-# A probe variable put beside the params of each lifted module during the trace: nn.scan and
-# nn.vmap call add_axis on every boxed variable they stack, with their variable_axes, which is
-# how layouts() learns where the layer axis is (sizes that coincide hide it from the shapes,
-# and a negative axis counts from the end of each array: an adapter's factors, which have
-# other ndims than the weight, need the axis itself).
+# For a model with stacked layers, layouts() traces once more with a probe variable beside the
+# params of each lifted module: nn.scan and nn.vmap call add_axis on every boxed variable they
+# stack, with their variable_axes, which is how it learns where the layer axis is (sizes that
+# coincide hide it from the shapes, and a negative axis counts from the end of each array: an
+# adapter's factors, which have other ndims than the weight, need the axis itself).
 _PROBE = "__jaxlora_layer_axis_probe__"
 
 
@@ -367,18 +375,17 @@ class _AxisProbe(struct.PyTreeNode, meta.AxisMetadata):
         return self
 
 
-def _put_probe(module: nn.Module, path: str, axes: dict[str, list[int]]) -> None:
+def _probe_lifted(next_fun, call_args, call_kwargs, module: nn.Module, axes) -> Any:
+    """Runs the call; at the root of a lifted transform, puts a probe beside its params."""
+    out = next_fun(*call_args, **call_kwargs)
     scope = module.scope
+    if scope is None or not scope.path or isinstance(module.parent, nn.Module):
+        return out
     if scope.is_mutable_collection("params") and not scope.has_variable("params", _PROBE):
         # 8 axes of size 1: room for any axis a transform can stack the model's own params on
-        probe = _AxisProbe(jnp.zeros((1,) * 8, jnp.int8), path, _AxisSink(axes))
+        probe = _AxisProbe(jnp.zeros((1,) * 8, jnp.int8), ".".join(scope.path), _AxisSink(axes))
         scope.put_variable("params", _PROBE, probe)
-
-
-def _without_probes(tree: Any) -> Any:
-    if not isinstance(tree, Mapping):
-        return tree
-    return {k: _without_probes(v) for k, v in tree.items() if k != _PROBE}
+    return out
 
 
 def _drop_axis(shape: tuple, axis: int) -> tuple | None:

@@ -19,7 +19,10 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 import jaxlora
-from jaxlora.tree import RECORD_NAMES, STACK_NAME
+from jaxlora.tree import RECORD_NAMES
+
+STACK_NAME = "lora_stack"  # the record beside an adapter stacked off axis 0
+RECORDS = (*RECORD_NAMES, STACK_NAME)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -97,7 +100,7 @@ def _arrays(tree):
     return {
         k: _arrays(v) if isinstance(v, Mapping) else v
         for k, v in tree.items()
-        if k not in RECORD_NAMES
+        if k not in RECORDS
     }
 
 
@@ -114,7 +117,7 @@ def _fill(scanned, stacked):
     for key, value in scanned.items():
         if isinstance(value, Mapping):
             out[key] = _fill(value, stacked[key])
-        elif key in RECORD_NAMES:
+        elif key in RECORDS:
             out[key] = value
         else:
             assert np.shape(value) == np.shape(stacked[key]), key

@@ -85,8 +85,10 @@ def save_adapter(
     ``layer_names`` says, for each scanned module, where the layer index goes
     (``{"blocks": "blocks.{i}"}`` writes ``…blocks.0.attn.query.lora_A.weight``, …;
     ``{"blocks": "blocks_{i}"}`` writes ``blocks_0.…``); ``path_map`` then applies to the
-    per-layer paths. Without it a stacked layer is refused. ``path_map`` may also name a ready
-    map (``"transformers.flax_llama"``; see ``jaxlora.hf_maps.NAMED_MAPS``).
+    per-layer paths. Without it a stacked layer is refused. Each layer is the stack's slice on
+    its layer axis (axis 0, or the one its ``lora_stack`` record says: a tree scanned with
+    ``variable_axes={"params": 1}``), so the file is the unrolled twin's. ``path_map`` may
+    also name a ready map (``"transformers.flax_llama"``; see ``jaxlora.hf_maps.NAMED_MAPS``).
 
     An adapter made at its weight's product (``inject(..., layouts=)`` on a module such as
     ``FlaxConv1D`` or an einsum projection) is written as the torch ``nn.Linear`` module(s) its

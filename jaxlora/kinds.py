@@ -189,7 +189,10 @@ def check_layer(
             "beside one 'kernel' (or 'embedding')"
         )
     base, a, b = (meta.unbox(node[n]) for n in (name, "lora_a", "lora_b"))
-    shapes = _front_shapes([tuple(np.shape(v)) for v in (base, a, b)], layer_axis(node), where)
+    raw = [tuple(np.shape(v)) for v in (base, a, b)]
+    shapes = _front_shapes(raw, layer_axis(node), where)
+    if shapes is not raw:  # the messages below show the shapes as they are read
+        where += f" (shapes with its layer axis {layer_axis(node)} moved to the front)"
     if len(shapes[0]) < 2 or len(shapes[1]) < 2:
         raise ValueError(
             f"{where}: '{name}' {shapes[0]} and 'lora_a' {shapes[1]} must have 2 or more axes"

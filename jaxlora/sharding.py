@@ -35,7 +35,8 @@ def partition_specs(params: PyTree, base_specs: PyTree) -> PyTree:
     and ``None`` mean replicated). Each ``lora_a`` gets ``P(kernel_in, None)`` and each
     ``lora_b`` ``P(None, kernel_out)`` from its sibling kernel's (or embedding's) spec; for
     multi-axis kernels (DenseGeneral, Conv) all input / output axes carry over, and a stacked
-    (``nn.scan``) layer's leading layer axes are partitioned as the kernel's. ``params`` must
+    (``nn.scan``) layer's layer axis is partitioned as the kernel's (in front, or where its
+    ``lora_stack`` record says: MaxText's ``param_scan_axis=1``). ``params`` must
     hold each adapter beside its base weight (spec the whole tree, then ``split`` it).
 
     >>> import jax.numpy as jnp

@@ -98,9 +98,7 @@ def _random_b(params, seed: int = 3):
 def _arrays(tree):
     """The tree without its records (they hold no arrays)."""
     return {
-        k: _arrays(v) if isinstance(v, Mapping) else v
-        for k, v in tree.items()
-        if k not in RECORDS
+        k: _arrays(v) if isinstance(v, Mapping) else v for k, v in tree.items() if k not in RECORDS
     }
 
 

@@ -7,6 +7,7 @@ with the same weights: every layer of the twin is the scan's slice on that axis.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Mapping
 
 import jax
@@ -88,7 +89,7 @@ def _random_b(params, seed: int = 3):
 
     def perturb(path, x):
         if jax.tree_util.keystr(path).endswith("['lora_b']"):
-            k = jax.random.fold_in(key, hash(jax.tree_util.keystr(path)) % 2**31)
+            k = jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode()))
             return jax.random.normal(k, x.shape, x.dtype) * 0.2
         return x
 
@@ -121,6 +122,11 @@ def _fill(scanned, stacked):
             assert np.shape(value) == np.shape(stacked[key]), key
             out[key] = jnp.asarray(stacked[key])
     return out
+
+
+def _rel_err(y, want) -> float:
+    """The largest difference relative to the output's scale (fp32 rounding: ~1e-7)."""
+    return float(jnp.max(jnp.abs(y - want)) / jnp.max(jnp.abs(want)))
 
 
 def _max_err(a, b) -> float:
@@ -205,7 +211,7 @@ def test_scanned_matches_unrolled_logits_grads_and_adamw(dims, axis, remat):
     with jaxlora.intercept(config):
         y_u = unrolled_model.apply({"params": unrolled}, x)
         y_s = model.apply({"params": scanned}, x)
-    assert float(jnp.max(jnp.abs(y_u - y_s))) < 1e-5
+    assert _rel_err(y_s, y_u) < 2e-6
     base_y = unrolled_model.apply({"params": jaxlora.split(unrolled)[1]}, x)
     assert float(jnp.max(jnp.abs(y_u - base_y))) > 1e-2  # the adapter matters
     assert jaxlora.trainable_parameters(scanned) == jaxlora.trainable_parameters(unrolled)
@@ -255,7 +261,7 @@ def test_merge_is_the_unrolled_merge_and_unmerges(dims, axis):
     assert _max_err(_stacked(merged_u, dims, axis), merged) < 1e-6
     with jaxlora.intercept(config):
         want = model.apply({"params": scanned}, x)
-    assert float(jnp.max(jnp.abs(model.apply({"params": merged}, x) - want))) < 1e-5
+    assert _rel_err(model.apply({"params": merged}, x), want) < 1e-5
     back = jaxlora.unmerge(merged, record)
     assert back["layers"]["query"][STACK_NAME] == scanned["layers"]["query"][STACK_NAME]
     assert _max_err(back, scanned) < 1e-6

@@ -33,10 +33,11 @@ class LoRAConfig:
     numbers. ``select`` (which every ``inject`` calls) refuses a ``targets`` entry or a
     pattern key that matches no layer.
 
-    >>> LoRAConfig(r=8, alpha=16, targets=["query", "value"]).matches("blocks_0.attn.query")
-    True
-    >>> LoRAConfig(r=8, targets=r"blocks_\\d+\\.attn\\.(query|value)").matches("attn.query")
-    False
+    Examples:
+        >>> LoRAConfig(r=8, alpha=16, targets=["query", "value"]).matches("blocks_0.attn.query")
+        True
+        >>> LoRAConfig(r=8, targets=r"blocks_\\d+\\.attn\\.(query|value)").matches("attn.query")
+        False
     """
 
     r: int = 8

@@ -22,9 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Set
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from _loracore import safe_files
 from _loracore.config import WEIGHT_INITS, LoRAConfig
@@ -33,6 +33,10 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PREFIX = "base_model.model."
 META_KEY = "lora_config"
+
+# What ``check_pair`` compares a file's (A, B) with: (the layer's kind, a description such as
+# 'Linear 16 -> 8', and a function from r to the expected (A, B) shapes).
+LayerShapes = tuple[str, str, Callable[[int], tuple[tuple[int, ...], tuple[int, ...]]]]
 SUFFIXES = {
     ".lora_A.weight": ("lora_A", False),
     ".lora_B.weight": ("lora_B", False),
@@ -62,7 +66,7 @@ def magnitude_shape(kind: str, out: int, window: int) -> tuple[int, ...]:
     return (1, out, *(1,) * window) if kind == "conv" else (out,)
 
 
-class LayerTensors(tuple):
+class LayerTensors(tuple[Any, Any, str]):
     """One layer's ``(A, B, kind)`` as ``read_adapter`` returns it, with DoRA's magnitude
     vector (out,) in ``magnitude`` (``None`` for a plain LoRA file)."""
 
@@ -75,19 +79,30 @@ def layer_tensors(a: Any, b: Any, kind: str, magnitude: Any = None) -> LayerTens
     return entry
 
 
+# A map from a '.'-joined JAX path to a torch module path: a dict, a function, or None (the same
+# paths). A framework's maps may give a richer value for some layers (jaxlora's HFLinear).
 PathMap = Mapping[str, str] | Callable[[str], str] | None
+_Spec = TypeVar("_Spec")
 
 
-def map_path(path_map: PathMap, path: str) -> str:
+def map_path(
+    path_map: Mapping[str, _Spec] | Callable[[str], _Spec] | None, path: str
+) -> str | _Spec:
     if path_map is None:
         return path
     return path_map(path) if callable(path_map) else path_map.get(path, path)
 
 
 def file_config(
-    config: LoRAConfig, layers: Mapping[str, tuple[int, float]], candidates: list[str]
+    config: LoRAConfig,
+    layers: Mapping[str, tuple[int, float]],
+    candidates: list[str],
+    *,
+    fan_in_fan_out: bool = False,
 ) -> dict[str, Any]:
-    """``config.to_peft()`` amended so that PEFT rebuilds exactly ``layers`` with their r, alpha."""
+    """``config.to_peft()`` amended so that PEFT rebuilds exactly ``layers`` with their r, alpha;
+    ``fan_in_fan_out`` when every one of them is a transformers ``Conv1D`` (PEFT's flag for
+    them, which it would otherwise set itself, with a warning)."""
     peft = config.to_peft()
     if sorted(p for p in candidates if config.matches(p)) != sorted(layers):
         peft["target_modules"] = sorted(layers)  # exact paths: PEFT rebuilds just these
@@ -102,6 +117,7 @@ def file_config(
             raise ValueError(
                 f"cannot describe layer '{path}' (r={r}, alpha={alpha}) in PEFT's config format"
             )
+    peft["fan_in_fan_out"] = fan_in_fan_out
     return peft
 
 
@@ -134,11 +150,30 @@ def write_adapter(
     )
 
 
+def parse_config(peft: Any, *, conv1d: bool) -> tuple[LoRAConfig, bool]:
+    """(the config, its ``fan_in_fan_out``) from a PEFT config dict. ``fan_in_fan_out=True``
+    (PEFT's flag for transformers' ``Conv1D``, weight (in, out)) is read only where the caller
+    can check it against the torch module kinds (``conv1d``); else it is refused by name."""
+    if conv1d and isinstance(peft, Mapping) and peft.get("fan_in_fan_out") is True:
+        return LoRAConfig.from_peft({**peft, "fan_in_fan_out": False}), True
+    return LoRAConfig.from_peft(peft), False
+
+
 def read_adapter(
-    directory: str | os.PathLike, *, framework: str, is_finite: Callable[[Any], bool]
-) -> tuple[LoRAConfig, dict[str, tuple[Any, Any, str]]]:
+    directory: str | os.PathLike,
+    *,
+    framework: str,
+    is_finite: Callable[[Any], bool],
+    conv1d: Collection[str] | None = None,
+) -> tuple[LoRAConfig, dict[str, LayerTensors]]:
     """Reads and checks an adapter directory: its config and {torch module path: (A, B, kind)},
-    as ``framework``'s arrays ('np' or 'pt'), kind "linear", "conv" or "embed"."""
+    as ``framework``'s arrays ('np' or 'pt'), kind "linear", "conv" or "embed".
+
+    ``conv1d``: the torch module paths the caller knows to be transformers ``Conv1D``. A file
+    with ``fan_in_fan_out=true`` is read only when every one of its layers is among them (a
+    Conv1D's lora_A (r, in) and lora_B (out, r) are a Linear's: PEFT's flag only transposes
+    its merged delta); a layer that is a Linear is refused by name, never transposed to fit.
+    ``None`` (a reader with no Conv1D): such a file is refused."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / ADAPTER_FILE
     try:
@@ -148,14 +183,14 @@ def read_adapter(
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_path}: not valid JSON ({err})") from None
     try:
-        config = LoRAConfig.from_peft(peft)
+        config, fan_in_fan_out = parse_config(peft, conv1d=conv1d is not None)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{config_path}: {err}") from None
     if not weights_path.exists():
         raise ValueError(f"{weights_path}: no such file")
     metadata, raw = safe_files.read_weights(weights_path, framework)
     if META_KEY in metadata:
-        _check_same_save(directory, metadata[META_KEY], config)
+        _check_same_save(directory, metadata[META_KEY], (config, fan_in_fan_out))
     pairs: dict[str, dict[str, Any]] = {}
     magnitudes = _magnitudes(raw, config, weights_path)
     for key, value in raw.items():
@@ -175,7 +210,7 @@ def read_adapter(
                 f"{weights_path}: '{key}' mixes embedding and linear/conv keys for one layer"
             )
         pair[half] = value
-    tensors = {}
+    tensors: dict[str, LayerTensors] = {}
     for path, pair in pairs.items():
         kind = "embed" if pair["embed"] else "linear"
         for half, key in zip(("lora_A", "lora_B"), tensor_keys(path, kind), strict=True):
@@ -206,6 +241,8 @@ def read_adapter(
         tensors[path] = layer_tensors(a, b, kind, magnitude)
     if not tensors:
         raise ValueError(f"{weights_path}: holds no LoRA tensors")
+    if fan_in_fan_out:  # parse_config reads it as True only when conv1d is given
+        _check_conv1d(tensors, conv1d or (), config_path)
     stray = sorted(set(magnitudes) - set(tensors))
     if stray:
         raise ValueError(
@@ -251,7 +288,7 @@ def _magnitude(
     return value.reshape(b.shape[0])  # (out,) for every kind
 
 
-def check_paths_exist(found: set[str], nodes: Mapping, path_map: PathMap, directory: Any) -> None:
+def check_paths_exist(found: set[str], nodes: Mapping, path_map: object, directory: Any) -> None:
     """The file's layer paths must be in the model (after path_map): else say how to map them."""
     absent = sorted(found - set(nodes))
     if absent:
@@ -311,8 +348,9 @@ def residual_needed(
     return True
 
 
-def check_layer_set(expected: set[str], found: set[str], directory: Any) -> None:
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
+def check_layer_set(expected: Set[object], found: Set[str], directory: Any) -> None:
+    # key=str: an expected layer may be a framework's spec (an HFLinear), not a path
+    missing, unexpected = sorted(expected - found, key=str), sorted(found - expected)
     if missing:
         raise ValueError(
             f"{directory}: missing tensors for layer(s) {missing} "
@@ -330,7 +368,7 @@ def check_pair(
     kind: str,
     a: Any,
     b: Any,
-    layer: tuple[str, str, Callable[[int], tuple[tuple, tuple]]],
+    layer: LayerShapes,
     directory: Any,
 ) -> None:
     """Checks a file's (A, B) against the layer it goes to: ``layer`` is (the layer's kind, a
@@ -350,13 +388,28 @@ def check_pair(
             )
 
 
-def _check_same_save(directory: Path, embedded: str, config: LoRAConfig) -> None:
+def _check_conv1d(tensors: Mapping[str, Any], conv1d: Collection[str], config_path) -> None:
+    """``fan_in_fan_out=true`` says every module of the file is a transformers ``Conv1D``."""
+    for path, (_, _, kind) in tensors.items():
+        if kind != "linear" or path not in conv1d:
+            what = "an nn.Linear" if kind == "linear" else f"a {kind} layer"
+            raise ValueError(
+                f"{config_path}: adapter config sets fan_in_fan_out=True, which is not supported "
+                f"for layer '{path}': the flag says its torch module is a transformers Conv1D "
+                f"(weight (in, out)), but path_map gives it as {what}. Pass the model's ready "
+                "map (path_map='transformers.flax_gpt2' for Flax GPT-2) or an "
+                "HFLinear(..., conv1d=True) for it; an adapter is never transposed to fit"
+            )
+
+
+def _check_same_save(directory: Path, embedded: str, parsed: tuple[LoRAConfig, bool]) -> None:
     """The weights embed the config they were saved with: it must mean the same as
     adapter_config.json (a crash between the two renames leaves them different). The parsed
     configs are compared, not the JSON, so a hand edit that changes nothing PEFT computes
     (``base_model_name_or_path`` added, keys reordered) is accepted."""
+    config, fan_in_fan_out = parsed
     try:
-        saved = LoRAConfig.from_peft(json.loads(embedded))
+        saved, saved_fan = parse_config(json.loads(embedded), conv1d=True)
     except (json.JSONDecodeError, TypeError, ValueError) as err:
         raise ValueError(
             f"{directory / ADAPTER_FILE}: its embedded '{META_KEY}' metadata is not a valid "
@@ -372,4 +425,10 @@ def _check_same_save(directory: Path, embedded: str, config: LoRAConfig) -> None
         raise ValueError(
             f"{directory}: {ADAPTER_FILE} and {CONFIG_FILE} come from different "
             f"saves (an interrupted save?); save the adapter again ({'; '.join(changed)})"
+        )
+    if saved_fan != fan_in_fan_out:
+        raise ValueError(
+            f"{directory}: {ADAPTER_FILE} and {CONFIG_FILE} come from different saves (an "
+            f"interrupted save?); save the adapter again (fan_in_fan_out: {saved_fan} in "
+            f"{ADAPTER_FILE}, {fan_in_fan_out} in {CONFIG_FILE})"
         )

@@ -17,7 +17,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors
 
@@ -40,7 +40,7 @@ def write_files(directory: Path, contents: Mapping[str, bytes]) -> None:
     temps: list[str] = []
     try:
         for name, blob in contents.items():
-            temps.append(_temp(directory / name, lambda f, blob=blob: f.write(blob)))
+            temps.append(_temp(directory / name, _writer(blob)))
         for name, tmp in zip(contents, list(temps), strict=True):
             os.replace(tmp, directory / name)
             temps.remove(tmp)
@@ -48,7 +48,12 @@ def write_files(directory: Path, contents: Mapping[str, bytes]) -> None:
         _remove(*temps)
 
 
-def _temp(final: Path, write: Callable[[Any], Any]) -> str:
+def _writer(blob: bytes) -> Callable[[BinaryIO], object]:
+    """What ``_temp`` calls with the open file to fill it: writes ``blob``."""
+    return lambda f: f.write(blob)
+
+
+def _temp(final: Path, write: Callable[[BinaryIO], object]) -> str:
     """Writes a temporary file beside ``final`` (flushed to disk); returns its name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     try:

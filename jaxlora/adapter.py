@@ -20,7 +20,6 @@ from flax.core import meta
 from _loracore import peft_format
 from _loracore.config import WEIGHT_INITS
 from _loracore.peft_format import (
-    PathMap,
     check_layer_set,
     check_pair,
     check_paths_exist,
@@ -58,9 +57,10 @@ def write_adapter(directory, tensors, peft) -> None:
     )
 
 
-def read_adapter(directory):
-    """The adapter's config and {torch module path: (A, B, kind)} as numpy arrays, checked."""
-    return peft_format.read_adapter(directory, framework="np", is_finite=is_finite)
+def read_adapter(directory, *, conv1d=None):
+    """The adapter's config and {torch module path: (A, B, kind)} as numpy arrays, checked;
+    ``conv1d``: the torch paths known to be transformers ``Conv1D`` (``fan_in_fan_out``)."""
+    return peft_format.read_adapter(directory, framework="np", is_finite=is_finite, conv1d=conv1d)
 
 
 def save_adapter(
@@ -68,7 +68,7 @@ def save_adapter(
     directory: str | os.PathLike,
     config: LoRAConfig,
     *,
-    path_map: PathMap = None,
+    path_map: hf_maps.PathMapArg = None,
     layer_names: Mapping[str, str] | None = None,
 ) -> Path:
     """Writes the LoRA leaves of a Linen params tree as a PEFT adapter; returns the directory.
@@ -92,23 +92,27 @@ def save_adapter(
 
     An adapter made at its weight's product (``inject(..., layouts=)`` on a module such as
     ``FlaxConv1D`` or an einsum projection) is written as the torch ``nn.Linear`` module(s) its
-    ``path_map`` value names: a torch path, or a ``jaxlora.HFLinear`` with the axis orders or a
-    fused weight's modules (``jaxlora.hf_maps``). ``load_adapter`` does not read them back yet.
+    ``path_map`` value names: a torch path, or a ``jaxlora.HFLinear`` with the axis orders, a
+    fused weight's modules, or ``conv1d=True`` for transformers' ``Conv1D`` (``jaxlora.hf_maps``;
+    ``path_map="transformers.flax_gpt2"`` says it for GPT-2). When every module written is a
+    Conv1D the file says ``fan_in_fan_out: true``, as PEFT's own GPT-2 files do.
     """
     path_map = hf_maps.resolve(path_map)
     _require_mapping(params, "save_adapter")
     params = with_kernel_shapes(params)  # a quantized base: only its shapes are read
     if layer_names:
         params = stacks.unstack(meta.unbox(params), layer_names)
-    tensors, layers = {}, {}
+    tensors: dict[str, np.ndarray] = {}
+    layers: dict[str, tuple[int, float]] = {}
+    products = _product_layouts(params, path_map, "save_adapter")
     for path, node in iter_lora_layers(params):
         name = path_str(path)
         if ROLES_NAME in node:  # adapted at its weight's product: written as torch Linear(s)
-            _save_product(node, name, path_map, config, tensors, layers)
+            _save_product(node, name, products[name][2], config, tensors, layers)
             continue
         kind, _, _, a, b = kinds.check_layer(node, f"save_adapter: layer '{name}'")
         _check_init_record(node, config, f"save_adapter: layer '{name}'")
-        torch_path = map_path(path_map, name)
+        torch_path = _torch_path(path_map, name, "save_adapter")
         key_a, key_b = tensor_keys(torch_path, kind)
         tensors[key_a], tensors[key_b] = kinds.to_torch(kind, np.asarray(a), np.asarray(b))
         magnitude = _saved_magnitude(node, kind, config, f"save_adapter: layer '{name}'")
@@ -120,7 +124,9 @@ def save_adapter(
     mapped = (map_path(path_map, p) for p in _node_paths(params))
     # a product layer's modules are named by its layout (an HFLinear may name several)
     candidates = [*(p for p in mapped if isinstance(p, str) and p not in layers), *layers]
-    write_adapter(directory, tensors, file_config(config, layers, candidates))
+    lays = [lay for _, _, lay in products.values()]
+    fan = hf_maps.fan_in_fan_out(lays, len(layers))
+    write_adapter(directory, tensors, file_config(config, layers, candidates, fan_in_fan_out=fan))
     return Path(directory)
 
 
@@ -143,7 +149,7 @@ def load_adapter(
     params: PyTree,
     directory: str | os.PathLike,
     *,
-    path_map: PathMap = None,
+    path_map: hf_maps.PathMapArg = None,
     layer_names: Mapping[str, str] | None = None,
     layouts: Mapping | None = None,
 ) -> PyTree:
@@ -172,6 +178,16 @@ def load_adapter(
     its adapters' ``lora_stack`` records once injected; a plain one needs
     ``layouts=jaxlora.layouts(model, *inputs)``, which records the axis (without either, the
     layer axis is taken to be 0, and params that do not share a length there are refused).
+
+    Adapters made at a weight's product (``inject(..., layouts=)``) are read from the torch
+    module(s) their ``path_map`` value names, by the rule that writes them (``jaxlora.hf_maps``,
+    shared with ``jaxlora.nnx``): into a tree already injected with layouts only (a plain
+    tree's layout is not known without tracing: refused, saying so). Each module's
+    ``lora_A``/``lora_B`` shapes must be those of the tree's adapter (its rank), a fused
+    weight's modules must share one ``lora_A`` and one alpha; PiSSA/OLoRA and DoRA files are
+    refused for them. A file with ``fan_in_fan_out: true`` (PEFT's GPT-2 files) loads only
+    where ``path_map`` gives every layer as a transformers ``Conv1D``; a layer given as an
+    ``nn.Linear`` is refused by name (the tensors are never transposed to fit).
     """
     path_map = hf_maps.resolve(path_map)
     _require_mapping(params, "load_adapter")
@@ -184,17 +200,26 @@ def load_adapter(
         return _load_quantized(params, directory, path_map, layer_names, layouts)
     if layer_names:
         return _load_stacked(params, directory, path_map, layer_names, layouts)
-    config, tensors = read_adapter(directory)
-    nodes = {map_path(path_map, name): kn for name, kn in _node_paths(params).items()}
-    check_paths_exist(set(tensors), nodes, path_map, directory)
-    injected = {
-        ".".join(p[1:] if p and p[0] == "params" else p) for p, _ in iter_lora_layers(params)
-    }
-    if injected:
-        expected = {map_path(path_map, p) for p in injected}
+    products = _product_layouts(params, path_map, f"load_adapter {directory}")
+    lays = [lay for _, _, lay in products.values()]
+    config, everything = read_adapter(directory, conv1d=_conv1d_of(path_map, params))
+    op_paths = {t for lay in lays for t in lay.paths}
+    nodes = _plain_nodes(params, path_map, products, set(everything), directory)
+    check_paths_exist(set(everything), {**nodes, **dict.fromkeys(op_paths)}, path_map, directory)
+    injected = {path_str(p) for p, _ in iter_lora_layers(params)} - set(products)
+    if injected or products:
+        expected = {_torch_path(path_map, p, "load_adapter") for p in injected} | op_paths
     else:
         expected = set(config.select(nodes, strict=False))
-    check_layer_set(expected, set(tensors), directory)
+    check_layer_set(expected, set(everything), directory)
+    if config.use_dora and products:
+        raise ValueError(
+            f"{directory}: a DoRA adapter (use_dora=true) cannot be loaded into adapters made at "
+            f"a weight's product ({', '.join(sorted(products))}): DoRA is implemented for "
+            f"{kinds.DORA_KINDS}"
+        )
+    new = _products_from_file(products, everything, config, directory)
+    tensors = {p: t for p, t in everything.items() if p not in op_paths}
     if config.init in WEIGHT_INITS and injected:
         raise ValueError(
             f"{directory}: the file is an init={config.init!r} adapter, relative to the "
@@ -204,7 +229,6 @@ def load_adapter(
             "jaxlora.load_adapter(base_params, directory)"
         )
     _check_residual_bases(tensors, nodes, config, directory)
-    new = {}
     for torch_path, (a, b, file_kind) in tensors.items():
         flax_path, node = nodes[torch_path]
         kind, name, in_axes = _target(node, file_kind, a, f"{directory}: layer '{torch_path}'")
@@ -252,23 +276,103 @@ def load_adapter(
     return _set_leaves(params, (), new)
 
 
-def _save_product(node, name: str, path_map, config, tensors: dict, layers: dict) -> None:
+def _product_layouts(params, path_map, caller: str) -> dict[str, tuple]:
+    """{layer path: (key path, node, HFLayout)} of the adapters made at a weight's product,
+    each node checked (``product.check_product``) and its torch layout taken from ``path_map``
+    (a torch path or a ``jaxlora.HFLinear``: ``jaxlora.hf_maps``, the rule NNX's op-level
+    layers use); a torch module named for two weights is refused."""
+    out: dict[str, tuple] = {}
+    seen: dict[str, str] = {}
+    for path, node in iter_lora_layers(params):
+        if ROLES_NAME not in node:
+            continue
+        name = path_str(path)
+        where = f"{caller}: layer '{name}'"
+        _, _, _, _, marker = product.check_product(node, where)
+        if "lora_magnitude" in node:
+            raise ValueError(f"{where}: DoRA is not supported for an adapter made at a product")
+        spec = path_map(name) if callable(path_map) else (path_map or {}).get(name, name)
+        lay = hf_maps.layout(spec, marker.roles, f"{where}, weight '{marker.weight}'")
+        for torch_path in lay.paths:
+            if torch_path in seen:
+                raise ValueError(
+                    f"{where}: path_map names the torch module '{torch_path}' for layer "
+                    f"'{seen[torch_path]}' too"
+                )
+            seen[torch_path] = name
+        out[name] = (path, node, lay)
+    return out
+
+
+def _torch_path(path_map, name: str, caller: str) -> str:
+    """The torch module of a layer adapted as its own kind (Dense, Conv, Embed): a path; an
+    ``HFLinear`` describes an adapter made at a product (``inject(..., layouts=)``)."""
+    spec = map_path(path_map, name)
+    if not isinstance(spec, str):
+        raise ValueError(
+            f"{caller}: path_map gives {spec!r} for layer '{name}', whose adapter is not made "
+            "at its weight's product (no 'lora_roles'): an HFLinear describes such an adapter; "
+            "inject the layer with layouts= (jaxlora.layouts(model, ...)) or give a torch path"
+        )
+    return spec
+
+
+def _save_product(node, name: str, lay, config, tensors: dict, layers: dict) -> None:
     """A Linen adapter made at its weight's product (``jaxlora.product``) as the torch
-    ``nn.Linear`` module(s) its ``path_map`` value names: a torch path, or a
-    ``jaxlora.HFLinear`` with the axis orders / a fused weight's modules (``jaxlora.hf_maps``,
-    the same rule as NNX's op-level layers)."""
+    module(s) its layout names (``jaxlora.hf_maps``, the same rule as NNX's op-level layers)."""
     where = f"save_adapter: layer '{name}'"
-    _, _, a, b, marker = product.check_product(node, where)
-    if "lora_magnitude" in node:
-        raise ValueError(f"{where}: DoRA is not supported for an adapter made at a product")
-    spec = path_map(name) if callable(path_map) else (path_map or {}).get(name, name)
-    lay = hf_maps.layout(spec, marker.roles, f"{where}, weight '{marker.weight}'")
+    _, _, a, b, _ = product.check_product(node, where)
     for torch_path, pair in hf_maps.to_peft(lay, np.asarray(a), np.asarray(b)).items():
         if torch_path in layers:
             raise ValueError(f"{where}: path_map names the torch module '{torch_path}' twice")
         key_a, key_b = tensor_keys(torch_path, "linear")
         tensors[key_a], tensors[key_b] = pair
         layers[torch_path] = (int(np.shape(a)[-1]), config.alpha_for(name))
+
+
+def _plain_nodes(params, path_map, products: dict, found: set[str], directory) -> dict:
+    """{torch path: (key path, node)} of the nodes not adapted at a product. A node that
+    ``path_map`` gives as an ``HFLinear`` is left out, and refused if the file names its
+    module: its layout is found by tracing (``inject(..., layouts=)``), not from a file."""
+    nodes = {}
+    for name, kn in _node_paths(params).items():
+        if name in products:
+            continue
+        spec = map_path(path_map, name)
+        if isinstance(spec, str):
+            nodes[spec] = kn
+            continue
+        named = {spec.path} if isinstance(spec.path, str) else set(spec.path)
+        if isinstance(spec, hf_maps.HFLinear) and named & found:
+            raise ValueError(
+                f"{directory}: path_map gives {spec!r} for layer '{name}', which holds no "
+                "adapter made at its weight's product: its layout is found by tracing. Inject "
+                "it first (jaxlora.inject(params, config, key, layouts=jaxlora.layouts(model, "
+                "...))), then load"
+            )
+    return nodes
+
+
+def _products_from_file(products: dict, tensors: dict, config, directory) -> dict:
+    """{key path: new lora_a, lora_b} of the product adapters, each read by
+    ``hf_maps.read_op`` (the reader NNX's op-level layers use), in the tree's dtypes and
+    boxes; everything is checked before the caller changes anything."""
+    new = {}
+    for name, (path, node, lay) in products.items():
+        r = int(jnp.shape(meta.unbox(node["lora_a"]))[-1])
+        where = f"{directory}: layer '{name}'"
+        lora_a, lora_b, _ = hf_maps.read_op(lay, r, tensors, config, where)
+        new[path] = {
+            leaf: _replace(node[leaf], value)
+            for leaf, value in (("lora_a", lora_a), ("lora_b", lora_b))
+        }
+    return new
+
+
+def _replace(boxed, value):
+    """``value`` in the dtype (and the ``nn.Partitioned`` box) of the leaf it replaces."""
+    array = jnp.asarray(value, meta.unbox(boxed).dtype)
+    return boxed.replace_boxed(array) if isinstance(boxed, meta.AxisMetadata) else array
 
 
 def _check_init_record(node: Mapping, config, where: str) -> None:
@@ -355,12 +459,13 @@ def _load_stacked(params, directory, path_map, layer_names, layouts) -> PyTree:
 def _target(node, file_kind: str, a: np.ndarray, where: str) -> tuple[str, str, int]:
     """(kind, base leaf name, input axes) of the layer a file's adapter goes to: from its LoRA
     leaves when injected, else from its weight and the file's tensors."""
+    name: str | None
     if "lora_a" in node or "lora_b" in node:
         kind, name, _, lora_a, _ = kinds.check_layer(node, where)
         return kind, name, kinds.in_axes_of(kind, jnp.shape(lora_a))
     name = kinds.base_name(node)
     base = meta.unbox(node[name]) if name is not None else None
-    if base is None or jnp.ndim(base) < 2:
+    if name is None or base is None or jnp.ndim(base) < 2:
         raise ValueError(f"{where} has no kernel or embedding to adapt")
     shape = tuple(jnp.shape(base))
     if name == "embedding":
@@ -370,11 +475,14 @@ def _target(node, file_kind: str, a: np.ndarray, where: str) -> tuple[str, str, 
     return "linear", name, kinds.linear_in_axes(shape, a.shape[1], where)
 
 
-_UNSET: PathMap = object()  # type: ignore[assignment]
+_UNSET: hf_maps.PathMapArg = object()  # type: ignore[assignment]
 
 
 def read_adapter_config(
-    directory: str | os.PathLike, *, path_map: PathMap = _UNSET, params: PyTree | None = None
+    directory: str | os.PathLike,
+    *,
+    path_map: hf_maps.PathMapArg = _UNSET,
+    params: PyTree | None = None,
 ) -> LoRAConfig:
     """The ``LoRAConfig`` stored in an adapter directory, keyed by Flax paths, for
     ``intercept`` and ``merge(alpha=config.alpha_for)``.
@@ -392,8 +500,8 @@ def read_adapter_config(
             ``path_map`` argument; a path_map under which a file layer has no (or two) Flax
             paths.
     """
-    config, tensors = read_adapter(directory)
     path_map = hf_maps.resolve(path_map)
+    config, tensors = read_adapter(directory, conv1d=_conv1d_of(path_map, params))
     if path_map is _UNSET:
         if config.rank_pattern or config.alpha_pattern:
             raise ValueError(
@@ -413,12 +521,13 @@ def read_adapter_config(
             "maps) to find the Flax path of each of the file's layers"
         )
     else:  # a dict: a torch path that no key maps to is its own Flax path
-        images = set(path_map.values())
+        images = {t for spec in path_map.values() for t in _spec_paths(spec)}
         flax_paths = [*path_map, *(t for t in tensors if t not in images)]
-    flax_of: dict[str, list[str]] = {}
+    flax_of: dict[str | hf_maps.HFLinear, list[str]] = {}
     for flax_path in dict.fromkeys(flax_paths):
-        flax_of.setdefault(map_path(path_map, flax_path), []).append(flax_path)
-    exact = {}
+        for torch_path in _spec_paths(map_path(path_map, flax_path)):
+            flax_of.setdefault(torch_path, []).append(flax_path)
+    exact: dict[str, tuple[int, float]] = {}
     for torch_path, (a, _, _) in tensors.items():
         found = flax_of.get(torch_path, [])
         if len(found) != 1:
@@ -426,8 +535,31 @@ def read_adapter_config(
                 f"{directory}: the file's layer '{torch_path}' is the image of "
                 f"{found or 'no Flax path'} under path_map; expected exactly one"
             )
-        exact[found[0]] = (a.shape[0], config.alpha_for(torch_path))
+        setting = (a.shape[0], config.alpha_for(torch_path))
+        if exact.setdefault(found[0], setting) != setting:  # a fused weight's modules
+            raise ValueError(
+                f"{directory}: the file gives the torch modules of layer '{found[0]}' different "
+                f"(r, alpha): {exact[found[0]]} and {setting} for '{torch_path}'; one weight "
+                "has one of each"
+            )
     return config.for_layers(exact)
+
+
+def _conv1d_of(path_map, params) -> frozenset[str]:
+    """The torch paths ``path_map`` gives as transformers ``Conv1D`` (``HFLinear(conv1d=True)``):
+    a dict's values, or a function's images of ``params``' layer paths."""
+    if path_map is _UNSET or path_map is None:
+        return frozenset()
+    if callable(path_map):
+        return hf_maps.conv1d_of(map(path_map, _node_paths(params) if params is not None else []))
+    return hf_maps.conv1d_of(path_map.values())
+
+
+def _spec_paths(spec) -> tuple[str, ...]:
+    """The torch module path(s) a ``path_map`` value names (a path or a ``jaxlora.HFLinear``)."""
+    if isinstance(spec, hf_maps.HFLinear):
+        return (spec.path,) if isinstance(spec.path, str) else tuple(spec.path)
+    return (spec,)
 
 
 def _node_paths(params: Mapping, path: tuple[str, ...] = ()) -> dict[str, tuple]:

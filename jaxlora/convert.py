@@ -34,11 +34,12 @@ _TO_TORCH = {v: k for k, v in _TO_FLAX.items()}
 def from_torch(state_dict: Mapping[str, Any]) -> dict[str, jax.Array]:
     """One layer's torch weights (``torchlora.Linear`` or ``nn.Linear`` state dict) in Flax layout.
 
-    >>> import numpy as np
-    >>> p = from_torch({"weight": np.zeros((3, 5)), "lora_a": np.zeros((2, 5)),
-    ...                 "lora_b": np.zeros((3, 2))})
-    >>> {k: v.shape for k, v in p.items()}
-    {'kernel': (5, 3), 'lora_a': (5, 2), 'lora_b': (2, 3)}
+    Examples:
+        >>> import numpy as np
+        >>> p = from_torch({"weight": np.zeros((3, 5)), "lora_a": np.zeros((2, 5)),
+        ...                 "lora_b": np.zeros((3, 2))})
+        >>> {k: v.shape for k, v in p.items()}
+        {'kernel': (5, 3), 'lora_a': (5, 2), 'lora_b': (2, 3)}
     """
     unknown = sorted(set(state_dict) - set(_TO_FLAX))
     if unknown:

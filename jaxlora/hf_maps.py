@@ -19,6 +19,13 @@ model's business, so a ``path_map`` value may be an ``HFLinear`` saying it:
   then computes, module by module, exactly the fused branch. Reading back requires the
   modules' ``lora_A`` to be identical (a shared A), else it is refused naming the modules.
 
+- ``HFLinear("transformer.h.0.attn.c_attn", conv1d=True)``: the torch module is
+  transformers' ``Conv1D`` (GPT-2; weight (in, out)). Its PEFT ``lora_A`` (r, in) and
+  ``lora_B`` (out, r) are a Linear's (peft 0.21 builds both from (in_features, out_features)
+  and transposes only the merged delta, ``fan_in_fan_out``), so the tensors are the same; the
+  file says ``fan_in_fan_out: true`` when all its modules are Conv1D (PEFT then loads it with
+  no warning), and a file that says so is read only for modules given as Conv1D.
+
 A plain string value (or no entry) is ``HFLinear(that path)``. W's batch axes (one adapter per
 MoE expert, 'EBD,EDF->EBF') have no PEFT Linear equivalent: such a weight is refused.
 
@@ -39,12 +46,17 @@ torch path, as with a dict.
   ``attn_vec_einsum`` → ``o_proj``, the MLP as for Llama.
 - ``"transformers.flax_llama"``: transformers 4.x's Linen ``FlaxLlamaForCausalLM``, whose
   param paths already are ``LlamaForCausalLM``'s module paths (the identity, ``None``).
+- ``"transformers.flax_gpt2"``: transformers 4.x's Linen ``FlaxGPT2LMHeadModel`` ↔
+  ``GPT2LMHeadModel``: the same paths; ``c_attn``, ``q_attn``, ``c_proj`` and ``c_fc`` of
+  each block are ``Conv1D`` modules (``HFLinear(path, conv1d=True)``).
 
 >>> resolve("tunix.gemma3")("layers.3.attn.kv_einsum")
 HFLinear(path=('model.layers.3.self_attn.k_proj', 'model.layers.3.self_attn.v_proj'), \
-in_axes=None, out_axes=None, split=0)
+in_axes=None, out_axes=None, split=0, conv1d=False)
 >>> resolve("tunix.llama3")("layers.0.mlp.down_proj")
 'model.layers.0.mlp.down_proj'
+>>> resolve("transformers.flax_gpt2")("transformer.h.1.mlp.c_fc")
+HFLinear(path='transformer.h.1.mlp.c_fc', in_axes=None, out_axes=None, split=None, conv1d=True)
 """
 
 from __future__ import annotations
@@ -52,11 +64,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-from _loracore.peft_format import PathMap
+from _loracore.config import WEIGHT_INITS, LoRAConfig
+from _loracore.peft_format import tensor_keys
 from jaxlora.oplevel import Roles
 
 
@@ -67,12 +80,14 @@ class HFLinear:
     ``path``: the torch module path, or a tuple of them with ``split``. ``in_axes`` /
     ``out_axes``: W's contracted / free axes (free axes other than ``split``) in the torch
     Linear's flattening order; ``None`` means W's own order. ``split``: W's free axis whose
-    indices are the modules of ``path`` (``None``: one module)."""
+    indices are the modules of ``path`` (``None``: one module). ``conv1d``: the module(s) are
+    transformers ``Conv1D`` (PEFT's ``fan_in_fan_out``), not ``nn.Linear``."""
 
     path: str | tuple[str, ...]
     in_axes: tuple[int, ...] | None = None
     out_axes: tuple[int, ...] | None = None
     split: int | None = None
+    conv1d: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +99,7 @@ class HFLayout:
     out_axes: tuple[int, ...]
     split: int | None
     roles: Roles
+    conv1d: bool = False
 
 
 def layout(spec: str | HFLinear, roles: Roles, where: str) -> HFLayout:
@@ -127,7 +143,9 @@ def layout(spec: str | HFLinear, roles: Roles, where: str) -> HFLayout:
     rest = tuple(a for a in free if a != spec.split)
     in_axes = _axes(spec.in_axes, roles.contracted, "in_axes", "contracted", where)
     out_axes = _axes(spec.out_axes, rest, "out_axes", "free (other than split)", where)
-    return HFLayout(paths, in_axes, out_axes, spec.split, roles)
+    if not isinstance(spec.conv1d, bool):
+        raise TypeError(f"{where}: HFLinear conv1d must be True or False, got {spec.conv1d!r}")
+    return HFLayout(paths, in_axes, out_axes, spec.split, roles, spec.conv1d)
 
 
 def _axes(given, own: tuple[int, ...], name: str, role: str, where: str) -> tuple[int, ...]:
@@ -195,23 +213,93 @@ def from_peft(lay: HFLayout, pairs: dict[str, tuple], where: str) -> tuple[np.nd
     return a, np.stack(pieces, axis=roles.free.index(lay.split) + 1)
 
 
+def conv1d_paths(layouts: Iterable[HFLayout]) -> frozenset[str]:
+    """The torch module paths of ``layouts`` that are transformers ``Conv1D``."""
+    return frozenset(p for lay in layouts if lay.conv1d for p in lay.paths)
+
+
+def conv1d_of(specs: Iterable) -> frozenset[str]:
+    """The torch paths that ``path_map`` values (``specs``: paths or ``HFLinear``) give as
+    transformers ``Conv1D``: what a reader passes to ``read_adapter(conv1d=)``, for every
+    layer of the model, adapted or not (a Conv1D not adapted at its product is then refused
+    by the reader with its own reason)."""
+    return frozenset(
+        p
+        for s in specs
+        if isinstance(s, HFLinear) and s.conv1d
+        for p in ((s.path,) if isinstance(s.path, str) else s.path)
+    )
+
+
+def fan_in_fan_out(layouts: list[HFLayout], n_modules: int) -> bool:
+    """The file's ``fan_in_fan_out``: true when all ``n_modules`` modules it writes are the
+    ``Conv1D`` modules of ``layouts``. A file mixing Conv1D and Linear modules says false (PEFT
+    then sets the flag per module, with a warning; the tensors are the same either way)."""
+    conv1d = conv1d_paths(layouts)
+    return bool(conv1d) and len(conv1d) == n_modules
+
+
+def read_op(lay: HFLayout, r: int, tensors: Mapping, config: LoRAConfig, where: str) -> tuple:
+    """(lora_a, lora_b, alpha) of an op-level adapter of rank ``r`` from a file's
+    {torch path: (A, B, kind)}, everything checked first: the torch modules' kind and shapes,
+    one alpha per weight (a fused weight's modules share it), no PiSSA/OLoRA (their residual
+    base is defined on a torch weight, not on W); a ``ValueError`` naming the key otherwise.
+    The one reader of such adapters (NNX op-level layers and Linen product adapters)."""
+    where = f"{where} (torch {', '.join(lay.paths)})"
+    if config.init in WEIGHT_INITS:
+        raise ValueError(
+            f"{where}: an init={config.init!r} adapter cannot be loaded into an adapter made "
+            "at a weight's product (its residual base is defined on the torch weight); load it "
+            "into a plain Dense model or use a kaiming/gaussian adapter"
+        )
+    want = torch_shapes(lay, r)
+    for path in lay.paths:
+        a, b, kind = tensors[path]
+        if kind != "linear":
+            raise ValueError(f"{where}: the file holds a {kind} adapter for '{path}'")
+        for key, got, shape in zip(
+            tensor_keys(path, kind), (a.shape, b.shape), want[path], strict=True
+        ):
+            if tuple(got) != shape:
+                raise ValueError(
+                    f"{where}: '{key}' has shape {tuple(got)}, expected {shape} (rank {r} of "
+                    "the adapter in the model)"
+                )
+    alphas = {config.alpha_for(p) for p in lay.paths}
+    if len(alphas) > 1:
+        raise ValueError(
+            f"{where}: the file gives its modules different alphas {sorted(alphas)}; one "
+            "fused weight has one alpha"
+        )
+    pairs = {
+        p: (np.asarray(tensors[p][0], np.float32), np.asarray(tensors[p][1], np.float32))
+        for p in lay.paths
+    }
+    lora_a, lora_b = from_peft(lay, pairs, where)
+    return lora_a, lora_b, alphas.pop()
+
+
 @dataclasses.dataclass(frozen=True)
 class NamedMap:
     """A ready ``path_map``: the first rule whose pattern matches the whole '.'-joined JAX path
     gives its torch path (a template) or, for a fused weight, an ``HFLinear`` of several
-    templates split along the weight's axis 0; an unmatched path is its own torch path."""
+    templates split along the weight's axis 0; an unmatched path is its own torch path.
+    ``conv1d``: the matched modules are transformers ``Conv1D``."""
 
     name: str
     rules: tuple[tuple[str, str | tuple[str, ...]], ...]
+    conv1d: bool = False
 
     def __call__(self, path: str) -> str | HFLinear:
         for pattern, target in self.rules:
             match = re.fullmatch(pattern, path)
             if match is None:
                 continue
-            if isinstance(target, str):
+            if isinstance(target, str) and not self.conv1d:
                 return match.expand(target)
-            return HFLinear(tuple(match.expand(t) for t in target), split=0)
+            if isinstance(target, str):
+                return HFLinear(match.expand(target), conv1d=True)
+            return HFLinear(tuple(match.expand(t) for t in target), split=0, conv1d=self.conv1d)
         return path
 
     def __repr__(self) -> str:
@@ -234,15 +322,30 @@ _TUNIX_GEMMA3 = (
     (_LAYER + r"attn\.attn_vec_einsum", _ATTN + "o_proj"),
     _MLP,
 )
+_FLAX_GPT2 = (
+    (
+        r"(transformer\.h\.\d+\.(?:(?:attn|crossattention)\.(?:c_attn|q_attn|c_proj)"
+        r"|mlp\.(?:c_fc|c_proj)))",
+        r"\1",
+    ),
+)
 NAMED_MAPS: dict[str, NamedMap | None] = {
     "tunix.llama3": NamedMap("tunix.llama3", _TUNIX_LLAMA),
     "tunix.qwen3": NamedMap("tunix.qwen3", _TUNIX_LLAMA),
     "tunix.gemma3": NamedMap("tunix.gemma3", _TUNIX_GEMMA3),
     "transformers.flax_llama": None,
+    "transformers.flax_gpt2": NamedMap("transformers.flax_gpt2", _FLAX_GPT2, conv1d=True),
 }
 
 
-def resolve(path_map: PathMap | str) -> PathMap | Callable[[str], str | HFLinear]:
+# A path_map once resolved: a dict or a function from a '.'-joined JAX path to a torch module
+# path or an HFLinear, or None (the same paths).
+SpecMap = Mapping[str, "str | HFLinear"] | Callable[[str], "str | HFLinear"] | None
+# What save_adapter, load_adapter and read_adapter_config take: that, or a name in NAMED_MAPS.
+PathMapArg = SpecMap | str
+
+
+def resolve(path_map: PathMapArg) -> SpecMap:
     """``path_map`` itself, or the ready map a name in ``NAMED_MAPS`` stands for; a
     ``ValueError`` naming the known names for any other string."""
     if not isinstance(path_map, str):

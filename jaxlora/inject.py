@@ -155,7 +155,7 @@ def _inject(
         )
         if axis:
             _check_axis_fits(kind, front, r, in_axes, axis, where)
-        leaves = _stacked_init(base, stack, axis, key, init_one)
+        leaves: dict[str, Any] = _stacked_init(base, stack, axis, key, init_one)
         if axis:  # the factors' layer axis is not in front: say where it is
             leaves[STACK_NAME] = StackRecord(axis)
         if config.init in WEIGHT_INITS:  # the kernel is now the residual: say so in the tree
@@ -170,8 +170,10 @@ def _inject(
                 ndim_a = jnp.ndim(leaves["lora_a"])
                 names_a, names_b = kinds.lora_axis_names(kind, names, ndim_a, stack)
                 names_a, names_b = kinds.from_front(names_a, axis), kinds.from_front(names_b, axis)
-                leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)
-                leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)
+                # boxed is a flax struct dataclass (nn.Partitioned-like: it has names), which
+                # flax's AxisMetadata type does not say.
+                leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)  # type: ignore[type-var]
+                leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)  # type: ignore[type-var]
         new[path] = leaves
     return _add_leaves(params, (), new)
 
@@ -204,8 +206,9 @@ def _product_leaves(node, layout, config, rng, param_dtype, path: str, where: st
     leaves = product.init_leaves(layout, r, config.init, key, param_dtype)
     if isinstance(boxed, meta.AxisMetadata) and hasattr(boxed, "names"):
         names_a, names_b = product.axis_names(roles, tuple(boxed.names))
-        leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)
-        leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)
+        # boxed is a flax struct dataclass (see _inject).
+        leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)  # type: ignore[type-var]
+        leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)  # type: ignore[type-var]
     return leaves
 
 
@@ -227,7 +230,7 @@ class Layout:
     axis: int = 0
 
 
-class Layouts(dict[str, Layout]):
+class Layouts(dict[str, Layout | product.ProductLayout]):
     """What ``layouts`` returns: {path: ``Layout``} of the layers jaxlora can adapt, and in
     ``modules`` the class name of every module the trace called, by path (so that ``inject``
     can name the class of a module it refuses). A module that is no known layer kind gets a
@@ -257,13 +260,14 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
     no memory), for ``inject(..., layouts=...)``. Modules wrapped by ``nn.jit`` are traced
     again, whatever ran before.
 
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
-    >>> layouts(attn, jnp.ones((1, 3, 8)))["query"]
-    Layout(kind='linear', in_axes=1, ndim=3, stack=0, scan=None, axis=0)
-    >>> layouts(attn, jnp.ones((1, 3, 8)))["out"]
-    Layout(kind='linear', in_axes=2, ndim=3, stack=0, scan=None, axis=0)
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import linen as nn
+        >>> attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+        >>> layouts(attn, jnp.ones((1, 3, 8)))["query"]
+        Layout(kind='linear', in_axes=1, ndim=3, stack=0, scan=None, axis=0)
+        >>> layouts(attn, jnp.ones((1, 3, 8)))["out"]
+        Layout(kind='linear', in_axes=2, ndim=3, stack=0, scan=None, axis=0)
     """
     found: dict[str, tuple[str, int, tuple]] = {}
     views: dict[str, Any] = {}  # lifted module path -> its params' ndims, as its body sees them
@@ -280,11 +284,11 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
         if probing:
             return _probe_lifted(next_fun, call_args, call_kwargs, module, axes)
         if module.scope is not None:
-            modules[".".join(module.scope.path)] = type(module).__name__
+            modules[".".join(module.path)] = type(module).__name__
         out = next_fun(*call_args, **call_kwargs)
         if module.scope is None:
             return out
-        path = ".".join(module.scope.path)
+        path = ".".join(module.path)
         if path and not isinstance(module.parent, nn.Module) and path not in views:
             # The root of a lifted transform (nn.scan, nn.vmap, nn.remat, ...): inside it the
             # params are the body's view (one layer's slice under a scan).
@@ -400,9 +404,9 @@ def _has_weights(module: nn.Module) -> bool:
 
 def _product_layout(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     """The module's ``ProductLayout``, or why it has none (a string)."""
-    where = f"layer '{'.'.join(module.scope.path)}'"
+    where = f"layer '{'.'.join(module.path)}'"
     try:
-        traced = product.trace(module, "__call__", args, kwargs)
+        traced = product.trace(module, "__call__", args, kwargs, {})
     except Exception as err:  # any failure of the user's module: say where it came from
         return f"its call could not be traced on the inputs given ({type(err).__name__}: {err})"
     try:
@@ -430,7 +434,8 @@ def _scan_root(path: str, views: Mapping[str, Any], params: Mapping) -> str | No
         if not isinstance(full, Mapping) or not inner:
             continue
         outer = jax.tree.map(jnp.ndim, full)
-        if jax.tree.structure(outer) != jax.tree.structure(inner):
+        # jaxlib ships PyTreeDef without type stubs, so the checker cannot see its __ne__.
+        if jax.tree.structure(outer) != jax.tree.structure(inner):  # type: ignore[operator]
             continue
         if all(o > i for o, i in zip(jax.tree.leaves(outer), jax.tree.leaves(inner), strict=True)):
             return root
@@ -457,8 +462,12 @@ def _layout(node: Mapping, path: str, layouts, where: str) -> tuple[str, str, in
         raise TypeError(_refusal(path, layouts, found, where))
     if name == "embedding" and ndim == 2 and (layout is None or not layout.stack):
         return "embed", name, 1
-    expected = {"kernel": ("linear", "conv"), "embedding": ("embed",)}.get(name, ())
-    if layout is not None and layout.kind in expected:
+    kinds_of: dict[str | None, tuple[str, ...]] = {
+        "kernel": ("linear", "conv"),
+        "embedding": ("embed",),
+    }
+    expected = kinds_of.get(name, ())
+    if layout is not None and name is not None and layout.kind in expected:
         if layout.ndim + layout.stack != ndim:
             raise TypeError(
                 f"{where}: the layer's {name} has {layout.ndim} axes (and {layout.stack} "
@@ -525,7 +534,7 @@ def _stacked_init(
     on that axis, where ``nn.scan`` slices every param of the layer."""
     if not stack:
         return init_one(base, key=key)
-    length = jnp.shape(base)[kinds.axis_position(jnp.ndim(base), axis)]
+    length = jnp.shape(base)[kinds.position_of(jnp.ndim(base), axis)]
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(length))
     one = jax.vmap(lambda b, k: init_one(b, key=k), in_axes=(axis, 0), out_axes=axis)
     return one(base, keys)
@@ -589,7 +598,7 @@ def init_leaves(
     r: int,
     scale: float,
     init: str,
-    key: jax.Array,
+    key: jax.Array | None,
     param_dtype: Any,
     *,
     kind: str = "linear",
@@ -597,7 +606,8 @@ def init_leaves(
     where: str = "inject",
 ) -> dict[str, jax.Array]:
     """New ``lora_a``/``lora_b`` for a base weight per ``init`` (and, for PiSSA/OLoRA, its residual
-    ``kernel`` in the kernel's dtype): the adapted layer's output is unchanged."""
+    ``kernel`` in the kernel's dtype): the adapted layer's output is unchanged. PiSSA/OLoRA are
+    deterministic: ``key`` may be ``None`` for them."""
     shape_a, shape_b = kinds.lora_shapes(kind, jnp.shape(base), r, in_axes)
     if init in WEIGHT_INITS:
         if kind != "linear":
@@ -611,6 +621,8 @@ def init_leaves(
             "lora_a": lora_a.reshape(shape_a).astype(param_dtype),
             "lora_b": lora_b.reshape(shape_b).astype(param_dtype),
         }
+    if key is None:
+        raise ValueError(f"{where}: init={init!r} draws the adapter and needs a random key")
     return lora_init(kind, jnp.shape(base), r, init, key, param_dtype, in_axes)
 
 

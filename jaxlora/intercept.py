@@ -24,7 +24,8 @@ import contextlib
 import dataclasses
 import inspect
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,8 @@ from flax.linen import transforms as linen_transforms
 
 from jaxlora import core, kinds, product
 from jaxlora.config import LoRAConfig
-from jaxlora.quant._api import QuantizedWeight, dequantize
-from jaxlora.quant._base import QUANT
+from jaxlora.quant._base import QUANT, layer_weight
+from jaxlora.quant._layout import dequantize_weight
 from jaxlora.tree import LORA_NAMES
 
 SUPPORTED = "nn.Dense, nn.DenseGeneral (no batch_dims), nn.Conv (no mask, groups=1), nn.Embed"
@@ -60,7 +61,8 @@ def _keyed_from_module(flax_from_module):
         keys = tuple(_ACTIVE.keys)
         return cls(proxy.module_ref, hash((proxy.hash_key, keys))) if keys else proxy
 
-    from_module.jaxlora_keyed = True
+    # A marker on the function object (any function takes attributes; mypy allows none).
+    from_module.jaxlora_keyed = True  # type: ignore[attr-defined]
     return classmethod(from_module)
 
 
@@ -71,7 +73,7 @@ def _install_jit_key() -> bool:
     proxy = getattr(linen_transforms, "_HashableProxy", None)
     fields = {f.name for f in dataclasses.fields(proxy)} if dataclasses.is_dataclass(proxy) else ()
     from_module = getattr(proxy, "from_module", None)
-    if from_module is None or not {"module_ref", "hash_key"} <= set(fields):
+    if proxy is None or from_module is None or not {"module_ref", "hash_key"} <= set(fields):
         return False
     if not getattr(from_module, "jaxlora_keyed", False):
         proxy.from_module = _keyed_from_module(from_module)
@@ -128,17 +130,18 @@ def intercept(config: LoRAConfig, *, deterministic: bool = True) -> Iterator[Non
     ``deterministic=False`` and ``config.dropout > 0`` the LoRA branch's input is dropped out
     with the ``'dropout'`` rng passed to ``apply`` (never for ``nn.Embed``, as in PEFT).
 
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> from jaxlora import inject
-    >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
-    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 8)))
-    >>> config = LoRAConfig(r=2, alpha=4, targets=["layers_0"])
-    >>> variables = inject(variables, config, jax.random.key(1))
-    >>> sorted(variables["params"]["layers_0"])
-    ['bias', 'kernel', 'lora_a', 'lora_b']
-    >>> with intercept(config):
-    ...     y = model.apply(variables, jnp.ones((1, 8)))
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import linen as nn
+        >>> from jaxlora import inject
+        >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
+        >>> variables = model.init(jax.random.key(0), jnp.ones((1, 8)))
+        >>> config = LoRAConfig(r=2, alpha=4, targets=["layers_0"])
+        >>> variables = inject(variables, config, jax.random.key(1))
+        >>> sorted(variables["params"]["layers_0"])
+        ['bias', 'kernel', 'lora_a', 'lora_b']
+        >>> with intercept(config):
+        ...     y = model.apply(variables, jnp.ones((1, 8)))
     """
     if any(isinstance(key, tuple) and key[0] == "intercept" for key in _ACTIVE.keys):
         raise ValueError(
@@ -166,18 +169,23 @@ class _State:
             return next_fun(*args, **kwargs)
         if getattr(module, "adds_own_lora_branch", False):  # jaxlora.linen's LoRA layers
             return next_fun(*args, **kwargs)
-        quantized = module.has_variable(QUANT, "kernel")
+        where = ".".join(module.path) or "<root>"
+        quantized = _quantized(module, where)
         if not quantized and not self.adapted(module):
             return next_fun(*args, **kwargs)
         kind = module_kind(module)
         method = context.method_name
-        where = ".".join(module.scope.path) or "<root>"
-        if kind is None and method == "__call__" and module.has_variable("params", product.ROLES):
-            return product.apply(module, self.config, self.deterministic, args, kwargs)
-        if quantized and not isinstance(module, nn.Dense):
+        if kind is None and method == "__call__" and self.at_product(module):
+            return self.apply_product(module, args, kwargs, quantized)
+        if quantized and kind != "linear":
+            if kind is None and method == "__call__" and not self.adapted(module):
+                # a base quantized at its product whose adapter was merged (requantize=True)
+                return product.call(module, "__call__", quantized, args, kwargs)
             raise ValueError(
-                f"layer '{where}' is a {type(module).__name__} holding a quantized kernel (in "
-                "the 'quant' collection); only nn.Dense layers can have a quantized base"
+                f"layer '{where}' is a {type(module).__name__} holding a quantized weight (in "
+                f"the 'quant' collection, called as {method}); only these layers can have a "
+                "quantized base: nn.Dense, nn.DenseGeneral (no batch_dims) and modules adapted "
+                "at their weight's product"
             )
         if kind is None or not (method == "__call__" or (kind == "embed" and method == "attend")):
             held = "a quantized kernel" if quantized else "LoRA leaves"
@@ -188,7 +196,7 @@ class _State:
         base = _base_method(module, method)
         if context.orig_method.func is base:
             self.base_calls[id(module)] = self.base_calls.get(id(module), 0) + 1
-            return self._apply(module, kind, method, next_fun, args, kwargs)
+            return self._apply(module, kind, method, next_fun, args, kwargs, quantized)
         # A subclass's own method: the branch goes with the base product inside it (a super()
         # call), so that it is added once and what the subclass does after sees it, as the
         # merged kernel would. A method that never runs the base product would skip it.
@@ -208,20 +216,27 @@ class _State:
         adapts the layers its stack names)."""
         return any(module.has_variable("params", n) for n in LORA_NAMES)
 
-    def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
-        name = ".".join(module.scope.path)
+    def at_product(self, module: nn.Module) -> bool:
+        """Whether ``module`` (of no kind jaxlora knows) is adapted at its weight's product."""
+        return module.has_variable("params", product.ROLES)
+
+    def apply_product(self, module: nn.Module, args: tuple, kwargs: dict, quantized):
+        return product.apply(module, self.config, self.deterministic, args, kwargs, quantized)
+
+    def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs, quantized):
+        name = ".".join(module.path)
         where = f"layer '{name or '<root>'}'"
-        node = {
+        node: dict[str, Any] = {
             n: module.get_variable("params", n)
             for n in (*kinds.BASE_NAMES, *LORA_NAMES)
             if module.has_variable("params", n)
         }
         x = args[0] if args else next(iter(kwargs.values()))
-        quantized = module.has_variable(QUANT, "kernel")
         if quantized:
-            node["kernel"] = _dequantized_kernel(module, x, where)
+            _check_dense_kernel(module, quantized, x, where)
+            node.update(quantized)
         if not any(n in node for n in LORA_NAMES):  # a quantized base without an adapter
-            return _dense(module, node["kernel"], x, where)
+            return _own_call(module, method, quantized, args, kwargs)
         found, _, base, a, b = kinds.check_layer(node, where)
         magnitude = kinds.check_magnitude(node, found, base, 0, where)
         if magnitude is not None and (quantized or isinstance(module, nn.DenseGeneral)):
@@ -250,7 +265,10 @@ class _State:
             q = q * core.dora_factor(base, a, b, meta.unbox(magnitude), scale, q.dtype)
             args, kwargs = _with_input(q, args, kwargs)
             return next_fun(*args, **kwargs) + branch(module, kind, method, q, a, b, scale)
-        y = _dense(module, node["kernel"], x, where) if quantized else next_fun(*args, **kwargs)
+        if quantized:
+            y = _own_call(module, method, quantized, args, kwargs)
+        else:
+            y = next_fun(*args, **kwargs)
         if magnitude is not None:
             return y + dora_output(module, kind, x, y, base, (a, b, magnitude), scale, rate)
         return y + branch(module, kind, method, x, a, b, scale, rate)
@@ -289,40 +307,46 @@ def dora_output(module, kind: str, x, y, base, adapter, scale: float, rate: floa
     return core.dora_combine(plain, lora, factor)
 
 
-def _dequantized_kernel(module: nn.Dense, x: jax.Array, where: str) -> jax.Array:
-    """The (in, out) kernel a quantized ``nn.Dense`` stands for, in its stored dtype (the
-    ``QuantizedWeight`` holds ``kernel.T``, torch's layout: see ``jaxlora.quant.quantize_base``)."""
-    q = module.get_variable(QUANT, "kernel")
-    expected = (module.features, jnp.shape(x)[-1])
-    if not isinstance(q, QuantizedWeight) or tuple(q.shape) != expected:
-        got = tuple(q.shape) if isinstance(q, QuantizedWeight) else type(q).__name__
+def _quantized(module: nn.Module, where: str) -> dict[str, jax.Array]:
+    """{name: weight} of the module's own quantized weight, dequantized to its own shape and
+    stored dtype (``jaxlora.quant.quantize_base``); empty if it holds none."""
+    held = layer_weight(module.variables.get(QUANT, {}), f"layer '{where}'")
+    if held is None:
+        return {}
+    name, q, roles = held
+    if module.has_variable("params", name):  # which one would run is ambiguous: refuse
         raise ValueError(
-            f"{where}: the 'quant' collection's kernel must be a QuantizedWeight of shape "
-            f"(features, in) = {expected} for this nn.Dense and its input, got {got}"
+            f"layer '{where}' has a '{name}' both in 'params' and in 'quant' (quantize_base "
+            "moves it out of 'params')"
         )
-    return dequantize(q).T
+    try:
+        return {name: dequantize_weight(q, roles)}
+    except ValueError as err:
+        raise ValueError(f"layer '{where}': {err}") from None
 
 
-def _dense(module: nn.Dense, kernel: jax.Array, x: jax.Array, where: str) -> jax.Array:
-    """``nn.Dense.__call__``'s arithmetic with a given kernel (its dtype promotion, dot_general,
-    precision and bias): the base product of a layer whose kernel is quantized, which
-    ``nn.Dense`` itself cannot compute (it looks the kernel up in 'params')."""
-    bias = None
-    if module.use_bias:
-        if not module.has_variable("params", "bias"):
-            raise ValueError(f"{where}: an nn.Dense with use_bias=True has no 'bias' in params")
-        bias = meta.unbox(module.get_variable("params", "bias"))
-    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
-    if module.dot_general_cls is not None:
-        dot_general = module.dot_general_cls()
-    elif module.dot_general is not None:
-        dot_general = module.dot_general
-    else:
-        dot_general = jax.lax.dot_general
-    y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
-    if bias is not None:
-        y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y
+def _check_dense_kernel(module: nn.Module, quantized: dict, x: jax.Array, where: str) -> None:
+    """An ``nn.Dense``'s quantized kernel must be (features, in) for its input (the message
+    says what it is; Flax's own check would name only the param)."""
+    if not isinstance(module, nn.Dense):
+        return
+    kernel = quantized.get("kernel")
+    expected = (jnp.shape(x)[-1], module.features)
+    if kernel is None or tuple(jnp.shape(kernel)) != expected:
+        got = None if kernel is None else tuple(reversed(jnp.shape(kernel)))
+        raise ValueError(
+            f"layer '{where}': the 'quant' collection's kernel must be a QuantizedWeight of "
+            f"shape (features, in) = {expected[::-1]} for this nn.Dense and its input, got {got}"
+        )
+
+
+def _own_call(module: nn.Module, method: str, quantized: dict, args: tuple, kwargs: dict):
+    """The supported Linen class's ``method`` (``nn.Dense.__call__``, ...) run on the layer with
+    its dequantized weight: the base product of a quantized layer is the layer's own
+    (dtype promotion, dot_general, precision, bias), which it cannot compute itself (it looks
+    the weight up in 'params')."""
+    cls = next(cls for cls, _ in _KIND if isinstance(module, cls))
+    return product.call(module, getattr(cls, method), quantized, args, kwargs)
 
 
 def branch(
@@ -351,10 +375,10 @@ def branch(
         h = _conv_like(module, r)(x, a)
         return core.scaled_matmul(h, b.reshape(r, -1), scale, module.precision)
     axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
-    axis = tuple(axis) if isinstance(axis, tuple | list) else (axis,)
-    if jnp.ndim(a) == 2 and jnp.ndim(b) == 2 and axis == (-1,):
+    axes = tuple(axis) if isinstance(axis, Sequence) else (axis,)
+    if jnp.ndim(a) == 2 and jnp.ndim(b) == 2 and axes == (-1,):
         return core.lora_branch(x, a, b, scale, module.precision)
-    return core.general_branch(x, a, b, scale, axis, module.precision)
+    return core.general_branch(x, a, b, scale, axes, module.precision)
 
 
 def dropped(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
@@ -365,7 +389,7 @@ def dropped(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _conv_like(module: nn.Conv, r: int):
+def _conv_like(module: nn.Module, r: int):
     """A function ``(x, kernel) -> (…, r)``: a plain ``nn.Conv`` with the layer's own settings
     (strides, padding, dilations, precision, dtypes), ``r`` output features and no bias (the
     LoRA branch's first conv with ``lora_a``, or the base conv with the kernel)."""
@@ -377,6 +401,8 @@ def _conv_like(module: nn.Conv, r: int):
     conv = nn.Conv(**{**fields, "features": r, "use_bias": False})
 
     def apply(x: jax.Array, lora_a: jax.Array) -> jax.Array:
-        return conv.apply({"params": {"kernel": meta.unbox(lora_a)}}, x)
+        # flax types apply's result as maybe (output, mutated variables); without mutable=
+        # it is the output alone.
+        return conv.apply({"params": {"kernel": meta.unbox(lora_a)}}, x)  # type: ignore[return-value]
 
     return apply

@@ -79,13 +79,21 @@ def axis_position(ndim: int, axis: int) -> int | None:
     return position if 0 <= position < ndim else None
 
 
+def position_of(ndim: int, axis: int) -> int:
+    """``axis_position`` where the caller has checked the axis exists (a ``ValueError`` if not)."""
+    position = axis_position(ndim, axis)
+    if position is None:
+        raise ValueError(f"a stacked array of {ndim} axes has no layer axis {axis}")
+    return position
+
+
 def to_front(x: Any, axis: int) -> Any:
     """An array, shape or axis-names tuple with its layer axis ``axis`` moved to the front,
     where the layouts here keep it (the identity for axis 0)."""
     if axis == 0:
         return x
     if isinstance(x, tuple):
-        p = axis_position(len(x), axis)
+        p = position_of(len(x), axis)
         return (x[p], *x[:p], *x[p + 1 :])
     return jnp.moveaxis(x, axis, 0)
 
@@ -95,7 +103,7 @@ def from_front(x: Any, axis: int) -> Any:
     if axis == 0:
         return x
     if isinstance(x, tuple):
-        p = axis_position(len(x), axis)
+        p = position_of(len(x), axis)
         return (*x[1 : p + 1], x[0], *x[p + 1 :])
     return jnp.moveaxis(x, 0, axis)
 

@@ -5,6 +5,8 @@ layouts)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +42,12 @@ class LoRADense(nn.Module):
         param_dtype: dtype of the params.
         precision: matmul precision, as for ``nn.Dense``.
 
-    >>> import jax, jax.numpy as jnp
-    >>> layer = LoRADense(8, r=4, alpha=8)
-    >>> params = layer.init(jax.random.key(0), jnp.ones((2, 16)))["params"]
-    >>> {k: v.shape for k, v in params.items()}
-    {'kernel': (16, 8), 'bias': (8,), 'lora_a': (16, 4), 'lora_b': (4, 8)}
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = LoRADense(8, r=4, alpha=8)
+        >>> params = layer.init(jax.random.key(0), jnp.ones((2, 16)))["params"]
+        >>> {k: v.shape for k, v in params.items()}
+        {'kernel': (16, 8), 'bias': (8,), 'lora_a': (16, 4), 'lora_b': (4, 8)}
     """
 
     adds_own_lora_branch = True  # so jaxlora.intercept leaves it alone
@@ -71,7 +74,8 @@ class LoRADense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        where = f"LoRADense at '{'.'.join(self.scope.path) or '<root>'}'"
+        where = f"LoRADense at '{'.'.join(self.path) or '<root>'}'"
+        in_features: int
         if self.has_variable("params", "kernel"):
             in_features = self.get_variable("params", "kernel").shape[0]
             core.check_input(x, in_features, where)
@@ -129,6 +133,31 @@ class LoRADense(nn.Module):
         return y + core.lora_branch(h, lora_a, lora_b, self.scaling, self.precision)
 
 
+class _Host(Protocol):
+    """What ``_Adapter`` uses of the Linen layer it is mixed into (its fields and
+    ``nn.Module``'s variable methods), for the type checker."""
+
+    kind: str
+    r: int
+    alpha: float | None
+    use_rslora: bool
+    param_dtype: Dtype
+    lora_a_init: Initializer
+    lora_b_init: Initializer
+
+    @property
+    def path(self) -> tuple[str, ...]: ...
+
+    @property
+    def scaling(self) -> float: ...
+
+    def has_variable(self, col: str, name: str) -> bool: ...
+
+    def get_variable(self, col: str, name: str) -> Any: ...
+
+    def param(self, name: str, init_fn: Callable[..., Any], *init_args: Any) -> Any: ...
+
+
 class _Adapter:
     """The fields and adapter creation the multi-axis Linen LoRA layers share."""
 
@@ -136,11 +165,11 @@ class _Adapter:
     adds_own_lora_branch = True  # so jaxlora.intercept does not add a second branch
 
     @property
-    def scaling(self) -> float:
+    def scaling(self: _Host) -> float:
         return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
 
-    def _adapter(self, base_shape: tuple[int, ...], in_axes: int, dropout: float):
-        where = f"{type(self).__name__} at '{'.'.join(self.scope.path) or '<root>'}'"
+    def _adapter(self: _Host, base_shape: tuple[int, ...], in_axes: int, dropout: float):
+        where = f"{type(self).__name__} at '{'.'.join(self.path) or '<root>'}'"
         n_in, n_out = kinds.flat_features(self.kind, base_shape, in_axes)
         core.check_hparams(
             r=self.r,
@@ -163,12 +192,12 @@ class _Adapter:
         lora_a = self.param("lora_a", self.lora_a_init, shape_a, self.param_dtype)
         return lora_a, self.param("lora_b", self.lora_b_init, shape_b, self.param_dtype)
 
-    def _magnitude(self, weight, lora_a, lora_b):
+    def _magnitude(self: _Host, weight, lora_a, lora_b):
         """DoRA's ``lora_magnitude`` (out,), initialised as PEFT does: ‖W + scaling·a b‖."""
         weight, lora_a, lora_b = (meta.unbox(v) for v in (weight, lora_a, lora_b))
         out = jnp.shape(weight)[-1]
         if self.has_variable("params", "lora_magnitude"):
-            where = f"{type(self).__name__} at '{'.'.join(self.scope.path) or '<root>'}'"
+            where = f"{type(self).__name__} at '{'.'.join(self.path) or '<root>'}'"
             core.check_shape(
                 self.get_variable("params", "lora_magnitude"), (out,), f"{where}, 'lora_magnitude'"
             )
@@ -185,11 +214,12 @@ class LoRADenseGeneral(_Adapter, nn.DenseGeneral):
     (*in_axes, r), ``lora_b`` (r, *features), a torch ``Linear`` over the flattened axes.
     ``batch_dims`` is not supported.
 
-    >>> import jax, jax.numpy as jnp
-    >>> layer = LoRADenseGeneral((2, 4), r=2)
-    >>> params = layer.init(jax.random.key(0), jnp.ones((3, 8)))["params"]
-    >>> params["lora_a"].shape, params["lora_b"].shape
-    ((8, 2), (2, 2, 4))
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = LoRADenseGeneral((2, 4), r=2)
+        >>> params = layer.init(jax.random.key(0), jnp.ones((3, 8)))["params"]
+        >>> params["lora_a"].shape, params["lora_b"].shape
+        ((8, 2), (2, 2, 4))
     """
 
     r: int = dataclasses.field(default=1, kw_only=True)
@@ -204,7 +234,7 @@ class LoRADenseGeneral(_Adapter, nn.DenseGeneral):
         if self.batch_dims:
             raise ValueError(f"{type(self).__name__}: batch_dims is not supported")
         y = super().__call__(inputs)
-        kernel = self.get_variable("params", "kernel")
+        kernel: jax.Array | meta.AxisMetadata[jax.Array] = self.get_variable("params", "kernel")
         axis = self.axis if isinstance(self.axis, tuple | list) else (self.axis,)
         a, b = self._adapter(jnp.shape(meta.unbox(kernel)), len(axis), self.dropout)
         rate = 0.0 if deterministic else self.dropout
@@ -217,11 +247,12 @@ class LoRAConv(_Adapter, nn.Conv):
     Grouped (``feature_group_count`` > 1) and masked convs are not supported. ``use_dora``:
     PEFT's DoRA, with a trainable ``lora_magnitude`` (out,) (see ``LoRADense``).
 
-    >>> import jax, jax.numpy as jnp
-    >>> layer = LoRAConv(8, (3, 3), r=2)
-    >>> params = layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))["params"]
-    >>> params["lora_a"].shape, params["lora_b"].shape
-    ((3, 3, 3, 2), (1, 1, 2, 8))
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = LoRAConv(8, (3, 3), r=2)
+        >>> params = layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))["params"]
+        >>> params["lora_a"].shape, params["lora_b"].shape
+        ((3, 3, 3, 2), (1, 1, 2, 8))
     """
 
     kind = "conv"
@@ -238,7 +269,7 @@ class LoRAConv(_Adapter, nn.Conv):
         if self.feature_group_count != 1 or self.mask is not None:
             raise ValueError(f"{type(self).__name__}: grouped or masked convs are not supported")
         y = super().__call__(inputs)
-        kernel = self.get_variable("params", "kernel")
+        kernel: jax.Array | meta.AxisMetadata[jax.Array] = self.get_variable("params", "kernel")
         a, b = self._adapter(jnp.shape(meta.unbox(kernel)), 1, self.dropout)
         rate = 0.0 if deterministic else self.dropout
         if self.use_dora:
@@ -254,11 +285,12 @@ class LoRAEmbed(_Adapter, nn.Embed):
     ``lora_b`` (r, features) standard normal, no dropout; ``attend`` uses the adapted table.
     ``use_dora``: PEFT's DoRA, with a trainable ``lora_magnitude`` (features,).
 
-    >>> import jax, jax.numpy as jnp
-    >>> layer = LoRAEmbed(10, 4, r=2)
-    >>> params = layer.init(jax.random.key(0), jnp.arange(3))["params"]
-    >>> params["lora_a"].shape, params["lora_b"].shape
-    ((10, 2), (2, 4))
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = LoRAEmbed(10, 4, r=2)
+        >>> params = layer.init(jax.random.key(0), jnp.arange(3))["params"]
+        >>> params["lora_a"].shape, params["lora_b"].shape
+        ((10, 2), (2, 4))
     """
 
     kind = "embed"

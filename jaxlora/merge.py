@@ -89,13 +89,15 @@ def merge(
             (on concrete arrays) a non-finite merged kernel; ``requantize=True`` without a
             quantized base or with ``record=True``. Nothing is returned half-merged.
 
-    >>> import jax.numpy as jnp
-    >>> p = {"kernel": jnp.zeros((2, 2)), "lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2))}
-    >>> merge(p, alpha=2.0)["kernel"].tolist()
-    [[2.0, 2.0], [2.0, 2.0]]
-    >>> merged, rec = merge(p, alpha=2.0, record=True)
-    >>> unmerge(merged, rec)["kernel"].tolist()
-    [[0.0, 0.0], [0.0, 0.0]]
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> p = {"kernel": jnp.zeros((2, 2)), "lora_a": jnp.ones((2, 1))}
+        >>> p["lora_b"] = jnp.ones((1, 2))
+        >>> merge(p, alpha=2.0)["kernel"].tolist()
+        [[2.0, 2.0], [2.0, 2.0]]
+        >>> merged, rec = merge(p, alpha=2.0, record=True)
+        >>> unmerge(merged, rec)["kernel"].tolist()
+        [[0.0, 0.0], [0.0, 0.0]]
     """
     _require_mapping(params, "merge")
     quantized = params
@@ -177,7 +179,7 @@ def unmerge(merged: PyTree, record: MergeRecord) -> PyTree:
             name = lora_node[ROLES_NAME].weight
             if node is None or name not in node:
                 raise ValueError(f"{where}: the merged tree has no '{name}' at this path")
-        if name is None:
+        if node is None or name is None:  # (a missing node left name None)
             raise ValueError(f"{where}: the merged tree has no kernel or embedding at this path")
         if any(n in node for n in LORA_NAMES):
             raise ValueError(f"{where}: the merged tree still holds LoRA leaves here")
@@ -312,17 +314,18 @@ def _apply(kernel: jax.Array, delta: jax.Array, path: Path, op: str) -> jax.Arra
 
 
 def _get(tree: Mapping, path: Path) -> Mapping | None:
+    node: Any = tree
     for key in path:
-        tree = tree.get(key) if isinstance(tree, Mapping) else None
-        if tree is None:
+        node = node.get(key) if isinstance(node, Mapping) else None
+        if node is None:
             return None
-    return tree if isinstance(tree, Mapping) else None
+    return node if isinstance(node, Mapping) else None
 
 
 def _rebuild(
     tree: Mapping, path: Path, bases: dict[Path, tuple[str, Any]], *, drop_lora: bool
 ) -> Mapping:
-    out = {}
+    out: dict[Any, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
             out[key] = _rebuild(value, (*path, str(key)), bases, drop_lora=drop_lora)

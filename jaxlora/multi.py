@@ -24,38 +24,42 @@ layer's factors stacked on a leading adapter axis: ``lora_a`` (N, *in_axes, R), 
   a silently plausible number.
 
 Linen models are served with ``jaxlora.intercept_stack`` (the ``jaxlora.intercept``
-interceptor, with this branch); NNX models with ``jaxlora.nnx.to_multi``. Only linear layers
-(``nn.Dense``, ``nn.DenseGeneral``; NNX ``LoRALinear``) are stacked.
+interceptor, with this branch); NNX models with ``jaxlora.nnx.to_multi``. Linear layers
+(``nn.Dense``, ``nn.DenseGeneral``; NNX ``LoRALinear``) and op-level adapters (made at a
+weight's product: Linen adapters holding ``lora_roles``, NNX ``OpAdapter``; see
+``jaxlora.multi_oplevel`` for which of those can be stacked) are stacked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from _loracore.config import WEIGHT_INITS
-from jaxlora import core, kinds
+from jaxlora import core, kinds, product
 from jaxlora.config import LoRAConfig
-from jaxlora.tree import iter_lora_layers, path_str
+from jaxlora.tree import ROLES_NAME, iter_lora_layers, path_str
 
 __all__ = ["AdapterStack", "check_index", "gathered_branch", "pad_rank", "stack_adapters"]
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterStack:
-    """Up to ``capacity`` adapters for the same linear layers of one base (see the module
-    docstring). Build one with ``stack_adapters``; ``set``/``clear`` return a new stack.
+    """Up to ``capacity`` adapters for the same linear or op-level layers of one base (see the
+    module docstring). Build one with ``stack_adapters``; ``set``/``clear`` return a new stack.
 
     Attributes:
         lora_a: {layer path: (N, *in_axes, R)}; ``lora_b``: {layer path: (N, R, *out_axes)}.
         scale: {layer path: (N,) float32}, each adapter's own scaling (0 for an empty slot).
         occupied: (N,) bool, which slots hold an adapter.
         kernels: static ((layer path, base kernel shape), ...), the base the stack is for.
+        roles: static ((layer path, ``ProductRoles``), ...) of the layers adapted at their
+            weight's product (``lora_roles``): which weight, and its axes' roles.
     """
 
     lora_a: dict[str, jax.Array]
@@ -63,6 +67,7 @@ class AdapterStack:
     scale: dict[str, jax.Array]
     occupied: jax.Array
     kernels: tuple[tuple[str, tuple[int, ...]], ...]
+    roles: tuple[tuple[str, product.ProductRoles], ...] = ()
 
     @property
     def capacity(self) -> int:
@@ -83,14 +88,15 @@ class AdapterStack:
 
         Raises:
             ValueError: a slot outside [0, capacity), a rank above the stack's, other layers
-                than the stack's, a base kernel of another shape, a non-linear or stacked
-                (scanned) layer, a rank that disagrees with ``config``, non-finite values.
+                than the stack's, a base kernel of another shape (or used in its product
+                otherwise), a non-linear or stacked (scanned) layer, a product with batch
+                axes, a rank that disagrees with ``config``, non-finite values.
         """
         _check_slot(slot, self.capacity)
         layers = _adapter_layers(params, config, self.rank)
-        _check_same_layers(self.paths, layers, dict(self.kernels))
+        _check_same_layers(self.paths, layers, dict(self.kernels), dict(self.roles))
         a, b, scale = dict(self.lora_a), dict(self.lora_b), dict(self.scale)
-        for path, (_, la, lb, s) in layers.items():
+        for path, (_, la, lb, s, _) in layers.items():
             a[path] = a[path].at[slot].set(la.astype(a[path].dtype))
             b[path] = b[path].at[slot].set(lb.astype(b[path].dtype))
             scale[path] = scale[path].at[slot].set(s)
@@ -114,7 +120,7 @@ class AdapterStack:
 jax.tree_util.register_dataclass(
     AdapterStack,
     data_fields=["lora_a", "lora_b", "scale", "occupied"],
-    meta_fields=["kernels"],
+    meta_fields=["kernels", "roles"],
 )
 
 
@@ -127,18 +133,20 @@ def stack_adapters(
     """A stack holding ``adapters`` (each ``(params, config)``) in slots 0, 1, …; the other
     slots up to ``capacity`` (default: as many as given) are empty. ``rank`` (default: the
     largest given) bounds the ranks of adapters set later. The first adapter's layers and base
-    kernel shapes define the stack; every other adapter must have the same.
+    kernel shapes (and, for an adapter made at its weight's product, the weight's roles in
+    it) define the stack; every other adapter must have the same.
 
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> import jaxlora
-    >>> model = nn.Dense(4)
-    >>> base = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
-    >>> config = jaxlora.LoRAConfig(r=2, targets=".*")
-    >>> one = jaxlora.inject({"dense": base}, config, jax.random.key(1))
-    >>> stack = stack_adapters([(one, config)], capacity=4)
-    >>> stack.capacity, stack.rank, stack.lora_a["dense"].shape
-    (4, 2, (4, 8, 2))
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import linen as nn
+        >>> import jaxlora
+        >>> model = nn.Dense(4)
+        >>> base = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+        >>> config = jaxlora.LoRAConfig(r=2, targets=".*")
+        >>> one = jaxlora.inject({"dense": base}, config, jax.random.key(1))
+        >>> stack = stack_adapters([(one, config)], capacity=4)
+        >>> stack.capacity, stack.rank, stack.lora_a["dense"].shape
+        (4, 2, (4, 8, 2))
     """
     if not adapters:
         raise ValueError("stack_adapters: give at least one (params, config) adapter")
@@ -151,31 +159,40 @@ def stack_adapters(
     first = _adapter_layers(*adapters[0], None)
     if rank is None:
         rank = max(
-            max(int(la.shape[-1]) for _, la, _, _ in _adapter_layers(p, c, None).values())
+            max(int(layer.a.shape[-1]) for layer in _adapter_layers(p, c, None).values())
             for p, c in adapters
         )
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"stack_adapters: rank must be a positive int, got {rank!r}")
     empty = AdapterStack(
         lora_a={
-            p: jnp.zeros((capacity, *la.shape[:-1], rank), la.dtype)
-            for p, (_, la, _, _) in first.items()
+            p: jnp.zeros((capacity, *layer.a.shape[:-1], rank), layer.a.dtype)
+            for p, layer in first.items()
         },
         lora_b={
-            p: jnp.zeros((capacity, rank, *lb.shape[1:]), lb.dtype)
-            for p, (_, _, lb, _) in first.items()
+            p: jnp.zeros((capacity, rank, *layer.b.shape[1:]), layer.b.dtype)
+            for p, layer in first.items()
         },
         scale={p: jnp.zeros((capacity,), jnp.float32) for p in first},
         occupied=jnp.zeros((capacity,), bool),
-        kernels=tuple((p, kernel) for p, (kernel, _, _, _) in first.items()),
+        kernels=tuple((p, layer.kernel) for p, layer in first.items()),
+        roles=tuple((p, layer.roles) for p, layer in first.items() if layer.roles is not None),
     )
     for slot, (params, config) in enumerate(adapters):
         empty = empty.set(slot, params, config)
     return empty
 
 
+class _Layer(NamedTuple):
+    kernel: tuple[int, ...]  # the base weight's shape
+    a: jax.Array  # lora_a, padded to the stack's rank
+    b: jax.Array
+    scale: float
+    roles: product.ProductRoles | None  # for an adapter made at its weight's product
+
+
 def _adapter_layers(params: Mapping[str, Any], config: LoRAConfig, rank: int | None) -> dict:
-    """{layer path: (kernel shape, lora_a, lora_b padded to ``rank``, scale)} of a params tree."""
+    """{layer path: ``_Layer``} of a params tree, each checked (see ``AdapterStack.set``)."""
     if not isinstance(params, Mapping):
         raise TypeError(f"an adapter must be a params tree (a dict), got {type(params).__name__}")
     if "params" in params and isinstance(params["params"], Mapping):
@@ -189,14 +206,12 @@ def _adapter_layers(params: Mapping[str, Any], config: LoRAConfig, rank: int | N
     for path, node in iter_lora_layers(params):
         name = path_str(path)
         where = f"layer '{name}'"
-        kind, _, kernel, a, b = kinds.check_layer(node, where)
+        kernel, a, b, roles = _factors(node, where)
         if config.use_dora or "lora_magnitude" in node:
             raise ValueError(
                 f"{where} is a DoRA adapter (use_dora, 'lora_magnitude'): a stack serves plain "
                 "LoRA adapters only; its magnitude would be ignored"
             )
-        if kind != "linear":
-            raise ValueError(f"{where} holds a {kind} adapter: only linear layers can be stacked")
         r = int(a.shape[-1])
         if r != config.rank_for(name):
             raise ValueError(
@@ -212,10 +227,38 @@ def _adapter_layers(params: Mapping[str, Any], config: LoRAConfig, rank: int | N
             )
         target = r if rank is None else rank
         scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
-        layers[name] = (tuple(np.shape(kernel)), *pad_rank(a, b, target), scale)
+        layers[name] = _Layer(tuple(np.shape(kernel)), *pad_rank(a, b, target), scale, roles)
     if not layers:
         raise ValueError("the adapter's params tree holds no 'lora_a'/'lora_b' leaves")
     return layers
+
+
+def _factors(node: Mapping[str, Any], where: str) -> tuple:
+    """(base weight, lora_a, lora_b, ``ProductRoles`` or None) of a linear layer's or an
+    op-level adapter's node; a ``ValueError`` for any other kind."""
+    if ROLES_NAME in node:
+        _, weight, a, b, marker = product.check_product(node, where)
+        check_no_batch(marker.roles, where)
+        return weight, a, b, marker
+    kind, _, kernel, a, b = kinds.check_layer(node, where)
+    if kind != "linear":
+        raise ValueError(
+            f"{where} holds a {kind} adapter: only linear layers and adapters made at a "
+            "weight's product can be stacked"
+        )
+    return kernel, a, b, None
+
+
+def check_no_batch(roles: Any, where: str) -> None:
+    """A ``ValueError`` for a weight whose product has batch axes (``oplevel.Roles``): after
+    routing, an MoE expert's rows are tokens from any example, so there is no per-example
+    adapter to gather (see ``jaxlora.multi_oplevel``)."""
+    if roles.batch:
+        raise ValueError(
+            f"{where}: the weight {roles.shape} has batch axes {list(roles.batch)} in its product "
+            "(e.g. MoE experts): its rows are not examples, so adapters cannot be gathered per "
+            "example; only weights whose product has no batch axes can be stacked"
+        )
 
 
 def pad_rank(a: jax.Array, b: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
@@ -236,18 +279,25 @@ def _check_slot(slot: Any, capacity: int) -> None:
         )
 
 
-def _check_same_layers(paths: Sequence[str], layers: Mapping, kernels: Mapping) -> None:
+def _check_same_layers(
+    paths: Sequence[str], layers: Mapping, kernels: Mapping, roles: Mapping
+) -> None:
     missing, extra = sorted(set(paths) - set(layers)), sorted(set(layers) - set(paths))
     if missing or extra:
         raise ValueError(
             f"the adapter targets other layers than the stack's: missing {missing}, "
             f"unexpected {extra} (every adapter in a stack must adapt the same layers)"
         )
-    for path, (kernel, *_) in layers.items():
-        if kernel != tuple(kernels[path]):
+    for path, layer in layers.items():
+        if layer.kernel != tuple(kernels[path]):
             raise ValueError(
-                f"layer '{path}': the adapter's base kernel has shape {kernel}, the stack's "
+                f"layer '{path}': the adapter's base kernel has shape {layer.kernel}, the stack's "
                 f"base has {tuple(kernels[path])}: it was made for another base model"
+            )
+        if layer.roles != roles.get(path):
+            raise ValueError(
+                f"layer '{path}': the adapter was made for the weight's product as "
+                f"{layer.roles}, the stack's layer as {roles.get(path)} (None: a linear layer)"
             )
 
 
@@ -289,11 +339,14 @@ def gathered_branch(
     index: jax.Array,
     axis: tuple[int, ...] = (-1,),
     precision: jax.lax.PrecisionLike = None,
+    preferred_element_type: Any = None,
 ) -> jax.Array:
     """Each example's own branch: ``x[i]``'s ``axis`` contracted with ``lora_a[index[i]]``,
     times ``scale[index[i]]`` (in fp32, rounded once), times ``lora_b[index[i]]``; exactly zero
     where ``index[i] == -1`` and NaN where it names no adapter. ``x`` has the examples on axis
-    0; the output axes come last, as ``core.general_branch``'s do."""
+    0; the output axes come last, as ``core.general_branch``'s do. ``precision`` and
+    ``preferred_element_type`` are the products' (``jax.lax.dot_general``'s); the scaled
+    intermediate is rounded to the inputs' dtype, as the single-adapter branches do."""
     n = lora_a.shape[0]
     axis = tuple(i % x.ndim for i in axis)
     if 0 in axis:
@@ -304,9 +357,11 @@ def gathered_branch(
     a = jnp.take(lora_a, safe, axis=0, mode="clip")  # safe is in range: no fill
     b = jnp.take(lora_b, safe, axis=0, mode="clip")
     dims = ((axis, tuple(range(1, len(axis) + 1))), ((0,), (0,)))
-    h = jax.lax.dot_general(x, a, dims, precision=precision)  # (B, free…, R)
+    options = dict(precision=precision, preferred_element_type=preferred_element_type)
+    h = jax.lax.dot_general(x, a, dims, **options)  # (B, free…, R)
     wide = jnp.promote_types(h.dtype, jnp.float32)
-    h = (h.astype(wide) * s.reshape((-1,) + (1,) * (h.ndim - 1)).astype(wide)).astype(h.dtype)
+    s = s.reshape((-1,) + (1,) * (h.ndim - 1)).astype(wide)
+    h = (h.astype(wide) * s).astype(jnp.result_type(x, a))
     b_flat = b.reshape(b.shape[0], b.shape[1], -1)
-    y = jax.lax.dot_general(h, b_flat, (((h.ndim - 1,), (1,)), ((0,), (0,))), precision=precision)
+    y = jax.lax.dot_general(h, b_flat, (((h.ndim - 1,), (1,)), ((0,), (0,))), **options)
     return y.reshape((*h.shape[:-1], *lora_b.shape[2:]))

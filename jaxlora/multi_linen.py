@@ -2,24 +2,32 @@
 
 The same interceptor as ``jaxlora.intercept`` (its layer checks, subclass handling and nn.jit
 keying), adding to each layer the stack names the per-example branch of
-``jaxlora.multi.gathered_branch`` instead of a branch from LoRA leaves in the params.
+``jaxlora.multi.gathered_branch`` instead of a branch from LoRA leaves in the params; for a
+layer adapted at its weight's product (the stack's ``roles``), at that product
+(``jaxlora.multi_oplevel``, which also says where the examples must be).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlora import multi
-from jaxlora.intercept import _ACTIVE, _dense, _dequantized_kernel, _State, input_axes, traced_as
-from jaxlora.quant._base import QUANT
-from jaxlora.tree import LORA_NAMES, path_str
+from jaxlora import multi, multi_oplevel, product
+from jaxlora.intercept import (
+    _ACTIVE,
+    _check_dense_kernel,
+    _own_call,
+    _State,
+    input_axes,
+    traced_as,
+)
+from jaxlora.tree import LORA_NAMES, ROLES_NAME, path_str
 
 __all__ = ["intercept_stack"]
 
@@ -30,28 +38,33 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
     ``index[i]`` of ``stack`` (``-1``: the base alone) on the stack's layers.
 
     The params passed to ``apply`` must be the plain base (no ``lora_a``/``lora_b`` leaves:
-    ``jaxlora.split`` them off), the examples on axis 0 of every stacked layer's input. Enter it
+    ``jaxlora.split`` them off), the examples on axis 0 of every stacked layer's input (for
+    a layer adapted at its weight's product: of the product's activation, and only there). Enter it
     inside the jitted function, with the stack and the index as its arguments: replacing an
     adapter in the stack (same capacity and rank) then reuses the compiled forward.
 
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> import jaxlora
-    >>> model = nn.Sequential([nn.Dense(4)])
-    >>> base = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
-    >>> config = jaxlora.LoRAConfig(r=2, targets=["layers_0"])
-    >>> one = jaxlora.inject(base, config, jax.random.key(1))
-    >>> stack = jaxlora.stack_adapters([(one, config)], capacity=2)
-    >>> with intercept_stack(stack, jnp.array([0, -1])):
-    ...     y = model.apply({"params": base}, jnp.ones((2, 8)))
-    >>> y.shape
-    (2, 4)
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import linen as nn
+        >>> import jaxlora
+        >>> model = nn.Sequential([nn.Dense(4)])
+        >>> base = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+        >>> config = jaxlora.LoRAConfig(r=2, targets=["layers_0"])
+        >>> one = jaxlora.inject(base, config, jax.random.key(1))
+        >>> stack = jaxlora.stack_adapters([(one, config)], capacity=2)
+        >>> with intercept_stack(stack, jnp.array([0, -1])):
+        ...     y = model.apply({"params": base}, jnp.ones((2, 8)))
+        >>> y.shape
+        (2, 4)
 
     Raises:
         TypeError, ValueError: an index that is not a 1-D integer array, or (when concrete)
             holds a value that is neither -1 nor an occupied slot; a base holding LoRA leaves;
-            a stacked layer whose kernel or input does not match the stack; a stack layer the
-            model never called (on leaving the context); nesting with ``jaxlora.intercept``.
+            a stacked layer whose kernel or input does not match the stack; a layer adapted
+            at its weight's product whose call uses the weight otherwise than the stack's
+            roles, or whose product's activation does not hold the examples on its axis 0
+            alone; a stack layer the model never called (on leaving the context); nesting
+            with ``jaxlora.intercept``.
     """
     if not isinstance(stack, multi.AdapterStack):
         raise TypeError(f"intercept_stack: expected an AdapterStack, got {type(stack).__name__}")
@@ -62,8 +75,9 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
             "intercept_stack: a jaxlora.intercept or intercept_stack is already active; nesting "
             "them would add branches twice. Enter one, around the outermost call."
         )
-    state = _StackState(None, True, stack=stack, index=index)
-    key = ("intercept", "stack", stack.kernels, stack.capacity, stack.rank)
+    # No LoRAConfig: the stack's layers use the stack's own scales, not _State.config.
+    state = _StackState(None, True, stack=stack, index=index)  # type: ignore[arg-type]
+    key = ("intercept", "stack", stack.kernels, stack.roles, stack.capacity, stack.rank)
     with traced_as(key), nn.intercept_methods(state.interceptor):
         yield
     never = sorted(set(stack.paths) - state.applied)
@@ -82,22 +96,52 @@ class _StackState(_State):
 
     def adapted(self, module: nn.Module) -> bool:
         own = super().adapted(module)
-        return own or path_str(module.scope.path) in self.stack.lora_a
+        return own or path_str(module.path) in self.stack.lora_a
 
-    def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs):
-        name = path_str(module.scope.path)  # the stack's keys, '<root>' for a root layer
+    def at_product(self, module: nn.Module) -> bool:
+        return path_str(module.path) in dict(self.stack.roles)
+
+    def apply_product(self, module: nn.Module, args: tuple, kwargs: dict, quantized):
+        name = path_str(module.path)
         where = f"layer '{name}'"
-        held = [n for n in LORA_NAMES if module.has_variable("params", n)]
+        self._check_plain(module, where)
+        marker = dict(self.stack.roles)[name]
+        traced, found = product.traced_product(module, marker, where, args, kwargs, quantized)
+        multi_oplevel.check_call(
+            found,
+            traced.closed,
+            lambda a, k: product.traced_product(module, marker, where, a, k, quantized)[0].closed,
+            args,
+            kwargs,
+            int(jnp.shape(self.index)[0]),
+            where,
+        )
+        self.applied.add(name)
+        stack = self.stack
+        factors = (stack.lora_a[name], stack.lora_b[name], stack.scale[name], stack.occupied)
+        return product.evaluate(
+            traced,
+            found,
+            lambda eqn, operands: multi_oplevel.gathered(found, eqn, operands, factors, self.index),
+        )
+
+    def _check_plain(self, module: nn.Module, where: str) -> None:
+        held = [n for n in (*LORA_NAMES, ROLES_NAME) if module.has_variable("params", n)]
         if held:
             raise ValueError(
                 f"{where} holds its own {held} in the params: intercept_stack serves the "
                 "stack's adapters on the plain base (jaxlora.split the adapter off first)"
             )
+
+    def _apply(self, module: nn.Module, kind: str, method: str, next_fun, args, kwargs, quantized):
+        name = path_str(module.path)  # the stack's keys, '<root>' for a root layer
+        where = f"layer '{name}'"
+        self._check_plain(module, where)
         x = args[0] if args else next(iter(kwargs.values()))
-        quantized = module.has_variable(QUANT, "kernel")
         if quantized:
-            kernel = _dequantized_kernel(module, x, where)
-            y = _dense(module, kernel, x, where)
+            _check_dense_kernel(module, quantized, x, where)
+            kernel = quantized["kernel"]
+            y = _own_call(module, method, quantized, args, kwargs)
         else:
             kernel = module.get_variable("params", "kernel")
             y = next_fun(*args, **kwargs)
@@ -107,7 +151,7 @@ class _StackState(_State):
         a, b = self.stack.lora_a[name], self.stack.lora_b[name]
         x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
         axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
-        axis = tuple(axis) if isinstance(axis, tuple | list) else (axis,)
+        axis = tuple(axis) if isinstance(axis, Sequence) else (axis,)
         if 0 in (i % jnp.ndim(x) for i in axis):
             raise ValueError(f"{where} contracts its input's axis 0, which is the examples' axis")
         self.applied.add(name)

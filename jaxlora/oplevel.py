@@ -187,7 +187,8 @@ def _product(path, side, eqn, groups) -> Product:
 def split_args(args: tuple, kwargs: dict):
     """Array leaves are traced; every other leaf (None, flags, Python numbers) is static."""
     arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
-    dynamic = [a if isinstance(a, jax.Array | np.ndarray) else None for a in arg_leaves]
+    arrays = jax.Array | np.ndarray | jax.ShapeDtypeStruct  # the last: a shape-only probe
+    dynamic = [a if isinstance(a, arrays) else None for a in arg_leaves]
     static = tuple(None if d is not None else a for a, d in zip(arg_leaves, dynamic, strict=True))
     return dynamic, static, arg_def
 
@@ -250,25 +251,9 @@ def branch(
     laid out as ``eqn``'s output. ``x`` replaces the other operand (dropout on it)."""
     side = product.side
     x = operands[1 - side] if x is None else x
-    w_op = operands[side]
     (contract, batch) = product.dims
-    roles, groups = product.roles, product.groups
-    free_axes = [a for a in range(len(groups)) if a not in contract[side] and a not in batch[side]]
-    a_op = _operand_view(
-        lora_a,
-        roles.batch + roles.contracted,
-        groups,
-        [*batch[side], *contract[side]],
-        rank_at=None,
-    )
-    b_op = _operand_view(
-        lora_b,
-        roles.batch + roles.free,
-        groups,
-        [*batch[side], *free_axes],
-        rank_at=len(roles.batch),
-    )
-    dtype = w_op.dtype
+    a_op, b_op = operand_factors(product, lora_a, lora_b)
+    dtype = operands[side].dtype
     a_op, b_op = a_op.astype(dtype), b_op.astype(dtype)
     nb, nc = len(batch[side]), len(contract[side])
     options = dict(
@@ -288,12 +273,43 @@ def branch(
     y = jax.lax.dot_general(
         h, b_op, (((h.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))), **options
     )
-    if side == 0:  # the base output is (batch, W's free, x's free); y is (batch, x's, W's)
-        n_free = len(free_axes)
-        x_free = y.ndim - nb - n_free
-        order = [*range(nb), *range(nb + x_free, y.ndim), *range(nb, nb + x_free)]
-        y = jnp.transpose(y, order)
-    return y
+    return as_output(product, y)
+
+
+def eqn_at(jaxpr: jcore.Jaxpr, path: tuple[int, ...]):
+    """The equation at ``path`` (a ``Product``'s), through the nested calls on the way."""
+    for i in path[:-1]:
+        eqn = jaxpr.eqns[i]
+        inner = eqn.params[_CALLS[eqn.primitive.name]]
+        jaxpr = getattr(inner, "jaxpr", inner)
+    return jaxpr.eqns[path[-1]]
+
+
+def operand_factors(product: Product, lora_a, lora_b) -> tuple[jax.Array, jax.Array]:
+    """``lora_a`` and ``lora_b`` as the product's weight operand sees W's axes: ``a`` (batch…,
+    contracted…, r) and ``b`` (batch…, r, free…), each operand axis merging its W axes, in the
+    operand's order (``dot_general`` pairs them with the other operand's axes)."""
+    side, roles, groups = product.side, product.roles, product.groups
+    (contract, batch) = product.dims
+    free_axes = [a for a in range(len(groups)) if a not in contract[side] and a not in batch[side]]
+    a_op = _operand_view(
+        lora_a, roles.batch + roles.contracted, groups, [*batch[side], *contract[side]], None
+    )
+    b_op = _operand_view(
+        lora_b, roles.batch + roles.free, groups, [*batch[side], *free_axes], len(roles.batch)
+    )
+    return a_op, b_op
+
+
+def as_output(product: Product, y: jax.Array) -> jax.Array:
+    """``y`` (batch, x's free, W's free) in the product's output order: the weight as the
+    left operand puts its free axes first (batch, W's free, x's free)."""
+    if product.side == 1:
+        return y
+    nb = len(product.dims[1][0])
+    n_free = len(product.groups) - nb - len(product.dims[0][0])
+    x_free = y.ndim - nb - n_free
+    return jnp.transpose(y, [*range(nb), *range(nb + x_free, y.ndim), *range(nb, nb + x_free)])
 
 
 def _operand_view(factor, w_axes: tuple[int, ...], groups, op_axes: list[int], rank_at):

@@ -28,8 +28,8 @@ from flax import linen as nn
 from flax.core import meta
 
 from jaxlora import core, oplevel
+from jaxlora.tree import QUANT_NAME, iter_lora_layers
 from jaxlora.tree import ROLES_NAME as ROLES
-from jaxlora.tree import iter_lora_layers
 
 
 @jax.tree_util.register_static
@@ -143,11 +143,34 @@ class Traced:
     weights: dict[str, int]  # weight name -> its input index
 
 
-def trace(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Traced:
-    """Traces ``module.<method>(*args, **kwargs)`` with the module's own variables (LoRA leaves
-    left out) as inputs; the direct array params are the candidate weights."""
-    unbound, variables = module.unbind()
+def with_weights(variables: Mapping, weights: Mapping[str, Any]) -> dict:
+    """A module's variables with ``weights`` (its dequantized weights, by name) in ``params``
+    and its own entries of the ``'quant'`` collection left out (its submodules' kept)."""
     variables = dict(variables)
+    if weights:
+        variables["params"] = {**variables.get("params", {}), **weights}
+        quant = {k: v for k, v in variables.get(QUANT_NAME, {}).items() if isinstance(v, Mapping)}
+        variables[QUANT_NAME] = quant
+    return variables
+
+
+def call(module: nn.Module, method, weights: Mapping[str, Any], args: tuple, kwargs: dict):
+    """``method`` (a name, or a function of the module) of the bound ``module`` run on its own
+    variables with ``weights`` (dequantized quantized weights) as its params: the module's own
+    product on each weight's own shape and dtype (Flax checks the shapes against its init)."""
+    unbound, variables = module.unbind()
+    with _passthrough():
+        return unbound.apply(with_weights(variables, weights), *args, method=method, **kwargs)
+
+
+def trace(
+    module: nn.Module, method: str, args: tuple, kwargs: dict, weights: Mapping[str, Any]
+) -> Traced:
+    """Traces ``module.<method>(*args, **kwargs)`` with the module's own variables (LoRA leaves
+    left out; ``weights``, dequantized, in place of its quantized ones) as inputs; the direct
+    array params are the candidate weights."""
+    unbound, variables = module.unbind()
+    variables = with_weights(variables, weights)
     params = {
         k: v for k, v in variables.get("params", {}).items() if k not in ("lora_a", "lora_b", ROLES)
     }
@@ -196,13 +219,24 @@ def find(module: nn.Module, traced: Traced, where: str) -> tuple[str, oplevel.Pr
     return next(iter(found.items()))
 
 
-def apply(module: nn.Module, config, deterministic: bool, args: tuple, kwargs: dict):
+def apply(
+    module: nn.Module,
+    config,
+    deterministic: bool,
+    args: tuple,
+    kwargs: dict,
+    weights: Mapping[str, Any],
+):
     """``module.__call__(*args, **kwargs)`` with the LoRA branch added at its weight's product
-    (what ``intercept`` does for a node holding ``lora_roles``)."""
-    name = ".".join(module.scope.path)
+    (what ``intercept`` does for a node holding ``lora_roles``); ``weights``: its quantized
+    weights, dequantized (the base product runs on them)."""
+    name = ".".join(module.path)
     where = f"layer '{name or '<root>'}'"
-    node = {n: module.get_variable("params", n) for n in module.variables.get("params", {})}
-    weight, _, a, b, marker = check_product(node, where)
+    node: dict[str, Any] = {
+        n: module.get_variable("params", n) for n in module.variables.get("params", {})
+    }
+    node.update(weights)
+    _, _, a, b, marker = check_product(node, where)
     inner = [
         ".".join(p)
         for p, _ in iter_lora_layers({k: v for k, v in node.items() if isinstance(v, Mapping)})
@@ -212,13 +246,7 @@ def apply(module: nn.Module, config, deterministic: bool, args: tuple, kwargs: d
             f"{where} is adapted at its weight's product and its submodules {inner} hold LoRA "
             "leaves too; adapt either the module or its submodules, not both"
         )
-    traced = trace(module, "__call__", args, kwargs)
-    found, product = find(module, traced, where)
-    if (found, product.roles) != (weight, marker.roles):
-        raise ValueError(
-            f"{where}: this call uses weight '{found}' as {product.roles}, but the adapter was "
-            f"made for weight '{weight}' as {marker.roles} (from the inputs given to layouts)"
-        )
+    traced, product = traced_product(module, marker, where, args, kwargs, weights)
     r = jnp.shape(a)[-1]
     if r != config.rank_for(name):
         raise ValueError(
@@ -228,14 +256,44 @@ def apply(module: nn.Module, config, deterministic: bool, args: tuple, kwargs: d
     scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
     rate = 0.0 if deterministic else config.dropout
 
-    def at_product(eqn, operands):
-        base = eqn.primitive.bind(*operands, **eqn.params)
+    def extra(eqn, operands):
         x = operands[1 - product.side]
         if rate > 0:
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
             x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-        extra = oplevel.branch(product, eqn, operands, a, b, scale, x=x)
-        return base + extra.astype(base.dtype)
+        return oplevel.branch(product, eqn, operands, a, b, scale, x=x)
+
+    return evaluate(traced, product, extra)
+
+
+def traced_product(
+    module: nn.Module,
+    marker: ProductRoles,
+    where: str,
+    args: tuple,
+    kwargs: dict,
+    weights: Mapping[str, Any],
+) -> tuple[Traced, oplevel.Product]:
+    """The module's call traced (``weights``: its quantized weights, dequantized), and its
+    weight's product, checked to be the one ``marker`` records (the weight and its roles the
+    adapter was made for)."""
+    traced = trace(module, "__call__", args, kwargs, weights)
+    found, product = find(module, traced, where)
+    if (found, product.roles) != (marker.weight, marker.roles):
+        raise ValueError(
+            f"{where}: this call uses weight '{found}' as {product.roles}, but the adapter was "
+            f"made for weight '{marker.weight}' as {marker.roles} (from the inputs given to "
+            "layouts)"
+        )
+    return traced, product
+
+
+def evaluate(traced: Traced, product: oplevel.Product, extra) -> Any:
+    """The traced call's outputs with ``extra(eqn, operands)`` added at the product."""
+
+    def at_product(eqn, operands):
+        base = eqn.primitive.bind(*operands, **eqn.params)
+        return base + extra(eqn, operands).astype(base.dtype)
 
     outs = oplevel.evaluate(traced.closed, [*traced.leaves, *traced.dyn], product.path, at_product)
     return jax.tree.unflatten(traced.out_def, outs)

@@ -39,12 +39,13 @@ def partition_specs(params: PyTree, base_specs: PyTree) -> PyTree:
     ``lora_stack`` record says: MaxText's ``param_scan_axis=1``). ``params`` must
     hold each adapter beside its base weight (spec the whole tree, then ``split`` it).
 
-    >>> import jax.numpy as jnp
-    >>> params = {"q": {"kernel": jnp.ones((8, 4)), "lora_a": jnp.ones((8, 2)),
-    ...                 "lora_b": jnp.ones((2, 4))}}
-    >>> specs = partition_specs(params, {"q": {"kernel": PartitionSpec("fsdp", "tensor")}})["q"]
-    >>> {name: tuple(spec) for name, spec in specs.items()}
-    {'kernel': ('fsdp', 'tensor'), 'lora_a': ('fsdp', None), 'lora_b': (None, 'tensor')}
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> params = {"q": {"kernel": jnp.ones((8, 4)), "lora_a": jnp.ones((8, 2)),
+        ...                 "lora_b": jnp.ones((2, 4))}}
+        >>> specs = partition_specs(params, {"q": {"kernel": PartitionSpec("fsdp", "tensor")}})["q"]
+        >>> {name: tuple(spec) for name, spec in specs.items()}
+        {'kernel': ('fsdp', 'tensor'), 'lora_a': ('fsdp', None), 'lora_b': (None, 'tensor')}
     """
     _require_mapping(params, "partition_specs")
     return _specs(params, base_specs if isinstance(base_specs, Mapping) else {}, ())

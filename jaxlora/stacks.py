@@ -10,6 +10,7 @@ twin that names its layers ``blocks_3`` pass ``{"blocks": "blocks_{i}"}``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,10 +27,11 @@ def layer_path(path: str, scan: str, index: int, layer_names: LayerNames = None)
     the scanned module at ``scan``: ``layer_names[scan]`` (a template with ``{i}``, default
     ``'<scan>.{i}'``) formatted with the index, followed by the rest of ``path``.
 
-    >>> layer_path("blocks.attn.query", "blocks", 3)
-    'blocks.3.attn.query'
-    >>> layer_path("blocks.attn.query", "blocks", 3, {"blocks": "h_{i}"})
-    'h_3.attn.query'
+    Examples:
+        >>> layer_path("blocks.attn.query", "blocks", 3)
+        'blocks.3.attn.query'
+        >>> layer_path("blocks.attn.query", "blocks", 3, {"blocks": "h_{i}"})
+        'h_3.attn.query'
     """
     if not (path == scan or path.startswith(scan + ".")):
         raise ValueError(f"layer '{path}' does not lie in the scanned module '{scan}'")
@@ -126,11 +128,15 @@ def unstack(
 def stack_length(sub: Mapping, root: str, axis: int) -> int:
     """L, the length all arrays under the scanned module share on the layer axis ``axis``; a
     ``ValueError`` if they share none (stacked on another axis, or not stacked)."""
-    lengths = set()
+    lengths: set[int] = set()
+    missing = False  # a leaf with no such axis
     for v in _leaves(sub):
         position = kinds.axis_position(np.ndim(v), axis)
-        lengths.add(None if position is None else np.shape(v)[position])
-    if len(lengths) != 1 or None in lengths:
+        if position is None:
+            missing = True
+        else:
+            lengths.add(int(np.shape(v)[position]))
+    if len(lengths) != 1 or missing:
         raise ValueError(
             f"the params under '{root}' share no layer axis at position {axis}: a module in "
             "layer_names must be stacked by nn.scan with variable_axes={'params': "
@@ -172,7 +178,7 @@ def _take(v, i: int, axis: int):
     """Layer ``i`` of a stacked leaf (its slice on the layer axis); records pass as they are."""
     if not hasattr(v, "shape"):
         return v
-    return v[(slice(None),) * kinds.axis_position(np.ndim(v), axis) + (i,)]
+    return v[(slice(None),) * kinds.position_of(np.ndim(v), axis) + (i,)]
 
 
 def _plain(tree: Mapping) -> dict:
@@ -181,11 +187,12 @@ def _plain(tree: Mapping) -> dict:
 
 def _pop(tree: dict, path: str):
     *parents, last = path.split(".")
+    node: Any = tree
     for key in parents:
-        tree = tree.get(key)
-        if not isinstance(tree, dict):
+        node = node.get(key)
+        if not isinstance(node, dict):
             return None
-    return tree.pop(last, None)
+    return node.pop(last, None)
 
 
 def _put(tree: dict, path: str, value) -> None:
@@ -223,7 +230,8 @@ def _map(tree: Mapping, fn) -> dict:
 
 
 def _stack(trees: list, axis: int) -> dict:
-    first, out = trees[0], {}
+    first = trees[0]
+    out: dict[str, Any] = {}
     for k, v in first.items():
         if isinstance(v, Mapping):
             out[k] = _stack([t[k] for t in trees], axis)
@@ -237,6 +245,7 @@ def _stack(trees: list, axis: int) -> dict:
 
 
 def _subtree(tree: Mapping, path: str):
+    node: Any = tree
     for key in path.split("."):
-        tree = tree.get(key) if isinstance(tree, Mapping) else None
-    return tree
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node

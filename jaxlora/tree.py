@@ -23,6 +23,7 @@ from _loracore.report import ParamCount
 # unchanged), saying how the adapter was made where the arrays cannot. They go with the adapter
 # (split, MergeRecord) and are dropped by merge.
 ROLES_NAME = "lora_roles"  # made at its weight's product (jaxlora.product)
+QUANT_NAME = "quant"  # the collection of quantized base weights (jaxlora.quant.quantize_base)
 INIT_NAME = "lora_init"  # made by PiSSA/OLoRA: the base weight beside it is the residual
 STACK_NAME = "lora_stack"  # stacked by nn.scan on a layer axis other than 0 (its position)
 RECORD_NAMES = (ROLES_NAME, INIT_NAME, STACK_NAME)
@@ -61,8 +62,9 @@ def lora_mask(params: PyTree) -> PyTree:
     """A tree of bools shaped like ``params``: True exactly at leaves named lora_a/lora_b (and
     DoRA's lora_magnitude).
 
-    >>> lora_mask({"dense": {"kernel": 1.0, "lora_a": 2.0, "lora_b": 3.0}})
-    {'dense': {'kernel': False, 'lora_a': True, 'lora_b': True}}
+    Examples:
+        >>> lora_mask({"dense": {"kernel": 1.0, "lora_a": 2.0, "lora_b": 3.0}})
+        {'dense': {'kernel': False, 'lora_a': True, 'lora_b': True}}
     """
     return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in LORA_NAMES, params)
 
@@ -85,13 +87,14 @@ def freeze_base(
         mask: a bool tree (or a function of the params returning one) that is True at the
             leaves to train; defaults to ``lora_mask``.
 
-    >>> import jax.numpy as jnp, optax
-    >>> params = {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)),
-    ...           "lora_b": jnp.ones((1, 2))}
-    >>> tx = freeze_base(optax.sgd(0.5))
-    >>> updates, _ = tx.update(params, tx.init(params), params)
-    >>> float(updates["kernel"].sum()), float(updates["lora_a"].sum())
-    (0.0, -2.0)
+    Examples:
+        >>> import jax.numpy as jnp, optax
+        >>> params = {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)),
+        ...           "lora_b": jnp.ones((1, 2))}
+        >>> tx = freeze_base(optax.sgd(0.5))
+        >>> updates, _ = tx.update(params, tx.init(params), params)
+        >>> float(updates["kernel"].sum()), float(updates["lora_a"].sum())
+        (0.0, -2.0)
     """
 
     def labels(params: PyTree) -> PyTree:
@@ -134,7 +137,8 @@ def _skeleton(tree: PyTree) -> PyTree:
 def _check_same_tree(skeleton: PyTree, tree: PyTree, name: str) -> None:
     """A ``ValueError`` (at trace time under jit: structures are static) if ``tree``'s
     structure is not the one ``init`` saw, naming leaves that were added or removed."""
-    if jax.tree.structure(_skeleton(tree)) == jax.tree.structure(skeleton):
+    # jaxlib ships PyTreeDef without type stubs, so the checker cannot see its __eq__.
+    if jax.tree.structure(_skeleton(tree)) == jax.tree.structure(skeleton):  # type: ignore[operator]
         return
 
     def paths(t: PyTree) -> set[str]:
@@ -157,9 +161,10 @@ def split(params: PyTree) -> tuple[PyTree, PyTree]:
     Both keep the nesting (and the dict/FrozenDict type); subtrees that end up empty are
     dropped from the adapter. ``combine(adapter, base)`` gives back ``params``.
 
-    >>> adapter, base = split({"dense": {"kernel": 1, "lora_a": 2, "lora_b": 3}})
-    >>> adapter, base
-    ({'dense': {'lora_a': 2, 'lora_b': 3}}, {'dense': {'kernel': 1}})
+    Examples:
+        >>> adapter, base = split({"dense": {"kernel": 1, "lora_a": 2, "lora_b": 3}})
+        >>> adapter, base
+        ({'dense': {'lora_a': 2, 'lora_b': 3}}, {'dense': {'kernel': 1}})
     """
     _require_mapping(params, "split")
     adapter = _filter(params, keep_lora=True)

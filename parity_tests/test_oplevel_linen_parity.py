@@ -155,6 +155,13 @@ def test_adapter_file_is_served_by_peft(twins, tmp_path):
         want_c, want_q = served(_t(x))
     _close(c, want_c.numpy())
     _close(np.asarray(q).reshape(B, T, N * H), want_q.numpy())
-    # Loading such a file back into a Linen tree is not implemented: refused, naming the layer.
-    with pytest.raises(ValueError, match=r"layer 'c_attn'.*product"):
-        jaxlora.load_adapter(variables["params"], tmp_path)
+    # Loaded back into a tree injected with the same layouts (other factors): the same arrays.
+    layouts = jaxlora.layouts(model, x)
+    other = jaxlora.inject(
+        model.init(jax.random.key(0), x), CONFIG, jax.random.key(9), layouts=layouts
+    )
+    other = other["params"]
+    loaded = jaxlora.load_adapter(other, tmp_path)
+    for name in ("c_attn", "q_proj"):
+        for leaf in ("lora_a", "lora_b"):
+            np.testing.assert_array_equal(loaded[name][leaf], variables["params"][name][leaf])

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 
-from tests.example_runner import ROOT, run_example
+import pytest
+
+from tests.doc_pages import PAGES, code_blocks, fenced_blocks, page_id
+from tests.example_runner import run_example
 
 
 def test_quickstart_runs_and_reports_agreement():
@@ -20,12 +23,27 @@ def test_quickstart_runs_and_reports_agreement():
     assert "base unchanged = True" in out.stdout
 
 
-def test_readme_code_blocks_run():
-    """Every ```python block in the README runs as written."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-    assert len(blocks) >= 3
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+PAGES_WITH_CODE = [page for page in PAGES if code_blocks(page.read_text())]
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=page_id)
+def test_docs_python_blocks_run(page):
+    """Every ```python block of the README and of the docs pages runs as written, each block
+    on its own in a fresh namespace (every block imports what it uses)."""
+    for number, block in enumerate(code_blocks(page.read_text()), 1):
+        exec(compile(block, f"{page_id(page)}, python block {number}", "exec"), {})
+
+
+def test_docs_python_blocks_are_found():
+    """The blocks above are found: the README's quickstart and the guides' examples, and no
+    Python block is fenced in a way that would be neither run nor refused (```py, ```pycon)."""
+    pages = {page_id(page): len(code_blocks(page.read_text())) for page in PAGES_WITH_CODE}
+    assert {"README.md", "docs/adapt.md", "docs/one-layer.md"} <= set(pages)
+    assert sum(pages.values()) >= 12, pages
+    for page in PAGES:
+        infos = {info for info, _ in fenced_blocks(page.read_text())}
+        python_like = {info for info in infos if info.split(" ")[0] in ("py", "python", "pycon")}
+        assert python_like <= {"python", "python thirdparty"}, (page_id(page), python_like)
 
 
 def test_task_switch_example(tmp_path):

@@ -162,19 +162,26 @@ def test_refuses_a_second_quantization_and_bad_options():
         quantize_base(_model(lora=False)[1], CONFIG, blocksize=48)
 
 
-def test_a_quantized_kernel_in_a_non_dense_layer_is_refused_at_the_call():
-    class Gen(nn.Module):
+def test_a_quantized_kernel_in_a_layer_that_cannot_hold_one_is_refused_at_the_call():
+    # nn.DenseGeneral can hold one now (tests/test_qlora_oplevel.py); an nn.Conv cannot: its
+    # kernel is no torch Linear. quantize_base refuses it; a hand-made 'quant' entry too.
+    class Conv(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return nn.DenseGeneral(4, name="gen")(x)  # a 2-D kernel, but not an nn.Dense
+            return nn.Conv(4, (3,), name="conv")(x)
 
-    variables = Gen().init(jax.random.key(0), jnp.ones((1, 64)))
-    quantized = quantize_base(variables, ["gen"])
+    x = jnp.ones((1, 5, 4))
+    variables = Conv().init(jax.random.key(0), x)
+    kernel = variables["params"]["conv"]["kernel"]
+    quantized = {
+        "params": {"conv": {"bias": variables["params"]["conv"]["bias"]}},
+        "quant": {"conv": {"kernel": jaxlora.quant.quantize(kernel.reshape(12, 4).T)}},
+    }
     with (
-        jaxlora.intercept(jaxlora.LoRAConfig(r=1, targets=["gen"])),
-        pytest.raises(ValueError, match="'gen' is a DenseGeneral holding a quantized kernel"),
+        jaxlora.intercept(jaxlora.LoRAConfig(r=1, targets=["conv"])),
+        pytest.raises(ValueError, match="'conv' is a Conv holding a quantized weight"),
     ):
-        Gen().apply(quantized, jnp.ones((1, 64)))
+        Conv().apply(quantized, x)
 
 
 def test_a_quantized_kernel_of_the_wrong_shape_is_refused():

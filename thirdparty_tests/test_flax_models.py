@@ -2,13 +2,15 @@
 trained with ``jaxlora.inject`` + ``intercept`` and served by the real ``peft`` on
 ``LlamaForCausalLM`` holding the same base (loaded with ``from_pt=True``), and back; and
 ``FlaxGPT2LMHeadModel``'s ``FlaxConv1D`` (kernel (out, in), used as ``x @ kernel.T``), adapted
-at its product (with ``layouts``) and checked against PEFT on ``GPT2LMHeadModel``; without
-layouts, and for PEFT's GPT-2 files, refused by name.
+at its product (with ``layouts``) and checked against PEFT on ``GPT2LMHeadModel``, with PEFT
+files both ways through the ready map ``"transformers.flax_gpt2"`` (Conv1D modules:
+``fan_in_fan_out``); without layouts, or PEFT's GPT-2 files without the map, refused by name.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 
 import jax
 import jax.numpy as jnp
@@ -266,8 +268,9 @@ def test_gpt2_conv1d_holding_lora_leaves_is_refused_when_called(gpt2):
 
 
 def test_gpt2_peft_adapter_is_refused_by_load(gpt2, tmp_path):
-    """PEFT's GPT-2 adapters (Conv1D, fan_in_fan_out=True) are refused, so no (out, in)
-    FlaxConv1D kernel is merged with a Dense-layout delta."""
+    """PEFT's GPT-2 adapters (Conv1D, fan_in_fan_out=True) are refused where the map does not
+    say the modules are Conv1D (the identity map: nn.Linear), and into a plain tree (the
+    layout needs layouts=), so no (out, in) FlaxConv1D kernel gets a Dense-layout delta."""
     from transformers import GPT2LMHeadModel
 
     model, _, _ = gpt2
@@ -277,3 +280,77 @@ def test_gpt2_peft_adapter_is_refused_by_load(gpt2, tmp_path):
     get_peft_model(hf, config).save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match=r"fan_in_fan_out=True, which is not supported"):
         jaxlora.load_adapter(model.params, tmp_path)
+    with pytest.raises(ValueError, match=r"holds no adapter made at its weight's product"):
+        jaxlora.load_adapter(model.params, tmp_path, path_map=GPT2_MAP)
+
+
+GPT2_MAP = "transformers.flax_gpt2"
+GPT2_ALL = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["c_attn", "c_proj", "c_fc"])
+
+
+def test_gpt2_file_with_the_ready_map_is_served_by_peft_without_warning(gpt2, tmp_path):
+    """Saved with ``path_map="transformers.flax_gpt2"`` (attention and MLP Conv1D modules) the
+    file says ``fan_in_fan_out: true``: PEFT loads it with no warning, the same logits, merged
+    equals PEFT's merge_and_unload, and it loads back exactly."""
+    model, ids, hf = gpt2
+    params = jaxlora.inject(
+        model.params, GPT2_ALL, jax.random.key(0), layouts=_gpt2_layouts(model, ids)
+    )
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: v + 0.05 if getattr(p[-1], "key", None) == "lora_b" else v, params
+    )
+    with jaxlora.intercept(GPT2_ALL):
+        y_jax = np.asarray(model(ids, params=params).logits)
+    assert rel_err(y_jax, torch_logits(hf)) > 1e-3
+    jaxlora.save_adapter(params, tmp_path, GPT2_ALL, path_map=GPT2_MAP)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["fan_in_fan_out"] is True
+    served = peft_load(copy.deepcopy(hf), tmp_path)  # asserts PEFT did not warn
+    assert rel_err(torch_logits(served), y_jax) <= TOL
+    merged = jaxlora.merge(params, alpha=ALPHA)
+    want = torch_logits(served.merge_and_unload())
+    assert rel_err(np.asarray(model(ids, params=merged).logits), want) <= TOL
+    other = jaxlora.inject(
+        model.params, GPT2_ALL, jax.random.key(5), layouts=_gpt2_layouts(model, ids)
+    )
+    loaded = jaxlora.load_adapter(other, tmp_path, path_map=GPT2_MAP)
+    assert _equal(_lora(loaded), _lora(params))
+
+
+def test_gpt2_peft_trained_adapter_loads_in_flax(gpt2, tmp_path):
+    """An adapter trained with the real PEFT on GPT2LMHeadModel (attention and MLP Conv1D,
+    fan_in_fan_out=True, rsLoRA) loads into FlaxGPT2LMHeadModel adapted at its products with
+    the ready map: PEFT's logits, with the config read back from the file."""
+    model, ids, hf = gpt2
+    torch.manual_seed(3)
+    peft_model = get_peft_model(
+        copy.deepcopy(hf),
+        LoraConfig(
+            r=R,
+            lora_alpha=ALPHA,
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            fan_in_fan_out=True,
+            use_rslora=True,
+        ),
+    )
+    optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    tokens = torch.from_numpy(TOKENS)
+    for _ in range(3):
+        logits = peft_model(tokens).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    peft_model.save_pretrained(str(tmp_path))
+    want = torch_logits(peft_model.eval())
+    assert rel_err(want, torch_logits(hf)) > 1e-3
+    params = jaxlora.inject(
+        model.params, GPT2_ALL, jax.random.key(1), layouts=_gpt2_layouts(model, ids)
+    )
+    params = jaxlora.load_adapter(params, tmp_path, path_map=GPT2_MAP)
+    config = jaxlora.read_adapter_config(tmp_path, path_map=GPT2_MAP, params=params)
+    assert config.use_rslora
+    with jaxlora.intercept(config):
+        assert rel_err(np.asarray(model(ids, params=params).logits), want) <= TOL

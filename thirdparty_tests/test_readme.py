@@ -1,20 +1,18 @@
-"""The README's "Fine-tune a tunix or Hugging Face Flax model, serve the adapter with PEFT"
-code runs as written against the real tunix, transformers and peft.
+"""The docs page "Fine-tune a tunix or Hugging Face Flax model, serve the adapter with PEFT"
+(docs/thirdparty.md) runs as written against the real tunix, transformers and peft.
 
-Its code blocks are fenced as ```python thirdparty (the main suite's README test runs only
+Its code blocks are fenced as ```python thirdparty (the main suite's docs test runs only
 plain ```python blocks, in an environment without tunix): each such block must be ``SNIPPET``
 exactly, and ``SNIPPET`` runs here; then the JAX logits are checked against PEFT's."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import numpy as np
 
+from tests.doc_pages import ROOT, code_blocks
 from thirdparty_tests.twins import TOL, rel_err
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = ROOT / "docs" / "thirdparty.md"
 SNIPPET = """\
 import tempfile
 
@@ -97,20 +95,16 @@ print(np.abs(np.asarray(model(*inputs)[0]) - want).max())  # ~1e-6
 """
 
 
-def _readme_blocks() -> list[str]:
-    return re.findall(r"```python thirdparty\n(.*?)```", README.read_text(), flags=re.S)
-
-
-def test_readme_blocks_are_the_snippet():
-    """Every ```python thirdparty block of the README is the snippet this file runs."""
-    blocks = _readme_blocks()
-    assert blocks, "README.md has no ```python thirdparty block"
+def test_page_blocks_are_the_snippet():
+    """Every ```python thirdparty block of the page is the snippet this file runs."""
+    blocks = code_blocks(PAGE.read_text(), "python thirdparty")
+    assert len(blocks) >= 1, "docs/thirdparty.md has no ```python thirdparty block"
     assert all(block == SNIPPET for block in blocks)
 
 
 def test_snippet_runs_and_peft_serves_the_adapter():
     namespace: dict = {}
-    exec(compile(SNIPPET, "README.md (python thirdparty)", "exec"), namespace)
+    exec(compile(SNIPPET, "docs/thirdparty.md (python thirdparty)", "exec"), namespace)
     model, inputs, want = namespace["model"], namespace["inputs"], namespace["want"]
     base = namespace["LlamaForCausalLM"].from_pretrained(namespace["hf_dir"])
     y_base = base(namespace["torch"].from_numpy(namespace["tokens"])).logits.detach().numpy()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 import safetensors.torch
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from _loracore import peft_format
 from _loracore.peft_format import (
+    LayerShapes,
     check_layer_set,
     check_pair,
     file_config,
@@ -33,7 +35,7 @@ from torchlora.inject import inject
 from torchlora.layer import Linear
 
 
-def describe(module: nn.Module) -> tuple[str, str, object] | None:
+def describe(module: nn.Module) -> LayerShapes | None:
     """(kind, description, r -> PEFT's (A, B) shapes) for a layer an adapter can go to."""
     if isinstance(module, nn.Embedding | Embedding):
         n, d = module.num_embeddings, module.embedding_dim
@@ -59,7 +61,9 @@ def write_adapter(directory, tensors, peft) -> None:
     )
 
 
-def read_adapter(directory):
+def read_adapter(
+    directory: str | os.PathLike,
+) -> tuple[LoRAConfig, dict[str, peft_format.LayerTensors]]:
     """The adapter's config and {module path: (A, B)} as torch tensors, checked."""
     return peft_format.read_adapter(directory, framework="pt", is_finite=is_finite)
 
@@ -126,13 +130,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     check_layer_set(expected, set(tensors), directory)
     for path, (a, b, kind) in tensors.items():
         module = modules[path]
-        layer = describe(module)
-        if layer is None:
+        shapes = describe(module)
+        if shapes is None:
             raise ValueError(
                 f"{directory}: layer '{path}' is a {type(module).__name__}, which cannot hold "
                 "an adapter"
             )
-        check_pair(path, kind, a, b, layer, directory)
+        check_pair(path, kind, a, b, shapes, directory)
         if isinstance(module, LoRALayer) and module.merged:
             raise ValueError(f"{directory}: layer '{path}' is merged; unmerge() it first")
         if isinstance(module, LoRALayer) and module.use_dora != config.use_dora:
@@ -159,7 +163,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         layer.reset_lora_parameters()
     with torch.no_grad():
         for path, (a, b, _) in tensors.items():
-            layer = model.get_submodule(path)
+            # Every file path is a LoRALayer now: checked above, or just injected.
+            layer = cast(LoRALayer, model.get_submodule(path))
             layer.lora_a.copy_(a.to(layer.lora_a.dtype))
             layer.lora_b.copy_(b.to(layer.lora_b.dtype))
             if config.use_dora:
@@ -167,7 +172,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 layer.lora_magnitude.copy_(m.to(layer.lora_magnitude.dtype))
             layer.alpha = config.alpha_for(path)
             layer.use_rslora = config.use_rslora
-    model.lora_config = config
+    # torch types Module.__setattr__'s value as Tensor | Module; it stores any attribute.
+    model.lora_config = config  # type: ignore[assignment]
     return model
 
 

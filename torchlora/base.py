@@ -8,6 +8,8 @@ non-finite results and never happens as a side effect of ``train()``/``eval()``.
 
 from __future__ import annotations
 
+from typing import ClassVar, TypeVar
+
 import torch
 from torch import nn
 
@@ -18,14 +20,28 @@ from torchlora import core
 # change while merged: unmerge would subtract another delta than merge added.
 _HPARAMS = ("r", "alpha", "use_rslora", "use_dora")
 
+_Plain = TypeVar("_Plain", bound=nn.Module)
+
 
 class LoRALayer(nn.Module):
     """Base class of ``torchlora.Linear``, ``Embedding`` and ``Conv1d/2d/3d`` (not used
     directly)."""
 
-    weight: nn.Parameter
+    # Typed as torch types nn.Linear's (a Parameter at run time; nn.Module refuses a plain
+    # tensor there). An Embedding has no bias attribute.
+    weight: torch.Tensor
+    bias: torch.Tensor | None
     lora_a: nn.Parameter
     lora_b: nn.Parameter
+    kind: ClassVar[str]  # PEFT's layer kind: "linear", "embed" or "conv"
+    base_type: ClassVar[type[nn.Module]]  # the torch layer this one wraps
+    lora_dropout: nn.Module
+    # Set only with use_dora (and its merge buffers only while merged); declared here so the
+    # type checker does not read them through nn.Module.__getattr__ (Tensor | Module).
+    lora_magnitude: nn.Parameter
+    _unmerged_weight: torch.Tensor
+    _merged_a: torch.Tensor
+    _merged_b: torch.Tensor
     # Other (path, module, attribute) holding this layer's weight, recorded by ``inject``: an
     # in-place merge would change them too (a tied embedding and head).
     weight_ties: tuple[tuple[str, nn.Module, str], ...] = ()
@@ -65,7 +81,8 @@ class LoRALayer(nn.Module):
     def __setattr__(self, name: str, value: object) -> None:
         if name in _HPARAMS and name in self.__dict__:
             value = self._new_hparam(name, value)
-        super().__setattr__(name, value)
+        # torch types the value as Tensor | Module; Module.__setattr__ stores any object.
+        super().__setattr__(name, value)  # type: ignore[arg-type]
 
     def _new_hparam(self, name: str, value: object) -> object:
         """``value`` checked as the new ``r``/``alpha``/``use_rslora`` of a built layer."""
@@ -93,7 +110,7 @@ class LoRALayer(nn.Module):
                 out_features=None,
                 where=self._name(),
             )
-            return float(value)  # type: ignore[arg-type]
+            return float(value)  # type: ignore[arg-type]  # check_hparams proved it a real
         check_flag(value, name, self._name())
         return value
 
@@ -150,18 +167,23 @@ class LoRALayer(nn.Module):
             return self.weight.detach().clone()
         return self._checked(self._merged_value(), "merged_weight")
 
+    def reset_lora_parameters(self) -> None:
+        """Initialises ``lora_a``/``lora_b`` (and DoRA's magnitude) per the layer's ``init``."""
+        raise NotImplementedError
+
     def to_base(self) -> nn.Module:
         """A new plain layer of the base type holding the merged weight (and a copy of the bias)."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def _filled(self, plain: nn.Module) -> nn.Module:
+    def _filled(self, plain: _Plain) -> _Plain:
         """``plain`` (a new base-type layer) given the merged weight and a copy of the bias.
         The merge is computed (and checked) before ``plain`` is touched."""
         merged = self.merged_weight()
-        plain.weight.copy_(merged)
-        if getattr(self, "bias", None) is not None:
-            plain.bias.copy_(self.bias)
+        plain.get_parameter("weight").copy_(merged)
+        bias = getattr(self, "bias", None)  # an embedding has none
+        if bias is not None:
+            plain.get_parameter("bias").copy_(bias)
         return plain
 
     def check_untied(self, op: str) -> None:
@@ -244,7 +266,7 @@ class LoRALayer(nn.Module):
             )
         return new
 
-    def _share(self, weight: nn.Parameter, bias: nn.Parameter | None, copy: bool) -> None:
+    def _share(self, weight: torch.Tensor, bias: torch.Tensor | None, copy: bool) -> None:
         """Takes a pretrained layer's weight and bias (shared, or cloned with ``copy``), frozen,
         and makes real adapter tensors beside them (the layer was built on the meta device)."""
         if copy:

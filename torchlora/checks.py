@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -58,9 +59,11 @@ def not_plain(module: nn.Module) -> str | None:
     """Why replacing ``module`` (of a plain base class) would lose part of what it computes or
     holds, or ``None``."""
     if parametrize.is_parametrized(module):
+        # parametrize adds this ModuleDict at run time; torch types the lookup Tensor | Module.
+        names = ", ".join(module.parametrizations)  # type: ignore[arg-type]
         return (
             "it is parametrized (torch.nn.utils.parametrize: "
-            f"{', '.join(module.parametrizations)}), so its weight is computed at each call, "
+            f"{names}), so its weight is computed at each call, "
             "which the LoRA layer would not do"
         )
     if "forward" in vars(module):
@@ -96,7 +99,7 @@ def module_paths(model: nn.Module) -> dict[int, list[str]]:
 
 
 def weight_ties(
-    model: nn.Module, paths: Iterable[str], weight: nn.Parameter
+    model: nn.Module, paths: Iterable[str], weight: torch.Tensor
 ) -> list[tuple[str, nn.Module, str]]:
     """(parameter path, owner module, attribute) of each place other than ``paths`` (the
     layer's own names) where the model holds ``weight``."""

@@ -5,6 +5,7 @@ spatial dimensions."""
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from torch.nn.modules.utils import _ntuple
 
 from torchlora import core
 from torchlora.base import LoRALayer
+
+# The torch layers a torchlora conv wraps (its ``base_type``).
+TorchConv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 
 class _ConvNd(LoRALayer):
@@ -28,7 +32,7 @@ class _ConvNd(LoRALayer):
     differs from its own merge for a dilated base).
     """
 
-    base_type: type[nn.Module]
+    base_type: ClassVar[type[TorchConv]]
     dims: int
     kind = "conv"
 
@@ -67,7 +71,7 @@ class _ConvNd(LoRALayer):
         self.padding = padding if isinstance(padding, str) else tup(padding)
         self._setup_lora(r, alpha, use_rslora, init, ("kaiming", "gaussian"))
         self._setup_dora(use_dora, init, f"torchlora.{type(self).__name__}")
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels, *window, **factory), requires_grad=False
         )
@@ -85,7 +89,7 @@ class _ConvNd(LoRALayer):
     @classmethod
     def from_conv(
         cls,
-        conv: nn.Module,
+        conv: TorchConv,
         r: int,
         alpha: float | None = None,
         *,
@@ -210,8 +214,9 @@ class _ConvNd(LoRALayer):
 class Conv1d(_ConvNd):
     """``_ConvNd`` over one spatial dimension (the base is an ``nn.Conv1d``).
 
-    >>> Conv1d(3, 8, 5, 2, padding=2).lora_a.shape
-    torch.Size([2, 3, 5])
+    Examples:
+        >>> Conv1d(3, 8, 5, 2, padding=2).lora_a.shape
+        torch.Size([2, 3, 5])
     """
 
     base_type = nn.Conv1d
@@ -221,11 +226,12 @@ class Conv1d(_ConvNd):
 class Conv2d(_ConvNd):
     """``_ConvNd`` over two spatial dimensions (the base is an ``nn.Conv2d``).
 
-    >>> layer = Conv2d(3, 8, 3, 2, padding=1)
-    >>> layer(torch.ones(1, 3, 5, 5)).shape
-    torch.Size([1, 8, 5, 5])
-    >>> layer.lora_a.shape, layer.lora_b.shape
-    (torch.Size([2, 3, 3, 3]), torch.Size([8, 2, 1, 1]))
+    Examples:
+        >>> layer = Conv2d(3, 8, 3, 2, padding=1)
+        >>> layer(torch.ones(1, 3, 5, 5)).shape
+        torch.Size([1, 8, 5, 5])
+        >>> layer.lora_a.shape, layer.lora_b.shape
+        (torch.Size([2, 3, 3, 3]), torch.Size([8, 2, 1, 1]))
     """
 
     base_type = nn.Conv2d
@@ -235,8 +241,9 @@ class Conv2d(_ConvNd):
 class Conv3d(_ConvNd):
     """``_ConvNd`` over three spatial dimensions (the base is an ``nn.Conv3d``).
 
-    >>> Conv3d(3, 8, (1, 3, 3), 2).lora_b.shape
-    torch.Size([8, 2, 1, 1, 1])
+    Examples:
+        >>> Conv3d(3, 8, (1, 3, 3), 2).lora_b.shape
+        torch.Size([8, 2, 1, 1, 1])
     """
 
     base_type = nn.Conv3d

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,11 +22,12 @@ class Embedding(LoRALayer):
     embedding's adapter, as in PEFT. ``init`` "kaiming" and "gaussian" both mean this
     initialisation (PEFT's); PiSSA is not defined for embeddings.
 
-    >>> layer = Embedding(10, 4, 2, alpha=4)
-    >>> layer(torch.tensor([[1, 2, 3]])).shape
-    torch.Size([1, 3, 4])
-    >>> layer.lora_a.shape, layer.lora_b.shape
-    (torch.Size([2, 10]), torch.Size([4, 2]))
+    Examples:
+        >>> layer = Embedding(10, 4, 2, alpha=4)
+        >>> layer(torch.tensor([[1, 2, 3]])).shape
+        torch.Size([1, 3, 4])
+        >>> layer.lora_a.shape, layer.lora_b.shape
+        (torch.Size([2, 10]), torch.Size([4, 2]))
     """
 
     base_type = nn.Embedding
@@ -60,7 +63,7 @@ class Embedding(LoRALayer):
         self.padding_idx = padding_idx
         self._setup_lora(r, alpha, use_rslora, init, ("kaiming", "gaussian"))
         self._setup_dora(use_dora, init, "torchlora.Embedding")
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(num_embeddings, embedding_dim, **factory), requires_grad=False
         )
@@ -114,7 +117,7 @@ class Embedding(LoRALayer):
     scale_grad_by_freq = False
 
     @staticmethod
-    def unsupported(embedding: nn.Embedding) -> str | None:
+    def unsupported(embedding: nn.Module) -> str | None:
         """Why ``embedding`` cannot be adapted, or ``None``."""
         if embedding.max_norm is not None or embedding.sparse:
             return (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from _loracore.report import ParamCount
 from torchlora import checks
 from torchlora.base import LoRALayer
 from torchlora.config import LoRAConfig
-from torchlora.conv import Conv1d, Conv2d, Conv3d, _ConvNd
+from torchlora.conv import Conv1d, Conv2d, Conv3d, TorchConv, _ConvNd
 from torchlora.embedding import Embedding
 from torchlora.layer import Linear
 
@@ -21,7 +22,9 @@ SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYERS = (Linear, Embedding, Conv1d, Conv2d, Conv3d)
 
 
-def flat_features(module: nn.Module) -> tuple[int, int]:
+def flat_features(
+    module: nn.Linear | nn.Embedding | TorchConv | Linear | Embedding | _ConvNd,
+) -> tuple[int, int]:
     """(in, out) of the matrix an adapter on ``module`` factors: r is at most their min."""
     if isinstance(module, nn.Embedding | Embedding):
         return module.num_embeddings, module.embedding_dim
@@ -33,13 +36,20 @@ def flat_features(module: nn.Module) -> tuple[int, int]:
 def wrap(module: nn.Module, config: LoRAConfig, path: str) -> LoRALayer:
     """The torchlora layer for a pretrained module, sharing its weights, per ``config``."""
     r, alpha = config.rank_for(path), config.alpha_for(path)
-    common = {"use_rslora": config.use_rslora, "init": config.init, "use_dora": config.use_dora}
+    common: dict[str, Any] = {
+        "use_rslora": config.use_rslora,
+        "init": config.init,
+        "use_dora": config.use_dora,
+    }
     if isinstance(module, nn.Embedding):
         return Embedding.from_embedding(module, r, alpha, **common)
-    conv = next((c for c in (Conv1d, Conv2d, Conv3d) if isinstance(module, c.base_type)), None)
-    if conv is not None:
+    if isinstance(module, TorchConv):
+        conv = next(c for c in (Conv1d, Conv2d, Conv3d) if isinstance(module, c.base_type))
         return conv.from_conv(module, r, alpha, dropout=config.dropout, **common)
-    return Linear.from_linear(module, r, alpha, dropout=config.dropout, **common)
+    if isinstance(module, nn.Linear):
+        return Linear.from_linear(module, r, alpha, dropout=config.dropout, **common)
+    # _check_target refused every other type before any module was wrapped.
+    raise TypeError(f"layer '{path}' is a {type(module).__name__}, which cannot be adapted")
 
 
 def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
@@ -80,7 +90,8 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     for layer, paths in layers:
         layer.weight_ties = tuple(checks.weight_ties(model, paths, layer.weight))
     mark_only_lora_as_trainable(model)
-    model.lora_config = config
+    # torch types Module.__setattr__'s value as Tensor | Module; it stores any attribute.
+    model.lora_config = config  # type: ignore[assignment]
     return model
 
 

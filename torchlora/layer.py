@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +39,12 @@ class Linear(LoRALayer):
             initialised to the row norms of ``W + scaling·B A``, and the output
             ``x (m/‖W + scaling·B A‖ ⊙ (W + scaling·B A))ᵀ + b``, the norm detached in backward.
 
-    >>> layer = Linear(16, 8, True, 4, alpha=8)
-    >>> layer(torch.ones(2, 3, 16)).shape
-    torch.Size([2, 3, 8])
-    >>> [name for name, p in layer.named_parameters() if p.requires_grad]
-    ['lora_a', 'lora_b']
+    Examples:
+        >>> layer = Linear(16, 8, True, 4, alpha=8)
+        >>> layer(torch.ones(2, 3, 16)).shape
+        torch.Size([2, 3, 8])
+        >>> [name for name, p in layer.named_parameters() if p.requires_grad]
+        ['lora_a', 'lora_b']
     """
 
     base_type = nn.Linear
@@ -77,7 +79,7 @@ class Linear(LoRALayer):
         self.out_features = out_features
         self._setup_lora(r, alpha, use_rslora, init, INITS)
         self._setup_dora(use_dora, init, where)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, **factory), requires_grad=False
         )
@@ -135,7 +137,7 @@ class Linear(LoRALayer):
         return layer
 
     @staticmethod
-    def unsupported(linear: nn.Linear) -> str | None:
+    def unsupported(linear: nn.Module) -> str | None:
         """Why ``linear`` cannot be adapted, or ``None`` (every ``nn.Linear`` can)."""
         return None
 

@@ -9,6 +9,7 @@ from jaxlora.nnx.inject import inject, merge, trainable_parameters
 from jaxlora.nnx.layer import LoRALinear
 from jaxlora.nnx.multi import (
     MultiLoRALinear,
+    MultiOpAdapter,
     adapter_index,
     clear_adapter,
     set_adapter,
@@ -24,6 +25,7 @@ __all__ = [
     "LoRALinear",
     "LoRALinearGeneral",
     "MultiLoRALinear",
+    "MultiOpAdapter",
     "OpAdapter",
     "QuantizedKernel",
     "adapter_index",

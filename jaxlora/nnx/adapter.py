@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,6 @@ from flax import nnx
 
 from _loracore.config import WEIGHT_INITS
 from _loracore.peft_format import (
-    PathMap,
     check_layer_set,
     check_pair,
     check_paths_exist,
@@ -40,7 +40,9 @@ from jaxlora.nnx.oplevel import OpAdapter
 ADAPTED = (LoRALinear, Adapter)
 
 
-def _op_layouts(model: nnx.Module, path_map: PathMap) -> dict[str, tuple[OpAdapter, HFLayout]]:
+def _op_layouts(
+    model: nnx.Module, path_map: hf_maps.SpecMap
+) -> dict[str, tuple[OpAdapter, HFLayout]]:
     """{NNX path: (op-level layer, its torch layout)} per ``path_map`` (a torch path or an
     ``HFLinear``, see ``jaxlora.hf_maps``); refuses batch axes and bad specs by layer name."""
     out = {}
@@ -59,7 +61,11 @@ def _op_layouts(model: nnx.Module, path_map: PathMap) -> dict[str, tuple[OpAdapt
     return out
 
 
-def describe(module: nnx.Module) -> tuple[str, tuple[int, ...], int] | None:
+# (kind, base weight shape, input axes) of a layer an adapter can go to.
+LayerShape = tuple[str, tuple[int, ...], int]
+
+
+def describe(module: nnx.Module) -> LayerShape | None:
     """(kind, base weight shape, input axes) of a layer an adapter can go to, else ``None``."""
     if isinstance(module, nnx.Linear | LoRALinear):
         return "linear", (module.in_features, module.out_features), 1
@@ -78,7 +84,7 @@ def save_adapter(
     directory: str | os.PathLike,
     config: LoRAConfig | None = None,
     *,
-    path_map: PathMap = None,
+    path_map: hf_maps.PathMapArg = None,
     layer_names: Mapping[str, str] | None = None,
 ) -> Path:
     """Writes the model's LoRA layers' adapters as a PEFT adapter; returns the directory.
@@ -104,7 +110,7 @@ def save_adapter(
         raise ValueError("save_adapter: pass a LoRAConfig (the model has no lora_config)")
     ops = _op_layouts(model, path_map)
     views = _views(model, path_map, layer_names)
-    layers = {p: v[:3] for p, v in views.items() if isinstance(v[1], ADAPTED)}
+    layers = {p: (n, m, i) for p, (n, m, i, _) in views.items() if isinstance(m, ADAPTED)}
     if not layers and not ops:
         raise ValueError("save_adapter: the model has no LoRA layers")
     clash = sorted(set(views) & {t for _, lay in ops.values() for t in lay.paths})
@@ -116,7 +122,7 @@ def save_adapter(
             raise ValueError(f"save_adapter: the layers' {flag} differs from the config's")
     tensors = {}
     for path, (_, layer, index) in layers.items():
-        kind = describe(layer)[0]
+        kind = cast(LayerShape, describe(layer))[0]  # an adapted layer is described
         key_a, key_b = tensor_keys(path, kind)
         a, b = np.asarray(layer.lora_a[...]), np.asarray(layer.lora_b[...])
         if index is not None:  # one layer of a stack
@@ -135,7 +141,13 @@ def save_adapter(
             key_a, key_b = tensor_keys(path, "linear")
             tensors[key_a], tensors[key_b] = pair
             ranks[path] = (module.r, float(module.r if module.alpha is None else module.alpha))
-    peft = file_config(config, ranks, [*views, *(t for _, lay in ops.values() for t in lay.paths)])
+    lays = [lay for _, lay in ops.values()]
+    peft = file_config(
+        config,
+        ranks,
+        [*views, *(t for lay in lays for t in lay.paths)],
+        fan_in_fan_out=hf_maps.fan_in_fan_out(lays, len(ranks)),
+    )
     write_adapter(directory, tensors, peft)
     return Path(directory)
 
@@ -144,7 +156,7 @@ def load_adapter(
     model: nnx.Module,
     directory: str | os.PathLike,
     *,
-    path_map: PathMap = None,
+    path_map: hf_maps.PathMapArg = None,
     layer_names: Mapping[str, str] | None = None,
 ) -> nnx.Module:
     """Loads the adapter in ``directory`` into ``model`` in place; returns ``model``.
@@ -165,8 +177,9 @@ def load_adapter(
     ready map, as for ``save_adapter``.
     """
     path_map = hf_maps.resolve(path_map)
-    config, everything = read_adapter(directory)
     ops = _op_layouts(model, path_map)
+    specs = (map_path(path_map, ".".join(map(str, p))) for p, _ in nnx.iter_modules(model) if p)
+    config, everything = read_adapter(directory, conv1d=hf_maps.conv1d_of(specs))
     op_paths = {t for _, lay in ops.values() for t in lay.paths}
     views = _views(model, path_map, layer_names)
     modules = {p: v[1] for p, v in views.items()}
@@ -188,12 +201,12 @@ def load_adapter(
                 "an adapter"
             )
         layer_kind, shape, in_axes = shapes[path] = found
-        layer = (
+        described = (
             layer_kind,
             f"{type(module).__name__} with weight {shape}",
             lambda r, k=layer_kind, s=shape, n=in_axes: kinds.torch_shapes(k, s, r, n),
         )
-        check_pair(path, kind, a, b, layer, directory)
+        check_pair(path, kind, a, b, described, directory)
         if isinstance(module, ADAPTED) and module.r != a.shape[0]:
             raise ValueError(
                 f"{directory}: layer '{path}' has rank {a.shape[0]} in the file "
@@ -235,7 +248,7 @@ def load_adapter(
         make = init_leaves(kernel, layer.r, scale, config.init, None, kernel.dtype, in_axes=in_axes)
         layer.kernel[...] = make["kernel"]
         layer.init = config.init
-    stacked: dict[int, tuple[nnx.Module, dict[int, tuple]]] = {}
+    stacked: dict[int, tuple[LoRALinear | Adapter, dict[int, tuple]]] = {}
     for path, (a, b, _) in tensors.items():
         layer, index = layers[path], views[path][2]
         kind, shape, in_axes = shapes[path]
@@ -257,48 +270,18 @@ def load_adapter(
         layer.lora_a[...] = jnp.asarray(lora_a, layer.lora_a.dtype)
         layer.lora_b[...] = jnp.asarray(lora_b, layer.lora_b.dtype)
         layer.alpha, layer.use_rslora = alpha, config.use_rslora
-    model.lora_config = config
+    # flax declares no attributes on nnx.Module; a module takes any.
+    model.lora_config = config  # type: ignore[attr-defined]
     return model
 
 
 def _ops_from_file(ops: dict, tensors: dict, config: LoRAConfig, directory) -> list[tuple]:
-    """[(op-level layer, lora_a, lora_b, alpha)] from the file, everything checked first: the
-    torch modules' kind and shapes, one rank (the layer's) and one alpha per weight, no
-    PiSSA/OLoRA (their residual is defined on a torch weight, not on W)."""
+    """[(op-level layer, lora_a, lora_b, alpha)] from the file, each checked by
+    ``hf_maps.read_op`` (the reader shared with Linen's product adapters)."""
     out = []
     for name, (layer, lay) in ops.items():
-        where = f"{directory}: layer '{name}' (torch {', '.join(lay.paths)})"
-        if config.init in WEIGHT_INITS:
-            raise ValueError(
-                f"{where}: an init={config.init!r} adapter cannot be loaded into an op-level "
-                "layer (its residual base is defined on the torch weight); load it into a "
-                "plain Dense model or use a kaiming/gaussian adapter"
-            )
-        pairs = {p: tensors[p] for p in lay.paths}
-        want = hf_maps.torch_shapes(lay, layer.r)
-        for path, (a, b, kind) in pairs.items():
-            if kind != "linear":
-                raise ValueError(f"{where}: the file holds a {kind} adapter for '{path}'")
-            for key, got, shape in zip(
-                tensor_keys(path, kind), (a.shape, b.shape), want[path], strict=True
-            ):
-                if tuple(got) != shape:
-                    raise ValueError(
-                        f"{where}: '{key}' has shape {tuple(got)}, expected {shape} (rank "
-                        f"{layer.r} of the model's layer)"
-                    )
-        alphas = {config.alpha_for(p) for p in lay.paths}
-        if len(alphas) > 1:
-            raise ValueError(
-                f"{where}: the file gives its modules different alphas {sorted(alphas)}; one "
-                "fused weight has one alpha"
-            )
-        pairs = {
-            p: (np.asarray(a, np.float32), np.asarray(b, np.float32))
-            for p, (a, b, _) in pairs.items()
-        }
-        lora_a, lora_b = hf_maps.from_peft(lay, pairs, where)
-        out.append((layer, lora_a, lora_b, alphas.pop()))
+        where = f"{directory}: layer '{name}'"
+        out.append((layer, *hf_maps.read_op(lay, layer.r, tensors, config, where)))
     return out
 
 
@@ -337,11 +320,15 @@ def _check_stacks(views: dict, tensors: dict, config: LoRAConfig, directory) -> 
 def _needs(config: LoRAConfig, path: str, r: int, layer, directory) -> bool:
     file_scale = scaling(r, config.alpha_for(path), use_rslora=config.use_rslora)
     return residual_needed(
-        path, describe(layer)[0], (config.init, file_scale), (layer.init, layer.scaling), directory
+        path,
+        cast(LayerShape, describe(layer))[0],
+        (config.init, file_scale),
+        (layer.init, layer.scaling),
+        directory,
     )
 
 
-def _refuse_unadapted_ops(model: nnx.Module, path_map: PathMap, found: set[str], directory):
+def _refuse_unadapted_ops(model: nnx.Module, path_map: hf_maps.SpecMap, found: set[str], directory):
     """A file layer that ``path_map`` gives as (part of) an ``HFLinear`` of a layer not adapted
     at its product: say to inject it first (its layout is found by tracing)."""
     for p, module in nnx.iter_modules(model):
@@ -359,14 +346,14 @@ def _refuse_unadapted_ops(model: nnx.Module, path_map: PathMap, found: set[str],
 
 
 def _views(
-    model: nnx.Module, path_map: PathMap, layer_names: Mapping[str, str] | None
+    model: nnx.Module, path_map: hf_maps.SpecMap, layer_names: Mapping[str, str] | None
 ) -> dict[str, tuple[str, nnx.Module, int | None, str]]:
     """{file path: (NNX path, module, layer index, path before path_map)} for every module: a
     stacked layer appears once per layer, under its per-layer path (index set), since PEFT
     files know no stacks."""
     modules = {".".join(map(str, p)): (p, m) for p, m in nnx.iter_modules(model) if p}
     per_layer = per_layer_paths(modules, layer_names)
-    out = {}
+    out: dict[str, tuple[str, nnx.Module, int | None, str]] = {}
     for name, (_, module) in modules.items():
         if isinstance(module, OpAdapter):  # mapped by _op_layouts (torch path or HFLinear)
             continue
@@ -384,7 +371,13 @@ def _views(
             continue
         if name in per_layer and stack_of(module):
             for index, path in enumerate(per_layer[name]):
-                out[map_path(path_map, path)] = (name, module, index, path)
+                layer_spec = map_path(path_map, path)
+                if not isinstance(layer_spec, str):
+                    raise ValueError(
+                        f"path_map gives {layer_spec!r} for layer '{path}' (one layer of the "
+                        f"stacked '{name}'): give its torch module path (a str)"
+                    )
+                out[layer_spec] = (name, module, index, path)
         else:
-            out[map_path(path_map, name)] = (name, module, None, name)
+            out[spec] = (name, module, None, name)
     return out

@@ -9,7 +9,7 @@ variables; ``to_base`` returns the plain layer holding the merged weight.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -37,13 +37,32 @@ def _known_inits(kind: str) -> tuple[str, ...]:
     return INITS if kind == "linear" else tuple(i for i in INITS if i not in WEIGHT_INITS)
 
 
-class Adapter:
+if TYPE_CHECKING:
+    _Module = nnx.Module  # Adapter is only ever mixed into an NNX layer
+else:
+    _Module = object
+
+
+class Adapter(_Module):
     """The adapter half shared by the three layers."""
 
     kind: str
     base_type: type
     lora_a: nnx.LoRAParam
     lora_b: nnx.LoRAParam
+    lora_magnitude: nnx.LoRAParam  # with use_dora only
+    # The base layer's weights: kernel and bias (LoRAEmbed has an embedding instead).
+    kernel: nnx.Param[jax.Array]
+    bias: nnx.Param[jax.Array] | None
+
+    if TYPE_CHECKING:  # the layer class this is mixed into takes its base type's arguments
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+
+    @staticmethod
+    def _arguments(base: Any) -> tuple[tuple, dict]:
+        """The (positional, keyword) arguments that build a layer like ``base``."""
+        raise NotImplementedError
 
     def _add_adapter(
         self,
@@ -168,8 +187,8 @@ class Adapter:
                 layer.kind, tuple(metadata[key]), leaves["lora_a"].ndim
             )
             extra = {k: metadata[k] for k in ("mesh", "eager_sharding") if k in metadata}
-            layer.lora_a = nnx.LoRAParam(leaves["lora_a"], **{key: names_a}, **extra)
-            layer.lora_b = nnx.LoRAParam(leaves["lora_b"], **{key: names_b}, **extra)
+            layer.lora_a = nnx.LoRAParam(leaves["lora_a"], **{key: names_a, **extra})
+            layer.lora_b = nnx.LoRAParam(leaves["lora_b"], **{key: names_b, **extra})
         layer.init = init
         if init != "kaiming":
             layer._reinit(init, rngs, param_dtype)

@@ -21,10 +21,11 @@ class LoRAConv(Adapter, nnx.Conv):
     ``lora_a`` (*window, in, r) is convolved with the base's strides, padding and dilations;
     ``lora_b`` (1, …, 1, r, out). Grouped and masked convolutions are not supported.
 
-    >>> from flax import nnx
-    >>> layer = LoRAConv(3, 8, (3, 3), r=2, rngs=nnx.Rngs(0))
-    >>> layer.lora_a.shape, layer.lora_b.shape, layer(jnp.ones((1, 5, 5, 3))).shape
-    ((3, 3, 3, 2), (1, 1, 2, 8), (1, 5, 5, 8))
+    Examples:
+        >>> from flax import nnx
+        >>> layer = LoRAConv(3, 8, (3, 3), r=2, rngs=nnx.Rngs(0))
+        >>> layer.lora_a.shape, layer.lora_b.shape, layer(jnp.ones((1, 5, 5, 3))).shape
+        ((3, 3, 3, 2), (1, 1, 2, 8), (1, 5, 5, 8))
     """
 
     kind = "conv"
@@ -82,7 +83,11 @@ class LoRAConv(Adapter, nnx.Conv):
             bias_init=_placeholder,
         )
 
-    def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+    # Unlike nnx.Conv, no out_sharding (the LoRA branch is not sharded to match) and a
+    # deterministic flag for the branch's dropout: a narrower signature, on purpose.
+    def __call__(  # type: ignore[override]
+        self, x: jax.Array, *, deterministic: bool | None = None
+    ) -> jax.Array:
         y = super().__call__(x)
         dropped, a, b = nnx.nn.dtypes.promote_dtype(
             (self._branch_input(x, deterministic), self.lora_a[...], self.lora_b[...]),

@@ -17,10 +17,11 @@ class LoRAEmbed(Adapter, nnx.Embed):
     """``nnx.Embed`` plus ``scaling · lora_a[x] @ lora_b`` (PEFT's embedding adapter: A zero,
     B standard normal, no dropout); ``attend`` uses the adapted table too.
 
-    >>> from flax import nnx
-    >>> layer = LoRAEmbed(10, 4, r=2, rngs=nnx.Rngs(0))
-    >>> layer.lora_a.shape, layer.lora_b.shape, layer(jnp.arange(3)).shape
-    ((10, 2), (2, 4), (3, 4))
+    Examples:
+        >>> from flax import nnx
+        >>> layer = LoRAEmbed(10, 4, r=2, rngs=nnx.Rngs(0))
+        >>> layer.lora_a.shape, layer.lora_b.shape, layer(jnp.arange(3)).shape
+        ((10, 2), (2, 4), (3, 4))
     """
 
     kind = "embed"

@@ -19,10 +19,11 @@ class LoRALinearGeneral(Adapter, nnx.LinearGeneral):
     ``lora_a`` (*in_features, r), ``lora_b`` (r, *out_features): a torch ``Linear`` over the
     flattened axes. ``batch_axis`` is not supported.
 
-    >>> from flax import nnx
-    >>> layer = LoRALinearGeneral(8, (2, 4), r=2, rngs=nnx.Rngs(0))
-    >>> layer.lora_a.shape, layer.lora_b.shape, layer(jnp.ones((3, 8))).shape
-    ((8, 2), (2, 2, 4), (3, 2, 4))
+    Examples:
+        >>> from flax import nnx
+        >>> layer = LoRALinearGeneral(8, (2, 4), r=2, rngs=nnx.Rngs(0))
+        >>> layer.lora_a.shape, layer.lora_b.shape, layer(jnp.ones((3, 8))).shape
+        ((8, 2), (2, 2, 4), (3, 2, 4))
     """
 
     kind = "linear"

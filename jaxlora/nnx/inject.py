@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -24,7 +24,11 @@ from jaxlora.nnx.oplevel import LORA_ATTRIBUTES, OpAdapter, adapt, find_weights
 from jaxlora.tree import ParamCount
 
 SUPPORTED = "nnx.Linear, nnx.LinearGeneral (no batch_axis), nnx.Conv (no mask, groups=1), nnx.Embed"
-_ADAPTED = {nnx.LinearGeneral: LoRALinearGeneral, nnx.Conv: LoRAConv, nnx.Embed: LoRAEmbed}
+_ADAPTED: dict[type[nnx.Module], type[Adapter]] = {
+    nnx.LinearGeneral: LoRALinearGeneral,
+    nnx.Conv: LoRAConv,
+    nnx.Embed: LoRAEmbed,
+}
 
 
 def stack_of(module: nnx.Module) -> int:
@@ -42,7 +46,9 @@ def stack_of(module: nnx.Module) -> int:
     return 0
 
 
-def _per_layer_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
+def _per_layer_shapes(
+    module: nnx.Linear | nnx.LinearGeneral | nnx.Embed,
+) -> dict[str, tuple[int, ...]]:
     """One layer's weight (and bias) shapes, as the module's features say."""
     if isinstance(module, nnx.Embed):
         return {"embedding": (module.num_embeddings, module.features)}
@@ -53,7 +59,7 @@ def _per_layer_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
     return {"kernel": kernel, **({"bias": bias} if module.bias is not None else {})}
 
 
-def _check_layer_axis(module: nnx.Module, where: str) -> None:
+def _check_layer_axis(module: nnx.Linear | nnx.LinearGeneral | nnx.Embed, where: str) -> None:
     """A ``TypeError`` unless a stacked layer's layer axis is its weights' axis 0, where the
     adapter is stacked and ``nnx.scan(in_axes=0)`` slices it. ``nnx.vmap(..., out_axes=k)``
     puts it at k in every variable, and an NNX module does not record k; the axes that leave
@@ -158,14 +164,14 @@ def _check(module: nnx.Module, name: str, config: LoRAConfig, per_layer: list[st
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
         kind = cls.kind
-        weight = module.embedding if kind == "embed" else module.kernel
-        in_axes = len(module.in_features) if cls is LoRALinearGeneral else 1
+        weight = getattr(module, "embedding" if kind == "embed" else "kernel")
+        in_axes = len(module.in_features) if isinstance(module, nnx.LinearGeneral) else 1
         n_in, n_out = kinds.flat_features(kind, weight.shape, in_axes, stack_of(module))
     stack = stack_of(module)
-    if stack == 1 and kind != "conv":
+    if stack == 1 and isinstance(module, nnx.Linear | nnx.LinearGeneral | nnx.Embed):
         _check_layer_axis(module, where)
     if stack:
-        weight = module.embedding if kind == "embed" else module.kernel
+        weight = getattr(module, "embedding" if kind == "embed" else "kernel")
         if stack != 1 or kind == "conv" or stack < 0:
             why = "conv layers cannot be stacked" if kind == "conv" else "one layer axis only"
             raise TypeError(
@@ -251,7 +257,9 @@ def inject(
             by_product[name] = module
         else:
             _check(module, name, config, per_layer.get(name, []))
-    products = find_weights(model, by_product, inputs) if by_product else {}
+    products: dict[str, tuple[str, Any]] = {}
+    if by_product and inputs is not None:  # by_product is empty without inputs (_by_product)
+        products = find_weights(model, by_product, inputs)
     for name, (_, roles) in products.items():
         _check_by_product(modules[name][1], name, config, roles)
     groups = _tied(modules, chosen, config)
@@ -273,7 +281,8 @@ def inject(
     for names, layer in built:
         for alias in names:  # a tied layer stays tied: one LoRA layer at each of its paths
             _replace(model, modules[alias][0], layer)
-    model.lora_config = config
+    # flax declares no attributes on nnx.Module; a module takes any.
+    model.lora_config = config  # type: ignore[attr-defined]
     return model
 
 
@@ -281,7 +290,7 @@ def _weight(module: nnx.Module, product: tuple | None = None) -> nnx.Variable:
     """The weight an adapter goes on: an op-level ``product``'s (its weight's name first)."""
     if product is not None:
         return getattr(module, product[0])
-    return module.embedding if isinstance(module, nnx.Embed) else module.kernel
+    return getattr(module, "embedding" if isinstance(module, nnx.Embed) else "kernel")
 
 
 def _build(
@@ -305,6 +314,7 @@ def _build(
     )
     if not isinstance(base, nnx.Embed):
         options["dropout"] = config.dropout
+    wrap: Callable[..., nnx.Module]
     if product is not None:
         del options["init"], options["use_dora"]
         weight, roles = product
@@ -322,22 +332,22 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
     ``weight + scaling · lora_a @ lora_b`` is computed in fp32 and rounded once to the weight's
     dtype; non-finite results are refused before any layer is replaced. Returns ``model``.
 
-    A ``LoRALinear`` with a quantized kernel (``jaxlora.nnx.quantize_base``) is merged from its
-    dequantized kernel. By default it becomes an ``nnx.Linear`` with that float kernel (error
-    against merging into the unquantized kernel: its quantization error, as for
-    ``jaxlora.merge``). With ``requantize=True`` it keeps a quantized base instead: it stays a
-    ``LoRALinear`` (NNX has no plain layer that runs a quantized kernel) whose kernel is the
-    float merge quantized again in the same format and whose ``lora_b`` is zero, so its output
-    is exactly the re-quantized merged base, ready for a new adapter. That adds one
+    A ``LoRALinear`` or op-level adapter with a quantized weight (``jaxlora.nnx.quantize_base``)
+    is merged from its dequantized weight. By default it becomes its plain layer with that
+    float weight (error against merging into the unquantized weight: its quantization error,
+    as for ``jaxlora.merge``). With ``requantize=True`` it keeps a quantized base instead: it
+    stays the adapted layer (no plain layer runs a quantized weight) whose weight is the float
+    merge quantized again in the same format and layout and whose ``lora_b`` is zero, so its
+    output is exactly the re-quantized merged base, ready for a new adapter. That adds one
     quantization error, bounded as ``jaxlora.merge`` states. Other LoRA layers merge as
-    usual; ``requantize=True`` on a model without a quantized LoRALinear is refused.
+    usual; ``requantize=True`` on a model without a quantized LoRA layer is refused.
     """
     plain, requantized = [], []
     for names in _groups(_module_paths(model)).values():
         path, layer = names[0]
         if isinstance(layer, LoRALinear | Adapter | OpAdapter):
             try:
-                if requantize and isinstance(layer, LoRALinear) and layer.is_quantized:
+                if requantize and isinstance(layer, LoRALinear | OpAdapter) and layer.is_quantized:
                     requantized.append((layer, layer.requantized()))
                 else:
                     plain.append(([p for p, _ in names], _merged(layer)))
@@ -348,11 +358,12 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
                 ) from None
     if requantize and not requantized:
         raise ValueError(
-            "merge: requantize=True needs a LoRALinear with a quantized kernel "
-            "(jaxlora.nnx.quantize_base) and the model has none; it was left unchanged"
+            "merge: requantize=True needs a LoRALinear with a quantized kernel or an op-level "
+            "adapter with a quantized weight (jaxlora.nnx.quantize_base) and the model has "
+            "none; it was left unchanged"
         )
     for layer, kernel in requantized:
-        layer.kernel = kernel
+        setattr(layer, getattr(layer, "lora_weight", "kernel"), kernel)
         layer.lora_b[...] = jnp.zeros_like(layer.lora_b[...])
     for paths, linear in plain:
         for path in paths:
@@ -373,7 +384,7 @@ def _per_layer(wrap, base: nnx.Module, stack: int, *, rngs: nnx.Rngs, **options)
     # the adapter then gets it as its leading name too.
     metadata = _weight(base).get_metadata()
     names = next((metadata[k] for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
-    extra = {}
+    extra: dict[str, Any] = {}
     if names is not None and len(names) == _weight(base).ndim:
         if names[0] is None:
             raise ValueError(
@@ -392,10 +403,10 @@ def _per_layer(wrap, base: nnx.Module, stack: int, *, rngs: nnx.Rngs, **options)
 
 
 def _length(module: nnx.Module) -> int:
-    return (module.embedding if isinstance(module, nnx.Embed) else module.kernel).shape[0]
+    return _weight(module).shape[0]
 
 
-def _merged(layer: nnx.Module) -> nnx.Module:
+def _merged(layer: LoRALinear | Adapter | OpAdapter) -> nnx.Module:
     """``layer.to_base()``, per layer under ``nnx.vmap`` for a stacked one (checking the
     merged weight is finite once, outside)."""
     if not stack_of(layer):
@@ -506,7 +517,7 @@ def _tied(modules: dict, chosen: list[str], config: LoRAConfig) -> list[list[str
 
 
 def _replace(model: nnx.Module, path: tuple, module: nnx.Module) -> None:
-    parent = model
+    parent: Any = model  # a module, or a list or dict of them
     for key in path[:-1]:
         parent = parent[key] if isinstance(key, int) else getattr(parent, key)
     if isinstance(path[-1], int):

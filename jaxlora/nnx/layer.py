@@ -14,8 +14,7 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 
 from _loracore.config import INITS
 from jaxlora import core
-from jaxlora.nnx.quant import QuantizedKernel, kernel_value
-from jaxlora.quant._api import requantize
+from jaxlora.nnx.quant import QuantizedKernel, kernel_value, requantized_kernel
 
 # Where NNX keeps a variable's partitioning (the name changed across Flax releases).
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
@@ -85,12 +84,13 @@ class LoRALinear(nnx.Module):
     computes with ``m / ‖kernel + scaling · a @ b‖`` times that kernel (the norm constant in
     backward; with dropout active, PEFT's correction on the dropped-out input).
 
-    >>> from flax import nnx
-    >>> layer = LoRALinear(16, 8, r=4, alpha=8, rngs=nnx.Rngs(0))
-    >>> layer(jnp.ones((2, 16))).shape
-    (2, 8)
-    >>> sorted(nnx.state(layer, nnx.LoRAParam).keys())
-    ['lora_a', 'lora_b']
+    Examples:
+        >>> from flax import nnx
+        >>> layer = LoRALinear(16, 8, r=4, alpha=8, rngs=nnx.Rngs(0))
+        >>> layer(jnp.ones((2, 16))).shape
+        (2, 8)
+        >>> sorted(nnx.state(layer, nnx.LoRAParam).keys())
+        ['lora_a', 'lora_b']
     """
 
     def __init__(
@@ -129,7 +129,8 @@ class LoRALinear(nnx.Module):
         # kernel is a residual, which decides what an adapter file may be loaded into it.
         self.init = "kaiming"
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
-        self.kernel = nnx.Param(
+        # jaxlora.nnx.quantize may replace it by a QuantizedKernel.
+        self.kernel: nnx.Param[jax.Array] | QuantizedKernel = nnx.Param(
             kernel_init(rngs.params(), (in_features, out_features), param_dtype)
         )
         self.bias = (
@@ -197,8 +198,8 @@ class LoRALinear(nnx.Module):
         if key is not None:  # the adapter follows the kernel: A (in, ·), B (·, out)
             names_in, names_out = metadata[key]
             extra = {k: metadata[k] for k in ("mesh", "eager_sharding") if k in metadata}
-            layer.lora_a = nnx.LoRAParam(layer.lora_a[...], **{key: (names_in, None)}, **extra)
-            layer.lora_b = nnx.LoRAParam(layer.lora_b[...], **{key: (None, names_out)}, **extra)
+            layer.lora_a = nnx.LoRAParam(layer.lora_a[...], **{key: (names_in, None), **extra})
+            layer.lora_b = nnx.LoRAParam(layer.lora_b[...], **{key: (None, names_out), **extra})
         layer.init = init
         if init != "kaiming":
             from jaxlora.inject import init_leaves
@@ -245,7 +246,8 @@ class LoRALinear(nnx.Module):
         if isinstance(self.kernel, QuantizedKernel):
             linear.kernel = nnx.Param(merged)
         else:
-            linear.kernel = self.kernel.replace(merged)
+            # flax types Variable.replace as returning Variable; it keeps the type (a Param).
+            linear.kernel = self.kernel.replace(merged)  # type: ignore[assignment]
         linear.bias = self.bias
         return linear
 
@@ -257,7 +259,7 @@ class LoRALinear(nnx.Module):
             raise ValueError("requantized: the kernel is not quantized")
         kernel = kernel_value(self.kernel)
         merged = merged_weight(kernel, self.lora_a[...], self.lora_b[...], self.scaling)
-        return QuantizedKernel(requantize(self.kernel.get_value(), merged.T))
+        return requantized_kernel(self.kernel, merged)
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
         where = f"jaxlora.nnx.LoRALinear({self.in_features}, {self.out_features}, r={self.r})"

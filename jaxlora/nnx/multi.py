@@ -13,30 +13,34 @@ recompiled. The per-example index is given with ``adapter_index`` around the cal
         with jaxlora.nnx.adapter_index(index):  # (batch,) int, -1: the base alone
             return model(x)
 
-Serving only: there is no dropout on the branch. Only ``LoRALinear`` layers are stacked; a
-model holding other LoRA layers (``LoRALinearGeneral``, ``LoRAConv``, ``LoRAEmbed``,
-``OpAdapter``) is refused, as they would apply one adapter to every example.
+Op-level layers (``OpAdapter``, adapted at a weight's product) become stacked op-level layers
+(``jaxlora.nnx.multi_op``) the same way, with stacks in the weight's product layout; their
+product's activation must hold the examples on its axis 0 alone (``jaxlora.multi_oplevel``).
+
+Serving only: there is no dropout on the branch. Only ``LoRALinear`` and ``OpAdapter`` layers
+are stacked; a model holding other LoRA layers (``LoRALinearGeneral``, ``LoRAConv``,
+``LoRAEmbed``) is refused, as they would apply one adapter to every example.
 """
 
 from __future__ import annotations
-
-import contextlib
-import threading
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora import core, multi
+from jaxlora.nnx import multi_op
 from jaxlora.nnx.base import Adapter
 from jaxlora.nnx.inject import _module_paths, _replace, stack_of
 from jaxlora.nnx.layer import LoRALinear
+from jaxlora.nnx.multi_op import MultiOpAdapter
 from jaxlora.nnx.oplevel import OpAdapter
 from jaxlora.nnx.quant import kernel_value
+from jaxlora.nnx.serving import StackedAdapter, active_index, adapter_index, new_stack, write
 
 __all__ = [
     "MultiLoRALinear",
+    "MultiOpAdapter",
     "StackedAdapter",
     "adapter_index",
     "clear_adapter",
@@ -45,44 +49,22 @@ __all__ = [
 ]
 
 
-class StackedAdapter(nnx.Variable):
-    """The adapter stack of a ``MultiLoRALinear`` (served, never trained)."""
-
-
-class _Index(threading.local):
-    def __init__(self) -> None:
-        self.stack: list[jax.Array] = []
-
-
-_INDEX = _Index()
-
-
-@contextlib.contextmanager
-def adapter_index(index: jax.Array) -> Iterator[None]:
-    """Within this context, ``MultiLoRALinear`` layers run example ``i`` with adapter
-    ``index[i]`` (``-1``: the base alone). Enter it inside the jitted function."""
-    multi.check_index(index, "adapter_index")
-    _INDEX.stack.append(index)
-    try:
-        yield
-    finally:
-        _INDEX.stack.pop()
-
-
 class MultiLoRALinear(nnx.Module):
     """An ``nnx.Linear`` (sharing a ``LoRALinear``'s kernel and bias) plus, per example, the
     branch of the adapter the active ``adapter_index`` picks (``jaxlora.multi.gathered_branch``).
     """
 
+    lora_a: StackedAdapter
+    lora_b: StackedAdapter
+    scale: StackedAdapter
+    occupied: StackedAdapter
+
     def __init__(self, layer: LoRALinear, *, capacity: int, rank: int) -> None:
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.dtype, self.precision = layer.dtype, layer.precision
         self.kernel, self.bias = layer.kernel, layer.bias
-        dtype = layer.lora_a.dtype
-        self.lora_a = StackedAdapter(jnp.zeros((capacity, layer.in_features, rank), dtype))
-        self.lora_b = StackedAdapter(jnp.zeros((capacity, rank, layer.out_features), dtype))
-        self.scale = StackedAdapter(jnp.zeros((capacity,), jnp.float32))
-        self.occupied = StackedAdapter(jnp.zeros((capacity,), bool))
+        shapes = (layer.in_features, rank), (rank, layer.out_features)
+        new_stack(self, *shapes, layer.lora_a.dtype, capacity)
 
     @property
     def capacity(self) -> int:
@@ -95,12 +77,7 @@ class MultiLoRALinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         where = f"jaxlora.nnx.MultiLoRALinear({self.in_features}, {self.out_features})"
         core.check_input(x, self.in_features, where)
-        if not _INDEX.stack:
-            raise ValueError(
-                f"{where} was called outside jaxlora.nnx.adapter_index(index): it needs each "
-                "example's adapter index (-1 for the base alone)"
-            )
-        index = _INDEX.stack[-1]
+        index = active_index(where)
         if x.ndim < 2 or x.shape[0] != index.shape[0]:
             raise ValueError(
                 f"{where}: the adapter index has shape {tuple(index.shape)} but the input "
@@ -121,21 +98,26 @@ class MultiLoRALinear(nnx.Module):
 
 
 def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nnx.Module:
-    """Replaces every ``LoRALinear`` of ``model`` in place by a ``MultiLoRALinear`` with an
-    empty stack of ``capacity`` slots and rank ``rank`` (default: the largest layer's r);
-    returns ``model``. The layers' own adapters are not kept: put them in a slot with
-    ``set_adapter`` (from a copy made before)."""
+    """Replaces every ``LoRALinear`` of ``model`` in place by a ``MultiLoRALinear``, and every
+    ``OpAdapter`` by a stacked op-level layer (``jaxlora.nnx.multi_op``), each with an empty
+    stack of ``capacity`` slots and rank ``rank`` (default: the largest layer's r); returns
+    ``model``. The layers' own adapters are not kept: put them in a slot with ``set_adapter``
+    (from a copy made before). Everything is checked before the model is changed."""
     paths = _module_paths(model)
-    layers = {p: (path, m) for p, (path, m) in paths.items() if isinstance(m, LoRALinear)}
-    others = sorted(p for p, (_, m) in paths.items() if isinstance(m, Adapter | OpAdapter))
+    kinds = LoRALinear | OpAdapter
+    layers = {p: (path, m) for p, (path, m) in paths.items() if isinstance(m, kinds)}
+    others = sorted(p for p, (_, m) in paths.items() if isinstance(m, Adapter))
     if others:
         raise ValueError(
             f"to_multi: layers {others} are LoRA layers that cannot be stacked (only "
-            "LoRALinear): they would apply one adapter to every example"
+            "LoRALinear and OpAdapter): they would apply one adapter to every example"
         )
     if not layers:
-        raise ValueError("to_multi: the model has no jaxlora.nnx.LoRALinear layer")
-    dora = sorted(p for p, (_, m) in layers.items() if m.use_dora)
+        raise ValueError("to_multi: the model has no jaxlora.nnx.LoRALinear or OpAdapter layer")
+    for p, (_, m) in layers.items():
+        if isinstance(m, OpAdapter):
+            multi.check_no_batch(m.lora_roles, f"to_multi: layer '{p}'")
+    dora = sorted(p for p, (_, m) in layers.items() if getattr(m, "use_dora", False))
     if dora:  # a stack's branch has no magnitude: it would be silently dropped
         raise ValueError(
             f"to_multi: layers {dora} are DoRA (use_dora): stacks serve plain LoRA only"
@@ -151,28 +133,49 @@ def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nn
     rank = max(m.r for _, m in layers.values()) if rank is None else rank
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"to_multi: rank must be a positive int, got {rank!r}")
-    for path, module in layers.values():
-        _replace(model, path, MultiLoRALinear(module, capacity=capacity, rank=rank))
+    for name, (path, module) in layers.items():
+        if isinstance(module, OpAdapter):
+            new = multi_op.stacked(module, path=name, capacity=capacity, rank=rank)
+        else:
+            new = MultiLoRALinear(module, capacity=capacity, rank=rank)
+        _replace(model, path, new)
     return model
 
 
-def _stacked(model: nnx.Module) -> dict[str, MultiLoRALinear]:
-    found = {p: m for p, (_, m) in _module_paths(model).items() if isinstance(m, MultiLoRALinear)}
+def _stacked(model: nnx.Module) -> dict[str, MultiLoRALinear | MultiOpAdapter]:
+    kinds = MultiLoRALinear | MultiOpAdapter
+    found: dict[str, MultiLoRALinear | MultiOpAdapter] = {
+        p: m for p, (_, m) in _module_paths(model).items() if isinstance(m, kinds)
+    }
     if not found:
-        raise ValueError("the model has no MultiLoRALinear layer: call jaxlora.nnx.to_multi")
+        raise ValueError("the model has no stacked layer: call jaxlora.nnx.to_multi")
     return found
 
 
+def _weights(layer, src: nnx.Module, path: str) -> tuple[nnx.Variable, nnx.Variable]:
+    """(the source's, the stack's) base weight of a layer; a ``ValueError`` if the source's
+    layer is of another kind (or, op-level, made for another weight or roles)."""
+    where = f"set_adapter: layer '{path}'"
+    if isinstance(layer, MultiOpAdapter):
+        op = multi_op.check_source(layer, src, where)
+        return getattr(op, op.lora_weight), getattr(layer, layer.lora_weight)
+    if not isinstance(src, LoRALinear):
+        raise ValueError(f"{where} is a LoRALinear in the stack, the adapter's a {type(src)}")
+    return src.kernel, layer.kernel
+
+
 def set_adapter(model: nnx.Module, slot: int, source: nnx.Module) -> None:
-    """Puts the adapters of ``source`` (a model with ``LoRALinear`` layers at the same paths,
-    e.g. one trained or loaded with ``jaxlora.nnx.load_adapter``) into ``slot`` of ``model``'s
+    """Puts the adapters of ``source`` (a model with ``LoRALinear``/``OpAdapter`` layers at the
+    same paths, e.g. one trained or loaded with ``jaxlora.nnx.load_adapter``) into ``slot`` of
+    ``model``'s
     stacks, in place; checked completely before anything is written. The source's kernels
     must equal the serving model's (same shapes and values, compared once here): an adapter
     trained on another base, or a PiSSA/OLoRA one (whose kernel is a residual), is refused."""
     stacks = _stacked(model)
     capacity = next(iter(stacks.values())).capacity
     multi._check_slot(slot, capacity)
-    found = {p: m for p, (_, m) in _module_paths(source).items() if isinstance(m, LoRALinear)}
+    kinds = LoRALinear | OpAdapter
+    found = {p: m for p, (_, m) in _module_paths(source).items() if isinstance(m, kinds)}
     missing, extra = sorted(set(stacks) - set(found)), sorted(set(found) - set(stacks))
     if missing or extra:
         raise ValueError(
@@ -182,21 +185,23 @@ def set_adapter(model: nnx.Module, slot: int, source: nnx.Module) -> None:
     new = {}
     for path, layer in stacks.items():
         src = found[path]
-        if src.use_dora:
+        if getattr(src, "use_dora", False):
             raise ValueError(
                 f"set_adapter: layer '{path}' is a DoRA adapter (use_dora): a stack serves plain "
                 "LoRA adapters only; its magnitude would be ignored"
             )
-        if kernel_value(src.kernel).shape != kernel_value(layer.kernel).shape:
+        mine, theirs = _weights(layer, src, path)
+        if kernel_value(mine).shape != kernel_value(theirs).shape:
             raise ValueError(
                 f"set_adapter: layer '{path}': the adapter's base kernel has shape "
-                f"{kernel_value(src.kernel).shape}, the stack's base has "
-                f"{kernel_value(layer.kernel).shape}: it was made for another base model"
+                f"{kernel_value(mine).shape}, the stack's base has "
+                f"{kernel_value(theirs).shape}: it was made for another base model"
             )
-        if not _same_values(src.kernel, layer.kernel):
+        if not _same_values(mine, theirs):
+            init = getattr(src, "init", None)
             raise ValueError(
                 f"set_adapter: layer '{path}': the adapter's base kernel differs from the "
-                f"stack's base (init={src.init!r}; PiSSA/OLoRA kernels are residuals): it was "
+                f"stack's base (init={init!r}; PiSSA/OLoRA kernels are residuals): it was "
                 "made for another base model (load it into a copy of the serving base)"
             )
         if src.r > layer.rank:
@@ -209,7 +214,7 @@ def set_adapter(model: nnx.Module, slot: int, source: nnx.Module) -> None:
             raise ValueError(f"set_adapter: layer '{path}': the adapter has non-finite values")
         new[path] = (*multi.pad_rank(a, b, layer.rank), src.scaling)
     for path, (a, b, scale) in new.items():
-        _write(stacks[path], slot, a, b, scale, True)
+        write(stacks[path], slot, a, b, scale, True)
 
 
 def _same_values(a: nnx.Variable, b: nnx.Variable) -> bool:
@@ -222,11 +227,4 @@ def clear_adapter(model: nnx.Module, slot: int) -> None:
     stacks = _stacked(model)
     multi._check_slot(slot, next(iter(stacks.values())).capacity)
     for layer in stacks.values():
-        _write(layer, slot, 0.0, 0.0, 0.0, False)
-
-
-def _write(layer: MultiLoRALinear, slot: int, a, b, scale, occupied: bool) -> None:
-    layer.lora_a[...] = layer.lora_a[...].at[slot].set(a)
-    layer.lora_b[...] = layer.lora_b[...].at[slot].set(b)
-    layer.scale[...] = layer.scale[...].at[slot].set(scale)
-    layer.occupied[...] = layer.occupied[...].at[slot].set(occupied)
+        write(layer, slot, 0.0, 0.0, 0.0, False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ from flax import nnx
 from flax.typing import HashableMapping
 
 from jaxlora import core, oplevel
+from jaxlora.nnx.quant import QuantizedKernel, kernel_value, requantized_kernel
 
 LORA_ATTRIBUTES = (
     "r",
@@ -39,12 +40,23 @@ _TRACES: dict[Any, tuple] = {}
 _MAX_TRACES = 256
 
 
-class OpAdapter:
+if TYPE_CHECKING:
+    from jaxlora.nnx.multi_op import MultiOpAdapter
+
+    _Module = nnx.Module  # OpAdapter is only ever mixed into an NNX module (adapted_class)
+else:
+    _Module = object
+
+
+class OpAdapter(_Module):
     """The mixin of every op-level adapted module (see the module docstring)."""
 
     __slots__ = ()
     lora_a: nnx.LoRAParam
     lora_b: nnx.LoRAParam
+    lora_base_type: type[nnx.Module]
+    lora_weight: str
+    lora_roles: oplevel.Roles
 
     def __init__(
         self,
@@ -78,30 +90,57 @@ class OpAdapter:
         return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
 
     def __call__(self, *args, **kwargs):
-        return _call(self, args, kwargs)
+        def extra(product, eqn, operands):
+            x = self.lora_dropout(operands[1 - product.side])
+            a, b = self.lora_a[...], self.lora_b[...]
+            return oplevel.branch(product, eqn, operands, a, b, self.scaling, x=x)
+
+        return call(self, args, kwargs, extra)
 
     def delta(self) -> jax.Array:
         """``scaling · lora_a ⋅ lora_b`` in fp32, in the weight's own axis order."""
         return oplevel.delta(self.lora_roles, self.lora_a[...], self.lora_b[...], self.scaling)
 
-    def to_base(self) -> nnx.Module:
-        """A module of the original type sharing every variable but the weight, which holds
-        ``weight + delta`` (fp32, rounded once); a non-finite result is a ``ValueError``."""
-        weight = getattr(self, self.lora_weight)
-        merged = (weight[...].astype(jnp.float32) + self.delta()).astype(weight.dtype)
+    @property
+    def is_quantized(self) -> bool:
+        return isinstance(getattr(self, self.lora_weight), QuantizedKernel)
+
+    def merged_weight(self) -> jax.Array:
+        """``weight + delta`` (the weight dequantized if quantized; fp32, rounded once to the
+        weight's dtype); a ``ValueError`` if non-finite."""
+        weight = kernel_value(getattr(self, self.lora_weight))
+        merged = (weight.astype(jnp.float32) + self.delta()).astype(weight.dtype)
         if not bool(jnp.isfinite(merged).all()):
             raise ValueError("the merged weight has non-finite values")
+        return merged
+
+    def to_base(self) -> nnx.Module:
+        """A module of the original type sharing every variable but the weight, which holds
+        ``weight + delta`` (fp32, rounded once; a quantized weight is dequantized first and
+        merges into a float ``nnx.Param``); a non-finite result is a ``ValueError``."""
+        weight = getattr(self, self.lora_weight)
+        merged = self.merged_weight()
         state = {k: v for k, v in self.__getstate__().items() if k not in LORA_ATTRIBUTES}
         nodes = self._pytree__nodes
         state["_pytree__nodes"] = HashableMapping(
             {k: v for k, v in nodes.items() if k not in LORA_ATTRIBUTES}
         )
         state["_pytree__state"] = type(self._pytree__state)()
-        state[self.lora_weight] = weight.replace(merged)  # keeps the variable's metadata
+        if isinstance(weight, QuantizedKernel):
+            state[self.lora_weight] = nnx.Param(merged)
+        else:
+            state[self.lora_weight] = weight.replace(merged)  # keeps the variable's metadata
         base_type = self.lora_base_type
         plain = base_type.__new__(base_type)
         plain.__setstate__(state)
         return plain
+
+    def requantized(self) -> QuantizedKernel:
+        """The merged weight ``to_base`` computes, quantized again in this module's quantized
+        weight's format and layout; for ``jaxlora.nnx.merge(model, requantize=True)``."""
+        if not self.is_quantized:
+            raise ValueError("requantized: the weight is not quantized")
+        return requantized_kernel(getattr(self, self.lora_weight), self.merged_weight())
 
 
 def adapted_class(base_type: type) -> type:
@@ -186,11 +225,11 @@ def _aval(x) -> tuple:
     return (tuple(jnp.shape(x)), jnp.result_type(x), getattr(x, "weak_type", False))
 
 
-def _trace(module: OpAdapter, graphdef, state_def, leaves, args, kwargs):
+def _trace(module: OpAdapter | MultiOpAdapter, graphdef, state_def, leaves, args, kwargs):
     """(closed jaxpr, output treedef, product, static parts) of the base call, cached."""
     dynamic, static, arg_def = oplevel.split_args(args, kwargs)
     dyn = [d for d in dynamic if d is not None]
-    key = (
+    key: tuple | None = (
         type(module),
         graphdef,
         state_def,
@@ -219,8 +258,10 @@ def _trace(module: OpAdapter, graphdef, state_def, leaves, args, kwargs):
     index = _weight_index(module, state_def, leaves)
     weight = getattr(module, module.lora_weight)
     where = f"{type(module).__name__}: weight '{module.lora_weight}' {tuple(weight.shape)}"
+    # jaxlib ships PyTreeDef without type stubs, so the checker cannot see its attributes.
+    returned = out_def.num_leaves + index  # type: ignore[attr-defined]
     product = oplevel.find_product(
-        closed.jaxpr, index, weight.shape, where=where, returned=out_def.num_leaves + index
+        closed.jaxpr, index, weight.shape, where=where, returned=returned
     )
     product = oplevel.with_shape(product, tuple(weight.shape))
     if product.roles != module.lora_roles:
@@ -235,24 +276,46 @@ def _trace(module: OpAdapter, graphdef, state_def, leaves, args, kwargs):
     return closed, out_def, product, dyn
 
 
-def _weight_index(module: OpAdapter, state_def, leaves) -> int:
+def _weight_index(module: OpAdapter | MultiOpAdapter, state_def, leaves) -> int:
     paths = jax.tree_util.tree_flatten_with_path(jax.tree.unflatten(state_def, leaves))[0]
     return next(i for i, (p, _) in enumerate(paths) if _key(p) == (module.lora_weight,))
 
 
-def _call(module: OpAdapter, args: tuple, kwargs: dict):
+def _split(module: OpAdapter | MultiOpAdapter, weight: jax.Array | None):
+    """``nnx.split(module)``, its weight's entry a plain ``nnx.Param`` holding ``weight`` (the
+    dequantized weight of a quantized module) when given: the call is traced and evaluated on
+    the weight's own shape and dtype, so its product is the module's own."""
     graphdef, state = nnx.split(module)
+    if weight is not None:
+        state[module.lora_weight] = nnx.Param(weight)
+    return graphdef, state
+
+
+def _dequantized(module: OpAdapter | MultiOpAdapter) -> jax.Array | None:
+    held = getattr(module, module.lora_weight)
+    return kernel_value(held) if isinstance(held, QuantizedKernel) else None
+
+
+def traced_call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict):
+    """(closed jaxpr, product) of the base call of an op-level layer (``OpAdapter``, or a
+    stacked one of ``to_multi``) on these arguments (cached, as its calls are)."""
+    graphdef, state = _split(module, _dequantized(module))
+    leaves, state_def = jax.tree.flatten(state)
+    closed, _, product, _ = _trace(module, graphdef, state_def, leaves, args, kwargs)
+    return closed, product
+
+
+def call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict, extra):
+    """The base call of an op-level layer with ``extra(product, eqn, operands)`` added at its
+    weight's product (the layer's branch); a quantized weight is dequantized first."""
+    weight = _dequantized(module)
+    graphdef, state = _split(module, weight)
     leaves, state_def = jax.tree.flatten(state)
     closed, out_def, product, dyn = _trace(module, graphdef, state_def, leaves, args, kwargs)
 
     def at_product(eqn, operands):
-        params = dict(eqn.params)
-        base = eqn.primitive.bind(*operands, **params)
-        x = module.lora_dropout(operands[1 - product.side])
-        extra = oplevel.branch(
-            product, eqn, operands, module.lora_a[...], module.lora_b[...], module.scaling, x=x
-        )
-        return base + extra.astype(base.dtype)
+        base = eqn.primitive.bind(*operands, **eqn.params)
+        return base + extra(product, eqn, operands).astype(base.dtype)
 
     outs = oplevel.evaluate(closed, [*leaves, *dyn], product.path, at_product)
     out = jax.tree.unflatten(out_def, outs[: out_def.num_leaves])
@@ -262,7 +325,9 @@ def _call(module: OpAdapter, args: tuple, kwargs: dict):
     # Nothing changed (no dropout, no statistics): write nothing, so a module rebuilt by
     # ``nnx.merge`` inside ``jax.jit`` is not asked to mutate variables of an outer trace.
     if any(n is not o for o, n in zip(leaves, new_leaves, strict=True)):
-        current, _ = jax.tree.flatten(nnx.split(module)[1])
+        current, _ = jax.tree.flatten(_split(module, weight)[1])
         merged = [c if n is o else n for o, n, c in zip(leaves, new_leaves, current, strict=True)]
-        nnx.update(module, jax.tree.unflatten(state_def, merged))
+        new_state = jax.tree.unflatten(state_def, merged)
+        del new_state[module.lora_weight]  # the weight is never changed by the call
+        nnx.update(module, new_state)
     return out

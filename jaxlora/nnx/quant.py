@@ -1,14 +1,16 @@
 """A quantized frozen base for NNX: ``QuantizedKernel`` and ``quantize_base``.
 
-``quantize_base(model, targets)`` replaces, in place, each chosen ``LoRALinear``'s ``kernel``
-``nnx.Param`` by a ``QuantizedKernel`` holding ``jaxlora.quant.quantize(kernel.T)`` (torch's
-(out, in) layout, the blocks bitsandbytes / a Hugging Face ``Linear4bit`` hold). A
-``QuantizedKernel`` is an ``nnx.Variable`` but not an ``nnx.Param``: ``nnx.Optimizer(...,
-wrt=nnx.LoRAParam)`` and ``nnx.DiffState(0, nnx.LoRAParam)`` never see it (nor does
-``wrt=nnx.Param``, which would train the bias only). ``LoRALinear`` dequantizes it in its
-forward pass; ``jaxlora.nnx.merge`` (``to_base``) dequantizes, merges in fp32 and returns a
-plain ``nnx.Linear`` with a float kernel, or with ``requantize=True`` keeps the ``LoRALinear``
-with the merged kernel quantized again (``LoRALinear.requantized``) and ``lora_b`` zero.
+``quantize_base(model, targets)`` replaces, in place, the adapted weight of each chosen
+``LoRALinear`` (its ``kernel``) or op-level adapted module (``OpAdapter``: its weight, e.g. a
+tunix ``Einsum``'s ``w``) by a ``QuantizedKernel`` holding the weight quantized in its torch
+Linear layout (``jaxlora.quant._layout``: (out, in) = (prod free, prod contracted) axes, the
+blocks bitsandbytes / a Hugging Face ``Linear4bit`` hold). A ``QuantizedKernel`` is an
+``nnx.Variable`` but not an ``nnx.Param``: ``nnx.Optimizer(..., wrt=nnx.LoRAParam)`` and
+``nnx.DiffState(0, nnx.LoRAParam)`` never see it (nor does ``wrt=nnx.Param``, which would train
+the bias only). The layer dequantizes it in its forward pass, to the weight's own shape and
+dtype; ``jaxlora.nnx.merge`` (``to_base``) dequantizes, merges in fp32 and returns the plain
+layer with a float weight, or with ``requantize=True`` keeps the adapted layer with the merged
+weight quantized again (``requantized``) and ``lora_b`` zero.
 """
 
 from __future__ import annotations
@@ -18,22 +20,37 @@ from collections.abc import Sequence
 from flax import nnx
 
 from jaxlora.config import LoRAConfig
-from jaxlora.quant._api import QuantizedWeight, _check_options, dequantize, quantize
+from jaxlora.oplevel import Roles
+from jaxlora.quant._api import QuantizedWeight, _check_options
+from jaxlora.quant._layout import (
+    check_roles,
+    dequantize_weight,
+    linear_roles,
+    quantize_weight,
+    requantize_weight,
+)
 
 
 class QuantizedKernel(nnx.Variable):
-    """A frozen, quantized kernel: its value is a ``jaxlora.quant.QuantizedWeight`` of the
-    (in, out) kernel's transpose. Not an ``nnx.Param``: no optimizer or gradient filter for
-    parameters selects it. ``shape``, ``ndim`` and ``dtype`` are those of the (in, out) kernel
-    it stands for, so code that reads a layer's kernel shape sees the layer's."""
+    """A frozen, quantized weight: its value is a ``jaxlora.quant.QuantizedWeight`` of the
+    weight's Linear layout; the metadata ``roles`` (a ``jaxlora.oplevel.Roles``) say how the
+    weight's axes make that layout (default: a Dense kernel (in, out), stored transposed). Not
+    an ``nnx.Param``: no optimizer or gradient filter for parameters selects it. ``shape``,
+    ``ndim`` and ``dtype`` are those of the weight it stands for, so code that reads a layer's
+    weight shape sees the layer's."""
+
+    @property
+    def layout(self) -> Roles:
+        roles = self.get_metadata().get("roles")
+        return linear_roles(tuple(reversed(self.get_value().shape))) if roles is None else roles
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(reversed(self.get_value().shape))
+        return self.layout.shape
 
     @property
     def ndim(self) -> int:
-        return len(self.get_value().shape)
+        return len(self.shape)
 
     @property
     def dtype(self):
@@ -48,72 +65,101 @@ def quantize_base(
     blocksize: int | None = None,
     double_quant: bool = False,
 ) -> nnx.Module:
-    """Quantizes, in place, the kernel of each chosen ``LoRALinear`` (inject LoRA first with
-    ``jaxlora.nnx.inject``); returns ``model``.
+    """Quantizes, in place, the adapted weight of each chosen ``LoRALinear`` or op-level
+    adapted module (inject LoRA first with ``jaxlora.nnx.inject``); returns ``model``.
 
     Args:
         model: an NNX model.
         targets: a ``LoRAConfig`` (its ``targets``) or targets as ``LoRAConfig`` takes them.
-        quant_type, blocksize, double_quant: as ``jaxlora.quant.quantize``.
+        quant_type: "nf4", "fp4" or "int8", as in ``jaxlora.quant.quantize``.
+        blocksize: elements per scale, as in ``jaxlora.quant.quantize``.
+        double_quant: also quantize the scales, as in ``jaxlora.quant.quantize``.
 
     Raises:
         ValueError: no module matches, a targets entry matches none, a matched module is not
-            a ``LoRALinear`` with a 2-D float kernel (a plain ``nnx.Linear``, another layer, a
-            stacked layer, or an already quantized one), naming its path. All are checked
-            before any kernel is replaced.
+            a ``LoRALinear`` with a 2-D float kernel nor an op-level adapter whose weight has
+            no batch axes (a plain ``nnx.Linear``, another layer, a stacked layer, MoE
+            experts, or an already quantized one), naming its path. All are checked before
+            any weight is replaced.
     """
-    # Imported here: both import this module (LoRALinear dequantizes with kernel_value).
-    from jaxlora.nnx.inject import _module_paths
-    from jaxlora.nnx.layer import LoRALinear
-
     config = targets if isinstance(targets, LoRAConfig) else LoRAConfig(r=1, targets=targets)
     blocksize = _check_options(quant_type, blocksize, double_quant)
+    layers = {}
+    for name, layer in _chosen(model, config).items():
+        weight, roles = _target(layer, f"quantize_base: layer '{name}'")
+        layers[id(layer)] = (layer, weight, roles)  # a tied layer is quantized once
+    options = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+    new = {
+        key: QuantizedKernel(
+            quantize_weight(getattr(layer, weight)[...], roles, **options), roles=roles
+        )
+        for key, (layer, weight, roles) in layers.items()
+    }
+    for key, (layer, weight, _) in layers.items():
+        setattr(layer, weight, new[key])
+    return model
+
+
+def _chosen(model: nnx.Module, config: LoRAConfig) -> dict[str, nnx.Module]:
+    # Imported here: the layers import this module (they dequantize with kernel_value).
+    from jaxlora.nnx.inject import _module_paths
+
     modules = _module_paths(model)
     try:
         chosen = config.select(sorted(modules))
     except ValueError as error:
         raise ValueError(f"quantize_base: {error}") from None
-    layers = {}
-    for name in chosen:
-        module = modules[name][1]
-        where = f"quantize_base: layer '{name}'"
-        if not isinstance(module, LoRALinear):
+    return {name: modules[name][1] for name in chosen}
+
+
+def _target(layer: nnx.Module, where: str) -> tuple[str, Roles]:
+    """(the weight's attribute name, its roles) of a layer ``quantize_base`` may quantize."""
+    from jaxlora.nnx.layer import LoRALinear
+    from jaxlora.nnx.oplevel import OpAdapter
+
+    if isinstance(layer, OpAdapter):
+        name, roles = layer.lora_weight, layer.lora_roles
+    elif isinstance(layer, LoRALinear):
+        name, roles = "kernel", None
+    else:
+        raise ValueError(
+            f"{where} is a {type(layer).__name__}; only LoRALinear layers and modules adapted "
+            "at their weight's product can have a quantized weight (inject LoRA first)"
+        )
+    weight = getattr(layer, name)
+    if isinstance(weight, QuantizedKernel):
+        what = "the kernel" if name == "kernel" else f"the weight '{name}'"
+        raise ValueError(f"{where}: {what} is already quantized")
+    if roles is None:
+        if weight.ndim != 2:
             raise ValueError(
-                f"{where} is a {type(module).__name__}; only LoRALinear layers can have a "
-                "quantized kernel (inject LoRA into nnx.Linear layers first)"
-            )
-        kernel = module.kernel
-        if isinstance(kernel, QuantizedKernel):
-            raise ValueError(f"{where}: the kernel is already quantized")
-        if kernel.ndim != 2:
-            raise ValueError(
-                f"{where}: the kernel has shape {kernel.shape}; only a 2-D (in, out) kernel "
+                f"{where}: the kernel has shape {weight.shape}; only a 2-D (in, out) kernel "
                 "can be quantized (not an nnx.vmap stack)"
             )
-        layers[id(module)] = module  # a tied layer is quantized once
-    new = {
-        key: QuantizedKernel(
-            quantize(
-                layer.kernel[...].T,
-                quant_type=quant_type,
-                blocksize=blocksize,
-                double_quant=double_quant,
-            )
+        roles = linear_roles(tuple(weight.shape))
+    if tuple(weight.shape) != roles.shape:
+        raise ValueError(
+            f"{where}: the weight '{name}' has shape {tuple(weight.shape)}, not the shape "
+            f"{roles.shape} its adapter was made for (an nnx.vmap stack cannot be quantized)"
         )
-        for key, layer in layers.items()
-    }
-    for key, layer in layers.items():
-        layer.kernel = new[key]
-    return model
+    check_roles(roles, f"{where}, weight '{name}'")
+    return name, roles
 
 
 def kernel_value(kernel: nnx.Variable):
-    """A kernel variable's (in, out) array: dequantized (in its stored dtype) when quantized."""
+    """A weight variable's array in its own shape: dequantized (in its stored dtype) when
+    quantized."""
     if isinstance(kernel, QuantizedKernel):
         q = kernel.get_value()
         if not isinstance(q, QuantizedWeight):
             raise TypeError(
                 f"a QuantizedKernel must hold a QuantizedWeight, got {type(q).__name__}"
             )
-        return dequantize(q).T
+        return dequantize_weight(q, kernel.layout)
     return kernel[...]
+
+
+def requantized_kernel(kernel: QuantizedKernel, merged) -> QuantizedKernel:
+    """``merged`` (the weight's shape) quantized in ``kernel``'s format and layout."""
+    roles = kernel.layout
+    return QuantizedKernel(requantize_weight(kernel.get_value(), roles, merged), roles=roles)

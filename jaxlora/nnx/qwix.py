@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,10 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.config import LoRAConfig
+from jaxlora.nnx.base import Adapter
 from jaxlora.nnx.inject import _by_product, _module_paths, inject
-from jaxlora.nnx.oplevel import find_weights
+from jaxlora.nnx.layer import LoRALinear
+from jaxlora.nnx.oplevel import OpAdapter, find_weights
 
 _SUFFIXES = ("_lora_a", "_lora_b")
 _OPS = {"einsum", "dot_general"}
@@ -82,7 +84,8 @@ def from_qwix(
     inject(model, config, rngs or nnx.Rngs(0), param_dtype=param_dtype, inputs=inputs)
     modules = _module_paths(model)
     for path, (_, a, b) in adapters.items():
-        layer = modules[path][1]
+        # inject adapted every path of adapters.
+        layer = cast(LoRALinear | Adapter | OpAdapter, modules[path][1])
         layer.lora_a[...] = jnp.asarray(a, param_dtype)
         layer.lora_b[...] = jnp.asarray(b, param_dtype)
     return model

@@ -146,6 +146,11 @@ def dequantize(q: QuantizedWeight, dtype=None) -> jax.Array:
     dtype = _check_float_dtype(q.dtype if dtype is None else dtype, "dequantize dtype")
     absmax = q.absmax
     if q.double_quant:
+        if q.offset is None:
+            raise ValueError(
+                "dequantize: a double-quantized weight (nested_absmax set) needs its offset "
+                "(the float32 scalar subtracted from absmax), got None"
+            )
         absmax = _blockwise.dequantize_8bit(absmax, q.nested_absmax, NESTED_BLOCKSIZE) + q.offset
     n = int(np.prod(q.shape))
     if q.quant_type == "int8":

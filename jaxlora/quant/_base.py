@@ -1,27 +1,42 @@
 """A quantized frozen base for Linen models: ``quantize_base`` / ``dequantize_base``.
 
-Each chosen ``nn.Dense`` kernel leaves the ``params`` collection for a ``"quant"`` collection
-under the same layer path (name ``kernel``), as a ``QuantizedWeight`` of ``kernel.T`` (torch's
-(out, in) layout, so the blocks are those bitsandbytes / a Hugging Face ``Linear4bit`` hold).
-The packed bytes are then not parameters: ``jax.grad`` over ``params``, ``freeze_base``,
-``split`` and optax never see them, and nothing of them is copied per adapter.
-``jaxlora.intercept`` computes such a layer's base product from the quantized kernel.
+Each chosen layer's weight leaves the ``params`` collection for a ``"quant"`` collection under
+the same layer path and name, as a ``QuantizedWeight`` of the torch Linear it is
+(``jaxlora.quant._layout``: (out, in) = (prod free, prod contracted), so the blocks are those
+bitsandbytes / a Hugging Face ``Linear4bit`` hold): an ``nn.Dense`` kernel as ``kernel.T``;
+an ``nn.DenseGeneral`` kernel (its first ``ndim(lora_a) - 1`` axes contracted) and the weight
+of a module adapted at its product (``lora_roles``) beside a ``"roles"`` leaf (a
+``ProductRoles``, no arrays) that says how the weight's axes make that matrix. The packed
+bytes are then not parameters: ``jax.grad`` over ``params``, ``freeze_base``, ``split`` and
+optax never see them, and nothing of them is copied per adapter. ``jaxlora.intercept``
+dequantizes the weight to its own shape and runs the layer's own product on it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from jaxlora import kinds
 from jaxlora.config import LoRAConfig
-from jaxlora.quant._api import QuantizedWeight, _check_options, dequantize, quantize, requantize
-from jaxlora.tree import PyTree, _like, _require_mapping
+from jaxlora.oplevel import Roles
+from jaxlora.product import ProductRoles, check_product
+from jaxlora.quant._api import QuantizedWeight, _check_options
+from jaxlora.quant._layout import (
+    check_roles,
+    dequantize_weight,
+    linear_roles,
+    quantize_weight,
+    requantize_weight,
+)
+from jaxlora.tree import QUANT_NAME as QUANT
+from jaxlora.tree import ROLES_NAME, PyTree, _like, _require_mapping
 
-QUANT = "quant"  # the collection holding the quantized kernels
+ROLES = "roles"  # in 'quant': how a weight that is not a Dense kernel makes its Linear
 
 
 def quantize_base(
@@ -32,11 +47,14 @@ def quantize_base(
     blocksize: int | None = None,
     double_quant: bool = False,
 ) -> PyTree:
-    """Returns new variables with each chosen ``nn.Dense`` kernel quantized into ``"quant"``.
+    """Returns new variables with each chosen layer's weight quantized into ``"quant"``.
 
-    Use the result with ``jaxlora.intercept`` (which dequantizes each kernel in the forward
+    The layers: ``nn.Dense`` (a 2-D ``kernel``, with or without an adapter), ``nn.DenseGeneral``
+    holding an adapter (its ``lora_a`` says which kernel axes are contracted) and modules
+    adapted at their weight's product (``lora_roles``: an einsum weight, ``x @ kernel.T``).
+    Use the result with ``jaxlora.intercept`` (which dequantizes each weight in the forward
     pass); train ``variables["params"]`` only. LoRA leaves already injected stay in
-    ``params``; inject before quantizing (``inject`` needs the float kernel).
+    ``params``; inject before quantizing (``inject`` needs the float weight).
 
     Args:
         variables: a variables dict with a ``'params'`` collection (other collections pass
@@ -47,18 +65,21 @@ def quantize_base(
 
     Raises:
         ValueError: no layer matches, a targets entry matches no layer, or a matched layer
-            has no 2-D ``kernel`` (an ``nn.Dense``'s), naming its path; nothing is changed.
+            has no weight of the layers above (a Conv/Embed, a kernel with more than 2 axes
+            and no adapter, an ``nn.scan`` stack, a partitioned kernel, a weight with batch
+            axes), naming its path; nothing is changed.
 
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> import jaxlora
-    >>> model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(4)])
-    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 64)))
-    >>> q = quantize_base(variables, ["layers_0"])
-    >>> sorted(q["params"]["layers_0"]), q["quant"]["layers_0"]["kernel"].packed.shape
-    (['bias'], (2048, 1))
-    >>> with jaxlora.intercept(jaxlora.LoRAConfig(r=1, targets=["layers_0"])):
-    ...     y = model.apply(q, jnp.ones((1, 64)))
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import linen as nn
+        >>> import jaxlora
+        >>> model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(4)])
+        >>> variables = model.init(jax.random.key(0), jnp.ones((1, 64)))
+        >>> q = quantize_base(variables, ["layers_0"])
+        >>> sorted(q["params"]["layers_0"]), q["quant"]["layers_0"]["kernel"].packed.shape
+        (['bias'], (2048, 1))
+        >>> with jaxlora.intercept(jaxlora.LoRAConfig(r=1, targets=["layers_0"])):
+        ...     y = model.apply(q, jnp.ones((1, 64)))
     """
     _require_mapping(variables, "quantize_base")
     if "params" not in variables:
@@ -73,34 +94,35 @@ def quantize_base(
         chosen = config.select(nodes)
     except ValueError as error:
         raise ValueError(f"quantize_base: {error}") from None
-    for path in chosen:  # all checked before anything is quantized
-        _check_kernel(nodes[path], path)
-    quantized = {
-        path: quantize(
-            meta.unbox(nodes[path]["kernel"]).T,
-            quant_type=quant_type,
-            blocksize=blocksize,
-            double_quant=double_quant,
-        )
-        for path in chosen
-    }
-    out = {**variables, "params": _drop_kernels(params, (), set(chosen))}
+    # all checked before anything is quantized
+    layouts = {path: _target(nodes[path], f"quantize_base: layer '{path}'") for path in chosen}
+    options = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+    quantized = {}
+    for path, (name, roles, marked) in layouts.items():
+        weight = meta.unbox(nodes[path][name])
+        entry = {name: quantize_weight(weight, roles, **options)}
+        quantized[path] = {**entry, ROLES: ProductRoles(name, roles)} if marked else entry
+    names = {path: name for path, (name, _, _) in layouts.items()}
+    out = {**variables, "params": _drop_weights(params, (), names)}
     out[QUANT] = _nest(quantized)
     return _like(variables, out)
 
 
 def dequantize_base(variables: PyTree) -> PyTree:
-    """The inverse layout of ``quantize_base``: each quantized kernel dequantized (in its
-    stored dtype, transposed back to (in, out)) into ``params``; the ``'quant'`` collection
-    dropped. The values are the quantized ones (NF4 rounding is not undone)."""
+    """The inverse layout of ``quantize_base``: each quantized weight dequantized (in its
+    stored dtype, in its own shape) into ``params``; the ``'quant'`` collection dropped. The
+    values are the quantized ones (NF4 rounding is not undone)."""
     _require_mapping(variables, "dequantize_base")
     if not is_quantized(variables):
         return variables
-    kernels = {path: dequantize(q).T for path, q in iter_quantized(variables[QUANT])}
-    missing = sorted(set(kernels) - {path for path, _ in _iter_nodes(variables["params"])})
+    weights = {
+        path: (name, dequantize_weight(q, roles))
+        for path, name, q, roles in iter_quantized(variables[QUANT])
+    }
+    missing = sorted(set(weights) - {path for path, _ in _iter_nodes(variables["params"])})
     if missing:
         raise ValueError(f"dequantize_base: quantized layers {missing} are not in 'params'")
-    params = _add_kernels(variables["params"], (), kernels)
+    params = _add_weights(variables["params"], (), weights)
     rest = {k: v for k, v in variables.items() if k != QUANT}
     return _like(variables, {**rest, "params": params})
 
@@ -112,83 +134,150 @@ def is_quantized(variables: PyTree) -> bool:
 
 
 def with_kernel_shapes(variables: PyTree) -> PyTree:
-    """``variables`` without its ``'quant'`` collection, each quantized kernel standing in
-    ``params`` as a read-only zero array of its (in, out) shape and dtype that allocates no
-    memory (a broadcast view): for code that reads only a layer's kernel shape (adapter files),
-    never its values. Unchanged without a ``'quant'`` collection."""
+    """``variables`` without its ``'quant'`` collection, each quantized weight standing in
+    ``params`` as a read-only zero array of its own shape and dtype that allocates no memory
+    (a broadcast view): for code that reads only a layer's weight shape (adapter files), never
+    its values. Unchanged without a ``'quant'`` collection."""
     if not is_quantized(variables):
         return variables
-    kernels = {
-        path: np.broadcast_to(np.zeros((), q.dtype), tuple(reversed(q.shape)))
-        for path, q in iter_quantized(variables[QUANT])
+    weights = {
+        path: (name, np.broadcast_to(np.zeros((), q.dtype), roles.shape))
+        for path, name, q, roles in iter_quantized(variables[QUANT])
     }
     rest = {k: v for k, v in variables.items() if k != QUANT}
-    return _like(variables, {**rest, "params": _add_kernels(variables["params"], (), kernels)})
+    return _like(variables, {**rest, "params": _add_weights(variables["params"], (), weights)})
 
 
 def restore_quantized(loaded: PyTree, quantized: PyTree) -> PyTree:
-    """``loaded`` (a tree ``with_kernel_shapes(quantized)`` became) with the stand-in kernels
+    """``loaded`` (a tree ``with_kernel_shapes(quantized)`` became) with the stand-in weights
     dropped and ``quantized``'s ``'quant'`` collection back."""
-    paths = {path for path, _ in iter_quantized(quantized[QUANT])}
-    out = {**loaded, "params": _drop_kernels(loaded["params"], (), paths)}
+    names = {path: name for path, name, _, _ in iter_quantized(quantized[QUANT])}
+    out = {**loaded, "params": _drop_weights(loaded["params"], (), names)}
     out[QUANT] = quantized[QUANT]
     return _like(quantized, out)
 
 
 def requantize_merged(merged: PyTree, quantized: PyTree) -> PyTree:
-    """``merged`` (``quantized`` dequantized and merged) with each quantized layer's kernel in
-    ``'quant'`` again: a layer that held an adapter in ``quantized`` gets its merged kernel
-    re-quantized in its own format, the others keep their quantized kernel unchanged."""
-    new = {}
-    for path, q in iter_quantized(quantized[QUANT]):
+    """``merged`` (``quantized`` dequantized and merged) with each quantized layer's weight in
+    ``'quant'`` again: a layer that held an adapter in ``quantized`` gets its merged weight
+    re-quantized in its own format and layout, the others keep their quantized weight."""
+    new: dict[str, Any] = {}
+    for path, name, q, roles in iter_quantized(quantized[QUANT]):
         node = _node(quantized["params"], path)
         if node is not None and "lora_a" in node:
-            new[path] = requantize(q, _node(merged["params"], path)["kernel"].T)
-        else:
-            new[path] = q
+            # merged is quantized merged (jaxlora.merge): it has every layer quantized has.
+            merged_node = cast(Mapping, _node(merged["params"], path))
+            q = requantize_weight(q, roles, merged_node[name])
+        entry = dict(cast(Mapping, _node(quantized[QUANT], path)))
+        new[path] = {**entry, name: q}
     return restore_quantized(merged, _like(quantized, {**quantized, QUANT: _nest(new)}))
 
 
 def _node(tree: Mapping, path: str) -> Mapping | None:
+    node: Any = tree
     for key in path.split("."):
-        tree = tree.get(key) if isinstance(tree, Mapping) else None
-    return tree if isinstance(tree, Mapping) else None
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node if isinstance(node, Mapping) else None
 
 
 def iter_quantized(tree: Mapping, path: tuple[str, ...] = ()):
-    """Yields ('.'-joined layer path, QuantizedWeight) for each quantized kernel."""
+    """Yields ('.'-joined layer path, weight name, QuantizedWeight, Roles) for each quantized
+    weight: a node holding one ``QuantizedWeight`` (named ``kernel``, a Dense kernel, unless a
+    ``"roles"`` leaf names it and gives its roles)."""
+    where = ".".join(path)
+    weights = {k: v for k, v in tree.items() if isinstance(v, QuantizedWeight)}
+    marker = tree.get(ROLES)
+    if weights or marker is not None:
+        yield where, *_quantized_layer(tree, weights, marker, where)
+        return
     for key, value in tree.items():
-        if isinstance(value, QuantizedWeight) and key == "kernel":
-            yield ".".join(path), value
-        elif isinstance(value, Mapping):
-            yield from iter_quantized(value, (*path, str(key)))
-        else:
+        if not isinstance(value, Mapping):
             raise ValueError(
                 f"'quant' collection: '{'.'.join((*path, str(key)))}' is a "
-                f"{type(value).__name__}, expected a QuantizedWeight named 'kernel'"
+                f"{type(value).__name__}, expected a QuantizedWeight named 'kernel' (or one "
+                f"named by a '{ROLES}' ProductRoles beside it)"
             )
+        yield from iter_quantized(value, (*path, str(key)))
 
 
-def _check_kernel(node: Any, path: str) -> None:
+def layer_weight(node: Mapping, where: str) -> tuple[str, QuantizedWeight, Roles] | None:
+    """(weight name, QuantizedWeight, Roles) of the layer whose ``'quant'`` entries are
+    ``node`` (its submodules' entries, mappings, aside), or None if it holds none."""
+    own = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
+    if not own:
+        return None
+    weights = {k: v for k, v in own.items() if isinstance(v, QuantizedWeight)}
+    return _quantized_layer(own, weights, own.get(ROLES), where)
+
+
+def _quantized_layer(tree: Mapping, weights: dict, marker, where: str):
+    if marker is None:
+        name, roles = "kernel", None
+    elif isinstance(marker, ProductRoles):
+        name, roles = marker.weight, marker.roles
+    else:
+        raise ValueError(f"'quant' collection: '{where}.{ROLES}' must be a ProductRoles")
+    extra = sorted(set(tree) - {name, ROLES})
+    if name not in weights or extra:
+        raise ValueError(
+            f"'quant' collection: layer '{where}' holds {sorted(tree)}; expected one "
+            f"QuantizedWeight named '{name}'" + (f" and its '{ROLES}'" if marker else "")
+        )
+    q = weights[name]
+    return name, q, linear_roles(tuple(reversed(q.shape))) if roles is None else roles
+
+
+def _target(node: Any, where: str) -> tuple[str, Roles, bool]:
+    """(weight name, roles, whether the roles must be stored) of a params node
+    ``quantize_base`` may quantize; a ``ValueError`` naming the layer otherwise."""
+    if isinstance(node, Mapping) and ROLES_NAME in node:  # adapted at its weight's product
+        name, weight, _, _, marker = check_product(node, where)
+        roles, marked = marker.roles, True
+    else:
+        name, weight = "kernel", _kernel(node, where)
+        roles, marked = _dense_roles(node, jnp.shape(weight), where)
+    if isinstance(node[name], meta.AxisMetadata):
+        raise ValueError(
+            f"{where} has a partitioned weight '{name}' ({type(node[name]).__name__}); "
+            "quantized weights keep no partitioning metadata"
+        )
+    check_roles(roles, f"{where}, weight '{name}'")
+    return name, roles, marked
+
+
+def _kernel(node: Any, where: str) -> Any:
     kernel = node.get("kernel") if isinstance(node, Mapping) else None
     if kernel is None or isinstance(kernel, Mapping):
         found = sorted(node) if isinstance(node, Mapping) else type(node).__name__
         raise ValueError(
-            f"quantize_base: layer '{path}' has no 'kernel' (found {found}): only nn.Dense "
-            "kernels can be quantized"
+            f"{where} has no 'kernel' (found {found}): only nn.Dense/nn.DenseGeneral kernels "
+            "and weights adapted at their product ('lora_roles') can be quantized"
         )
-    shape = jnp.shape(meta.unbox(kernel))
-    if len(shape) != 2:
+    return meta.unbox(kernel)
+
+
+def _dense_roles(node: Mapping, shape: tuple[int, ...], where: str) -> tuple[Roles, bool]:
+    """An nn.Dense kernel (in, out), or an nn.DenseGeneral one whose adapter says how many
+    leading axes it contracts (the kernel alone does not)."""
+    if len(shape) == 2 and ("lora_a" not in node or jnp.ndim(meta.unbox(node["lora_a"])) == 2):
+        return linear_roles(shape), False
+    if "lora_a" not in node:
         raise ValueError(
-            f"quantize_base: layer '{path}' has a kernel of shape {shape}; only 2-D nn.Dense "
-            "kernels (in, out) can be quantized (not nn.DenseGeneral/nn.Conv kernels or an "
-            "nn.scan stack)"
+            f"{where} has a kernel of shape {shape} and no adapter: which of its axes are "
+            "contracted (nn.DenseGeneral), a window (nn.Conv) or layers (nn.scan) is not known "
+            "from the tree; inject LoRA first (only 2-D nn.Dense kernels are quantized without)"
         )
-    if isinstance(kernel, meta.AxisMetadata):
+    try:
+        kind, *_ = kinds.check_layer(node, where)
+    except ValueError as error:  # an nn.scan stack among them
+        raise ValueError(f"{error}; it cannot be quantized") from None
+    if kind != "linear":
         raise ValueError(
-            f"quantize_base: layer '{path}' has a partitioned kernel "
-            f"({type(kernel).__name__}); quantized kernels keep no partitioning metadata"
+            f"{where} has a kernel of shape {shape} with a {kind} adapter: only linear layers "
+            "(nn.Dense, nn.DenseGeneral) have a torch Linear layout to be quantized in"
         )
+    n_in = jnp.ndim(meta.unbox(node["lora_a"])) - 1
+    return Roles(tuple(shape), (), tuple(range(n_in)), tuple(range(n_in, len(shape)))), True
 
 
 def _iter_nodes(tree: Mapping, path: tuple[str, ...] = ()):
@@ -199,35 +288,39 @@ def _iter_nodes(tree: Mapping, path: tuple[str, ...] = ()):
             yield from _iter_nodes(value, sub)
 
 
-def _drop_kernels(tree: Mapping, path: tuple[str, ...], chosen: set[str]) -> Mapping:
+def _drop_weights(tree: Mapping, path: tuple[str, ...], names: dict[str, str]) -> Mapping:
+    """``tree`` without the weight ``names[layer path]`` of each named layer."""
     out = {}
+    where = ".".join(path)
     for key, value in tree.items():
         sub = (*path, str(key))
         if isinstance(value, Mapping):
-            out[key] = _drop_kernels(value, sub, chosen)
-        elif not (key == "kernel" and ".".join(path) in chosen):
+            out[key] = _drop_weights(value, sub, names)
+        elif not (where in names and key == names[where]):
             out[key] = value
     return _like(tree, out)
 
 
-def _add_kernels(tree: Mapping, path: tuple[str, ...], kernels: dict[str, Any]) -> Mapping:
+def _add_weights(tree: Mapping, path: tuple[str, ...], weights: dict[str, tuple]) -> Mapping:
+    """``tree`` with ``weights[layer path]`` = (name, value) put into each layer."""
     out = {}
     for key, value in tree.items():
         sub = (*path, str(key))
-        out[key] = _add_kernels(value, sub, kernels) if isinstance(value, Mapping) else value
+        out[key] = _add_weights(value, sub, weights) if isinstance(value, Mapping) else value
     where = ".".join(path)
-    if where in kernels:
-        if "kernel" in out:
-            raise ValueError(f"layer '{where}' has a kernel both in 'params' and in 'quant'")
-        out["kernel"] = kernels[where]
+    if where in weights:
+        name, value = weights[where]
+        if name in out:
+            raise ValueError(f"layer '{where}' has a '{name}' both in 'params' and in 'quant'")
+        out[name] = value
     return _like(tree, out)
 
 
-def _nest(flat: dict[str, Any]) -> dict:
+def _nest(flat: dict[str, dict]) -> dict:
     out: dict = {}
-    for path, q in flat.items():
+    for path, entry in flat.items():
         node = out
         for key in path.split("."):
             node = node.setdefault(key, {})
-        node["kernel"] = q
+        node.update(entry)
     return out

@@ -85,8 +85,10 @@ def save_adapter(
     ``layer_names`` says, for each scanned module, where the layer index goes
     (``{"blocks": "blocks.{i}"}`` writes ``…blocks.0.attn.query.lora_A.weight``, …;
     ``{"blocks": "blocks_{i}"}`` writes ``blocks_0.…``); ``path_map`` then applies to the
-    per-layer paths. Without it a stacked layer is refused. ``path_map`` may also name a ready
-    map (``"transformers.flax_llama"``; see ``jaxlora.hf_maps.NAMED_MAPS``).
+    per-layer paths. Without it a stacked layer is refused. Each layer is the stack's slice on
+    its layer axis (axis 0, or the one its ``lora_stack`` record says: a tree scanned with
+    ``variable_axes={"params": 1}``), so the file is the unrolled twin's. ``path_map`` may
+    also name a ready map (``"transformers.flax_llama"``; see ``jaxlora.hf_maps.NAMED_MAPS``).
 
     An adapter made at its weight's product (``inject(..., layouts=)`` on a module such as
     ``FlaxConv1D`` or an einsum projection) is written as the torch ``nn.Linear`` module(s) its
@@ -149,6 +151,7 @@ def load_adapter(
     *,
     path_map: hf_maps.PathMapArg = None,
     layer_names: Mapping[str, str] | None = None,
+    layouts: Mapping | None = None,
 ) -> PyTree:
     """Returns a new params tree holding the adapter in ``directory``.
 
@@ -170,7 +173,11 @@ def load_adapter(
     A per-layer file (PEFT's keys of the unscanned twin) loads into a scanned (``nn.scan``)
     tree with ``layer_names`` as for ``save_adapter``: the layers' adapters are stacked, and
     every layer of a stack must be in the file. The base is not copied. ``path_map`` as for
-    ``save_adapter`` (a dict, a function or a ready map's name).
+    ``save_adapter`` (a dict, a function or a ready map's name). A tree stacked on a layer
+    axis other than 0 (``nn.scan(..., variable_axes={"params": 1})``, MaxText's) says so by
+    its adapters' ``lora_stack`` records once injected; a plain one needs
+    ``layouts=jaxlora.layouts(model, *inputs)``, which records the axis (without either, the
+    layer axis is taken to be 0, and params that do not share a length there are refused).
 
     Adapters made at a weight's product (``inject(..., layouts=)``) are read from the torch
     module(s) their ``path_map`` value names, by the rule that writes them (``jaxlora.hf_maps``,
@@ -190,9 +197,9 @@ def load_adapter(
             f"tree only: DoRA is implemented for {kinds.DORA_KINDS}"
         )
     if is_quantized(params):
-        return _load_quantized(params, directory, path_map, layer_names)
+        return _load_quantized(params, directory, path_map, layer_names, layouts)
     if layer_names:
-        return _load_stacked(params, directory, path_map, layer_names)
+        return _load_stacked(params, directory, path_map, layer_names, layouts)
     products = _product_layouts(params, path_map, f"load_adapter {directory}")
     lays = [lay for _, _, lay in products.values()]
     config, everything = read_adapter(directory, conv1d=_conv1d_of(path_map, params))
@@ -404,7 +411,7 @@ def _check_residual_bases(tensors: Mapping, nodes: Mapping, config, directory) -
             )
 
 
-def _load_quantized(variables, directory, path_map, layer_names) -> PyTree:
+def _load_quantized(variables, directory, path_map, layer_names, layouts) -> PyTree:
     """``load_adapter`` into variables holding a quantized base (``jaxlora.quant.quantize_base``):
     the adapter's shapes are checked against the quantized kernels' and the base is left as it
     is. PiSSA/OLoRA files are refused: they need the float kernel to build the residual."""
@@ -415,18 +422,19 @@ def _load_quantized(variables, directory, path_map, layer_names) -> PyTree:
             "base PEFT builds from the float kernel; load it into the float base, then quantize"
         )
     shaped = with_kernel_shapes(variables)
-    loaded = load_adapter(shaped, directory, path_map=path_map, layer_names=layer_names)
+    loaded = load_adapter(
+        shaped, directory, path_map=path_map, layer_names=layer_names, layouts=layouts
+    )
     return restore_quantized(loaded, variables)
 
 
-def _load_stacked(params, directory, path_map, layer_names) -> PyTree:
-    """``load_adapter`` into the per-layer view of a scanned tree, the adapter stacked back
-    and combined with the tree's own base leaves (no copy of the base)."""
+def _load_stacked(params, directory, path_map, layer_names, layouts) -> PyTree:
+    """``load_adapter`` into the per-layer view of a scanned tree (sliced on each stack's
+    layer axis), the adapter stacked back on it and combined with the tree's own base leaves
+    (no copy of the base)."""
     if "params" in params:
-        return _like(
-            params,
-            {**params, "params": _load_stacked(params["params"], directory, path_map, layer_names)},
-        )
+        inner = _load_stacked(params["params"], directory, path_map, layer_names, layouts)
+        return _like(params, {**params, "params": inner})
     config, _ = read_adapter(directory)
     if config.init in WEIGHT_INITS:
         raise ValueError(
@@ -434,15 +442,17 @@ def _load_stacked(params, directory, path_map, layer_names) -> PyTree:
             "supported for stacked (nn.scan) layers"
         )
     plain = meta.unbox(params)
-    lengths = {}
+    lengths, axes = {}, {}
     for root in layer_names:
         sub = stacks._subtree(plain, root)
         leaves = jax.tree.leaves(sub) if isinstance(sub, Mapping) else []
         if not leaves:
             raise ValueError(f"layer_names names '{root}', which is not a module in the params")
-        lengths[root] = jnp.shape(leaves[0])[0]
-    loaded = load_adapter(stacks.unstack(plain, layer_names), directory, path_map=path_map)
-    adapter = stacks.restack_adapter(split(loaded)[0], layer_names, lengths)
+        axes[root] = stacks.stack_axis(plain, root, layouts)
+        lengths[root] = stacks.stack_length(sub, root, axes[root])
+    per_layer = stacks.unstack(plain, layer_names, axes)
+    loaded = load_adapter(per_layer, directory, path_map=path_map)
+    adapter = stacks.restack_adapter(split(loaded)[0], layer_names, lengths, axes)
     return combine(adapter, split(params)[1])
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
 from flax.core import meta
 
 from _loracore.config import WEIGHT_INITS
@@ -29,8 +30,10 @@ from jaxlora.tree import (
     INIT_NAME,
     LORA_NAMES,
     RECORD_NAMES,
+    STACK_NAME,
     InitRecord,
     PyTree,
+    StackRecord,
     _like,
     _require_mapping,
 )
@@ -73,7 +76,12 @@ def inject(
     Layers stacked by ``nn.scan`` (``variable_axes={"params": 0}``: a kernel (L, in, out))
     need ``layouts``, which records the stack; they get ``lora_a`` (L, in, r) and ``lora_b``
     (L, r, out), each layer drawn from the layer's key folded with its index, so that
-    ``intercept`` applies each layer's slice inside the scan. The layer's per-layer paths
+    ``intercept`` applies each layer's slice inside the scan. A stack on another axis k
+    (``variable_axes={"params": k}``: MaxText's ``param_scan_axis=1`` gives a DenseGeneral
+    kernel (D, L, N, H)) gets its factors' layer axis at k too (``lora_a`` (D, L, r),
+    ``lora_b`` (r, L, N, H)), where ``nn.scan`` slices them, and a ``lora_stack`` record
+    (``jaxlora.tree.StackRecord``) saying k, which merge, sharding and the adapter files
+    read. The layer's per-layer paths
     (``jaxlora.stacks.layer_path``: ``blocks.3.attn.query``, or per ``layer_names``, e.g.
     ``{"blocks": "blocks_{i}"}``) may be targeted too, all or none of them; all layers of a
     stack must get the (r, alpha) its stack path gets. Accepts the params tree or the
@@ -117,11 +125,13 @@ def _inject(
         boxed = node[name]
         base = meta.unbox(boxed)
         stack = _stack(layouts, path)
+        axis = layouts[path].axis if stack else 0
         if stack:
             per_layer = _per_layer(layouts, path, jnp.shape(base), layer_names, where)
             stacks.check_uniform(config, path, per_layer, where)
         r, alpha = config.rank_for(path), config.alpha_for(path)
-        n_in, n_out = kinds.flat_features(kind, jnp.shape(base), in_axes, stack)
+        front = kinds.to_front(tuple(jnp.shape(base)), axis)
+        n_in, n_out = kinds.flat_features(kind, front, in_axes, stack)
         core.check_hparams(
             r=r,
             alpha=alpha,
@@ -143,7 +153,11 @@ def _inject(
             in_axes=in_axes,
             where=where,
         )
-        leaves: dict[str, Any] = _stacked_init(base, stack, key, init_one)
+        if axis:
+            _check_axis_fits(kind, front, r, in_axes, axis, where)
+        leaves: dict[str, Any] = _stacked_init(base, stack, axis, key, init_one)
+        if axis:  # the factors' layer axis is not in front: say where it is
+            leaves[STACK_NAME] = StackRecord(axis)
         if config.init in WEIGHT_INITS:  # the kernel is now the residual: say so in the tree
             leaves[INIT_NAME] = InitRecord(config.init)
         if config.use_dora:
@@ -152,9 +166,10 @@ def _inject(
             if name in leaves:
                 leaves[name] = boxed.replace_boxed(leaves[name])
             if hasattr(boxed, "names"):
-                names_a, names_b = kinds.lora_axis_names(
-                    kind, tuple(boxed.names), jnp.ndim(leaves["lora_a"]), stack
-                )
+                names = kinds.to_front(tuple(boxed.names), axis)
+                ndim_a = jnp.ndim(leaves["lora_a"])
+                names_a, names_b = kinds.lora_axis_names(kind, names, ndim_a, stack)
+                names_a, names_b = kinds.from_front(names_a, axis), kinds.from_front(names_b, axis)
                 # boxed is a flax struct dataclass (nn.Partitioned-like: it has names), which
                 # flax's AxisMetadata type does not say.
                 leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)  # type: ignore[type-var]
@@ -203,13 +218,16 @@ class Layout:
     kernel how many leading axes are inputs, and how many axes one layer's weight has. For a
     layer inside ``nn.scan`` (or ``nn.vmap``), ``stack`` is the number of leading layer axes
     the params tree adds to it and ``scan`` the path of the outermost lifted module that adds
-    them (where the layer index goes in per-layer paths, see ``jaxlora.stacks``)."""
+    them (where the layer index goes in per-layer paths, see ``jaxlora.stacks``); ``axis`` is
+    where that transform puts the layer axis (its ``variable_axes={"params": axis}``; MaxText
+    scans with 1), read from the trace."""
 
     kind: str
     in_axes: int
     ndim: int
     stack: int = 0
     scan: str | None = None
+    axis: int = 0
 
 
 class Layouts(dict[str, Layout | product.ProductLayout]):
@@ -247,20 +265,24 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
         >>> from flax import linen as nn
         >>> attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
         >>> layouts(attn, jnp.ones((1, 3, 8)))["query"]
-        Layout(kind='linear', in_axes=1, ndim=3, stack=0, scan=None)
+        Layout(kind='linear', in_axes=1, ndim=3, stack=0, scan=None, axis=0)
         >>> layouts(attn, jnp.ones((1, 3, 8)))["out"]
-        Layout(kind='linear', in_axes=2, ndim=3, stack=0, scan=None)
+        Layout(kind='linear', in_axes=2, ndim=3, stack=0, scan=None, axis=0)
     """
-    found: dict[str, tuple[str, int, int]] = {}
+    found: dict[str, tuple[str, int, tuple]] = {}
     views: dict[str, Any] = {}  # lifted module path -> its params' ndims, as its body sees them
+    axes: dict[str, list[int]] = {}  # lifted module path -> the axes transforms added to it
     modules: dict[str, str] = {}  # path -> class name, the innermost (a lifted one wraps it)
 
     products: dict[str, list] = {}  # path -> [ProductLayout or reason] per call
+    probing: list[bool] = []  # set for a second trace, which only learns the stacks' axes
 
     def record(next_fun, call_args, call_kwargs, context):
         module = context.module
         if product.tracing():  # a clone traced for a product: not a module of the model
             return next_fun(*call_args, **call_kwargs)
+        if probing:
+            return _probe_lifted(next_fun, call_args, call_kwargs, module, axes)
         if module.scope is not None:
             modules[".".join(module.path)] = type(module).__name__
         out = next_fun(*call_args, **call_kwargs)
@@ -276,7 +298,7 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
         if kind is not None and context.method_name == "__call__":
             in_axes = input_axes(module) if kind == "linear" else 1
             weight = module.get_variable("params", "embedding" if kind == "embed" else "kernel")
-            found[path] = (kind, in_axes, jnp.ndim(meta.unbox(weight)))
+            found[path] = (kind, in_axes, tuple(jnp.shape(meta.unbox(weight))))
         elif kind is None and context.method_name == "__call__" and _has_weights(module):
             products.setdefault(path, []).append(_product_layout(module, call_args, call_kwargs))
         return out
@@ -287,13 +309,27 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
             return model.init(jax.random.key(0), *args, **extra, **kwargs)
 
     params = meta.unbox(jax.eval_shape(init).get("params", {}))
+    weights = {
+        path: _lookup(params, path, "embedding" if kind == "embed" else "kernel")
+        for path, (kind, _, _) in found.items()
+    }
+    if any(w is not None and jnp.ndim(w) > len(found[p][2]) for p, w in weights.items()):
+        probing.append(True)  # a stacked layer: trace again to learn where its layer axis is
+        jax.eval_shape(lambda: init())  # a new function: eval_shape caches traces by function
     out = {}
-    for path, (kind, in_axes, ndim) in found.items():
-        weight = _lookup(params, path, "embedding" if kind == "embed" else "kernel")
-        stack = jnp.ndim(weight) - ndim if weight is not None else 0
-        scan = _scan_root(path, views, params) if stack else None
-        out[path] = Layout(kind, in_axes, ndim, stack, scan)
     reasons = {}
+    for path, (kind, in_axes, shape) in found.items():
+        weight = weights[path]
+        stack = jnp.ndim(weight) - len(shape) if weight is not None else 0
+        scan = _scan_root(path, views, params) if stack else None
+        axis = axes.get(scan, [0])[0] if scan is not None else 0
+        if stack == 1 and scan is not None and _drop_axis(jnp.shape(weight), axis) != shape:
+            reasons[path] = (
+                f"its weight {tuple(jnp.shape(weight))} is stacked by '{scan}' on axis {axis}, "
+                f"which does not leave the {shape} its call sees"
+            )
+            continue
+        out[path] = Layout(kind, in_axes, len(shape), stack, scan, axis)
     for path, calls in products.items():
         layout = calls[0]
         weight = None if isinstance(layout, str) else _lookup(params, path, layout.weight)
@@ -309,6 +345,56 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
         else:
             out[path] = layout
     return Layouts(out, modules, reasons)
+
+
+# For a model with stacked layers, layouts() traces once more with a probe variable beside the
+# params of each lifted module: nn.scan and nn.vmap call add_axis on every boxed variable they
+# stack, with their variable_axes, which is how it learns where the layer axis is (sizes that
+# coincide hide it from the shapes, and a negative axis counts from the end of each array: an
+# adapter's factors, which have other ndims than the weight, need the axis itself).
+_PROBE = "__jaxlora_layer_axis_probe__"
+
+
+class _AxisSink:  # hashable by identity: a static field of the probe
+    def __init__(self, axes: dict[str, list[int]]) -> None:
+        self.axes = axes
+
+
+class _AxisProbe(struct.PyTreeNode, meta.AxisMetadata):
+    value: Any
+    path: str = struct.field(pytree_node=False)
+    sink: _AxisSink = struct.field(pytree_node=False)
+
+    def unbox(self) -> Any:
+        return self.value
+
+    def replace_boxed(self, val: Any) -> _AxisProbe:
+        return self.replace(value=val)
+
+    def add_axis(self, index: int, params: dict[Any, Any]) -> _AxisProbe:
+        self.sink.axes.setdefault(self.path, []).append(index)
+        return self
+
+    def remove_axis(self, index: int, params: dict[Any, Any]) -> _AxisProbe:
+        return self
+
+
+def _probe_lifted(next_fun, call_args, call_kwargs, module: nn.Module, axes) -> Any:
+    """Runs the call; at the root of a lifted transform, puts a probe beside its params."""
+    out = next_fun(*call_args, **call_kwargs)
+    scope = module.scope
+    if scope is None or not scope.path or isinstance(module.parent, nn.Module):
+        return out
+    if scope.is_mutable_collection("params") and not scope.has_variable("params", _PROBE):
+        # 8 axes of size 1: room for any axis a transform can stack the model's own params on
+        probe = _AxisProbe(jnp.zeros((1,) * 8, jnp.int8), ".".join(scope.path), _AxisSink(axes))
+        scope.put_variable("params", _PROBE, probe)
+    return out
+
+
+def _drop_axis(shape: tuple, axis: int) -> tuple | None:
+    position = kinds.axis_position(len(shape), axis)
+    return None if position is None else (*shape[:position], *shape[position + 1 :])
 
 
 def _has_weights(module: nn.Module) -> bool:
@@ -440,13 +526,31 @@ def _refusal(path: str, layouts: Mapping | None, found: Mapping, where: str) -> 
     )
 
 
-def _stacked_init(base: jax.Array, stack: int, key: jax.Array, init_one) -> dict[str, jax.Array]:
+def _stacked_init(
+    base: jax.Array, stack: int, axis: int, key: jax.Array, init_one
+) -> dict[str, jax.Array]:
     """``init_one(base, key=key)``, or for a stacked layer each layer's alone (its slice of the
-    base, its own key: ``key`` folded with the layer index), stacked."""
+    base on the layer axis ``axis``, its own key: ``key`` folded with the layer index), stacked
+    on that axis, where ``nn.scan`` slices every param of the layer."""
     if not stack:
         return init_one(base, key=key)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(jnp.shape(base)[0]))
-    return jax.vmap(lambda b, k: init_one(b, key=k))(base, keys)
+    length = jnp.shape(base)[kinds.position_of(jnp.ndim(base), axis)]
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(length))
+    one = jax.vmap(lambda b, k: init_one(b, key=k), in_axes=(axis, 0), out_axes=axis)
+    return one(base, keys)
+
+
+def _check_axis_fits(kind: str, front: tuple, r: int, in_axes: int, axis: int, where: str):
+    """A ``TypeError`` unless both stacked factors have the layer axis ``axis`` (nn.scan puts
+    it there in every param of the layer, and a factor may have fewer axes than the weight)."""
+    per_layer = kinds.lora_shapes(kind, front[1:], r, in_axes)
+    for leaf, shape in zip(("lora_a", "lora_b"), per_layer, strict=True):
+        if kinds.axis_position(len(shape) + 1, axis) is None:
+            raise TypeError(
+                f"{where} is stacked on axis {axis} (nn.scan variable_axes), which its "
+                f"'{leaf}' {shape} per layer cannot have when stacked ({len(shape) + 1} axes): "
+                "scan the params on an axis that every factor has (e.g. 0 or 1)"
+            )
 
 
 def _stack(layouts, path: str) -> int:
@@ -455,9 +559,11 @@ def _stack(layouts, path: str) -> int:
 
 
 def _per_layer(layouts, path: str, shape: tuple, layer_names, where: str) -> list[str]:
-    """The per-layer paths of the stacked layer at ``path`` (``jaxlora.stacks``)."""
+    """The per-layer paths of the stacked layer at ``path`` (``jaxlora.stacks``), whose
+    layer axis is its layout's ``axis``."""
+    length = kinds.to_front(tuple(shape), layouts[path].axis)[0]
     try:
-        return stacks.layer_paths(path, layouts[path].scan, shape[0], layer_names)
+        return stacks.layer_paths(path, layouts[path].scan, length, layer_names)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
 

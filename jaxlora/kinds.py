@@ -22,7 +22,13 @@ kernel (L, in, out)) keep those axes in front of both factors: ``lora_a`` (L, â€
 ``lora_b`` (L, r, â€¦), so each layer's slice is one of the layouts above. ``stack`` is read
 from the shapes: a linear or embedding adapter has ``stack`` more axes than its layout. Conv
 layers cannot be stacked (their factors have as many axes as the kernel, so a stack would
-be ambiguous), and a linear stack of one layer (L = 1) reads as a 1-D conv.
+be ambiguous), and a linear stack of one layer (L = 1) reads as a 1-D conv. A stack made
+with ``variable_axes={"params": k}``, k not 0 (MaxText's ``param_scan_axis=1``: a kernel
+(D, L, N, H)), keeps its one layer axis at position k of the weight and of both factors, as
+``nn.scan`` slices them: ``lora_a`` (D, L, r), ``lora_b`` (r, L, N, H). A ``lora_stack``
+record (``StackRecord``) beside the adapter says k; the functions here see such a layer
+through ``to_front`` (the layer axis moved to the front) and move results back with
+``from_front``.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from jaxlora.tree import ROLES_NAME
+from jaxlora.tree import ROLES_NAME, STACK_NAME
 
 BASE_NAMES = ("kernel", "embedding")
 
@@ -56,6 +63,84 @@ def lora_shapes(
         return (*lead, *base_shape[:-1], r), (*lead, *ones, r, base_shape[-1])
     n = 1 if kind == "embed" else in_axes
     return (*lead, *base_shape[:n], r), (*lead, r, *base_shape[n:])
+
+
+def layer_axis(node: Mapping[str, Any]) -> int:
+    """Where a stacked layer's layer axis is (``nn.scan``'s ``variable_axes``): its
+    ``lora_stack`` record's axis, else 0. Per layer (inside the scan body) it means nothing."""
+    record = node.get(STACK_NAME)
+    return 0 if record is None else record.axis
+
+
+def axis_position(ndim: int, axis: int) -> int | None:
+    """The position of ``axis`` in a stacked array of ``ndim`` axes (a negative one counts from
+    the end, as ``nn.scan`` does), or ``None`` if it has no such axis."""
+    position = axis + ndim if axis < 0 else axis
+    return position if 0 <= position < ndim else None
+
+
+def position_of(ndim: int, axis: int) -> int:
+    """``axis_position`` where the caller has checked the axis exists (a ``ValueError`` if not)."""
+    position = axis_position(ndim, axis)
+    if position is None:
+        raise ValueError(f"a stacked array of {ndim} axes has no layer axis {axis}")
+    return position
+
+
+def to_front(x: Any, axis: int) -> Any:
+    """An array, shape or axis-names tuple with its layer axis ``axis`` moved to the front,
+    where the layouts here keep it (the identity for axis 0)."""
+    if axis == 0:
+        return x
+    if isinstance(x, tuple):
+        p = position_of(len(x), axis)
+        return (x[p], *x[:p], *x[p + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def from_front(x: Any, axis: int) -> Any:
+    """The inverse of ``to_front``: the leading layer axis moved to ``axis``."""
+    if axis == 0:
+        return x
+    if isinstance(x, tuple):
+        p = position_of(len(x), axis)
+        return (*x[1 : p + 1], x[0], *x[p + 1 :])
+    return jnp.moveaxis(x, 0, axis)
+
+
+def _front_shapes(shapes: list, axis: int, where: str) -> list:
+    """A stacked layer's (weight, lora_a, lora_b) shapes with the layer axis in front; the
+    shapes as they are for a layer that carries no layer axis (one layer, inside the scan)."""
+    if axis == 0 or len(shapes[1]) + len(shapes[2]) - 3 != len(shapes[0]):
+        return shapes
+    bad = [s for s in shapes if axis_position(len(s), axis) is None]
+    if bad:
+        raise ValueError(
+            f"{where}: its 'lora_stack' record puts the layer axis at {axis}, which "
+            f"{bad[0]} does not have"
+        )
+    lengths = {s[axis_position(len(s), axis)] for s in shapes}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"{where}: the weight and factors {shapes} differ in length on the layer axis "
+            f"{axis} (its 'lora_stack' record): a stacked adapter has the weight's L layers"
+        )
+    return [to_front(s, axis) for s in shapes]
+
+
+def front_view(node: Mapping[str, Any], base: Any, a: Any, b: Any) -> tuple[int, Any, Any, Any]:
+    """(axis, base, lora_a, lora_b) of a checked layer (``check_layer``) with its layer axis
+    in front (``to_front``); ``from_front(x, axis)`` moves a result back (axis is 0 for a
+    layer that needs no move)."""
+    axis = front_axis(node, base, a, b)
+    return axis, to_front(base, axis), to_front(a, axis), to_front(b, axis)
+
+
+def front_axis(node: Mapping[str, Any], base: Any, a: Any, b: Any) -> int:
+    """The layer axis ``front_view`` moves to the front (0: none to move)."""
+    axis = layer_axis(node)
+    shapes = [tuple(np.shape(x)) for x in (base, a, b)]
+    return 0 if _front_shapes(shapes, axis, "") is shapes else axis
 
 
 def kind_of(base: str, base_shape: tuple[int, ...], a_shape: tuple[int, ...], b_shape) -> str:
@@ -112,7 +197,10 @@ def check_layer(
             "beside one 'kernel' (or 'embedding')"
         )
     base, a, b = (meta.unbox(node[n]) for n in (name, "lora_a", "lora_b"))
-    shapes = [tuple(np.shape(v)) for v in (base, a, b)]
+    raw = [tuple(np.shape(v)) for v in (base, a, b)]
+    shapes = _front_shapes(raw, layer_axis(node), where)
+    if shapes is not raw:  # the messages below show the shapes as they are read
+        where += f" (shapes with its layer axis {layer_axis(node)} moved to the front)"
     if len(shapes[0]) < 2 or len(shapes[1]) < 2:
         raise ValueError(
             f"{where}: '{name}' {shapes[0]} and 'lora_a' {shapes[1]} must have 2 or more axes"

@@ -239,10 +239,14 @@ def _delta(
             scale = core.scaling(r, layer_alpha, use_rslora=use_rslora)
         return name, base, oplevel.delta(roles, lora_a, lora_b, scale), scale
     kind, name, base, lora_a, lora_b = _layer(node, path, op)
-    stack = kinds.stack_of(kind, *map(jnp.shape, (base, lora_a, lora_b)))
+    # A stack on a layer axis other than 0 (its lora_stack record) is merged with that axis
+    # in front, then the delta moved back into the weight's own layout.
+    axis, front, lora_a, lora_b = kinds.front_view(node, base, lora_a, lora_b)
+    stack = kinds.stack_of(kind, *map(jnp.shape, (front, lora_a, lora_b)))
     if scale is None:
-        scale = _scale(path, kind, base, lora_a, lora_b, alpha, use_rslora, op)
-    return name, base, core.delta(lora_a, lora_b, scale, jnp.shape(base), stack), scale
+        scale = _scale(path, kind, front, lora_a, lora_b, alpha, use_rslora, op)
+    delta = core.delta(lora_a, lora_b, scale, jnp.shape(front), stack)
+    return name, base, kinds.from_front(delta, axis), scale
 
 
 def _layer(node: Mapping, path: Path, op: str) -> tuple[str, str, jax.Array, jax.Array, jax.Array]:

@@ -35,7 +35,8 @@ def partition_specs(params: PyTree, base_specs: PyTree) -> PyTree:
     and ``None`` mean replicated). Each ``lora_a`` gets ``P(kernel_in, None)`` and each
     ``lora_b`` ``P(None, kernel_out)`` from its sibling kernel's (or embedding's) spec; for
     multi-axis kernels (DenseGeneral, Conv) all input / output axes carry over, and a stacked
-    (``nn.scan``) layer's leading layer axes are partitioned as the kernel's. ``params`` must
+    (``nn.scan``) layer's layer axis is partitioned as the kernel's (in front, or where its
+    ``lora_stack`` record says: MaxText's ``param_scan_axis=1``). ``params`` must
     hold each adapter beside its base weight (spec the whole tree, then ``split`` it).
 
     Examples:
@@ -74,7 +75,11 @@ def _specs(node: Mapping, specs: Mapping, path: tuple) -> Mapping:
         spec = specs.get(name) if isinstance(specs, Mapping) else None
         names = tuple(spec) if isinstance(spec, PartitionSpec) else ()
         names += (None,) * (len(base.shape) - len(names))
-        names_a, names_b = kinds.lora_axis_names(kind, names, len(lora_a.shape), stack)
+        # a stack on another layer axis (lora_stack): its names in front, and back per factor
+        axis = kinds.front_axis(node, base, lora_a, lora_b)
+        front = kinds.to_front(names, axis)
+        names_a, names_b = kinds.lora_axis_names(kind, front, len(lora_a.shape), stack)
+        names_a, names_b = kinds.from_front(names_a, axis), kinds.from_front(names_b, axis)
         out["lora_a"], out["lora_b"] = PartitionSpec(*names_a), PartitionSpec(*names_b)
         if "lora_magnitude" in node:  # DoRA's m (out,): sharded as the output features are
             out["lora_magnitude"] = PartitionSpec(names[-1])

@@ -15,7 +15,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import kinds
 from jaxlora.config import LoRAConfig
+from jaxlora.tree import RECORD_NAMES, STACK_NAME, StackRecord
 
 LayerNames = Mapping[str, str] | None
 
@@ -84,30 +86,80 @@ def select(paths: list[str], per_layer: Mapping[str, list[str]], config: LoRACon
     return chosen
 
 
-def unstack(params: Mapping, layer_names: Mapping[str, str]) -> dict:
+def stack_axis(params: Mapping, root: str, layouts: Mapping | None = None) -> int:
+    """The layer axis of the scanned module ``root`` (its ``nn.scan`` ``variable_axes``): the
+    one its adapters' ``lora_stack`` records say (an adapter without one: 0), or the one
+    ``layouts`` (``jaxlora.layouts``) gives its layers; 0 if neither says. A ``ValueError``
+    if they disagree."""
+    sub = _subtree(params, root)
+    said = {kinds.layer_axis(node) for node in _nodes(sub) if "lora_a" in node}
+    for layout in (layouts or {}).values():
+        if getattr(layout, "scan", None) == root and layout.stack:
+            said.add(layout.axis)
+    if len(said) > 1:
+        raise ValueError(
+            f"the stacked layers under '{root}' disagree on their layer axis ({sorted(said)}, "
+            "from their 'lora_stack' records and the layouts): one nn.scan stacks them all on "
+            "one axis"
+        )
+    return said.pop() if said else 0
+
+
+def unstack(
+    params: Mapping, layer_names: Mapping[str, str], axes: Mapping[str, int] | None = None
+) -> dict:
     """The params tree with each scanned module ``R`` in ``layer_names`` replaced by its L
     layers, each at its per-layer path (``layer_names[R]`` with the index: ``blocks.{i}``),
-    every leaf below ``R`` sliced on its leading layer axis. For PEFT files, which know no
+    every leaf below ``R`` sliced on its layer axis (``axes[R]``, default ``stack_axis``: the
+    leading axis unless the adapters' records say another). For PEFT files, which know no
     stacks."""
     out = _plain(params)
     for root in layer_names:
+        axis = (axes or {}).get(root, stack_axis(out, root))
         sub = _pop(out, root)
         if not isinstance(sub, Mapping):
             raise ValueError(f"layer_names names '{root}', which is not a module in the params")
-        lengths = {np.shape(v)[0] if np.ndim(v) else 0 for v in _leaves(sub)}
-        if len(lengths) != 1 or 0 in lengths:
-            raise ValueError(f"the leaves under '{root}' share no leading layer axis")
-        for i in range(lengths.pop()):
-            _put(out, layer_path(root, root, i, layer_names), _map(sub, lambda v, i=i: v[i]))
+        for i in range(stack_length(sub, root, axis)):
+            one = _map(sub, lambda v, i=i, axis=axis: _take(v, i, axis))
+            _put(out, layer_path(root, root, i, layer_names), one)
     return out
 
 
-def restack_adapter(adapter: Mapping, layer_names: Mapping[str, str], lengths: Mapping) -> dict:
+def stack_length(sub: Mapping, root: str, axis: int) -> int:
+    """L, the length all arrays under the scanned module share on the layer axis ``axis``; a
+    ``ValueError`` if they share none (stacked on another axis, or not stacked)."""
+    lengths: set[int] = set()
+    missing = False  # a leaf with no such axis
+    for v in _leaves(sub):
+        position = kinds.axis_position(np.ndim(v), axis)
+        if position is None:
+            missing = True
+        else:
+            lengths.add(int(np.shape(v)[position]))
+    if len(lengths) != 1 or missing:
+        raise ValueError(
+            f"the params under '{root}' share no layer axis at position {axis}: a module in "
+            "layer_names must be stacked by nn.scan with variable_axes={'params': "
+            f"{axis}}}; for params stacked on another axis pass "
+            "layouts=jaxlora.layouts(model, *inputs) (it records nn.scan's axis), or load "
+            "into the injected params (their 'lora_stack' records say it)"
+        )
+    return lengths.pop()
+
+
+def restack_adapter(
+    adapter: Mapping,
+    layer_names: Mapping[str, str],
+    lengths: Mapping,
+    axes: Mapping[str, int] | None = None,
+) -> dict:
     """The inverse of ``unstack`` for an adapter tree (only LoRA leaves): the per-layer
-    adapters of each scanned module stacked again. Every layer must hold the same leaves (a
-    stacked adapter covers all L layers)."""
+    adapters of each scanned module stacked again, on its layer axis (``axes``, default 0;
+    adapters stacked on another one get its ``lora_stack`` record). Every layer must hold the
+    same leaves (a stacked adapter covers all L layers)."""
     out = _plain(adapter)
     for root, length in lengths.items():
+        axis = (axes or {}).get(root, 0)
         layers = [_pop(out, layer_path(root, root, i, layer_names)) for i in range(length)]
         have = [sorted(_paths(layer)) if isinstance(layer, Mapping) else [] for layer in layers]
         if any(h != have[0] for h in have):
@@ -118,8 +170,15 @@ def restack_adapter(adapter: Mapping, layer_names: Mapping[str, str], lengths: M
                 f"{length} layers' adapters, with the same layers adapted in each"
             )
         if have[0]:
-            _put(out, root, _stack(layers))
+            _put(out, root, _stack(layers, axis))
     return out
+
+
+def _take(v, i: int, axis: int):
+    """Layer ``i`` of a stacked leaf (its slice on the layer axis); records pass as they are."""
+    if not hasattr(v, "shape"):
+        return v
+    return v[(slice(None),) * kinds.position_of(np.ndim(v), axis) + (i,)]
 
 
 def _plain(tree: Mapping) -> dict:
@@ -146,8 +205,19 @@ def _put(tree: dict, path: str, value) -> None:
 
 
 def _leaves(tree: Mapping):
-    for v in tree.values():
-        yield from (_leaves(v) if isinstance(v, Mapping) else (v,))
+    """The arrays of a tree (records beside adapters hold none)."""
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _leaves(v)
+        elif k not in RECORD_NAMES:
+            yield v
+
+
+def _nodes(tree):
+    if isinstance(tree, Mapping):
+        yield tree
+        for v in tree.values():
+            yield from _nodes(v)
 
 
 def _paths(tree: Mapping, prefix: str = ""):
@@ -159,14 +229,19 @@ def _map(tree: Mapping, fn) -> dict:
     return {k: _map(v, fn) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
 
 
-def _stack(trees: list) -> dict:
+def _stack(trees: list, axis: int) -> dict:
     first = trees[0]
-    return {
-        k: _stack([t[k] for t in trees])
-        if isinstance(v, Mapping)
-        else jnp.stack([t[k] for t in trees])
-        for k, v in first.items()
-    }
+    out: dict[str, Any] = {}
+    for k, v in first.items():
+        if isinstance(v, Mapping):
+            out[k] = _stack([t[k] for t in trees], axis)
+        elif k not in RECORD_NAMES:
+            out[k] = jnp.stack([t[k] for t in trees], axis=axis)
+        elif k != STACK_NAME:  # a record (no arrays) is the same for every layer
+            out[k] = v
+    if axis and "lora_a" in out:  # the factors' layer axis is not in front: say where it is
+        out[STACK_NAME] = StackRecord(axis)
+    return out
 
 
 def _subtree(tree: Mapping, path: str):

@@ -25,7 +25,8 @@ from _loracore.report import ParamCount
 ROLES_NAME = "lora_roles"  # made at its weight's product (jaxlora.product)
 QUANT_NAME = "quant"  # the collection of quantized base weights (jaxlora.quant.quantize_base)
 INIT_NAME = "lora_init"  # made by PiSSA/OLoRA: the base weight beside it is the residual
-RECORD_NAMES = (ROLES_NAME, INIT_NAME)
+STACK_NAME = "lora_stack"  # stacked by nn.scan on a layer axis other than 0 (its position)
+RECORD_NAMES = (ROLES_NAME, INIT_NAME, STACK_NAME)
 
 
 @jax.tree_util.register_static
@@ -38,6 +39,19 @@ class InitRecord:
     residual with an adapter made for W: silently wrong outputs)."""
 
     init: str
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class StackRecord:
+    """The ``lora_stack`` record of a Linen layer stacked by ``nn.scan``/``nn.vmap`` with
+    ``variable_axes={"params": axis}``, ``axis`` not 0 (MaxText scans with
+    ``param_scan_axis=1``): the layer axis of the weight and of both factors is at ``axis``
+    (``nn.scan``'s convention: a negative one counts from the end of each stacked array), not
+    in front. Shapes alone cannot tell where it is when sizes coincide; without the record a
+    stacked adapter's layer axis is axis 0."""
+
+    axis: int
 
 
 PyTree = Any

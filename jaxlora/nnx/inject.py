@@ -46,6 +46,58 @@ def stack_of(module: nnx.Module) -> int:
     return 0
 
 
+def _per_layer_shapes(
+    module: nnx.Linear | nnx.LinearGeneral | nnx.Embed,
+) -> dict[str, tuple[int, ...]]:
+    """One layer's weight (and bias) shapes, as the module's features say."""
+    if isinstance(module, nnx.Embed):
+        return {"embedding": (module.num_embeddings, module.features)}
+    if isinstance(module, nnx.LinearGeneral):
+        kernel, bias = (*module.in_features, *module.out_features), tuple(module.out_features)
+    else:
+        kernel, bias = (module.in_features, module.out_features), (module.out_features,)
+    return {"kernel": kernel, **({"bias": bias} if module.bias is not None else {})}
+
+
+def _check_layer_axis(module: nnx.Linear | nnx.LinearGeneral | nnx.Embed, where: str) -> None:
+    """A ``TypeError`` unless a stacked layer's layer axis is its weights' axis 0, where the
+    adapter is stacked and ``nnx.scan(in_axes=0)`` slices it. ``nnx.vmap(..., out_axes=k)``
+    puts it at k in every variable, and an NNX module does not record k; the axes that leave
+    the shapes the features say are the candidates, and any but 0 (or more than 0: sizes that
+    coincide) is refused rather than guessed."""
+    shapes = {n: tuple(getattr(module, n).shape) for n in _per_layer_shapes(module)}
+    wants = _per_layer_shapes(module)
+    widest = max(len(s) for s in shapes.values())
+
+    def fits(axis: int) -> bool:
+        lengths = set()
+        for name, shape in shapes.items():
+            p = kinds.axis_position(len(shape), axis)
+            if p is None or (*shape[:p], *shape[p + 1 :]) != wants[name]:
+                return False
+            lengths.add(shape[p])
+        return len(lengths) == 1
+
+    fitting = [a for a in range(-widest, widest) if fits(a)]
+    leading = all(kinds.axis_position(len(s), a) == 0 for a in fitting for s in shapes.values())
+    if fitting and leading:
+        return
+    found = ", ".join(f"{n} {s}" for n, s in shapes.items())
+    raise TypeError(
+        f"{where} is stacked ({found} for one layer's {dict(wants)}), and its layer axis is "
+        + (
+            f"not axis 0 but one of {fitting} (nnx.vmap(..., out_axes=k) with k != 0)"
+            if fitting and 0 not in fitting
+            else f"ambiguous: sizes coincide, so axes {fitting} all fit"
+            if fitting
+            else "at no axis that leaves the shapes its features say"
+        )
+        + ": jaxlora.nnx adapts stacks made with the layer axis in front only "
+        "(nnx.vmap(..., out_axes=0), run with nnx.scan(in_axes=0 ...)); restack the layers "
+        "on axis 0"
+    )
+
+
 def _by_product(module: nnx.Module, name: str, inputs: Sequence | None) -> bool:
     """Whether ``module`` is adapted at its weight's product (``jaxlora.oplevel``) rather than
     as one of the known layers; a ``TypeError`` for an adapted module."""
@@ -116,6 +168,8 @@ def _check(module: nnx.Module, name: str, config: LoRAConfig, per_layer: list[st
         in_axes = len(module.in_features) if isinstance(module, nnx.LinearGeneral) else 1
         n_in, n_out = kinds.flat_features(kind, weight.shape, in_axes, stack_of(module))
     stack = stack_of(module)
+    if stack == 1 and isinstance(module, nnx.Linear | nnx.LinearGeneral | nnx.Embed):
+        _check_layer_axis(module, where)
     if stack:
         weight = getattr(module, "embedding" if kind == "embed" else "kernel")
         if stack != 1 or kind == "conv" or stack < 0:

@@ -330,7 +330,8 @@ def _operand_view(factor, w_axes: tuple[int, ...], groups, op_axes: list[int], r
 
 
 def as_linear(weight: jax.Array, roles: Roles) -> jax.Array:
-    """``weight`` (of ``roles.shape``) as the (out, in) = (prod F, prod C) Linear weight (``jaxlora.quant._layout``'s stored layout)."""
+    """``weight`` (of ``roles.shape``) as the (out, in) = (prod F, prod C) Linear weight: the
+    layout ``jaxlora.quant._layout`` stores and PiSSA/OLoRA factor (``product.init_factors``)."""
     order = (*roles.free, *roles.contracted)
     return jnp.transpose(weight, order).reshape(roles.out_features, roles.in_features)
 

@@ -12,7 +12,6 @@ keeps the original signature, so it has no ``deterministic`` argument of its own
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -84,19 +83,19 @@ class OpAdapter(_Module):
         # The one rule of Linen's product adapters (jaxlora.product.init_factors); PiSSA/OLoRA
         # also give the residual, written into the (shared) weight as the Dense layers do.
         self.lora_init = init
-        weight = getattr(base, weight)
+        held = getattr(base, weight)
         a, b, residual = product.init_factors(
             roles,
             r,
             init,
             rngs.params(),
             param_dtype,
-            weight=weight[...] if init in WEIGHT_INITS else None,
+            weight=held[...] if init in WEIGHT_INITS else None,
             scale=self.scaling,
             where=f"{type(base).__name__}: weight '{self.lora_weight}'",
         )
         if residual is not None:
-            weight[...] = residual
+            held[...] = residual
         self.lora_a = nnx.LoRAParam(a)
         self.lora_b = nnx.LoRAParam(b)
         self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)

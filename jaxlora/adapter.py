@@ -322,6 +322,7 @@ def _save_product(node, name: str, lay, config, tensors: dict, layers: dict) -> 
     module(s) its layout names (``jaxlora.hf_maps``, the same rule as NNX's op-level layers)."""
     where = f"save_adapter: layer '{name}'"
     _, _, a, b, _ = product.check_product(node, where)
+    hf_maps.check_op_init(_init_of(node), config, where, "save")
     for torch_path, pair in hf_maps.to_peft(lay, np.asarray(a), np.asarray(b)).items():
         if torch_path in layers:
             raise ValueError(f"{where}: path_map names the torch module '{torch_path}' twice")
@@ -361,12 +362,19 @@ def _products_from_file(products: dict, tensors: dict, config, directory) -> dic
     for name, (path, node, lay) in products.items():
         r = int(jnp.shape(meta.unbox(node["lora_a"]))[-1])
         where = f"{directory}: layer '{name}'"
+        hf_maps.check_op_init(_init_of(node), config, where, "load")
         lora_a, lora_b, _ = hf_maps.read_op(lay, r, tensors, config, where)
         new[path] = {
             leaf: _replace(node[leaf], value)
             for leaf, value in (("lora_a", lora_a), ("lora_b", lora_b))
         }
     return new
+
+
+def _init_of(node: Mapping) -> str | None:
+    """The init a layer's ``lora_init`` record says (PiSSA/OLoRA), else ``None``."""
+    record = node.get(INIT_NAME)
+    return None if record is None else record.init
 
 
 def _replace(boxed, value):

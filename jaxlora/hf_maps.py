@@ -239,6 +239,26 @@ def fan_in_fan_out(layouts: list[HFLayout], n_modules: int) -> bool:
     return bool(conv1d) and len(conv1d) == n_modules
 
 
+def check_op_init(init: str | None, config: LoRAConfig, where: str, action: str) -> None:
+    """A ``ValueError`` naming ``where`` for a file of an op-level adapter made with PiSSA/OLoRA
+    (``init``: the layer's own, ``None`` for kaiming/gaussian) or saved with a config that says
+    so: its weight is the residual W − scaling·B₀A₀, and a PEFT file pairs the factors with a
+    residual PEFT rebuilds from its torch Linear(s), which a layout (fused modules, permuted
+    axes, ``Conv1D``) need not reproduce; and a plain file would be applied to the residual.
+    The one rule for NNX op-level layers and Linen product adapters."""
+    made = init if init in WEIGHT_INITS else None
+    said = config.init if config.init in WEIGHT_INITS else None
+    if made or (said and action == "save"):
+        raise ValueError(
+            f"{where}: an op-level adapter {'made' if made else 'saved'} with "
+            f"init={made or said!r} cannot be {'saved to' if action == 'save' else 'loaded from'} "
+            "a PEFT file (files of op-level PiSSA/OLoRA adapters are not supported: the weight "
+            "is the residual W − scaling·B₀A₀, which PEFT would rebuild from its torch Linear "
+            "by its own rule); merge the adapter into the weight instead, or inject with "
+            "init='kaiming' or 'gaussian'"
+        )
+
+
 def read_op(lay: HFLayout, r: int, tensors: Mapping, config: LoRAConfig, where: str) -> tuple:
     """(lora_a, lora_b, alpha) of an op-level adapter of rank ``r`` from a file's
     {torch path: (A, B, kind)}, everything checked first: the torch modules' kind and shapes,

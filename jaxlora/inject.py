@@ -188,11 +188,6 @@ def _product_leaves(node, layout, config, rng, param_dtype, path: str, where: st
             f"{where}: the layouts give weight '{layout.weight}' {roles.shape}, but the params "
             f"tree holds {shape if shape is not None else 'no such leaf'} there"
         )
-    if config.init not in ("kaiming", "gaussian"):
-        raise ValueError(
-            f"{where}: init={config.init!r} is not supported for a weight adapted at its "
-            "product (a non-Dense module): use 'kaiming' or 'gaussian'"
-        )
     r, alpha = config.rank_for(path), config.alpha_for(path)
     core.check_hparams(
         r=r,
@@ -203,7 +198,21 @@ def _product_leaves(node, layout, config, rng, param_dtype, path: str, where: st
         where=where,
     )
     key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
-    leaves = product.init_leaves(layout, r, config.init, key, param_dtype)
+    scale = core.scaling(r, alpha, use_rslora=config.use_rslora)
+    leaves = product.init_leaves(
+        layout,
+        r,
+        config.init,
+        key,
+        param_dtype,
+        weight=meta.unbox(boxed) if config.init in WEIGHT_INITS else None,
+        scale=scale,
+        where=where,
+    )
+    if layout.weight in leaves:  # PiSSA/OLoRA: the weight is now the residual; say so
+        if isinstance(boxed, meta.AxisMetadata):
+            leaves[layout.weight] = boxed.replace_boxed(leaves[layout.weight])
+        leaves[INIT_NAME] = InitRecord(config.init)
     if isinstance(boxed, meta.AxisMetadata) and hasattr(boxed, "names"):
         names_a, names_b = product.axis_names(roles, tuple(boxed.names))
         # boxed is a flax struct dataclass (see _inject).

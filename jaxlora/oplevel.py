@@ -329,6 +329,20 @@ def _operand_view(factor, w_axes: tuple[int, ...], groups, op_axes: list[int], r
     return moved.reshape(*sizes[:rank_at], r, *sizes[rank_at:])
 
 
+def as_linear(weight: jax.Array, roles: Roles) -> jax.Array:
+    """``weight`` (of ``roles.shape``) as the (out, in) = (prod F, prod C) Linear weight: the
+    layout ``jaxlora.quant._layout`` stores and PiSSA/OLoRA factor (``product.init_factors``)."""
+    order = (*roles.free, *roles.contracted)
+    return jnp.transpose(weight, order).reshape(roles.out_features, roles.in_features)
+
+
+def from_linear(matrix: jax.Array, roles: Roles) -> jax.Array:
+    """The inverse of ``as_linear``: the (out, in) matrix in the weight's own shape."""
+    order = (*roles.free, *roles.contracted)
+    shaped = matrix.reshape(tuple(roles.shape[i] for i in order))
+    return jnp.transpose(shaped, [order.index(i) for i in range(len(order))])
+
+
 def delta(roles: Roles, lora_a, lora_b, scale: float) -> jax.Array:
     """``scale · lora_a ⋅ lora_b`` contracted over r in fp32 at full precision, in W's own
     axis order."""

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta
 
+from _loracore.config import WEIGHT_INITS
 from jaxlora import core, oplevel
 from jaxlora.tree import QUANT_NAME, iter_lora_layers
 from jaxlora.tree import ROLES_NAME as ROLES
@@ -93,21 +94,78 @@ def axis_names(roles: oplevel.Roles, names: tuple) -> tuple[tuple, tuple]:
     )
 
 
-def init_leaves(layout: ProductLayout, r: int, init: str, key, param_dtype) -> dict[str, Any]:
-    """New ``lora_a`` (kaiming: torch's U(±1/√in), in = prod(C); gaussian: N(0, 1/r)) and zero
-    ``lora_b``, so the adapted module starts equal to the base; and the ``lora_roles`` leaf."""
-    roles = layout.roles
+def init_leaves(
+    layout: ProductLayout,
+    r: int,
+    init: str,
+    key,
+    param_dtype,
+    *,
+    weight=None,
+    scale: float = 1.0,
+    where: str = "inject",
+) -> dict[str, Any]:
+    """The ``lora_roles`` leaf and the factors ``init_factors`` makes; for PiSSA/OLoRA also the
+    residual under the weight's own name."""
+    lora_a, lora_b, residual = init_factors(
+        layout.roles, r, init, key, param_dtype, weight=weight, scale=scale, where=where
+    )
+    leaves = {"lora_a": lora_a, "lora_b": lora_b, ROLES: ProductRoles(layout.weight, layout.roles)}
+    if residual is not None:
+        leaves[layout.weight] = residual
+    return leaves
+
+
+def init_factors(
+    roles: oplevel.Roles,
+    r: int,
+    init: str,
+    key,
+    param_dtype,
+    *,
+    weight=None,
+    scale: float = 1.0,
+    where: str = "inject",
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(lora_a, lora_b, residual) of an adapter at a weight's product, so that the adapted
+    module starts equal to the base; the one rule for NNX op-level layers and Linen product
+    adapters. kaiming: torch's U(±1/√in), in = prod(C); gaussian: N(0, 1/r) (PEFT's); both
+    with ``lora_b`` zero and no residual. "pissa"/"olora": the Dense math
+    (``core.pissa``/``core.olora``) on the weight as the torch Linear it is, (out, in) =
+    (prod F, prod C) in role order (``quant.oplevel.as_linear``): A (r, in) → ``lora_a``
+    (C…, r), B (out, r) → ``lora_b`` (r, F…), and the residual W − scale·B·A in the weight's
+    own layout and dtype. A weight with batch axes (MoE experts) has no such Linear: refused."""
     shape_a, shape_b = roles.lora_shapes(r)
+    if init in WEIGHT_INITS:
+        return _weight_factors(roles, r, init, weight, scale, param_dtype, where)
     if init == "gaussian":
         lora_a = jax.random.normal(key, shape_a, param_dtype) / r
     else:
         bound = 1.0 / math.sqrt(roles.in_features)
         lora_a = jax.random.uniform(key, shape_a, param_dtype, -bound, bound)
-    return {
-        "lora_a": lora_a,
-        "lora_b": jnp.zeros(shape_b, param_dtype),
-        ROLES: ProductRoles(layout.weight, roles),
-    }
+    return lora_a, jnp.zeros(shape_b, param_dtype), None
+
+
+def _weight_factors(roles: oplevel.Roles, r: int, init: str, weight, scale, param_dtype, where):
+    if roles.batch:
+        raise ValueError(
+            f"{where}: init={init!r} factors the weight as a torch Linear (out, in), but the "
+            f"weight {roles.shape} has batch axes {roles.batch} in its product (e.g. MoE "
+            "experts): there is no such Linear (PEFT has no per-expert one); use 'kaiming' "
+            "or 'gaussian'"
+        )
+    if weight is None or tuple(jnp.shape(weight)) != roles.shape:
+        got = None if weight is None else tuple(jnp.shape(weight))
+        raise ValueError(f"{where}: init={init!r} needs the weight {roles.shape}, got {got}")
+    # core's PiSSA/OLoRA take a Flax kernel (in, out): the Linear's weight transposed.
+    kernel = oplevel.as_linear(weight, roles).T
+    lora_a, lora_b, residual = core.weight_init(init)(kernel, r, scale)
+    shape_a, shape_b = roles.lora_shapes(r)
+    return (
+        lora_a.reshape(shape_a).astype(param_dtype),
+        lora_b.reshape(shape_b).astype(param_dtype),
+        oplevel.from_linear(residual.T, roles).astype(jnp.result_type(weight)),
+    )
 
 
 class _Tracing(threading.local):

@@ -135,7 +135,8 @@ def save_adapter(
     ranks = {
         p: (m.r, float(m.r if m.alpha is None else m.alpha)) for p, (_, m, _) in layers.items()
     }
-    for module, lay in ops.values():
+    for name, (module, lay) in ops.items():
+        hf_maps.check_op_init(module.lora_init, config, f"save_adapter: layer '{name}'", "save")
         a, b = np.asarray(module.lora_a[...]), np.asarray(module.lora_b[...])
         for path, pair in hf_maps.to_peft(lay, a, b).items():
             key_a, key_b = tensor_keys(path, "linear")
@@ -281,6 +282,7 @@ def _ops_from_file(ops: dict, tensors: dict, config: LoRAConfig, directory) -> l
     out = []
     for name, (layer, lay) in ops.items():
         where = f"{directory}: layer '{name}'"
+        hf_maps.check_op_init(layer.lora_init, config, where, "load")
         out.append((layer, *hf_maps.read_op(lay, layer.r, tensors, config, where)))
     return out
 

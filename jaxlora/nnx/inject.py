@@ -114,11 +114,8 @@ def _check_by_product(module: nnx.Module, name: str, config: LoRAConfig, roles) 
     taken = sorted(set(LORA_ATTRIBUTES) & set(vars(module)))
     if taken:
         raise ValueError(f"{where}: its attributes {taken} would be overwritten by the adapter")
-    if config.init != "kaiming":
-        raise ValueError(
-            f"{where} ({type(module).__name__}) is adapted at its product, which supports "
-            f"init='kaiming' only so far, got {config.init!r}"
-        )
+    # init: any; PiSSA/OLoRA on a weight with batch axes is refused by product.init_factors
+    # while building (inject writes the weights back on failure).
     if config.use_dora:
         raise ValueError(
             f"{where} ({type(module).__name__}) is adapted at its product, where use_dora=True "
@@ -316,7 +313,7 @@ def _build(
         options["dropout"] = config.dropout
     wrap: Callable[..., nnx.Module]
     if product is not None:
-        del options["init"], options["use_dora"]
+        del options["use_dora"]
         weight, roles = product
         wrap = functools.partial(adapt, weight=weight, roles=roles)
     elif isinstance(base, nnx.Linear):

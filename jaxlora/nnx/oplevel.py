@@ -12,7 +12,6 @@ keeps the original signature, so it has no ``deterministic`` argument of its own
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import HashableMapping
 
-from jaxlora import core, oplevel
+from _loracore.config import WEIGHT_INITS
+from jaxlora import core, oplevel, product
 from jaxlora.nnx.quant import QuantizedKernel, kernel_value, requantized_kernel
 
 LORA_ATTRIBUTES = (
@@ -34,6 +34,7 @@ LORA_ATTRIBUTES = (
     "lora_weight",
     "lora_roles",
     "lora_base_type",
+    "lora_init",
 )
 _CLASSES: dict[type, type] = {}
 _TRACES: dict[Any, tuple] = {}
@@ -57,6 +58,7 @@ class OpAdapter(_Module):
     lora_base_type: type[nnx.Module]
     lora_weight: str
     lora_roles: oplevel.Roles
+    lora_init: str
 
     def __init__(
         self,
@@ -70,6 +72,7 @@ class OpAdapter(_Module):
         use_rslora: bool,
         param_dtype: Any,
         rngs: nnx.Rngs,
+        init: str = "kaiming",
     ) -> None:
         for name, value in vars(base).items():
             if not name.startswith("_pytree__"):
@@ -77,12 +80,24 @@ class OpAdapter(_Module):
         self.lora_base_type = type(base)
         self.lora_weight, self.lora_roles = weight, roles
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        shape_a, shape_b = roles.lora_shapes(r)
-        # torch's kaiming_uniform(a=√5) on the (r, in) matrix: U(±1/√in), in = prod(C).
-        bound = 1.0 / math.sqrt(roles.in_features)
-        a = jax.random.uniform(rngs.params(), shape_a, param_dtype, -bound, bound)
+        # The one rule of Linen's product adapters (jaxlora.product.init_factors); PiSSA/OLoRA
+        # also give the residual, written into the (shared) weight as the Dense layers do.
+        self.lora_init = init
+        held = getattr(base, weight)
+        a, b, residual = product.init_factors(
+            roles,
+            r,
+            init,
+            rngs.params(),
+            param_dtype,
+            weight=held[...] if init in WEIGHT_INITS else None,
+            scale=self.scaling,
+            where=f"{type(base).__name__}: weight '{self.lora_weight}'",
+        )
+        if residual is not None:
+            held[...] = residual
         self.lora_a = nnx.LoRAParam(a)
-        self.lora_b = nnx.LoRAParam(jnp.zeros(shape_b, param_dtype))
+        self.lora_b = nnx.LoRAParam(b)
         self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
 
     @property

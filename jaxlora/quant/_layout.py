@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlora.oplevel import Roles
+# as_linear/from_linear live beside Roles (the PiSSA/OLoRA init of jaxlora.product uses them too).
+from jaxlora.oplevel import Roles, as_linear, from_linear
 from jaxlora.quant._api import QuantizedWeight, dequantize, quantize, requantize
 
 
@@ -31,19 +32,6 @@ def check_roles(roles: Roles, where: str) -> None:
             "in its product; it is no torch Linear (out, in), so it has no bitsandbytes layout "
             "to be stored in: only weights with contracted and free axes can be quantized"
         )
-
-
-def as_linear(weight: jax.Array, roles: Roles) -> jax.Array:
-    """``weight`` (of ``roles.shape``) as the (out, in) = (prod F, prod C) Linear weight."""
-    order = (*roles.free, *roles.contracted)
-    return jnp.transpose(weight, order).reshape(roles.out_features, roles.in_features)
-
-
-def from_linear(matrix: jax.Array, roles: Roles) -> jax.Array:
-    """The inverse of ``as_linear``: the (out, in) matrix in the weight's own shape."""
-    order = (*roles.free, *roles.contracted)
-    shaped = matrix.reshape(tuple(roles.shape[i] for i in order))
-    return jnp.transpose(shaped, [order.index(i) for i in range(len(order))])
 
 
 def quantize_weight(weight: jax.Array, roles: Roles, **options) -> QuantizedWeight:

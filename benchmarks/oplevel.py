@@ -21,55 +21,27 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
 from common import compiled_cost, interleaved_medians, write
-from flax import linen as nn
 from flax import nnx
 
 import jaxlora
 from jaxlora import nnx as jnnx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: its tests
+from tests.test_oplevel_cost import LinenNet, NnxNet, analytic_flops
+
 B, T, D, N, H, R = 8, 128, 1024, 16, 64, 8
 
 
 # ---------------------------------------------------------------- part 1: einsum vs DenseGeneral
-class _LinenEinsum(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        w = self.param("w", nn.initializers.normal(0.02), (D, N, H))
-        return jnp.einsum("BTD,DNH->BTNH", x, w)
-
-
-class _LinenNet(nn.Module):
-    kind: str
-
-    @nn.compact
-    def __call__(self, x):
-        if self.kind == "einsum":
-            return _LinenEinsum(name="proj")(x)
-        return nn.DenseGeneral((N, H), use_bias=False, name="proj")(x)
-
-
-class _NnxEinsum(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.w = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (D, N, H)))
-
-    def __call__(self, x):
-        return jnp.einsum("BTD,DNH->BTNH", x, self.w[...])
-
-
-class _NnxNet(nnx.Module):
-    def __init__(self, kind: str, rngs: nnx.Rngs):
-        if kind == "einsum":
-            self.proj = _NnxEinsum(rngs)
-        else:
-            self.proj = nnx.LinearGeneral(D, (N, H), use_bias=False, rngs=rngs)
-
-    def __call__(self, x):
-        return self.proj(x)
+# The two ways of writing the projection, as tests/test_oplevel_cost.py asserts their FLOPs.
+SHAPE = (D, N, H)
 
 
 def _nonzero_b(tree):
@@ -85,7 +57,7 @@ def _nonzero_b(tree):
 
 
 def _linen(kind: str, x):
-    model = _LinenNet(kind)
+    model = LinenNet(kind, SHAPE)
     config = jaxlora.LoRAConfig(r=R, alpha=16, targets=["proj"])
     variables = model.init(jax.random.key(0), x)
     params = jaxlora.inject(
@@ -101,7 +73,7 @@ def _linen(kind: str, x):
 
 
 def _nnx(kind: str, x):
-    model = _NnxNet(kind, nnx.Rngs(0))
+    model = NnxNet(kind, nnx.Rngs(0), SHAPE)
     config = jaxlora.LoRAConfig(r=R, alpha=16, targets=["proj"])
     jnnx.inject(model, config, nnx.Rngs(1), inputs=(x,))
     graph, adapter, rest = nnx.split(model, nnx.LoRAParam, ...)
@@ -124,16 +96,6 @@ def _step_of(forward, adapter):
     return step, tx.init(adapter)
 
 
-def analytic_flops(train: bool) -> float:
-    """Matmul FLOPs only (2·m·k·n each): the base product, x·A and (xA)·B; a train step adds
-    the gradients of B ((xA)ᵀ·g) and A (xᵀ·(g·Bᵀ)), and needs no gradient of x or W."""
-    m, out = B * T, N * H
-    forward = 2 * m * D * out + 2 * m * D * R + 2 * m * R * out
-    if not train:
-        return float(forward)
-    return float(forward + 2 * m * R * out + 2 * m * out * R + 2 * m * D * R)
-
-
 def part1(quick: bool) -> None:
     x = jax.random.normal(jax.random.key(3), (B, T, D))
     repeats = 7 if quick else 21
@@ -153,7 +115,7 @@ def part1(quick: bool) -> None:
         times = interleaved_medians(names, repeats=repeats)
         for what in ("forward", "train step"):
             ein, den = times[f"einsum {what}"], times[f"DenseGeneral {what}"]
-            minimum = analytic_flops(what == "train step")
+            minimum = analytic_flops(B * T, SHAPE, R, what == "train step")
             rows.append(
                 {
                     "api": api,

@@ -27,44 +27,62 @@ SLACK = 0.02
 CONFIG = jaxlora.LoRAConfig(r=R, alpha=16, targets=["proj"])
 
 
-class _LinenEinsum(nn.Module):
+class LinenEinsum(nn.Module):
+    """A custom projection: ``jnp.einsum('BTD,DNH->BTNH', x, w)`` (adapted at its product)."""
+
+    shape: tuple[int, int, int]
+
     @nn.compact
     def __call__(self, x):
-        w = self.param("w", nn.initializers.normal(0.02), (D, N, H))
+        w = self.param("w", nn.initializers.normal(0.02), self.shape)
         return jnp.einsum("BTD,DNH->BTNH", x, w)
 
 
-class _LinenNet(nn.Module):
+class LinenNet(nn.Module):
+    """The projection x (…, D) → (…, N, H) as an einsum or as Flax's ``DenseGeneral``, named
+    ``proj`` either way (also used by ``benchmarks/oplevel.py``)."""
+
     kind: str
+    shape: tuple[int, int, int] = (D, N, H)
 
     @nn.compact
     def __call__(self, x):
         if self.kind == "einsum":
-            return _LinenEinsum(name="proj")(x)
-        return nn.DenseGeneral((N, H), use_bias=False, name="proj")(x)
+            return LinenEinsum(self.shape, name="proj")(x)
+        return nn.DenseGeneral(self.shape[1:], use_bias=False, name="proj")(x)
 
 
-class _NnxEinsum(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.w = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (D, N, H)))
+class NnxEinsum(nnx.Module):
+    def __init__(self, shape: tuple[int, int, int], rngs: nnx.Rngs):
+        self.w = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), shape))
 
     def __call__(self, x):
         return jnp.einsum("BTD,DNH->BTNH", x, self.w[...])
 
 
-class _NnxNet(nnx.Module):
-    def __init__(self, kind: str, rngs: nnx.Rngs):
+class NnxNet(nnx.Module):
+    """``LinenNet``'s NNX twin (an einsum module or ``nnx.LinearGeneral``)."""
+
+    def __init__(self, kind: str, rngs: nnx.Rngs, shape: tuple[int, int, int] = (D, N, H)):
         if kind == "einsum":
-            self.proj = _NnxEinsum(rngs)
+            self.proj = NnxEinsum(shape, rngs)
         else:
-            self.proj = nnx.LinearGeneral(D, (N, H), use_bias=False, rngs=rngs)
+            self.proj = nnx.LinearGeneral(shape[0], shape[1:], use_bias=False, rngs=rngs)
 
     def __call__(self, x):
         return self.proj(x)
 
 
+def analytic_flops(m: int, shape: tuple[int, int, int], r: int, train: bool) -> float:
+    """Matmul FLOPs (2·m·k·n each) for m rows: the base product, x·A and (xA)·B; a train step
+    adds the gradients of B ((xA)ᵀ·g) and A (xᵀ·(g·Bᵀ)), and needs no gradient of x or W."""
+    d, out = shape[0], shape[1] * shape[2]
+    forward = 2 * m * d * out + 2 * m * d * r + 2 * m * r * out
+    return float(forward + (2 * m * r * out + 2 * m * out * r + 2 * m * d * r if train else 0))
+
+
 def _linen(kind: str, x):
-    model = _LinenNet(kind)
+    model = LinenNet(kind)
     params = model.init(jax.random.key(0), x)["params"]
     params = jaxlora.inject(params, CONFIG, jax.random.key(1), layouts=jaxlora.layouts(model, x))
     adapter, frozen = jaxlora.split(params)
@@ -77,7 +95,7 @@ def _linen(kind: str, x):
 
 
 def _nnx(kind: str, x):
-    model = _NnxNet(kind, nnx.Rngs(0))
+    model = NnxNet(kind, nnx.Rngs(0))
     jnnx.inject(model, CONFIG, nnx.Rngs(1), inputs=(x,))
     graph, adapter, rest = nnx.split(model, nnx.LoRAParam, ...)
 
@@ -108,18 +126,12 @@ def _compiled(build, kind: str, train: bool) -> float:
     return _flops(step, adapter, tx.init(adapter), x)
 
 
-def _analytic(train: bool) -> float:
-    m, out = B * T, N * H
-    forward = 2 * m * D * out + 2 * m * D * R + 2 * m * R * out
-    return float(forward + (2 * m * R * out + 2 * m * out * R + 2 * m * D * R if train else 0))
-
-
 @pytest.mark.parametrize("train", [False, True], ids=["forward", "train_step"])
 @pytest.mark.parametrize("build", [_linen, _nnx], ids=["linen", "nnx"])
 def test_einsum_adapter_costs_what_dense_general_costs(build, train):
     einsum = _compiled(build, "einsum", train)
     dense = _compiled(build, "dense", train)
-    minimum = _analytic(train)
+    minimum = analytic_flops(B * T, (D, N, H), R, train)
     assert minimum <= einsum <= minimum * (1 + SLACK), (einsum, minimum)
     assert minimum <= dense <= minimum * (1 + SLACK), (dense, minimum)
     assert abs(einsum - dense) <= SLACK * minimum, (einsum, dense)

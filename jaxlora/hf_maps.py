@@ -27,7 +27,8 @@ model's business, so a ``path_map`` value may be an ``HFLinear`` saying it:
   no warning), and a file that says so is read only for modules given as Conv1D.
 
 A plain string value (or no entry) is ``HFLinear(that path)``. W's batch axes (one adapter per
-MoE expert, 'EBD,EDF->EBF') have no PEFT Linear equivalent: such a weight is refused.
+MoE expert, 'EBD,EDF->EBF') would be one torch Linear per expert (transformers 4.x's
+``experts.{e}.gate_proj``); that mapping is not implemented: such a weight is refused.
 
 Ready maps: ``path_map`` may also be one of the names in ``NAMED_MAPS`` (``save_adapter`` /
 ``load_adapter`` / ``read_adapter_config`` resolve it with ``resolve``), for models nobody

@@ -151,8 +151,8 @@ def _weight_factors(roles: oplevel.Roles, r: int, init: str, weight, scale, para
         raise ValueError(
             f"{where}: init={init!r} factors the weight as a torch Linear (out, in), but the "
             f"weight {roles.shape} has batch axes {roles.batch} in its product (e.g. MoE "
-            "experts): there is no such Linear (PEFT has no per-expert one); use 'kaiming' "
-            "or 'gaussian'"
+            "experts): it is one Linear per expert, which jaxlora does not factor yet; use "
+            "'kaiming' or 'gaussian'"
         )
     if weight is None or tuple(jnp.shape(weight)) != roles.shape:
         got = None if weight is None else tuple(jnp.shape(weight))

@@ -98,7 +98,8 @@ def save_adapter(
     An op-level layer (``inject(..., inputs=)``) is written as the torch ``nn.Linear``
     module(s) its ``path_map`` value names: a torch path, or a ``jaxlora.HFLinear`` giving the
     axis orders or a fused weight's modules (one shared A; see ``jaxlora.hf_maps``). One with
-    batch axes (an adapter per MoE expert) is refused: PEFT has no such Linear.
+    batch axes (an adapter per MoE expert: one torch Linear per expert) is refused, not
+    written per expert yet.
 
     ``path_map`` may also name a ready map for a third-party model (``"tunix.llama3"``,
     ``"tunix.qwen3"``, ``"tunix.gemma3"``; see ``jaxlora.hf_maps.NAMED_MAPS``); an unknown

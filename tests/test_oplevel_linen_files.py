@@ -20,41 +20,16 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from flax import linen as nn
 from flax import nnx
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 import jaxlora
 from jaxlora import nnx as jnnx
+from parity_tests.test_oplevel_linen_parity import ALPHA, CONFIG, B, Block, D, H, N, R, T
 
-B, T, D, N, H, R, ALPHA = 2, 5, 16, 4, 8, 4, 8.0
-CONFIG = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["c_attn", "q_proj"])
 CONV1D = {"c_attn": jaxlora.HFLinear("c_attn", conv1d=True)}
 X = np.array(jax.random.normal(jax.random.key(1), (B, T, D)))
-
-
-class FlaxConv1D(nn.Module):  # transformers 4.57's, as in tests/test_oplevel_linen.py
-    features: int
-
-    @nn.compact
-    def __call__(self, inputs):
-        kernel = self.param("kernel", nn.initializers.normal(0.25), (self.features, D))
-        y = jax.lax.dot_general(inputs, kernel.transpose(), (((inputs.ndim - 1,), (0,)), ((), ())))
-        return y + self.param("bias", nn.initializers.normal(1.0), (self.features,))
-
-
-class Einsum(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        w = self.param("w", nn.initializers.normal(0.25), (D, N, H))
-        return jnp.einsum("BTD,DNH->BTNH", x, w)
-
-
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return FlaxConv1D(D, name="c_attn")(x), Einsum(name="q_proj")(x)
 
 
 class TorchBlock(torch.nn.Module):

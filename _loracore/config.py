@@ -49,6 +49,7 @@ class LoRAConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     init: str = "kaiming"
     use_dora: bool = False
+    target_parameters: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         hparams.check_hparams(
@@ -63,7 +64,13 @@ class LoRAConfig:
         object.__setattr__(self, "r", int(self.r))
         object.__setattr__(self, "alpha", _plain(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
-        object.__setattr__(self, "targets", _checked_targets(self.targets))
+        object.__setattr__(self, "target_parameters", _checked_parameters(self.target_parameters))
+        # PEFT's target_modules=[] with target_parameters: only the named weights are adapted.
+        empty = not isinstance(self.targets, str) and isinstance(self.targets, list | tuple)
+        if not (empty and not self.targets and self.target_parameters):
+            object.__setattr__(self, "targets", _checked_targets(self.targets))
+        else:
+            object.__setattr__(self, "targets", ())
         if not isinstance(self.use_rslora, bool):  # "no" or JSON "false" must not mean True
             raise TypeError(
                 f"LoRAConfig: use_rslora must be True or False, got {self.use_rslora!r} "
@@ -125,6 +132,7 @@ class LoRAConfig:
             "modules_to_save": None,
             "init_lora_weights": True if self.init == "kaiming" else self.init,
             "inference_mode": True,
+            **({"target_parameters": list(self.target_parameters)} if self.target_parameters else {}),
         }
 
     @classmethod
@@ -154,6 +162,7 @@ class LoRAConfig:
             alpha_pattern=_or_empty(peft_config.get("alpha_pattern")),
             init=_init_from_peft(peft_config.get("init_lora_weights", True)),
             use_dora=peft_config.get("use_dora", False),
+            target_parameters=peft_config.get("target_parameters") or (),
         )
 
     def select(self, paths: Iterable[str], *, strict: bool = True) -> list[str]:
@@ -175,6 +184,27 @@ class LoRAConfig:
         if strict:
             self.check_unmatched(paths, chosen)
         return chosen
+
+    def select_parameters(self, keys: Iterable[str]) -> list[str]:
+        """The weight keys (``'<module path>.<weight name>'``) that ``target_parameters`` names,
+        matched as PEFT's ``target_parameters`` and as a ``targets`` list: a key equal to an
+        entry or ending with '.' + entry. An entry that matches no key is a ``ValueError`` (a
+        typo would otherwise leave a weight unadapted silently), listing the keys.
+
+        Examples:
+            >>> config = LoRAConfig(targets=[], target_parameters=["mlp.w_gate"])
+            >>> config.select_parameters(["blocks.0.mlp.w_gate", "blocks.0.mlp.w_up"])
+            ['blocks.0.mlp.w_gate']
+        """
+        keys = list(keys)
+        hit = lambda key, entry: key == entry or key.endswith("." + entry)  # noqa: E731
+        for entry in self.target_parameters:
+            if not any(hit(key, entry) for key in keys):
+                raise ValueError(
+                    f"target_parameters entry {entry!r} matches no weight (a typo?); the "
+                    f"weights are: {', '.join(keys) or '(none)'}"
+                )
+        return [k for k in keys if any(hit(k, e) for e in self.target_parameters)]
 
     def check_unmatched(self, paths: Iterable[str], adapted: Iterable[str]) -> None:
         """A ``ValueError`` for a ``targets`` list entry that matches none of ``paths``, or a
@@ -237,6 +267,23 @@ def _checked_targets(targets: Any) -> str | tuple[str, ...]:
         raise ValueError(
             "LoRAConfig: targets must be a regular expression or a "
             f"non-empty list of layer names, got {targets!r}"
+        )
+    return tuple(entries)
+
+
+def _checked_parameters(entries: Any) -> tuple[str, ...]:
+    if entries is None:
+        return ()
+    if isinstance(entries, str | Mapping) or not isinstance(entries, list | tuple):
+        raise TypeError(
+            "LoRAConfig: target_parameters must be a list of '<module>.<weight>' names (PEFT "
+            f"does not take a regular expression there), got {entries!r}"
+        )
+    bad = [e for e in entries if not isinstance(e, str) or "." not in e.strip(".")]
+    if bad:
+        raise ValueError(
+            "LoRAConfig: each target_parameters entry must name a module's weight as "
+            f"'<module>.<weight>' (e.g. 'mlp.w_gate'), got {bad!r}"
         )
     return tuple(entries)
 

@@ -24,6 +24,7 @@ IMPLEMENTED = (
     "alpha_pattern",
     "init_lora_weights",
     "use_dora",
+    "target_parameters",  # config round-trip; files with it are refused (parse_config)
 )
 
 INERT = (
@@ -58,7 +59,6 @@ REFUSED: dict[str, tuple[Any, ...]] = {
     "monteclora_config": (None,),
     "layer_replication": (None,),
     "lora_bias": (False,),
-    "target_parameters": (None, []),
     "use_bdlora": (None,),
     "arrow_config": (None,),
     "kasa_config": (None,),

@@ -104,6 +104,9 @@ def file_config(
     ``fan_in_fan_out`` when every one of them is a transformers ``Conv1D`` (PEFT's flag for
     them, which it would otherwise set itself, with a warning)."""
     peft = config.to_peft()
+    # The file names every adapted weight by its torch module (target_modules), a weight chosen
+    # by target_parameters too: PEFT then builds plain Linear adapters for all of them.
+    peft.pop("target_parameters", None)
     if sorted(p for p in candidates if config.matches(p)) != sorted(layers):
         peft["target_modules"] = sorted(layers)  # exact paths: PEFT rebuilds just these
     ranks = {p: r for p, (r, _) in layers.items() if r != config.rank_for(p)}
@@ -154,6 +157,14 @@ def parse_config(peft: Any, *, conv1d: bool) -> tuple[LoRAConfig, bool]:
     """(the config, its ``fan_in_fan_out``) from a PEFT config dict. ``fan_in_fan_out=True``
     (PEFT's flag for transformers' ``Conv1D``, weight (in, out)) is read only where the caller
     can check it against the torch module kinds (``conv1d``); else it is refused by name."""
+    if isinstance(peft, Mapping) and peft.get("target_parameters"):
+        # PEFT's ParamWrapper layout (an adapter keyed at the module holding the parameter) is
+        # not read: jaxlora writes each adapted weight as the torch Linear its path_map names.
+        raise ValueError(
+            f"adapter config sets target_parameters={peft['target_parameters']!r}: PEFT "
+            "ParamWrapper adapters on nn.Parameter weights are not read; a file whose "
+            "adapted weights are torch Linear modules lists them in target_modules"
+        )
     if conv1d and isinstance(peft, Mapping) and peft.get("fan_in_fan_out") is True:
         return LoRAConfig.from_peft({**peft, "fan_in_fan_out": False}), True
     return LoRAConfig.from_peft(peft), False

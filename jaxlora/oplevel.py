@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -209,15 +209,15 @@ def with_shape(product: Product, shape: tuple[int, ...]) -> Product:
 def evaluate(
     closed: jcore.ClosedJaxpr,
     args: Sequence[Any],
-    path: tuple[int, ...],
-    at_product: Callable[[Any, list], Any],
+    at: Mapping[tuple[int, ...], Callable[[Any, list], Any]],
 ) -> list:
-    """Evaluates ``closed`` on ``args`` under the current trace, the equation at ``path``
-    computed by ``at_product(eqn, operands)`` and the nested calls on the way inlined."""
-    return _eval(closed.jaxpr, closed.consts, args, path, at_product)
+    """Evaluates ``closed`` on ``args`` under the current trace, each equation at a path of
+    ``at`` (a ``Product``'s) computed by ``at[path](eqn, operands)`` and the nested calls on
+    the way inlined (a module with several adapted weights has one product per weight)."""
+    return _eval(closed.jaxpr, closed.consts, args, dict(at))
 
 
-def _eval(jaxpr, consts, args, path, at_product) -> list:
+def _eval(jaxpr, consts, args, at) -> list:
     env: dict = {}
 
     def read(v):
@@ -227,12 +227,13 @@ def _eval(jaxpr, consts, args, path, at_product) -> list:
     env.update(zip(jaxpr.invars, args, strict=True))
     for i, eqn in enumerate(jaxpr.eqns):
         operands = [read(v) for v in eqn.invars]
-        if path and path[0] == i and len(path) == 1:
-            outs = [at_product(eqn, operands)]
-        elif path and path[0] == i:
+        inner_at = {p[1:]: f for p, f in at.items() if p[0] == i and len(p) > 1}
+        if (i,) in at:
+            outs = [at[(i,)](eqn, operands)]
+        elif inner_at:
             inner = eqn.params[_CALLS[eqn.primitive.name]]
             consts_in = getattr(inner, "consts", ())
-            outs = _eval(getattr(inner, "jaxpr", inner), consts_in, operands, path[1:], at_product)
+            outs = _eval(getattr(inner, "jaxpr", inner), consts_in, operands, inner_at)
         else:
             params = eqn.primitive.get_bind_params(eqn.params)  # as jax.core.eval_jaxpr does
             with eqn.ctx.manager:

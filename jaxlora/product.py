@@ -353,5 +353,7 @@ def evaluate(traced: Traced, product: oplevel.Product, extra) -> Any:
         base = eqn.primitive.bind(*operands, **eqn.params)
         return base + extra(eqn, operands).astype(base.dtype)
 
-    outs = oplevel.evaluate(traced.closed, [*traced.leaves, *traced.dyn], product.path, at_product)
+    outs = oplevel.evaluate(
+        traced.closed, [*traced.leaves, *traced.dyn], {product.path: at_product}
+    )
     return jax.tree.unflatten(traced.out_def, outs)

@@ -29,6 +29,18 @@ STACK_NAME = "lora_stack"  # stacked by nn.scan on a layer axis other than 0 (it
 RECORD_NAMES = (ROLES_NAME, INIT_NAME, STACK_NAME)
 
 
+def factor_names(weight: str | None) -> tuple[str, str]:
+    """The names of an adapter's two factors: ``lora_a``/``lora_b`` for a module with one adapted
+    weight (``weight`` None), ``<weight>_lora_a``/``<weight>_lora_b`` for each weight of a module
+    whose several weights each enter their own product (qwix names them so too).
+
+    Examples:
+        >>> factor_names(None), factor_names("w_gate")
+        (('lora_a', 'lora_b'), ('w_gate_lora_a', 'w_gate_lora_b'))
+    """
+    return ("lora_a", "lora_b") if weight is None else (f"{weight}_lora_a", f"{weight}_lora_b")
+
+
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class InitRecord:

@@ -90,6 +90,7 @@ def test_one_config_class_for_both_packages():
         "alpha_pattern",
         "init",
         "use_dora",
+        "target_parameters",
     ]
     with pytest.raises(
         ValueError, match=r"init must be one of \('kaiming', 'gaussian', 'pissa', 'olora'\)"

@@ -75,6 +75,11 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"inject expects a torchlora.LoRAConfig, got {type(config).__name__}")
+    if config.target_parameters:  # would be ignored: the named weights left unadapted
+        raise ValueError(
+            f"inject: target_parameters={list(config.target_parameters)!r} is not supported by "
+            "torchlora (jaxlora.nnx.inject adapts weights by name); use targets"
+        )
     modules = dict(model.named_modules(remove_duplicate=False))
     all_paths = checks.module_paths(model)
     chosen = config.select(modules, strict=False)

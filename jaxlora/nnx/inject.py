@@ -21,7 +21,7 @@ from jaxlora.nnx.embed import LoRAEmbed
 from jaxlora.nnx.general import LoRALinearGeneral
 from jaxlora.nnx.layer import _SHARDING_KEYS, LoRALinear, check_rngs
 from jaxlora.nnx.oplevel import LORA_ATTRIBUTES, OpAdapter, adapt, find_weights
-from jaxlora.tree import ParamCount
+from jaxlora.tree import ParamCount, factor_names
 
 SUPPORTED = "nnx.Linear, nnx.LinearGeneral (no batch_axis), nnx.Conv (no mask, groups=1), nnx.Embed"
 _ADAPTED: dict[type[nnx.Module], type[Adapter]] = {
@@ -109,9 +109,14 @@ def _by_product(module: nnx.Module, name: str, inputs: Sequence | None) -> bool:
     return not known and inputs is not None
 
 
-def _check_by_product(module: nnx.Module, name: str, config: LoRAConfig, roles) -> None:
+def _check_by_product(
+    module: nnx.Module, name: str, config: LoRAConfig, products: Mapping[str, Any]
+) -> None:
     where = f"inject: layer '{name}'"
-    taken = sorted(set(LORA_ATTRIBUTES) & set(vars(module)))
+    names = {*LORA_ATTRIBUTES, "lora_weight", "lora_roles", "lora_weights"}
+    if len(products) > 1:
+        names |= {n for w in products for n in factor_names(w)}
+    taken = sorted(names & set(vars(module)))
     if taken:
         raise ValueError(f"{where}: its attributes {taken} would be overwritten by the adapter")
     # init: any; PiSSA/OLoRA on a weight with batch axes is refused by product.init_factors
@@ -121,14 +126,15 @@ def _check_by_product(module: nnx.Module, name: str, config: LoRAConfig, roles) 
             f"{where} ({type(module).__name__}) is adapted at its product, where use_dora=True "
             "is not implemented (DoRA: unstacked nnx.Linear, nnx.Conv and nnx.Embed layers)"
         )
-    core.check_hparams(
-        r=config.rank_for(name),
-        alpha=config.alpha_for(name),
-        dropout=config.dropout,
-        in_features=roles.in_features,
-        out_features=roles.out_features,
-        where=where,
-    )
+    for weight, roles in products.items():
+        core.check_hparams(
+            r=config.rank_for(name),
+            alpha=config.alpha_for(name),
+            dropout=config.dropout,
+            in_features=roles.in_features,
+            out_features=roles.out_features,
+            where=where if len(products) == 1 else f"{where}, weight '{weight}'",
+        )
 
 
 def _check(module: nnx.Module, name: str, config: LoRAConfig, per_layer: list[str]) -> None:
@@ -242,7 +248,9 @@ def inject(
     paths = _module_paths(model)
     modules = dict(sorted(paths.items(), key=lambda item: item[0]))
     per_layer = per_layer_paths(modules, layer_names)
-    chosen = stacks.select(list(modules), per_layer, config)
+    chosen = stacks.select(list(modules), per_layer, config) if config.targets else []
+    only = _by_parameter(modules, config, chosen)
+    chosen = sorted({*chosen, *only})
     by_product = {}
     for name in chosen:
         path, module = modules[name]
@@ -252,18 +260,26 @@ def inject(
             )
         if _by_product(module, name, inputs):
             by_product[name] = module
+        elif name in only:
+            raise ValueError(
+                f"inject: target_parameters names {[f'{name}.{w}' for w in only[name]]}, but "
+                f"layer '{name}' is a {type(module).__name__}, adapted as a layer of its own "
+                "kind (its one weight)"
+                + ("" if inputs is not None else " or not at all without inputs=")
+                + ": target it with targets"
+            )
         else:
             _check(module, name, config, per_layer.get(name, []))
-    products: dict[str, tuple[str, Any]] = {}
+    products: dict[str, dict[str, Any]] = {}
     if by_product and inputs is not None:  # by_product is empty without inputs (_by_product)
-        products = find_weights(model, by_product, inputs)
-    for name, (_, roles) in products.items():
-        _check_by_product(modules[name][1], name, config, roles)
+        products = find_weights(model, by_product, inputs, only=only)
+    for name, found in products.items():
+        _check_by_product(modules[name][1], name, config, found)
     groups = _tied(modules, chosen, config)
     # Every layer is built before any is put in: a failure leaves the model as it was. PiSSA/
-    # OLoRA write the residual into the shared weight while building, so the weights' values
+    # OLoRA write the residual into the shared weights while building, so the weights' values
     # (immutable arrays) are kept to be written back.
-    weights = [_weight(modules[names[0]][1], products.get(names[0])) for names in groups]
+    weights = [w for names in groups for w in _weights(modules[names[0]][1], products.get(names[0]))]
     kept = [(weight, weight[...]) for weight in weights]
     built = []
     try:
@@ -283,11 +299,39 @@ def inject(
     return model
 
 
-def _weight(module: nnx.Module, product: tuple | None = None) -> nnx.Variable:
-    """The weight an adapter goes on: an op-level ``product``'s (its weight's name first)."""
-    if product is not None:
-        return getattr(module, product[0])
+def _weight(module: nnx.Module) -> nnx.Variable:
+    """The weight the adapter of a layer of a known kind goes on."""
     return getattr(module, "embedding" if isinstance(module, nnx.Embed) else "kernel")
+
+
+def _weights(module: nnx.Module, products: Mapping[str, Any] | None) -> list[nnx.Variable]:
+    """The weights adapters go on: an op-level module's ``products``' (by weight name)."""
+    if products is not None:
+        return [getattr(module, w) for w in products]
+    return [_weight(module)]
+
+
+def _by_parameter(
+    modules: Mapping[str, tuple[tuple, nnx.Module]], config: LoRAConfig, chosen: list[str]
+) -> dict[str, list[str]]:
+    """{module path: its weights ``config.target_parameters`` names} for the modules ``targets``
+    does not choose (those adapt all their product weights); a ``ValueError`` for an entry
+    that names no ``nnx.Param`` of any module (a typo)."""
+    if not config.target_parameters:
+        return {}
+    keys = {
+        f"{name}.{attr}": (name, attr)
+        for name, (path, module) in modules.items()
+        if path
+        for attr, var in vars(module).items()
+        if isinstance(var, nnx.Param)
+    }
+    only: dict[str, list[str]] = {}
+    for key in config.select_parameters(keys):
+        name, attr = keys[key]
+        if name not in chosen:
+            only.setdefault(name, []).append(attr)
+    return only
 
 
 def _build(
@@ -296,10 +340,10 @@ def _build(
     config: LoRAConfig,
     param_dtype: Any,
     rngs: nnx.Rngs,
-    product: tuple | None = None,
+    product: Mapping[str, Any] | None = None,
 ) -> nnx.Module:
     """The LoRA layer for ``base`` (the layer at ``name``), sharing its weights; ``product``
-    (weight name, axis roles) for a module adapted at the product its weight enters."""
+    ({weight name: axis roles}) for a module adapted at the products its weights enter."""
     options = dict(
         r=config.rank_for(name),
         alpha=config.alpha_for(name),
@@ -314,8 +358,7 @@ def _build(
     wrap: Callable[..., nnx.Module]
     if product is not None:
         del options["use_dora"]
-        weight, roles = product
-        wrap = functools.partial(adapt, weight=weight, roles=roles)
+        wrap = functools.partial(adapt, products=product)
     elif isinstance(base, nnx.Linear):
         wrap = LoRALinear.from_linear
     else:

@@ -35,6 +35,7 @@ class MultiOpAdapter(_Module):
     lora_base_type: type[nnx.Module]
     lora_weight: str
     lora_roles: oplevel.Roles
+    lora_products: tuple[tuple[str, oplevel.Roles], ...]  # its one weight's, as OpAdapter's
     lora_path: str
     lora_a: serving.StackedAdapter
     lora_b: serving.StackedAdapter
@@ -47,6 +48,7 @@ class MultiOpAdapter(_Module):
                 setattr(self, name, value)
         self.lora_base_type = layer.lora_base_type
         self.lora_weight, self.lora_roles = layer.lora_weight, layer.lora_roles
+        self.lora_products = layer.lora_products
         self.lora_path = path
         shape_a, shape_b = layer.lora_roles.lora_shapes(rank)
         serving.new_stack(self, shape_a, shape_b, layer.lora_a.dtype, capacity)
@@ -62,13 +64,14 @@ class MultiOpAdapter(_Module):
     def __call__(self, *args, **kwargs):
         where = f"layer '{self.lora_path}'"
         index = serving.active_index(where)
-        closed, product = traced_call(self, args, kwargs)
+        closed, products = traced_call(self, args, kwargs)
+        product = products[self.lora_weight]
         retrace = lambda a, k: traced_call(self, a, k)[0]  # noqa: E731
         multi_oplevel.check_call(product, closed, retrace, args, kwargs, index.shape[0], where)
         multi.check_index_values(index, self.occupied[...], where)
         stack = (self.lora_a[...], self.lora_b[...], self.scale[...], self.occupied[...])
 
-        def extra(product, eqn, operands):
+        def extra(weight, product, eqn, operands):
             return multi_oplevel.gathered(product, eqn, operands, stack, index)
 
         return call(self, args, kwargs, extra)

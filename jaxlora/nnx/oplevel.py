@@ -12,7 +12,7 @@ keeps the original signature, so it has no ``deterministic`` argument of its own
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -23,6 +23,7 @@ from flax.typing import HashableMapping
 from _loracore.config import WEIGHT_INITS
 from jaxlora import core, oplevel, product
 from jaxlora.nnx.quant import QuantizedKernel, kernel_value, requantized_kernel
+from jaxlora.tree import factor_names
 
 LORA_ATTRIBUTES = (
     "r",
@@ -31,8 +32,7 @@ LORA_ATTRIBUTES = (
     "lora_a",
     "lora_b",
     "lora_dropout",
-    "lora_weight",
-    "lora_roles",
+    "lora_products",
     "lora_base_type",
     "lora_init",
 )
@@ -50,22 +50,23 @@ else:
 
 
 class OpAdapter(_Module):
-    """The mixin of every op-level adapted module (see the module docstring)."""
+    """The mixin of every op-level adapted module (see the module docstring).
+
+    ``lora_products`` records, per adapted weight, its name and its roles in its product. A
+    module with one adapted weight holds its factors as ``lora_a``/``lora_b``; one with several
+    holds ``<weight>_lora_a``/``<weight>_lora_b`` per weight (``jaxlora.tree.factor_names``),
+    all ``nnx.LoRAParam``, with one r, alpha and dropout rate for the module."""
 
     __slots__ = ()
-    lora_a: nnx.LoRAParam
-    lora_b: nnx.LoRAParam
     lora_base_type: type[nnx.Module]
-    lora_weight: str
-    lora_roles: oplevel.Roles
+    lora_products: tuple[tuple[str, oplevel.Roles], ...]
     lora_init: str
 
     def __init__(
         self,
         base: nnx.Module,
         *,
-        weight: str,
-        roles: oplevel.Roles,
+        products: Mapping[str, oplevel.Roles],
         r: int,
         alpha: float | None,
         dropout: float,
@@ -78,73 +79,116 @@ class OpAdapter(_Module):
             if not name.startswith("_pytree__"):
                 setattr(self, name, value)
         self.lora_base_type = type(base)
-        self.lora_weight, self.lora_roles = weight, roles
+        self.lora_products = tuple(sorted(products.items()))
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         # The one rule of Linen's product adapters (jaxlora.product.init_factors); PiSSA/OLoRA
         # also give the residual, written into the (shared) weight as the Dense layers do.
         self.lora_init = init
-        held = getattr(base, weight)
-        a, b, residual = product.init_factors(
-            roles,
-            r,
-            init,
-            rngs.params(),
-            param_dtype,
-            weight=held[...] if init in WEIGHT_INITS else None,
-            scale=self.scaling,
-            where=f"{type(base).__name__}: weight '{self.lora_weight}'",
-        )
-        if residual is not None:
-            held[...] = residual
-        self.lora_a = nnx.LoRAParam(a)
-        self.lora_b = nnx.LoRAParam(b)
+        for weight, roles in self.lora_products:
+            held = getattr(base, weight)
+            a, b, residual = product.init_factors(
+                roles,
+                r,
+                init,
+                rngs.params(),
+                param_dtype,
+                weight=held[...] if init in WEIGHT_INITS else None,
+                scale=self.scaling,
+                where=f"{type(base).__name__}: weight '{weight}'",
+            )
+            if residual is not None:
+                held[...] = residual
+            name_a, name_b = self.factor_names(weight)
+            setattr(self, name_a, nnx.LoRAParam(a))
+            setattr(self, name_b, nnx.LoRAParam(b))
         self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    @property
+    def lora_weights(self) -> tuple[str, ...]:
+        """The adapted weights' names, sorted."""
+        return tuple(w for w, _ in self.lora_products)
+
+    @property
+    def lora_weight(self) -> str:
+        """The adapted weight's name (a module with one adapted weight)."""
+        return self._single()[0]
+
+    @property
+    def lora_roles(self) -> oplevel.Roles:
+        """The adapted weight's roles in its product (a module with one adapted weight)."""
+        return self._single()[1]
+
+    def _single(self) -> tuple[str, oplevel.Roles]:
+        if len(self.lora_products) != 1:
+            raise ValueError(
+                f"{type(self).__name__} has several adapted weights {list(self.lora_weights)}: "
+                "this operation supports modules with one adapted weight only"
+            )
+        return self.lora_products[0]
+
+    def factor_names(self, weight: str) -> tuple[str, str]:
+        """The attribute names of ``weight``'s factors (``jaxlora.tree.factor_names``)."""
+        return factor_names(weight if len(self.lora_products) > 1 else None)
+
+    def factors(self, weight: str) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
+        """``weight``'s (lora_a, lora_b) variables."""
+        name_a, name_b = self.factor_names(weight)
+        return getattr(self, name_a), getattr(self, name_b)
+
+    def roles_of(self, weight: str) -> oplevel.Roles:
+        return dict(self.lora_products)[weight]
 
     @property
     def scaling(self) -> float:
         return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
 
     def __call__(self, *args, **kwargs):
-        def extra(product, eqn, operands):
+        def extra(weight, product, eqn, operands):
             x = self.lora_dropout(operands[1 - product.side])
-            a, b = self.lora_a[...], self.lora_b[...]
+            a, b = (f[...] for f in self.factors(weight))
             return oplevel.branch(product, eqn, operands, a, b, self.scaling, x=x)
 
         return call(self, args, kwargs, extra)
 
-    def delta(self) -> jax.Array:
-        """``scaling · lora_a ⋅ lora_b`` in fp32, in the weight's own axis order."""
-        return oplevel.delta(self.lora_roles, self.lora_a[...], self.lora_b[...], self.scaling)
+    def delta(self, weight: str | None = None) -> jax.Array:
+        """``scaling · lora_a ⋅ lora_b`` of ``weight`` (default: the one adapted weight) in fp32,
+        in the weight's own axis order."""
+        weight = self.lora_weight if weight is None else weight
+        a, b = (f[...] for f in self.factors(weight))
+        return oplevel.delta(self.roles_of(weight), a, b, self.scaling)
 
     @property
     def is_quantized(self) -> bool:
-        return isinstance(getattr(self, self.lora_weight), QuantizedKernel)
+        return any(isinstance(getattr(self, w), QuantizedKernel) for w in self.lora_weights)
 
-    def merged_weight(self) -> jax.Array:
+    def merged_weight(self, weight: str | None = None) -> jax.Array:
         """``weight + delta`` (the weight dequantized if quantized; fp32, rounded once to the
-        weight's dtype); a ``ValueError`` if non-finite."""
-        weight = kernel_value(getattr(self, self.lora_weight))
-        merged = (weight.astype(jnp.float32) + self.delta()).astype(weight.dtype)
+        weight's dtype); a ``ValueError`` if non-finite. ``weight`` defaults to the one
+        adapted weight."""
+        weight = self.lora_weight if weight is None else weight
+        value = kernel_value(getattr(self, weight))
+        merged = (value.astype(jnp.float32) + self.delta(weight)).astype(value.dtype)
         if not bool(jnp.isfinite(merged).all()):
-            raise ValueError("the merged weight has non-finite values")
+            raise ValueError(f"the merged weight '{weight}' has non-finite values")
         return merged
 
     def to_base(self) -> nnx.Module:
-        """A module of the original type sharing every variable but the weight, which holds
-        ``weight + delta`` (fp32, rounded once; a quantized weight is dequantized first and
-        merges into a float ``nnx.Param``); a non-finite result is a ``ValueError``."""
-        weight = getattr(self, self.lora_weight)
-        merged = self.merged_weight()
-        state = {k: v for k, v in self.__getstate__().items() if k not in LORA_ATTRIBUTES}
+        """A module of the original type sharing every variable but the adapted weights, which
+        hold ``weight + delta`` each (fp32, rounded once; a quantized weight is dequantized
+        first and merges into a float ``nnx.Param``); a non-finite result is a ``ValueError``
+        (raised before anything is built)."""
+        merged = {w: self.merged_weight(w) for w in self.lora_weights}
+        lora = {*LORA_ATTRIBUTES, *(n for w in self.lora_weights for n in self.factor_names(w))}
+        state = {k: v for k, v in self.__getstate__().items() if k not in lora}
         nodes = self._pytree__nodes
-        state["_pytree__nodes"] = HashableMapping(
-            {k: v for k, v in nodes.items() if k not in LORA_ATTRIBUTES}
-        )
+        state["_pytree__nodes"] = HashableMapping({k: v for k, v in nodes.items() if k not in lora})
         state["_pytree__state"] = type(self._pytree__state)()
-        if isinstance(weight, QuantizedKernel):
-            state[self.lora_weight] = nnx.Param(merged)
-        else:
-            state[self.lora_weight] = weight.replace(merged)  # keeps the variable's metadata
+        for name, value in merged.items():
+            weight = getattr(self, name)
+            if isinstance(weight, QuantizedKernel):
+                state[name] = nnx.Param(value)
+            else:
+                state[name] = weight.replace(value)  # keeps the variable's metadata
         base_type = self.lora_base_type
         plain = base_type.__new__(base_type)
         plain.__setstate__(state)
@@ -169,7 +213,7 @@ def adapted_class(base_type: type) -> type:
 
 
 def adapt(base: nnx.Module, **options) -> nnx.Module:
-    """``base`` adapted at its weight ``options['weight']`` (see ``OpAdapter.__init__``)."""
+    """``base`` adapted at its weights ``options['products']`` (see ``OpAdapter.__init__``)."""
     return adapted_class(type(base))(base, **options)
 
 
@@ -177,13 +221,18 @@ def find_weights(
     model: nnx.Module,
     modules: dict[str, nnx.Module],
     inputs: Sequence[Any],
-    orders: dict[str, tuple[int, ...]] | None = None,
-) -> dict[str, tuple[str, oplevel.Roles]]:
-    """{path: (weight name, roles)} for each of ``modules`` (paths into ``model``), found by
-    tracing ``model(*inputs)`` once with every variable an input. A ``ValueError`` names the
-    path and the reason for any module that has no weight in exactly one product, or whose
-    weight is also used otherwise (anywhere in the model). ``orders``, if given, receives per
-    path the weight's axes in the order the product's operand holds them (after transposes)."""
+    orders: dict[tuple[str, str], tuple[int, ...]] | None = None,
+    *,
+    only: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, dict[str, oplevel.Roles]]:
+    """{path: {weight name: roles}} for each of ``modules`` (paths into ``model``): every
+    ``nnx.Param`` of it that enters a product, or only the weights ``only[path]`` names (a
+    module chosen by ``LoRAConfig.target_parameters``), found by tracing ``model(*inputs)``
+    once with every variable an input. A ``ValueError`` names the path, the weight and the
+    reason for a module with no weight in a product, a weight used by two products or also
+    used otherwise (anywhere in the model), or a weight ``only`` names that is not a product
+    weight of the module. ``orders``, if given, receives per (path, weight) the weight's axes
+    in the order the product's operand holds them (after transposes)."""
     graphdef, state = nnx.split(model)
     paths, state_def = jax.tree_util.tree_flatten_with_path(state)
     leaves = [leaf for _, leaf in paths]
@@ -204,31 +253,36 @@ def find_weights(
         ) from err
     found = {}
     for name, module in modules.items():
+        wanted = None if only is None or name not in only else set(only[name])
         weights, unused = {}, []
         for attr, var in vars(module).items():
-            if type(var) is not nnx.Param:
+            if type(var) is not nnx.Param or (wanted is not None and attr not in wanted):
                 continue
             where = f"inject: layer '{name}', weight '{attr}' {tuple(var.shape)}"
             index = index_of[tuple(map(str, where_of[id(var)]))]
             try:
                 product = oplevel.find_product(closed.jaxpr, index, var.shape, where=where)
             except oplevel.NotAProduct as err:
+                if wanted is not None:  # named by target_parameters: it must be adaptable
+                    raise ValueError(f"{err}; target_parameters names it") from None
                 unused.append(str(err).removeprefix(f"inject: layer '{name}', "))
                 continue
             product = oplevel.with_shape(product, tuple(var.shape))
             weights[attr] = product.roles
             if orders is not None:
-                orders[name] = tuple(axis for group in product.groups for axis in group)
-        if len(weights) != 1:
-            why = (
-                f"its weights {sorted(weights)} are each used by a product; a module with "
-                "several adapted weights is not supported yet"
-                if weights
-                else "no nnx.Param of it is used by a product (dot_general): "
-                + ("; ".join(unused) or "it holds none")
+                orders[name, attr] = tuple(axis for group in product.groups for axis in group)
+        missing = sorted((wanted or set()) - set(weights))
+        if missing:
+            raise ValueError(
+                f"inject: layer '{name}' ({type(module).__name__}): target_parameters names "
+                f"{missing}, which are not nnx.Param attributes of it"
             )
-            raise ValueError(f"inject: layer '{name}' ({type(module).__name__}): {why}")
-        found[name] = next(iter(weights.items()))
+        if not weights:
+            raise ValueError(
+                f"inject: layer '{name}' ({type(module).__name__}): no nnx.Param of it is used "
+                "by a product (dot_general): " + ("; ".join(unused) or "it holds none")
+            )
+        found[name] = weights
     return found
 
 
@@ -241,7 +295,8 @@ def _aval(x) -> tuple:
 
 
 def _trace(module: OpAdapter | MultiOpAdapter, graphdef, state_def, leaves, args, kwargs):
-    """(closed jaxpr, output treedef, product, static parts) of the base call, cached."""
+    """(closed jaxpr, output treedef, {weight: product}, static parts) of the base call,
+    cached."""
     dynamic, static, arg_def = oplevel.split_args(args, kwargs)
     dyn = [d for d in dynamic if d is not None]
     key: tuple | None = (
@@ -270,69 +325,77 @@ def _trace(module: OpAdapter | MultiOpAdapter, graphdef, state_def, leaves, args
 
     closed, shapes = jax.make_jaxpr(run, return_shape=True)(leaves, dyn)
     out_def = jax.tree.structure(shapes[0])
-    index = _weight_index(module, state_def, leaves)
-    weight = getattr(module, module.lora_weight)
-    where = f"{type(module).__name__}: weight '{module.lora_weight}' {tuple(weight.shape)}"
-    # jaxlib ships PyTreeDef without type stubs, so the checker cannot see its attributes.
-    returned = out_def.num_leaves + index  # type: ignore[attr-defined]
-    product = oplevel.find_product(
-        closed.jaxpr, index, weight.shape, where=where, returned=returned
-    )
-    product = oplevel.with_shape(product, tuple(weight.shape))
-    if product.roles != module.lora_roles:
-        raise ValueError(
-            f"{where}: this call uses the weight as {product.roles}, but the adapter was made "
-            f"for {module.lora_roles} (from the inputs given to inject)"
+    products = {}
+    for name, roles in module.lora_products:
+        index = _weight_index(name, state_def, leaves)
+        weight = getattr(module, name)
+        where = f"{type(module).__name__}: weight '{name}' {tuple(weight.shape)}"
+        # jaxlib ships PyTreeDef without type stubs, so the checker cannot see its attributes.
+        returned = out_def.num_leaves + index  # type: ignore[attr-defined]
+        found = oplevel.find_product(
+            closed.jaxpr, index, weight.shape, where=where, returned=returned
         )
+        found = oplevel.with_shape(found, tuple(weight.shape))
+        if found.roles != roles:
+            raise ValueError(
+                f"{where}: this call uses the weight as {found.roles}, but the adapter was made "
+                f"for {roles} (from the inputs given to inject)"
+            )
+        products[name] = found
     if key is not None:
         if len(_TRACES) >= _MAX_TRACES:
             _TRACES.pop(next(iter(_TRACES)))
-        _TRACES[key] = (closed, out_def, product)
-    return closed, out_def, product, dyn
+        _TRACES[key] = (closed, out_def, products)
+    return closed, out_def, products, dyn
 
 
-def _weight_index(module: OpAdapter | MultiOpAdapter, state_def, leaves) -> int:
+def _weight_index(name: str, state_def, leaves) -> int:
     paths = jax.tree_util.tree_flatten_with_path(jax.tree.unflatten(state_def, leaves))[0]
-    return next(i for i, (p, _) in enumerate(paths) if _key(p) == (module.lora_weight,))
+    return next(i for i, (p, _) in enumerate(paths) if _key(p) == (name,))
 
 
-def _split(module: OpAdapter | MultiOpAdapter, weight: jax.Array | None):
-    """``nnx.split(module)``, its weight's entry a plain ``nnx.Param`` holding ``weight`` (the
-    dequantized weight of a quantized module) when given: the call is traced and evaluated on
-    the weight's own shape and dtype, so its product is the module's own."""
+def _split(module: OpAdapter | MultiOpAdapter, weights: Mapping[str, jax.Array]):
+    """``nnx.split(module)``, each entry of ``weights`` (the dequantized weights of a quantized
+    module) a plain ``nnx.Param`` holding it: the call is traced and evaluated on the
+    weights' own shape and dtype, so their products are the module's own."""
     graphdef, state = nnx.split(module)
-    if weight is not None:
-        state[module.lora_weight] = nnx.Param(weight)
+    for name, value in weights.items():
+        state[name] = nnx.Param(value)
     return graphdef, state
 
 
-def _dequantized(module: OpAdapter | MultiOpAdapter) -> jax.Array | None:
-    held = getattr(module, module.lora_weight)
-    return kernel_value(held) if isinstance(held, QuantizedKernel) else None
+def _dequantized(module: OpAdapter | MultiOpAdapter) -> dict[str, jax.Array]:
+    held = {name: getattr(module, name) for name, _ in module.lora_products}
+    return {n: kernel_value(h) for n, h in held.items() if isinstance(h, QuantizedKernel)}
 
 
 def traced_call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict):
-    """(closed jaxpr, product) of the base call of an op-level layer (``OpAdapter``, or a
-    stacked one of ``to_multi``) on these arguments (cached, as its calls are)."""
+    """(closed jaxpr, {weight: product}) of the base call of an op-level layer (``OpAdapter``,
+    or a stacked one of ``to_multi``) on these arguments (cached, as its calls are)."""
     graphdef, state = _split(module, _dequantized(module))
     leaves, state_def = jax.tree.flatten(state)
-    closed, _, product, _ = _trace(module, graphdef, state_def, leaves, args, kwargs)
-    return closed, product
+    closed, _, products, _ = _trace(module, graphdef, state_def, leaves, args, kwargs)
+    return closed, products
 
 
 def call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict, extra):
-    """The base call of an op-level layer with ``extra(product, eqn, operands)`` added at its
-    weight's product (the layer's branch); a quantized weight is dequantized first."""
-    weight = _dequantized(module)
-    graphdef, state = _split(module, weight)
+    """The base call of an op-level layer with ``extra(weight, product, eqn, operands)`` added
+    at each adapted weight's product (the layer's branches); quantized weights are dequantized
+    first."""
+    weights = _dequantized(module)
+    graphdef, state = _split(module, weights)
     leaves, state_def = jax.tree.flatten(state)
-    closed, out_def, product, dyn = _trace(module, graphdef, state_def, leaves, args, kwargs)
+    closed, out_def, products, dyn = _trace(module, graphdef, state_def, leaves, args, kwargs)
 
-    def at_product(eqn, operands):
-        base = eqn.primitive.bind(*operands, **eqn.params)
-        return base + extra(product, eqn, operands).astype(base.dtype)
+    def at_product(weight, product):
+        def add(eqn, operands):
+            base = eqn.primitive.bind(*operands, **eqn.params)
+            return base + extra(weight, product, eqn, operands).astype(base.dtype)
 
-    outs = oplevel.evaluate(closed, [*leaves, *dyn], product.path, at_product)
+        return add
+
+    at = {p.path: at_product(w, p) for w, p in products.items()}
+    outs = oplevel.evaluate(closed, [*leaves, *dyn], at)
     out = jax.tree.unflatten(out_def, outs[: out_def.num_leaves])
     new_leaves = outs[out_def.num_leaves :]
     # Write back only what the call changed (rng counts, statistics): the branch's dropout
@@ -340,9 +403,10 @@ def call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict, extra):
     # Nothing changed (no dropout, no statistics): write nothing, so a module rebuilt by
     # ``nnx.merge`` inside ``jax.jit`` is not asked to mutate variables of an outer trace.
     if any(n is not o for o, n in zip(leaves, new_leaves, strict=True)):
-        current, _ = jax.tree.flatten(_split(module, weight)[1])
+        current, _ = jax.tree.flatten(_split(module, weights)[1])
         merged = [c if n is o else n for o, n, c in zip(leaves, new_leaves, current, strict=True)]
         new_state = jax.tree.unflatten(state_def, merged)
-        del new_state[module.lora_weight]  # the weight is never changed by the call
+        for name, _ in module.lora_products:
+            del new_state[name]  # the weights are never changed by the call
         nnx.update(module, new_state)
     return out

@@ -132,7 +132,11 @@ class LoRAConfig:
             "modules_to_save": None,
             "init_lora_weights": True if self.init == "kaiming" else self.init,
             "inference_mode": True,
-            **({"target_parameters": list(self.target_parameters)} if self.target_parameters else {}),
+            **(
+                {"target_parameters": list(self.target_parameters)}
+                if self.target_parameters
+                else {}
+            ),
         }
 
     @classmethod
@@ -279,11 +283,11 @@ def _checked_parameters(entries: Any) -> tuple[str, ...]:
             "LoRAConfig: target_parameters must be a list of '<module>.<weight>' names (PEFT "
             f"does not take a regular expression there), got {entries!r}"
         )
-    bad = [e for e in entries if not isinstance(e, str) or "." not in e.strip(".")]
+    bad = [e for e in entries if not isinstance(e, str) or not e]
     if bad:
         raise ValueError(
-            "LoRAConfig: each target_parameters entry must name a module's weight as "
-            f"'<module>.<weight>' (e.g. 'mlp.w_gate'), got {bad!r}"
+            "LoRAConfig: each target_parameters entry must be a non-empty string naming a "
+            f"weight as '<module>.<weight>' (e.g. 'mlp.w_gate') or its end, got {bad!r}"
         )
     return tuple(entries)
 

@@ -100,6 +100,11 @@ def inject(
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"inject expects a jaxlora.LoRAConfig, got {type(config).__name__}")
     _require_mapping(params, "inject")
+    if config.target_parameters:  # would be ignored: the named weights left unadapted
+        raise ValueError(
+            f"inject: target_parameters={list(config.target_parameters)!r} is supported by "
+            "jaxlora.nnx.inject only so far; for Linen use targets"
+        )
     core.check_key(rng, "inject: rng")
     if "params" in params:  # a variables dict: only 'params' is adapted, the rest passes through
         adapted = _inject(params["params"], config, rng, param_dtype, layouts, layer_names)

@@ -100,7 +100,7 @@ REFUSALS = {
     "no_weight": (
         lambda lo: lo["proj"].update(v_lora_a=0.0, v_lora_b=0.0),
         Rule(),
-        r"layer 'proj', weight 'w': the module holds adapters on 'v' too",
+        r"layer 'proj', weight 'v': the module has no nnx.Param 'v'",
     ),
     "rank": (lambda lo: None, Rule(rank=3), r"layer 'out', kernel_lora_a \(6, 2\): its rank 2"),
     "qlora": (lambda lo: None, Rule(weight_qtype="int8"), r"layer 'out'.*QLoRA"),

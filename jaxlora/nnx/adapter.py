@@ -42,19 +42,25 @@ ADAPTED = (LoRALinear, Adapter)
 
 def _op_layouts(
     model: nnx.Module, path_map: hf_maps.SpecMap
-) -> dict[str, tuple[OpAdapter, HFLayout]]:
-    """{NNX path: (op-level layer, its torch layout)} per ``path_map`` (a torch path or an
-    ``HFLinear``, see ``jaxlora.hf_maps``); refuses batch axes and bad specs by layer name."""
+) -> dict[str, tuple[OpAdapter, str, HFLayout]]:
+    """{key: (op-level layer, weight name, its torch layout)} per ``path_map`` (a torch path or
+    an ``HFLinear``, see ``jaxlora.hf_maps``); refuses batch axes and bad specs by layer name.
+    The key, which ``path_map`` maps, is the layer's NNX path, or ``<path>.<weight>`` for each
+    weight of a layer with several adapted weights (by default its own torch path: a torch twin
+    holding one Linear per weight under the weight's name)."""
     out = {}
     for p, module in nnx.iter_graph(model):
         if not isinstance(module, OpAdapter):
             continue
         name = ".".join(map(str, p))
-        weight = getattr(module, module.lora_weight)
-        where = f"layer '{name}', weight '{module.lora_weight}' {tuple(weight.shape)}"
-        spec = path_map(name) if callable(path_map) else (path_map or {}).get(name, name)
-        out[name] = (module, hf_maps.layout(spec, module.lora_roles, where))
-    torch_paths = [t for _, lay in out.values() for t in lay.paths]
+        several = len(module.lora_products) > 1
+        for weight_name, roles in module.lora_products:
+            key = f"{name}.{weight_name}" if several else name
+            weight = getattr(module, weight_name)
+            where = f"layer '{name}', weight '{weight_name}' {tuple(weight.shape)}"
+            spec = path_map(key) if callable(path_map) else (path_map or {}).get(key, key)
+            out[key] = (module, weight_name, hf_maps.layout(spec, roles, where))
+    torch_paths = [t for _, _, lay in out.values() for t in lay.paths]
     twice = sorted({t for t in torch_paths if torch_paths.count(t) > 1})
     if twice:
         raise ValueError(f"path_map names the torch module(s) {twice} for several weights")
@@ -114,10 +120,10 @@ def save_adapter(
     layers = {p: (n, m, i) for p, (n, m, i, _) in views.items() if isinstance(m, ADAPTED)}
     if not layers and not ops:
         raise ValueError("save_adapter: the model has no LoRA layers")
-    clash = sorted(set(views) & {t for _, lay in ops.values() for t in lay.paths})
+    clash = sorted(set(views) & {t for _, _, lay in ops.values() for t in lay.paths})
     if clash:
         raise ValueError(f"save_adapter: path_map names the torch module(s) {clash} twice")
-    modules = [m for _, m, _ in layers.values()] + [m for m, _ in ops.values()]
+    modules = [m for _, m, _ in layers.values()] + [m for m, _, _ in ops.values()]
     for flag in ("use_rslora", "use_dora"):
         if any(getattr(m, flag, False) != getattr(config, flag) for m in modules):
             raise ValueError(f"save_adapter: the layers' {flag} differs from the config's")
@@ -136,14 +142,14 @@ def save_adapter(
     ranks = {
         p: (m.r, float(m.r if m.alpha is None else m.alpha)) for p, (_, m, _) in layers.items()
     }
-    for name, (module, lay) in ops.items():
+    for name, (module, weight, lay) in ops.items():
         hf_maps.check_op_init(module.lora_init, config, f"save_adapter: layer '{name}'", "save")
-        a, b = np.asarray(module.lora_a[...]), np.asarray(module.lora_b[...])
+        a, b = (np.asarray(f[...]) for f in module.factors(weight))
         for path, pair in hf_maps.to_peft(lay, a, b).items():
             key_a, key_b = tensor_keys(path, "linear")
             tensors[key_a], tensors[key_b] = pair
             ranks[path] = (module.r, float(module.r if module.alpha is None else module.alpha))
-    lays = [lay for _, lay in ops.values()]
+    lays = [lay for _, _, lay in ops.values()]
     peft = file_config(
         config,
         ranks,
@@ -181,8 +187,9 @@ def load_adapter(
     path_map = hf_maps.resolve(path_map)
     ops = _op_layouts(model, path_map)
     specs = (map_path(path_map, ".".join(map(str, p))) for p, _ in nnx.iter_modules(model) if p)
-    config, everything = read_adapter(directory, conv1d=hf_maps.conv1d_of(specs))
-    op_paths = {t for _, lay in ops.values() for t in lay.paths}
+    conv1d = hf_maps.conv1d_of(specs) or any(lay.conv1d for _, _, lay in ops.values())
+    config, everything = read_adapter(directory, conv1d=conv1d)
+    op_paths = {t for _, _, lay in ops.values() for t in lay.paths}
     views = _views(model, path_map, layer_names)
     modules = {p: v[1] for p, v in views.items()}
     _refuse_unadapted_ops(model, path_map, set(everything), directory)
@@ -268,9 +275,10 @@ def load_adapter(
         order = [pieces[i] for i in range(len(pieces))]
         layer.lora_a[...] = jnp.asarray(np.stack([a for a, _ in order]), layer.lora_a.dtype)
         layer.lora_b[...] = jnp.asarray(np.stack([b for _, b in order]), layer.lora_b.dtype)
-    for layer, lora_a, lora_b, alpha in op_values:
-        layer.lora_a[...] = jnp.asarray(lora_a, layer.lora_a.dtype)
-        layer.lora_b[...] = jnp.asarray(lora_b, layer.lora_b.dtype)
+    for layer, weight, lora_a, lora_b, alpha in op_values:
+        var_a, var_b = layer.factors(weight)
+        var_a[...] = jnp.asarray(lora_a, var_a.dtype)
+        var_b[...] = jnp.asarray(lora_b, var_b.dtype)
         layer.alpha, layer.use_rslora = alpha, config.use_rslora
     # flax declares no attributes on nnx.Module; a module takes any.
     model.lora_config = config  # type: ignore[attr-defined]
@@ -278,13 +286,23 @@ def load_adapter(
 
 
 def _ops_from_file(ops: dict, tensors: dict, config: LoRAConfig, directory) -> list[tuple]:
-    """[(op-level layer, lora_a, lora_b, alpha)] from the file, each checked by
-    ``hf_maps.read_op`` (the reader shared with Linen's product adapters)."""
+    """[(op-level layer, weight name, lora_a, lora_b, alpha)] from the file, each checked by
+    ``hf_maps.read_op`` (the reader shared with Linen's product adapters); the weights of one
+    layer must have one alpha (the layer has one scaling)."""
     out = []
-    for name, (layer, lay) in ops.items():
+    alphas: dict[int, dict[str, float]] = {}
+    for name, (layer, weight, lay) in ops.items():
         where = f"{directory}: layer '{name}'"
         hf_maps.check_op_init(layer.lora_init, config, where, "load")
-        out.append((layer, *hf_maps.read_op(lay, layer.r, tensors, config, where)))
+        a, b, alpha = hf_maps.read_op(lay, layer.r, tensors, config, where)
+        out.append((layer, weight, a, b, alpha))
+        alphas.setdefault(id(layer), {})[name] = alpha
+    for found in alphas.values():
+        if len(set(found.values())) > 1:
+            raise ValueError(
+                f"{directory}: the file gives the weights of one layer different alphas "
+                f"{found}: a layer with several adapted weights has one scaling"
+            )
     return out
 
 

@@ -279,7 +279,9 @@ def inject(
     # Every layer is built before any is put in: a failure leaves the model as it was. PiSSA/
     # OLoRA write the residual into the shared weights while building, so the weights' values
     # (immutable arrays) are kept to be written back.
-    weights = [w for names in groups for w in _weights(modules[names[0]][1], products.get(names[0]))]
+    weights = [
+        w for names in groups for w in _weights(modules[names[0]][1], products.get(names[0]))
+    ]
     kept = [(weight, weight[...]) for weight in weights]
     built = []
     try:

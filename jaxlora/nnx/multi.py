@@ -114,6 +114,14 @@ def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nn
         )
     if not layers:
         raise ValueError("to_multi: the model has no jaxlora.nnx.LoRALinear or OpAdapter layer")
+    several = sorted(
+        p for p, (_, m) in layers.items() if isinstance(m, OpAdapter) and len(m.lora_products) > 1
+    )
+    if several:
+        raise ValueError(
+            f"to_multi: layers {several} have several adapted weights (<weight>_lora_a/_b): "
+            "adapter stacks of such modules are not implemented"
+        )
     for p, (_, m) in layers.items():
         if isinstance(m, OpAdapter):
             multi.check_no_batch(m.lora_roles, f"to_multi: layer '{p}'")

@@ -117,6 +117,11 @@ def _target(layer: nnx.Module, where: str) -> tuple[str, Roles]:
     from jaxlora.nnx.layer import LoRALinear
     from jaxlora.nnx.oplevel import OpAdapter
 
+    if isinstance(layer, OpAdapter) and len(layer.lora_products) > 1:
+        raise ValueError(
+            f"{where} has several adapted weights {list(layer.lora_weights)}: quantizing the "
+            "base of such a module is not implemented"
+        )
     if isinstance(layer, OpAdapter):
         name, roles = layer.lora_weight, layer.lora_roles
     elif isinstance(layer, LoRALinear):

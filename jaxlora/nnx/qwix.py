@@ -62,7 +62,7 @@ def from_qwix(
     Returns ``model``, injected with ``LoRAConfig(r=rank, alpha=alpha, targets=<the adapted
     paths>)``. Raises ``ValueError`` naming the path, before anything changes, for an adapter
     it cannot map exactly: an ``_lora_a`` without its ``_lora_b``, a module or weight the model
-    lacks, a module with several adapted weights, a weight jaxlora adapts differently (not
+    lacks, a weight jaxlora adapts differently (not
     an ``nnx.Linear`` or a module adapted at its product; batch axes), a shape other than
     jaxlora's, a rank other than the rule's, no LoRA rule, a quantized rule (QLoRA: the base
     qwix trained against was quantized), or rules giving different (rank, alpha, dropout).
@@ -78,21 +78,36 @@ def from_qwix(
             f"({sorted(set(settings.values()))}); only one setting is supported so far"
         )
     rank, alpha, dropout = next(iter(settings.values()))
-    expected = expected_shapes(model, {p: w for p, (w, _, _) in adapters.items()}, rank, inputs)
+    weights = {p: sorted(pairs) for p, pairs in adapters.items()}
+    expected, by_product = expected_shapes(model, weights, rank, inputs)
     check_shapes(adapters, expected, rank, param_dtype)
-    config = LoRAConfig(r=rank, alpha=alpha, dropout=dropout, targets=sorted(adapters))
+    # Exactly the weights qwix adapted: a module adapted at its products by weight name (all
+    # of its product weights or some), the others (nnx.Linear) by path.
+    config = LoRAConfig(
+        r=rank,
+        alpha=alpha,
+        dropout=dropout,
+        targets=sorted(p for p in adapters if p not in by_product),
+        target_parameters=[f"{p}.{w}" for p in sorted(by_product) for w in weights[p]],
+    )
     inject(model, config, rngs or nnx.Rngs(0), param_dtype=param_dtype, inputs=inputs)
     modules = _module_paths(model)
-    for path, (_, a, b) in adapters.items():
-        # inject adapted every path of adapters.
+    for path, pairs in adapters.items():
+        # inject adapted every weight of adapters.
         layer = cast(LoRALinear | Adapter | OpAdapter, modules[path][1])
-        layer.lora_a[...] = jnp.asarray(a, param_dtype)
-        layer.lora_b[...] = jnp.asarray(b, param_dtype)
+        for weight, (a, b) in pairs.items():
+            var_a, var_b = (
+                layer.factors(weight)
+                if isinstance(layer, OpAdapter)
+                else (layer.lora_a, layer.lora_b)
+            )
+            var_a[...] = jnp.asarray(a, param_dtype)
+            var_b[...] = jnp.asarray(b, param_dtype)
     return model
 
 
-def qwix_adapters(lora: Any) -> dict[str, tuple[str, Any, Any]]:
-    """{'.'-joined module path: (weight name, lora_a, lora_b)} from a qwix state or dict."""
+def qwix_adapters(lora: Any) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """{'.'-joined module path: {weight name: (lora_a, lora_b)}} from a qwix state or dict."""
     if isinstance(lora, nnx.State):
         lora = nnx.to_pure_dict(lora)
     found: dict[tuple[str, str], dict[str, Any]] = {}
@@ -104,18 +119,13 @@ def qwix_adapters(lora: Any) -> dict[str, tuple[str, Any, Any]]:
             continue
         module = ".".join(keys[:-1])
         found.setdefault((module, name.removesuffix(suffix)), {})[suffix] = leaf
-    adapters: dict[str, tuple[str, Any, Any]] = {}
+    adapters: dict[str, dict[str, tuple[Any, Any]]] = {}
     for (module, weight), pair in sorted(found.items()):
         where = f"from_qwix: layer '{module}', weight '{weight}'"
         missing = [weight + s for s in _SUFFIXES if s not in pair]
         if missing:
             raise ValueError(f"{where}: {missing[0]} is missing (qwix writes both factors)")
-        if module in adapters:
-            raise ValueError(
-                f"{where}: the module holds adapters on '{adapters[module][0]}' too; a module "
-                "with several adapted weights is not supported"
-            )
-        adapters[module] = (weight, pair["_lora_a"], pair["_lora_b"])
+        adapters.setdefault(module, {})[weight] = (pair["_lora_a"], pair["_lora_b"])
     return adapters
 
 
@@ -143,43 +153,45 @@ def rule_for(rules: Sequence[Any], path: str) -> tuple[int, float, float]:
 
 
 def expected_shapes(
-    model: nnx.Module, weights: Mapping[str, str], rank: int, inputs: Sequence[Any]
-) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """{path: (lora_a shape, lora_b shape)} jaxlora gives the weight ``weights[path]`` of the
-    module at ``path``; a ``ValueError`` for one it cannot adapt as qwix did."""
+    model: nnx.Module, weights: Mapping[str, Sequence[str]], rank: int, inputs: Sequence[Any]
+) -> tuple[dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]], set[str]]:
+    """({(path, weight): (lora_a shape, lora_b shape)} jaxlora gives each weight ``weights[path]``
+    of the module at ``path``, the paths adapted at their products); a ``ValueError`` for one
+    it cannot adapt as qwix did."""
     modules = _module_paths(model)
     shapes, by_product = {}, {}
-    for path, weight in weights.items():
-        where = f"from_qwix: layer '{path}', weight '{weight}'"
-        if path not in modules or not path:
-            raise ValueError(f"{where}: the model has no module at that path")
-        module = modules[path][1]
-        if not isinstance(getattr(module, weight, None), nnx.Param):
-            raise ValueError(f"{where}: the module has no nnx.Param '{weight}'")
-        if _by_product(module, path, inputs):
-            by_product[path] = module
-        elif type(module) is nnx.Linear and weight == "kernel":
-            *stack, n_in, n_out = module.kernel.shape
-            shapes[path] = ((*stack, n_in, rank), (*stack, rank, n_out))
-        else:
-            raise ValueError(
-                f"{where}: a {type(module).__name__}, which jaxlora adapts as a layer of its "
-                "own kind; from_qwix reads adapters on nnx.Linear kernels and on weights "
-                "adapted at their product only"
-            )
-    orders: dict[str, tuple[int, ...]] = {}
-    for path, (weight, roles) in find_weights(model, by_product, inputs, orders).items():
-        where = f"from_qwix: layer '{path}', weight '{weights[path]}'"
-        if weight != weights[path]:
-            raise ValueError(f"{where}: jaxlora finds '{weight}' in the module's product")
-        _check_axis_order(orders[path], roles, where)
-        if roles.batch:
-            raise ValueError(
-                f"{where}: its product has batch axes {roles.batch}; qwix's einsum adapter "
-                "shares lora_b across them, which jaxlora's per-batch adapter is not"
-            )
-        shapes[path] = roles.lora_shapes(rank)
-    return shapes
+    for path, names in weights.items():
+        for weight in names:
+            where = f"from_qwix: layer '{path}', weight '{weight}'"
+            if path not in modules or not path:
+                raise ValueError(f"{where}: the model has no module at that path")
+            module = modules[path][1]
+            if not isinstance(getattr(module, weight, None), nnx.Param):
+                raise ValueError(f"{where}: the module has no nnx.Param '{weight}'")
+            if _by_product(module, path, inputs):
+                by_product[path] = module
+            elif type(module) is nnx.Linear and weight == "kernel":
+                *stack, n_in, n_out = module.kernel.shape
+                shapes[path, weight] = ((*stack, n_in, rank), (*stack, rank, n_out))
+            else:
+                raise ValueError(
+                    f"{where}: a {type(module).__name__}, which jaxlora adapts as a layer of "
+                    "its own kind; from_qwix reads adapters on nnx.Linear kernels and on "
+                    "weights adapted at their product only"
+                )
+    orders: dict[tuple[str, str], tuple[int, ...]] = {}
+    only = {p: weights[p] for p in by_product}
+    for path, found in find_weights(model, by_product, inputs, orders, only=only).items():
+        for weight, roles in found.items():
+            where = f"from_qwix: layer '{path}', weight '{weight}'"
+            _check_axis_order(orders[path, weight], roles, where)
+            if roles.batch:
+                raise ValueError(
+                    f"{where}: its product has batch axes {roles.batch}; qwix's einsum adapter "
+                    "shares lora_b across them, which jaxlora's per-batch adapter is not"
+                )
+            shapes[path, weight] = roles.lora_shapes(rank)
+    return shapes, set(by_product)
 
 
 def _check_axis_order(order: tuple[int, ...], roles, where: str) -> None:
@@ -197,26 +209,30 @@ def _check_axis_order(order: tuple[int, ...], roles, where: str) -> None:
 
 
 def check_shapes(
-    adapters: Mapping[str, tuple[str, Any, Any]],
-    expected: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]],
+    adapters: Mapping[str, Mapping[str, tuple[Any, Any]]],
+    expected: Mapping[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]],
     rank: int,
     param_dtype: Any,
 ) -> None:
     """Each array has jaxlora's shape for its weight (a flattened dot_general layout of
     several axes is refused: the order qwix flattened them in is not in the state)."""
-    for path, (weight, a, b) in adapters.items():
-        for name, array, want in zip(_SUFFIXES, (a, b), expected[path], strict=True):
-            where = f"from_qwix: layer '{path}', {weight}{name}"
-            shape = tuple(np.shape(array))
-            if name == "_lora_a" and shape and shape[-1] != rank:
-                raise ValueError(f"{where} {shape}: its rank {shape[-1]} is not the rule's {rank}")
-            if shape != tuple(want):
-                raise ValueError(f"{where}: shape {shape}, expected {tuple(want)}")
-            dtype = np.dtype(getattr(array, "dtype", None) or np.result_type(array))
-            if not jnp.issubdtype(dtype, jnp.floating) or jnp.promote_types(
-                dtype, param_dtype
-            ) != jnp.dtype(param_dtype):
-                raise ValueError(
-                    f"{where}: dtype {dtype} does not convert exactly to param_dtype "
-                    f"{jnp.dtype(param_dtype)}"
-                )
+    for path, pairs in adapters.items():
+        for weight, (a, b) in pairs.items():
+            for name, array, want in zip(_SUFFIXES, (a, b), expected[path, weight], strict=True):
+                _check_array(f"from_qwix: layer '{path}', {weight}{name}", name, array, want, rank)
+                dtype = np.dtype(getattr(array, "dtype", None) or np.result_type(array))
+                if not jnp.issubdtype(dtype, jnp.floating) or jnp.promote_types(
+                    dtype, param_dtype
+                ) != jnp.dtype(param_dtype):
+                    raise ValueError(
+                        f"from_qwix: layer '{path}', {weight}{name}: dtype {dtype} does not "
+                        f"convert exactly to param_dtype {jnp.dtype(param_dtype)}"
+                    )
+
+
+def _check_array(where: str, name: str, array: Any, want: tuple, rank: int) -> None:
+    shape = tuple(np.shape(array))
+    if name == "_lora_a" and shape and shape[-1] != rank:
+        raise ValueError(f"{where} {shape}: its rank {shape[-1]} is not the rule's {rank}")
+    if shape != tuple(want):
+        raise ValueError(f"{where}: shape {shape}, expected {tuple(want)}")

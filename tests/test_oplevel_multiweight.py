@@ -244,7 +244,7 @@ REFUSALS = {
     "not-a-product": (
         SharedModel,
         LoRAConfig(r=R, targets=[], target_parameters=["mlp.scale"]),
-        r"layer 'mlp', weight 'scale' \(12,\): used only by broadcast_in_dim; target_parameters names it",
+        r"layer 'mlp', weight 'scale' \(12,\): used only by broadcast_in_dim; target_param",
     ),
     "two-products": (
         SharedModel,

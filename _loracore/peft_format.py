@@ -161,9 +161,10 @@ def parse_config(peft: Any, *, conv1d: bool) -> tuple[LoRAConfig, bool]:
         # PEFT's ParamWrapper layout (an adapter keyed at the module holding the parameter) is
         # not read: jaxlora writes each adapted weight as the torch Linear its path_map names.
         raise ValueError(
-            f"adapter config sets target_parameters={peft['target_parameters']!r}: PEFT "
-            "ParamWrapper adapters on nn.Parameter weights are not read; a file whose "
-            "adapted weights are torch Linear modules lists them in target_modules"
+            f"adapter config sets target_parameters={peft['target_parameters']!r}, which is "
+            "not supported in a file: PEFT ParamWrapper adapters on nn.Parameter weights are "
+            "not read (a file whose adapted weights are torch Linear modules lists them in "
+            "target_modules)"
         )
     if conv1d and isinstance(peft, Mapping) and peft.get("fan_in_fan_out") is True:
         return LoRAConfig.from_peft({**peft, "fan_in_fan_out": False}), True

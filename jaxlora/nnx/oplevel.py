@@ -61,6 +61,9 @@ class OpAdapter(_Module):
     lora_base_type: type[nnx.Module]
     lora_products: tuple[tuple[str, oplevel.Roles], ...]
     lora_init: str
+    # A single-weight module's factors (set by name in __init__; several weights: factors()).
+    lora_a: nnx.LoRAParam
+    lora_b: nnx.LoRAParam
 
     def __init__(
         self,

@@ -197,3 +197,55 @@ def test_nnx_conv_embed_and_general_adapters_follow_the_sharding_metadata():
             (2, "lora_b"): (None, "heads", None),
         }
         assert model(jnp.arange(5)[None]).shape == (1, 5, 2, 4)
+
+
+def test_nnx_oplevel_adapters_follow_each_weights_sharding_metadata():
+    """An op-level layer's factors take the names of the weight axes they stand for (lora_a
+    (batch…, contracted…, r), lora_b (batch…, r, free…)), per weight in a module with several,
+    as Linen's product adapters do (``product.axis_names``); the rank is replicated."""
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import Mesh
+
+    import jaxlora.nnx
+
+    class Attn(nnx.Module):  # tunix-like: q (D, N, H) einsum, o (N, H, D) as its left operand
+        def __init__(self, rngs):
+            normal = nnx.initializers.normal()
+            self.wq = nnx.Param(
+                normal(rngs.params(), (8, 2, 4)), out_sharding=("embed", "heads", None)
+            )
+            self.wo = nnx.Param(
+                normal(rngs.params(), (2, 4, 8)), out_sharding=("heads", None, "embed")
+            )
+
+        def __call__(self, x):
+            q = jnp.einsum("btd,dnh->btnh", x, self.wq[...])
+            return jnp.einsum("nhd,btnh->btd", self.wo[...], q)
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("embed", "heads"))
+    x = jnp.ones((2, 3, 8))
+    with jax.set_mesh(mesh):
+        model = nnx.Sequential(Attn(nnx.Rngs(0)))
+        config = jaxlora.LoRAConfig(r=2, targets=[], target_parameters=["wq", "wo"])
+        jaxlora.nnx.inject(model, config, nnx.Rngs(1), inputs=(x,))
+        attn = model.layers[0]
+
+        def names(var):
+            metadata = var.get_metadata()
+            return next(
+                metadata[k] for k in ("out_sharding", "sharding_names", "sharding") if k in metadata
+            )
+
+        got = {
+            n: names(getattr(attn, n))
+            for n in ("wq_lora_a", "wq_lora_b", "wo_lora_a", "wo_lora_b")
+        }
+        assert got == {
+            "wq_lora_a": ("embed", None),
+            "wq_lora_b": (None, "heads", None),
+            "wo_lora_a": ("heads", None, None),
+            "wo_lora_b": (None, "embed"),
+        }
+        assert attn.wq_lora_b[...].sharding.spec == P(None, "heads", None)
+        assert nnx.jit(lambda m, x: m(x))(model, x).shape == (2, 3, 8)

@@ -19,10 +19,10 @@ from _loracore.config import INITS, WEIGHT_INITS
 from jaxlora import core, kinds
 from jaxlora.inject import init_leaves, lora_init
 from jaxlora.nnx.layer import (
-    _SHARDING_KEYS,
     check_dora,
     check_init,
     check_rngs,
+    lora_params,
     merged_weight,
 )
 
@@ -179,16 +179,13 @@ class Adapter(_Module):
             if hasattr(base, name):
                 setattr(layer, name, getattr(base, name))
         weight = getattr(base, layer.base_name)
-        metadata = weight.get_metadata()
-        key = next((k for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
-        if key is not None:
-            leaves = {"lora_a": layer.lora_a[...], "lora_b": layer.lora_b[...]}
-            names_a, names_b = kinds.lora_axis_names(
-                layer.kind, tuple(metadata[key]), leaves["lora_a"].ndim
-            )
-            extra = {k: metadata[k] for k in ("mesh", "eager_sharding") if k in metadata}
-            layer.lora_a = nnx.LoRAParam(leaves["lora_a"], **{key: names_a, **extra})
-            layer.lora_b = nnx.LoRAParam(leaves["lora_b"], **{key: names_b, **extra})
+        ndim = layer.lora_a[...].ndim
+        layer.lora_a, layer.lora_b = lora_params(
+            weight,
+            layer.lora_a[...],
+            layer.lora_b[...],
+            lambda names: kinds.lora_axis_names(layer.kind, names, ndim),
+        )
         layer.init = init
         if init != "kaiming":
             layer._reinit(init, rngs, param_dtype)

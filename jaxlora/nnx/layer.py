@@ -7,6 +7,8 @@ with ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and differentiate with
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +20,27 @@ from jaxlora.nnx.quant import QuantizedKernel, kernel_value, requantized_kernel
 
 # Where NNX keeps a variable's partitioning (the name changed across Flax releases).
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
+
+
+def lora_params(
+    weight: nnx.Variable,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    axis_names: Callable[[tuple], tuple[tuple, tuple]],
+) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
+    """``lora_a`` and ``lora_b`` as ``nnx.LoRAParam``, partitioned as ``axis_names`` derives
+    from ``weight``'s axis names when ``weight`` has any (the mesh too), so the adapter is
+    sharded along the weight's axes; unpartitioned otherwise."""
+    metadata = weight.get_metadata()
+    key = next((k for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
+    if key is None:
+        return nnx.LoRAParam(lora_a), nnx.LoRAParam(lora_b)
+    names_a, names_b = axis_names(tuple(metadata[key]))
+    extra = {k: metadata[k] for k in ("mesh", "eager_sharding") if k in metadata}
+    return (
+        nnx.LoRAParam(lora_a, **{key: names_a, **extra}),
+        nnx.LoRAParam(lora_b, **{key: names_b, **extra}),
+    )
 
 
 def _placeholder(key: jax.Array, shape: tuple[int, ...], dtype: Dtype) -> jax.Array:
@@ -193,13 +216,13 @@ class LoRALinear(nnx.Module):
             rngs=rngs,
         )
         layer.kernel, layer.bias = linear.kernel, linear.bias
-        metadata = linear.kernel.get_metadata()
-        key = next((k for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
-        if key is not None:  # the adapter follows the kernel: A (in, ·), B (·, out)
-            names_in, names_out = metadata[key]
-            extra = {k: metadata[k] for k in ("mesh", "eager_sharding") if k in metadata}
-            layer.lora_a = nnx.LoRAParam(layer.lora_a[...], **{key: (names_in, None), **extra})
-            layer.lora_b = nnx.LoRAParam(layer.lora_b[...], **{key: (None, names_out), **extra})
+        # The adapter follows the kernel: A (in, ·), B (·, out).
+        layer.lora_a, layer.lora_b = lora_params(
+            linear.kernel,
+            layer.lora_a[...],
+            layer.lora_b[...],
+            lambda n: ((n[0], None), (None, n[1])),
+        )
         layer.init = init
         if init != "kaiming":
             from jaxlora.inject import init_leaves

@@ -12,6 +12,7 @@ keeps the original signature, so it has no ``deterministic`` argument of its own
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from flax.typing import HashableMapping
 
 from _loracore.config import WEIGHT_INITS
 from jaxlora import core, oplevel, product
+from jaxlora.nnx.layer import lora_params
 from jaxlora.nnx.quant import QuantizedKernel, kernel_value, requantized_kernel
 from jaxlora.tree import factor_names
 
@@ -102,8 +104,10 @@ class OpAdapter(_Module):
             if residual is not None:
                 held[...] = residual
             name_a, name_b = self.factor_names(weight)
-            setattr(self, name_a, nnx.LoRAParam(a))
-            setattr(self, name_b, nnx.LoRAParam(b))
+            # Sharded along the weight's axes: each factor axis takes its weight axis' name.
+            var_a, var_b = lora_params(held, a, b, functools.partial(product.axis_names, roles))
+            setattr(self, name_a, var_a)
+            setattr(self, name_b, var_b)
         self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
 
     @property

@@ -9,8 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from flax import linen as nn
 from flax import nnx
+from peft import PeftModel
 
+import jaxlora
 from jaxlora import nnx as jnnx
 from tests.test_from_qwix import ALPHA, Rule, Tiny, X, _lora, _reference
 
@@ -42,3 +46,108 @@ def test_from_qwix_rules_per_op_that_agree_are_accepted():
     assert model.lora_config.alpha == ALPHA
     got = np.asarray(model(jnp.asarray(X)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+# ------------------------------------------- PEFT files: a fused weight split off axis 0
+#
+# A fused k/v weight (H, C=2, D, K) used as 'BSD,HCDK->CBSKH' (its split axis C is not the
+# leading one, and torch flattens the heads (K, H), not W's (H, K)), beside a q weight
+# (K, D, H) with its own rank and alpha (rank_pattern, alpha_pattern) under rsLoRA. Torch
+# twin: k_proj, v_proj, q_proj = nn.Linear(D, K·H).
+
+B, S, D, H, K = 2, 3, 4, 3, 2
+FUSED_CONFIG = jaxlora.LoRAConfig(
+    r=2,
+    alpha=6.0,
+    targets=["kv", "q"],
+    rank_pattern={"q": 1},
+    alpha_pattern={"q": 5.0},
+    use_rslora=True,
+)
+FUSED_MAP = {
+    "kv": jaxlora.HFLinear(("k_proj", "v_proj"), split=1, out_axes=(3, 0)),
+    "q": jaxlora.HFLinear("q_proj", out_axes=(0, 2)),
+}
+
+
+class _Weight(nn.Module):
+    eqn: str
+    shape: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.einsum(self.eqn, x, self.param("w", nn.initializers.normal(1.0), self.shape))
+
+
+class _Fused(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        kv = _Weight("BSD,HCDK->CBSKH", (H, 2, D, K), name="kv")(x)
+        return kv, _Weight("BSD,KDH->BSKH", (K, D, H), name="q")(x)
+
+
+class _FusedTwin(torch.nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        self.k_proj, self.v_proj, self.q_proj = (
+            torch.nn.Linear(D, K * H, bias=False) for _ in range(3)
+        )
+        w, wq = np.asarray(params["kv"]["w"]), np.asarray(params["q"]["w"])
+        weights = [np.transpose(w[:, c], (2, 0, 1)) for c in range(2)]  # (K, H, D)
+        weights.append(np.transpose(wq, (0, 2, 1)))
+        with torch.no_grad():
+            for module, weight in zip(
+                (self.k_proj, self.v_proj, self.q_proj), weights, strict=True
+            ):
+                module.weight.copy_(torch.from_numpy(weight.reshape(K * H, D).copy()))
+
+    def forward(self, x):
+        return self.k_proj(x), self.v_proj(x), self.q_proj(x)
+
+
+def _fused():
+    x = np.random.default_rng(0).standard_normal((B, S, D)).astype(np.float32)
+    model = _Fused()
+    base = model.init(jax.random.key(0), x)
+    layouts = jaxlora.layouts(model, x)
+    params = jaxlora.inject(base, FUSED_CONFIG, jax.random.key(1), layouts=layouts)["params"]
+    for i, name in enumerate(("kv", "q")):
+        shape = params[name]["lora_b"].shape
+        params[name]["lora_b"] = jax.random.normal(jax.random.key(10 + i), shape)
+    return model, base, layouts, params, x
+
+
+def test_fused_weight_split_off_axis_0_is_what_peft_computes(tmp_path):
+    model, base, _, params, x = _fused()
+    assert params["q"]["lora_a"].shape == (D, 1)  # its rank_pattern
+    with jaxlora.intercept(FUSED_CONFIG):
+        kv, q = model.apply({"params": params}, x)
+    jaxlora.save_adapter(params, tmp_path, FUSED_CONFIG, path_map=FUSED_MAP)
+    twin = PeftModel.from_pretrained(_FusedTwin(base["params"]), str(tmp_path)).eval()
+    with torch.no_grad():
+        k, v, q_t = (t.numpy().reshape(B, S, K, H) for t in twin(torch.from_numpy(x)))
+    want = np.stack([k, v])
+    np.testing.assert_allclose(kv, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(q, q_t, rtol=0, atol=1e-5 * np.abs(q_t).max())
+    config = jaxlora.read_adapter_config(tmp_path, path_map=FUSED_MAP)
+    assert (config.rank_for("q"), config.alpha_for("q"), config.alpha_for("kv")) == (1, 5.0, 6.0)
+
+
+def test_save_load_save_is_byte_identical(tmp_path):
+    """safetensors writes its metadata in hash-map order, which changed from save to save."""
+    _, base, layouts, params, _ = _fused()
+    first = tmp_path / "first"
+    jaxlora.save_adapter(params, first, FUSED_CONFIG, path_map=FUSED_MAP)
+    other = jaxlora.inject(base, FUSED_CONFIG, jax.random.key(5), layouts=layouts)["params"]
+    loaded = jaxlora.load_adapter(other, first, path_map=FUSED_MAP)
+    for name in ("kv", "q"):
+        for leaf in ("lora_a", "lora_b"):
+            np.testing.assert_array_equal(loaded[name][leaf], params[name][leaf])
+    blobs = set()
+    for i in range(6):  # one pair could agree by chance (3 metadata keys: 1 in 6)
+        again = tmp_path / f"again{i}"
+        jaxlora.save_adapter(loaded, again, FUSED_CONFIG, path_map=FUSED_MAP)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (again / name).read_bytes() == (first / name).read_bytes(), name
+        blobs.add((again / "adapter_model.safetensors").read_bytes())
+    assert len(blobs) == 1

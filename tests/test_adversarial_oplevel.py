@@ -151,3 +151,87 @@ def test_save_load_save_is_byte_identical(tmp_path):
             assert (again / name).read_bytes() == (first / name).read_bytes(), name
         blobs.add((again / "adapter_model.safetensors").read_bytes())
     assert len(blobs) == 1
+
+
+# ------------------------------------- DenseGeneral / LinearGeneral with axis out of order
+#
+# Flax's DenseGeneral and NNX's LinearGeneral sort ``axis`` (``_normalize_axes``): with
+# axis=(-1, -2) the kernel is (N, H, F) for an input (…, N, H) and N pairs with the kernel's
+# axis 0. The branch paired x's axes in the order given (H with axis 0): with N == H the
+# shapes agree and the output was silently wrong (0.59 off at scale 1 below); the merged
+# kernel was right, so merged and unmerged models disagreed.
+
+N_H = 3  # N == H: the shapes cannot tell the two pairings apart
+
+
+class _General(nn.Module):
+    axis: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.DenseGeneral(5, axis=self.axis, name="proj")(x)
+
+
+def _general_reference(node, x, scale):
+    """The layer with kernel + s·a⋅b, in numpy float64: Flax's sorted pairing written out
+    (x's axes N, H contract with the kernel's axes 0, 1)."""
+    a, b, k = (np.asarray(node[n], np.float64) for n in ("lora_a", "lora_b", "kernel"))
+    w = k + scale * np.einsum("nhr,rf->nhf", a, b)
+    return np.einsum("bnh,nhf->bf", np.asarray(x, np.float64), w) + np.asarray(node["bias"])
+
+
+@pytest.mark.parametrize("axis", [(-1, -2), (2, 1), (-2, -1)], ids=str)
+def test_dense_general_axis_out_of_order_linen(axis):
+    model = _General(axis)
+    x = jax.random.normal(jax.random.key(0), (4, N_H, N_H))
+    base = model.init(jax.random.key(0), x)
+    config = jaxlora.LoRAConfig(r=2, alpha=4.0, targets=["proj"])
+    lora = jaxlora.inject(base, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+    node = dict(lora["params"]["proj"])
+    node["lora_b"] = jax.random.normal(jax.random.key(2), node["lora_b"].shape)
+    want = _general_reference(node, x, 2.0)
+    with jaxlora.intercept(config):
+        y = model.apply({"params": {"proj": node}}, x)
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    merged = jaxlora.merge({"params": {"proj": node}}, alpha=4.0)
+    np.testing.assert_allclose(model.apply(merged, x), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_dense_general_axis_out_of_order_in_an_adapter_stack():
+    """The Linen adapter stack (intercept_stack) pairs the axes as the single adapter does."""
+    model = _General((-1, -2))
+    x = jax.random.normal(jax.random.key(0), (4, N_H, N_H))
+    base = model.init(jax.random.key(0), x)
+    layouts = jaxlora.layouts(model, x)
+    adapters, wants = [], []
+    for i in range(2):
+        config = jaxlora.LoRAConfig(r=2, alpha=4.0, targets=["proj"])
+        params = jaxlora.inject(base, config, jax.random.key(1 + i), layouts=layouts)
+        node = dict(params["params"]["proj"])
+        node["lora_b"] = jax.random.normal(jax.random.key(5 + i), node["lora_b"].shape)
+        adapters.append(({"proj": node}, config))
+        wants.append(_general_reference(node, x, 2.0))
+    stack = jaxlora.stack_adapters(adapters, capacity=2)
+    index = jnp.array([0, 1, -1, 1])
+    with jaxlora.intercept_stack(stack, index):
+        y = model.apply(base, x)
+    plain = np.asarray(model.apply(base, x))
+    want = np.stack([wants[0][0], wants[1][1], plain[2], wants[1][3]])
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_linear_general_axis_out_of_order_nnx():
+    layer = nnx.LinearGeneral((N_H, N_H), 5, axis=(-1, -2), rngs=nnx.Rngs(0))
+    model = nnx.Sequential(layer)
+    x = jax.random.normal(jax.random.key(0), (4, N_H, N_H))
+    jnnx.inject(model, jaxlora.LoRAConfig(r=2, alpha=4.0, targets=["layers.0"]), nnx.Rngs(1))
+    adapted = model.layers[0]
+    adapted.lora_b[...] = jax.random.normal(jax.random.key(2), adapted.lora_b.shape)
+    node = {
+        "kernel": adapted.kernel[...],
+        "bias": adapted.bias[...],
+        "lora_a": adapted.lora_a[...],
+        "lora_b": adapted.lora_b[...],
+    }
+    want = _general_reference(node, x, 2.0)
+    np.testing.assert_allclose(model(x), want, rtol=0, atol=1e-5 * np.abs(want).max())

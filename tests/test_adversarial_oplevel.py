@@ -235,3 +235,62 @@ def test_linear_general_axis_out_of_order_nnx():
     }
     want = _general_reference(node, x, 2.0)
     np.testing.assert_allclose(model(x), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+# ---------------------------------------------------------------- an integer weight
+#
+# A weight stored as int8 and cast to float before its product was adapted; the branch was
+# right, but merge rounded W + delta back to int8 (NNX and Linen: the merged model's output
+# moved by 1.7 here) and a PiSSA/OLoRA residual would be rounded alike. Refused at inject.
+
+
+def _int8(key, shape):
+    return jax.random.randint(key, shape, -5, 5).astype(jnp.int8)
+
+
+class _IntLinen(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x @ self.param("w", _int8, (4, 3)).astype(jnp.float32)
+
+
+class _IntNNX(nnx.Module):
+    def __init__(self):
+        self.w = nnx.Param(_int8(jax.random.key(0), (4, 3)))
+
+    def __call__(self, x):
+        return x @ self.w[...].astype(jnp.float32)
+
+
+class _IntLinenModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _IntLinen(name="p")(x)
+
+
+class _IntNNXModel(nnx.Module):
+    def __init__(self):
+        self.p = _IntNNX()
+
+    def __call__(self, x):
+        return self.p(x)
+
+
+INT_CONFIG = jaxlora.LoRAConfig(r=2, alpha=2.0, targets=["p"])
+
+
+def test_integer_weight_is_refused_linen():
+    model = _IntLinenModel()
+    x = jnp.ones((2, 4))
+    base = model.init(jax.random.key(0), x)
+    with pytest.raises((TypeError, ValueError), match=r"'p'.*dtype int8 is not floating"):
+        jaxlora.inject(base, INT_CONFIG, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+
+
+def test_integer_weight_is_refused_nnx():
+    model = _IntNNXModel()
+    before = np.asarray(model.p.w[...])
+    with pytest.raises(ValueError, match=r"'p', weight 'w'.*dtype int8 is not floating"):
+        jnnx.inject(model, INT_CONFIG, nnx.Rngs(0), inputs=(jnp.ones((2, 4)),))
+    assert type(model.p) is _IntNNX
+    np.testing.assert_array_equal(model.p.w[...], before)

@@ -134,11 +134,15 @@ def test_fused_weight_split_off_axis_0_is_what_peft_computes(tmp_path):
 
 
 def test_save_load_save_is_byte_identical(tmp_path):
-    """safetensors writes its metadata in hash-map order, which changed from save to save."""
+    """safetensors writes its metadata in hash-map order, which changed from save to save;
+    and the config read back (JAX-keyed patterns) wrote JAX paths into the torch-keyed
+    rank_pattern/alpha_pattern. Saved again with the config read from the file: the same
+    bytes."""
     _, base, layouts, params, _ = _fused()
     first = tmp_path / "first"
     jaxlora.save_adapter(params, first, FUSED_CONFIG, path_map=FUSED_MAP)
-    other = jaxlora.inject(base, FUSED_CONFIG, jax.random.key(5), layouts=layouts)["params"]
+    config = jaxlora.read_adapter_config(first, path_map=FUSED_MAP)
+    other = jaxlora.inject(base, config, jax.random.key(5), layouts=layouts)["params"]
     loaded = jaxlora.load_adapter(other, first, path_map=FUSED_MAP)
     for name in ("kv", "q"):
         for leaf in ("lora_a", "lora_b"):
@@ -146,7 +150,7 @@ def test_save_load_save_is_byte_identical(tmp_path):
     blobs = set()
     for i in range(6):  # one pair could agree by chance (3 metadata keys: 1 in 6)
         again = tmp_path / f"again{i}"
-        jaxlora.save_adapter(loaded, again, FUSED_CONFIG, path_map=FUSED_MAP)
+        jaxlora.save_adapter(loaded, again, config, path_map=FUSED_MAP)
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             assert (again / name).read_bytes() == (first / name).read_bytes(), name
         blobs.add((again / "adapter_model.safetensors").read_bytes())

@@ -22,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Collection, Mapping, Set
 from pathlib import Path
 from typing import Any, TypeVar
 
 from _loracore import safe_files
-from _loracore.config import WEIGHT_INITS, LoRAConfig
+from _loracore.config import WEIGHT_INITS, LoRAConfig, _key_regex
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -111,9 +112,12 @@ def file_config(
         peft["target_modules"] = sorted(layers)  # exact paths: PEFT rebuilds just these
     ranks = {p: r for p, (r, _) in layers.items() if r != config.rank_for(p)}
     alphas = {p: alpha for p, (_, alpha) in layers.items() if alpha != config.alpha_for(p)}
-    # Exact-path keys go first: PEFT takes the first key that matches.
-    peft["rank_pattern"] = {**ranks, **peft["rank_pattern"]}
-    peft["alpha_pattern"] = {**alphas, **peft["alpha_pattern"]}
+    # Exact-path keys go first: PEFT takes the first key that matches. A key that matches
+    # none of the written modules (a JAX path that path_map renames) would only make PEFT
+    # warn and could match an unrelated module of the torch model: left out.
+    for field, exact in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        pattern = {**exact, **peft[field]}
+        peft[field] = {k: v for k, v in pattern.items() if _matches_any(k, layers)}
     check = LoRAConfig.from_peft(peft)
     for path, (r, alpha) in layers.items():
         if (check.rank_for(path), check.alpha_for(path)) != (r, alpha):
@@ -122,6 +126,12 @@ def file_config(
             )
     peft["fan_in_fan_out"] = fan_in_fan_out
     return peft
+
+
+def _matches_any(key: str, paths: Collection[str]) -> bool:
+    """Whether a ``rank_pattern``/``alpha_pattern`` key applies to one of ``paths`` (PEFT's
+    rule, as ``LoRAConfig.rank_for`` reads it)."""
+    return any(re.match(_key_regex(key), p) for p in paths)
 
 
 def write_adapter(

@@ -29,7 +29,21 @@ def weights_bytes(
 ) -> bytes:
     """The file's bytes, with ``metadata`` and the checksum of its tensors."""
     header, data = split(serialize(dict(tensors), metadata=dict(metadata)), "the new adapter")
-    return serialize(dict(tensors), metadata={**metadata, CHECKSUM_KEY: checksum(header, data)})
+    blob = serialize(dict(tensors), metadata={**metadata, CHECKSUM_KEY: checksum(header, data)})
+    return _sorted_metadata(blob)
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """``blob`` with its header's metadata in sorted key order. safetensors writes the
+    metadata from a hash map whose order changes from call to call, so the same adapter saved
+    twice gave different bytes. The header is re-encoded compactly, padded with spaces to a
+    multiple of 8 bytes as safetensors pads it; the data offsets count from the data's start,
+    so the tensors' bytes follow unchanged."""
+    header, data = split(blob, "the new adapter")
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text = text.ljust(-(-len(text) // 8) * 8)
+    return struct.pack("<Q", len(text)) + text + data
 
 
 def write_files(directory: Path, contents: Mapping[str, bytes]) -> None:

@@ -118,7 +118,9 @@ def general_branch(
     same products; the barrier only fixes the layout, and grad, jvp and vmap pass through it
     (jax ≥ 0.6 differentiates the barrier).
     """
-    axis = tuple(i % x.ndim for i in axis)
+    # DenseGeneral / LinearGeneral pair the kernel's leading axes with ``axis`` sorted
+    # (flax's _normalize_axes): axis=(-1, -2) contracts x's axes in increasing order.
+    axis = tuple(sorted(i % x.ndim for i in axis))
     a_rank_first = jax.lax.optimization_barrier(jnp.moveaxis(lora_a, -1, 0))
     dims = ((axis, tuple(range(1, len(axis) + 1))), ((), ()))
     h = jax.lax.dot_general(x, a_rank_first, dims, precision=precision)

@@ -152,7 +152,9 @@ class _StackState(_State):
         x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
         axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
         axis = tuple(axis) if isinstance(axis, Sequence) else (axis,)
-        if 0 in (i % jnp.ndim(x) for i in axis):
+        # the kernel's leading axes pair with ``axis`` sorted, as DenseGeneral contracts them
+        axis = tuple(sorted(i % jnp.ndim(x) for i in axis))
+        if 0 in axis:
             raise ValueError(f"{where} contracts its input's axis 0, which is the examples' axis")
         self.applied.add(name)
         branch = multi.gathered_branch(

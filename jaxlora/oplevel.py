@@ -123,6 +123,14 @@ def find_product(
             f"{where}: used by {len(products)} products (dot_general); a weight shared by "
             "several products (or a module called more than once per call) is not supported"
         )
+    dtype = getattr(jaxpr.invars[index].aval, "dtype", None)  # a ShapedArray's, for an array
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+        # merge (W + delta) and the PiSSA/OLoRA residual are stored in the weight's dtype: an
+        # integer weight would round them silently.
+        raise ValueError(
+            f"{where}: its dtype {dtype} is not floating point; only a float weight can hold "
+            "W + delta once merged (store it as float, or quantize it with jaxlora.quant)"
+        )
     return products[0]
 
 

@@ -131,25 +131,44 @@ def qwix_adapters(lora: Any) -> dict[str, dict[str, tuple[Any, Any]]]:
 
 def rule_for(rules: Sequence[Any], path: str) -> tuple[int, float, float]:
     """(rank, alpha, dropout) of the first rule that qwix applies to the module at ``path``
-    ('.'-joined; qwix matches the '/'-joined path), refusing a quantized (QLoRA) rule."""
+    ('.'-joined; qwix matches the '/'-joined path), refusing a quantized (QLoRA) rule.
+
+    qwix picks the first rule whose ``op_names`` (empty: any op) hold the op the module
+    called, ``einsum`` or ``dot_general``; the traced product does not say which of the two
+    the module's code called, so where the two ops pick different rules it is refused."""
     qwix_path = path.replace(".", "/")
     where = f"from_qwix: layer '{path}'"
+    picked = {op: _first_rule(rules, qwix_path, op) for op in sorted(_OPS)}
+    found = [rule for rule in picked.values() if rule is not None]
+    if not found:
+        raise ValueError(f"{where}: no rule's module_path matches '{qwix_path}'")
+    rule = found[0]
+    if any(other is not rule for other in found):
+        raise ValueError(
+            f"{where}: the first rule matching it is {picked['einsum']} for jnp.einsum and "
+            f"{picked['dot_general']} for jax.lax.dot_general (their op_names differ), and "
+            "from_qwix cannot tell which of the two the module called; give both ops one rule"
+        )
+    if not hasattr(rule, "rank") or not hasattr(rule, "alpha"):
+        raise ValueError(f"{where}: the first rule matching it is not a LoRA rule: {rule}")
+    quantized = {
+        k: getattr(rule, k) for k in ("weight_qtype", "act_qtype") if getattr(rule, k, None)
+    }
+    if quantized:
+        raise ValueError(
+            f"{where}: its rule quantizes ({quantized}): QLoRA adapters were trained "
+            "against a quantized base, which jaxlora's float base would not reproduce"
+        )
+    return int(rule.rank), float(rule.alpha), float(getattr(rule, "dropout", 0.0))
+
+
+def _first_rule(rules: Sequence[Any], qwix_path: str, op: str) -> Any:
+    """The rule qwix applies to ``op`` in the module at ``qwix_path``, or ``None``."""
     for rule in rules:
         ops = set(getattr(rule, "op_names", ()) or ())
-        if re.fullmatch(rule.module_path, qwix_path) is None or (ops and not ops & _OPS):
-            continue
-        if not hasattr(rule, "rank") or not hasattr(rule, "alpha"):
-            raise ValueError(f"{where}: the first rule matching it is not a LoRA rule: {rule}")
-        quantized = {
-            k: getattr(rule, k) for k in ("weight_qtype", "act_qtype") if getattr(rule, k, None)
-        }
-        if quantized:
-            raise ValueError(
-                f"{where}: its rule quantizes ({quantized}): QLoRA adapters were trained "
-                "against a quantized base, which jaxlora's float base would not reproduce"
-            )
-        return int(rule.rank), float(rule.alpha), float(getattr(rule, "dropout", 0.0))
-    raise ValueError(f"{where}: no rule's module_path matches '{qwix_path}'")
+        if re.fullmatch(rule.module_path, qwix_path) is not None and (not ops or op in ops):
+            return rule
+    return None
 
 
 def expected_shapes(

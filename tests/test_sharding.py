@@ -238,8 +238,7 @@ def test_nnx_oplevel_adapters_follow_each_weights_sharding_metadata():
             )
 
         got = {
-            n: names(getattr(attn, n))
-            for n in ("wq_lora_a", "wq_lora_b", "wo_lora_a", "wo_lora_b")
+            n: names(getattr(attn, n)) for n in ("wq_lora_a", "wq_lora_b", "wo_lora_a", "wo_lora_b")
         }
         assert got == {
             "wq_lora_a": ("embed", None),

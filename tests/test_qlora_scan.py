@@ -422,3 +422,34 @@ def test_nnx_training_keeps_the_stack_bit_identical_and_merges_per_layer():
         np.testing.assert_array_equal(_bits(x), _bits(y))
     assert isinstance(scanned.blocks.attn.query, jaxlora.nnx.LoRALinear)  # lora_b now zero
     _close(scanned(tokens), unrolled(tokens))
+
+
+def test_nnx_adapter_files_of_a_quantized_stack_are_the_unrolled_twins(tmp_path):
+    import safetensors.numpy
+
+    import jaxlora.nnx
+
+    unrolled, scanned, config = _nnx_quantized(OPTIONS["nf4"])
+    jaxlora.nnx.save_adapter(unrolled, tmp_path / "u", config)
+    jaxlora.nnx.save_adapter(scanned, tmp_path / "s", config, layer_names={"blocks": "blocks_{i}"})
+    ours = safetensors.numpy.load_file(tmp_path / "s" / "adapter_model.safetensors")
+    twin = safetensors.numpy.load_file(tmp_path / "u" / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(twin)
+    assert "base_model.model.blocks_2.attn.query.lora_A.weight" in ours
+    for key in twin:
+        np.testing.assert_array_equal(ours[key], twin[key])
+
+
+def test_nnx_a_stacked_kernel_outside_the_scan_is_the_stacked_weight():
+    """Outside nnx.scan the QuantizedKernel stands for its (L, in, out) kernel, dequantized
+    layer by layer; the raw stacked QuantizedWeight is never read as one layer."""
+    from jaxlora.nnx.quant import kernel_value
+
+    unrolled, scanned, _ = _nnx_quantized(OPTIONS["nf4"])
+    kernel = scanned.blocks.mlp.fc.kernel
+    stacked = kernel_value(kernel)
+    for i in range(stacked.shape[0]):
+        one = kernel_value(getattr(unrolled, f"blocks_{i}").mlp.fc.kernel)
+        np.testing.assert_array_equal(stacked[i], one)
+    with pytest.raises(ValueError, match="a stack of 3 quantized weights"):
+        dequantize(kernel.get_value())

@@ -78,6 +78,11 @@ def quantize_base(
     """Quantizes, in place, the adapted weight of each chosen ``LoRALinear`` or op-level
     adapted module (inject LoRA first with ``jaxlora.nnx.inject``); returns ``model``.
 
+    A ``LoRALinear`` of an ``nnx.vmap``-made stack (a kernel (L, in, out), run by ``nnx.scan``)
+    is quantized layer by layer, each layer exactly as its unstacked twin (its own blocks),
+    the L quantized weights' arrays stacked in front; ``nnx.scan`` slices them with the
+    layer's other variables, so each layer dequantizes its own weight.
+
     Args:
         model: an NNX model.
         targets: a ``LoRAConfig`` (its ``targets``) or targets as ``LoRAConfig`` takes them.
@@ -87,7 +92,8 @@ def quantize_base(
 
     Raises:
         ValueError: no module matches, a targets entry matches none, a matched module is not
-            a ``LoRALinear`` with a 2-D float kernel nor an op-level adapter whose weight has
+            a ``LoRALinear`` with a 2-D float kernel (or a stack of them, layer axis in
+            front) nor an op-level adapter whose weight has
             no batch axes (a plain ``nnx.Linear``, another layer, a stacked op-level adapter, MoE
             experts, or an already quantized one), naming its path. All are checked before
             any weight is replaced.

@@ -29,6 +29,10 @@ class QuantizedWeight:
         offset: float32 scalar subtracted from absmax before its quantization, or None.
         shape, dtype, quant_type, blocksize: static metadata (the original weight's shape and
             dtype, the default of ``dequantize``).
+
+    A stack of L layers' weights (``nn.scan``/``nnx.vmap``: see ``jaxlora.quant._layout``) is
+    one QuantizedWeight with one layer's metadata whose arrays each have a leading axis L;
+    ``dequantize`` refuses it (a scan hands each layer its slice).
     """
 
     packed: jax.Array

@@ -99,8 +99,12 @@ def save_adapter(
     """
     path_map = hf_maps.resolve(path_map)
     _require_mapping(params, "save_adapter")
-    params = with_kernel_shapes(params)  # a quantized base: only its shapes are read
-    if layer_names:
+    if is_quantized(params):  # a quantized base: only its shapes are read
+        params = with_kernel_shapes(params)
+        if layer_names:  # a variables dict: its stacks are in its 'params' collection
+            unstacked = stacks.unstack(meta.unbox(params["params"]), layer_names)
+            params = {**params, "params": unstacked}
+    elif layer_names:
         params = stacks.unstack(meta.unbox(params), layer_names)
     tensors: dict[str, np.ndarray] = {}
     layers: dict[str, tuple[int, float]] = {}

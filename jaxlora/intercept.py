@@ -35,6 +35,7 @@ from flax.linen import transforms as linen_transforms
 
 from jaxlora import core, kinds, product
 from jaxlora.config import LoRAConfig
+from jaxlora.quant._api import stack_length
 from jaxlora.quant._base import QUANT, layer_weight
 from jaxlora.quant._layout import dequantize_weight
 from jaxlora.tree import LORA_NAMES
@@ -171,6 +172,8 @@ class _State:
             return next_fun(*args, **kwargs)
         where = ".".join(module.path) or "<root>"
         quantized = _quantized(module, where)
+        if not quantized:
+            _check_weight_visible(module, where)
         if not quantized and not self.adapted(module):
             return next_fun(*args, **kwargs)
         kind = module_kind(module)
@@ -314,6 +317,14 @@ def _quantized(module: nn.Module, where: str) -> dict[str, jax.Array]:
     if held is None:
         return {}
     name, q, roles = held
+    length = stack_length(q, f"layer '{where}', quantized weight '{name}'")
+    if length is not None:
+        raise ValueError(
+            f"layer '{where}' is called with the quantized weights of a stack of {length} "
+            "layers (arrays with a leading layer axis): an nn.scan over its layers must slice "
+            "the 'quant' collection on axis 0 (variable_axes={'params': k, 'quant': 0}), "
+            "so that each layer gets its own"
+        )
     if module.has_variable("params", name):  # which one would run is ambiguous: refuse
         raise ValueError(
             f"layer '{where}' has a '{name}' both in 'params' and in 'quant' (quantize_base "
@@ -323,6 +334,23 @@ def _quantized(module: nn.Module, where: str) -> dict[str, jax.Array]:
         return {name: dequantize_weight(q, roles)}
     except ValueError as err:
         raise ValueError(f"layer '{where}': {err}") from None
+
+
+def _check_weight_visible(module: nn.Module, where: str) -> None:
+    """A ``ValueError`` for a Dense/DenseGeneral run (not initialized) with no kernel in
+    'params' nor in a visible 'quant': where ``quantize_base`` moved it into 'quant' and an
+    ``nn.scan`` does not pass that collection to its body, the message says how to fix it
+    (Flax's own names only the missing param)."""
+    if module_kind(module) != "linear" or module.has_variable("params", "kernel"):
+        return
+    if module.is_initializing() or module.is_mutable_collection("params"):
+        return
+    raise ValueError(
+        f"layer '{where}' has no 'kernel' in 'params' nor in the 'quant' collection it sees: "
+        "if jaxlora.quant.quantize_base moved it into 'quant' and the layer runs inside an "
+        "nn.scan, the scan must slice that collection too: variable_axes={'params': k, "
+        "'quant': 0}"
+    )
 
 
 def _check_dense_kernel(module: nn.Module, quantized: dict, x: jax.Array, where: str) -> None:

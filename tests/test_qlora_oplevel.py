@@ -590,7 +590,7 @@ class LinenExperts(lnn.Module):
         return LinenEinsum("EBD,EDF->EBF", (3, D, 6), name="experts")(x)
 
 
-def test_linen_batch_axes_and_scan_stacks_are_refused_and_nothing_changes():
+def test_linen_batch_axes_and_unknown_stacks_are_refused_and_nothing_changes():
     model, x = LinenExperts(), jnp.ones((3, 5, D))
     config = jaxlora.LoRAConfig(r=R, targets=["experts"])
     variables = model.init(jax.random.key(0), x)
@@ -609,8 +609,9 @@ def test_linen_batch_axes_and_scan_stacks_are_refused_and_nothing_changes():
             }
         }
     }
-    with pytest.raises(ValueError, match=r"'layers'.*nn.scan/nnx.vmap stack.*cannot be quantized"):
-        quantize_base(stacked, ["layers"])
+    # is quantized layer by layer since issue 16's scan support (tests/test_qlora_scan.py)
+    q = quantize_base(stacked, ["layers"])["quant"]["layers"]
+    assert q["stack"].axis == 0 and q["kernel"].absmax.shape[0] == 3
     with pytest.raises(ValueError, match=r"'layers' has a kernel of shape .*nn.scan"):
         quantize_base({"params": {"layers": {"kernel": jnp.ones((3, D, 8))}}}, ["layers"])
 

@@ -21,6 +21,7 @@ from jaxlora.nnx.embed import LoRAEmbed
 from jaxlora.nnx.general import LoRALinearGeneral
 from jaxlora.nnx.layer import _SHARDING_KEYS, LoRALinear, check_rngs
 from jaxlora.nnx.oplevel import LORA_ATTRIBUTES, OpAdapter, adapt, find_weights
+from jaxlora.nnx.quant import kernel_value
 from jaxlora.tree import ParamCount, factor_names
 
 SUPPORTED = "nnx.Linear, nnx.LinearGeneral (no batch_axis), nnx.Conv (no mask, groups=1), nnx.Embed"
@@ -454,7 +455,7 @@ def _merged(layer: LoRALinear | Adapter | OpAdapter) -> nnx.Module:
     if not stack_of(layer):
         return layer.to_base()
     weight = getattr(layer, "embedding" if isinstance(layer, nnx.Embed) else "kernel")
-    with_delta = weight[...].astype(jnp.float32) + core.delta(
+    with_delta = kernel_value(weight).astype(jnp.float32) + core.delta(
         layer.lora_a[...], layer.lora_b[...], layer.scaling, weight.shape, 1
     )
     if not bool(jnp.isfinite(with_delta.astype(weight.dtype)).all()):

@@ -280,8 +280,12 @@ class LoRALinear(nnx.Module):
         ``jaxlora.nnx.merge(model, requantize=True)``. A ``ValueError`` if non-finite."""
         if not isinstance(self.kernel, QuantizedKernel):
             raise ValueError("requantized: the kernel is not quantized")
-        kernel = kernel_value(self.kernel)
-        merged = merged_weight(kernel, self.lora_a[...], self.lora_b[...], self.scaling)
+        kernel, a, b = kernel_value(self.kernel), self.lora_a[...], self.lora_b[...]
+        if self.kernel.layer_axis is None:
+            merged = merged_weight(kernel, a, b, self.scaling)
+        else:  # an nnx.vmap stack: each layer merged as its unstacked twin is
+            layers = range(kernel.shape[0])
+            merged = jnp.stack([merged_weight(kernel[i], a[i], b[i], self.scaling) for i in layers])
         return requantized_kernel(self.kernel, merged)
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:

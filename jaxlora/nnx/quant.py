@@ -21,23 +21,27 @@ from flax import nnx
 
 from jaxlora.config import LoRAConfig
 from jaxlora.oplevel import Roles
-from jaxlora.quant._api import QuantizedWeight, _check_options
+from jaxlora.quant._api import QuantizedWeight, _check_options, stack_length
 from jaxlora.quant._layout import (
     check_roles,
-    dequantize_weight,
+    dequantize_stack,
     linear_roles,
-    quantize_weight,
-    requantize_weight,
+    quantize_stack,
+    requantize_stack,
+    stacked_shape,
 )
 
 
 class QuantizedKernel(nnx.Variable):
     """A frozen, quantized weight: its value is a ``jaxlora.quant.QuantizedWeight`` of the
-    weight's Linear layout; the metadata ``roles`` (a ``jaxlora.oplevel.Roles``) say how the
-    weight's axes make that layout (default: a Dense kernel (in, out), stored transposed). Not
-    an ``nnx.Param``: no optimizer or gradient filter for parameters selects it. ``shape``,
-    ``ndim`` and ``dtype`` are those of the weight it stands for, so code that reads a layer's
-    weight shape sees the layer's."""
+        weight's Linear layout; the metadata ``roles`` (a ``jaxlora.oplevel.Roles``) say how the
+        weight's axes make that layout (default: a Dense kernel (in, out), stored transposed). Not
+        an ``nnx.Param``: no optimizer or gradient filter for parameters selects it. ``shape``,
+        ``ndim`` and ``dtype`` are those of the weight it stands for, so code that reads a layer's
+        weight shape sees the layer's. A stacked layer's (``nnx.vmap``: a layer axis L in front)
+    holds its L layers quantized one by one, their arrays stacked in front (``jaxlora.quant.
+    _layout``); ``nnx.scan`` slices them with the layer's other variables, so each layer
+    dequantizes its own, and outside the scan it stands for the (L, …) stacked weight."""
 
     @property
     def layout(self) -> Roles:
@@ -46,7 +50,13 @@ class QuantizedKernel(nnx.Variable):
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.layout.shape
+        return stacked_shape(self.get_value(), self.layout, self.layer_axis)
+
+    @property
+    def layer_axis(self) -> int | None:
+        """0 for a stack of layers' quantized weights (``nnx.vmap``), None for one layer's."""
+        q = self.get_value()
+        return None if stack_length(q, "a QuantizedKernel") is None else 0
 
     @property
     def ndim(self) -> int:
@@ -68,6 +78,11 @@ def quantize_base(
     """Quantizes, in place, the adapted weight of each chosen ``LoRALinear`` or op-level
     adapted module (inject LoRA first with ``jaxlora.nnx.inject``); returns ``model``.
 
+    A ``LoRALinear`` of an ``nnx.vmap``-made stack (a kernel (L, in, out), run by ``nnx.scan``)
+    is quantized layer by layer, each layer exactly as its unstacked twin (its own blocks),
+    the L quantized weights' arrays stacked in front; ``nnx.scan`` slices them with the
+    layer's other variables, so each layer dequantizes its own weight.
+
     Args:
         model: an NNX model.
         targets: a ``LoRAConfig`` (its ``targets``) or targets as ``LoRAConfig`` takes them.
@@ -77,8 +92,9 @@ def quantize_base(
 
     Raises:
         ValueError: no module matches, a targets entry matches none, a matched module is not
-            a ``LoRALinear`` with a 2-D float kernel nor an op-level adapter whose weight has
-            no batch axes (a plain ``nnx.Linear``, another layer, a stacked layer, MoE
+            a ``LoRALinear`` with a 2-D float kernel (or a stack of them, layer axis in
+            front) nor an op-level adapter whose weight has
+            no batch axes (a plain ``nnx.Linear``, another layer, a stacked op-level adapter, MoE
             experts, or an already quantized one), naming its path. All are checked before
             any weight is replaced.
     """
@@ -86,16 +102,16 @@ def quantize_base(
     blocksize = _check_options(quant_type, blocksize, double_quant)
     layers = {}
     for name, layer in _chosen(model, config).items():
-        weight, roles = _target(layer, f"quantize_base: layer '{name}'")
-        layers[id(layer)] = (layer, weight, roles)  # a tied layer is quantized once
+        weight, roles, axis = _target(layer, f"quantize_base: layer '{name}'")
+        layers[id(layer)] = (layer, weight, roles, axis)  # a tied layer is quantized once
     options = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
     new = {
         key: QuantizedKernel(
-            quantize_weight(getattr(layer, weight)[...], roles, **options), roles=roles
+            quantize_stack(getattr(layer, weight)[...], roles, axis, **options), roles=roles
         )
-        for key, (layer, weight, roles) in layers.items()
+        for key, (layer, weight, roles, axis) in layers.items()
     }
-    for key, (layer, weight, _) in layers.items():
+    for key, (layer, weight, _, _) in layers.items():
         setattr(layer, weight, new[key])
     return model
 
@@ -112,8 +128,9 @@ def _chosen(model: nnx.Module, config: LoRAConfig) -> dict[str, nnx.Module]:
     return {name: modules[name][1] for name in chosen}
 
 
-def _target(layer: nnx.Module, where: str) -> tuple[str, Roles]:
-    """(the weight's attribute name, its roles) of a layer ``quantize_base`` may quantize."""
+def _target(layer: nnx.Module, where: str) -> tuple[str, Roles, int | None]:
+    """(the weight's attribute name, one layer's roles, the layer axis of an ``nnx.vmap``
+    stack or None) of a layer ``quantize_base`` may quantize."""
     from jaxlora.nnx.layer import LoRALinear
     from jaxlora.nnx.oplevel import OpAdapter
 
@@ -122,10 +139,11 @@ def _target(layer: nnx.Module, where: str) -> tuple[str, Roles]:
             f"{where} has several adapted weights {list(layer.lora_weights)}: quantizing the "
             "base of such a module is not implemented"
         )
+    one: tuple[int, int] = (0, 0)  # a LoRALinear's (in, out)
     if isinstance(layer, OpAdapter):
         name, roles = layer.lora_weight, layer.lora_roles
     elif isinstance(layer, LoRALinear):
-        name, roles = "kernel", None
+        name, roles, one = "kernel", None, (layer.in_features, layer.out_features)
     else:
         raise ValueError(
             f"{where} is a {type(layer).__name__}; only LoRALinear layers and modules adapted "
@@ -135,36 +153,39 @@ def _target(layer: nnx.Module, where: str) -> tuple[str, Roles]:
     if isinstance(weight, QuantizedKernel):
         what = "the kernel" if name == "kernel" else f"the weight '{name}'"
         raise ValueError(f"{where}: {what} is already quantized")
+    axis = None
     if roles is None:
-        if weight.ndim != 2:
+        if tuple(weight.shape) not in (one, tuple(weight.shape[:1]) + one):
             raise ValueError(
-                f"{where}: the kernel has shape {weight.shape}; only a 2-D (in, out) kernel "
-                "can be quantized (not an nnx.vmap stack)"
+                f"{where}: the kernel has shape {weight.shape}; only a 2-D (in, out) = {one} "
+                "kernel, or a stack of them with the layer axis in front (nnx.vmap, "
+                "out_axes=0), can be quantized"
             )
-        roles = linear_roles(tuple(weight.shape))
-    if tuple(weight.shape) != roles.shape:
+        roles, axis = linear_roles(one), (0 if weight.ndim == 3 else None)
+    if tuple(weight.shape) != roles.shape and axis is None:
         raise ValueError(
             f"{where}: the weight '{name}' has shape {tuple(weight.shape)}, not the shape "
             f"{roles.shape} its adapter was made for (an nnx.vmap stack cannot be quantized)"
         )
     check_roles(roles, f"{where}, weight '{name}'")
-    return name, roles
+    return name, roles, axis
 
 
 def kernel_value(kernel: nnx.Variable):
     """A weight variable's array in its own shape: dequantized (in its stored dtype) when
-    quantized."""
+    quantized, layer by layer for a stack (outside ``nnx.scan``)."""
     if isinstance(kernel, QuantizedKernel):
         q = kernel.get_value()
         if not isinstance(q, QuantizedWeight):
             raise TypeError(
                 f"a QuantizedKernel must hold a QuantizedWeight, got {type(q).__name__}"
             )
-        return dequantize_weight(q, kernel.layout)
+        return dequantize_stack(q, kernel.layout, kernel.layer_axis)
     return kernel[...]
 
 
 def requantized_kernel(kernel: QuantizedKernel, merged) -> QuantizedKernel:
     """``merged`` (the weight's shape) quantized in ``kernel``'s format and layout."""
     roles = kernel.layout
-    return QuantizedKernel(requantize_weight(kernel.get_value(), roles, merged), roles=roles)
+    q = requantize_stack(kernel.get_value(), roles, kernel.layer_axis, merged)
+    return QuantizedKernel(q, roles=roles)

@@ -29,6 +29,10 @@ class QuantizedWeight:
         offset: float32 scalar subtracted from absmax before its quantization, or None.
         shape, dtype, quant_type, blocksize: static metadata (the original weight's shape and
             dtype, the default of ``dequantize``).
+
+    A stack of L layers' weights (``nn.scan``/``nnx.vmap``: see ``jaxlora.quant._layout``) is
+    one QuantizedWeight with one layer's metadata whose arrays each have a leading axis L;
+    ``dequantize`` refuses it (a scan hands each layer its slice).
     """
 
     packed: jax.Array
@@ -144,6 +148,7 @@ def dequantize(q: QuantizedWeight, dtype=None) -> jax.Array:
     if not isinstance(q, QuantizedWeight):
         raise TypeError(f"dequantize expects a QuantizedWeight, got {type(q).__name__}")
     dtype = _check_float_dtype(q.dtype if dtype is None else dtype, "dequantize dtype")
+    _check_shapes(q)
     absmax = q.absmax
     if q.double_quant:
         if q.offset is None:
@@ -158,3 +163,47 @@ def dequantize(q: QuantizedWeight, dtype=None) -> jax.Array:
     else:
         flat = _blockwise.dequantize_4bit(q.packed, absmax, n, q.blocksize, q.quant_type)
     return flat.reshape(q.shape).astype(dtype)
+
+
+def stored_shapes(q: QuantizedWeight) -> dict[str, tuple[int, ...]]:
+    """The shapes ``quantize`` gives ``q``'s arrays for one weight of shape ``q.shape``."""
+    n = int(np.prod(q.shape))
+    num_blocks = -(-n // q.blocksize)
+    packed = tuple(q.shape) if q.quant_type == "int8" else ((n + 1) // 2, 1)
+    shapes = {"packed": packed, "absmax": (num_blocks,)}
+    if q.double_quant:
+        shapes.update(nested_absmax=(-(-num_blocks // NESTED_BLOCKSIZE),), offset=())
+    return shapes
+
+
+def stack_length(q: QuantizedWeight, where: str) -> int | None:
+    """L when ``q`` is a stack of L quantized weights (each array with a leading layer axis:
+    ``nn.scan``/``nnx.vmap`` layers quantized one by one), None for one weight; a
+    ``ValueError`` naming ``where`` when its arrays fit neither."""
+    shapes = stored_shapes(q)
+    got = {name: tuple(np.shape(getattr(q, name))) for name in shapes}
+    if got == shapes:
+        return None
+    lengths = {g[0] for g in got.values() if g}
+    if len(lengths) == 1:
+        length = lengths.pop()
+        if got == {name: (length, *shape) for name, shape in shapes.items()}:
+            return length
+    raise ValueError(
+        f"{where}: the QuantizedWeight's arrays have shapes {got}; a {q.quant_type} weight of "
+        f"shape {q.shape} (blocksize {q.blocksize}) has {shapes}, or a stack of L of them "
+        "(each with a leading layer axis L)"
+    )
+
+
+def _check_shapes(q: QuantizedWeight) -> None:
+    """A ``ValueError`` unless ``q`` holds one weight's arrays: a stack of layers' (a leading
+    layer axis) would otherwise be read as its first layer's, silently."""
+    length = stack_length(q, "dequantize")
+    if length is not None:
+        raise ValueError(
+            f"dequantize: the QuantizedWeight is a stack of {length} quantized weights of "
+            f"shape {q.shape} (its arrays have a leading layer axis, as an nn.scan/nnx.vmap "
+            "stack stores them); dequantize one layer's slice (inside the scan, or "
+            "jax.tree.map(lambda x: x[i], q))"
+        )

@@ -28,15 +28,18 @@ from jaxlora.product import ProductRoles, check_product
 from jaxlora.quant._api import QuantizedWeight, _check_options
 from jaxlora.quant._layout import (
     check_roles,
-    dequantize_weight,
+    dequantize_stack,
     linear_roles,
-    quantize_weight,
-    requantize_weight,
+    quantize_stack,
+    requantize_stack,
+    stacked_shape,
 )
 from jaxlora.tree import QUANT_NAME as QUANT
-from jaxlora.tree import ROLES_NAME, PyTree, _like, _require_mapping
+from jaxlora.tree import ROLES_NAME, PyTree, StackRecord, _like, _require_mapping
 
 ROLES = "roles"  # in 'quant': how a weight that is not a Dense kernel makes its Linear
+# in 'quant': the weight is an nn.scan stack, its layer axis in 'params' at the record's axis
+STACK = "stack"
 
 
 def quantize_base(
@@ -46,15 +49,25 @@ def quantize_base(
     quant_type: str = "nf4",
     blocksize: int | None = None,
     double_quant: bool = False,
+    layouts: Mapping[str, Any] | None = None,
 ) -> PyTree:
     """Returns new variables with each chosen layer's weight quantized into ``"quant"``.
 
     The layers: ``nn.Dense`` (a 2-D ``kernel``, with or without an adapter), ``nn.DenseGeneral``
-    holding an adapter (its ``lora_a`` says which kernel axes are contracted) and modules
-    adapted at their weight's product (``lora_roles``: an einsum weight, ``x @ kernel.T``).
-    Use the result with ``jaxlora.intercept`` (which dequantizes each weight in the forward
-    pass); train ``variables["params"]`` only. LoRA leaves already injected stay in
-    ``params``; inject before quantizing (``inject`` needs the float weight).
+    holding an adapter (its ``lora_a`` says which kernel axes are contracted) or described by
+    ``layouts``, and modules adapted at their weight's product (``lora_roles``: an einsum
+    weight, ``x @ kernel.T``). Use the result with ``jaxlora.intercept`` (which dequantizes
+    each weight in the forward pass); train ``variables["params"]`` only. LoRA leaves already
+    injected stay in ``params``; inject before quantizing (``inject`` needs the float weight).
+
+    A Dense/DenseGeneral layer stacked by ``nn.scan`` (a kernel with one layer axis L, at the
+    axis its adapter's ``lora_stack`` record or ``layouts`` gives: ``variable_axes={"params":
+    k}``) is quantized layer by layer, each layer exactly as its unstacked twin (its own
+    blocks), the L quantized weights' arrays stacked in front, with a ``"stack"`` record of k
+    beside them. The scan must then slice ``'quant'`` on axis 0 whatever k is
+    (``variable_axes={"params": k, "quant": 0}``, as MaxText scans its ``"aqt"`` collection),
+    so each layer dequantizes its own weight; a scan that does not slice it is refused at the
+    call.
 
     Args:
         variables: a variables dict with a ``'params'`` collection (other collections pass
@@ -62,12 +75,15 @@ def quantize_base(
         targets: a ``LoRAConfig`` (its ``targets``) or targets as ``LoRAConfig`` takes them
             (a list of layer names or a regex of '.'-joined layer paths).
         quant_type, blocksize, double_quant: as ``jaxlora.quant.quantize``.
+        layouts: ``jaxlora.layouts(model, *inputs)``: says which axes a kernel without an
+            adapter contracts and where an ``nn.scan`` stack's layer axis is.
 
     Raises:
         ValueError: no layer matches, a targets entry matches no layer, or a matched layer
             has no weight of the layers above (a Conv/Embed, a kernel with more than 2 axes
-            and no adapter, an ``nn.scan`` stack, a partitioned kernel, a weight with batch
-            axes), naming its path; nothing is changed.
+            and neither an adapter nor a layout, a stack over nested scans, a stack adapted
+            at its product, a partitioned kernel, a weight with batch axes), naming its path;
+            nothing is changed.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -95,14 +111,21 @@ def quantize_base(
     except ValueError as error:
         raise ValueError(f"quantize_base: {error}") from None
     # all checked before anything is quantized
-    layouts = {path: _target(nodes[path], f"quantize_base: layer '{path}'") for path in chosen}
+    found = {
+        path: _target(nodes[path], f"quantize_base: layer '{path}'", (layouts or {}).get(path))
+        for path in chosen
+    }
     options = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
     quantized = {}
-    for path, (name, roles, marked) in layouts.items():
+    for path, (name, roles, marked, axis) in found.items():
         weight = meta.unbox(nodes[path][name])
-        entry = {name: quantize_weight(weight, roles, **options)}
-        quantized[path] = {**entry, ROLES: ProductRoles(name, roles)} if marked else entry
-    names = {path: name for path, (name, _, _) in layouts.items()}
+        entry: dict[str, Any] = {name: quantize_stack(weight, roles, axis, **options)}
+        if marked:
+            entry[ROLES] = ProductRoles(name, roles)
+        if axis is not None:
+            entry[STACK] = StackRecord(axis)
+        quantized[path] = entry
+    names = {path: name for path, (name, _, _, _) in found.items()}
     out = {**variables, "params": _drop_weights(params, (), names)}
     out[QUANT] = _nest(quantized)
     return _like(variables, out)
@@ -116,8 +139,8 @@ def dequantize_base(variables: PyTree) -> PyTree:
     if not is_quantized(variables):
         return variables
     weights = {
-        path: (name, dequantize_weight(q, roles))
-        for path, name, q, roles in iter_quantized(variables[QUANT])
+        path: (name, dequantize_stack(q, roles, axis))
+        for path, name, q, roles, axis in iter_quantized(variables[QUANT])
     }
     missing = sorted(set(weights) - {path for path, _ in _iter_nodes(variables["params"])})
     if missing:
@@ -141,8 +164,8 @@ def with_kernel_shapes(variables: PyTree) -> PyTree:
     if not is_quantized(variables):
         return variables
     weights = {
-        path: (name, np.broadcast_to(np.zeros((), q.dtype), roles.shape))
-        for path, name, q, roles in iter_quantized(variables[QUANT])
+        path: (name, np.broadcast_to(np.zeros((), q.dtype), stacked_shape(q, roles, axis)))
+        for path, name, q, roles, axis in iter_quantized(variables[QUANT])
     }
     rest = {k: v for k, v in variables.items() if k != QUANT}
     return _like(variables, {**rest, "params": _add_weights(variables["params"], (), weights)})
@@ -151,7 +174,7 @@ def with_kernel_shapes(variables: PyTree) -> PyTree:
 def restore_quantized(loaded: PyTree, quantized: PyTree) -> PyTree:
     """``loaded`` (a tree ``with_kernel_shapes(quantized)`` became) with the stand-in weights
     dropped and ``quantized``'s ``'quant'`` collection back."""
-    names = {path: name for path, name, _, _ in iter_quantized(quantized[QUANT])}
+    names = {path: name for path, name, *_ in iter_quantized(quantized[QUANT])}
     out = {**loaded, "params": _drop_weights(loaded["params"], (), names)}
     out[QUANT] = quantized[QUANT]
     return _like(quantized, out)
@@ -162,12 +185,12 @@ def requantize_merged(merged: PyTree, quantized: PyTree) -> PyTree:
     ``'quant'`` again: a layer that held an adapter in ``quantized`` gets its merged weight
     re-quantized in its own format and layout, the others keep their quantized weight."""
     new: dict[str, Any] = {}
-    for path, name, q, roles in iter_quantized(quantized[QUANT]):
+    for path, name, q, roles, axis in iter_quantized(quantized[QUANT]):
         node = _node(quantized["params"], path)
         if node is not None and "lora_a" in node:
             # merged is quantized merged (jaxlora.merge): it has every layer quantized has.
             merged_node = cast(Mapping, _node(merged["params"], path))
-            q = requantize_weight(q, roles, merged_node[name])
+            q = requantize_stack(q, roles, axis, merged_node[name])
         entry = dict(cast(Mapping, _node(quantized[QUANT], path)))
         new[path] = {**entry, name: q}
     return restore_quantized(merged, _like(quantized, {**quantized, QUANT: _nest(new)}))
@@ -181,14 +204,15 @@ def _node(tree: Mapping, path: str) -> Mapping | None:
 
 
 def iter_quantized(tree: Mapping, path: tuple[str, ...] = ()):
-    """Yields ('.'-joined layer path, weight name, QuantizedWeight, Roles) for each quantized
-    weight: a node holding one ``QuantizedWeight`` (named ``kernel``, a Dense kernel, unless a
-    ``"roles"`` leaf names it and gives its roles)."""
+    """Yields ('.'-joined layer path, weight name, QuantizedWeight, Roles, layer axis) for each
+    quantized weight: a node holding one ``QuantizedWeight`` (named ``kernel``, a Dense
+    kernel, unless a ``"roles"`` leaf names it and gives its roles); the layer axis is the
+    ``"stack"`` record's for a stacked weight (``nn.scan``), None for one layer's."""
     where = ".".join(path)
     weights = {k: v for k, v in tree.items() if isinstance(v, QuantizedWeight)}
     marker = tree.get(ROLES)
-    if weights or marker is not None:
-        yield where, *_quantized_layer(tree, weights, marker, where)
+    if weights or marker is not None or STACK in tree:
+        yield where, *_quantized_layer(tree, weights, marker, where), _stack_axis(tree, where)
         return
     for key, value in tree.items():
         if not isinstance(value, Mapping):
@@ -217,32 +241,44 @@ def _quantized_layer(tree: Mapping, weights: dict, marker, where: str):
         name, roles = marker.weight, marker.roles
     else:
         raise ValueError(f"'quant' collection: '{where}.{ROLES}' must be a ProductRoles")
-    extra = sorted(set(tree) - {name, ROLES})
+    extra = sorted(set(tree) - {name, ROLES, STACK})
     if name not in weights or extra:
         raise ValueError(
             f"'quant' collection: layer '{where}' holds {sorted(tree)}; expected one "
-            f"QuantizedWeight named '{name}'" + (f" and its '{ROLES}'" if marker else "")
+            f"QuantizedWeight named '{name}'"
+            + (f" and its '{ROLES}'" if marker else "")
+            + f" (and a '{STACK}' record if it is an nn.scan stack)"
         )
     q = weights[name]
     return name, q, linear_roles(tuple(reversed(q.shape))) if roles is None else roles
 
 
-def _target(node: Any, where: str) -> tuple[str, Roles, bool]:
-    """(weight name, roles, whether the roles must be stored) of a params node
-    ``quantize_base`` may quantize; a ``ValueError`` naming the layer otherwise."""
+def _stack_axis(tree: Mapping, where: str) -> int | None:
+    """The layer axis a stacked weight's ``"stack"`` record gives, None without one; the
+    weight's arrays must then be a stack's (a leading layer axis) or one layer's."""
+    record = tree.get(STACK)
+    if record is not None and not isinstance(record, StackRecord):
+        raise ValueError(f"'quant' collection: '{where}.{STACK}' must be a StackRecord")
+    return None if record is None else record.axis
+
+
+def _target(node: Any, where: str, layout: Any = None) -> tuple[str, Roles, bool, int | None]:
+    """(weight name, roles of one layer's weight, whether the roles must be stored, layer axis
+    of an nn.scan stack or None) of a params node ``quantize_base`` may quantize; a
+    ``ValueError`` naming the layer otherwise."""
     if isinstance(node, Mapping) and ROLES_NAME in node:  # adapted at its weight's product
         name, weight, _, _, marker = check_product(node, where)
-        roles, marked = marker.roles, True
+        roles, marked, axis = marker.roles, True, None
     else:
         name, weight = "kernel", _kernel(node, where)
-        roles, marked = _dense_roles(node, jnp.shape(weight), where)
+        roles, marked, axis = _dense_roles(node, tuple(jnp.shape(weight)), where, layout)
     if isinstance(node[name], meta.AxisMetadata):
         raise ValueError(
             f"{where} has a partitioned weight '{name}' ({type(node[name]).__name__}); "
             "quantized weights keep no partitioning metadata"
         )
     check_roles(roles, f"{where}, weight '{name}'")
-    return name, roles, marked
+    return name, roles, marked, axis
 
 
 def _kernel(node: Any, where: str) -> Any:
@@ -256,28 +292,65 @@ def _kernel(node: Any, where: str) -> Any:
     return meta.unbox(kernel)
 
 
-def _dense_roles(node: Mapping, shape: tuple[int, ...], where: str) -> tuple[Roles, bool]:
-    """An nn.Dense kernel (in, out), or an nn.DenseGeneral one whose adapter says how many
-    leading axes it contracts (the kernel alone does not)."""
+def _dense_roles(node: Mapping, shape: tuple[int, ...], where: str, layout: Any):
+    """(roles, marked, layer axis) of an nn.Dense kernel (in, out), or of an nn.DenseGeneral
+    one, or of a stack of either (nn.scan), whose adapter or ``layout`` (``jaxlora.layouts``)
+    says how many axes it contracts and where its layer axis is (the kernel alone does not)."""
     if len(shape) == 2 and ("lora_a" not in node or jnp.ndim(meta.unbox(node["lora_a"])) == 2):
-        return linear_roles(shape), False
-    if "lora_a" not in node:
+        return linear_roles(shape), False, None
+    if "lora_a" in node:
+        n_in, stack, axis = _adapted_axes(node, shape, where)
+    elif layout is not None:
+        n_in, stack, axis = _layout_axes(layout, shape, where)
+    else:
         raise ValueError(
             f"{where} has a kernel of shape {shape} and no adapter: which of its axes are "
             "contracted (nn.DenseGeneral), a window (nn.Conv) or layers (nn.scan) is not known "
-            "from the tree; inject LoRA first (only 2-D nn.Dense kernels are quantized without)"
+            "from the tree; inject LoRA first, or pass layouts=jaxlora.layouts(model, *inputs) "
+            "(only 2-D nn.Dense kernels are quantized without either)"
         )
-    try:
-        kind, *_ = kinds.check_layer(node, where)
-    except ValueError as error:  # an nn.scan stack among them
-        raise ValueError(f"{error}; it cannot be quantized") from None
+    if stack > 1:
+        raise ValueError(
+            f"{where} has a kernel of shape {shape} stacked over {stack} layer axes (nested "
+            "nn.scan/nn.vmap); a quantized stack has one layer axis"
+        )
+    one = kinds.to_front(shape, axis)[1:] if stack else shape
+    roles = Roles(one, (), tuple(range(n_in)), tuple(range(n_in, len(one))))
+    return roles, not (len(one) == 2 and n_in == 1), axis if stack else None
+
+
+def _adapted_axes(node: Mapping, shape: tuple[int, ...], where: str) -> tuple[int, int, int]:
+    """(contracted axes, stacked layer axes, layer axis) a linear adapter's shapes say."""
+    kind, _, base, a, b = kinds.check_layer(node, where, stacked=True)
     if kind != "linear":
         raise ValueError(
             f"{where} has a kernel of shape {shape} with a {kind} adapter: only linear layers "
             "(nn.Dense, nn.DenseGeneral) have a torch Linear layout to be quantized in"
         )
-    n_in = jnp.ndim(meta.unbox(node["lora_a"])) - 1
-    return Roles(tuple(shape), (), tuple(range(n_in)), tuple(range(n_in, len(shape)))), True
+    axis = kinds.layer_axis(node)
+    front = [
+        kinds.to_front(tuple(jnp.shape(x)), kinds.front_axis(node, base, a, b))
+        for x in (base, a, b)
+    ]
+    stack = kinds.stack_of(kind, *front)
+    return kinds.in_axes_of(kind, front[1], stack), stack, axis
+
+
+def _layout_axes(layout: Any, shape: tuple[int, ...], where: str) -> tuple[int, int, int]:
+    """(contracted axes, stacked layer axes, layer axis) a ``jaxlora.layouts`` entry says."""
+    kind = getattr(layout, "kind", None)
+    if kind != "linear":
+        what = f"a {kind} layer" if kind else f"a {type(layout).__name__}"
+        raise ValueError(
+            f"{where} has a kernel of shape {shape} and, by its layout, is {what}: only linear "
+            "layers (nn.Dense, nn.DenseGeneral) have a torch Linear layout to be quantized in"
+        )
+    if layout.ndim + layout.stack != len(shape):
+        raise ValueError(
+            f"{where}: its layout says {layout.ndim} weight axes and {layout.stack} layer "
+            f"axes, but the kernel is {shape}: the layouts are of another model"
+        )
+    return layout.in_axes, layout.stack, layout.axis
 
 
 def _iter_nodes(tree: Mapping, path: tuple[str, ...] = ()):

@@ -41,20 +41,29 @@ ADAPTED = (LoRALinear, Adapter)
 
 
 def _op_layouts(
-    model: nnx.Module, path_map: hf_maps.SpecMap
-) -> dict[str, tuple[OpAdapter, HFLayout]]:
-    """{NNX path: (op-level layer, its torch layout)} per ``path_map`` (a torch path or an
-    ``HFLinear``, see ``jaxlora.hf_maps``); refuses batch axes and bad specs by layer name."""
-    out = {}
-    for p, module in nnx.iter_graph(model):
+    model: nnx.Module, path_map: hf_maps.SpecMap, layer_names: Mapping[str, str] | None = None
+) -> dict[str, tuple[OpAdapter, HFLayout, int | None]]:
+    """{NNX path: (op-level layer, its torch layout, layer index)} per ``path_map`` (a torch
+    path or an ``HFLinear``, see ``jaxlora.hf_maps``); refuses batch axes and bad specs by
+    layer name. A stacked layer (``nnx.vmap``, run by ``nnx.scan``) appears once per layer,
+    under its per-layer path (``jaxlora.stacks``), with its index: PEFT files know no stacks."""
+    modules = {".".join(map(str, p)): (p, m) for p, m in nnx.iter_modules(model) if p}
+    per_layer = per_layer_paths(modules, layer_names)
+    out: dict[str, tuple[OpAdapter, HFLayout, int | None]] = {}
+    for name, (_, module) in modules.items():
         if not isinstance(module, OpAdapter):
             continue
-        name = ".".join(map(str, p))
         weight = getattr(module, module.lora_weight)
-        where = f"layer '{name}', weight '{module.lora_weight}' {tuple(weight.shape)}"
-        spec = path_map(name) if callable(path_map) else (path_map or {}).get(name, name)
-        out[name] = (module, hf_maps.layout(spec, module.lora_roles, where))
-    torch_paths = [t for _, lay in out.values() for t in lay.paths]
+        layers: list[tuple[str, int | None]] = [(name, None)]
+        if stack_of(module):
+            layers = list(zip(per_layer[name], range(len(per_layer[name])), strict=True))
+        for path, index in layers:
+            where = f"layer '{path}', weight '{module.lora_weight}' {tuple(weight.shape)}"
+            if index is not None:
+                where += f" (layer {index} of the stack '{name}')"
+            spec = path_map(path) if callable(path_map) else (path_map or {}).get(path, path)
+            out[path] = (module, hf_maps.layout(spec, module.lora_roles, where), index)
+    torch_paths = [t for _, lay, _ in out.values() for t in lay.paths]
     twice = sorted({t for t in torch_paths if torch_paths.count(t) > 1})
     if twice:
         raise ValueError(f"path_map names the torch module(s) {twice} for several weights")
@@ -109,15 +118,15 @@ def save_adapter(
     config = config if config is not None else getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("save_adapter: pass a LoRAConfig (the model has no lora_config)")
-    ops = _op_layouts(model, path_map)
+    ops = _op_layouts(model, path_map, layer_names)
     views = _views(model, path_map, layer_names)
     layers = {p: (n, m, i) for p, (n, m, i, _) in views.items() if isinstance(m, ADAPTED)}
     if not layers and not ops:
         raise ValueError("save_adapter: the model has no LoRA layers")
-    clash = sorted(set(views) & {t for _, lay in ops.values() for t in lay.paths})
+    clash = sorted(set(views) & {t for _, lay, _ in ops.values() for t in lay.paths})
     if clash:
         raise ValueError(f"save_adapter: path_map names the torch module(s) {clash} twice")
-    modules = [m for _, m, _ in layers.values()] + [m for m, _ in ops.values()]
+    modules = [m for _, m, _ in layers.values()] + [m for m, _, _ in ops.values()]
     for flag in ("use_rslora", "use_dora"):
         if any(getattr(m, flag, False) != getattr(config, flag) for m in modules):
             raise ValueError(f"save_adapter: the layers' {flag} differs from the config's")
@@ -136,14 +145,16 @@ def save_adapter(
     ranks = {
         p: (m.r, float(m.r if m.alpha is None else m.alpha)) for p, (_, m, _) in layers.items()
     }
-    for name, (module, lay) in ops.items():
+    for name, (module, lay, index) in ops.items():
         hf_maps.check_op_init(module.lora_init, config, f"save_adapter: layer '{name}'", "save")
         a, b = np.asarray(module.lora_a[...]), np.asarray(module.lora_b[...])
+        if index is not None:  # one layer of a stack
+            a, b = a[index], b[index]
         for path, pair in hf_maps.to_peft(lay, a, b).items():
             key_a, key_b = tensor_keys(path, "linear")
             tensors[key_a], tensors[key_b] = pair
             ranks[path] = (module.r, float(module.r if module.alpha is None else module.alpha))
-    lays = [lay for _, lay in ops.values()]
+    lays = [lay for _, lay, _ in ops.values()]
     peft = file_config(
         config,
         ranks,
@@ -179,10 +190,10 @@ def load_adapter(
     ready map, as for ``save_adapter``.
     """
     path_map = hf_maps.resolve(path_map)
-    ops = _op_layouts(model, path_map)
+    ops = _op_layouts(model, path_map, layer_names)
     specs = (map_path(path_map, ".".join(map(str, p))) for p, _ in nnx.iter_modules(model) if p)
     config, everything = read_adapter(directory, conv1d=hf_maps.conv1d_of(specs))
-    op_paths = {t for _, lay in ops.values() for t in lay.paths}
+    op_paths = {t for _, lay, _ in ops.values() for t in lay.paths}
     views = _views(model, path_map, layer_names)
     modules = {p: v[1] for p, v in views.items()}
     _refuse_unadapted_ops(model, path_map, set(everything), directory)
@@ -268,7 +279,7 @@ def load_adapter(
         order = [pieces[i] for i in range(len(pieces))]
         layer.lora_a[...] = jnp.asarray(np.stack([a for a, _ in order]), layer.lora_a.dtype)
         layer.lora_b[...] = jnp.asarray(np.stack([b for _, b in order]), layer.lora_b.dtype)
-    for layer, lora_a, lora_b, alpha in op_values:
+    for layer, lora_a, lora_b, alpha in _stack_ops(op_values, directory):
         layer.lora_a[...] = jnp.asarray(lora_a, layer.lora_a.dtype)
         layer.lora_b[...] = jnp.asarray(lora_b, layer.lora_b.dtype)
         layer.alpha, layer.use_rslora = alpha, config.use_rslora
@@ -281,10 +292,34 @@ def _ops_from_file(ops: dict, tensors: dict, config: LoRAConfig, directory) -> l
     """[(op-level layer, lora_a, lora_b, alpha)] from the file, each checked by
     ``hf_maps.read_op`` (the reader shared with Linen's product adapters)."""
     out = []
-    for name, (layer, lay) in ops.items():
+    for name, (layer, lay, index) in ops.items():
         where = f"{directory}: layer '{name}'"
         hf_maps.check_op_init(layer.lora_init, config, where, "load")
-        out.append((layer, *hf_maps.read_op(lay, layer.r, tensors, config, where)))
+        out.append((layer, index, *hf_maps.read_op(lay, layer.r, tensors, config, where)))
+    return out
+
+
+def _stack_ops(values: list[tuple], directory) -> list[tuple]:
+    """[(op-level layer, lora_a, lora_b, alpha)] with a stacked layer's per-layer values
+    stacked on its layer axis (all its layers are in ``values``: ``_op_layouts`` lists each);
+    one alpha per stack, as its rank is."""
+    out: list[tuple] = []
+    stacked: dict[int, tuple[OpAdapter, dict[int, tuple]]] = {}
+    for layer, index, a, b, alpha in values:
+        if index is None:
+            out.append((layer, a, b, alpha))
+        else:
+            stacked.setdefault(id(layer), (layer, {}))[1][index] = (a, b, alpha)
+    for layer, pieces in stacked.values():
+        order = [pieces[i] for i in range(len(pieces))]
+        alphas = sorted({alpha for _, _, alpha in order})
+        if len(alphas) > 1:
+            raise ValueError(
+                f"{directory}: the file gives the layers of a stacked op-level layer different "
+                f"alphas {alphas}: a stacked layer has one"
+            )
+        a, b = (np.stack([piece[k] for piece in order]) for k in (0, 1))
+        out.append((layer, a, b, alphas[0]))
     return out
 
 

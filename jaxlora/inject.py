@@ -30,6 +30,7 @@ from jaxlora.tree import (
     INIT_NAME,
     LORA_NAMES,
     RECORD_NAMES,
+    ROLES_NAME,
     STACK_NAME,
     InitRecord,
     PyTree,
@@ -62,9 +63,12 @@ def inject(
     einsum projection, transformers' ``FlaxConv1D``) is adapted at the one product its weight
     enters (``jaxlora.product``): ``lora_a`` (B…, C…, r), ``lora_b`` (B…, r, F…) over the
     weight's batch, contracted and free axes in its own order, and a ``lora_roles`` leaf (no
-    arrays) recording them; kaiming or gaussian init only. A weight used non-linearly or by
-    two products, a module called twice per forward, a module with several weights in
-    products, or one stacked by ``nn.scan`` is refused, naming the reason.
+    arrays) recording them. Inside ``nn.scan`` (the weight stacked on the scan's layer axis
+    k; ``nn.remat`` inside or outside it changes nothing) the roles are one layer's and the
+    factors are stacked as a scanned Dense's are: each layer drawn alone, on axis k, with a
+    ``lora_stack`` record for k != 0. A weight used non-linearly or by two products, a module
+    called twice per forward, a module with several weights in products, or one under two
+    stacking transforms is refused, naming the reason.
 
     ``lora_a`` is drawn from ``rng`` folded with a hash of the layer
     path (so one layer's init does not depend on which others are targeted) per
@@ -124,7 +128,9 @@ def _inject(
             raise ValueError(f"{where} already has LoRA leaves")
         layout = None if layouts is None else layouts.get(path)
         if isinstance(layout, product.ProductLayout):
-            new[path] = _product_leaves(node, layout, config, rng, param_dtype, path, where)
+            new[path] = _product_leaves(
+                node, layout, config, rng, param_dtype, path, where, layer_names
+            )
             continue
         kind, name, in_axes = _layout(node, path, layouts, where)
         boxed = node[name]
@@ -183,17 +189,26 @@ def _inject(
     return _add_leaves(params, (), new)
 
 
-def _product_leaves(node, layout, config, rng, param_dtype, path: str, where: str) -> dict:
-    """The adapter of a module adapted at its weight's product (``jaxlora.product``)."""
-    roles = layout.roles
+def _product_leaves(
+    node, layout, config, rng, param_dtype, path: str, where: str, layer_names
+) -> dict:
+    """The adapter of a module adapted at its weight's product (``jaxlora.product``): one
+    layer's (``product.init_leaves``), or for a weight stacked by ``nn.scan`` each layer's
+    drawn alone and stacked on the layer axis, as a stacked Dense's (``_stacked_init``)."""
+    roles, axis = layout.roles, layout.axis
     boxed = node.get(layout.weight)
     shape = None if boxed is None else tuple(jnp.shape(meta.unbox(boxed)))
-    if shape != roles.shape:
+    one_layer = shape if not layout.stack or shape is None else _drop_axis(shape, axis)
+    if shape is None or one_layer != roles.shape:
+        stacked = f" (one layer's, stacked on axis {axis})" if layout.stack else ""
         raise TypeError(
-            f"{where}: the layouts give weight '{layout.weight}' {roles.shape}, but the params "
-            f"tree holds {shape if shape is not None else 'no such leaf'} there"
+            f"{where}: the layouts give weight '{layout.weight}' {roles.shape}{stacked}, but "
+            f"the params tree holds {shape if shape is not None else 'no such leaf'} there"
         )
     r, alpha = config.rank_for(path), config.alpha_for(path)
+    if layout.stack:
+        per_layer = _per_layer({path: layout}, path, shape, layer_names, where)
+        stacks.check_uniform(config, path, per_layer, where)
     core.check_hparams(
         r=r,
         alpha=alpha,
@@ -202,24 +217,37 @@ def _product_leaves(node, layout, config, rng, param_dtype, path: str, where: st
         out_features=roles.out_features,
         where=where,
     )
+    if layout.stack and axis:
+        _check_factor_axis(roles.lora_shapes(r), axis, where)
     key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
     scale = core.scaling(r, alpha, use_rslora=config.use_rslora)
-    leaves = product.init_leaves(
-        layout,
-        r,
-        config.init,
-        key,
-        param_dtype,
-        weight=meta.unbox(boxed) if config.init in WEIGHT_INITS else None,
-        scale=scale,
-        where=where,
-    )
+    weights = config.init in WEIGHT_INITS
+
+    def init_one(weight, *, key):
+        lora_a, lora_b, residual = product.init_factors(
+            roles,
+            r,
+            config.init,
+            key,
+            param_dtype,
+            weight=weight if weights else None,
+            scale=scale,
+            where=where,
+        )
+        leaves = {"lora_a": lora_a, "lora_b": lora_b}
+        return leaves if residual is None else {**leaves, layout.weight: residual}
+
+    leaves: dict[str, Any] = _stacked_init(meta.unbox(boxed), layout.stack, axis, key, init_one)
+    leaves[ROLES_NAME] = product.ProductRoles(layout.weight, roles)
+    if layout.stack and axis:  # the factors' layer axis is not in front: say where it is
+        leaves[STACK_NAME] = StackRecord(axis)
     if layout.weight in leaves:  # PiSSA/OLoRA: the weight is now the residual; say so
         if isinstance(boxed, meta.AxisMetadata):
             leaves[layout.weight] = boxed.replace_boxed(leaves[layout.weight])
         leaves[INIT_NAME] = InitRecord(config.init)
     if isinstance(boxed, meta.AxisMetadata) and hasattr(boxed, "names"):
-        names_a, names_b = product.axis_names(roles, tuple(boxed.names))
+        names = tuple(boxed.names) + (None,) * (len(shape) - len(boxed.names))
+        names_a, names_b = product.stacked_axis_names(roles, names, layout.stack, axis)
         # boxed is a flax struct dataclass (see _inject).
         leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)  # type: ignore[type-var]
         leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)  # type: ignore[type-var]
@@ -288,7 +316,10 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
     axes: dict[str, list[int]] = {}  # lifted module path -> the axes transforms added to it
     modules: dict[str, str] = {}  # path -> class name, the innermost (a lifted one wraps it)
 
-    products: dict[str, list] = {}  # path -> [ProductLayout or reason] per call
+    # path -> {scope: [ProductLayout or reason per call]}: a lifted transform (nn.scan) traces
+    # its body more than once, each time with new scopes; a module called twice per forward
+    # is called twice in one scope
+    products: dict[str, dict[Any, list]] = {}
     probing: list[bool] = []  # set for a second trace, which only learns the stacks' axes
 
     def record(next_fun, call_args, call_kwargs, context):
@@ -314,7 +345,8 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
             weight = module.get_variable("params", "embedding" if kind == "embed" else "kernel")
             found[path] = (kind, in_axes, tuple(jnp.shape(meta.unbox(weight))))
         elif kind is None and context.method_name == "__call__" and _has_weights(module):
-            products.setdefault(path, []).append(_product_layout(module, call_args, call_kwargs))
+            calls = products.setdefault(path, {}).setdefault(module.scope, [])
+            calls.append(_product_layout(module, call_args, call_kwargs))
         return out
 
     def init():
@@ -327,10 +359,19 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
         path: _lookup(params, path, "embedding" if kind == "embed" else "kernel")
         for path, (kind, _, _) in found.items()
     }
-    if any(w is not None and jnp.ndim(w) > len(found[p][2]) for p, w in weights.items()):
+    stacked_products = [
+        path
+        for path, calls in products.items()
+        for layout in (call[0] for call in calls.values())
+        if isinstance(layout, product.ProductLayout)
+        and jnp.ndim(_lookup(params, path, layout.weight)) > layout.ndim
+    ]
+    if stacked_products or any(
+        w is not None and jnp.ndim(w) > len(found[p][2]) for p, w in weights.items()
+    ):
         probing.append(True)  # a stacked layer: trace again to learn where its layer axis is
         jax.eval_shape(lambda: init())  # a new function: eval_shape caches traces by function
-    out = {}
+    out: dict[str, Layout | product.ProductLayout] = {}
     reasons = {}
     for path, (kind, in_axes, shape) in found.items():
         weight = weights[path]
@@ -345,20 +386,43 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
             continue
         out[path] = Layout(kind, in_axes, len(shape), stack, scan, axis)
     for path, calls in products.items():
-        layout = calls[0]
-        weight = None if isinstance(layout, str) else _lookup(params, path, layout.weight)
-        if len(calls) > 1:
-            reasons[path] = f"it is called {len(calls)} times in one forward (one product each)"
+        times = max(len(call) for call in calls.values())
+        layout = next(iter(calls.values()))[0]
+        if times > 1:
+            reasons[path] = f"it is called {times} times in one forward (one product each)"
         elif isinstance(layout, str):
             reasons[path] = layout
-        elif weight is not None and jnp.ndim(weight) != layout.ndim:
-            reasons[path] = (
-                f"its weight '{layout.weight}' is stacked by nn.scan/nn.vmap ({jnp.ndim(weight)} "
-                f"axes in the params tree, {layout.ndim} in its call): not supported at a product"
-            )
         else:
-            out[path] = layout
+            stacked = _stacked_product(path, layout, params, views, axes)
+            if isinstance(stacked, str):
+                reasons[path] = stacked
+            else:
+                out[path] = stacked
     return Layouts(out, modules, reasons)
+
+
+def _stacked_product(path, layout, params, views, axes) -> product.ProductLayout | str:
+    """``layout`` as the params tree holds its weight: with the layer axis of the ``nn.scan``
+    (or ``nn.vmap``) around it when the weight is stacked (``stack``, ``scan``, ``axis``, as a
+    stacked Dense's ``Layout``), or why it cannot be adapted (a string)."""
+    weight = _lookup(params, path, layout.weight)
+    stack = 0 if weight is None else jnp.ndim(weight) - layout.ndim
+    if not stack:
+        return layout
+    shape = tuple(jnp.shape(weight))
+    scan = _scan_root(path, views, params)
+    axis = axes.get(scan, [0])[0] if scan is not None else 0
+    if stack != 1 or scan is None or _drop_axis(shape, axis) != layout.roles.shape:
+        why = (
+            "only one stacking transform (nn.scan/nn.vmap) around a layer is supported"
+            if stack != 1
+            else "no submodule is the scanned one (scan a module class, e.g. nn.scan(Block, ...))"
+            if scan is None
+            else f"stacked by '{scan}' on axis {axis}, which does not leave the "
+            f"{layout.roles.shape} its call sees"
+        )
+        return f"its weight '{layout.weight}' {shape} is stacked: {why}"
+    return dataclasses.replace(layout, stack=1, scan=scan, axis=axis)
 
 
 # For a model with stacked layers, layouts() traces once more with a probe variable beside the
@@ -557,7 +621,11 @@ def _stacked_init(
 def _check_axis_fits(kind: str, front: tuple, r: int, in_axes: int, axis: int, where: str):
     """A ``TypeError`` unless both stacked factors have the layer axis ``axis`` (nn.scan puts
     it there in every param of the layer, and a factor may have fewer axes than the weight)."""
-    per_layer = kinds.lora_shapes(kind, front[1:], r, in_axes)
+    _check_factor_axis(kinds.lora_shapes(kind, front[1:], r, in_axes), axis, where)
+
+
+def _check_factor_axis(per_layer: tuple, axis: int, where: str) -> None:
+    """``_check_axis_fits`` for one layer's (lora_a, lora_b) shapes."""
     for leaf, shape in zip(("lora_a", "lora_b"), per_layer, strict=True):
         if kinds.axis_position(len(shape) + 1, axis) is None:
             raise TypeError(
@@ -591,6 +659,8 @@ def _select(nodes: Mapping, config: LoRAConfig, layouts, layer_names) -> list[st
         node = nodes[path]
         name = kinds.base_name(node) if isinstance(node, Mapping) else None
         layout = None if layouts is None else layouts.get(path)
+        if isinstance(layout, product.ProductLayout) and layout.weight in node:
+            name = layout.weight
         if name is not None and layout is not None and layout.stack == 1 and layout.scan:
             shape = jnp.shape(meta.unbox(node[name]))
             per_layer[path] = _per_layer(layouts, path, shape, layer_names, f"layer '{path}'")

@@ -16,7 +16,7 @@ import numpy as np
 from flax import struct
 from flax.core import meta
 
-from jaxlora import core, kinds, oplevel, product
+from jaxlora import core, kinds, product
 from jaxlora.quant._base import dequantize_base, is_quantized, requantize_merged
 from jaxlora.tree import (
     LORA_NAMES,
@@ -223,9 +223,11 @@ def _delta(
     ``scale`` (unmerge's recorded one) replaces the one ``alpha`` gives."""
     if ROLES_NAME in node:
         where = f"{op}: layer '{path_str(path)}'"
-        name, base, lora_a, lora_b, marker = product.check_product(node, where)
+        name, base, lora_a, lora_b, marker = product.check_product(node, where, stacked=True)
         roles = marker.roles
-        r = jnp.shape(lora_a)[-1]
+        # an nn.scan stack merges layer by layer, each slice with its own adapter slice
+        axis = product.stack_axis(node, base, lora_a, lora_b)
+        r = product.rank(lora_a, axis)
         layer_alpha = alpha(path_str(path)) if callable(alpha) else alpha
         core.check_hparams(
             r=r,
@@ -237,7 +239,7 @@ def _delta(
         )
         if scale is None:
             scale = core.scaling(r, layer_alpha, use_rslora=use_rslora)
-        return name, base, oplevel.delta(roles, lora_a, lora_b, scale), scale
+        return name, base, product.layer_deltas(roles, lora_a, lora_b, scale, axis), scale
     kind, name, base, lora_a, lora_b = _layer(node, path, op)
     # A stack on a layer axis other than 0 (its lora_stack record) is merged with that axis
     # in front, then the delta moved back into the weight's own layout.

@@ -23,8 +23,13 @@ Limits (each refused with the reason, never computed wrongly): the weight must r
 one ``dot_general`` and nothing else (a bias-like use, a second product, a module called twice
 in one forward, or a weight also used outside its module are refused); only ``transpose``,
 ``convert_element_type``, ``copy``, whole-axis-merging ``reshape`` and nested ``jit`` may lie
-between; a product inside ``scan``/``while``/``cond``/``remat``/custom derivatives is refused.
-Nested ``jit`` calls on the way to the product are inlined when evaluated.
+between; a product inside ``scan``/``while``/``cond``/``remat``/custom derivatives of the call
+evaluated is refused. Nested ``jit`` calls on the way to the product are inlined when evaluated.
+Finding a weight's roles in a whole model's trace (``find_product(..., through=True)``, NNX's
+``inject``) also looks into ``remat`` and into a ``scan`` that slices the weight per iteration
+(a stack of layers run by ``nnx.scan``): the product found there is one layer's
+(``Product.sliced`` names the weight's layer axes; ``per_layer`` gives one layer's roles), and
+that layer's own call is what is evaluated.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from jaxlora import core
 # (a view, or a cast), so the product still multiplies the weight linearly.
 _VIEWS = ("transpose", "reshape", "convert_element_type", "copy", "copy_p")
 _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr"}
+# Looked into only to find roles (``through=True``), never inlined by ``evaluate``.
+_REMATS = {"remat2": "jaxpr", "checkpoint": "jaxpr"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +92,7 @@ class Product:
     dims: Any
     groups: tuple[tuple[int, ...], ...]
     roles: Roles
+    sliced: tuple[int, ...] = ()  # W's axes a scan slices on the way (its layer axes)
 
 
 class NotAProduct(ValueError):
@@ -98,17 +106,21 @@ def find_product(
     *,
     where: str,
     returned: int | None = None,
+    through: bool = False,
 ) -> Product:
     """The one product that ``jaxpr``'s input ``index`` (a weight of ``shape``) enters.
 
     ``returned`` is the output position where the weight may come back unchanged (a traced
-    module returning its own state). Raises ``NotAProduct`` if the weight enters no product,
-    and ``ValueError`` naming ``where`` and the reason if it is used otherwise.
+    module returning its own state). ``through``: also look into ``remat`` and into a ``scan``
+    slicing the weight per iteration (for roles only: such a path cannot be evaluated).
+    Raises ``NotAProduct`` if the weight enters no product, and ``ValueError`` naming
+    ``where`` and the reason if it is used otherwise.
     """
     products: list[Product] = []
     others: list[str] = []
     identity = tuple((i,) for i in range(len(shape)))
-    _follow(jaxpr, jaxpr.invars[index], identity, (), products, others, returned)
+    state = _Walk(products, others, through)
+    _follow(jaxpr, jaxpr.invars[index], identity, (), state, returned, ())
     if not products:
         if others:
             raise NotAProduct(f"{where}: used only by {', '.join(sorted(set(others)))}")
@@ -134,31 +146,86 @@ def find_product(
     return products[0]
 
 
-def _follow(jaxpr, var, groups, path, products, others, returned) -> None:
+@dataclasses.dataclass
+class _Walk:
+    products: list[Product]
+    others: list[str]
+    through: bool
+
+
+def _follow(jaxpr, var, groups, path, walk: _Walk, returned, sliced, inner=False) -> list[int]:
+    """Follows ``var`` (W's axes per its axis: ``groups``) through ``jaxpr``; returns the
+    outputs where an ``inner`` jaxpr (a call's, remat's or scan's body) gives it back
+    unchanged (``nnx.remat`` returns the module's state), which the caller follows on."""
     outs = [i for i, v in enumerate(jaxpr.outvars) if v is var]
-    allowed = [returned] if path == () and groups == tuple((i,) for i in range(len(groups))) else []
+    identity = groups == tuple((i,) for i in range(len(groups)))
+    allowed = [returned] if path == () and identity else []
+    through = outs if inner else []
     for i in outs:
-        if i not in allowed:
-            others.append("an output of the traced call (it escapes its product)")
+        if i not in allowed and i not in through:
+            walk.others.append("an output of the traced call (it escapes its product)")
     for i, eqn in enumerate(jaxpr.eqns):
         for pos, v in enumerate(eqn.invars):
             if v is not var:
                 continue
             name = eqn.primitive.name
             if name == "dot_general":
-                products.append(_product((*path, i), pos, eqn, groups))
+                walk.products.append(_product((*path, i), pos, eqn, groups, sliced))
             elif name in _VIEWS:
                 view = _view(eqn, groups)
                 if view is None:
-                    others.append(f"a {name} that splits one of its axes")
+                    walk.others.append(f"a {name} that splits one of its axes")
                 else:
-                    _follow(jaxpr, eqn.outvars[0], view, path, products, others, None)
-            elif name in _CALLS:
-                inner = eqn.params[_CALLS[name]]
-                inner = getattr(inner, "jaxpr", inner)
-                _follow(inner, inner.invars[pos], groups, (*path, i), products, others, None)
+                    _follow(jaxpr, eqn.outvars[0], view, path, walk, None, sliced)
+            elif name in _CALLS or (walk.through and name in _REMATS):
+                body = eqn.params[_CALLS.get(name) or _REMATS[name]]
+                body = getattr(body, "jaxpr", body)
+                back = _follow(body, body.invars[pos], groups, (*path, i), walk, None, sliced, True)
+                for k in back:
+                    _follow(jaxpr, eqn.outvars[k], groups, path, walk, None, sliced, inner)
+            elif walk.through and name == "scan" and _scanned(eqn, pos, groups):
+                # one layer's slice per iteration: the body sees the weight without axis 0
+                body = eqn.params["jaxpr"].jaxpr
+                layer = (*sliced, groups[0][0])
+                back = _follow(
+                    body, body.invars[pos], groups[1:], (*path, i), walk, None, layer, True
+                )
+                for k in back:  # returned per iteration as a scanned output: the stack again
+                    if k < eqn.params["num_carry"]:
+                        walk.others.append("a scan carry (it would change per layer)")
+                    else:
+                        _follow(jaxpr, eqn.outvars[k], groups, path, walk, None, sliced, inner)
+            elif walk.through and name == "scan":
+                walk.others.append("a scan that does not slice it into one layer per iteration")
             else:
-                others.append(name)
+                walk.others.append(name)
+    return through
+
+
+def _scanned(eqn, pos: int, groups) -> bool:
+    """Whether a ``scan``'s operand ``pos`` is scanned over (not a constant or carry) on an
+    axis that is one whole axis of W (a layer axis)."""
+    first = eqn.params["num_consts"] + eqn.params["num_carry"]
+    return pos >= first and len(groups[0]) == 1
+
+
+def per_layer(product: Product) -> Product:
+    """A product found through a scan (``product.sliced``: the weight's layer axes) as one
+    layer's: its roles and groups over the weight without those axes, in the same order."""
+    if not product.sliced:
+        return product
+    keep = [a for a in range(len(product.roles.shape)) if a not in product.sliced]
+    new = {a: k for k, a in enumerate(keep)}
+    renumber = lambda axes: tuple(new[a] for a in axes)  # noqa: E731
+    roles = product.roles
+    roles = Roles(
+        tuple(roles.shape[a] for a in keep),
+        renumber(roles.batch),
+        renumber(roles.contracted),
+        renumber(roles.free),
+    )
+    groups = tuple(renumber(g) for g in product.groups)
+    return dataclasses.replace(product, groups=groups, roles=roles, sliced=())
 
 
 def _view(eqn, groups):
@@ -183,13 +250,13 @@ def _view(eqn, groups):
     return tuple(out) if k == len(old) else None
 
 
-def _product(path, side, eqn, groups) -> Product:
+def _product(path, side, eqn, groups, sliced) -> Product:
     (contract, batch) = eqn.params["dimension_numbers"]
     mine_c, mine_b = contract[side], batch[side]
     of = lambda axes: tuple(sorted(w for a in axes for w in groups[a]))  # noqa: E731
     free_axes = [a for a in range(len(groups)) if a not in mine_c and a not in mine_b]
     roles = Roles((), of(mine_b), of(mine_c), of(free_axes))
-    return Product(path, side, eqn.params["dimension_numbers"], groups, roles)
+    return Product(path, side, eqn.params["dimension_numbers"], groups, roles, tuple(sliced))
 
 
 def split_args(args: tuple, kwargs: dict):

@@ -11,6 +11,12 @@ unchanged) that says which weight and which roles the adapter was made for. Tree
 (a square ``FlaxConv1D`` kernel (out, in) looks like a Dense (in, out) one). ``intercept``
 traces the module's call again and evaluates that jaxpr with the branch added at the product,
 after checking that the call uses the weight as recorded.
+
+Inside ``nn.scan`` the module's call sees one layer's weight, so the roles are one layer's;
+the params tree holds the weight and both factors stacked on the scan's layer axis (a
+``lora_stack`` record beside them when it is not 0), as for a scanned Dense: the stacked
+adapter is one layer's with a layer axis (``check_product(stacked=True)``, ``stack_axis``),
+each layer's slice applied inside the scan by the same ``apply``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from flax import linen as nn
 from flax.core import meta
 
 from _loracore.config import WEIGHT_INITS
-from jaxlora import core, oplevel
+from jaxlora import core, kinds, oplevel
 from jaxlora.tree import QUANT_NAME, iter_lora_layers
 from jaxlora.tree import ROLES_NAME as ROLES
 
@@ -45,22 +51,30 @@ class ProductRoles:
 @dataclasses.dataclass(frozen=True)
 class ProductLayout:
     """``jaxlora.layouts``' entry for a module adapted at a product: which weight, its roles
-    (``kind`` is ``"product"``; such a layer is never stacked)."""
+    in one layer's call (``kind`` is ``"product"``). Inside ``nn.scan`` (a weight stacked on a
+    layer axis) ``stack`` is 1, ``scan`` the scanned module's path and ``axis`` the layer axis,
+    as for a stacked Dense's ``Layout``."""
 
     weight: str
     roles: oplevel.Roles
     kind: str = "product"
     stack: int = 0
-    scan: None = None
+    scan: str | None = None
+    axis: int = 0
 
     @property
     def ndim(self) -> int:
         return len(self.roles.shape)
 
 
-def check_product(node: Mapping[str, Any], where: str) -> tuple[str, Any, Any, Any, ProductRoles]:
+def check_product(
+    node: Mapping[str, Any], where: str, *, stacked: bool = False
+) -> tuple[str, Any, Any, Any, ProductRoles]:
     """(weight name, weight, lora_a, lora_b, marker) of a node with ``lora_roles``, unboxed,
-    every shape checked against the roles; a ``ValueError`` naming the layer otherwise."""
+    every shape checked against the roles; a ``ValueError`` naming the layer otherwise. A
+    layer stacked by ``nn.scan`` (one layer's shapes with a layer axis at its ``lora_stack``
+    record's position, 0 without one) is accepted only with ``stacked=True`` (see
+    ``stack_axis``): a caller that does not handle it must refuse it."""
     marker = node[ROLES]
     if not isinstance(marker, ProductRoles):
         raise ValueError(f"{where}: '{ROLES}' must be a ProductRoles, got {type(marker).__name__}")
@@ -69,17 +83,82 @@ def check_product(node: Mapping[str, Any], where: str) -> tuple[str, Any, Any, A
         raise ValueError(f"{where}: an op-level adapter (lora_roles) without {missing}")
     w, a, b = (meta.unbox(node[n]) for n in (marker.weight, "lora_a", "lora_b"))
     roles = marker.roles
-    r = jnp.shape(a)[-1] if jnp.ndim(a) else 0
-    want = (roles.shape, *roles.lora_shapes(r))
+    layer = stack_axis(node, w, a, b)
+    r = rank(a, layer)
+    if layer is not None and not stacked:
+        raise ValueError(
+            f"{where}: '{marker.weight}' {tuple(jnp.shape(w))} and its adapter are stacked "
+            f"(nn.scan, layer axis {layer}) over one layer's {roles.shape}, which this "
+            "operation does not handle (adapter files: pass layer_names; a forward: run it in "
+            "the nn.scan that stacks it)"
+        )
+    want: tuple[tuple[int, ...], ...] = (roles.shape, *roles.lora_shapes(r))
+    if layer is not None:
+        want = tuple(_with_layer(s, layer, jnp.shape(w)[_at(w, layer)]) for s in want)
     for name, value, expected in zip(
         (marker.weight, "lora_a", "lora_b"), (w, a, b), want, strict=True
     ):
         if tuple(jnp.shape(value)) != tuple(expected):
             raise ValueError(
                 f"{where}, '{name}': expected shape {tuple(expected)} for the product roles "
-                f"{roles} and r={r}, got {tuple(jnp.shape(value))}"
+                f"{roles} and r={r}"
+                + (f", stacked on layer axis {layer}" if layer is not None else "")
+                + f", got {tuple(jnp.shape(value))}"
             )
     return marker.weight, w, a, b, marker
+
+
+def stack_axis(node: Mapping[str, Any], w, a, b) -> int | None:
+    """The layer axis of a product adapter stacked by ``nn.scan`` (its ``lora_stack``
+    record's, else 0), or ``None`` for one layer's: the roles record one layer's weight, so
+    a weight with one axis more is a stack."""
+    roles = node[ROLES].roles
+    if jnp.ndim(w) != len(roles.shape) + 1:
+        return None
+    return kinds.layer_axis(node)
+
+
+def rank(lora_a, axis: int | None) -> int:
+    """r of ``lora_a`` (its last axis, once a stack's layer axis ``axis`` is in front)."""
+    shape = tuple(jnp.shape(lora_a))
+    if axis is not None and kinds.axis_position(len(shape), axis) is not None:
+        shape = kinds.to_front(shape, axis)
+    return shape[-1] if shape else 0
+
+
+def _at(x, axis: int) -> int:
+    return kinds.position_of(jnp.ndim(x), axis)
+
+
+def _with_layer(shape: tuple, axis: int, length: int) -> tuple:
+    """One layer's ``shape`` with the layer axis (``length``) at ``axis``, as nn.scan puts it
+    (a negative axis counts from the end of the stacked array)."""
+    return kinds.from_front((length, *shape), axis)
+
+
+def stacked_axis_names(
+    roles: oplevel.Roles, names: tuple, stack: int, axis: int
+) -> tuple[tuple, tuple]:
+    """``axis_names`` of a weight stacked on ``axis`` (``stack`` is 1) or not (0): the layer
+    axis's name goes to the factors' layer axis."""
+    if not stack:
+        return axis_names(roles, names)
+    front = kinds.to_front(tuple(names), axis)
+    names_a, names_b = axis_names(roles, front[1:])
+    return (
+        kinds.from_front((front[0], *names_a), axis),
+        kinds.from_front((front[0], *names_b), axis),
+    )
+
+
+def layer_deltas(roles: oplevel.Roles, lora_a, lora_b, scale: float, axis: int | None):
+    """``oplevel.delta`` of one layer's factors, or of each layer of a stack (layer axis
+    ``axis``) stacked on that axis, in the weight's layout."""
+    if axis is None:
+        return oplevel.delta(roles, lora_a, lora_b, scale)
+    one = lambda a, b: oplevel.delta(roles, a, b, scale)  # noqa: E731
+    front = jax.vmap(one)(kinds.to_front(lora_a, axis), kinds.to_front(lora_b, axis))
+    return kinds.from_front(front, axis)
 
 
 def axis_names(roles: oplevel.Roles, names: tuple) -> tuple[tuple, tuple]:

@@ -63,10 +63,13 @@ def _specs(node: Mapping, specs: Mapping, path: tuple) -> Mapping:
             out[key] = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
     if ROLES_NAME in node:  # an adapter made at a product: each axis as the weight's
         where = f"partition_specs: layer '{path_str(path)}'"
-        name, base, _, _, marker = product.check_product(node, where)
+        name, base, lora_a, lora_b, marker = product.check_product(node, where, stacked=True)
         spec = specs.get(name) if isinstance(specs, Mapping) else None
         names = tuple(spec) if isinstance(spec, PartitionSpec) else ()
-        names_a, names_b = product.axis_names(marker.roles, names)
+        names += (None,) * (len(base.shape) - len(names))
+        axis = product.stack_axis(node, base, lora_a, lora_b)
+        stack, axis = (0, 0) if axis is None else (1, axis)
+        names_a, names_b = product.stacked_axis_names(marker.roles, names, stack, axis)
         out["lora_a"], out["lora_b"] = PartitionSpec(*names_a), PartitionSpec(*names_b)
     elif any(name in node for name in LORA_NAMES):
         where = f"partition_specs: layer '{path_str(path)}'"

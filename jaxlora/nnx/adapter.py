@@ -41,26 +41,35 @@ ADAPTED = (LoRALinear, Adapter)
 
 
 def _op_layouts(
-    model: nnx.Module, path_map: hf_maps.SpecMap
-) -> dict[str, tuple[OpAdapter, str, HFLayout]]:
-    """{key: (op-level layer, weight name, its torch layout)} per ``path_map`` (a torch path or
-    an ``HFLinear``, see ``jaxlora.hf_maps``); refuses batch axes and bad specs by layer name.
-    The key, which ``path_map`` maps, is the layer's NNX path, or ``<path>.<weight>`` for each
-    weight of a layer with several adapted weights (by default its own torch path: a torch twin
-    holding one Linear per weight under the weight's name)."""
-    out = {}
-    for p, module in nnx.iter_graph(model):
+    model: nnx.Module, path_map: hf_maps.SpecMap, layer_names: Mapping[str, str] | None = None
+) -> dict[str, tuple[OpAdapter, str, HFLayout, int | None]]:
+    """{key: (op-level layer, weight name, its torch layout, layer index)} per ``path_map`` (a
+    torch path or an ``HFLinear``, see ``jaxlora.hf_maps``); refuses batch axes and bad specs by
+    layer name. The key, which ``path_map`` maps, is the layer's NNX path, or
+    ``<path>.<weight>`` for each weight of a layer with several adapted weights (by default its
+    own torch path: a torch twin holding one Linear per weight under the weight's name). A
+    stacked layer (``nnx.vmap``, run by ``nnx.scan``) appears once per layer, under its
+    per-layer path (``jaxlora.stacks``), with its index: PEFT files know no stacks."""
+    modules = {".".join(map(str, p)): (p, m) for p, m in nnx.iter_modules(model) if p}
+    per_layer = per_layer_paths(modules, layer_names)
+    out: dict[str, tuple[OpAdapter, str, HFLayout, int | None]] = {}
+    for name, (_, module) in modules.items():
         if not isinstance(module, OpAdapter):
             continue
-        name = ".".join(map(str, p))
+        layers: list[tuple[str, int | None]] = [(name, None)]
+        if stack_of(module):
+            layers = list(zip(per_layer[name], range(len(per_layer[name])), strict=True))
         several = len(module.lora_products) > 1
-        for weight_name, roles in module.lora_products:
-            key = f"{name}.{weight_name}" if several else name
-            weight = getattr(module, weight_name)
-            where = f"layer '{name}', weight '{weight_name}' {tuple(weight.shape)}"
-            spec = path_map(key) if callable(path_map) else (path_map or {}).get(key, key)
-            out[key] = (module, weight_name, hf_maps.layout(spec, roles, where))
-    torch_paths = [t for _, _, lay in out.values() for t in lay.paths]
+        for path, index in layers:
+            for weight_name, roles in module.lora_products:
+                key = f"{path}.{weight_name}" if several else path
+                weight = getattr(module, weight_name)
+                where = f"layer '{path}', weight '{weight_name}' {tuple(weight.shape)}"
+                if index is not None:
+                    where += f" (layer {index} of the stack '{name}')"
+                spec = path_map(key) if callable(path_map) else (path_map or {}).get(key, key)
+                out[key] = (module, weight_name, hf_maps.layout(spec, roles, where), index)
+    torch_paths = [t for _, _, lay, _ in out.values() for t in lay.paths]
     twice = sorted({t for t in torch_paths if torch_paths.count(t) > 1})
     if twice:
         raise ValueError(f"path_map names the torch module(s) {twice} for several weights")
@@ -115,15 +124,15 @@ def save_adapter(
     config = config if config is not None else getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("save_adapter: pass a LoRAConfig (the model has no lora_config)")
-    ops = _op_layouts(model, path_map)
+    ops = _op_layouts(model, path_map, layer_names)
     views = _views(model, path_map, layer_names)
     layers = {p: (n, m, i) for p, (n, m, i, _) in views.items() if isinstance(m, ADAPTED)}
     if not layers and not ops:
         raise ValueError("save_adapter: the model has no LoRA layers")
-    clash = sorted(set(views) & {t for _, _, lay in ops.values() for t in lay.paths})
+    clash = sorted(set(views) & {t for _, _, lay, _ in ops.values() for t in lay.paths})
     if clash:
         raise ValueError(f"save_adapter: path_map names the torch module(s) {clash} twice")
-    modules = [m for _, m, _ in layers.values()] + [m for m, _, _ in ops.values()]
+    modules = [m for _, m, _ in layers.values()] + [m for m, _, _, _ in ops.values()]
     for flag in ("use_rslora", "use_dora"):
         if any(getattr(m, flag, False) != getattr(config, flag) for m in modules):
             raise ValueError(f"save_adapter: the layers' {flag} differs from the config's")
@@ -142,14 +151,16 @@ def save_adapter(
     ranks = {
         p: (m.r, float(m.r if m.alpha is None else m.alpha)) for p, (_, m, _) in layers.items()
     }
-    for name, (module, weight, lay) in ops.items():
+    for name, (module, weight, lay, index) in ops.items():
         hf_maps.check_op_init(module.lora_init, config, f"save_adapter: layer '{name}'", "save")
         a, b = (np.asarray(f[...]) for f in module.factors(weight))
+        if index is not None:  # one layer of a stack
+            a, b = a[index], b[index]
         for path, pair in hf_maps.to_peft(lay, a, b).items():
             key_a, key_b = tensor_keys(path, "linear")
             tensors[key_a], tensors[key_b] = pair
             ranks[path] = (module.r, float(module.r if module.alpha is None else module.alpha))
-    lays = [lay for _, _, lay in ops.values()]
+    lays = [lay for _, _, lay, _ in ops.values()]
     peft = file_config(
         config,
         ranks,
@@ -185,11 +196,11 @@ def load_adapter(
     ready map, as for ``save_adapter``.
     """
     path_map = hf_maps.resolve(path_map)
-    ops = _op_layouts(model, path_map)
+    ops = _op_layouts(model, path_map, layer_names)
     specs = (map_path(path_map, ".".join(map(str, p))) for p, _ in nnx.iter_modules(model) if p)
-    conv1d = hf_maps.conv1d_of(specs) or any(lay.conv1d for _, _, lay in ops.values())
+    conv1d = hf_maps.conv1d_of(specs) or any(lay.conv1d for _, _, lay, _ in ops.values())
     config, everything = read_adapter(directory, conv1d=conv1d)
-    op_paths = {t for _, _, lay in ops.values() for t in lay.paths}
+    op_paths = {t for _, _, lay, _ in ops.values() for t in lay.paths}
     views = _views(model, path_map, layer_names)
     modules = {p: v[1] for p, v in views.items()}
     _refuse_unadapted_ops(model, path_map, set(everything), directory)
@@ -275,7 +286,7 @@ def load_adapter(
         order = [pieces[i] for i in range(len(pieces))]
         layer.lora_a[...] = jnp.asarray(np.stack([a for a, _ in order]), layer.lora_a.dtype)
         layer.lora_b[...] = jnp.asarray(np.stack([b for _, b in order]), layer.lora_b.dtype)
-    for layer, weight, lora_a, lora_b, alpha in op_values:
+    for layer, weight, lora_a, lora_b, alpha in _stack_ops(op_values):
         var_a, var_b = layer.factors(weight)
         var_a[...] = jnp.asarray(lora_a, var_a.dtype)
         var_b[...] = jnp.asarray(lora_b, var_b.dtype)
@@ -291,18 +302,36 @@ def _ops_from_file(ops: dict, tensors: dict, config: LoRAConfig, directory) -> l
     layer must have one alpha (the layer has one scaling)."""
     out = []
     alphas: dict[int, dict[str, float]] = {}
-    for name, (layer, weight, lay) in ops.items():
+    for name, (layer, weight, lay, index) in ops.items():
         where = f"{directory}: layer '{name}'"
         hf_maps.check_op_init(layer.lora_init, config, where, "load")
         a, b, alpha = hf_maps.read_op(lay, layer.r, tensors, config, where)
-        out.append((layer, weight, a, b, alpha))
+        out.append((layer, weight, index, a, b, alpha))
         alphas.setdefault(id(layer), {})[name] = alpha
     for found in alphas.values():
         if len(set(found.values())) > 1:
             raise ValueError(
-                f"{directory}: the file gives the weights of one layer different alphas "
-                f"{found}: a layer with several adapted weights has one scaling"
+                f"{directory}: the file gives one op-level layer (its several adapted weights, "
+                f"or the layers of its stack) different alphas {found}: it has one scaling"
             )
+    return out
+
+
+def _stack_ops(values: list[tuple]) -> list[tuple]:
+    """[(op-level layer, weight name, lora_a, lora_b, alpha)] with a stacked layer's per-layer
+    values stacked on its layer axis (all its layers are in ``values``: ``_op_layouts`` lists
+    each)."""
+    out: list[tuple] = []
+    stacked: dict[tuple[int, str], tuple[OpAdapter, dict[int, tuple]]] = {}
+    for layer, weight, index, a, b, alpha in values:
+        if index is None:
+            out.append((layer, weight, a, b, alpha))
+        else:
+            stacked.setdefault((id(layer), weight), (layer, {}))[1][index] = (a, b, alpha)
+    for (_, weight), (layer, pieces) in stacked.items():
+        order = [pieces[i] for i in range(len(pieces))]
+        a, b = (np.stack([piece[k] for piece in order]) for k in (0, 1))
+        out.append((layer, weight, a, b, order[0][2]))
     return out
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 from flax.nnx import graph
 
 from _loracore.config import WEIGHT_INITS
-from jaxlora import core, kinds, stacks
+from jaxlora import core, kinds, oplevel, stacks
 from jaxlora.config import LoRAConfig
 from jaxlora.nnx.base import Adapter
 from jaxlora.nnx.conv import LoRAConv
@@ -35,7 +35,10 @@ _ADAPTED: dict[type[nnx.Module], type[Adapter]] = {
 def stack_of(module: nnx.Module) -> int:
     """How many leading layer axes (``nnx.vmap``-made stacks) a supported layer's weight has
     beyond what its own features say: a stacked ``nnx.Linear(16, 16)`` holds a (L, 16, 16)
-    kernel."""
+    kernel; an op-level layer's weight, beyond one layer's roles."""
+    if isinstance(module, OpAdapter):
+        name, roles = module.lora_products[0]  # the weights of one module are stacked alike
+        return getattr(module, name).ndim - len(roles.shape)
     if isinstance(module, nnx.Linear | LoRALinear):
         return module.kernel.ndim - 2
     if isinstance(module, nnx.LinearGeneral):
@@ -235,7 +238,11 @@ def inject(
     runs) to find, for each such module, its one ``nnx.Param`` used by a ``dot_general`` and
     that weight's contracted, batch and free axes; see ``jaxlora.oplevel`` and
     ``jaxlora.nnx.oplevel``. The module becomes a subclass of its own type with ``lora_a``
-    (batch…, contracted…, r) and ``lora_b`` (batch…, r, free…) beside the weight.
+    (batch…, contracted…, r) and ``lora_b`` (batch…, r, free…) beside the weight. Such modules
+    in an ``nnx.vmap``-made stack run by ``nnx.scan`` (and under ``nnx.remat``) are found
+    through the scan, one layer's product, and get stacked adapters as stacked ``nnx.Linear``
+    layers do (layer axis 0 only; targeted by the stack path: their per-layer paths are
+    known only once traced).
 
     Raises:
         ValueError: no layer matches (the message lists the layer paths), the root module is
@@ -276,6 +283,7 @@ def inject(
         products = find_weights(model, by_product, inputs, only=only)
     for name, found in products.items():
         _check_by_product(modules[name][1], name, config, found)
+    _check_product_stacks(modules, products, config, layer_names)
     groups = _tied(modules, chosen, config)
     # Every layer is built before any is put in: a failure leaves the model as it was. PiSSA/
     # OLoRA write the residual into the shared weights while building, so the weights' values
@@ -300,6 +308,35 @@ def inject(
     # flax declares no attributes on nnx.Module; a module takes any.
     model.lora_config = config  # type: ignore[attr-defined]
     return model
+
+
+def _check_product_stacks(modules, products: Mapping, config: LoRAConfig, layer_names) -> None:
+    """Stacked modules adapted at their product (found through ``nnx.scan``) get one (r, alpha)
+    for all their layers, as stacked ``nnx.Linear`` layers do (``stacks.check_uniform``), and
+    all their adapted weights stacked alike."""
+    stacked = {}
+    for name, found in products.items():
+        depth = _product_stack(modules[name][1], found, f"inject: layer '{name}'")
+        if depth:
+            stacked[name] = depth
+    if not stacked:
+        return
+    per_layer = per_layer_paths(modules, layer_names, stacked)
+    for name in stacked:
+        stacks.check_uniform(config, name, per_layer[name], f"inject: layer '{name}'")
+
+
+def _product_stack(module: nnx.Module, found: Mapping[str, Any], where: str) -> int:
+    """How many leading layer axes (an ``nnx.vmap`` stack) the weights of a module adapted at
+    their products have beyond their roles' shapes: the same for all of them, or a
+    ``ValueError``."""
+    depths = {w: getattr(module, w).ndim - len(roles.shape) for w, roles in found.items()}
+    if len(set(depths.values())) > 1:
+        raise ValueError(
+            f"{where}: its adapted weights are stacked differently (leading layer axes "
+            f"{depths}): the weights of one module must be stacked together"
+        )
+    return next(iter(depths.values()))
 
 
 def _weight(module: nnx.Module) -> nnx.Variable:
@@ -366,7 +403,12 @@ def _build(
         wrap = LoRALinear.from_linear
     else:
         wrap = _ADAPTED[type(base)].from_base
-    return _per_layer(wrap, base, stack_of(base), **options)
+    if product is None:
+        weight, stack = _weight(base), stack_of(base)
+    else:
+        weight = getattr(base, next(iter(product)))
+        stack = _product_stack(base, product, f"inject: layer '{name}'")
+    return _per_layer(wrap, weight, stack, base, **options)
 
 
 def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
@@ -416,19 +458,22 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
     return model
 
 
-def _per_layer(wrap, base: nnx.Module, stack: int, *, rngs: nnx.Rngs, **options) -> nnx.Module:
-    """``wrap(base, rngs=rngs, **options)``, or for a stacked layer ``wrap`` on each layer's
-    slice under ``nnx.vmap`` with the rngs split per layer: the new layer's state (the shared
-    weight, the adapter, dropout's rng stream) is stacked as the base's was."""
+def _per_layer(
+    wrap, weight: nnx.Variable, stack: int, base: nnx.Module, *, rngs: nnx.Rngs, **options
+) -> nnx.Module:
+    """``wrap(base, rngs=rngs, **options)``, or for a stacked layer (its ``weight`` has
+    ``stack`` leading layer axes) ``wrap`` on each layer's slice under ``nnx.vmap`` with the
+    rngs split per layer: the new layer's state (the shared weight, the adapter, dropout's
+    rng stream) is stacked as the base's was."""
     if not stack:
         return wrap(base, rngs=rngs, **options)
     # A weight whose sharding names cover the layer axis (nnx.vmap(transform_metadata=
     # {nnx.PARTITION_NAME: ...})) is seen per layer only when the same axis name is given here;
     # the adapter then gets it as its leading name too.
-    metadata = _weight(base).get_metadata()
+    metadata = weight.get_metadata()
     names = next((metadata[k] for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
     extra: dict[str, Any] = {}
-    if names is not None and len(names) == _weight(base).ndim:
+    if names is not None and len(names) == weight.ndim:
         if names[0] is None:
             raise ValueError(
                 f"inject: the stacked layer's weight has sharding names {tuple(names)} with an "
@@ -437,7 +482,7 @@ def _per_layer(wrap, base: nnx.Module, stack: int, *, rngs: nnx.Rngs, **options)
             )
         extra["transform_metadata"] = {nnx.PARTITION_NAME: names[0]}
 
-    @nnx.split_rngs(splits=_length(base))
+    @nnx.split_rngs(splits=weight.shape[0])
     @nnx.vmap(in_axes=(0, 0), out_axes=0, **extra)
     def each(layer: nnx.Module, rngs: nnx.Rngs) -> nnx.Module:
         return wrap(layer, rngs=rngs, **options)
@@ -445,7 +490,13 @@ def _per_layer(wrap, base: nnx.Module, stack: int, *, rngs: nnx.Rngs, **options)
     return each(base, rngs)
 
 
-def _length(module: nnx.Module) -> int:
+def _length(module: nnx.Module, product: Any = None) -> int:
+    """L of a stacked layer; ``product``: a module to be adapted at its product (its weight
+    is found by tracing, so only its length is known: any truthy value)."""
+    if isinstance(module, OpAdapter):
+        return getattr(module, module.lora_weights[0]).shape[0]
+    if product:
+        return next(v.shape[0] for v in vars(module).values() if type(v) is nnx.Param)
     return _weight(module).shape[0]
 
 
@@ -454,21 +505,38 @@ def _merged(layer: LoRALinear | Adapter | OpAdapter) -> nnx.Module:
     merged weight is finite once, outside)."""
     if not stack_of(layer):
         return layer.to_base()
-    weight = getattr(layer, "embedding" if isinstance(layer, nnx.Embed) else "kernel")
-    with_delta = kernel_value(weight).astype(jnp.float32) + core.delta(
-        layer.lora_a[...], layer.lora_b[...], layer.scaling, weight.shape, 1
-    )
-    if not bool(jnp.isfinite(with_delta.astype(weight.dtype)).all()):
-        raise ValueError("the merged weight has non-finite values")
+    if isinstance(layer, OpAdapter):  # each layer's delta in its weight's own axis order
+        pairs = []
+        for name, roles in layer.lora_products:
+            one = functools.partial(_product_delta, roles, layer.scaling)
+            pairs.append(
+                (getattr(layer, name), jax.vmap(one)(*(f[...] for f in layer.factors(name))))
+            )
+    else:
+        weight = getattr(layer, "embedding" if isinstance(layer, nnx.Embed) else "kernel")
+        delta = core.delta(layer.lora_a[...], layer.lora_b[...], layer.scaling, weight.shape, 1)
+        pairs = [(weight, delta)]
+    for weight, delta in pairs:
+        with_delta = kernel_value(weight).astype(jnp.float32) + delta
+        if not bool(jnp.isfinite(with_delta.astype(weight.dtype)).all()):
+            raise ValueError("the merged weight has non-finite values")
     return nnx.vmap(lambda one: one.to_base(), in_axes=0, out_axes=0)(layer)
 
 
+def _product_delta(roles, scale: float, lora_a, lora_b) -> jax.Array:
+    return oplevel.delta(roles, lora_a, lora_b, scale)
+
+
 def per_layer_paths(
-    modules: dict[str, tuple[tuple, nnx.Module]], layer_names: Mapping[str, str] | None
+    modules: dict[str, tuple[tuple, nnx.Module]],
+    layer_names: Mapping[str, str] | None,
+    products: Mapping[str, int] | None = None,
 ) -> dict[str, list[str]]:
     """{path: per-layer paths} of every stacked supported layer. The index goes after the
-    outermost module whose adaptable layers are all stacked (where ``nnx.vmap`` made them)."""
+    outermost module whose adaptable layers are all stacked (where ``nnx.vmap`` made them).
+    ``products``: {path: layer axes} of the modules to be adapted at their product."""
     adaptable = {n: stack_of(m) for n, (_, m) in modules.items() if _supported(m)}
+    adaptable.update(products or {})
     out = {}
     for name, stack in adaptable.items():
         if stack != 1:
@@ -481,7 +549,8 @@ def per_layer_paths(
             if all(s for n, s in adaptable.items() if n == p or n.startswith(p + "."))
         )
         try:
-            out[name] = stacks.layer_paths(name, scan, _length(modules[name][1]), layer_names)
+            length = _length(modules[name][1], (products or {}).get(name))
+            out[name] = stacks.layer_paths(name, scan, length, layer_names)
         except ValueError as err:
             raise ValueError(f"inject: layer '{name}': {err}") from None
     return out
@@ -489,7 +558,9 @@ def per_layer_paths(
 
 def _supported(module: nnx.Module) -> bool:
     # Adapted layers count too: the adapter files name an injected stack's layers the same way.
-    return isinstance(module, nnx.Linear | LoRALinear | Adapter) or type(module) in _ADAPTED
+    return isinstance(module, nnx.Linear | LoRALinear | Adapter | OpAdapter) or (
+        type(module) in _ADAPTED
+    )
 
 
 def trainable_parameters(model: nnx.Module) -> ParamCount:

@@ -8,6 +8,12 @@ the branch added at the weight's product (traced once per input shapes and stati
 arguments, cached); ``to_base`` returns a module of the original type holding the merged
 weight. Dropout on the branch input follows ``nnx``'s ``train()``/``eval()`` (the wrapped call
 keeps the original signature, so it has no ``deterministic`` argument of its own).
+
+A stack of such modules made by ``nnx.vmap`` and run by ``nnx.scan`` (a weight with a leading
+layer axis) is found through the scan (``find_weights``: one layer's roles) and adapted as
+stacked ``nnx.Linear`` layers are, by ``nnx.vmap`` over the layers (``jaxlora.nnx.inject``):
+the same ``OpAdapter`` per layer, its factors stacked on axis 0, each layer's slice called
+inside the scan.
 """
 
 from __future__ import annotations
@@ -175,7 +181,9 @@ class OpAdapter(_Module):
         weight = self.lora_weight if weight is None else weight
         value = kernel_value(getattr(self, weight))
         merged = (value.astype(jnp.float32) + self.delta(weight)).astype(value.dtype)
-        if not bool(jnp.isfinite(merged).all()):
+        finite = jnp.isfinite(merged).all()
+        # Under nnx.vmap (a stacked layer) the caller checks the whole stack before
+        if not isinstance(finite, jax.core.Tracer) and not bool(finite):
             raise ValueError(f"the merged weight '{weight}' has non-finite values")
         return merged
 
@@ -268,13 +276,15 @@ def find_weights(
             where = f"inject: layer '{name}', weight '{attr}' {tuple(var.shape)}"
             index = index_of[tuple(map(str, where_of[id(var)]))]
             try:
-                product = oplevel.find_product(closed.jaxpr, index, var.shape, where=where)
+                product = oplevel.find_product(
+                    closed.jaxpr, index, var.shape, where=where, through=True
+                )
             except oplevel.NotAProduct as err:
                 if wanted is not None:  # named by target_parameters: it must be adaptable
                     raise ValueError(f"{err}; target_parameters names it") from None
                 unused.append(str(err).removeprefix(f"inject: layer '{name}', "))
                 continue
-            product = oplevel.with_shape(product, tuple(var.shape))
+            product = _one_layer(oplevel.with_shape(product, tuple(var.shape)), where)
             weights[attr] = product.roles
             if orders is not None:
                 orders[name, attr] = tuple(axis for group in product.groups for axis in group)
@@ -291,6 +301,19 @@ def find_weights(
             )
         found[name] = weights
     return found
+
+
+def _one_layer(product: oplevel.Product, where: str) -> oplevel.Product:
+    """The product as one layer's (``oplevel.per_layer``) when the weight is a stack that an
+    ``nnx.scan`` slices per layer: its axis 0, where ``inject`` stacks the adapter (as for
+    ``nnx.Linear`` stacks); a ``TypeError`` for any other layer axis or for nested scans."""
+    if product.sliced in ((), (0,)):
+        return oplevel.per_layer(product)
+    raise TypeError(
+        f"{where} is a stack that scans slice on its axes {product.sliced}: jaxlora.nnx adapts "
+        "stacks with one layer axis in front only (nnx.vmap(..., out_axes=0), run with "
+        "nnx.scan(in_axes=0 ...)); restack the layers on axis 0"
+    )
 
 
 def _key(path) -> tuple[str, ...]:

@@ -361,3 +361,69 @@ def test_from_qwix_reads_a_multi_weight_state(weights):
     want = _reference(factors)  # qwix's scaling: alpha / rank
     got = np.asarray(model.mlp(jnp.asarray(X)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+class _Stacked(nnx.Module):
+    """Two GatedMLP layers built by nnx.vmap (each weight stacked in front), run by nnx.scan."""
+
+    def __init__(self):
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make(scale):
+            mlp = GatedMLP()
+            for name in WEIGHTS:
+                getattr(mlp, name)[...] = getattr(mlp, name)[...] * scale
+            return mlp
+
+        self.layers = make(jnp.asarray([1.0, -0.5]))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, mlp):
+            return x + mlp(x)
+
+        return body(x, self.layers)
+
+
+def test_a_stack_of_multi_weight_modules_gets_per_layer_adapters_per_weight(tmp_path):
+    """Several adapted weights in a module of an nnx.vmap stack run by nnx.scan: each weight's
+    factors carry the layer axis; outputs, merge and the per-layer file keys
+    ('layers.1.w_up') equal the closed form of each layer's own adapters."""
+    model = _Stacked()
+    config = LoRAConfig(r=R, alpha=ALPHA, targets=["layers"])
+    jnnx.inject(model, config, nnx.Rngs(1), inputs=(jnp.asarray(X),))
+    mlp = model.layers
+    assert mlp.w_gate_lora_a.shape == (2, D, R) and mlp.w_down_lora_b.shape == (2, R, D)
+    for i, name in enumerate(WEIGHTS):  # non-zero B, distinct per weight and layer
+        var_b = getattr(mlp, f"{name}_lora_b")
+        var_b[...] = jax.random.normal(jax.random.key(i), var_b.shape) * 0.3
+    factors = {
+        layer: {
+            n: tuple(np.asarray(getattr(mlp, f"{n}_lora_{f}")[...])[layer] for f in "ab")
+            for n in WEIGHTS
+        }
+        for layer in range(2)
+    }
+    x = X.astype(np.float64)
+    for layer, sign in enumerate((1.0, -0.5)):
+        base = {n: BASE[n] * sign for n in WEIGHTS}
+
+        def product(inp, name, layer=layer, base=base):
+            a, b = factors[layer][name]
+            return inp @ base[name] + S * (inp @ a) @ b
+
+        x = x + product(_silu(product(x, "w_gate")) * product(x, "w_up"), "w_down")
+    got = np.asarray(model(jnp.asarray(X)), np.float64)
+    np.testing.assert_allclose(got, x, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+
+    jnnx.save_adapter(model, tmp_path, config)
+    from safetensors.numpy import load_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.layers.1.w_up.lora_A.weight"
+    np.testing.assert_array_equal(tensors[key], factors[1]["w_up"][0].T)
+
+    jnnx.merge(model)
+    assert type(model.layers) is GatedMLP
+    np.testing.assert_allclose(
+        np.asarray(model(jnp.asarray(X))), x, rtol=1e-5, atol=1e-5 * np.abs(x).max()
+    )

@@ -547,3 +547,51 @@ def test_nnx_per_layer_ranks_for_a_product_stack_are_refused():
     with pytest.raises(ValueError, match=r"rank_pattern key 'layers\.1\.q' matches none"):
         jaxlora.nnx.inject(model, config, nnx.Rngs(1), inputs=(x,))
     assert type(model.layers.q) is NnxEinsum
+
+
+class _EinsumSetup(nn.Module):
+    shape: tuple
+
+    def setup(self):
+        self.w = self.param("w", nn.initializers.normal(1.0), self.shape)
+
+    def __call__(self, x):
+        return jnp.einsum("btd,de->bte", x, self.w)
+
+
+class _RematProduct(nn.Module):
+    """The product module itself wrapped by nn.remat (compact) or nn.checkpoint (setup)."""
+
+    setup_style: bool
+
+    @nn.compact
+    def __call__(self, x):
+        if self.setup_style:
+            q = nn.checkpoint(_EinsumSetup, prevent_cse=False)((D, D), name="q")
+        else:
+            q = nn.remat(Einsum)("btd,de->bte", (D, D), name="q")
+        return q(x)
+
+
+@pytest.mark.parametrize("setup_style", [False, True])
+def test_a_product_module_wrapped_in_remat_gets_its_branch(setup_style):
+    """The remat-lifted module's call is the one intercepted: the branch is added (under jit
+    and grad), merged = unmerged, and lora_a/lora_b get gradients."""
+    model, x = _RematProduct(setup_style), _inputs()
+    params = model.init(jax.random.key(0), x)["params"]
+    config = jaxlora.LoRAConfig(r=2, alpha=4, targets=["q"])
+    adapted = jaxlora.inject(params, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+    a = np.asarray(nn.unbox(adapted["q"]["lora_a"]), np.float64)
+    b = np.random.default_rng(3).normal(size=(2, D))
+    adapted["q"]["lora_b"] = jnp.asarray(b, jnp.float32)
+    w = np.asarray(nn.unbox(params["q"]["w"]), np.float64)
+    xs = np.asarray(x, np.float64)
+    want = xs @ w + 2.0 * (xs @ a) @ b
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    with jaxlora.intercept(config):
+        got = apply(adapted, x)
+        grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(adapted)
+    assert _rel_err(got, want) < 1e-5
+    assert float(jnp.abs(grads["q"]["lora_a"]).max()) > 0
+    merged = jaxlora.merge({"params": adapted}, alpha=4)
+    assert _rel_err(model.apply(merged, x), want) < 1e-5

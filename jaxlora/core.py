@@ -6,6 +6,7 @@ Flax layout: ``kernel`` (in, out), ``lora_a`` (in, r), ``lora_b`` (r, out).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -124,8 +125,40 @@ def general_branch(
     a_rank_first = jax.lax.optimization_barrier(jnp.moveaxis(lora_a, -1, 0))
     dims = ((axis, tuple(range(1, len(axis) + 1))), ((), ()))
     h = jax.lax.dot_general(x, a_rank_first, dims, precision=precision)
-    y = scaled_matmul(h, lora_b.reshape(lora_b.shape[0], -1), scale, precision)
+    y = _up_projection(scale_once(h, scale), lora_b.reshape(lora_b.shape[0], -1), precision)
     return y.reshape((*h.shape[:-1], *lora_b.shape[1:]))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _up_projection(hs: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike) -> jax.Array:
+    """``hs @ lora_b``, (…, r) @ (r, out), with ``lora_b``'s tangent term written as a product
+    of ``hs`` held rank-first, (r, n), behind an optimization barrier, so that reverse mode
+    computes ``lora_b``'s gradient as the row-major (r, n) @ (n, out) dot.
+
+    Left to autodiff, that gradient is ``dot_general(dY, hs)`` plus a transpose, which XLA folds
+    into the dot (``hsᵀ dY``); XLA:CPU's layout assignment may then give the dot a column-major
+    copy of ``dY`` (it does for the twin GPT's query and value, whose ``dY`` comes out of the
+    attention's head transposes) and run it with both operands transposed on a slow path:
+    0.63 ms against 0.07 ms for (2048, 8)ᵀ @ (2048, 96), about 5% of that LoRA step's CPU time
+    (benchmarks/README.md). Same values; forward mode works (a ``custom_jvp``).
+    """
+    return jnp.matmul(hs, lora_b, precision=precision)
+
+
+def _up_projection_jvp(precision, primals, tangents):
+    (hs, lora_b), (dhs, db) = primals, tangents
+    terms = []
+    if not isinstance(dhs, jax.custom_derivatives.SymbolicZero):
+        terms.append(jnp.matmul(dhs, lora_b, precision=precision))
+    if not isinstance(db, jax.custom_derivatives.SymbolicZero):
+        rank_first = jax.lax.optimization_barrier(hs.reshape(-1, hs.shape[-1]).T)
+        term = jax.lax.dot_general(rank_first, db, (((0,), (0,)), ((), ())), precision=precision)
+        terms.append(term.reshape((*hs.shape[:-1], db.shape[-1])))
+    # JAX calls the rule only with at least one tangent that is not a symbolic zero
+    return _up_projection(hs, lora_b, precision), functools.reduce(jnp.add, terms)
+
+
+_up_projection.defjvp(_up_projection_jvp, symbolic_zeros=True)
 
 
 def scaled_matmul(

@@ -82,3 +82,31 @@ def test_attention_matches_autodiff_of_the_textbook_formula(t):
     mine_all, ref_all = _grads(jgpt._attention, q, k, v), _grads(textbook, q, k, v)
     for mine, ref in zip(mine_all, ref_all, strict=True):
         _close(mine, ref, 1e-5)
+
+
+def _erf_kept(gelu) -> list[str]:
+    """The fusions of a jitted MLP gradient's optimized HLO that write ``erf`` out as an
+    array (a fusion whose root is the ``erf``), rather than computing it inside a fused pass."""
+    shapes = [(64, 8), (8, 32), (32, 8)]
+    x, w1, w2 = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate(shapes))
+
+    def loss(x, w1, w2):
+        return jnp.sum(gelu(x @ w1) @ w2)
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w1, w2).compile().as_text()
+    assert " erf(" in hlo  # the test reads the HLO it checks
+    roots = [line for line in hlo.splitlines() if line.lstrip().startswith("ROOT")]
+    return [line for line in roots if " erf(" in line]
+
+
+def test_gelu_backward_recomputes_erf_instead_of_keeping_it():
+    """Kept from the forward pass, ``erf`` costs XLA:CPU a write and two reads of the MLP's
+    widest activation (twin GPT LoRA step: −5% CPU time when it is recomputed)."""
+    assert _erf_kept(jgpt.gelu) == []
+
+
+def test_gelu_supports_forward_mode():
+    x = jnp.linspace(-4, 4, 9)
+    value, tangent = jax.jvp(jgpt.gelu, (x,), (jnp.ones_like(x),))
+    _close(value, jgpt.gelu(x), 0)
+    _close(tangent, jax.vmap(jax.grad(jgpt.gelu))(x), 0)

@@ -83,12 +83,21 @@ def _attend(q, k, v, n_head: int) -> jax.Array:
     return out.transpose(0, 2, 1, 3).reshape(b, t, d)
 
 
-@jax.custom_jvp
 def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU as torch's ``F.gelu`` computes it, ``x·½(1 + erf(x/√2))``, with its
-    derivative ``Φ(x) + x·φ(x)`` written out: ``jax.nn.gelu(approximate=False)`` goes through
-    ``erfc``, whose XLA:CPU expansion and derivative cost several passes over the MLP's
-    widest activation in the train step."""
+    derivative ``Φ(x) + x·φ(x)`` written out (``_gelu``) and recomputed from ``x`` in the
+    backward pass (``jax.checkpoint``), as torch's ``gelu_backward`` does.
+
+    ``jax.nn.gelu(approximate=False)`` goes through ``erfc``, whose XLA:CPU expansion and
+    derivative cost several passes over the MLP's widest activation in the train step; and
+    keeping the derivative from the forward pass had XLA:CPU write ``erf`` out and read it
+    back twice, where recomputing it leaves one fused pass each way (benchmarks/README.md).
+    """
+    return _gelu_remat(x)
+
+
+@jax.custom_jvp
+def _gelu(x: jax.Array) -> jax.Array:
     return x * _normal_cdf(x)
 
 
@@ -97,12 +106,15 @@ def _normal_cdf(x: jax.Array) -> jax.Array:
     return half + half * jax.lax.erf(x * jnp.asarray(1 / math.sqrt(2), x.dtype))
 
 
-@gelu.defjvp
+@_gelu.defjvp
 def _gelu_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
     cdf = _normal_cdf(x)
     pdf = jnp.exp(-0.5 * x * x) * jnp.asarray(1 / math.sqrt(2 * math.pi), x.dtype)
     return x * cdf, (cdf + x * pdf) * t
+
+
+_gelu_remat = jax.checkpoint(_gelu)
 
 
 def _check_length(t: int, cfg: GPTConfig) -> None:

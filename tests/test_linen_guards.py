@@ -283,14 +283,29 @@ class Scanned(nn.Module):
         return stack(name="blocks")(x, None)[0]
 
 
-def test_scanned_unsupported_module_holding_lora_refuses_the_call():
-    """inject refuses a stacked (L, out, in) kernel; a tree that has LoRA leaves there anyway
-    (written by hand or by another tool) is refused when called inside the scan."""
+def test_scanned_conv1d_is_adapted_at_its_product_and_dense_leaves_there_refuse_the_call():
+    """With layouts, a stacked (L, out, in) Conv1D kernel is adapted at its product, one
+    layer's adapter stacked in front (lora_a (L, in, r), lora_b (L, r, out)), and computes
+    each layer's x @ (kernelᵀ + s·a b) (it was refused before op-level adapters in scans); a
+    tree that has Dense-layout LoRA leaves there (written by hand or by another tool, no
+    lora_roles) is refused when called inside the scan."""
     model = Scanned()
     variables = model.init(jax.random.key(0), X)
     config = jaxlora.LoRAConfig(r=2, targets=["blocks.c_attn"])
-    with pytest.raises(TypeError, match=r"'blocks.c_attn' holds .* in a \w*Conv1D"):
-        jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, X))
+    adapted = jaxlora.inject(
+        variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, X)
+    )
+    layer = adapted["params"]["blocks"]["c_attn"]
+    assert (jnp.shape(layer["lora_a"]), jnp.shape(layer["lora_b"])) == ((2, 4, 2), (2, 2, 4))
+    b = np.random.default_rng(1).standard_normal((2, 2, 4))
+    layer["lora_b"] = jnp.asarray(b, jnp.float32)
+    kernel, a = (np.asarray(layer[n], np.float64) for n in ("kernel", "lora_a"))
+    want = np.asarray(X, np.float64)
+    for i in range(2):
+        want = want @ kernel[i].T + (want @ a[i]) @ b[i]
+    with jaxlora.intercept(config):
+        got = jax.jit(model.apply)(adapted, X)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     node = variables["params"]["blocks"]["c_attn"]
     lora = {"lora_a": jnp.ones((2, 4, 2)), "lora_b": jnp.ones((2, 2, 4))}
     params = {"blocks": {"c_attn": {**node, **lora}}}

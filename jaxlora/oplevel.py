@@ -19,11 +19,21 @@ identity; in jax 0.10.2 ``jnp.einsum`` holds ``lax.dot_general`` as a default ar
 ``x @ w.T`` hands the product a new array, so identity cannot see through a transpose. The
 jaxpr sees every route and every view of the weight.
 
+Slice views (an MoE's per-expert loop, ``W[i]`` then ``einsum``): a weight whose static
+slices each enter a product of their own is one adapter whose sliced axes are batch axes
+(``lora_a`` (E, C…, r), ``lora_b`` (E, r, F…), the layout of a true batched product), the
+branch at slice i's product using ``lora_a[i]``, ``lora_b[i]``. A static slice is a width-1
+``slice`` (stride 1) and/or a ``squeeze`` (as ``W[i]``, ``W[-1]``, ``W[:, i]``,
+``lax.index_in_dim`` and ``W[i:i+1].reshape`` lower). Required, else refused: every product
+indexes the same axes, each index exactly once (no index missing), the slices in the same
+roles; no product of the weight without indexing. Partial or strided slices and traced indices
+(``dynamic_slice``, ``gather``: ``W[jnp.int32(i)]``, ``jnp.take``) are refused.
+
 Limits (each refused with the reason, never computed wrongly): the weight must reach exactly
-one ``dot_general`` and nothing else (a bias-like use, a second product, a module called twice
-in one forward, or a weight also used outside its module are refused); only ``transpose``,
-``convert_element_type``, ``copy``, whole-axis-merging ``reshape`` and nested ``jit`` may lie
-between; a product inside ``scan``/``while``/``cond``/``remat``/custom derivatives is refused.
+one ``dot_general`` (or one per slice, above) and nothing else (a bias-like use, a second
+product, a module called twice in one forward, or a weight also used outside its module are
+refused); only ``transpose``, ``convert_element_type``, ``copy``, whole-axis-merging
+``reshape``, static slices and nested ``jit`` may lie between; a product inside ``scan``/``while``/``cond``/``remat``/custom derivatives is refused.
 Nested ``jit`` calls on the way to the product are inlined when evaluated.
 """
 
@@ -78,13 +88,27 @@ class Product:
     """The one ``dot_general`` a weight enters: ``path`` gives the equation indices from the
     top jaxpr through nested jit calls; ``side`` is the weight's operand (0 lhs, 1 rhs);
     ``groups`` gives, per axis of that operand, the W axes it holds (a merging reshape
-    puts several)."""
+    puts several; W axes fixed by static indexing are left out).
+
+    Slice views (``find_product``): a weight whose static slices ``W[i]`` each enter one
+    product of their own is found as one ``Product`` whose ``sites`` are those products (each
+    with ``sliced``, the indexed W axes, and ``index``, its position on them) and whose
+    ``roles`` count the sliced axes as batch axes: one adapter per slice. Its own ``path`` is
+    ``()``: use ``sites(product)``, the equations to change."""
 
     path: tuple[int, ...]
     side: int
     dims: Any
     groups: tuple[tuple[int, ...], ...]
     roles: Roles
+    sliced: tuple[int, ...] = ()
+    index: tuple[int, ...] = ()
+    sites: tuple[Product, ...] = ()
+
+
+def sites(product: Product) -> tuple[Product, ...]:
+    """The product equations to change for ``product``: its slice views' or itself."""
+    return product.sites or (product,)
 
 
 class NotAProduct(ValueError):
@@ -108,7 +132,7 @@ def find_product(
     products: list[Product] = []
     others: list[str] = []
     identity = tuple((i,) for i in range(len(shape)))
-    _follow(jaxpr, jaxpr.invars[index], identity, (), products, others, returned)
+    _follow(jaxpr, jaxpr.invars[index], (identity, ()), (), products, others, returned)
     if not products:
         if others:
             raise NotAProduct(f"{where}: used only by {', '.join(sorted(set(others)))}")
@@ -118,17 +142,72 @@ def find_product(
             f"{where}: used by {', '.join(sorted(set(others)))} besides its product "
             "(dot_general): only a weight used linearly in one product can be adapted"
         )
-    if len(products) > 1:
+    if len(products) == 1 and not products[0].sliced:
+        return products[0]
+    if not all(p.sliced for p in products):
         raise ValueError(
-            f"{where}: used by {len(products)} products (dot_general); a weight shared by "
-            "several products (or a module called more than once per call) is not supported"
+            f"{where}: used by {len(products)} products (dot_general)"
+            + (
+                f", {sum(not p.sliced for p in products)} of them without static indexing"
+                if any(p.sliced for p in products)
+                else ""
+            )
+            + "; a weight shared by several products (or a module called more than once per "
+            "call) is not supported, only one product per static slice W[i] (slice views)"
         )
-    return products[0]
+    return _slice_views(products, shape, where)
 
 
-def _follow(jaxpr, var, groups, path, products, others, returned) -> None:
+def _slice_views(products: list[Product], shape: tuple[int, ...], where: str) -> Product:
+    """The slice views ``products`` (each reached through static indexing) as one adapter,
+    or a ``ValueError`` unless they index the same axes, each index exactly once, and use
+    their slices in the same roles."""
+    axes = {p.sliced for p in products}
+    if len(axes) > 1:
+        raise ValueError(
+            f"{where}: its products index it on different axes {sorted(axes)}; slice views "
+            "must index the same axes in every product"
+        )
+    sliced = products[0].sliced
+    counts: dict[tuple[int, ...], int] = {}
+    for p in products:
+        counts[p.index] = counts.get(p.index, 0) + 1
+    twice = sorted(i for i, n in counts.items() if n > 1)
+    if twice:
+        raise ValueError(
+            f"{where}: index {twice[0]} on axes {sliced} enters {counts[twice[0]]} products; "
+            "slice views need each index in exactly one product"
+        )
+    grid = np.ndindex(*(shape[w] for w in sliced))
+    missing = [i for i in grid if i not in counts]
+    if missing:
+        raise ValueError(
+            f"{where}: index {missing[0]} on axes {sliced} enters no product "
+            f"({len(missing)} of {len(missing) + len(counts)} unused); slice views need every "
+            "index in exactly one product (the adapter covers the whole weight)"
+        )
+    kinds = {(p.roles.batch, p.roles.contracted, p.roles.free) for p in products}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"{where}: its slices enter their products in different roles "
+            f"(batch, contracted, free: {sorted(kinds)}); slice views need the same roles"
+        )
+    local = products[0].roles
+    roles = Roles((), tuple(sorted((*sliced, *local.batch))), local.contracted, local.free)
+    views = tuple(
+        dataclasses.replace(p, roles=roles) for p in sorted(products, key=lambda p: p.index)
+    )
+    first = views[0]
+    return Product((), first.side, first.dims, first.groups, roles, sliced, (), views)
+
+
+def _follow(jaxpr, var, view, path, products, others, returned) -> None:
+    """Follows ``var``, the weight seen as ``view`` = (groups, fixed): per axis of ``var`` the
+    W axes it holds, and the (W axis, index) pairs static indexing has fixed so far."""
+    groups, fixed = view
     outs = [i for i, v in enumerate(jaxpr.outvars) if v is var]
-    allowed = [returned] if path == () and groups == tuple((i,) for i in range(len(groups))) else []
+    unchanged = not fixed and groups == tuple((i,) for i in range(len(groups)))
+    allowed = [returned] if path == () and unchanged else []
     for i in outs:
         if i not in allowed:
             others.append("an output of the traced call (it escapes its product)")
@@ -138,17 +217,25 @@ def _follow(jaxpr, var, groups, path, products, others, returned) -> None:
                 continue
             name = eqn.primitive.name
             if name == "dot_general":
-                products.append(_product((*path, i), pos, eqn, groups))
+                products.append(_product((*path, i), pos, eqn, groups, fixed))
             elif name in _VIEWS:
-                view = _view(eqn, groups)
-                if view is None:
+                seen = _view(eqn, groups)
+                if seen is None:
                     others.append(f"a {name} that splits one of its axes")
                 else:
-                    _follow(jaxpr, eqn.outvars[0], view, path, products, others, None)
+                    _follow(jaxpr, eqn.outvars[0], (seen, fixed), path, products, others, None)
+            elif name in ("slice", "squeeze") and pos == 0:
+                indexed = _indexed(eqn, groups, dict(fixed))
+                if isinstance(indexed, str):
+                    others.append(indexed)
+                else:
+                    _follow(jaxpr, eqn.outvars[0], indexed, path, products, others, None)
             elif name in _CALLS:
                 inner = eqn.params[_CALLS[name]]
                 inner = getattr(inner, "jaxpr", inner)
-                _follow(inner, inner.invars[pos], groups, (*path, i), products, others, None)
+                _follow(inner, inner.invars[pos], view, (*path, i), products, others, None)
+            elif name in ("dynamic_slice", "gather") and pos == 0:
+                others.append(f"a {name} (an index that is traced, not a static integer)")
             else:
                 others.append(name)
 
@@ -175,13 +262,43 @@ def _view(eqn, groups):
     return tuple(out) if k == len(old) else None
 
 
-def _product(path, side, eqn, groups) -> Product:
+def _indexed(eqn, groups, fixed: dict[int, int]):
+    """(groups, fixed) after a static ``slice`` or ``squeeze`` of the weight: a width-1 slice
+    fixes its W axis at the start index, a squeeze drops size-1 axes (fixing any W axis not
+    yet fixed at 0); a str saying why for anything else (a partial or strided slice)."""
+    shape = eqn.invars[0].aval.shape
+    if eqn.primitive.name == "squeeze":
+        dropped = set(eqn.params["dimensions"])
+        for a in dropped:
+            fixed.update({w: fixed.get(w, 0) for w in groups[a]})
+        kept = tuple(g for a, g in enumerate(groups) if a not in dropped)
+        return kept, tuple(sorted(fixed.items()))
+    starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
+    strides = eqn.params["strides"] or (1,) * len(shape)
+    for a, (lo, hi, step) in enumerate(zip(starts, limits, strides, strict=True)):
+        if step != 1:  # first: W[::2] spans the whole axis but is not all of it
+            return f"a strided slice (stride {step} on axis {a})"
+        if hi - lo == shape[a]:
+            continue
+        if hi - lo != 1:
+            return f"a partial slice ({lo}:{hi} of {shape[a]} on axis {a}; only W[i] is a view)"
+        if len(groups[a]) != 1:
+            return f"a slice of an axis merging several of its axes {groups[a]}"
+        fixed[groups[a][0]] = lo
+    return groups, tuple(sorted(fixed.items()))
+
+
+def _product(path, side, eqn, groups, fixed) -> Product:
     (contract, batch) = eqn.params["dimension_numbers"]
     mine_c, mine_b = contract[side], batch[side]
+    pinned = dict(fixed)
+    # A fixed axis has size 1 in the operand: the slice's product does not see it.
+    groups = tuple(tuple(w for w in g if w not in pinned) for g in groups)
     of = lambda axes: tuple(sorted(w for a in axes for w in groups[a]))  # noqa: E731
     free_axes = [a for a in range(len(groups)) if a not in mine_c and a not in mine_b]
     roles = Roles((), of(mine_b), of(mine_c), of(free_axes))
-    return Product(path, side, eqn.params["dimension_numbers"], groups, roles)
+    sliced, index = tuple(pinned), tuple(pinned.values())
+    return Product(path, side, eqn.params["dimension_numbers"], groups, roles, sliced, index)
 
 
 def split_args(args: tuple, kwargs: dict):
@@ -203,7 +320,8 @@ def join_args(arg_def, dynamic, static, dyn):
 def with_shape(product: Product, shape: tuple[int, ...]) -> Product:
     """``product`` with its roles' ``shape`` filled in (the weight's)."""
     roles = dataclasses.replace(product.roles, shape=tuple(shape))
-    return dataclasses.replace(product, roles=roles)
+    views = tuple(dataclasses.replace(p, roles=roles) for p in product.sites)
+    return dataclasses.replace(product, roles=roles, sites=views)
 
 
 def evaluate(
@@ -249,7 +367,10 @@ def branch(
     product: Product, eqn, operands: list, lora_a, lora_b, scale: float, x: jax.Array | None = None
 ) -> jax.Array:
     """The factored branch for the product equation ``eqn`` (its ``operands`` as evaluated),
-    laid out as ``eqn``'s output. ``x`` replaces the other operand (dropout on it)."""
+    laid out as ``eqn``'s output. ``x`` replaces the other operand (dropout on it). A slice
+    view's branch uses its slice's factors, ``lora_a[i]`` and ``lora_b[i]``."""
+    if product.sliced:
+        product, lora_a, lora_b = _slice_factors(product, lora_a, lora_b)
     side = product.side
     x = operands[1 - side] if x is None else x
     (contract, batch) = product.dims
@@ -275,6 +396,21 @@ def branch(
         h, b_op, (((h.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))), **options
     )
     return as_output(product, y)
+
+
+def _slice_factors(product: Product, lora_a, lora_b):
+    """The slice view ``product`` as a product of its own (the sliced axes out of its batch
+    axes), with its slice of the factors (batch axes lead both)."""
+    roles = product.roles
+    at = dict(zip(product.sliced, product.index, strict=True))
+    pick = tuple(at.get(w, slice(None)) for w in roles.batch)
+    batch = tuple(w for w in roles.batch if w not in at)
+    local = dataclasses.replace(roles, batch=batch)
+    return (
+        dataclasses.replace(product, roles=local, sliced=(), index=()),
+        lora_a[pick],
+        lora_b[pick],
+    )
 
 
 def eqn_at(jaxpr: jcore.Jaxpr, path: tuple[int, ...]):

@@ -397,7 +397,7 @@ def call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict, extra):
 
         return add
 
-    at = {p.path: at_product(w, p) for w, p in products.items()}
+    at = {s.path: at_product(w, s) for w, p in products.items() for s in oplevel.sites(p)}
     outs = oplevel.evaluate(closed, [*leaves, *dyn], at)
     out = jax.tree.unflatten(out_def, outs[: out_def.num_leaves])
     new_leaves = outs[out_def.num_leaves :]

@@ -75,7 +75,12 @@ X = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, D)), jnp.float32
     ("name", "path", "want"),
     [
         ("tunix.llama3", "layers.11.attn.o_proj", "model.layers.11.self_attn.o_proj"),
-        ("tunix.qwen3", "layers.0.mlp.up_proj", "model.layers.0.mlp.up_proj"),
+        (  # a dense MLP's Linear, or the MoELayer's (E, D, F) weight: one Linear per expert
+            "tunix.qwen3",
+            "layers.0.mlp.up_proj",
+            HFLinear("model.layers.0.mlp.up_proj", experts="model.layers.0.mlp.experts.{}.up_proj"),
+        ),
+        ("tunix.qwen3", "layers.3.mlp.router", "model.layers.3.mlp.gate"),
         ("tunix.llama3", "lm_head", "lm_head"),
         ("tunix.llama3", "embedder", "embedder"),  # unknown: its own path, as with a dict
         ("tunix.gemma3", "layers.2.attn.attn_vec_einsum", "model.layers.2.self_attn.o_proj"),

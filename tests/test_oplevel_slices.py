@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 from flax import linen as nn
 from flax import nnx
+from safetensors.numpy import load_file
 
 import jaxlora
 from jaxlora import LoRAConfig
@@ -318,3 +320,131 @@ def test_linen_slice_views_match_the_closed_form_and_merge():
     _close(y, _closed_form(X, W, a, b))
     merged = jaxlora.merge(lora, alpha=ALPHA)
     _close(model.apply(merged, x), np.asarray(y, np.float64))
+
+
+# Files: one torch Linear per expert (transformers' ``experts.{e}.proj``), each its own A, B.
+EXPERTS = jaxlora.HFLinear("moe", experts="moe.experts.{}.proj")
+EXPERT_PATHS = tuple(f"moe.experts.{e}.proj" for e in range(E))
+MAPS = {
+    "template": {"moe": EXPERTS},
+    "paths_split": {"moe": jaxlora.HFLinear(EXPERT_PATHS, split=0)},
+}
+
+
+class TorchExperts(torch.nn.Module):
+    """The torch twin: expert e a ``Linear(D, F)`` with weight ``W[e].T``."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = torch.nn.ModuleList()
+        for e in range(E):
+            expert = torch.nn.Module()
+            expert.proj = torch.nn.Linear(D, F, bias=False)
+            with torch.no_grad():
+                expert.proj.weight.copy_(torch.from_numpy(W[e].T.copy()))
+            self.experts.append(expert)
+
+    def forward(self, x):
+        return torch.stack([self.experts[e].proj(x[:, e]) for e in range(E)], dim=1)
+
+
+class TorchModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.moe = TorchExperts()
+
+    def forward(self, x):
+        return self.moe(x)
+
+
+@pytest.mark.parametrize("moe", [lambda: Experts(TAKES["int"]), Batched], ids=["sliced", "batched"])
+@pytest.mark.parametrize("kind", list(MAPS))
+def test_file_writes_each_expert_and_reads_back_exactly(tmp_path, moe, kind):
+    model = _injected(moe())
+    a, b = (np.asarray(f, np.float32) for f in _randomize(model.moe))
+    jnnx.save_adapter(model, tmp_path, path_map=MAPS[kind])
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert len(tensors) == 2 * E
+    for e, path in enumerate(EXPERT_PATHS):
+        np.testing.assert_array_equal(tensors[f"base_model.model.{path}.lora_A.weight"], a[e].T)
+        np.testing.assert_array_equal(tensors[f"base_model.model.{path}.lora_B.weight"], b[e].T)
+    other = _injected(moe(), seed=9)
+    jnnx.load_adapter(other, tmp_path, path_map=MAPS[kind])
+    np.testing.assert_array_equal(other.moe.lora_a[...], a)
+    np.testing.assert_array_equal(other.moe.lora_b[...], b)
+
+
+def test_peft_serves_the_jax_adapter_per_expert_and_back(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = _injected(Experts(TAKES["int"]))
+    _randomize(model.moe)
+    y = np.asarray(model(jnp.asarray(X)))
+    jnnx.save_adapter(model, tmp_path / "jax", path_map=MAPS["template"])
+    peft_model = PeftModel.from_pretrained(TorchModel(), str(tmp_path / "jax")).eval()
+    with torch.no_grad():
+        got = peft_model(torch.from_numpy(X)).numpy()
+    _close(got, y.astype(np.float64))
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"])
+    trained = get_peft_model(TorchModel(), config)
+    for name, p in trained.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    with torch.no_grad():
+        want = trained(torch.from_numpy(X)).numpy()
+    trained.save_pretrained(str(tmp_path / "torch"))
+    other = _injected(Experts(TAKES["int"]), seed=9)
+    jnnx.load_adapter(other, tmp_path / "torch", path_map=MAPS["template"])
+    _close(other(jnp.asarray(X)), want.astype(np.float64))
+
+
+FILE_REFUSALS = {
+    "plain_path": (
+        lambda: Experts(TAKES["int"]),
+        {"moe": "moe.proj"},
+        r"axis 0 \(size 3\) is a batch axis",
+    ),
+    "no_placeholder": (
+        lambda: Experts(TAKES["int"]),
+        {"moe": jaxlora.HFLinear("moe", experts="moe.experts.proj")},
+        r"experts='moe.experts.proj' must be a torch path with one '\{\}'",
+    ),
+    "too_few_paths": (
+        lambda: Experts(TAKES["int"]),
+        {"moe": jaxlora.HFLinear(EXPERT_PATHS[:2], split=0)},
+        r"axis 0 \(size 3\) is a batch axis",
+    ),
+    "two_batch_axes": (Grid, {"moe": EXPERTS}, r"axes \[0, 1\] are batch axes"),
+}
+
+
+@pytest.mark.parametrize("case", list(FILE_REFUSALS))
+def test_file_refusals_name_the_layer_and_write_nothing(tmp_path, case):
+    make, path_map, message = FILE_REFUSALS[case]
+    model = _injected(make())
+    with pytest.raises(ValueError, match=rf"layer 'moe', weight 'w' .*{message}"):
+        jnnx.save_adapter(model, tmp_path / "out", path_map=path_map)
+    assert not (tmp_path / "out").exists()
+
+
+def test_linen_file_round_trip_per_expert(tmp_path):
+    model, x = LinenModel(), jnp.asarray(X)
+    variables = model.init(jax.random.key(0), x)
+    config = LoRAConfig(r=R, alpha=ALPHA, targets=["moe"])
+    layouts = jaxlora.layouts(model, x)
+    lora = jaxlora.inject(variables, config, jax.random.key(1), layouts=layouts)
+    node = dict(lora["params"]["moe"])
+    node["lora_b"] = jnp.asarray(np.random.default_rng(3).normal(size=(E, R, F)), jnp.float32)
+    lora = {"params": {"moe": node}}
+    jaxlora.save_adapter(lora, tmp_path, config, path_map={"moe": EXPERTS})
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    np.testing.assert_array_equal(
+        tensors["base_model.model.moe.experts.2.proj.lora_B.weight"],
+        np.asarray(node["lora_b"][2]).T,
+    )
+    other = jaxlora.inject(variables, config, jax.random.key(5), layouts=layouts)
+    loaded = jaxlora.load_adapter(other, tmp_path, path_map={"moe": EXPERTS})
+    for name in ("lora_a", "lora_b"):
+        np.testing.assert_array_equal(loaded["params"]["moe"][name], node[name])

@@ -44,7 +44,7 @@ def _op_layouts(
     model: nnx.Module, path_map: hf_maps.SpecMap
 ) -> dict[str, tuple[OpAdapter, str, HFLayout]]:
     """{key: (op-level layer, weight name, its torch layout)} per ``path_map`` (a torch path or
-    an ``HFLinear``, see ``jaxlora.hf_maps``); refuses batch axes and bad specs by layer name.
+    an ``HFLinear``, see ``jaxlora.hf_maps``); refuses bad specs by layer name.
     The key, which ``path_map`` maps, is the layer's NNX path, or ``<path>.<weight>`` for each
     weight of a layer with several adapted weights (by default its own torch path: a torch twin
     holding one Linear per weight under the weight's name)."""
@@ -104,8 +104,8 @@ def save_adapter(
     An op-level layer (``inject(..., inputs=)``) is written as the torch ``nn.Linear``
     module(s) its ``path_map`` value names: a torch path, or a ``jaxlora.HFLinear`` giving the
     axis orders or a fused weight's modules (one shared A; see ``jaxlora.hf_maps``). One with
-    batch axes (an adapter per MoE expert: one torch Linear per expert) is refused, not
-    written per expert yet.
+    a batch axis (an adapter per MoE expert) is one torch Linear per expert, named by
+    ``HFLinear(experts=...)``; without it, refused.
 
     ``path_map`` may also name a ready map for a third-party model (``"tunix.llama3"``,
     ``"tunix.qwen3"``, ``"tunix.gemma3"``; see ``jaxlora.hf_maps.NAMED_MAPS``); an unknown

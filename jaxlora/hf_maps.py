@@ -67,7 +67,7 @@ HFLinear(path=('model.layers.3.self_attn.k_proj', 'model.layers.3.self_attn.v_pr
 in_axes=None, out_axes=None, split=0, conv1d=False, experts=None)
 >>> resolve("tunix.llama3")("layers.0.mlp.down_proj")
 'model.layers.0.mlp.down_proj'
->>> resolve("tunix.qwen3")("layers.1.mlp.up_proj").experts
+>>> resolve("tunix.qwen3").for_product("layers.1.mlp.up_proj").experts
 'model.layers.1.mlp.experts.{}.up_proj'
 >>> resolve("transformers.flax_gpt2")("transformer.h.1.mlp.c_fc")
 HFLinear(path='transformer.h.1.mlp.c_fc', in_axes=None, out_axes=None, split=None, conv1d=True, \
@@ -80,11 +80,12 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
+from typing import cast
 
 import numpy as np
 
 from _loracore.config import WEIGHT_INITS, LoRAConfig
-from _loracore.peft_format import tensor_keys
+from _loracore.peft_format import map_path, tensor_keys
 from jaxlora.oplevel import Roles
 
 
@@ -249,8 +250,8 @@ def from_peft(lay: HFLayout, pairs: dict[str, tuple], where: str) -> tuple[np.nd
     (lora_A, lora_B)} (shapes already checked). A fused weight's modules must share one
     lora_A; else a ``ValueError`` names them. Experts (a batch axis): each module its own."""
     if lay.split in lay.roles.batch:
-        pieces = [from_peft(_expert(lay, p), {p: pairs[p]}, where) for p in lay.paths]
-        return np.stack([a for a, _ in pieces]), np.stack([b for _, b in pieces])
+        experts = [from_peft(_expert(lay, p), {p: pairs[p]}, where) for p in lay.paths]
+        return np.stack([a for a, _ in experts]), np.stack([b for _, b in experts])
     roles, shape = lay.roles, lay.roles.shape
     first = lay.paths[0]
     big_a = np.asarray(pairs[first][0])
@@ -365,20 +366,22 @@ class NamedMap:
     """A ready ``path_map``: the first rule whose pattern matches the whole '.'-joined JAX path
     gives its torch path (a template) or, for a fused weight, an ``HFLinear`` of several
     templates split along the weight's axis 0; an unmatched path is its own torch path.
-    ``conv1d``: the matched modules are transformers ``Conv1D``."""
+    ``conv1d``: the matched modules are transformers ``Conv1D``. ``product_rules``: rules
+    (pattern, ``HFLinear`` of templates) tried first for a weight adapted at its product
+    (``product_spec``), where one JAX path is a Linear in one model and an expert weight in
+    another (tunix Qwen3's dense ``mlp.gate_proj`` Linear, its MoE ``mlp`` weight ``gate_proj``)."""
 
     name: str
-    rules: tuple[tuple[str, str | tuple[str, ...] | HFLinear], ...]
+    rules: tuple[tuple[str, str | tuple[str, ...]], ...]
     conv1d: bool = False
+    # Templates: ``path`` one module path, ``experts`` the expert's.
+    product_rules: tuple[tuple[str, HFLinear], ...] = ()
 
     def __call__(self, path: str) -> str | HFLinear:
         for pattern, target in self.rules:
             match = re.fullmatch(pattern, path)
             if match is None:
                 continue
-            if isinstance(target, HFLinear):  # templates in path and experts
-                experts = target.experts and match.expand(target.experts)
-                return dataclasses.replace(target, path=match.expand(target.path), experts=experts)
             if isinstance(target, str) and not self.conv1d:
                 return match.expand(target)
             if isinstance(target, str):
@@ -386,8 +389,28 @@ class NamedMap:
             return HFLinear(tuple(match.expand(t) for t in target), split=0, conv1d=self.conv1d)
         return path
 
+    def for_product(self, path: str) -> str | HFLinear:
+        """The spec of ``path`` adapted at its weight's product."""
+        for pattern, target in self.product_rules:
+            match = re.fullmatch(pattern, path)
+            if match is not None:
+                experts = target.experts and match.expand(target.experts)
+                path_template = cast(str, target.path)
+                return dataclasses.replace(
+                    target, path=match.expand(path_template), experts=experts
+                )
+        return self(path)
+
     def __repr__(self) -> str:
         return f"path_map {self.name!r}"
+
+
+def product_spec(path_map: SpecMap, key: str) -> str | HFLinear:
+    """The ``path_map`` value for ``key``, a weight adapted at its product (a named map's
+    ``product_rules`` first)."""
+    if isinstance(path_map, NamedMap):
+        return path_map.for_product(key)
+    return map_path(path_map, key)
 
 
 _LAYER = r"layers\.(\d+)\."
@@ -415,18 +438,11 @@ _FLAX_GPT2 = (
 )
 # tunix's Qwen3 MLP weights are Linear modules (dense) or the MoELayer's (E, …) weights, which
 # share their JAX paths: the expert template applies only to a weight with a batch axis.
-_TUNIX_QWEN3 = (
-    _TUNIX_LLAMA[0],
-    (
-        _MLP[0],
-        HFLinear(_MLP[1], experts=_TORCH + r"mlp.experts.{}.\2_proj"),
-    ),
-    (_LAYER + r"mlp\.router", _TORCH + "mlp.gate"),
-    _TUNIX_LLAMA[2],
-)
+_QWEN3_EXPERTS = ((_MLP[0], HFLinear(_MLP[1], experts=_TORCH + r"mlp.experts.{}.\2_proj")),)
+_ROUTER = (_LAYER + r"mlp\.router", _TORCH + "mlp.gate")
 NAMED_MAPS: dict[str, NamedMap | None] = {
     "tunix.llama3": NamedMap("tunix.llama3", _TUNIX_LLAMA),
-    "tunix.qwen3": NamedMap("tunix.qwen3", _TUNIX_QWEN3),
+    "tunix.qwen3": NamedMap("tunix.qwen3", (*_TUNIX_LLAMA, _ROUTER), False, _QWEN3_EXPERTS),
     "tunix.gemma3": NamedMap("tunix.gemma3", _TUNIX_GEMMA3),
     "transformers.flax_llama": None,
     "transformers.flax_gpt2": NamedMap("transformers.flax_gpt2", _FLAX_GPT2, conv1d=True),

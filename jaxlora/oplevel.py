@@ -33,8 +33,9 @@ Limits (each refused with the reason, never computed wrongly): the weight must r
 one ``dot_general`` (or one per slice, above) and nothing else (a bias-like use, a second
 product, a module called twice in one forward, or a weight also used outside its module are
 refused); only ``transpose``, ``convert_element_type``, ``copy``, whole-axis-merging
-``reshape``, static slices and nested ``jit`` may lie between; a product inside ``scan``/``while``/``cond``/``remat``/custom derivatives is refused.
-Nested ``jit`` calls on the way to the product are inlined when evaluated.
+``reshape``, static slices and nested ``jit`` may lie between; a product inside
+``scan``/``while``/``cond``/``remat``/custom derivatives is refused. Nested ``jit`` calls on
+the way to the product are inlined when evaluated.
 """
 
 from __future__ import annotations
@@ -429,11 +430,10 @@ def operand_factors(product: Product, lora_a, lora_b) -> tuple[jax.Array, jax.Ar
     side, roles, groups = product.side, product.roles, product.groups
     (contract, batch) = product.dims
     free_axes = [a for a in range(len(groups)) if a not in contract[side] and a not in batch[side]]
-    a_op = _operand_view(
-        lora_a, roles.batch + roles.contracted, groups, [*batch[side], *contract[side]], None
-    )
+    w_a, w_b = roles.batch + roles.contracted, roles.batch + roles.free
+    a_op = _operand_view(lora_a, w_a, groups, [*batch[side], *contract[side]], len(w_a), None)
     b_op = _operand_view(
-        lora_b, roles.batch + roles.free, groups, [*batch[side], *free_axes], len(roles.batch)
+        lora_b, w_b, groups, [*batch[side], *free_axes], len(roles.batch), len(batch[side])
     )
     return a_op, b_op
 
@@ -449,21 +449,17 @@ def as_output(product: Product, y: jax.Array) -> jax.Array:
     return jnp.transpose(y, [*range(nb), *range(nb + x_free, y.ndim), *range(nb, nb + x_free)])
 
 
-def _operand_view(factor, w_axes: tuple[int, ...], groups, op_axes: list[int], rank_at):
-    """``factor`` (its non-rank axes are ``w_axes`` of W, in that order) as the product's
-    operand sees those axes: ``op_axes`` in order, each merging its group of W axes; the rank
-    goes last (``rank_at=None``) or at position ``rank_at``."""
-    rank_axis = len(w_axes) if rank_at is None else rank_at
-    position = [i for i in range(factor.ndim) if i != rank_axis]
+def _operand_view(factor, w_axes: tuple[int, ...], groups, op_axes: list[int], rank, op_rank):
+    """``factor`` (its non-rank axes are ``w_axes`` of W, in that order; its rank at position
+    ``rank``) as the product's operand sees those axes: ``op_axes`` in order, each merging its
+    group of W axes (an empty group, a sliced axis kept by the slice, has size 1); the rank goes
+    last (``op_rank=None``) or at position ``op_rank`` of the operand."""
+    position = [i for i in range(factor.ndim) if i != rank]
     where = dict(zip(w_axes, position, strict=True))
     order = [where[w] for a in op_axes for w in groups[a]]
     sizes = [math.prod(factor.shape[where[w]] for w in groups[a]) for a in op_axes]
-    r = factor.shape[rank_axis]
-    if rank_at is None:
-        return jnp.transpose(factor, [*order, rank_axis]).reshape(*sizes, r)
-    head, tail = order[:rank_at], order[rank_at:]
-    moved = jnp.transpose(factor, [*head, rank_axis, *tail])
-    return moved.reshape(*sizes[:rank_at], r, *sizes[rank_at:])
+    flat = jnp.transpose(factor, [*order, rank]).reshape(*sizes, factor.shape[rank])
+    return flat if op_rank is None else jnp.moveaxis(flat, -1, op_rank)
 
 
 def as_linear(weight: jax.Array, roles: Roles) -> jax.Array:

@@ -217,6 +217,30 @@ def test_one_expert_squeezed_without_a_slice():
     _close(model(jnp.asarray(X[:, :1])), _closed_form(X[:, :1], W[:1], a, b))
 
 
+UNSQUEEZED = {"free": ("bd,edf->bef", False), "batch": ("ebd,edf->bef", True)}
+
+
+class Unsqueezed(nnx.Module):
+    """``w[i:i+1]`` (E kept as a size-1 axis) in its product, as a free or a batch axis."""
+
+    def __init__(self, role):
+        self.w = nnx.Param(jnp.asarray(W))
+        self.equation, self.lift = UNSQUEEZED[role]
+
+    def __call__(self, x):
+        pick = (lambda v: v[None]) if self.lift else (lambda v: v)
+        ys = [jnp.einsum(self.equation, pick(x[:, i]), self.w[i : i + 1]) for i in range(E)]
+        return jnp.concatenate(ys, axis=1)
+
+
+@pytest.mark.parametrize("role", list(UNSQUEEZED))
+def test_a_kept_size_one_slice_axis_in_the_product(role):
+    model = _injected(Unsqueezed(role))
+    assert model.moe.lora_roles == jaxlora.oplevel.Roles((E, D, F), (0,), (1,), (2,))
+    a, b = _randomize(model.moe)
+    _close(model(jnp.asarray(X)), _closed_form(X, W, a, b))
+
+
 class Uses(nnx.Module):
     """``w`` (E, D, D) used by ``use(w, x)`` (a refused pattern)."""
 

@@ -58,7 +58,7 @@ def _op_layouts(
             key = f"{name}.{weight_name}" if several else name
             weight = getattr(module, weight_name)
             where = f"layer '{name}', weight '{weight_name}' {tuple(weight.shape)}"
-            spec = path_map(key) if callable(path_map) else (path_map or {}).get(key, key)
+            spec = hf_maps.product_spec(path_map, key)
             out[key] = (module, weight_name, hf_maps.layout(spec, roles, where))
     torch_paths = [t for _, _, lay in out.values() for t in lay.paths]
     twice = sorted({t for t in torch_paths if torch_paths.count(t) > 1})

@@ -472,3 +472,11 @@ def test_linen_file_round_trip_per_expert(tmp_path):
     loaded = jaxlora.load_adapter(other, tmp_path, path_map={"moe": EXPERTS})
     for name in ("lora_a", "lora_b"):
         np.testing.assert_array_equal(loaded["params"]["moe"][name], node[name])
+
+
+def test_to_multi_refuses_slice_views_like_batched_products():
+    """Many adapters per batch gather per example; an expert's rows are routed tokens."""
+    model = _injected(Experts(TAKES["int"]))
+    with pytest.raises(ValueError, match=r"layer 'moe'.*batch axes \[0\] in its product"):
+        jnnx.to_multi(model, capacity=2)
+    assert type(model.moe).__name__ == "LoRAExperts"

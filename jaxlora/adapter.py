@@ -295,7 +295,7 @@ def _product_layouts(params, path_map, caller: str) -> dict[str, tuple]:
         _, _, _, _, marker = product.check_product(node, where)
         if "lora_magnitude" in node:
             raise ValueError(f"{where}: DoRA is not supported for an adapter made at a product")
-        spec = path_map(name) if callable(path_map) else (path_map or {}).get(name, name)
+        spec = hf_maps.product_spec(path_map, name)
         lay = hf_maps.layout(spec, marker.roles, f"{where}, weight '{marker.weight}'")
         for torch_path in lay.paths:
             if torch_path in seen:

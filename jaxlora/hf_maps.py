@@ -26,9 +26,17 @@ model's business, so a ``path_map`` value may be an ``HFLinear`` saying it:
   file says ``fan_in_fan_out: true`` when all its modules are Conv1D (PEFT then loads it with
   no warning), and a file that says so is read only for modules given as Conv1D.
 
-A plain string value (or no entry) is ``HFLinear(that path)``. W's batch axes (one adapter per
-MoE expert, 'EBD,EDF->EBF') would be one torch Linear per expert (transformers 4.x's
-``experts.{e}.gate_proj``); that mapping is not implemented: such a weight is refused.
+- ``HFLinear(…, experts="model.layers.0.mlp.experts.{}.gate_proj")``: a W with one batch
+  axis (one adapter per MoE expert: a batched product 'EBD,EDF->EBF' or the slice views of a
+  per-expert loop, ``jaxlora.oplevel``) is one torch Linear per index along that axis, the
+  template's ``{}`` being the index (transformers 4.x's ``experts.{e}.gate_proj``). Each
+  expert's module gets its own ``lora_A`` / ``lora_B`` (the adapter's ``[e]`` slices, laid
+  out as above). Equivalently ``HFLinear((path_0, …, path_E-1), split=<the batch axis>)``.
+  ``experts`` is used only for a weight with a batch axis, so one spec serves a model whose
+  MLP is dense in some configurations and MoE in others (tunix's Qwen3). A weight with batch
+  axes and no such spec, or with several batch axes, is refused.
+
+A plain string value (or no entry) is ``HFLinear(that path)``.
 
 Ready maps: ``path_map`` may also be one of the names in ``NAMED_MAPS`` (``save_adapter`` /
 ``load_adapter`` / ``read_adapter_config`` resolve it with ``resolve``), for models nobody
@@ -40,7 +48,10 @@ torch path, as with a dict.
   ↔ ``LlamaForCausalLM`` / ``Qwen3ForCausalLM``: ``layers.{i}.attn.{q,k,v,o}_proj`` (Einsum
   ``w`` (D, N, H) / (N, H, D), torch's (N, H) flattening) → ``model.layers.{i}.self_attn.…``,
   ``layers.{i}.mlp.{gate,up,down}_proj`` → ``model.layers.{i}.mlp.…``, ``lm_head`` →
-  ``lm_head``.
+  ``lm_head``. ``"tunix.qwen3"`` also maps tunix's Qwen3-MoE (``num_experts``) ↔
+  ``Qwen3MoeForCausalLM``: the ``MoELayer``'s weights ``layers.{i}.mlp.{gate,up,down}_proj``
+  (E, D, F) / (E, F, D) → ``model.layers.{i}.mlp.experts.{e}.…_proj`` (one module per
+  expert), its ``router`` → ``model.layers.{i}.mlp.gate``.
 - ``"tunix.gemma3"``: tunix's ``Gemma3`` ↔ ``Gemma3ForCausalLM``: ``q_einsum`` → ``q_proj``,
   the fused ``kv_einsum`` (2, K, D, H) → ``k_proj`` and ``v_proj`` (split on axis 0, one
   shared A), the fused ``qkv_einsum`` (3, N, D, H) → ``q_proj``, ``k_proj``, ``v_proj``,
@@ -53,11 +64,14 @@ torch path, as with a dict.
 
 >>> resolve("tunix.gemma3")("layers.3.attn.kv_einsum")
 HFLinear(path=('model.layers.3.self_attn.k_proj', 'model.layers.3.self_attn.v_proj'), \
-in_axes=None, out_axes=None, split=0, conv1d=False)
+in_axes=None, out_axes=None, split=0, conv1d=False, experts=None)
 >>> resolve("tunix.llama3")("layers.0.mlp.down_proj")
 'model.layers.0.mlp.down_proj'
+>>> resolve("tunix.qwen3").for_product("layers.1.mlp.up_proj").experts
+'model.layers.1.mlp.experts.{}.up_proj'
 >>> resolve("transformers.flax_gpt2")("transformer.h.1.mlp.c_fc")
-HFLinear(path='transformer.h.1.mlp.c_fc', in_axes=None, out_axes=None, split=None, conv1d=True)
+HFLinear(path='transformer.h.1.mlp.c_fc', in_axes=None, out_axes=None, split=None, conv1d=True, \
+experts=None)
 """
 
 from __future__ import annotations
@@ -66,11 +80,12 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
+from typing import cast
 
 import numpy as np
 
 from _loracore.config import WEIGHT_INITS, LoRAConfig
-from _loracore.peft_format import tensor_keys
+from _loracore.peft_format import map_path, tensor_keys
 from jaxlora.oplevel import Roles
 
 
@@ -81,14 +96,17 @@ class HFLinear:
     ``path``: the torch module path, or a tuple of them with ``split``. ``in_axes`` /
     ``out_axes``: W's contracted / free axes (free axes other than ``split``) in the torch
     Linear's flattening order; ``None`` means W's own order. ``split``: W's free axis whose
-    indices are the modules of ``path`` (``None``: one module). ``conv1d``: the module(s) are
-    transformers ``Conv1D`` (PEFT's ``fan_in_fan_out``), not ``nn.Linear``."""
+    indices are the modules of ``path`` (``None``: one module; a batch axis: one module per
+    expert, each its own A). ``conv1d``: the module(s) are transformers ``Conv1D`` (PEFT's
+    ``fan_in_fan_out``), not ``nn.Linear``. ``experts``: for a weight with one batch axis, the
+    torch path of expert i with ``{}`` for i (then ``path`` is unused)."""
 
     path: str | tuple[str, ...]
     in_axes: tuple[int, ...] | None = None
     out_axes: tuple[int, ...] | None = None
     split: int | None = None
     conv1d: bool = False
+    experts: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +131,7 @@ def layout(spec: str | HFLinear, roles: Roles, where: str) -> HFLayout:
             f"{where}: path_map gives {spec!r}; expected a torch module path (str) or an HFLinear"
         )
     if roles.batch:
-        raise ValueError(
-            f"{where}: its axes {list(roles.batch)} are batch axes of its product (one adapter "
-            "per expert), which a PEFT nn.Linear cannot hold: op-level adapters with batch axes "
-            "have no PEFT file; merge them (jaxlora.nnx.merge) or save "
-            "nnx.state(model, nnx.LoRAParam) instead"
-        )
+        return _experts_layout(spec, roles, where)
     paths = (spec.path,) if isinstance(spec.path, str) else tuple(spec.path)
     if not paths or not all(isinstance(p, str) and p for p in paths):
         raise ValueError(f"{where}: HFLinear.path must be a module path or a tuple of them")
@@ -149,6 +162,45 @@ def layout(spec: str | HFLinear, roles: Roles, where: str) -> HFLayout:
     return HFLayout(paths, in_axes, out_axes, spec.split, roles, spec.conv1d)
 
 
+def _experts_layout(spec: HFLinear, roles: Roles, where: str) -> HFLayout:
+    """The layout of a weight with a batch (expert) axis: one torch Linear per expert."""
+    if len(roles.batch) != 1:
+        raise ValueError(
+            f"{where}: its axes {list(roles.batch)} are batch axes of its product; a PEFT file "
+            "holds one torch Linear per index of ONE batch (expert) axis, not several"
+        )
+    axis, n = roles.batch[0], roles.shape[roles.batch[0]]
+    if spec.experts is not None:
+        if not isinstance(spec.experts, str) or spec.experts.count("{}") != 1:
+            raise ValueError(
+                f"{where}: HFLinear experts={spec.experts!r} must be a torch path with one "
+                "'{}' for the expert's index"
+            )
+        paths = tuple(spec.experts.format(i) for i in range(n))
+    elif spec.split == axis and not isinstance(spec.path, str) and len(spec.path) == n:
+        paths = tuple(spec.path)
+    else:
+        raise ValueError(
+            f"{where}: its axis {axis} (size {n}) is a batch axis of its product (one adapter "
+            f"per expert), so it is {n} torch Linear modules: give path_map an "
+            "HFLinear(..., experts='<torch path with {} for the expert>') or "
+            f"HFLinear(<{n} torch paths>, split={axis}); got {spec!r}"
+        )
+    if not all(isinstance(p, str) and p for p in paths):
+        raise ValueError(f"{where}: HFLinear paths must be module paths, got {paths}")
+    in_axes = _axes(spec.in_axes, roles.contracted, "in_axes", "contracted", where)
+    out_axes = _axes(spec.out_axes, roles.free, "out_axes", "free", where)
+    if not isinstance(spec.conv1d, bool):
+        raise TypeError(f"{where}: HFLinear conv1d must be True or False, got {spec.conv1d!r}")
+    return HFLayout(paths, in_axes, out_axes, axis, roles, spec.conv1d)
+
+
+def _expert(lay: HFLayout, path: str) -> HFLayout:
+    """One expert's module of a layout with a batch axis, as a layout of its own."""
+    roles = dataclasses.replace(lay.roles, batch=())
+    return dataclasses.replace(lay, paths=(path,), split=None, roles=roles)
+
+
 def _axes(given, own: tuple[int, ...], name: str, role: str, where: str) -> tuple[int, ...]:
     if given is None:
         return own
@@ -162,7 +214,13 @@ def _axes(given, own: tuple[int, ...], name: str, role: str, where: str) -> tupl
 
 def to_peft(lay: HFLayout, lora_a: np.ndarray, lora_b: np.ndarray) -> dict[str, tuple]:
     """{torch path: (lora_A (r, in), lora_B (out, r))} for the adapter ``lora_a`` (C…, r),
-    ``lora_b`` (r, F…) (W's own axis orders)."""
+    ``lora_b`` (r, F…) (W's own axis orders); with a batch axis (E, …), expert e's module
+    gets ``lora_a[e]``, ``lora_b[e]``."""
+    if lay.split in lay.roles.batch:
+        out = {}
+        for e, path in enumerate(lay.paths):
+            out.update(to_peft(_expert(lay, path), lora_a[e], lora_b[e]))
+        return out
     roles, r = lay.roles, lora_a.shape[-1]
     a_perm = [roles.contracted.index(w) for w in lay.in_axes] + [len(roles.contracted)]
     big_a = np.transpose(lora_a, a_perm).reshape(-1, r).T
@@ -190,7 +248,10 @@ def torch_shapes(lay: HFLayout, r: int) -> dict[str, tuple[tuple[int, int], tupl
 def from_peft(lay: HFLayout, pairs: dict[str, tuple], where: str) -> tuple[np.ndarray, np.ndarray]:
     """The inverse of ``to_peft``: (lora_a, lora_b) in W's own axis orders from {torch path:
     (lora_A, lora_B)} (shapes already checked). A fused weight's modules must share one
-    lora_A; else a ``ValueError`` names them."""
+    lora_A; else a ``ValueError`` names them. Experts (a batch axis): each module its own."""
+    if lay.split in lay.roles.batch:
+        experts = [from_peft(_expert(lay, p), {p: pairs[p]}, where) for p in lay.paths]
+        return np.stack([a for a, _ in experts]), np.stack([b for _, b in experts])
     roles, shape = lay.roles, lay.roles.shape
     first = lay.paths[0]
     big_a = np.asarray(pairs[first][0])
@@ -305,11 +366,16 @@ class NamedMap:
     """A ready ``path_map``: the first rule whose pattern matches the whole '.'-joined JAX path
     gives its torch path (a template) or, for a fused weight, an ``HFLinear`` of several
     templates split along the weight's axis 0; an unmatched path is its own torch path.
-    ``conv1d``: the matched modules are transformers ``Conv1D``."""
+    ``conv1d``: the matched modules are transformers ``Conv1D``. ``product_rules``: rules
+    (pattern, ``HFLinear`` of templates) tried first for a weight adapted at its product
+    (``product_spec``), where one JAX path is a Linear in one model and an expert weight in
+    another (tunix Qwen3's dense ``mlp.gate_proj`` Linear, its MoE ``mlp`` weight ``gate_proj``)."""
 
     name: str
     rules: tuple[tuple[str, str | tuple[str, ...]], ...]
     conv1d: bool = False
+    # Templates: ``path`` one module path, ``experts`` the expert's.
+    product_rules: tuple[tuple[str, HFLinear], ...] = ()
 
     def __call__(self, path: str) -> str | HFLinear:
         for pattern, target in self.rules:
@@ -323,8 +389,28 @@ class NamedMap:
             return HFLinear(tuple(match.expand(t) for t in target), split=0, conv1d=self.conv1d)
         return path
 
+    def for_product(self, path: str) -> str | HFLinear:
+        """The spec of ``path`` adapted at its weight's product."""
+        for pattern, target in self.product_rules:
+            match = re.fullmatch(pattern, path)
+            if match is not None:
+                experts = target.experts and match.expand(target.experts)
+                path_template = cast(str, target.path)
+                return dataclasses.replace(
+                    target, path=match.expand(path_template), experts=experts
+                )
+        return self(path)
+
     def __repr__(self) -> str:
         return f"path_map {self.name!r}"
+
+
+def product_spec(path_map: SpecMap, key: str) -> str | HFLinear:
+    """The ``path_map`` value for ``key``, a weight adapted at its product (a named map's
+    ``product_rules`` first)."""
+    if isinstance(path_map, NamedMap):
+        return path_map.for_product(key)
+    return map_path(path_map, key)
 
 
 _LAYER = r"layers\.(\d+)\."
@@ -350,9 +436,13 @@ _FLAX_GPT2 = (
         r"\1",
     ),
 )
+# tunix's Qwen3 MLP weights are Linear modules (dense) or the MoELayer's (E, …) weights, which
+# share their JAX paths: the expert template applies only to a weight with a batch axis.
+_QWEN3_EXPERTS = ((_MLP[0], HFLinear(_MLP[1], experts=_TORCH + r"mlp.experts.{}.\2_proj")),)
+_ROUTER = (_LAYER + r"mlp\.router", _TORCH + "mlp.gate")
 NAMED_MAPS: dict[str, NamedMap | None] = {
     "tunix.llama3": NamedMap("tunix.llama3", _TUNIX_LLAMA),
-    "tunix.qwen3": NamedMap("tunix.qwen3", _TUNIX_LLAMA),
+    "tunix.qwen3": NamedMap("tunix.qwen3", (*_TUNIX_LLAMA, _ROUTER), False, _QWEN3_EXPERTS),
     "tunix.gemma3": NamedMap("tunix.gemma3", _TUNIX_GEMMA3),
     "transformers.flax_llama": None,
     "transformers.flax_gpt2": NamedMap("transformers.flax_gpt2", _FLAX_GPT2, conv1d=True),

@@ -122,7 +122,9 @@ class _StackState(_State):
         return product.evaluate(
             traced,
             found,
-            lambda eqn, operands: multi_oplevel.gathered(found, eqn, operands, factors, self.index),
+            lambda site, eqn, operands: multi_oplevel.gathered(
+                site, eqn, operands, factors, self.index
+            ),
         )
 
     def _check_plain(self, module: nn.Module, where: str) -> None:

@@ -19,17 +19,28 @@ identity; in jax 0.10.2 ``jnp.einsum`` holds ``lax.dot_general`` as a default ar
 ``x @ w.T`` hands the product a new array, so identity cannot see through a transpose. The
 jaxpr sees every route and every view of the weight.
 
+Slice views (an MoE's per-expert loop, ``W[i]`` then ``einsum``): a weight whose static
+slices each enter a product of their own is one adapter whose sliced axes are batch axes
+(``lora_a`` (E, C…, r), ``lora_b`` (E, r, F…), the layout of a true batched product), the
+branch at slice i's product using ``lora_a[i]``, ``lora_b[i]``. A static slice is a width-1
+``slice`` (stride 1) and/or a ``squeeze`` (as ``W[i]``, ``W[-1]``, ``W[:, i]``,
+``lax.index_in_dim`` and ``W[i:i+1].reshape`` lower). Required, else refused: every product
+indexes the same axes, each index exactly once (no index missing), the slices in the same
+roles; no product of the weight without indexing. Partial or strided slices and traced indices
+(``dynamic_slice``, ``gather``: ``W[jnp.int32(i)]``, ``jnp.take``) are refused.
+
 Limits (each refused with the reason, never computed wrongly): the weight must reach exactly
-one ``dot_general`` and nothing else (a bias-like use, a second product, a module called twice
-in one forward, or a weight also used outside its module are refused); only ``transpose``,
-``convert_element_type``, ``copy``, whole-axis-merging ``reshape`` and nested ``jit`` may lie
-between; a product inside ``scan``/``while``/``cond``/``remat``/custom derivatives of the call
-evaluated is refused. Nested ``jit`` calls on the way to the product are inlined when evaluated.
-Finding a weight's roles in a whole model's trace (``find_product(..., through=True)``, NNX's
-``inject``) also looks into ``remat`` and into a ``scan`` that slices the weight per iteration
-(a stack of layers run by ``nnx.scan``): the product found there is one layer's
-(``Product.sliced`` names the weight's layer axes; ``per_layer`` gives one layer's roles), and
-that layer's own call is what is evaluated.
+one ``dot_general`` (or one per slice, above) and nothing else (a bias-like use, a second
+product, a module called twice in one forward, or a weight also used outside its module are
+refused); only ``transpose``, ``convert_element_type``, ``copy``, whole-axis-merging
+``reshape``, static slices and nested ``jit`` may lie between; a product inside
+``scan``/``while``/``cond``/``remat``/custom derivatives of the call evaluated is refused.
+Nested ``jit`` calls on the way to the product are inlined when evaluated. Finding a weight's
+roles in a whole model's trace (``find_product(..., through=True)``, NNX's ``inject``) also
+looks into ``remat`` and into a ``scan`` that slices the weight per iteration (a stack of
+layers run by ``nnx.scan``): the product found there is one layer's (``Product.layers`` names
+the weight's layer axes; ``per_layer`` gives one layer's roles), and that layer's own call is
+what is evaluated.
 """
 
 from __future__ import annotations
@@ -85,14 +96,28 @@ class Product:
     """The one ``dot_general`` a weight enters: ``path`` gives the equation indices from the
     top jaxpr through nested jit calls; ``side`` is the weight's operand (0 lhs, 1 rhs);
     ``groups`` gives, per axis of that operand, the W axes it holds (a merging reshape
-    puts several)."""
+    puts several; W axes fixed by static indexing are left out).
+
+    Slice views (``find_product``): a weight whose static slices ``W[i]`` each enter one
+    product of their own is found as one ``Product`` whose ``sites`` are those products (each
+    with ``sliced``, the indexed W axes, and ``index``, its position on them) and whose
+    ``roles`` count the sliced axes as batch axes: one adapter per slice. Its own ``path`` is
+    ``()``: use ``sites(product)``, the equations to change."""
 
     path: tuple[int, ...]
     side: int
     dims: Any
     groups: tuple[tuple[int, ...], ...]
     roles: Roles
-    sliced: tuple[int, ...] = ()  # W's axes a scan slices on the way (its layer axes)
+    sliced: tuple[int, ...] = ()  # W's axes fixed by static indexing (slice views)
+    index: tuple[int, ...] = ()  # this product's position on them
+    sites: tuple[Product, ...] = ()  # a slice-view adapter's products
+    layers: tuple[int, ...] = ()  # W's axes a scan slices on the way (its layer axes)
+
+
+def sites(product: Product) -> tuple[Product, ...]:
+    """The product equations to change for ``product``: its slice views' or itself."""
+    return product.sites or (product,)
 
 
 class NotAProduct(ValueError):
@@ -119,8 +144,8 @@ def find_product(
     products: list[Product] = []
     others: list[str] = []
     identity = tuple((i,) for i in range(len(shape)))
-    state = _Walk(products, others, through)
-    _follow(jaxpr, jaxpr.invars[index], identity, (), state, returned, ())
+    walk = _Walk(products, others, through)
+    _follow(jaxpr, jaxpr.invars[index], (identity, ()), (), walk, returned, ())
     if not products:
         if others:
             raise NotAProduct(f"{where}: used only by {', '.join(sorted(set(others)))}")
@@ -130,11 +155,6 @@ def find_product(
             f"{where}: used by {', '.join(sorted(set(others)))} besides its product "
             "(dot_general): only a weight used linearly in one product can be adapted"
         )
-    if len(products) > 1:
-        raise ValueError(
-            f"{where}: used by {len(products)} products (dot_general); a weight shared by "
-            "several products (or a module called more than once per call) is not supported"
-        )
     dtype = getattr(jaxpr.invars[index].aval, "dtype", None)  # a ShapedArray's, for an array
     if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
         # merge (W + delta) and the PiSSA/OLoRA residual are stored in the weight's dtype: an
@@ -143,7 +163,25 @@ def find_product(
             f"{where}: its dtype {dtype} is not floating point; only a float weight can hold "
             "W + delta once merged (store it as float, or quantize it with jaxlora.quant)"
         )
-    return products[0]
+    if len(products) == 1 and not products[0].sliced:
+        return products[0]
+    if not all(p.sliced for p in products):
+        raise ValueError(
+            f"{where}: used by {len(products)} products (dot_general)"
+            + (
+                f", {sum(not p.sliced for p in products)} of them without static indexing"
+                if any(p.sliced for p in products)
+                else ""
+            )
+            + "; a weight shared by several products (or a module called more than once per "
+            "call) is not supported, only one product per static slice W[i] (slice views)"
+        )
+    if any(p.layers for p in products):
+        raise ValueError(
+            f"{where}: slice views (W[i] per product) inside a scanned stack of layers are not "
+            "supported yet"
+        )
+    return _slice_views(products, shape, where)
 
 
 @dataclasses.dataclass
@@ -153,14 +191,60 @@ class _Walk:
     through: bool
 
 
-def _follow(jaxpr, var, groups, path, walk: _Walk, returned, sliced, inner=False) -> list[int]:
-    """Follows ``var`` (W's axes per its axis: ``groups``) through ``jaxpr``; returns the
-    outputs where an ``inner`` jaxpr (a call's, remat's or scan's body) gives it back
-    unchanged (``nnx.remat`` returns the module's state), which the caller follows on."""
+def _slice_views(products: list[Product], shape: tuple[int, ...], where: str) -> Product:
+    """The slice views ``products`` (each reached through static indexing) as one adapter,
+    or a ``ValueError`` unless they index the same axes, each index exactly once, and use
+    their slices in the same roles."""
+    axes = {p.sliced for p in products}
+    if len(axes) > 1:
+        raise ValueError(
+            f"{where}: its products index it on different axes {sorted(axes)}; slice views "
+            "must index the same axes in every product"
+        )
+    sliced = products[0].sliced
+    counts: dict[tuple[int, ...], int] = {}
+    for p in products:
+        counts[p.index] = counts.get(p.index, 0) + 1
+    twice = sorted(i for i, n in counts.items() if n > 1)
+    if twice:
+        raise ValueError(
+            f"{where}: index {twice[0]} on axes {sliced} enters {counts[twice[0]]} products; "
+            "slice views need each index in exactly one product"
+        )
+    grid = np.ndindex(*(shape[w] for w in sliced))
+    missing = [i for i in grid if i not in counts]
+    if missing:
+        raise ValueError(
+            f"{where}: index {missing[0]} on axes {sliced} enters no product "
+            f"({len(missing)} of {len(missing) + len(counts)} unused); slice views need every "
+            "index in exactly one product (the adapter covers the whole weight)"
+        )
+    kinds = {(p.roles.batch, p.roles.contracted, p.roles.free) for p in products}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"{where}: its slices enter their products in different roles "
+            f"(batch, contracted, free: {sorted(kinds)}); slice views need the same roles"
+        )
+    local = products[0].roles
+    roles = Roles((), tuple(sorted((*sliced, *local.batch))), local.contracted, local.free)
+    views = tuple(
+        dataclasses.replace(p, roles=roles) for p in sorted(products, key=lambda p: p.index)
+    )
+    first = views[0]
+    return Product((), first.side, first.dims, first.groups, roles, sliced, (), views)
+
+
+def _follow(jaxpr, var, view, path, walk: _Walk, returned, layers, inner=False) -> list[int]:
+    """Follows ``var``, the weight seen as ``view`` = (groups, fixed): per axis of ``var`` the
+    W axes it holds, and the (W axis, index) pairs static indexing has fixed so far; ``layers``
+    are the W axes scans have sliced on the way. Returns the outputs where an ``inner`` jaxpr
+    (a call's, remat's or scan's body) gives it back unchanged (``nnx.remat`` returns the
+    module's state), which the caller follows on."""
+    groups, fixed = view
     outs = [i for i, v in enumerate(jaxpr.outvars) if v is var]
-    identity = groups == tuple((i,) for i in range(len(groups)))
-    allowed = [returned] if path == () and identity else []
-    through = outs if inner else []
+    unchanged = not fixed and groups == tuple((i,) for i in range(len(groups)))
+    allowed = [returned] if path == () and unchanged else []
+    through = outs if inner and not fixed else []
     for i in outs:
         if i not in allowed and i not in through:
             walk.others.append("an output of the traced call (it escapes its product)")
@@ -170,33 +254,41 @@ def _follow(jaxpr, var, groups, path, walk: _Walk, returned, sliced, inner=False
                 continue
             name = eqn.primitive.name
             if name == "dot_general":
-                walk.products.append(_product((*path, i), pos, eqn, groups, sliced))
+                walk.products.append(_product((*path, i), pos, eqn, groups, fixed, layers))
             elif name in _VIEWS:
-                view = _view(eqn, groups)
-                if view is None:
+                seen = _view(eqn, groups)
+                if seen is None:
                     walk.others.append(f"a {name} that splits one of its axes")
                 else:
-                    _follow(jaxpr, eqn.outvars[0], view, path, walk, None, sliced)
+                    _follow(jaxpr, eqn.outvars[0], (seen, fixed), path, walk, None, layers)
+            elif name in ("slice", "squeeze") and pos == 0:
+                indexed = _indexed(eqn, groups, dict(fixed))
+                if isinstance(indexed, str):
+                    walk.others.append(indexed)
+                else:
+                    _follow(jaxpr, eqn.outvars[0], indexed, path, walk, None, layers)
             elif name in _CALLS or (walk.through and name in _REMATS):
                 body = eqn.params[_CALLS.get(name) or _REMATS[name]]
                 body = getattr(body, "jaxpr", body)
-                back = _follow(body, body.invars[pos], groups, (*path, i), walk, None, sliced, True)
+                back = _follow(body, body.invars[pos], view, (*path, i), walk, None, layers, True)
                 for k in back:
-                    _follow(jaxpr, eqn.outvars[k], groups, path, walk, None, sliced, inner)
-            elif walk.through and name == "scan" and _scanned(eqn, pos, groups):
+                    _follow(jaxpr, eqn.outvars[k], view, path, walk, None, layers, inner)
+            elif walk.through and name == "scan" and not fixed and _scanned(eqn, pos, groups):
                 # one layer's slice per iteration: the body sees the weight without axis 0
                 body = eqn.params["jaxpr"].jaxpr
-                layer = (*sliced, groups[0][0])
+                layer = (*layers, groups[0][0])
                 back = _follow(
-                    body, body.invars[pos], groups[1:], (*path, i), walk, None, layer, True
+                    body, body.invars[pos], (groups[1:], ()), (*path, i), walk, None, layer, True
                 )
                 for k in back:  # returned per iteration as a scanned output: the stack again
                     if k < eqn.params["num_carry"]:
                         walk.others.append("a scan carry (it would change per layer)")
                     else:
-                        _follow(jaxpr, eqn.outvars[k], groups, path, walk, None, sliced, inner)
+                        _follow(jaxpr, eqn.outvars[k], view, path, walk, None, layers, inner)
             elif walk.through and name == "scan":
                 walk.others.append("a scan that does not slice it into one layer per iteration")
+            elif name in ("dynamic_slice", "gather") and pos == 0:
+                walk.others.append(f"a {name} (an index that is traced, not a static integer)")
             else:
                 walk.others.append(name)
     return through
@@ -210,11 +302,11 @@ def _scanned(eqn, pos: int, groups) -> bool:
 
 
 def per_layer(product: Product) -> Product:
-    """A product found through a scan (``product.sliced``: the weight's layer axes) as one
+    """A product found through a scan (``product.layers``: the weight's layer axes) as one
     layer's: its roles and groups over the weight without those axes, in the same order."""
-    if not product.sliced:
+    if not product.layers:
         return product
-    keep = [a for a in range(len(product.roles.shape)) if a not in product.sliced]
+    keep = [a for a in range(len(product.roles.shape)) if a not in product.layers]
     new = {a: k for k, a in enumerate(keep)}
     renumber = lambda axes: tuple(new[a] for a in axes)  # noqa: E731
     roles = product.roles
@@ -225,7 +317,7 @@ def per_layer(product: Product) -> Product:
         renumber(roles.free),
     )
     groups = tuple(renumber(g) for g in product.groups)
-    return dataclasses.replace(product, groups=groups, roles=roles, sliced=())
+    return dataclasses.replace(product, groups=groups, roles=roles, layers=())
 
 
 def _view(eqn, groups):
@@ -250,13 +342,44 @@ def _view(eqn, groups):
     return tuple(out) if k == len(old) else None
 
 
-def _product(path, side, eqn, groups, sliced) -> Product:
+def _indexed(eqn, groups, fixed: dict[int, int]):
+    """(groups, fixed) after a static ``slice`` or ``squeeze`` of the weight: a width-1 slice
+    fixes its W axis at the start index, a squeeze drops size-1 axes (fixing any W axis not
+    yet fixed at 0); a str saying why for anything else (a partial or strided slice)."""
+    shape = eqn.invars[0].aval.shape
+    if eqn.primitive.name == "squeeze":
+        dropped = set(eqn.params["dimensions"])
+        for a in dropped:
+            fixed.update({w: fixed.get(w, 0) for w in groups[a]})
+        kept = tuple(g for a, g in enumerate(groups) if a not in dropped)
+        return kept, tuple(sorted(fixed.items()))
+    starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
+    strides = eqn.params["strides"] or (1,) * len(shape)
+    for a, (lo, hi, step) in enumerate(zip(starts, limits, strides, strict=True)):
+        if step != 1:  # first: W[::2] spans the whole axis but is not all of it
+            return f"a strided slice (stride {step} on axis {a})"
+        if hi - lo == shape[a]:
+            continue
+        if hi - lo != 1:
+            return f"a partial slice ({lo}:{hi} of {shape[a]} on axis {a}; only W[i] is a view)"
+        if len(groups[a]) != 1:
+            return f"a slice of an axis merging several of its axes {groups[a]}"
+        fixed[groups[a][0]] = lo
+    return groups, tuple(sorted(fixed.items()))
+
+
+def _product(path, side, eqn, groups, fixed, layers=()) -> Product:
     (contract, batch) = eqn.params["dimension_numbers"]
     mine_c, mine_b = contract[side], batch[side]
+    pinned = dict(fixed)
+    # A fixed axis has size 1 in the operand: the slice's product does not see it.
+    groups = tuple(tuple(w for w in g if w not in pinned) for g in groups)
     of = lambda axes: tuple(sorted(w for a in axes for w in groups[a]))  # noqa: E731
     free_axes = [a for a in range(len(groups)) if a not in mine_c and a not in mine_b]
     roles = Roles((), of(mine_b), of(mine_c), of(free_axes))
-    return Product(path, side, eqn.params["dimension_numbers"], groups, roles, tuple(sliced))
+    sliced, index = tuple(pinned), tuple(pinned.values())
+    dims = eqn.params["dimension_numbers"]
+    return Product(path, side, dims, groups, roles, sliced, index, layers=tuple(layers))
 
 
 def split_args(args: tuple, kwargs: dict):
@@ -278,7 +401,8 @@ def join_args(arg_def, dynamic, static, dyn):
 def with_shape(product: Product, shape: tuple[int, ...]) -> Product:
     """``product`` with its roles' ``shape`` filled in (the weight's)."""
     roles = dataclasses.replace(product.roles, shape=tuple(shape))
-    return dataclasses.replace(product, roles=roles)
+    views = tuple(dataclasses.replace(p, roles=roles) for p in product.sites)
+    return dataclasses.replace(product, roles=roles, sites=views)
 
 
 def evaluate(
@@ -324,7 +448,10 @@ def branch(
     product: Product, eqn, operands: list, lora_a, lora_b, scale: float, x: jax.Array | None = None
 ) -> jax.Array:
     """The factored branch for the product equation ``eqn`` (its ``operands`` as evaluated),
-    laid out as ``eqn``'s output. ``x`` replaces the other operand (dropout on it)."""
+    laid out as ``eqn``'s output. ``x`` replaces the other operand (dropout on it). A slice
+    view's branch uses its slice's factors, ``lora_a[i]`` and ``lora_b[i]``."""
+    if product.sliced:
+        product, lora_a, lora_b = _slice_factors(product, lora_a, lora_b)
     side = product.side
     x = operands[1 - side] if x is None else x
     (contract, batch) = product.dims
@@ -352,6 +479,21 @@ def branch(
     return as_output(product, y)
 
 
+def _slice_factors(product: Product, lora_a, lora_b):
+    """The slice view ``product`` as a product of its own (the sliced axes out of its batch
+    axes), with its slice of the factors (batch axes lead both)."""
+    roles = product.roles
+    at = dict(zip(product.sliced, product.index, strict=True))
+    pick = tuple(at.get(w, slice(None)) for w in roles.batch)
+    batch = tuple(w for w in roles.batch if w not in at)
+    local = dataclasses.replace(roles, batch=batch)
+    return (
+        dataclasses.replace(product, roles=local, sliced=(), index=()),
+        lora_a[pick],
+        lora_b[pick],
+    )
+
+
 def eqn_at(jaxpr: jcore.Jaxpr, path: tuple[int, ...]):
     """The equation at ``path`` (a ``Product``'s), through the nested calls on the way."""
     for i in path[:-1]:
@@ -368,11 +510,10 @@ def operand_factors(product: Product, lora_a, lora_b) -> tuple[jax.Array, jax.Ar
     side, roles, groups = product.side, product.roles, product.groups
     (contract, batch) = product.dims
     free_axes = [a for a in range(len(groups)) if a not in contract[side] and a not in batch[side]]
-    a_op = _operand_view(
-        lora_a, roles.batch + roles.contracted, groups, [*batch[side], *contract[side]], None
-    )
+    w_a, w_b = roles.batch + roles.contracted, roles.batch + roles.free
+    a_op = _operand_view(lora_a, w_a, groups, [*batch[side], *contract[side]], len(w_a), None)
     b_op = _operand_view(
-        lora_b, roles.batch + roles.free, groups, [*batch[side], *free_axes], len(roles.batch)
+        lora_b, w_b, groups, [*batch[side], *free_axes], len(roles.batch), len(batch[side])
     )
     return a_op, b_op
 
@@ -388,21 +529,17 @@ def as_output(product: Product, y: jax.Array) -> jax.Array:
     return jnp.transpose(y, [*range(nb), *range(nb + x_free, y.ndim), *range(nb, nb + x_free)])
 
 
-def _operand_view(factor, w_axes: tuple[int, ...], groups, op_axes: list[int], rank_at):
-    """``factor`` (its non-rank axes are ``w_axes`` of W, in that order) as the product's
-    operand sees those axes: ``op_axes`` in order, each merging its group of W axes; the rank
-    goes last (``rank_at=None``) or at position ``rank_at``."""
-    rank_axis = len(w_axes) if rank_at is None else rank_at
-    position = [i for i in range(factor.ndim) if i != rank_axis]
+def _operand_view(factor, w_axes: tuple[int, ...], groups, op_axes: list[int], rank, op_rank):
+    """``factor`` (its non-rank axes are ``w_axes`` of W, in that order; its rank at position
+    ``rank``) as the product's operand sees those axes: ``op_axes`` in order, each merging its
+    group of W axes (an empty group, a sliced axis kept by the slice, has size 1); the rank goes
+    last (``op_rank=None``) or at position ``op_rank`` of the operand."""
+    position = [i for i in range(factor.ndim) if i != rank]
     where = dict(zip(w_axes, position, strict=True))
     order = [where[w] for a in op_axes for w in groups[a]]
     sizes = [math.prod(factor.shape[where[w]] for w in groups[a]) for a in op_axes]
-    r = factor.shape[rank_axis]
-    if rank_at is None:
-        return jnp.transpose(factor, [*order, rank_axis]).reshape(*sizes, r)
-    head, tail = order[:rank_at], order[rank_at:]
-    moved = jnp.transpose(factor, [*head, rank_axis, *tail])
-    return moved.reshape(*sizes[:rank_at], r, *sizes[rank_at:])
+    flat = jnp.transpose(factor, [*order, rank]).reshape(*sizes, factor.shape[rank])
+    return flat if op_rank is None else jnp.moveaxis(flat, -1, op_rank)
 
 
 def as_linear(weight: jax.Array, roles: Roles) -> jax.Array:

@@ -393,12 +393,12 @@ def apply(
     scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
     rate = 0.0 if deterministic else config.dropout
 
-    def extra(eqn, operands):
-        x = operands[1 - product.side]
+    def extra(site, eqn, operands):
+        x = operands[1 - site.side]
         if rate > 0:
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
             x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-        return oplevel.branch(product, eqn, operands, a, b, scale, x=x)
+        return oplevel.branch(site, eqn, operands, a, b, scale, x=x)
 
     return evaluate(traced, product, extra)
 
@@ -426,13 +426,16 @@ def traced_product(
 
 
 def evaluate(traced: Traced, product: oplevel.Product, extra) -> Any:
-    """The traced call's outputs with ``extra(eqn, operands)`` added at the product."""
+    """The traced call's outputs with ``extra(site, eqn, operands)`` added at each of the
+    product's sites (``oplevel.sites``: itself, or its slice views)."""
 
-    def at_product(eqn, operands):
-        base = eqn.primitive.bind(*operands, **eqn.params)
-        return base + extra(eqn, operands).astype(base.dtype)
+    def at_product(site):
+        def add(eqn, operands):
+            base = eqn.primitive.bind(*operands, **eqn.params)
+            return base + extra(site, eqn, operands).astype(base.dtype)
 
-    outs = oplevel.evaluate(
-        traced.closed, [*traced.leaves, *traced.dyn], {product.path: at_product}
-    )
+        return add
+
+    at = {site.path: at_product(site) for site in oplevel.sites(product)}
+    outs = oplevel.evaluate(traced.closed, [*traced.leaves, *traced.dyn], at)
     return jax.tree.unflatten(traced.out_def, outs)

@@ -76,6 +76,7 @@ X = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, D)), jnp.float32
     [
         ("tunix.llama3", "layers.11.attn.o_proj", "model.layers.11.self_attn.o_proj"),
         ("tunix.qwen3", "layers.0.mlp.up_proj", "model.layers.0.mlp.up_proj"),
+        ("tunix.qwen3", "layers.3.mlp.router", "model.layers.3.mlp.gate"),
         ("tunix.llama3", "lm_head", "lm_head"),
         ("tunix.llama3", "embedder", "embedder"),  # unknown: its own path, as with a dict
         ("tunix.gemma3", "layers.2.attn.attn_vec_einsum", "model.layers.2.self_attn.o_proj"),
@@ -88,6 +89,16 @@ X = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, D)), jnp.float32
 )
 def test_names_resolve(name, path, want):
     assert hf_maps.resolve(name)(path) == want
+
+
+def test_qwen3_moe_weights_adapted_at_their_product_are_experts():
+    """One JAX path, two models: tunix Qwen3's dense ``mlp.up_proj`` Linear (its torch path)
+    and its MoELayer's ``up_proj`` (E, D, F) weight adapted at its products (per expert)."""
+    want = HFLinear("model.layers.0.mlp.up_proj", experts="model.layers.0.mlp.experts.{}.up_proj")
+    named = hf_maps.resolve("tunix.qwen3")
+    assert hf_maps.product_spec(named, "layers.0.mlp.up_proj") == want
+    assert hf_maps.product_spec(named, "layers.0.attn.q_proj") == "model.layers.0.self_attn.q_proj"
+    assert hf_maps.product_spec({"a": "b"}, "a") == "b"
 
 
 def test_flax_llama_map_is_the_identity():

@@ -503,10 +503,11 @@ def test_rank_above_the_contraction_is_refused():
     assert type(model.proj) is Einsum
 
 
-def test_adapter_files_refuse_batch_axes(tmp_path):
-    # Op-level files are supported now (parity_tests/test_oplevel_files.py); an adapter per
-    # MoE expert has no PEFT Linear to go to.
+def test_adapter_files_refuse_batch_axes_without_an_experts_spec(tmp_path):
+    # An adapter per MoE expert is one torch Linear per expert, which path_map must name
+    # (HFLinear(experts=...), tests/test_oplevel_slices.py); without it: refused.
     model, _ = _injected("moe")
-    with pytest.raises(ValueError, match=r"layer 'proj', weight 'w' \(3, 8, 6\).*batch axes"):
+    match = r"layer 'proj', weight 'w' \(3, 8, 6\).*axis 0 \(size 3\) is a batch axis.*experts="
+    with pytest.raises(ValueError, match=match):
         jnnx.save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()

@@ -151,3 +151,37 @@ def test_peft_trained_adapter_loads_in_jax(twin, tmp_path):
     model = _injected(spec, directory)
     jnnx.load_adapter(model, tmp_path, path_map=spec.path_map)
     assert rel_err(_logits(model), want) <= TOL
+
+
+MOE = next(t for t in TWINS if t.name == "qwen3_moe")
+
+
+def test_qwen3_moe_experts_alone_are_served_by_peft_per_expert(tmp_path):
+    """Only the MoE weights carry a nonzero adapter: one per expert (lora_a (E, D, r)), written
+    as each expert's own torch Linear ``mlp.experts.{e}.{gate,up,down}_proj``."""
+    directory = tmp_path / "hf"
+    MOE.hf_model().save_pretrained(str(directory))
+    y_base = torch_logits(_hf(MOE, str(directory)))
+    model = _injected(MOE, str(directory))
+    moe = model.layers[0].mlp
+    assert moe.gate_proj_lora_a.shape == (4, 64, R) and moe.down_proj_lora_b.shape == (4, R, 64)
+    rng = np.random.default_rng(4)
+    for layer in model.layers:
+        for weight in ("gate_proj", "up_proj", "down_proj"):
+            b = layer.mlp.factors(weight)[1]
+            b[...] = jnp.asarray(rng.normal(size=b.shape) * 0.3, jnp.float32)
+    y_jax = _logits(model)
+    assert rel_err(y_jax, y_base) > 1e-3
+    out = tmp_path / "adapter"
+    jnnx.save_adapter(model, out, path_map=MOE.path_map)
+    from safetensors.numpy import load_file
+
+    tensors = load_file(out / "adapter_model.safetensors")
+    a = np.asarray(moe.up_proj_lora_a[...])
+    for e in range(4):
+        key = f"base_model.model.model.layers.0.mlp.experts.{e}.up_proj.lora_A.weight"
+        np.testing.assert_array_equal(tensors[key], a[e].T)
+    peft_model = peft_load(_hf(MOE, str(directory)), out)
+    assert rel_err(torch_logits(peft_model), y_jax) <= TOL
+    jnnx.merge(model)
+    assert rel_err(_logits(model), y_jax) <= TOL

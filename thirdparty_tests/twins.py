@@ -142,6 +142,61 @@ def _gemma3(num_kv_heads: int) -> tuple[Callable, Callable]:
     return hf_model, tunix_load
 
 
+def _qwen3_moe() -> tuple[Callable, Callable]:
+    """tunix's Qwen3 with ``num_experts`` (every layer a ``MoELayer``; on the CPU its dense
+    routing runs a per-expert loop over ``w[i]``) and transformers' ``Qwen3MoeForCausalLM``
+    (every layer sparse, top-k weights renormalized as tunix does)."""
+    experts, top_k, moe_dim = 4, 2, 32
+
+    def hf_model():
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        torch.manual_seed(0)
+        config = Qwen3MoeConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=moe_dim,
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_theta=1e6,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            max_position_embeddings=64,
+            initializer_range=0.1,
+        )
+        return Qwen3MoeForCausalLM(config).eval()
+
+    def tunix_load(directory: str):
+        from tunix.models.qwen3 import model as model_lib
+        from tunix.models.qwen3 import params as params_lib
+
+        config = model_lib.ModelConfig(
+            num_layers=2,
+            vocab_size=VOCAB,
+            embed_dim=64,
+            hidden_dim=moe_dim,
+            num_heads=4,
+            head_dim=16,
+            num_kv_heads=2,
+            rope_theta=1_000_000,
+            norm_eps=1e-5,
+            use_tied_embedding=False,
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+        )
+        return params_lib.create_model_from_safe_tensors(directory, config, dtype=jnp.float32)
+
+    return hf_model, tunix_load
+
+
 def _hf(name: str):
     import transformers
 
@@ -159,6 +214,8 @@ def tunix_twins() -> list[TunixTwin]:
     return [
         TunixTwin("llama3", *llama, ATTN + MLP, ATTN + MLP, "tunix.llama3"),
         TunixTwin("qwen3", *qwen, ATTN + MLP, ATTN + MLP, "tunix.qwen3"),
+        # The MoELayer 'mlp' holds gate/up/down_proj (E, …): one adapter per expert each.
+        TunixTwin("qwen3_moe", *_qwen3_moe(), (*ATTN, "mlp"), ATTN + MLP, "tunix.qwen3"),
         TunixTwin(
             "gemma3_kv",  # grouped heads: q_einsum and a fused kv_einsum
             *gemma_kv,

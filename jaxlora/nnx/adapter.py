@@ -44,8 +44,8 @@ def _op_layouts(
     model: nnx.Module, path_map: hf_maps.SpecMap, layer_names: Mapping[str, str] | None = None
 ) -> dict[str, tuple[OpAdapter, str, HFLayout, int | None]]:
     """{key: (op-level layer, weight name, its torch layout, layer index)} per ``path_map`` (a
-    torch path or an ``HFLinear``, see ``jaxlora.hf_maps``); refuses batch axes and bad specs by
-    layer name. The key, which ``path_map`` maps, is the layer's NNX path, or
+    torch path or an ``HFLinear``, see ``jaxlora.hf_maps``); refuses bad specs by layer
+    name. The key, which ``path_map`` maps, is the layer's NNX path, or
     ``<path>.<weight>`` for each weight of a layer with several adapted weights (by default its
     own torch path: a torch twin holding one Linear per weight under the weight's name). A
     stacked layer (``nnx.vmap``, run by ``nnx.scan``) appears once per layer, under its
@@ -67,7 +67,7 @@ def _op_layouts(
                 where = f"layer '{path}', weight '{weight_name}' {tuple(weight.shape)}"
                 if index is not None:
                     where += f" (layer {index} of the stack '{name}')"
-                spec = path_map(key) if callable(path_map) else (path_map or {}).get(key, key)
+                spec = hf_maps.product_spec(path_map, key)
                 out[key] = (module, weight_name, hf_maps.layout(spec, roles, where), index)
     torch_paths = [t for _, _, lay, _ in out.values() for t in lay.paths]
     twice = sorted({t for t in torch_paths if torch_paths.count(t) > 1})
@@ -113,8 +113,8 @@ def save_adapter(
     An op-level layer (``inject(..., inputs=)``) is written as the torch ``nn.Linear``
     module(s) its ``path_map`` value names: a torch path, or a ``jaxlora.HFLinear`` giving the
     axis orders or a fused weight's modules (one shared A; see ``jaxlora.hf_maps``). One with
-    batch axes (an adapter per MoE expert: one torch Linear per expert) is refused, not
-    written per expert yet.
+    a batch axis (an adapter per MoE expert) is one torch Linear per expert, named by
+    ``HFLinear(experts=...)``; without it, refused.
 
     ``path_map`` may also name a ready map for a third-party model (``"tunix.llama3"``,
     ``"tunix.qwen3"``, ``"tunix.gemma3"``; see ``jaxlora.hf_maps.NAMED_MAPS``); an unknown

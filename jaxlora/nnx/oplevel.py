@@ -307,10 +307,10 @@ def _one_layer(product: oplevel.Product, where: str) -> oplevel.Product:
     """The product as one layer's (``oplevel.per_layer``) when the weight is a stack that an
     ``nnx.scan`` slices per layer: its axis 0, where ``inject`` stacks the adapter (as for
     ``nnx.Linear`` stacks); a ``TypeError`` for any other layer axis or for nested scans."""
-    if product.sliced in ((), (0,)):
+    if product.layers in ((), (0,)):
         return oplevel.per_layer(product)
     raise TypeError(
-        f"{where} is a stack that scans slice on its axes {product.sliced}: jaxlora.nnx adapts "
+        f"{where} is a stack that scans slice on its axes {product.layers}: jaxlora.nnx adapts "
         "stacks with one layer axis in front only (nnx.vmap(..., out_axes=0), run with "
         "nnx.scan(in_axes=0 ...)); restack the layers on axis 0"
     )
@@ -424,7 +424,7 @@ def call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict, extra):
 
         return add
 
-    at = {p.path: at_product(w, p) for w, p in products.items()}
+    at = {s.path: at_product(w, s) for w, p in products.items() for s in oplevel.sites(p)}
     outs = oplevel.evaluate(closed, [*leaves, *dyn], at)
     out = jax.tree.unflatten(out_def, outs[: out_def.num_leaves])
     new_leaves = outs[out_def.num_leaves :]

@@ -35,9 +35,8 @@ from flax.linen import transforms as linen_transforms
 
 from jaxlora import core, kinds, product
 from jaxlora.config import LoRAConfig
-from jaxlora.quant._api import stack_length
 from jaxlora.quant._base import QUANT, layer_weight
-from jaxlora.quant._layout import dequantize_weight
+from jaxlora.quant._layout import dequantize_weight, layer_length
 from jaxlora.tree import LORA_NAMES
 
 SUPPORTED = "nn.Dense, nn.DenseGeneral (no batch_dims), nn.Conv (no mask, groups=1), nn.Embed"
@@ -317,7 +316,7 @@ def _quantized(module: nn.Module, where: str) -> dict[str, jax.Array]:
     if held is None:
         return {}
     name, q, roles = held
-    length = stack_length(q, f"layer '{where}', quantized weight '{name}'")
+    length = layer_length(q, roles, f"layer '{where}', quantized weight '{name}'")
     if length is not None:
         raise ValueError(
             f"layer '{where}' is called with the quantized weights of a stack of {length} "

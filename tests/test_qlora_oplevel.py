@@ -344,16 +344,20 @@ class Mixed(nnx.Module):
         return self.experts(x), self.q(x)
 
 
-def test_batch_axes_are_refused_and_nothing_changes():
+def test_batch_axes_are_quantized_per_expert():
+    # Refused before issue 16's MoE support; now each expert is its own Linear (6, D), its
+    # arrays stacked in front (the whole story: tests/test_qlora_moe.py).
     model = Mixed(nnx.Rngs(0))
     config = jaxlora.LoRAConfig(r=R, targets=["q", "experts"])
     jnnx.inject(model, config, nnx.Rngs(2), inputs=(jnp.ones((3, 5, D)),))
-    before = [np.asarray(m.w[...]) for m in (model.q, model.experts)]
-    with pytest.raises(ValueError, match=r"layer 'experts', weight 'w'.*batch axes \(0,\)"):
-        jnnx.quantize_base(model, config)
-    for module, old in zip((model.q, model.experts), before, strict=True):
-        assert type(module.w) is nnx.Param
-        np.testing.assert_array_equal(module.w[...], old)
+    floats = np.asarray(model.experts.w[...])
+    jnnx.quantize_base(model, config)
+    q = model.experts.w.get_value()
+    assert model.experts.w.shape == (3, D, 6) and q.shape == (6, D)
+    for e in range(3):
+        want = quantize(jnp.asarray(np.ascontiguousarray(floats[e].T)))
+        np.testing.assert_array_equal(q.packed[e], want.packed)
+        np.testing.assert_array_equal(q.absmax[e], want.absmax)
 
 
 # ---- Linen: product adapters (lora_roles) and nn.DenseGeneral, the same stored layout ----
@@ -590,15 +594,18 @@ class LinenExperts(lnn.Module):
         return LinenEinsum("EBD,EDF->EBF", (3, D, 6), name="experts")(x)
 
 
-def test_linen_batch_axes_and_unknown_stacks_are_refused_and_nothing_changes():
+def test_linen_batch_axes_are_quantized_per_expert_and_unknown_stacks_refused():
     model, x = LinenExperts(), jnp.ones((3, 5, D))
     config = jaxlora.LoRAConfig(r=R, targets=["experts"])
     variables = model.init(jax.random.key(0), x)
     lora = jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
-    before = jax.tree.map(np.asarray, lora)
-    with pytest.raises(ValueError, match=r"layer 'experts', weight 'w'.*batch axes \(0,\)"):
-        quantize_base(lora, config)
-    jax.tree.map(np.testing.assert_array_equal, lora, before)
+    # Refused before issue 16's MoE support; now one Linear (6, D) per expert.
+    q = quantize_base(lora, config)["quant"]["experts"]["w"]
+    floats = np.asarray(lora["params"]["experts"]["w"])
+    assert q.shape == (6, D) and q.packed.shape[0] == 3
+    for e in range(3):
+        want = quantize(jnp.asarray(np.ascontiguousarray(floats[e].T)))
+        np.testing.assert_array_equal(q.packed[e], want.packed)
     # An nn.scan stack (a leading layer axis on the kernel and its adapter).
     stacked = {
         "params": {

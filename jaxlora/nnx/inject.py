@@ -433,7 +433,7 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
         if isinstance(layer, LoRALinear | Adapter | OpAdapter):
             try:
                 if requantize and isinstance(layer, LoRALinear | OpAdapter) and layer.is_quantized:
-                    requantized.append((layer, layer.requantized()))
+                    requantized.append((layer, _requantized(layer)))
                 else:
                     plain.append(([p for p, _ in names], _merged(layer)))
             except ValueError as err:
@@ -447,15 +447,23 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
             "adapter with a quantized weight (jaxlora.nnx.quantize_base) and the model has "
             "none; it was left unchanged"
         )
-    for layer, kernel in requantized:
-        setattr(layer, getattr(layer, "lora_weight", "kernel"), kernel)
-        layer.lora_b[...] = jnp.zeros_like(layer.lora_b[...])
+    for layer, weights in requantized:
+        for name, weight in weights.items():
+            setattr(layer, name, weight)
+            lora_b = layer.factors(name)[1] if isinstance(layer, OpAdapter) else layer.lora_b
+            lora_b[...] = jnp.zeros_like(lora_b[...])
     for paths, linear in plain:
         for path in paths:
             _replace(model, path, linear)
     if hasattr(model, "lora_config") and not requantized:
         del model.lora_config
     return model
+
+
+def _requantized(layer: LoRALinear | OpAdapter) -> dict[str, nnx.Variable]:
+    """{weight name: its merge, re-quantized} of a quantized layer (an op-level one may have
+    several adapted weights)."""
+    return layer.requantized() if isinstance(layer, OpAdapter) else {"kernel": layer.requantized()}
 
 
 def _per_layer(

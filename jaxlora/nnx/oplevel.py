@@ -209,12 +209,21 @@ class OpAdapter(_Module):
         plain.__setstate__(state)
         return plain
 
-    def requantized(self) -> QuantizedKernel:
-        """The merged weight ``to_base`` computes, quantized again in this module's quantized
-        weight's format and layout; for ``jaxlora.nnx.merge(model, requantize=True)``."""
+    def requantized(self) -> dict[str, nnx.Variable]:
+        """{weight name: new variable} of the merged weights ``to_base`` computes, each
+        quantized weight quantized again in its own format and layout (per expert for batch
+        axes), a float one (never quantized) holding its merge; for
+        ``jaxlora.nnx.merge(model, requantize=True)``. All computed before any is set."""
         if not self.is_quantized:
             raise ValueError("requantized: the weight is not quantized")
-        return requantized_kernel(getattr(self, self.lora_weight), self.merged_weight())
+        new: dict[str, nnx.Variable] = {}
+        for name in self.lora_weights:
+            weight, merged = getattr(self, name), self.merged_weight(name)
+            if isinstance(weight, QuantizedKernel):
+                new[name] = requantized_kernel(weight, merged)
+            else:
+                new[name] = weight.replace(merged)
+        return new
 
 
 def adapted_class(base_type: type) -> type:

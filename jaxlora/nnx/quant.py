@@ -21,10 +21,10 @@ from flax import nnx
 
 from jaxlora.config import LoRAConfig
 from jaxlora.oplevel import Roles
-from jaxlora.quant._api import QuantizedWeight, _check_options, stack_length
+from jaxlora.quant._api import QuantizedWeight, _check_options
 from jaxlora.quant._layout import (
-    check_roles,
     dequantize_stack,
+    layer_length,
     linear_roles,
     quantize_stack,
     requantize_stack,
@@ -56,7 +56,7 @@ class QuantizedKernel(nnx.Variable):
     def layer_axis(self) -> int | None:
         """0 for a stack of layers' quantized weights (``nnx.vmap``), None for one layer's."""
         q = self.get_value()
-        return None if stack_length(q, "a QuantizedKernel") is None else 0
+        return None if layer_length(q, self.layout, "a QuantizedKernel") is None else 0
 
     @property
     def ndim(self) -> int:
@@ -78,6 +78,12 @@ def quantize_base(
     """Quantizes, in place, the adapted weight of each chosen ``LoRALinear`` or op-level
     adapted module (inject LoRA first with ``jaxlora.nnx.inject``); returns ``model``.
 
+    An op-level module with several adapted weights (``<weight>_lora_a``) has each quantized
+    as its own torch Linear. A weight with batch axes in its product (MoE experts, batched
+    'EBD,EDF->EBF' or one static slice ``w[i]`` per expert) is quantized expert by expert,
+    each as its own Linear (its blocks never straddle two experts), the experts' arrays
+    stacked in front (``jaxlora.quant._layout``); the forward dequantizes each expert.
+
     A ``LoRALinear`` of an ``nnx.vmap``-made stack (a kernel (L, in, out), run by ``nnx.scan``)
     is quantized layer by layer, each layer exactly as its unstacked twin (its own blocks),
     the L quantized weights' arrays stacked in front; ``nnx.scan`` slices them with the
@@ -93,25 +99,25 @@ def quantize_base(
     Raises:
         ValueError: no module matches, a targets entry matches none, a matched module is not
             a ``LoRALinear`` with a 2-D float kernel (or a stack of them, layer axis in
-            front) nor an op-level adapter whose weight has
-            no batch axes (a plain ``nnx.Linear``, another layer, a stacked op-level adapter, MoE
-            experts, or an already quantized one), naming its path. All are checked before
-            any weight is replaced.
+            front) nor an op-level adapter (a plain ``nnx.Linear``, another layer, a stacked
+            op-level adapter, or an already quantized one), naming its path. All are checked
+            before any weight is replaced.
     """
     config = targets if isinstance(targets, LoRAConfig) else LoRAConfig(r=1, targets=targets)
     blocksize = _check_options(quant_type, blocksize, double_quant)
-    layers = {}
+    weights = {}
     for name, layer in _chosen(model, config).items():
-        weight, roles, axis = _target(layer, f"quantize_base: layer '{name}'")
-        layers[id(layer)] = (layer, weight, roles, axis)  # a tied layer is quantized once
+        for weight, roles, axis in _targets(layer, f"quantize_base: layer '{name}'"):
+            # a tied layer is quantized once
+            weights[id(layer), weight] = (layer, weight, roles, axis)
     options = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
     new = {
         key: QuantizedKernel(
             quantize_stack(getattr(layer, weight)[...], roles, axis, **options), roles=roles
         )
-        for key, (layer, weight, roles, axis) in layers.items()
+        for key, (layer, weight, roles, axis) in weights.items()
     }
-    for key, (layer, weight, _, _) in layers.items():
+    for key, (layer, weight, _, _) in weights.items():
         setattr(layer, weight, new[key])
     return model
 
@@ -128,33 +134,34 @@ def _chosen(model: nnx.Module, config: LoRAConfig) -> dict[str, nnx.Module]:
     return {name: modules[name][1] for name in chosen}
 
 
-def _target(layer: nnx.Module, where: str) -> tuple[str, Roles, int | None]:
-    """(the weight's attribute name, one layer's roles, the layer axis of an ``nnx.vmap``
-    stack or None) of a layer ``quantize_base`` may quantize."""
+def _targets(layer: nnx.Module, where: str) -> list[tuple[str, Roles, int | None]]:
+    """[(the weight's attribute name, one layer's roles, the layer axis of an ``nnx.vmap``
+    stack or None)] of the weights ``quantize_base`` quantizes in ``layer``: a
+    ``LoRALinear``'s kernel, or each adapted weight of an op-level adapter (a module with
+    several, ``<weight>_lora_a``, has each quantized as its own Linear)."""
     from jaxlora.nnx.layer import LoRALinear
     from jaxlora.nnx.oplevel import OpAdapter
 
-    if isinstance(layer, OpAdapter) and len(layer.lora_products) > 1:
-        raise ValueError(
-            f"{where} has several adapted weights {list(layer.lora_weights)}: quantizing the "
-            "base of such a module is not implemented"
-        )
-    one: tuple[int, int] = (0, 0)  # a LoRALinear's (in, out)
     if isinstance(layer, OpAdapter):
-        name, roles = layer.lora_weight, layer.lora_roles
-    elif isinstance(layer, LoRALinear):
-        name, roles, one = "kernel", None, (layer.in_features, layer.out_features)
-    else:
-        raise ValueError(
-            f"{where} is a {type(layer).__name__}; only LoRALinear layers and modules adapted "
-            "at their weight's product can have a quantized weight (inject LoRA first)"
-        )
+        return [_weight(layer, name, roles, where) for name, roles in layer.lora_products]
+    if isinstance(layer, LoRALinear):
+        return [_weight(layer, "kernel", None, where)]
+    raise ValueError(
+        f"{where} is a {type(layer).__name__}; only LoRALinear layers and modules adapted "
+        "at their weight's product can have a quantized weight (inject LoRA first)"
+    )
+
+
+def _weight(layer: nnx.Module, name: str, roles: Roles | None, where: str):
+    """(name, one layer's roles, layer axis) of the weight ``name`` of ``layer``, whose
+    adapter was made for ``roles`` (None: a ``LoRALinear``'s kernel)."""
     weight = getattr(layer, name)
     if isinstance(weight, QuantizedKernel):
         what = "the kernel" if name == "kernel" else f"the weight '{name}'"
         raise ValueError(f"{where}: {what} is already quantized")
     axis = None
     if roles is None:
+        one = (layer.in_features, layer.out_features)
         if tuple(weight.shape) not in (one, tuple(weight.shape[:1]) + one):
             raise ValueError(
                 f"{where}: the kernel has shape {weight.shape}; only a 2-D (in, out) = {one} "
@@ -167,7 +174,6 @@ def _target(layer: nnx.Module, where: str) -> tuple[str, Roles, int | None]:
             f"{where}: the weight '{name}' has shape {tuple(weight.shape)}, not the shape "
             f"{roles.shape} its adapter was made for (an nnx.vmap stack cannot be quantized)"
         )
-    check_roles(roles, f"{where}, weight '{name}'")
     return name, roles, axis
 
 

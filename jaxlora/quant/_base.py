@@ -27,7 +27,6 @@ from jaxlora.oplevel import Roles
 from jaxlora.product import ProductRoles, check_product
 from jaxlora.quant._api import QuantizedWeight, _check_options
 from jaxlora.quant._layout import (
-    check_roles,
     dequantize_stack,
     linear_roles,
     quantize_stack,
@@ -277,7 +276,6 @@ def _target(node: Any, where: str, layout: Any = None) -> tuple[str, Roles, bool
             f"{where} has a partitioned weight '{name}' ({type(node[name]).__name__}); "
             "quantized weights keep no partitioning metadata"
         )
-    check_roles(roles, f"{where}, weight '{name}'")
     return name, roles, marked, axis
 
 

@@ -6,7 +6,15 @@ prod C), F and C each in the weight's own axis order: that matrix is what is qua
 its blocks and packed bytes are those bitsandbytes' ``Linear4bit`` holds for the Hugging Face
 module (an einsum q-projection (D, N, H) is stored as q_proj's (N·H, D); a ``FlaxConv1D``
 kernel (out, in) as itself). An ``nn.Dense`` / ``nnx.Linear`` kernel (in, out) is the case
-C = (0,), F = (1,): stored as ``kernel.T``. Batch axes (MoE experts) have no Linear: refused.
+C = (0,), F = (1,): stored as ``kernel.T``.
+
+A weight with batch axes B (MoE experts: 'EBD,EDF->EBF', or one static slice ``W[i]`` per
+product) is one torch Linear per expert, as Hugging Face stores experts (``experts.{e}.proj``):
+its E = prod B experts (the batch axes' indices in C order) are each quantized alone as the
+Linear (prod F, prod C) of that expert's weight, so an expert's blocks never straddle two
+experts and its bytes are bitsandbytes' for that Linear; their arrays are stacked in front
+(the mechanism of a stack of layers, below, with the experts as the stacked axis). The
+``QuantizedWeight``'s metadata is one expert's Linear and its arrays lead with E.
 
 A stack of such weights (``nn.scan`` / ``nnx.vmap`` layers: one weight with a layer axis L at
 position ``axis``) is stored as its L layers, each quantized alone as above (its blocks never
@@ -17,6 +25,8 @@ weight with its layer axis where the params hold it (``axis``, None for an unsta
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,38 +43,97 @@ def linear_roles(shape: tuple[int, ...]) -> Roles:
     return Roles(tuple(shape), (), (0,), (1,))
 
 
-def check_roles(roles: Roles, where: str) -> None:
-    """A ``ValueError`` naming ``where`` unless the weight is a Linear (no batch axes)."""
-    if roles.batch:
-        raise ValueError(
-            f"{where}: the weight {roles.shape} has batch axes {roles.batch} (e.g. MoE experts) "
-            "in its product; it is no torch Linear (out, in), so it has no bitsandbytes layout "
-            "to be stored in: only weights with contracted and free axes can be quantized"
-        )
+def expert_roles(roles: Roles) -> Roles:
+    """One expert's roles: the weight without its batch axes, the other axes renumbered in
+    the same order (``roles`` itself when it has none)."""
+    if not roles.batch:
+        return roles
+    keep = [a for a in range(len(roles.shape)) if a not in roles.batch]
+    new = {a: k for k, a in enumerate(keep)}
+    return Roles(
+        tuple(roles.shape[a] for a in keep),
+        (),
+        tuple(new[a] for a in roles.contracted),
+        tuple(new[a] for a in roles.free),
+    )
+
+
+def expert_count(roles: Roles) -> int:
+    """E: how many Linears (experts) the weight is, 1 without batch axes."""
+    return math.prod(roles.shape[a] for a in roles.batch)
+
+
+def _experts(weight: jax.Array, roles: Roles) -> jax.Array:
+    """The weight as (E, one expert's weight…): its batch axes in front, merged in C order."""
+    front = jnp.moveaxis(weight, roles.batch, tuple(range(len(roles.batch))))
+    return front.reshape(expert_count(roles), *expert_roles(roles).shape)
+
+
+def _from_experts(experts: jax.Array, roles: Roles) -> jax.Array:
+    """The inverse of ``_experts``: (E, one expert's weight…) in the weight's own shape."""
+    sizes = tuple(roles.shape[a] for a in roles.batch)
+    front = experts.reshape(*sizes, *experts.shape[1:])
+    return jnp.moveaxis(front, tuple(range(len(roles.batch))), roles.batch)
 
 
 def quantize_weight(weight: jax.Array, roles: Roles, **options) -> QuantizedWeight:
-    """``quantize`` (with ``options``) of ``weight`` in its Linear layout."""
+    """``quantize`` (with ``options``) of ``weight`` in its Linear layout; a weight with
+    batch axes expert by expert, the experts' arrays stacked in front."""
     if tuple(jnp.shape(weight)) != roles.shape:
         raise ValueError(f"quantize: weight shape {jnp.shape(weight)} != roles' {roles.shape}")
-    return quantize(as_linear(weight, roles), **options)
+    if not roles.batch:
+        return quantize(as_linear(weight, roles), **options)
+    one = expert_roles(roles)
+    experts = _experts(weight, roles)
+    return _stacked([quantize(as_linear(w, one), **options) for w in experts])
 
 
 def dequantize_weight(q: QuantizedWeight, roles: Roles, dtype=None) -> jax.Array:
-    """The weight ``q`` stands for, in its own shape (``roles.shape``) and dtype."""
-    linear = (roles.out_features, roles.in_features)
+    """The weight ``q`` stands for, in its own shape (``roles.shape``) and dtype; with batch
+    axes each expert dequantized from its own arrays."""
+    one = expert_roles(roles)
+    linear = (one.out_features, one.in_features)
     if not isinstance(q, QuantizedWeight) or tuple(q.shape) != linear:
         got = tuple(q.shape) if isinstance(q, QuantizedWeight) else type(q).__name__
+        per = f" per expert (batch axes {roles.batch})" if roles.batch else ""
         raise ValueError(
             f"a quantized weight of shape {roles.shape} must be a QuantizedWeight of its "
-            f"Linear shape (out, in) = {linear}, got {got}"
+            f"Linear shape (out, in) = {linear}{per}, got {got}"
         )
-    return from_linear(dequantize(q, dtype), roles)
+    if not roles.batch:
+        return from_linear(dequantize(q, dtype), roles)
+    layer_length(q, roles, "dequantize")  # E experts' arrays, not a stack of layers' too
+    experts = jax.vmap(lambda e: from_linear(dequantize(e, dtype), one))(q)
+    return _from_experts(experts, roles)
 
 
 def requantize_weight(q: QuantizedWeight, roles: Roles, weight: jax.Array) -> QuantizedWeight:
-    """``weight`` (a merged one, of ``roles.shape``) quantized in ``q``'s format and layout."""
-    return requantize(q, as_linear(weight, roles))
+    """``weight`` (a merged one, of ``roles.shape``) quantized in ``q``'s format and layout
+    (expert by expert with batch axes)."""
+    if not roles.batch:
+        return requantize(q, as_linear(weight, roles))
+    layer_length(q, roles, "requantize")
+    if tuple(jnp.shape(weight)) != roles.shape:
+        raise ValueError(f"requantize: weight shape {jnp.shape(weight)} != roles' {roles.shape}")
+    one, first = expert_roles(roles), _layer(q, 0)
+    return _stacked([requantize(first, as_linear(w, one)) for w in _experts(weight, roles)])
+
+
+def layer_length(q: QuantizedWeight, roles: Roles, where: str) -> int | None:
+    """L when ``q`` is a stack of L layers' quantized weights (``nn.scan``/``nnx.vmap``),
+    None for one layer's. A weight with batch axes holds E experts' arrays (a leading axis E)
+    for one layer; anything else is a ``ValueError`` naming ``where``."""
+    length = stack_length(q, where)
+    if not roles.batch:
+        return length
+    count = expert_count(roles)
+    if length != count:
+        raise ValueError(
+            f"{where}: a quantized weight of shape {roles.shape} with batch axes {roles.batch} "
+            f"(MoE experts) holds one quantized Linear per expert, {count} stacked in front; "
+            f"its arrays hold {length or 1} (a stack of layers of experts is not supported)"
+        )
+    return None
 
 
 def _layers(weight: jax.Array, axis: int) -> list[jax.Array]:
@@ -86,6 +155,12 @@ def quantize_stack(weight: jax.Array, roles: Roles, axis: int | None, **options)
     stacked one, stacked in front: each layer's arrays are its unstacked twin's."""
     if axis is None:
         return quantize_weight(weight, roles, **options)
+    if roles.batch:  # its arrays would need two leading axes (layers, experts)
+        raise ValueError(
+            f"quantize: a stack of layers (layer axis {axis}) of a weight with batch axes "
+            f"{roles.batch} (MoE experts) cannot be quantized: a stored weight has one "
+            "leading axis, the experts'"
+        )
     return _stacked([quantize_weight(w, roles, **options) for w in _layers(weight, axis)])
 
 

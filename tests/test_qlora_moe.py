@@ -505,7 +505,7 @@ def test_linen_training_never_touches_the_packed_experts_and_files_round_trip(tm
 # ---- the one layout function, on any batch-axis placement, and what stays refused ----
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     sizes=st.lists(st.integers(1, 3), min_size=3, max_size=4),
     batch=st.sets(st.integers(0, 3), min_size=1, max_size=2),

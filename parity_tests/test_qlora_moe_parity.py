@@ -202,7 +202,9 @@ def test_each_experts_bytes_equal_bitsandbytes_of_its_linear(quant_type, double_
             np.testing.assert_allclose(float(q.offset), state.offset.item(), rtol=1e-6)
         else:
             np.testing.assert_array_equal(_bits(q.absmax), _bits(state.absmax))
-            np.testing.assert_array_equal(_bits(q.absmax), _bits(held[path].weight.quant_state.absmax))
+            np.testing.assert_array_equal(
+                _bits(q.absmax), _bits(held[path].weight.quant_state.absmax)
+            )
 
 
 def test_int8_experts_equal_quantize_blockwise_of_their_linears():

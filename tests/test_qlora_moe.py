@@ -33,8 +33,7 @@ from hypothesis import strategies as st
 import jaxlora
 from jaxlora import nnx as jnnx
 from jaxlora.oplevel import Roles
-from jaxlora.quant import QuantizedWeight, dequantize, quantize, quantize_base
-from jaxlora.quant import _layout
+from jaxlora.quant import QuantizedWeight, _layout, dequantize, quantize, quantize_base
 
 # 720 elements per expert: 11.25 nf4 blocks of 64, 2.8 int8 blocks of 256, so quantizing the
 # experts as one flat array would give blocks straddling two experts (other bytes).
@@ -167,7 +166,12 @@ def _assert_experts_are_their_linears(q: QuantizedWeight, linears: list[np.ndarr
 
 @pytest.mark.parametrize(
     ("case", "options"),
-    [*((c, "nf4") for c in CASES), ("sliced", "fp4"), ("sliced", "nf4_double"), ("batched", "int8")],
+    [
+        *((c, "nf4") for c in CASES),
+        ("sliced", "fp4"),
+        ("sliced", "nf4_double"),
+        ("batched", "int8"),
+    ],
 )
 def test_each_expert_is_its_own_linear_and_forward_is_the_closed_form(case, options):
     model, floats = _injected(CASES[case](), **OPTIONS[options])
@@ -291,7 +295,9 @@ def test_training_a_quantized_moe_never_touches_the_packed_experts():
     packed = {w: getattr(model.moe, w).get_value() for w in model.moe.lora_weights}
     before = jax.tree.map(np.array, packed)
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
-    state_vars = jax.tree.leaves(nnx.state(optimizer), is_leaf=lambda v: isinstance(v, nnx.Variable))
+    state_vars = jax.tree.leaves(
+        nnx.state(optimizer), is_leaf=lambda v: isinstance(v, nnx.Variable)
+    )
     assert not any(isinstance(v, jnnx.QuantizedKernel) for v in state_vars)
     target = jnp.asarray(np.random.default_rng(5).normal(size=(2, E, D)), jnp.float32)
 
@@ -443,7 +449,7 @@ def _linen_reference(quantized) -> np.ndarray:
 
 @pytest.mark.parametrize(("sliced", "options"), [(False, "nf4"), (True, "nf4_double")])
 def test_linen_experts_quantized_per_expert_forward_merge_requantize(sliced, options):
-    model, config, lora, quantized = _linen(sliced, **OPTIONS[options])
+    model, config, _, quantized = _linen(sliced, **OPTIONS[options])
     assert "w" not in quantized["params"]["moe"]  # out of params: not a parameter
     q = quantized["quant"]["moe"]["w"]
     _assert_experts_are_their_linears(q, [W[e].T for e in range(E)], OPTIONS[options])
@@ -470,7 +476,7 @@ def test_linen_experts_quantized_per_expert_forward_merge_requantize(sliced, opt
 
 
 def test_linen_training_never_touches_the_packed_experts_and_files_round_trip(tmp_path):
-    model, config, lora, quantized = _linen(True)
+    model, config, _, quantized = _linen(True)
     params, frozen = quantized["params"], quantized["quant"]
     before = jax.tree.map(np.array, frozen)
     target = jnp.asarray(np.random.default_rng(5).normal(size=(2, E, F)), jnp.float32)

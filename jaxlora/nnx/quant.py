@@ -145,23 +145,24 @@ def _targets(layer: nnx.Module, where: str) -> list[tuple[str, Roles, int | None
     if isinstance(layer, OpAdapter):
         return [_weight(layer, name, roles, where) for name, roles in layer.lora_products]
     if isinstance(layer, LoRALinear):
-        return [_weight(layer, "kernel", None, where)]
+        return [_weight(layer, "kernel", None, where, (layer.in_features, layer.out_features))]
     raise ValueError(
         f"{where} is a {type(layer).__name__}; only LoRALinear layers and modules adapted "
         "at their weight's product can have a quantized weight (inject LoRA first)"
     )
 
 
-def _weight(layer: nnx.Module, name: str, roles: Roles | None, where: str):
+def _weight(
+    layer: nnx.Module, name: str, roles: Roles | None, where: str, one: tuple[int, int] = (0, 0)
+) -> tuple[str, Roles, int | None]:
     """(name, one layer's roles, layer axis) of the weight ``name`` of ``layer``, whose
-    adapter was made for ``roles`` (None: a ``LoRALinear``'s kernel)."""
+    adapter was made for ``roles`` (None: a ``LoRALinear``'s kernel, (in, out) = ``one``)."""
     weight = getattr(layer, name)
     if isinstance(weight, QuantizedKernel):
         what = "the kernel" if name == "kernel" else f"the weight '{name}'"
         raise ValueError(f"{where}: {what} is already quantized")
     axis = None
     if roles is None:
-        one = (layer.in_features, layer.out_features)
         if tuple(weight.shape) not in (one, tuple(weight.shape[:1]) + one):
             raise ValueError(
                 f"{where}: the kernel has shape {weight.shape}; only a 2-D (in, out) = {one} "

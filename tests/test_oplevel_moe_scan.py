@@ -543,3 +543,78 @@ def test_refused_gathers_name_the_layer_weight_reason_and_change_nothing(case):
         jnnx.inject(model, CONFIG, nnx.Rngs(0), inputs=(jnp.asarray(ROWS), jnp.asarray(IDX)))
     assert type(model.moe) is Routed
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)), before)
+
+
+# ------------------------------------------- per-layer targets and patterns, NNX product stacks
+
+QKV = ("q", "o", "mlp")
+
+
+def _kinds(model) -> dict:
+    return {n: type(getattr(model.layers, n)).__name__ for n in QKV}
+
+
+PER_LAYER_ACCEPTED = {
+    "every_layer_listed": dict(targets=["layers.0.q", "layers.1.q", "layers.2.q"]),
+    "every_layer_by_regex": dict(targets=r"layers\.\d+\.q"),
+    "uniform_rank_pattern": dict(targets=["q"], rank_pattern={r"layers(\.\d+)?\.q": 1}),
+}
+
+
+@pytest.mark.parametrize("case", list(PER_LAYER_ACCEPTED))
+def test_per_layer_targets_and_patterns_choose_a_product_stack(case):
+    """Used to be refused: the per-layer paths of an NNX product stack were unknown when
+    targets and patterns were matched ('targets ... match no layer', 'rank_pattern key
+    'layers.1.q' matches none')."""
+    from tests.test_oplevel_scan import NnxScanned, _inputs
+
+    x = _inputs()
+    model = NnxScanned(nnx.Rngs(0))
+    before = model(x)
+    jnnx.inject(model, LoRAConfig(r=2, **PER_LAYER_ACCEPTED[case]), nnx.Rngs(1), inputs=(x,))
+    assert _kinds(model) == {"q": "LoRANnxEinsum", "o": "NnxEinsum", "mlp": "Linear"}
+    r = 1 if "rank" in case else 2
+    assert model.layers.q.lora_a.shape == (3, 4, r)  # (L, D, r): one r for the whole stack
+    np.testing.assert_array_equal(model(x), before)
+
+
+PER_LAYER_REFUSED = {
+    "one_layer_targeted": (
+        dict(targets=["layers.1.q"]),
+        r"match only some layers of the stacked layer 'layers\.q' \(layers\.1\.q of 3\)",
+    ),
+    "one_layer_alpha": (
+        dict(targets=["q"], alpha_pattern={"layers.2.q": 5}),
+        r"layer 'layers\.q'.*'layers\.2\.q': \(2, 5\.0\).*one r and one alpha",
+    ),
+    "a_layer_that_is_not_there": (
+        dict(targets=["q"], rank_pattern={"layers.9.q": 1}),
+        r"rank_pattern key 'layers\.9\.q' matches none of the adapted layers.*layers\.2\.q",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PER_LAYER_REFUSED))
+def test_per_layer_targets_that_split_a_product_stack_are_refused(case):
+    from tests.test_oplevel_scan import NnxScanned, _inputs
+
+    options, message = PER_LAYER_REFUSED[case]
+    model = NnxScanned(nnx.Rngs(0))
+    before = nnx.to_pure_dict(nnx.state(model))
+    with pytest.raises(ValueError, match=message):
+        jnnx.inject(model, LoRAConfig(r=2, **options), nnx.Rngs(1), inputs=(_inputs(),))
+    assert _kinds(model) == {"q": "NnxEinsum", "o": "NnxEinsum", "mlp": "Linear"}
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)), before)
+
+
+def test_per_layer_names_a_product_module_would_have_as_a_stack_do_not_choose_it():
+    """Unrolled layers (nnx.List): 'layers.1.q' could have been layer 0 of a stack at
+    'layers.{i}.1.q'; traced, it is not a stack, so a target matching only that name leaves
+    it alone."""
+    from tests.test_oplevel_scan import NnxUnrolled, _inputs
+
+    model = NnxUnrolled(nnx.Rngs(0))
+    jnnx.inject(model, LoRAConfig(r=2, targets=r".*\.0\..*"), nnx.Rngs(1), inputs=(_inputs(),))
+    kinds = [[type(getattr(b, n)).__name__ for n in QKV] for b in model.layers]
+    assert kinds[0] == ["LoRANnxEinsum", "LoRANnxEinsum", "LoRALinear"]
+    assert kinds[1] == kinds[2] == ["NnxEinsum", "NnxEinsum", "Linear"]

@@ -61,7 +61,7 @@ def follow(eqn, path, groups) -> tuple[tuple, Gather] | str:
         axes = [a for a in range(len(shape)) if sizes[a] != shape[a]]
         batch, order, starts = 0, axes, tuple(1 + a for a in axes)
         params: tuple = ()
-        out_axes = list(range(len(shape)))  # output axis o holds operand axis o
+        out_axes: list[int | None] = list(range(len(shape)))  # output axis o: operand axis o
     else:
         dims = eqn.params["dimension_numbers"]
         if dims.operand_batching_dims:
@@ -78,17 +78,16 @@ def follow(eqn, path, groups) -> tuple[tuple, Gather] | str:
     for a in range(len(shape)):
         if a in axes and (sizes[a] != 1 or len(groups[a]) != 1):
             return (
-                f"a {eqn.primitive.name} taking {sizes[a]} entries of its axis {a} (W axes "
-                f"{groups[a]}); only whole axes of the weight indexed one entry wide (W[idx]) "
-                "are supported"
+                f"taking {sizes[a]} entries of its axis {a} (W axes {groups[a]}); only whole "
+                "axes of the weight indexed one entry wide (W[idx]) are supported"
             )
         if a not in axes and sizes[a] != shape[a]:
             return (
-                f"a {eqn.primitive.name} taking {sizes[a]} of {shape[a]} entries of its axis {a} "
-                "(a partial slice); only W[idx] with the other axes whole is supported"
+                f"taking {sizes[a]} of {shape[a]} entries of its axis {a} (a partial slice); "
+                "only W[idx] with the other axes whole is supported"
             )
     if not axes:
-        return f"a {eqn.primitive.name} that indexes no axis"
+        return "indexing no axis"
     indexed = tuple(groups[a][0] for a in order)
     kept = tuple(sorted(w for a, g in enumerate(groups) if a not in axes for w in g))
     v_of = {w: batch + k for k, w in enumerate(kept)}

@@ -300,8 +300,11 @@ def _follow_eqn(jaxpr, eqn, at, pos, view, walk: _Walk, layers, inner) -> list:
         return _follow(jaxpr, eqn.outvars[0], new_view, path, walk, None, layers, inner)
 
     if name == "dot_general":
-        found = _product(at, pos, eqn, view, layers)
-        (walk.others if isinstance(found, str) else walk.products).append(found)
+        product = _product(at, pos, eqn, view, layers)
+        if isinstance(product, str):
+            walk.others.append(product)
+        else:
+            walk.products.append(product)
     elif name in _VIEWS:
         seen = _view(eqn, groups)
         if seen is None:
@@ -319,11 +322,11 @@ def _follow_eqn(jaxpr, eqn, at, pos, view, walk: _Walk, layers, inner) -> list:
     elif name in ("dynamic_slice", "gather") and pos == 0:
         why = "a second traced index" if gathered is not None else ""
         why = why or ("a traced index into a statically sliced weight" if fixed else "")
-        found = why or gather.follow(eqn, at, groups)
-        if isinstance(found, str):
-            walk.others.append(f"a {name} ({found})" if not why else f"a {name} ({why})")
+        taken = why or gather.follow(eqn, at, groups)
+        if isinstance(taken, str):
+            walk.others.append(f"a {name} ({taken})")
             return []
-        return on((found[0], fixed, found[1]))
+        return on((taken[0], fixed, taken[1]))
     elif name in _CALLS or (walk.through and name in _REMATS):
         body = eqn.params[_CALLS.get(name) or _REMATS[name]]
         body = getattr(body, "jaxpr", body)

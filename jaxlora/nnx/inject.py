@@ -555,8 +555,9 @@ def _length(module: nnx.Module, product: Any = None) -> int:
     is found by tracing, so only its length is known: any truthy value)."""
     if isinstance(module, OpAdapter):
         return getattr(module, module.lora_weights[0]).shape[0]
-    if product:
-        return _first_param(module).shape[0]
+    first = _first_param(module)
+    if product and first is not None:
+        return first.shape[0]
     return _weight(module).shape[0]
 
 

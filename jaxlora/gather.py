@@ -51,10 +51,11 @@ class Gather:
         return tuple(sorted(out))
 
 
-def follow(eqn, path, groups) -> tuple[tuple, Gather] | str:
+def follow(eqn, path, groups) -> tuple[tuple, Gather | None] | str:
     """(groups over V, the ``Gather``) after the weight (seen as ``groups``: per operand axis
-    its W axes) enters ``eqn`` (a ``gather`` or ``dynamic_slice`` as its operand 0), or a str
-    saying why it is refused."""
+    its W axes) enters ``eqn`` (a ``gather`` or ``dynamic_slice`` as its operand 0; one that
+    takes every axis whole is no index: ``groups`` again and ``None``), or a str saying why
+    it is refused."""
     shape = eqn.invars[0].aval.shape
     if eqn.primitive.name == "dynamic_slice":
         sizes = eqn.params["slice_sizes"]
@@ -86,8 +87,8 @@ def follow(eqn, path, groups) -> tuple[tuple, Gather] | str:
                 f"taking {sizes[a]} of {shape[a]} entries of its axis {a} (a partial slice); "
                 "only W[idx] with the other axes whole is supported"
             )
-    if not axes:
-        return "indexing no axis"
+    if not axes:  # every axis taken whole (an expert axis of size 1): the weight itself
+        return groups, None
     indexed = tuple(groups[a][0] for a in order)
     kept = tuple(sorted(w for a, g in enumerate(groups) if a not in axes for w in g))
     v_of = {w: batch + k for k, w in enumerate(kept)}

@@ -618,3 +618,16 @@ def test_per_layer_names_a_product_module_would_have_as_a_stack_do_not_choose_it
     kinds = [[type(getattr(b, n)).__name__ for n in QKV] for b in model.layers]
     assert kinds[0] == ["LoRANnxEinsum", "LoRANnxEinsum", "LoRALinear"]
     assert kinds[1] == kinds[2] == ["NnxEinsum", "NnxEinsum", "Linear"]
+
+
+def test_one_expert_indexed_by_a_traced_index_is_a_slice_view():
+    """E = 1: ``w[i]`` (traced i) takes the whole weight (dynamic_slice clamps i to 0) and the
+    squeeze after it is index 0 of the expert axis."""
+    model = _routed(SCALARS["getitem_scalar"], idx=np.int32(0))
+    one = Model(Routed(SCALARS["getitem_scalar"], w=W[:1]))
+    jnnx.inject(one, CONFIG, nnx.Rngs(1), inputs=(jnp.asarray(ROWS), jnp.int32(0)))
+    assert one.moe.lora_roles == jaxlora.oplevel.Roles((1, D, D), (0,), (1,), (2,))
+    a, b = _set_factors(model.moe)
+    one.moe.lora_a[...], one.moe.lora_b[...] = model.moe.lora_a[...][:1], model.moe.lora_b[...][:1]
+    want = ROWS.astype(np.float64) @ _merged(W, a, b)[0]
+    assert _rel_err(one(ROWS, jnp.int32(0)), want) < 1e-6

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 import jaxlora
@@ -355,6 +357,24 @@ def test_a_gathered_weight_gets_the_gathered_factors(form):
     a, b = _set_factors(layer)
     want = np.einsum("td,tdf->tf", ROWS.astype(np.float64), _merged(W, a, b)[IDX])
     assert _rel_err(jax.jit(lambda m, x, i: m(x, i))(model, ROWS, idx), want) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def routed():
+    """A routed module (``w[idx]``) with random factors, traced once for all routings."""
+    model = _routed(GATHERS["getitem"], seed=3)
+    return model, _set_factors(model.moe, seed=11)
+
+
+@settings(max_examples=8, deadline=None)
+@given(routing=st.lists(st.integers(-E, E - 1), min_size=T, max_size=T))
+def test_any_routing_gathers_each_tokens_expert(routed, routing):
+    """Every routing (negative indices count from the end, as jnp normalizes them) on one
+    trace: token t meets W[idx_t] + s·a[idx_t] b[idx_t]."""
+    model, (a, b) = routed
+    idx = np.asarray(routing, np.int32)
+    want = np.einsum("td,tdf->tf", ROWS.astype(np.float64), _merged(W, a, b)[idx % E])
+    assert _rel_err(model(ROWS, jnp.asarray(idx)), want) < 1e-6
 
 
 @pytest.mark.parametrize("form", list(SCALARS))

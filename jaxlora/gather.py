@@ -107,22 +107,19 @@ def follow(eqn, path, groups) -> tuple[tuple, Gather | None] | str:
 def _gather_out_axes(dims, kept_ops: list[int], batch: int) -> list[int | None]:
     """Per output axis of a gather: the operand axis it holds (an offset dim), or ``None`` for
     a batch dim (one per axis of the index array but the last)."""
-    out: list[int | None] = []
     offsets = list(dims.offset_dims)
-    n = batch + len(offsets)
-    for o in range(n):
-        out.append(kept_ops[offsets.index(o)] if o in offsets else None)
-    return out
+    return [
+        kept_ops[offsets.index(o)] if o in offsets else None for o in range(batch + len(offsets))
+    ]
 
 
 def factors(gather: Gather, w_roles, lora_a, lora_b, operands) -> tuple[jax.Array, jax.Array]:
     """``lora_a`` (W batch…, C…, r) and ``lora_b`` (W batch…, r, F…) gathered by the indices of
     the gather's ``operands`` as the weight was: (T…, other batch…, C…, r) and (T…, other
     batch…, r, F…), the factors of V over its roles (``gather.roles``)."""
-    at_a = [w_roles.batch.index(w) for w in gather.axes]
-    at_b = list(at_a)  # batch axes lead both factors
-    a = jnp.moveaxis(lora_a, at_a, list(range(len(at_a))))
-    b = jnp.moveaxis(lora_b, at_b, list(range(len(at_b))))
+    at = [w_roles.batch.index(w) for w in gather.axes]  # batch axes lead both factors
+    front = list(range(len(at)))
+    a, b = jnp.moveaxis(lora_a, at, front), jnp.moveaxis(lora_b, at, front)
     return _take(gather, a, operands), _take(gather, b, operands)
 
 

@@ -283,8 +283,9 @@ def inject(
             _check(module, name, config, per_layer.get(name, []))
     products: dict[str, dict[str, Any]] = {}
     if by_product and inputs is not None:  # by_product is empty without inputs (_by_product)
-        optional = [n for n in by_product if n in maybe and not config.matches(n)]
-        products = find_weights(model, by_product, inputs, only=only, optional=optional)
+        # A module chosen only by the per-layer paths it would have as a stack is traced as
+        # any other (a refusal is a refusal); once traced not to be a stack, it is left out.
+        products = find_weights(model, by_product, inputs, only=only)
     if maybe:
         chosen = _chosen_stacks(modules, products, config, layer_names, chosen, only)
         products = {n: found for n, found in products.items() if n in chosen}

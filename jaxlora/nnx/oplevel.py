@@ -19,7 +19,7 @@ inside the scan.
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -239,7 +239,6 @@ def find_weights(
     orders: dict[tuple[str, str], tuple[int, ...]] | None = None,
     *,
     only: Mapping[str, Sequence[str]] | None = None,
-    optional: Collection[str] = (),
 ) -> dict[str, dict[str, oplevel.Roles]]:
     """{path: {weight name: roles}} for each of ``modules`` (paths into ``model``): every
     ``nnx.Param`` of it that enters a product, or only the weights ``only[path]`` names (a
@@ -248,9 +247,7 @@ def find_weights(
     reason for a module with no weight in a product, a weight used by two products or also
     used otherwise (anywhere in the model), or a weight ``only`` names that is not a product
     weight of the module. ``orders``, if given, receives per (path, weight) the weight's axes
-    in the order the product's operand holds them (after transposes). A module in ``optional``
-    (chosen only by the per-layer paths it would have as a stack) is left out of the answer
-    where it would raise."""
+    in the order the product's operand holds them (after transposes)."""
     graphdef, state = nnx.split(model)
     paths, state_def = jax.tree_util.tree_flatten_with_path(state)
     leaves = [leaf for _, leaf in paths]
@@ -271,11 +268,7 @@ def find_weights(
         ) from err
     found = {}
     for name, module in modules.items():
-        try:
-            found[name] = _weights_of(closed.jaxpr, name, module, index_of, where_of, orders, only)
-        except (ValueError, TypeError):
-            if name not in optional:
-                raise
+        found[name] = _weights_of(closed.jaxpr, name, module, index_of, where_of, orders, only)
     return found
 
 

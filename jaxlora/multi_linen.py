@@ -122,7 +122,7 @@ class _StackState(_State):
         return product.evaluate(
             traced,
             found,
-            lambda site, eqn, operands: multi_oplevel.gathered(
+            lambda site, eqn, operands, _index: multi_oplevel.gathered(
                 site, eqn, operands, factors, self.index
             ),
         )

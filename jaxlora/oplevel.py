@@ -26,15 +26,23 @@ branch at slice i's product using ``lora_a[i]``, ``lora_b[i]``. A static slice i
 ``slice`` (stride 1) and/or a ``squeeze`` (as ``W[i]``, ``W[-1]``, ``W[:, i]``,
 ``lax.index_in_dim`` and ``W[i:i+1].reshape`` lower). Required, else refused: every product
 indexes the same axes, each index exactly once (no index missing), the slices in the same
-roles; no product of the weight without indexing. Partial or strided slices and traced indices
-(``dynamic_slice``, ``gather``: ``W[jnp.int32(i)]``, ``jnp.take``) are refused.
+roles; no product of the weight without indexing. Partial or strided slices are refused.
+Slice views inside a scanned stack (``nnx.scan``) are found per layer as any other product.
+
+Traced indices (routing by a gather: ``jnp.take(W, idx, axis=0)``, ``W[idx]``, ``W[i]`` with
+``i`` traced; ``jaxlora.gather``): the indexed axes are batch axes of the adapter, one adapter
+per expert as for slice views, and the branch uses the factors gathered by the same indices
+with the same primitive, ``x·A[idx]·B[idx]``. The gather's own axes (one per entry of the
+index array) must be batch axes of the product. Several products each through a traced index
+of their own (a loop over routing slots) are one adapter when W's roles agree in all.
 
 Limits (each refused with the reason, never computed wrongly): the weight must reach exactly
 one ``dot_general`` (or one per slice, above) and nothing else (a bias-like use, a second
 product, a module called twice in one forward, or a weight also used outside its module are
 refused); only ``transpose``, ``convert_element_type``, ``copy``, whole-axis-merging
-``reshape``, static slices and nested ``jit`` may lie between; a product inside
-``scan``/``while``/``cond``/``remat``/custom derivatives of the call evaluated is refused.
+``reshape``, static slices, one traced index (above) and nested ``jit`` may lie between; a
+product inside ``scan``/``while``/``cond``/``remat``/custom derivatives of the call evaluated
+is refused.
 Nested ``jit`` calls on the way to the product are inlined when evaluated. Finding a weight's
 roles in a whole model's trace (``find_product(..., through=True)``, NNX's ``inject``) also
 looks into ``remat`` and into a ``scan`` that slices the weight per iteration (a stack of
@@ -55,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from jaxlora import core
+from jaxlora import core, gather
 
 # Primitives a weight may pass through on its way to the product: each keeps its values
 # (a view, or a cast), so the product still multiplies the weight linearly.
@@ -102,7 +110,12 @@ class Product:
     product of their own is found as one ``Product`` whose ``sites`` are those products (each
     with ``sliced``, the indexed W axes, and ``index``, its position on them) and whose
     ``roles`` count the sliced axes as batch axes: one adapter per slice. Its own ``path`` is
-    ``()``: use ``sites(product)``, the equations to change."""
+    ``()``: use ``sites(product)``, the equations to change. The same for several products
+    each through a traced index (``gather``).
+
+    A weight reached through a traced index (``gather``: a ``jaxlora.gather.Gather``) has
+    ``groups`` over the gathered weight V (the gather's batch dims, then W's other axes) and
+    ``roles`` over W (the indexed axes batch axes); ``gather.roles`` are V's in the product."""
 
     path: tuple[int, ...]
     side: int
@@ -111,8 +124,9 @@ class Product:
     roles: Roles
     sliced: tuple[int, ...] = ()  # W's axes fixed by static indexing (slice views)
     index: tuple[int, ...] = ()  # this product's position on them
-    sites: tuple[Product, ...] = ()  # a slice-view adapter's products
+    sites: tuple[Product, ...] = ()  # a slice-view (or traced-index) adapter's products
     layers: tuple[int, ...] = ()  # W's axes a scan slices on the way (its layer axes)
+    gather: gather.Gather | None = None  # the traced index on the way (groups are V's)
 
 
 def sites(product: Product) -> tuple[Product, ...]:
@@ -145,7 +159,7 @@ def find_product(
     others: list[str] = []
     identity = tuple((i,) for i in range(len(shape)))
     walk = _Walk(products, others, through)
-    _follow(jaxpr, jaxpr.invars[index], (identity, ()), (), walk, returned, ())
+    _follow(jaxpr, jaxpr.invars[index], (identity, (), None), (), walk, returned, ())
     if not products:
         if others:
             raise NotAProduct(f"{where}: used only by {', '.join(sorted(set(others)))}")
@@ -165,6 +179,8 @@ def find_product(
         )
     if len(products) == 1 and not products[0].sliced:
         return products[0]
+    if all(p.gather is not None for p in products):
+        return _gathered_views(products, where)
     if not all(p.sliced for p in products):
         raise ValueError(
             f"{where}: used by {len(products)} products (dot_general)"
@@ -176,12 +192,28 @@ def find_product(
             + "; a weight shared by several products (or a module called more than once per "
             "call) is not supported, only one product per static slice W[i] (slice views)"
         )
-    if any(p.layers for p in products):
+    if len({p.layers for p in products}) > 1:
         raise ValueError(
-            f"{where}: slice views (W[i] per product) inside a scanned stack of layers are not "
-            "supported yet"
+            f"{where}: its slice views lie in scans slicing different layer axes "
+            f"{sorted({p.layers for p in products})}; they must lie in one scanned layer"
         )
     return _slice_views(products, shape, where)
+
+
+def _gathered_views(products: list[Product], where: str) -> Product:
+    """Several products of the weight, each through a traced index of its own (an MoE loop
+    ``W[idx_k]`` per routing slot), as one adapter: W's roles must be the same in each."""
+    kinds = {p.roles for p in products}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"{where}: its traced-index views enter their products in different roles "
+            f"({sorted(kinds, key=str)}); one adapter needs the same roles in each"
+        )
+    views = tuple(sorted(products, key=lambda p: p.path))
+    first = views[0]
+    return Product(
+        (), first.side, first.dims, first.groups, first.roles, sites=views, layers=first.layers
+    )
 
 
 @dataclasses.dataclass
@@ -231,67 +263,101 @@ def _slice_views(products: list[Product], shape: tuple[int, ...], where: str) ->
         dataclasses.replace(p, roles=roles) for p in sorted(products, key=lambda p: p.index)
     )
     first = views[0]
-    return Product((), first.side, first.dims, first.groups, roles, sliced, (), views)
+    return Product((), first.side, first.dims, first.groups, roles, sliced, (), views, first.layers)
 
 
-def _follow(jaxpr, var, view, path, walk: _Walk, returned, layers, inner=False) -> list[int]:
-    """Follows ``var``, the weight seen as ``view`` = (groups, fixed): per axis of ``var`` the
-    W axes it holds, and the (W axis, index) pairs static indexing has fixed so far; ``layers``
-    are the W axes scans have sliced on the way. Returns the outputs where an ``inner`` jaxpr
-    (a call's, remat's or scan's body) gives it back unchanged (``nnx.remat`` returns the
-    module's state), which the caller follows on."""
-    groups, fixed = view
+def _follow(jaxpr, var, view, path, walk: _Walk, returned, layers, inner=False) -> list:
+    """Follows ``var``, the weight seen as ``view`` = (groups, fixed, gathered): per axis of
+    ``var`` the W axes it holds (the gathered weight V's, after a traced index), the (W axis,
+    index) pairs static indexing has fixed so far, and the ``gather.Gather`` a traced index
+    made (or None); ``layers`` are the W axes scans have sliced on the way. Returns the
+    (output, view) pairs where an ``inner`` jaxpr (a call's, remat's or scan's body) gives
+    it back (``nnx.remat`` returns the module's state; ``jnp.take`` is a jit returning the
+    gathered weight), which the caller follows on."""
+    groups, fixed, gathered = view
     outs = [i for i, v in enumerate(jaxpr.outvars) if v is var]
-    unchanged = not fixed and groups == tuple((i,) for i in range(len(groups)))
+    unchanged = not fixed and gathered is None and groups == tuple((i,) for i in range(len(groups)))
     allowed = [returned] if path == () and unchanged else []
-    through = outs if inner and not fixed else []
+    through = [(i, view) for i in outs] if inner else []
     for i in outs:
-        if i not in allowed and i not in through:
+        if i not in allowed and not inner:
             walk.others.append("an output of the traced call (it escapes its product)")
     for i, eqn in enumerate(jaxpr.eqns):
         for pos, v in enumerate(eqn.invars):
             if v is not var:
                 continue
-            name = eqn.primitive.name
-            if name == "dot_general":
-                walk.products.append(_product((*path, i), pos, eqn, groups, fixed, layers))
-            elif name in _VIEWS:
-                seen = _view(eqn, groups)
-                if seen is None:
-                    walk.others.append(f"a {name} that splits one of its axes")
-                else:
-                    _follow(jaxpr, eqn.outvars[0], (seen, fixed), path, walk, None, layers)
-            elif name in ("slice", "squeeze") and pos == 0:
-                indexed = _indexed(eqn, groups, dict(fixed))
-                if isinstance(indexed, str):
-                    walk.others.append(indexed)
-                else:
-                    _follow(jaxpr, eqn.outvars[0], indexed, path, walk, None, layers)
-            elif name in _CALLS or (walk.through and name in _REMATS):
-                body = eqn.params[_CALLS.get(name) or _REMATS[name]]
-                body = getattr(body, "jaxpr", body)
-                back = _follow(body, body.invars[pos], view, (*path, i), walk, None, layers, True)
-                for k in back:
-                    _follow(jaxpr, eqn.outvars[k], view, path, walk, None, layers, inner)
-            elif walk.through and name == "scan" and not fixed and _scanned(eqn, pos, groups):
-                # one layer's slice per iteration: the body sees the weight without axis 0
-                body = eqn.params["jaxpr"].jaxpr
-                layer = (*layers, groups[0][0])
-                back = _follow(
-                    body, body.invars[pos], (groups[1:], ()), (*path, i), walk, None, layer, True
-                )
-                for k in back:  # returned per iteration as a scanned output: the stack again
-                    if k < eqn.params["num_carry"]:
-                        walk.others.append("a scan carry (it would change per layer)")
-                    else:
-                        _follow(jaxpr, eqn.outvars[k], view, path, walk, None, layers, inner)
-            elif walk.through and name == "scan":
-                walk.others.append("a scan that does not slice it into one layer per iteration")
-            elif name in ("dynamic_slice", "gather") and pos == 0:
-                walk.others.append(f"a {name} (an index that is traced, not a static integer)")
-            else:
-                walk.others.append(name)
+            through += _follow_eqn(jaxpr, eqn, (*path, i), pos, view, walk, layers, inner)
     return through
+
+
+def _follow_eqn(jaxpr, eqn, at, pos, view, walk: _Walk, layers, inner) -> list:
+    """Follows the weight (seen as ``view``) into ``eqn`` (at path ``at``) as its operand
+    ``pos``; returns what ``_follow`` returns for the views of it that ``eqn`` makes."""
+    groups, fixed, gathered = view
+    path, name = at[:-1], eqn.primitive.name
+
+    def on(new_view):
+        return _follow(jaxpr, eqn.outvars[0], new_view, path, walk, None, layers, inner)
+
+    if name == "dot_general":
+        product = _product(at, pos, eqn, view, layers)
+        if isinstance(product, str):
+            walk.others.append(product)
+        else:
+            walk.products.append(product)
+    elif name in _VIEWS:
+        seen = _view(eqn, groups)
+        if seen is None:
+            walk.others.append(f"a {name} that splits one of its axes")
+            return []
+        return on((seen, fixed, gathered))
+    elif name in ("slice", "squeeze") and pos == 0:
+        indexed = _indexed(eqn, groups, dict(fixed))
+        if not isinstance(indexed, str) and gathered is not None and indexed[1] != fixed:
+            indexed = "a static slice of the weight gathered by a traced index"
+        if isinstance(indexed, str):
+            walk.others.append(indexed)
+            return []
+        return on((*indexed, gathered))
+    elif name in ("dynamic_slice", "gather") and pos == 0:
+        why = "a second traced index" if gathered is not None else ""
+        why = why or ("a traced index into a statically sliced weight" if fixed else "")
+        taken = why or gather.follow(eqn, at, groups)
+        if isinstance(taken, str):
+            walk.others.append(f"a {name} ({taken})")
+            return []
+        return on((taken[0], fixed, taken[1]))
+    elif name in _CALLS or (walk.through and name in _REMATS):
+        body = eqn.params[_CALLS.get(name) or _REMATS[name]]
+        body = getattr(body, "jaxpr", body)
+        back = _follow(body, body.invars[pos], view, at, walk, None, layers, True)
+        out = []
+        for k, seen in back:
+            out += _follow(jaxpr, eqn.outvars[k], seen, path, walk, None, layers, inner)
+        return out
+    elif walk.through and name == "scan" and not fixed and gathered is None:
+        if not _scanned(eqn, pos, groups):
+            walk.others.append("a scan that does not slice it into one layer per iteration")
+            return []
+        # one layer's slice per iteration: the body sees the weight without axis 0
+        body = eqn.params["jaxpr"].jaxpr
+        layer = (*layers, groups[0][0])
+        one = (groups[1:], (), None)
+        back = _follow(body, body.invars[pos], one, at, walk, None, layer, True)
+        out = []
+        for k, seen in back:  # returned per iteration as a scanned output: the stack again
+            if k < eqn.params["num_carry"]:
+                walk.others.append("a scan carry (it would change per layer)")
+            elif seen != one:
+                walk.others.append("a scan output of a view of it")
+            else:
+                out += _follow(jaxpr, eqn.outvars[k], view, path, walk, None, layers, inner)
+        return out
+    elif walk.through and name == "scan":
+        walk.others.append("a scan of a sliced or gathered view of it")
+    else:
+        walk.others.append(name)
+    return []
 
 
 def _scanned(eqn, pos: int, groups) -> bool:
@@ -316,8 +382,24 @@ def per_layer(product: Product) -> Product:
         renumber(roles.contracted),
         renumber(roles.free),
     )
-    groups = tuple(renumber(g) for g in product.groups)
-    return dataclasses.replace(product, groups=groups, roles=roles, layers=())
+    groups = product.groups  # a gathered weight's are V's, whose numbering has no layer axis
+    if product.gather is None:
+        groups = tuple(renumber(g) for g in groups)
+    views = tuple(dataclasses.replace(per_layer(site), roles=roles) for site in product.sites)
+    gathered = product.gather
+    if gathered is not None:  # V's own numbering has no layer axis: only W's axes change
+        gathered = dataclasses.replace(
+            gathered, axes=renumber(gathered.axes), kept=renumber(gathered.kept)
+        )
+    return dataclasses.replace(
+        product,
+        groups=groups,
+        roles=roles,
+        layers=(),
+        sliced=renumber(product.sliced),
+        sites=views,
+        gather=gathered,
+    )
 
 
 def _view(eqn, groups):
@@ -368,7 +450,11 @@ def _indexed(eqn, groups, fixed: dict[int, int]):
     return groups, tuple(sorted(fixed.items()))
 
 
-def _product(path, side, eqn, groups, fixed, layers=()) -> Product:
+def _product(path, side, eqn, view, layers=()) -> Product | str:
+    """The product ``eqn`` (at ``path``) of the weight seen as ``view`` as its operand
+    ``side``; a str saying why not for a gathered weight whose gather's batch dims are not
+    batch axes of the product."""
+    groups, fixed, gathered = view
     (contract, batch) = eqn.params["dimension_numbers"]
     mine_c, mine_b = contract[side], batch[side]
     pinned = dict(fixed)
@@ -379,7 +465,23 @@ def _product(path, side, eqn, groups, fixed, layers=()) -> Product:
     roles = Roles((), of(mine_b), of(mine_c), of(free_axes))
     sliced, index = tuple(pinned), tuple(pinned.values())
     dims = eqn.params["dimension_numbers"]
-    return Product(path, side, dims, groups, roles, sliced, index, layers=tuple(layers))
+    if gathered is not None:
+        local = (roles.batch, roles.contracted, roles.free)
+        if not set(range(gathered.batch)) <= set(roles.batch):
+            return (
+                "a dot_general where the axes its traced index (gather) adds are contracted or "
+                "free, not batch axes (x must carry them: each row meets its own expert)"
+            )
+        gathered = dataclasses.replace(gathered, roles=local)
+        roles = Roles(
+            (),
+            tuple(sorted({*gathered.axes, *gathered.to_weight(roles.batch)})),
+            gathered.to_weight(roles.contracted),
+            gathered.to_weight(roles.free),
+        )
+    return Product(
+        path, side, dims, groups, roles, sliced, index, layers=tuple(layers), gather=gathered
+    )
 
 
 def split_args(args: tuple, kwargs: dict):
@@ -403,6 +505,33 @@ def with_shape(product: Product, shape: tuple[int, ...]) -> Product:
     roles = dataclasses.replace(product.roles, shape=tuple(shape))
     views = tuple(dataclasses.replace(p, roles=roles) for p in product.sites)
     return dataclasses.replace(product, roles=roles, sites=views)
+
+
+def hooks(pairs) -> dict:
+    """``evaluate``'s ``at`` for the product equations ``pairs`` = [(site, add)]: ``add(eqn,
+    operands, index)`` computes site's equation, ``index`` being the operands of the site's
+    traced index (its ``gather``, recorded as it runs, before the product; None without)."""
+    seen: dict[tuple[int, ...], list] = {}
+
+    def record(path):
+        def run(eqn, operands):
+            seen[path] = operands
+            params = eqn.primitive.get_bind_params(eqn.params)
+            with eqn.ctx.manager:
+                return eqn.primitive.bind(*operands, **params)
+
+        return run
+
+    def at_site(site, add):
+        key = None if site.gather is None else site.gather.path
+        return lambda eqn, operands: add(eqn, operands, None if key is None else seen[key])
+
+    at: dict = {}
+    for site, add in pairs:
+        at[site.path] = at_site(site, add)
+        if site.gather is not None:
+            at[site.gather.path] = record(site.gather.path)
+    return at
 
 
 def evaluate(
@@ -445,13 +574,27 @@ def _eval(jaxpr, consts, args, at) -> list:
 
 
 def branch(
-    product: Product, eqn, operands: list, lora_a, lora_b, scale: float, x: jax.Array | None = None
+    product: Product,
+    eqn,
+    operands: list,
+    lora_a,
+    lora_b,
+    scale: float,
+    x: jax.Array | None = None,
+    index: list | None = None,
 ) -> jax.Array:
     """The factored branch for the product equation ``eqn`` (its ``operands`` as evaluated),
     laid out as ``eqn``'s output. ``x`` replaces the other operand (dropout on it). A slice
-    view's branch uses its slice's factors, ``lora_a[i]`` and ``lora_b[i]``."""
+    view's branch uses its slice's factors, ``lora_a[i]`` and ``lora_b[i]``; a gathered
+    weight's (``product.gather``) the factors gathered as the weight was, by the operands
+    ``index`` of its gather (``hooks``)."""
     if product.sliced:
         product, lora_a, lora_b = _slice_factors(product, lora_a, lora_b)
+    if product.gather is not None:
+        if index is None:
+            raise ValueError("branch: a gathered weight's product needs its gather's operands")
+        lora_a, lora_b = gather.factors(product.gather, product.roles, lora_a, lora_b, index)
+        product = dataclasses.replace(product, roles=Roles((), *product.gather.roles), gather=None)
     side = product.side
     x = operands[1 - side] if x is None else x
     (contract, batch) = product.dims

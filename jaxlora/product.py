@@ -393,12 +393,12 @@ def apply(
     scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
     rate = 0.0 if deterministic else config.dropout
 
-    def extra(site, eqn, operands):
+    def extra(site, eqn, operands, index):
         x = operands[1 - site.side]
         if rate > 0:
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
             x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-        return oplevel.branch(site, eqn, operands, a, b, scale, x=x)
+        return oplevel.branch(site, eqn, operands, a, b, scale, x=x, index=index)
 
     return evaluate(traced, product, extra)
 
@@ -426,16 +426,17 @@ def traced_product(
 
 
 def evaluate(traced: Traced, product: oplevel.Product, extra) -> Any:
-    """The traced call's outputs with ``extra(site, eqn, operands)`` added at each of the
-    product's sites (``oplevel.sites``: itself, or its slice views)."""
+    """The traced call's outputs with ``extra(site, eqn, operands, index)`` added at each of
+    the product's sites (``oplevel.sites``: itself, or its slice views; ``index``: the
+    operands of a gathered weight's gather, ``oplevel.hooks``)."""
 
     def at_product(site):
-        def add(eqn, operands):
+        def add(eqn, operands, index):
             base = eqn.primitive.bind(*operands, **eqn.params)
-            return base + extra(site, eqn, operands).astype(base.dtype)
+            return base + extra(site, eqn, operands, index).astype(base.dtype)
 
         return add
 
-    at = {site.path: at_product(site) for site in oplevel.sites(product)}
+    at = oplevel.hooks((site, at_product(site)) for site in oplevel.sites(product))
     outs = oplevel.evaluate(traced.closed, [*traced.leaves, *traced.dyn], at)
     return jax.tree.unflatten(traced.out_def, outs)

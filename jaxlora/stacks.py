@@ -65,16 +65,25 @@ def check_uniform(config: LoRAConfig, path: str, per_layer: list[str], where: st
         )
 
 
-def select(paths: list[str], per_layer: Mapping[str, list[str]], config: LoRAConfig) -> list[str]:
+def select(
+    paths: list[str],
+    per_layer: Mapping[str, list[str]],
+    config: LoRAConfig,
+    maybe: Mapping[str, list[str]] | None = None,
+) -> list[str]:
     """The ``paths`` that ``config.targets`` choose: a stacked layer (one with ``per_layer``
     paths) is chosen by its own path or by all of its per-layer paths; a ``ValueError`` if
-    only some of them match (a stack is adapted in all its layers or none)."""
-    matched = set(config.select([*paths, *(p for ps in per_layer.values() for p in ps)]))
+    only some of them match (a stack is adapted in all its layers or none). ``maybe``: the
+    per-layer paths of layers not yet known to be stacks: chosen by any of them, to be
+    selected again once known (``select`` without ``maybe``)."""
+    maybe = {k: v for k, v in (maybe or {}).items() if k not in per_layer}
+    every = [*paths, *(p for ps in [*per_layer.values(), *maybe.values()] for p in ps)]
+    matched = set(config.select(every))
     chosen = []
     for path in paths:
-        layers = per_layer.get(path, [])
+        layers = per_layer.get(path, maybe.get(path, []))
         hits = [p for p in layers if p in matched]
-        if path in matched or (layers and len(hits) == len(layers)):
+        if path in matched or (layers and len(hits) == len(layers)) or (hits and path in maybe):
             chosen.append(path)
         elif hits:
             raise ValueError(

@@ -278,14 +278,6 @@ REFUSALS = {
         lambda w, x: _per_expert(w, x, [lambda w: w[0], lambda w: w[1]]),
         r"index \(2,\) on axes \(0,\) enters no product",
     ),
-    "traced_index": (
-        lambda w, x: _per_expert(w, x, [lambda w, i=i: w[jnp.int32(i)] for i in range(E)]),
-        r"dynamic_slice \(an index that is traced",
-    ),
-    "take_gather": (
-        lambda w, x: _per_expert(w, x, [lambda w, i=i: jnp.take(w, i, axis=0) for i in range(E)]),
-        r"gather \(an index that is traced",
-    ),
     "different_axes": (
         lambda w, x: _per_expert(w, x, [lambda w: w[0], lambda w: w[:, 1].T, lambda w: w[2]]),
         r"index it on different axes \[\(0,\), \(1,\)\]",

@@ -256,7 +256,10 @@ def inject(
     paths = _module_paths(model)
     modules = dict(sorted(paths.items(), key=lambda item: item[0]))
     per_layer = per_layer_paths(modules, layer_names)
-    chosen = stacks.select(list(modules), per_layer, config) if config.targets else []
+    # A module adapted at its product is known to be a stack only once traced: until then its
+    # per-layer paths are the ones it would have as one (_maybe_stacks), checked after tracing.
+    maybe = _maybe_stacks(modules, layer_names, inputs)
+    chosen = stacks.select(list(modules), per_layer, config, maybe) if config.targets else []
     only = _by_parameter(modules, config, chosen)
     chosen = sorted({*chosen, *only})
     by_product = {}
@@ -280,7 +283,12 @@ def inject(
             _check(module, name, config, per_layer.get(name, []))
     products: dict[str, dict[str, Any]] = {}
     if by_product and inputs is not None:  # by_product is empty without inputs (_by_product)
+        # A module chosen only by the per-layer paths it would have as a stack is traced as
+        # any other (a refusal is a refusal); once traced not to be a stack, it is left out.
         products = find_weights(model, by_product, inputs, only=only)
+    if maybe:
+        chosen = _chosen_stacks(modules, products, config, layer_names, chosen, only)
+        products = {n: found for n, found in products.items() if n in chosen}
     for name, found in products.items():
         _check_by_product(modules[name][1], name, config, found)
     _check_product_stacks(modules, products, config, layer_names)
@@ -308,6 +316,59 @@ def inject(
     # flax declares no attributes on nnx.Module; a module takes any.
     model.lora_config = config  # type: ignore[attr-defined]
     return model
+
+
+def _maybe_stacks(
+    modules: dict[str, tuple[tuple, nnx.Module]], layer_names, inputs
+) -> dict[str, list[str]]:
+    """{path: per-layer paths} that each module to be adapted at its product could have as a
+    stack (``nnx.vmap``), its layer index after any of its path's prefixes: it is known to be
+    one only once traced, but targets and patterns may name its layers before."""
+    if inputs is None:
+        return {}
+    maybe = {}
+    for name, (path, module) in modules.items():
+        if not path or isinstance(module, LoRALinear | Adapter | OpAdapter):
+            continue
+        first = _first_param(module)
+        if first is None or not first.ndim or not _by_product(module, name, inputs):
+            continue
+        parts = name.split(".")
+        paths = []
+        for k in range(1, len(parts) + 1):
+            try:
+                paths += stacks.layer_paths(name, ".".join(parts[:k]), first.shape[0], layer_names)
+            except ValueError:  # a bad layer_names template: told where it applies
+                continue
+        maybe[name] = paths
+    return maybe
+
+
+def _first_param(module: nnx.Module) -> nnx.Param | None:
+    """The first ``nnx.Param`` attribute (the one a stack's length is read from, ``_length``)."""
+    return next((v for v in vars(module).values() if type(v) is nnx.Param), None)
+
+
+def _chosen_stacks(modules, products, config: LoRAConfig, layer_names, chosen, only) -> list[str]:
+    """``chosen`` again, now that tracing has told which modules adapted at their product are
+    stacks: targets select with the per-layer paths they really have (a stack in all its
+    layers or none; a module chosen only by the per-layer paths it would have as a stack, and
+    that is none, is left out). A ``ValueError`` for a module chosen by its real per-layer
+    paths that was not traced (its paths as a supposed stack differed)."""
+    stacked = {
+        name: depth
+        for name, found in products.items()
+        if (depth := _product_stack(modules[name][1], found, f"inject: layer '{name}'"))
+    }
+    per_layer = per_layer_paths(modules, layer_names, stacked)
+    again = stacks.select(list(modules), per_layer, config) if config.targets else []
+    untraced = [n for n in again if n not in chosen]
+    if untraced:
+        raise ValueError(
+            f"inject: targets {config.targets!r} choose layer '{untraced[0]}' by per-layer "
+            "paths known only after tracing; target it by its own (stack) path"
+        )
+    return sorted({*again, *only})
 
 
 def _check_product_stacks(modules, products: Mapping, config: LoRAConfig, layer_names) -> None:
@@ -503,8 +564,9 @@ def _length(module: nnx.Module, product: Any = None) -> int:
     is found by tracing, so only its length is known: any truthy value)."""
     if isinstance(module, OpAdapter):
         return getattr(module, module.lora_weights[0]).shape[0]
-    if product:
-        return next(v.shape[0] for v in vars(module).values() if type(v) is nnx.Param)
+    first = _first_param(module)
+    if product and first is not None:
+        return first.shape[0]
     return _weight(module).shape[0]
 
 

@@ -156,10 +156,10 @@ class OpAdapter(_Module):
         return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
 
     def __call__(self, *args, **kwargs):
-        def extra(weight, product, eqn, operands):
+        def extra(weight, product, eqn, operands, index):
             x = self.lora_dropout(operands[1 - product.side])
             a, b = (f[...] for f in self.factors(weight))
-            return oplevel.branch(product, eqn, operands, a, b, self.scaling, x=x)
+            return oplevel.branch(product, eqn, operands, a, b, self.scaling, x=x, index=index)
 
         return call(self, args, kwargs, extra)
 
@@ -277,39 +277,52 @@ def find_weights(
         ) from err
     found = {}
     for name, module in modules.items():
-        wanted = None if only is None or name not in only else set(only[name])
-        weights, unused = {}, []
-        for attr, var in vars(module).items():
-            if type(var) is not nnx.Param or (wanted is not None and attr not in wanted):
-                continue
-            where = f"inject: layer '{name}', weight '{attr}' {tuple(var.shape)}"
-            index = index_of[tuple(map(str, where_of[id(var)]))]
-            try:
-                product = oplevel.find_product(
-                    closed.jaxpr, index, var.shape, where=where, through=True
-                )
-            except oplevel.NotAProduct as err:
-                if wanted is not None:  # named by target_parameters: it must be adaptable
-                    raise ValueError(f"{err}; target_parameters names it") from None
-                unused.append(str(err).removeprefix(f"inject: layer '{name}', "))
-                continue
-            product = _one_layer(oplevel.with_shape(product, tuple(var.shape)), where)
-            weights[attr] = product.roles
-            if orders is not None:
-                orders[name, attr] = tuple(axis for group in product.groups for axis in group)
-        missing = sorted((wanted or set()) - set(weights))
-        if missing:
-            raise ValueError(
-                f"inject: layer '{name}' ({type(module).__name__}): target_parameters names "
-                f"{missing}, which are not nnx.Param attributes of it"
-            )
-        if not weights:
-            raise ValueError(
-                f"inject: layer '{name}' ({type(module).__name__}): no nnx.Param of it is used "
-                "by a product (dot_general): " + ("; ".join(unused) or "it holds none")
-            )
-        found[name] = weights
+        found[name] = _weights_of(closed.jaxpr, name, module, index_of, where_of, orders, only)
     return found
+
+
+def _weights_of(jaxpr, name, module, index_of, where_of, orders, only) -> dict[str, oplevel.Roles]:
+    """``find_weights``' answer for one module (see there)."""
+    wanted = None if only is None or name not in only else set(only[name])
+    weights, unused = {}, []
+    for attr, var in vars(module).items():
+        if type(var) is not nnx.Param or (wanted is not None and attr not in wanted):
+            continue
+        where = f"inject: layer '{name}', weight '{attr}' {tuple(var.shape)}"
+        index = index_of[tuple(map(str, where_of[id(var)]))]
+        try:
+            product = oplevel.find_product(jaxpr, index, var.shape, where=where, through=True)
+        except oplevel.NotAProduct as err:
+            if wanted is not None:  # named by target_parameters: it must be adaptable
+                raise ValueError(f"{err}; target_parameters names it") from None
+            unused.append(str(err).removeprefix(f"inject: layer '{name}', "))
+            continue
+        product = _one_layer(oplevel.with_shape(product, tuple(var.shape)), where)
+        weights[attr] = product.roles
+        if orders is not None:
+            orders[name, attr] = weight_order(product)
+    missing = sorted((wanted or set()) - set(weights))
+    if missing:
+        raise ValueError(
+            f"inject: layer '{name}' ({type(module).__name__}): target_parameters names "
+            f"{missing}, which are not nnx.Param attributes of it"
+        )
+    if not weights:
+        raise ValueError(
+            f"inject: layer '{name}' ({type(module).__name__}): no nnx.Param of it is used "
+            "by a product (dot_general): " + ("; ".join(unused) or "it holds none")
+        )
+    return weights
+
+
+def weight_order(product: oplevel.Product) -> tuple[int, ...]:
+    """The weight's axes in the order its product's operand holds them (after transposes); a
+    gathered weight's indexed axes where the gather's batch dims are."""
+    site = oplevel.sites(product)[0]
+    gathered = site.gather
+    if gathered is None:
+        return tuple(axis for group in site.groups for axis in group)
+    return tuple(w for group in site.groups for v in group for w in gathered.to_weight((v,)))
 
 
 def _one_layer(product: oplevel.Product, where: str) -> oplevel.Product:
@@ -427,13 +440,13 @@ def call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict, extra):
     closed, out_def, products, dyn = _trace(module, graphdef, state_def, leaves, args, kwargs)
 
     def at_product(weight, product):
-        def add(eqn, operands):
+        def add(eqn, operands, index):
             base = eqn.primitive.bind(*operands, **eqn.params)
-            return base + extra(weight, product, eqn, operands).astype(base.dtype)
+            return base + extra(weight, product, eqn, operands, index).astype(base.dtype)
 
         return add
 
-    at = {s.path: at_product(w, s) for w, p in products.items() for s in oplevel.sites(p)}
+    at = oplevel.hooks((s, at_product(w, s)) for w, p in products.items() for s in oplevel.sites(p))
     outs = oplevel.evaluate(closed, [*leaves, *dyn], at)
     out = jax.tree.unflatten(out_def, outs[: out_def.num_leaves])
     new_leaves = outs[out_def.num_leaves :]

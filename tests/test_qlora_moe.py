@@ -95,8 +95,8 @@ class Model(nnx.Module):
     def __init__(self, moe: nnx.Module):
         self.moe = moe
 
-    def __call__(self, x):
-        return self.moe(x)
+    def __call__(self, *inputs):
+        return self.moe(*inputs)
 
 
 CASES = {"batched": Batched, "sliced": Sliced, "torch_layout": TorchLayout, "middle": MiddleAxis}
@@ -183,6 +183,32 @@ def test_each_expert_is_its_own_linear_and_forward_is_the_closed_form(case, opti
     want = _closed_form(_expert_matrices(q), *_factors(model.moe))
     _close(model(jnp.asarray(X)), want)
     _close(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(X)), want)
+
+
+class Routed(nnx.Module):
+    """Experts routed by a traced index (``jnp.take``, a gather): token t uses expert idx[t]."""
+
+    def __init__(self):
+        self.w = nnx.Param(jnp.asarray(W))
+
+    def __call__(self, x, idx):
+        return jnp.einsum("td,tdf->tf", x, jnp.take(self.w[...], idx, axis=0))
+
+
+def test_experts_routed_by_a_traced_index_are_quantized_per_expert_and_gathered():
+    # x·(M + s·A B)[idx] with M each expert's own Linear dequantized alone.
+    rows, idx = X.reshape(-1, D), jnp.asarray([0, 2, 1, 2, 0, 1])
+    model = Model(Routed())
+    config = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["moe"])
+    jnnx.inject(model, config, nnx.Rngs(1), inputs=(jnp.asarray(rows), idx))
+    _randomize(model.moe)
+    jnnx.quantize_base(model, config)
+    q = model.moe.w.get_value()
+    _assert_experts_are_their_linears(q, [W[e].T for e in range(E)], {})
+    a, b = _factors(model.moe)
+    merged = np.stack(_expert_matrices(q)) + S * np.einsum("edr,erf->edf", a, b)
+    want = np.einsum("td,tdf->tf", rows.astype(np.float64), merged[np.asarray(idx)])
+    _close(nnx.jit(lambda m, x, i: m(x, i))(model, jnp.asarray(rows), idx), want)
 
 
 @pytest.mark.parametrize("case", ["batched", "sliced"])

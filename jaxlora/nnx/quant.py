@@ -162,10 +162,13 @@ def _target(layer: nnx.Module, where: str) -> tuple[str, Roles, int | None]:
                 "out_axes=0), can be quantized"
             )
         roles, axis = linear_roles(one), (0 if weight.ndim == 3 else None)
-    if tuple(weight.shape) != roles.shape and axis is None:
+    elif tuple(weight.shape) == (*weight.shape[:1], *roles.shape):  # nnx.vmap stack
+        axis = 0
+    elif tuple(weight.shape) != roles.shape:
         raise ValueError(
-            f"{where}: the weight '{name}' has shape {tuple(weight.shape)}, not the shape "
-            f"{roles.shape} its adapter was made for (an nnx.vmap stack cannot be quantized)"
+            f"{where}: the weight '{name}' has shape {tuple(weight.shape)}, neither the shape "
+            f"{roles.shape} its adapter was made for nor a stack of them with the layer axis "
+            "in front (nnx.vmap, out_axes=0)"
         )
     check_roles(roles, f"{where}, weight '{name}'")
     return name, roles, axis

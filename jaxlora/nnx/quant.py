@@ -78,10 +78,11 @@ def quantize_base(
     """Quantizes, in place, the adapted weight of each chosen ``LoRALinear`` or op-level
     adapted module (inject LoRA first with ``jaxlora.nnx.inject``); returns ``model``.
 
-    A ``LoRALinear`` of an ``nnx.vmap``-made stack (a kernel (L, in, out), run by ``nnx.scan``)
-    is quantized layer by layer, each layer exactly as its unstacked twin (its own blocks),
-    the L quantized weights' arrays stacked in front; ``nnx.scan`` slices them with the
-    layer's other variables, so each layer dequantizes its own weight.
+    A ``LoRALinear`` or op-level adapter of an ``nnx.vmap``-made stack (a kernel (L, in, out),
+    a weight (L, …) of one layer's roles, run by ``nnx.scan``) is quantized layer by layer,
+    each layer exactly as its unstacked twin (its own blocks), the L quantized weights' arrays
+    stacked in front; ``nnx.scan`` slices them with the layer's other variables, so each layer
+    dequantizes its own weight.
 
     Args:
         model: an NNX model.
@@ -92,11 +93,10 @@ def quantize_base(
 
     Raises:
         ValueError: no module matches, a targets entry matches none, a matched module is not
-            a ``LoRALinear`` with a 2-D float kernel (or a stack of them, layer axis in
-            front) nor an op-level adapter whose weight has
-            no batch axes (a plain ``nnx.Linear``, another layer, a stacked op-level adapter, MoE
-            experts, or an already quantized one), naming its path. All are checked before
-            any weight is replaced.
+            a ``LoRALinear`` with a 2-D float kernel nor an op-level adapter whose weight has
+            no batch axes, nor a stack of either with one layer axis in front (a plain
+            ``nnx.Linear``, another layer, MoE experts, nested stacks, or an already quantized
+            one), naming its path. All are checked before any weight is replaced.
     """
     config = targets if isinstance(targets, LoRAConfig) else LoRAConfig(r=1, targets=targets)
     blocksize = _check_options(quant_type, blocksize, double_quant)

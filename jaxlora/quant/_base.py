@@ -72,8 +72,11 @@ def quantize_base(
     blocks), the L quantized weights' arrays stacked in front, with a ``"stack"`` record of k
     beside them. The scan must then slice ``'quant'`` on axis 0 whatever k is
     (``variable_axes={"params": k, "quant": 0}``, as MaxText scans its ``"aqt"`` collection),
-    so each layer dequantizes its own weight; a scan that does not slice it is refused at the
-    call.
+    so each layer dequantizes its own weight; a scan that does not slice it, or slices it on
+    another axis, is refused at the call (a ``"stack_index"`` entry, see ``stack_index``).
+    A weight adapted at its product inside ``nn.scan`` (an einsum or ``FlaxConv1D`` weight
+    stacked with its adapter) is quantized the same way, layer by layer. Nested scans (a
+    weight with two layer axes) are refused, as ``inject`` refuses them.
 
     Args:
         variables: a variables dict with a ``'params'`` collection (other collections pass
@@ -87,8 +90,8 @@ def quantize_base(
     Raises:
         ValueError: no layer matches, a targets entry matches no layer, or a matched layer
             has no weight of the layers above (a Conv/Embed, a kernel with more than 2 axes
-            and neither an adapter nor a layout, a stack over nested scans, a stack adapted
-            at its product, a partitioned kernel, a weight with batch axes), naming its path;
+            and neither an adapter nor a layout, a stack over nested scans, a partitioned
+            kernel, a weight with batch axes), naming its path;
             nothing is changed.
 
     Examples:

@@ -312,7 +312,7 @@ def dora_output(module, kind: str, x, y, base, adapter, scale: float, rate: floa
 def _quantized(module: nn.Module, where: str) -> dict[str, jax.Array]:
     """{name: weight} of the module's own quantized weight, dequantized to its own shape and
     stored dtype (``jaxlora.quant.quantize_base``); empty if it holds none."""
-    held = layer_weight(module.variables.get(QUANT, {}), f"layer '{where}'")
+    held = layer_weight(module.variables.get(QUANT, {}), where)
     if held is None:
         return {}
     name, q, roles = held

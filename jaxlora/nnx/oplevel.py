@@ -165,10 +165,13 @@ class OpAdapter(_Module):
 
     def delta(self, weight: str | None = None) -> jax.Array:
         """``scaling · lora_a ⋅ lora_b`` of ``weight`` (default: the one adapted weight) in fp32,
-        in the weight's own axis order."""
+        in the weight's own axis order; of each layer, stacked in front, for an ``nnx.vmap``
+        stack (outside ``nnx.scan``)."""
         weight = self.lora_weight if weight is None else weight
         a, b = (f[...] for f in self.factors(weight))
-        return oplevel.delta(self.roles_of(weight), a, b, self.scaling)
+        roles = self.roles_of(weight)
+        stacked = getattr(self, weight).ndim > len(roles.shape)
+        return product.layer_deltas(roles, a, b, self.scaling, 0 if stacked else None)
 
     @property
     def is_quantized(self) -> bool:

@@ -84,10 +84,11 @@ def quantize_base(
     each as its own Linear (its blocks never straddle two experts), the experts' arrays
     stacked in front (``jaxlora.quant._layout``); the forward dequantizes each expert.
 
-    A ``LoRALinear`` of an ``nnx.vmap``-made stack (a kernel (L, in, out), run by ``nnx.scan``)
-    is quantized layer by layer, each layer exactly as its unstacked twin (its own blocks),
-    the L quantized weights' arrays stacked in front; ``nnx.scan`` slices them with the
-    layer's other variables, so each layer dequantizes its own weight.
+    A ``LoRALinear`` or op-level adapter of an ``nnx.vmap``-made stack (a kernel (L, in, out),
+    a weight (L, …) of one layer's roles, run by ``nnx.scan``) is quantized layer by layer,
+    each layer exactly as its unstacked twin (its own blocks), the L quantized weights' arrays
+    stacked in front; ``nnx.scan`` slices them with the layer's other variables, so each layer
+    dequantizes its own weight.
 
     Args:
         model: an NNX model.
@@ -98,10 +99,10 @@ def quantize_base(
 
     Raises:
         ValueError: no module matches, a targets entry matches none, a matched module is not
-            a ``LoRALinear`` with a 2-D float kernel (or a stack of them, layer axis in
-            front) nor an op-level adapter (a plain ``nnx.Linear``, another layer, a stacked
-            op-level adapter, or an already quantized one), naming its path. All are checked
-            before any weight is replaced.
+            a ``LoRALinear`` with a 2-D float kernel nor an op-level adapter, nor a stack of
+            either with one layer axis in front (a plain ``nnx.Linear``, another layer, a
+            stack of MoE experts, nested stacks, or an already quantized one), naming its
+            path. All are checked before any weight is replaced.
     """
     config = targets if isinstance(targets, LoRAConfig) else LoRAConfig(r=1, targets=targets)
     blocksize = _check_options(quant_type, blocksize, double_quant)
@@ -170,10 +171,13 @@ def _weight(
                 "out_axes=0), can be quantized"
             )
         roles, axis = linear_roles(one), (0 if weight.ndim == 3 else None)
-    if tuple(weight.shape) != roles.shape and axis is None:
+    elif tuple(weight.shape) == (*weight.shape[:1], *roles.shape):  # nnx.vmap stack
+        axis = 0
+    elif tuple(weight.shape) != roles.shape:
         raise ValueError(
-            f"{where}: the weight '{name}' has shape {tuple(weight.shape)}, not the shape "
-            f"{roles.shape} its adapter was made for (an nnx.vmap stack cannot be quantized)"
+            f"{where}: the weight '{name}' has shape {tuple(weight.shape)}, neither the shape "
+            f"{roles.shape} its adapter was made for nor a stack of them with the layer axis "
+            "in front (nnx.vmap, out_axes=0)"
         )
     return name, roles, axis
 

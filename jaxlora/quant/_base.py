@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
@@ -24,8 +25,8 @@ from flax.core import meta
 from jaxlora import kinds
 from jaxlora.config import LoRAConfig
 from jaxlora.oplevel import Roles
-from jaxlora.product import ProductRoles, check_product
-from jaxlora.quant._api import QuantizedWeight, _check_options
+from jaxlora.product import ProductRoles, check_product, stack_axis
+from jaxlora.quant._api import QuantizedWeight, _check_options, stack_length
 from jaxlora.quant._layout import (
     dequantize_stack,
     linear_roles,
@@ -39,6 +40,11 @@ from jaxlora.tree import ROLES_NAME, PyTree, StackRecord, _like, _require_mappin
 ROLES = "roles"  # in 'quant': how a weight that is not a Dense kernel makes its Linear
 # in 'quant': the weight is an nn.scan stack, its layer axis in 'params' at the record's axis
 STACK = "stack"
+# in 'quant', beside a stack's record: each layer's index, shaped (L, 1, 1, 1) (``stack_index``)
+STACK_INDEX = "stack_index"
+# One layer's slice of it. Its rank (4) is above every quantized array's (at most 3: (L, out,
+# in) int8 codes), so no negative axis reaches its axis 0 while they can all be sliced on it.
+ONE_INDEX = (1, 1, 1)
 
 
 def quantize_base(
@@ -65,8 +71,11 @@ def quantize_base(
     blocks), the L quantized weights' arrays stacked in front, with a ``"stack"`` record of k
     beside them. The scan must then slice ``'quant'`` on axis 0 whatever k is
     (``variable_axes={"params": k, "quant": 0}``, as MaxText scans its ``"aqt"`` collection),
-    so each layer dequantizes its own weight; a scan that does not slice it is refused at the
-    call.
+    so each layer dequantizes its own weight; a scan that does not slice it, or slices it on
+    another axis, is refused at the call (a ``"stack_index"`` entry, see ``stack_index``).
+    A weight adapted at its product inside ``nn.scan`` (an einsum or ``FlaxConv1D`` weight
+    stacked with its adapter) is quantized the same way, layer by layer. Nested scans (a
+    weight with two layer axes) are refused, as ``inject`` refuses them.
 
     Args:
         variables: a variables dict with a ``'params'`` collection (other collections pass
@@ -80,8 +89,8 @@ def quantize_base(
     Raises:
         ValueError: no layer matches, a targets entry matches no layer, or a matched layer
             has no weight of the layers above (a Conv/Embed, a kernel with more than 2 axes
-            and neither an adapter nor a layout, a stack over nested scans, a stack adapted
-            at its product, a partitioned kernel, a weight with batch axes), naming its path;
+            and neither an adapter nor a layout, a stack over nested scans, a partitioned
+            kernel, a weight with batch axes), naming its path;
             nothing is changed.
 
     Examples:
@@ -123,6 +132,7 @@ def quantize_base(
             entry[ROLES] = ProductRoles(name, roles)
         if axis is not None:
             entry[STACK] = StackRecord(axis)
+            entry[STACK_INDEX] = stack_index(entry[name].absmax.shape[0])
         quantized[path] = entry
     names = {path: name for path, (name, _, _, _) in found.items()}
     out = {**variables, "params": _drop_weights(params, (), names)}
@@ -195,6 +205,56 @@ def requantize_merged(merged: PyTree, quantized: PyTree) -> PyTree:
     return restore_quantized(merged, _like(quantized, {**quantized, QUANT: _nest(new)}))
 
 
+def stack_index(length: int) -> jax.Array:
+    """The ``"stack_index"`` entry of a stack of ``length`` layers: layer i's index at [i].
+
+    An ``nn.scan`` must slice ``'quant'`` on axis 0. One that slices it on another axis k
+    fails loudly for most shapes, but not always: stacked int8 codes (L, out, in) and scales
+    (L, blocks) sliced on axis 1 when out == blocks == L are arrays of one layer's shapes
+    holding a column of every layer's values. This entry, sliced alike, is (1, 1, 1) in the
+    forward pass only when the slice is on axis 0 (on any other axis it keeps L), so
+    ``layer_weight`` refuses every other slice before a value is read; Flax traces the scan's
+    body before ``lax.scan`` compares the sliced axes' sizes, so the refusal comes first."""
+    return jnp.arange(length, dtype=jnp.int32).reshape(length, *ONE_INDEX)
+
+
+def _check_stack_index(tree: Mapping, q: QuantizedWeight, where: str, *, sliced: bool) -> None:
+    """A ``ValueError`` unless a stacked entry ``tree`` holds its layer index as
+    ``quantize_base`` made it: (L, 1, 1, 1) for the whole stack, or one layer's (1, 1, 1)
+    when ``sliced`` (in the forward pass: an nn.scan slicing 'quant' on axis 0)."""
+    index = tree.get(STACK_INDEX)
+    if STACK not in tree:
+        if index is not None:
+            raise ValueError(
+                f"'quant' collection: '{where}' has a '{STACK_INDEX}' but no '{STACK}'"
+            )
+        return
+    shape = tuple(np.shape(index)) if index is not None else None
+    if sliced and shape == ONE_INDEX:
+        return
+    if sliced and shape is not None and len(shape) == len(ONE_INDEX):
+        raise ValueError(
+            f"layer '{where}' is called inside an nn.scan that slices the 'quant' collection on "
+            f"an axis other than 0: its layer index '{STACK_INDEX}' arrives as {shape}, one "
+            f"layer's is {ONE_INDEX}; its quantized arrays hold each layer's weight on axis 0 "
+            "whatever axis 'params' is scanned on, so the scan must be nn.scan(..., "
+            "variable_axes={'params': k, 'quant': 0})"
+        )
+    length = stack_length(q, f"'quant' collection: layer '{where}'")
+    if length is not None and shape == (length, *ONE_INDEX):
+        return  # the whole stack: dequantize_base, files, or a call outside the scan
+    raise ValueError(
+        f"'quant' collection: the stacked layer '{where}' must hold its '{STACK_INDEX}' "
+        f"{(length, *ONE_INDEX) if length else ('L', *ONE_INDEX)} (quantize_base writes it)"
+        + (
+            f" or one layer's {ONE_INDEX} inside an nn.scan slicing 'quant' on axis 0"
+            if sliced
+            else ""
+        )
+        + f", got {'none' if shape is None else shape}"
+    )
+
+
 def _node(tree: Mapping, path: str) -> Mapping | None:
     node: Any = tree
     for key in path.split("."):
@@ -211,7 +271,9 @@ def iter_quantized(tree: Mapping, path: tuple[str, ...] = ()):
     weights = {k: v for k, v in tree.items() if isinstance(v, QuantizedWeight)}
     marker = tree.get(ROLES)
     if weights or marker is not None or STACK in tree:
-        yield where, *_quantized_layer(tree, weights, marker, where), _stack_axis(tree, where)
+        name, q, roles = _quantized_layer(tree, weights, marker, where)
+        _check_stack_index(tree, q, where, sliced=False)
+        yield where, name, q, roles, _stack_axis(tree, where)
         return
     for key, value in tree.items():
         if not isinstance(value, Mapping):
@@ -230,7 +292,9 @@ def layer_weight(node: Mapping, where: str) -> tuple[str, QuantizedWeight, Roles
     if not own:
         return None
     weights = {k: v for k, v in own.items() if isinstance(v, QuantizedWeight)}
-    return _quantized_layer(own, weights, own.get(ROLES), where)
+    name, q, roles = _quantized_layer(own, weights, own.get(ROLES), where)
+    _check_stack_index(own, q, where, sliced=True)  # before a value is read
+    return name, q, roles
 
 
 def _quantized_layer(tree: Mapping, weights: dict, marker, where: str):
@@ -240,13 +304,13 @@ def _quantized_layer(tree: Mapping, weights: dict, marker, where: str):
         name, roles = marker.weight, marker.roles
     else:
         raise ValueError(f"'quant' collection: '{where}.{ROLES}' must be a ProductRoles")
-    extra = sorted(set(tree) - {name, ROLES, STACK})
+    extra = sorted(set(tree) - {name, ROLES, STACK, STACK_INDEX})
     if name not in weights or extra:
         raise ValueError(
             f"'quant' collection: layer '{where}' holds {sorted(tree)}; expected one "
             f"QuantizedWeight named '{name}'"
             + (f" and its '{ROLES}'" if marker else "")
-            + f" (and a '{STACK}' record if it is an nn.scan stack)"
+            + f" (and a '{STACK}' record and '{STACK_INDEX}' if it is an nn.scan stack)"
         )
     q = weights[name]
     return name, q, linear_roles(tuple(reversed(q.shape))) if roles is None else roles
@@ -266,8 +330,9 @@ def _target(node: Any, where: str, layout: Any = None) -> tuple[str, Roles, bool
     of an nn.scan stack or None) of a params node ``quantize_base`` may quantize; a
     ``ValueError`` naming the layer otherwise."""
     if isinstance(node, Mapping) and ROLES_NAME in node:  # adapted at its weight's product
-        name, weight, _, _, marker = check_product(node, where)
-        roles, marked, axis = marker.roles, True, None
+        name, weight, a, b, marker = check_product(node, where, stacked=True)
+        # a product stacked by nn.scan is quantized per layer, as a stacked Dense kernel is
+        roles, marked, axis = marker.roles, True, stack_axis(node, weight, a, b)
     else:
         name, weight = "kernel", _kernel(node, where)
         roles, marked, axis = _dense_roles(node, tuple(jnp.shape(weight)), where, layout)

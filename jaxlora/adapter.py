@@ -574,6 +574,10 @@ def read_adapter_config(
     for flax_path in dict.fromkeys(flax_paths):
         for torch_path in _spec_paths(map_path(path_map, flax_path)):
             flax_of.setdefault(torch_path, []).append(flax_path)
+    if params is not None:  # each weight of a module adapted at several products: the module
+        for entry in _product_layouts(params, path_map, "read_adapter_config").values():
+            for torch_path in entry.lay.paths:
+                flax_of[torch_path] = [entry.module]
     exact: dict[str, tuple[int, float]] = {}
     for torch_path, (a, _, _) in tensors.items():
         found = flax_of.get(torch_path, [])

@@ -67,9 +67,15 @@ def inject(
     arrays) recording them. Inside ``nn.scan`` (the weight stacked on the scan's layer axis
     k; ``nn.remat`` inside or outside it changes nothing) the roles are one layer's and the
     factors are stacked as a scanned Dense's are: each layer drawn alone, on axis k, with a
-    ``lora_stack`` record for k != 0. A weight used non-linearly or by two products, a module
-    called twice per forward, a module with several weights in products, or one under two
-    stacking transforms is refused, naming the reason.
+    ``lora_stack`` record for k != 0. A module whose several weights each enter their own
+    product (a gated MLP holding ``w_gate``, ``w_up``, ``w_down``) gets one adapter per weight,
+    ``<weight>_lora_a``/``<weight>_lora_b`` (``jaxlora.tree.factor_names``; one r and alpha
+    for the module), and a ``lora_roles`` record per weight (a tuple of ``ProductRoles``).
+    ``config.target_parameters`` (PEFT's: ``'<module>.<weight>'``) adapts only the weights it
+    names, in modules ``targets`` does not choose; a module left with one adapted weight keeps
+    ``lora_a``/``lora_b``. A weight used non-linearly or by two products, a module called
+    twice per forward, several adapted weights inside ``nn.scan``, DoRA at a product, or a
+    module under two stacking transforms is refused, naming the reason.
 
     ``lora_a`` is drawn from ``rng`` folded with a hash of the layer
     path (so one layer's init does not depend on which others are targeted) per
@@ -290,6 +296,11 @@ def _product_leaves(
             f"{where}: the layouts give weight '{layout.weight}' {roles.shape}{stacked}, but "
             f"the params tree holds {shape if shape is not None else 'no such leaf'} there"
         )
+    if config.use_dora:  # would be ignored: a plain adapter under a DoRA config
+        raise ValueError(
+            f"{where} is adapted at its weight's product, where use_dora=True is not "
+            f"implemented (DoRA: {kinds.DORA_KINDS})"
+        )
     r, alpha = config.rank_for(path), config.alpha_for(path)
     if layout.stack:
         per_layer = _per_layer({path: layout}, path, shape, layer_names, where)
@@ -304,7 +315,7 @@ def _product_leaves(
     )
     if layout.stack and axis:
         _check_factor_axis(roles.lora_shapes(r), axis, where)
-    seed = path if names == ("lora_a", "lora_b") else f"{path}.{layout.weight}"
+    seed = path if names == factor_names(None) else f"{path}.{layout.weight}"
     key = jax.random.fold_in(rng, zlib.crc32(seed.encode()))
     scale = core.scaling(r, alpha, use_rslora=config.use_rslora)
     weights = config.init in WEIGHT_INITS

@@ -12,6 +12,12 @@ unchanged) that says which weight and which roles the adapter was made for. Tree
 traces the module's call again and evaluates that jaxpr with the branch added at the product,
 after checking that the call uses the weight as recorded.
 
+A module whose several weights each enter their own product (``ProductsLayout``) gets one
+adapter per weight, ``<weight>_lora_a`` (B…, C…, r) / ``<weight>_lora_b`` (B…, r, F…)
+(``jaxlora.tree.factor_names``), and a ``lora_roles`` leaf holding one ``ProductRoles`` per
+weight (a tuple, sorted by weight); ``check_products`` reads either form, ``check_product``
+the one-weight form only (an operation not built for several weights refuses them by name).
+
 Inside ``nn.scan`` the module's call sees one layer's weight, so the roles are one layer's;
 the params tree holds the weight and both factors stacked on the scan's layer axis (a
 ``lora_stack`` record beside them when it is not 0), as for a scanned Dense: the stacked

@@ -386,6 +386,16 @@ REFUSALS = {
         LoRAConfig(r=R, targets=[], target_parameters=["mlp.v"]),
         r"names \['mlp.v'\], but weight 'w' \(8, 12\): used by 2 products",
     ),
+    "dora": (
+        Block,
+        LoRAConfig(r=R, targets=["mlp"], use_dora=True),
+        r"layer 'mlp', weight 'w_down' is adapted at its weight's product, where use_dora=True",
+    ),
+    "dora-one-weight": (
+        Block,
+        LoRAConfig(r=R, targets=[], target_parameters=["mlp.w_up"], use_dora=True),
+        r"layer 'mlp' is adapted at its weight's product, where use_dora=True is not",
+    ),
     "rank-too-large": (
         Block,
         LoRAConfig(r=9, targets=["mlp"]),
@@ -533,3 +543,32 @@ def test_tree_records_are_checked():
     node["w_up_lora_b"] = jnp.ones((R + 1, F))
     with pytest.raises(ValueError, match=r"layer 'mlp': its weights' adapters have ranks \[2, 3\]"):
         jaxlora.merge({"mlp": node}, alpha=ALPHA)
+
+
+def test_pissa_makes_each_weight_a_residual_and_merges_back():
+    config = LoRAConfig(r=R, alpha=ALPHA, targets=["mlp"], init="pissa")
+    model, _, lora = _injected(config)
+    node = lora["params"]["mlp"]
+    assert node["lora_init"].init == "pissa"
+    with jaxlora.intercept(config):
+        _close(GatedMLP().apply({"params": node}, jnp.asarray(X)), _reference({}))
+    merged = jaxlora.merge(lora, alpha=ALPHA)["params"]["mlp"]
+    for w in WEIGHTS:  # the residual W − s·B₀A₀, and merged back W
+        assert np.abs(np.asarray(node[w]) - BASE[w]).max() > 1e-2
+        np.testing.assert_allclose(merged[w], BASE[w], atol=1e-5)
+
+
+def test_dropout_drops_each_products_branch_input_only():
+    """With B zero the dropped-out branch adds nothing (the base sees the undropped x); with
+    B non-zero and dropout active the output differs from the deterministic one."""
+    config = LoRAConfig(r=R, alpha=ALPHA, targets=["mlp"], dropout=0.5)
+    _, _, lora = _injected(config)
+    rngs = {"dropout": jax.random.key(3)}
+    node = {"params": lora["params"]["mlp"]}
+    with jaxlora.intercept(config, deterministic=False):
+        _close(GatedMLP().apply(node, jnp.asarray(X), rngs=rngs), _reference({}))
+    lora, factors = _randomize(lora)
+    node = {"params": lora["params"]["mlp"]}
+    with jaxlora.intercept(config, deterministic=False):
+        dropped = np.asarray(GatedMLP().apply(node, jnp.asarray(X), rngs=rngs), np.float64)
+    assert np.abs(dropped - _reference(factors)).max() > 1e-3

@@ -265,7 +265,7 @@ def _products_leaves(
         leaves.update(
             _product_leaves(node, lay, config, rng, param_dtype, path, at, None, names=names)
         )
-    leaves[ROLES_NAME] = product.several_records(layout.products)
+    leaves[ROLES_NAME] = product.roles_record(layout.products)
     return leaves
 
 

@@ -179,7 +179,7 @@ def unmerge(merged: PyTree, record: MergeRecord) -> PyTree:
         node = _get(merged, path)
         where = f"unmerge: layer '{path_str(path)}'"
         lora_node = _get(record.adapter, path) or {}
-        names = _merged_names(node, lora_node, where)
+        node, names = _merged_names(node, lora_node, where)
         if any(is_lora_name(n) for n in node):
             raise ValueError(f"{where}: the merged tree still holds LoRA leaves here")
         weights = {n: node[n] for n in names}
@@ -198,19 +198,22 @@ def unmerge(merged: PyTree, record: MergeRecord) -> PyTree:
     return combine(record.adapter, _rebuild(merged, (), new_bases, drop_lora=False))
 
 
-def _merged_names(node: Mapping | None, lora_node: Mapping, where: str) -> list[str]:
-    """The weights of a merged node that ``unmerge`` restores: those its recorded adapter's
-    ``lora_roles`` name (an adapter made at a product), else its kernel or embedding."""
+def _merged_names(
+    node: Mapping | None, lora_node: Mapping, where: str
+) -> tuple[Mapping, list[str]]:
+    """(the merged node, the weights of it that ``unmerge`` restores: those its recorded
+    adapter's ``lora_roles`` name (an adapter made at a product), else its kernel or
+    embedding); a ``ValueError`` if the merged tree lacks them."""
     if ROLES_NAME in lora_node:  # an adapter made at a product: its weights' own names
         names = [m.weight for m in product.records(lora_node, where)]
         missing = [n for n in names if node is None or n not in node]
-        if missing:
+        if node is None or missing:
             raise ValueError(f"{where}: the merged tree has no {missing} at this path")
-        return names
+        return node, names
     name = None if node is None else kinds.base_name(node)
     if node is None or name is None:
         raise ValueError(f"{where}: the merged tree has no kernel or embedding at this path")
-    return [name]
+    return node, [name]
 
 
 def _fingerprint(weights: Mapping[str, jax.Array]) -> jax.Array:

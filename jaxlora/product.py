@@ -122,7 +122,7 @@ def records(node: Mapping[str, Any], where: str) -> tuple[ProductRoles, ...]:
     )
 
 
-def several_records(layouts: Sequence[ProductLayout]) -> ProductRoles | tuple[ProductRoles, ...]:
+def roles_record(layouts: Sequence[ProductLayout]) -> ProductRoles | tuple[ProductRoles, ...]:
     """The ``lora_roles`` leaf of adapters made for ``layouts`` (one per weight)."""
     markers = tuple(ProductRoles(lay.weight, lay.roles) for lay in layouts)
     return markers[0] if len(markers) == 1 else tuple(sorted(markers, key=lambda m: m.weight))
@@ -156,15 +156,14 @@ def check_products(
     )
     ranks = sorted({rank(one.lora_a, one.layer) for one in out})
     if len(ranks) > 1:
+        raise ValueError(f"{where}: its weights' adapters have ranks {ranks}; one module has one r")
+    stacked_weights = [one.weight for one in out if one.layer is not None]
+    if stacked_weights and several:
         raise ValueError(
-            f"{where}: its weights' adapters have ranks {ranks}; one module has one r"
+            f"{where}: of its several adapted weights {sorted(names)}, {stacked_weights} are "
+            "stacked (nn.scan), which jaxlora's Linen path does not support yet"
         )
     layer = out[0].layer
-    if layer is not None and several:
-        raise ValueError(
-            f"{where}: its several adapted weights {sorted(names)} are stacked (nn.scan, layer "
-            f"axis {layer}), which jaxlora's Linen path does not support yet"
-        )
     if layer is not None and not stacked:
         one = out[0]
         raise ValueError(
@@ -443,9 +442,7 @@ def trace(
     return Traced(closed, jax.tree.structure(shapes), leaves, dyn, weights)
 
 
-def products_of(
-    traced: Traced, where: str
-) -> tuple[dict[str, oplevel.Product], dict[str, str]]:
+def products_of(traced: Traced, where: str) -> tuple[dict[str, oplevel.Product], dict[str, str]]:
     """({weight: its product} for each weight of the traced module that enters one product,
     {weight: why not} for the others (used non-linearly, by two products, ...))."""
     found, unused = {}, {}

@@ -21,7 +21,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import jaxlora
 from parity_tests.twins import rel_err
-from tests.test_linen_multiweight import ALPHA, BASE, CONFIG, WEIGHTS, Block, X, _injected, _randomize
+from tests.test_linen_multiweight import (
+    ALPHA,
+    BASE,
+    CONFIG,
+    WEIGHTS,
+    Block,
+    X,
+    _injected,
+    _randomize,
+)
 
 TOL = 1e-5
 PATH_MAP = {f"mlp.{w}": f"mlp.{w.removeprefix('w_')}_proj" for w in WEIGHTS}

@@ -206,7 +206,7 @@ def test_gradients_of_each_factor_match_float64_differences():
 
 
 def test_merge_equals_unmerged_and_unmerge_restores():
-    model, variables, lora = _injected()
+    model, _, lora = _injected()
     lora, _ = _randomize(lora)
     with jaxlora.intercept(CONFIG):
         before = np.asarray(model.apply(lora, jnp.asarray(X)), np.float64)
@@ -294,7 +294,7 @@ def test_partition_specs_follow_each_weight():
 
 
 def test_bf16_compute_with_fp32_adapters():
-    model, _, lora = _injected(dtype=jnp.bfloat16)
+    _, _, lora = _injected(dtype=jnp.bfloat16)
     node = lora["params"]["mlp"]
     assert all(node[f"{w}_lora_{x}"].dtype == jnp.float32 for w in WEIGHTS for x in "ab")
     lora, factors = _randomize(lora)
@@ -435,7 +435,10 @@ def test_targets_adapt_every_product_weight_of_a_module():
     node = dict(lora["params"]["mlp"])
     assert [m.weight for m in node["lora_roles"]] == ["v", "w"]
     assert {k for k in node if jaxlora.tree.is_lora_name(k)} == {
-        "v_lora_a", "v_lora_b", "w_lora_a", "w_lora_b"
+        "v_lora_a",
+        "v_lora_b",
+        "w_lora_a",
+        "w_lora_b",
     }
     rng = np.random.default_rng(2)
     for k in ("v_lora_b", "w_lora_b"):
@@ -506,9 +509,7 @@ def test_operations_for_one_weight_refuse_a_module_with_several(tmp_path):
 class ScannedBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
-        scan = nn.scan(
-            _Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2
-        )
+        scan = nn.scan(_Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
         return scan(name="layers")(x, None)[0]
 
 
@@ -547,7 +548,7 @@ def test_tree_records_are_checked():
 
 def test_pissa_makes_each_weight_a_residual_and_merges_back():
     config = LoRAConfig(r=R, alpha=ALPHA, targets=["mlp"], init="pissa")
-    model, _, lora = _injected(config)
+    _, _, lora = _injected(config)
     node = lora["params"]["mlp"]
     assert node["lora_init"].init == "pissa"
     with jaxlora.intercept(config):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta
 
-from _loracore.config import WEIGHT_INITS
+from _loracore.config import WEIGHT_INITS, _pattern_key
 from jaxlora import core, kinds, oplevel
 from jaxlora.tree import QUANT_NAME, factor_names, is_lora_name, iter_lora_layers
 from jaxlora.tree import ROLES_NAME as ROLES
@@ -505,6 +505,8 @@ def apply(
             f"{where} has r={r} (from its shapes) but the config gives it "
             f"r={config.rank_for(name)}: the scale would be wrong"
         )
+    if len(adapted) > 1:
+        _check_module_patterns(config, name, adapted, where)
     scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
     rate = 0.0 if deterministic else config.dropout
 
@@ -517,6 +519,23 @@ def apply(
         return oplevel.branch(site, eqn, operands, one.lora_a, one.lora_b, scale, x=x)
 
     return evaluate(traced, products, extra)
+
+
+def _check_module_patterns(config, name: str, adapted: Mapping[str, Adapted], where: str) -> None:
+    """A ``ValueError`` where the config's rank/alpha patterns name a weight of a module with
+    several adapted weights (``'<path>.<weight>'``, as a ``path_map`` keys them) with another
+    value than the module's: its weights share the module's r and alpha, so that pattern would
+    be silently ignored (``read_adapter_config(..., params=tree)`` keys them by the module)."""
+    for weight in adapted:
+        key = f"{name}.{weight}"
+        for field, of in (("rank_pattern", config.rank_for), ("alpha_pattern", config.alpha_for)):
+            if _pattern_key(getattr(config, field), key) is not None and of(key) != of(name):
+                raise ValueError(
+                    f"{where}: the config's {field} gives weight '{key}' {of(key)}, but its "
+                    f"module's weights share the module's {of(name)} (config.{field} for "
+                    f"'{name}'); key it by the module (read_adapter_config(directory, "
+                    "path_map=..., params=tree) does)"
+                )
 
 
 def traced_product(

@@ -16,6 +16,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -121,6 +122,11 @@ def test_peft_adapter_loads_into_the_jax_tree(tmp_path):
     assert read.alpha_for("mlp") == 5.0
     got = _jax_out(loaded, read)
     assert rel_err(got, want) < TOL
+    # Read without the tree, the patterns are keyed by '<path>.<weight>', which the module
+    # (one alpha) would not see: refused at the call, never the default alpha.
+    keyed = jaxlora.read_adapter_config(tmp_path, path_map=PATH_MAP)
+    with pytest.raises(ValueError, match=r"alpha_pattern gives weight 'mlp.w_down' 5.0, but"):
+        _jax_out(loaded, keyed)
     assert rel_err(_jax_out(lora), want) > 1e-2  # the adapter matters
     # Saved again from JAX: the same tensors PEFT wrote, exactly.
     jaxlora.save_adapter(loaded, tmp_path / "again", read, path_map=PATH_MAP)

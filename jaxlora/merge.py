@@ -17,6 +17,7 @@ from flax import struct
 from flax.core import meta
 
 from jaxlora import core, kinds, product
+from jaxlora.config import LoRAConfig
 from jaxlora.quant._base import dequantize_base, is_quantized, requantize_merged
 from jaxlora.tree import (
     RECORD_NAMES,
@@ -253,6 +254,11 @@ def _deltas(
         adapted = product.check_products(node, where, stacked=True)
         r = product.rank(adapted[0].lora_a, adapted[0].layer)
         layer_alpha = alpha(path_str(path)) if callable(alpha) else alpha
+        config = getattr(alpha, "__self__", None)  # alpha=config.alpha_for: check its patterns
+        if len(adapted) > 1 and isinstance(config, LoRAConfig):
+            product.check_module_patterns(
+                config, path_str(path), [one.weight for one in adapted], where
+            )
         for one in adapted:
             core.check_hparams(
                 r=r,

@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -506,7 +506,7 @@ def apply(
             f"r={config.rank_for(name)}: the scale would be wrong"
         )
     if len(adapted) > 1:
-        _check_module_patterns(config, name, adapted, where)
+        check_module_patterns(config, name, adapted, where)
     scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
     rate = 0.0 if deterministic else config.dropout
 
@@ -521,12 +521,12 @@ def apply(
     return evaluate(traced, products, extra)
 
 
-def _check_module_patterns(config, name: str, adapted: Mapping[str, Adapted], where: str) -> None:
+def check_module_patterns(config, name: str, adapted: Iterable[str], where: str) -> None:
     """A ``ValueError`` where the config's rank/alpha patterns name a weight of a module with
     several adapted weights (``'<path>.<weight>'``, as a ``path_map`` keys them) with another
     value than the module's: its weights share the module's r and alpha, so that pattern would
     be silently ignored (``read_adapter_config(..., params=tree)`` keys them by the module)."""
-    for weight in adapted:
+    for weight in adapted:  # the weights' names
         key = f"{name}.{weight}"
         for field, of in (("rank_pattern", config.rank_for), ("alpha_pattern", config.alpha_for)):
             if _pattern_key(getattr(config, field), key) is not None and of(key) != of(name):

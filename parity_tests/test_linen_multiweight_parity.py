@@ -127,6 +127,10 @@ def test_peft_adapter_loads_into_the_jax_tree(tmp_path):
     keyed = jaxlora.read_adapter_config(tmp_path, path_map=PATH_MAP)
     with pytest.raises(ValueError, match=r"alpha_pattern gives weight 'mlp.w_down' 5.0, but"):
         _jax_out(loaded, keyed)
+    with pytest.raises(ValueError, match=r"merge: layer 'mlp': the config's alpha_pattern"):
+        jaxlora.merge(loaded, alpha=keyed.alpha_for)
+    merged = jaxlora.merge(loaded, alpha=read.alpha_for)
+    assert rel_err(np.asarray(Block().apply(merged, jnp.asarray(X))), want) < TOL
     assert rel_err(_jax_out(lora), want) > 1e-2  # the adapter matters
     # Saved again from JAX: the same tensors PEFT wrote, exactly.
     jaxlora.save_adapter(loaded, tmp_path / "again", read, path_map=PATH_MAP)

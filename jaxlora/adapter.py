@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,10 +110,11 @@ def save_adapter(
     tensors: dict[str, np.ndarray] = {}
     layers: dict[str, tuple[int, float]] = {}
     products = _product_layouts(params, path_map, "save_adapter")
+    for entry in products.values():  # adapted at a weight's product: written as torch Linear(s)
+        _save_product(entry, config, tensors, layers)
     for path, node in iter_lora_layers(params):
         name = path_str(path)
-        if ROLES_NAME in node:  # adapted at its weight's product: written as torch Linear(s)
-            _save_product(node, name, products[name][2], config, tensors, layers)
+        if ROLES_NAME in node:
             continue
         kind, _, _, a, b = kinds.check_layer(node, f"save_adapter: layer '{name}'")
         _check_init_record(node, config, f"save_adapter: layer '{name}'")
@@ -128,7 +130,7 @@ def save_adapter(
     mapped = (map_path(path_map, p) for p in _node_paths(params))
     # a product layer's modules are named by its layout (an HFLinear may name several)
     candidates = [*(p for p in mapped if isinstance(p, str) and p not in layers), *layers]
-    lays = [lay for _, _, lay in products.values()]
+    lays = [entry.lay for entry in products.values()]
     fan = hf_maps.fan_in_fan_out(lays, len(layers))
     write_adapter(directory, tensors, file_config(config, layers, candidates, fan_in_fan_out=fan))
     return Path(directory)
@@ -205,12 +207,15 @@ def load_adapter(
     if layer_names:
         return _load_stacked(params, directory, path_map, layer_names, layouts)
     products = _product_layouts(params, path_map, f"load_adapter {directory}")
-    lays = [lay for _, _, lay in products.values()]
+    lays = [entry.lay for entry in products.values()]
     config, everything = read_adapter(directory, conv1d=_conv1d_of(path_map, params))
     op_paths = {t for lay in lays for t in lay.paths}
-    nodes = _plain_nodes(params, path_map, products, set(everything), directory)
+    nodes = _plain_nodes(
+        params, path_map, {e.module for e in products.values()}, set(everything), directory
+    )
     check_paths_exist(set(everything), {**nodes, **dict.fromkeys(op_paths)}, path_map, directory)
-    injected = {path_str(p) for p, _ in iter_lora_layers(params)} - set(products)
+    modules = {entry.module for entry in products.values()}
+    injected = {path_str(p) for p, _ in iter_lora_layers(params)} - modules
     if injected or products:
         expected = {_torch_path(path_map, p, "load_adapter") for p in injected} | op_paths
     else:
@@ -280,31 +285,47 @@ def load_adapter(
     return _set_leaves(params, (), new)
 
 
-def _product_layouts(params, path_map, caller: str) -> dict[str, tuple]:
-    """{layer path: (key path, node, HFLayout)} of the adapters made at a weight's product,
-    each node checked (``product.check_product``) and its torch layout taken from ``path_map``
-    (a torch path or a ``jaxlora.HFLinear``: ``jaxlora.hf_maps``, the rule NNX's op-level
-    layers use); a torch module named for two weights is refused."""
-    out: dict[str, tuple] = {}
+class _Product(NamedTuple):
+    """An adapter made at a weight's product, as the adapter files see it: the node's key path,
+    the node, the weight's torch layout, the weight (``product.Adapted``) and the module's
+    layer path."""
+
+    path: tuple
+    node: Mapping
+    lay: hf_maps.HFLayout
+    one: product.Adapted
+    module: str
+
+
+def _product_layouts(params, path_map, caller: str) -> dict[str, _Product]:
+    """{key: ``_Product``} of the adapters made at a weight's product, each node checked
+    (``product.check_products``) and each weight's torch layout taken from ``path_map`` (a
+    torch path or a ``jaxlora.HFLinear``: ``jaxlora.hf_maps``, the rule NNX's op-level layers
+    use). The key, which ``path_map`` maps, is the layer path, or ``<path>.<weight>`` for each
+    weight of a module with several adapted weights (as ``jaxlora.nnx``'s). A torch module
+    named for two weights is refused."""
+    out: dict[str, _Product] = {}
     seen: dict[str, str] = {}
     for path, node in iter_lora_layers(params):
         if ROLES_NAME not in node:
             continue
         name = path_str(path)
         where = f"{caller}: layer '{name}'"
-        _, _, _, _, marker = product.check_product(node, where)
+        adapted = product.check_products(node, where)
         if "lora_magnitude" in node:
             raise ValueError(f"{where}: DoRA is not supported for an adapter made at a product")
-        spec = hf_maps.product_spec(path_map, name)
-        lay = hf_maps.layout(spec, marker.roles, f"{where}, weight '{marker.weight}'")
-        for torch_path in lay.paths:
-            if torch_path in seen:
-                raise ValueError(
-                    f"{where}: path_map names the torch module '{torch_path}' for layer "
-                    f"'{seen[torch_path]}' too"
-                )
-            seen[torch_path] = name
-        out[name] = (path, node, lay)
+        for one in adapted:
+            key = name if len(adapted) == 1 else f"{name}.{one.weight}"
+            spec = hf_maps.product_spec(path_map, key)
+            lay = hf_maps.layout(spec, one.marker.roles, f"{where}, weight '{one.weight}'")
+            for torch_path in lay.paths:
+                if torch_path in seen:
+                    raise ValueError(
+                        f"{where}: path_map names the torch module '{torch_path}' for layer "
+                        f"'{seen[torch_path]}' too"
+                    )
+                seen[torch_path] = key
+            out[key] = _Product(path, node, lay, one, name)
     return out
 
 
@@ -321,21 +342,22 @@ def _torch_path(path_map, name: str, caller: str) -> str:
     return spec
 
 
-def _save_product(node, name: str, lay, config, tensors: dict, layers: dict) -> None:
+def _save_product(entry: _Product, config, tensors: dict, layers: dict) -> None:
     """A Linen adapter made at its weight's product (``jaxlora.product``) as the torch
-    module(s) its layout names (``jaxlora.hf_maps``, the same rule as NNX's op-level layers)."""
-    where = f"save_adapter: layer '{name}'"
-    _, _, a, b, _ = product.check_product(node, where)
-    hf_maps.check_op_init(_init_of(node), config, where, "save")
-    for torch_path, pair in hf_maps.to_peft(lay, np.asarray(a), np.asarray(b)).items():
+    module(s) its layout names (``jaxlora.hf_maps``, the same rule as NNX's op-level layers);
+    its alpha is its module's (one per module)."""
+    where = f"save_adapter: layer '{entry.module}'"
+    a, b = entry.one.lora_a, entry.one.lora_b
+    hf_maps.check_op_init(_init_of(entry.node), config, where, "save")
+    for torch_path, pair in hf_maps.to_peft(entry.lay, np.asarray(a), np.asarray(b)).items():
         if torch_path in layers:
             raise ValueError(f"{where}: path_map names the torch module '{torch_path}' twice")
         key_a, key_b = tensor_keys(torch_path, "linear")
         tensors[key_a], tensors[key_b] = pair
-        layers[torch_path] = (int(np.shape(a)[-1]), config.alpha_for(name))
+        layers[torch_path] = (int(np.shape(a)[-1]), config.alpha_for(entry.module))
 
 
-def _plain_nodes(params, path_map, products: dict, found: set[str], directory) -> dict:
+def _plain_nodes(params, path_map, products: set[str], found: set[str], directory) -> dict:
     """{torch path: (key path, node)} of the nodes not adapted at a product. A node that
     ``path_map`` gives as an ``HFLinear`` is left out, and refused if the file names its
     module: its layout is found by tracing (``inject(..., layouts=)``), not from a file."""
@@ -358,20 +380,33 @@ def _plain_nodes(params, path_map, products: dict, found: set[str], directory) -
     return nodes
 
 
-def _products_from_file(products: dict, tensors: dict, config, directory) -> dict:
-    """{key path: new lora_a, lora_b} of the product adapters, each read by
-    ``hf_maps.read_op`` (the reader NNX's op-level layers use), in the tree's dtypes and
-    boxes; everything is checked before the caller changes anything."""
-    new = {}
-    for name, (path, node, lay) in products.items():
-        r = int(jnp.shape(meta.unbox(node["lora_a"]))[-1])
-        where = f"{directory}: layer '{name}'"
-        hf_maps.check_op_init(_init_of(node), config, where, "load")
-        lora_a, lora_b, _ = hf_maps.read_op(lay, r, tensors, config, where)
-        new[path] = {
-            leaf: _replace(node[leaf], value)
-            for leaf, value in (("lora_a", lora_a), ("lora_b", lora_b))
-        }
+def _products_from_file(products: dict[str, _Product], tensors: dict, config, directory) -> dict:
+    """{key path: new factors} of the product adapters (each weight's, by its factors' names),
+    each read by ``hf_maps.read_op`` (the reader NNX's op-level layers use), in the tree's
+    dtypes and boxes; everything is checked before the caller changes anything. The weights
+    of one module must get one alpha from the file (the module has one)."""
+    new: dict[tuple, dict] = {}
+    alphas: dict[str, dict[str, float]] = {}
+    for key, entry in products.items():
+        name_a, name_b = entry.one.names
+        r = int(jnp.shape(entry.one.lora_a)[-1])
+        where = f"{directory}: layer '{key}'"
+        hf_maps.check_op_init(_init_of(entry.node), config, where, "load")
+        lora_a, lora_b, _ = hf_maps.read_op(entry.lay, r, tensors, config, where)
+        for torch_path in entry.lay.paths:
+            alphas.setdefault(entry.module, {})[torch_path] = config.alpha_for(torch_path)
+        new.setdefault(entry.path, {}).update(
+            {
+                leaf: _replace(entry.node[leaf], value)
+                for leaf, value in ((name_a, lora_a), (name_b, lora_b))
+            }
+        )
+    for module, by_path in alphas.items():
+        if len(set(by_path.values())) > 1:
+            raise ValueError(
+                f"{directory}: the torch modules of layer '{module}' have different alphas "
+                f"{by_path}; its adapted weights share one (one alpha per module)"
+            )
     return new
 
 
@@ -539,6 +574,10 @@ def read_adapter_config(
     for flax_path in dict.fromkeys(flax_paths):
         for torch_path in _spec_paths(map_path(path_map, flax_path)):
             flax_of.setdefault(torch_path, []).append(flax_path)
+    if params is not None:  # each weight of a module adapted at several products: the module
+        for entry in _product_layouts(params, path_map, "read_adapter_config").values():
+            for torch_path in entry.lay.paths:
+                flax_of[torch_path] = [entry.module]
     exact: dict[str, tuple[int, float]] = {}
     for torch_path, (a, _, _) in tensors.items():
         found = flax_of.get(torch_path, [])

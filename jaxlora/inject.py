@@ -28,7 +28,6 @@ from jaxlora.config import LoRAConfig
 from jaxlora.intercept import SUPPORTED, input_axes, module_kind, traced_as
 from jaxlora.tree import (
     INIT_NAME,
-    LORA_NAMES,
     RECORD_NAMES,
     ROLES_NAME,
     STACK_NAME,
@@ -37,6 +36,8 @@ from jaxlora.tree import (
     StackRecord,
     _like,
     _require_mapping,
+    factor_names,
+    is_lora_name,
 )
 
 
@@ -66,9 +67,15 @@ def inject(
     arrays) recording them. Inside ``nn.scan`` (the weight stacked on the scan's layer axis
     k; ``nn.remat`` inside or outside it changes nothing) the roles are one layer's and the
     factors are stacked as a scanned Dense's are: each layer drawn alone, on axis k, with a
-    ``lora_stack`` record for k != 0. A weight used non-linearly or by two products, a module
-    called twice per forward, a module with several weights in products, or one under two
-    stacking transforms is refused, naming the reason.
+    ``lora_stack`` record for k != 0. A module whose several weights each enter their own
+    product (a gated MLP holding ``w_gate``, ``w_up``, ``w_down``) gets one adapter per weight,
+    ``<weight>_lora_a``/``<weight>_lora_b`` (``jaxlora.tree.factor_names``; one r and alpha
+    for the module), and a ``lora_roles`` record per weight (a tuple of ``ProductRoles``).
+    ``config.target_parameters`` (PEFT's: ``'<module>.<weight>'``) adapts only the weights it
+    names, in modules ``targets`` does not choose; a module left with one adapted weight keeps
+    ``lora_a``/``lora_b``. A weight used non-linearly or by two products, a module called
+    twice per forward, several adapted weights inside ``nn.scan``, DoRA at a product, or a
+    module under two stacking transforms is refused, naming the reason.
 
     ``lora_a`` is drawn from ``rng`` folded with a hash of the layer
     path (so one layer's init does not depend on which others are targeted) per
@@ -104,11 +111,6 @@ def inject(
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"inject expects a jaxlora.LoRAConfig, got {type(config).__name__}")
     _require_mapping(params, "inject")
-    if config.target_parameters:  # would be ignored: the named weights left unadapted
-        raise ValueError(
-            f"inject: target_parameters={list(config.target_parameters)!r} is supported by "
-            "jaxlora.nnx.inject only so far; for Linen use targets"
-        )
     core.check_key(rng, "inject: rng")
     if "params" in params:  # a variables dict: only 'params' is adapted, the rest passes through
         adapted = _inject(params["params"], config, rng, param_dtype, layouts, layer_names)
@@ -120,13 +122,19 @@ def _inject(
     params: Mapping, config: LoRAConfig, rng: jax.Array, param_dtype, layouts, layer_names
 ) -> Mapping:
     nodes = dict(_iter_nodes(params))
-    chosen = _select(nodes, config, layouts, layer_names)
+    chosen = _select(nodes, config, layouts, layer_names) if config.targets else []
+    only = _by_parameter(nodes, config, chosen)
     new = {}
-    for path in chosen:
+    for path in [*chosen, *(p for p in only if p not in chosen)]:
         node, where = nodes[path], f"inject: layer '{path}'"
-        if any(name in node for name in (*LORA_NAMES, *RECORD_NAMES)):
+        if any(is_lora_name(name) or name in RECORD_NAMES for name in node):
             raise ValueError(f"{where} already has LoRA leaves")
         layout = None if layouts is None else layouts.get(path)
+        if path in only:
+            layout = _named_weights(layout, only[path], path, layouts, where)
+        if isinstance(layout, product.ProductsLayout):
+            new[path] = _products_leaves(node, layout, config, rng, param_dtype, path, where)
+            continue
         if isinstance(layout, product.ProductLayout):
             new[path] = _product_leaves(
                 node, layout, config, rng, param_dtype, path, where, layer_names
@@ -189,12 +197,95 @@ def _inject(
     return _add_leaves(params, (), new)
 
 
+def _by_parameter(nodes: Mapping, config: LoRAConfig, chosen: list[str]) -> dict[str, list[str]]:
+    """{module path: its weights ``config.target_parameters`` names} for the modules ``targets``
+    does not choose (those adapt all their product weights); a ``ValueError`` for an entry
+    that names no weight of any module (a typo), listing the weights."""
+    if not config.target_parameters:
+        return {}
+    keys = {
+        f"{path}.{name}": (path, name)
+        for path, node in nodes.items()
+        for name, value in node.items()
+        if not isinstance(value, Mapping) and not is_lora_name(name) and name not in RECORD_NAMES
+    }
+    only: dict[str, list[str]] = {}
+    for key in config.select_parameters(keys):
+        path, name = keys[key]
+        if path not in chosen:
+            only.setdefault(path, []).append(name)
+    return only
+
+
+def _named_weights(layout, weights: list[str], path: str, layouts, where: str):
+    """The ``ProductLayout`` (one weight) or ``ProductsLayout`` (several) of the weights of the
+    module at ``path`` that ``target_parameters`` names; a ``ValueError`` saying why for a
+    module without layouts, of a kind jaxlora adapts as a layer (its one weight), that cannot
+    be adapted, or a named weight that enters no product."""
+    named = [f"{path}.{w}" for w in weights]
+    if layouts is None:
+        raise ValueError(
+            f"{where}: target_parameters names {named}, weights found by tracing: pass "
+            "layouts=jaxlora.layouts(model, *inputs)"
+        )
+    if isinstance(layout, Layout):
+        cls = getattr(layouts, "modules", {}).get(path, layout.kind)
+        raise ValueError(
+            f"{where}: target_parameters names {named}, but layer '{path}' is a {cls}, adapted "
+            "as a layer of its own kind (its one weight): target it with targets"
+        )
+    if layout is None:
+        reason = getattr(layouts, "reasons", {}).get(path, "the traced call does not run it")
+        raise ValueError(f"{where}: target_parameters names {named}, but {reason}")
+    own = {lay.weight: lay for lay in _product_list(layout)}
+    for weight in weights:
+        if weight not in own:
+            # the reason starts with the weight's name and shape
+            why = getattr(layouts, "weight_reasons", {}).get(f"{path}.{weight}")
+            why = why or f"weight '{weight}': no param of the module by that name"
+            raise ValueError(f"{where}, {why}; target_parameters names it")
+    picked = tuple(own[w] for w in sorted(set(weights)))
+    return picked[0] if len(picked) == 1 else product.ProductsLayout(picked)
+
+
+def _product_list(layout) -> tuple[product.ProductLayout, ...]:
+    return layout.products if isinstance(layout, product.ProductsLayout) else (layout,)
+
+
+def _products_leaves(
+    node, layout: product.ProductsLayout, config, rng, param_dtype, path: str, where: str
+) -> dict:
+    """The adapters of a module whose several weights each enter their own product: one per
+    weight (``_product_leaves``, named ``<weight>_lora_a``/``<weight>_lora_b``, drawn from
+    ``rng`` folded with ``<path>.<weight>``), and one ``lora_roles`` record naming them all."""
+    leaves: dict[str, Any] = {}
+    for lay in layout.products:
+        at = f"{where}, weight '{lay.weight}'"
+        names = factor_names(lay.weight)
+        leaves.update(
+            _product_leaves(node, lay, config, rng, param_dtype, path, at, None, names=names)
+        )
+    leaves[ROLES_NAME] = product.roles_record(layout.products)
+    return leaves
+
+
 def _product_leaves(
-    node, layout, config, rng, param_dtype, path: str, where: str, layer_names
+    node,
+    layout,
+    config,
+    rng,
+    param_dtype,
+    path: str,
+    where: str,
+    layer_names,
+    *,
+    names: tuple[str, str] = ("lora_a", "lora_b"),
 ) -> dict:
     """The adapter of a module adapted at its weight's product (``jaxlora.product``): one
     layer's (``product.init_leaves``), or for a weight stacked by ``nn.scan`` each layer's
-    drawn alone and stacked on the layer axis, as a stacked Dense's (``_stacked_init``)."""
+    drawn alone and stacked on the layer axis, as a stacked Dense's (``_stacked_init``).
+    ``names``: its factors' leaf names (``factor_names``; a weight of several is drawn from
+    ``rng`` folded with ``<path>.<weight>``)."""
     roles, axis = layout.roles, layout.axis
     boxed = node.get(layout.weight)
     shape = None if boxed is None else tuple(jnp.shape(meta.unbox(boxed)))
@@ -204,6 +295,11 @@ def _product_leaves(
         raise TypeError(
             f"{where}: the layouts give weight '{layout.weight}' {roles.shape}{stacked}, but "
             f"the params tree holds {shape if shape is not None else 'no such leaf'} there"
+        )
+    if config.use_dora:  # would be ignored: a plain adapter under a DoRA config
+        raise ValueError(
+            f"{where} is adapted at its weight's product, where use_dora=True is not "
+            f"implemented (DoRA: {kinds.DORA_KINDS})"
         )
     r, alpha = config.rank_for(path), config.alpha_for(path)
     if layout.stack:
@@ -219,7 +315,8 @@ def _product_leaves(
     )
     if layout.stack and axis:
         _check_factor_axis(roles.lora_shapes(r), axis, where)
-    key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
+    seed = path if names == factor_names(None) else f"{path}.{layout.weight}"
+    key = jax.random.fold_in(rng, zlib.crc32(seed.encode()))
     scale = core.scaling(r, alpha, use_rslora=config.use_rslora)
     weights = config.init in WEIGHT_INITS
 
@@ -234,7 +331,7 @@ def _product_leaves(
             scale=scale,
             where=where,
         )
-        leaves = {"lora_a": lora_a, "lora_b": lora_b}
+        leaves = dict(zip(names, (lora_a, lora_b), strict=True))
         return leaves if residual is None else {**leaves, layout.weight: residual}
 
     leaves: dict[str, Any] = _stacked_init(meta.unbox(boxed), layout.stack, axis, key, init_one)
@@ -246,11 +343,12 @@ def _product_leaves(
             leaves[layout.weight] = boxed.replace_boxed(leaves[layout.weight])
         leaves[INIT_NAME] = InitRecord(config.init)
     if isinstance(boxed, meta.AxisMetadata) and hasattr(boxed, "names"):
-        names = tuple(boxed.names) + (None,) * (len(shape) - len(boxed.names))
-        names_a, names_b = product.stacked_axis_names(roles, names, layout.stack, axis)
+        axes = tuple(boxed.names) + (None,) * (len(shape) - len(boxed.names))
+        names_a, names_b = product.stacked_axis_names(roles, axes, layout.stack, axis)
+        name_a, name_b = names
         # boxed is a flax struct dataclass (see _inject).
-        leaves["lora_a"] = dataclasses.replace(boxed, value=leaves["lora_a"], names=names_a)  # type: ignore[type-var]
-        leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)  # type: ignore[type-var]
+        leaves[name_a] = dataclasses.replace(boxed, value=leaves[name_a], names=names_a)  # type: ignore[type-var]
+        leaves[name_b] = dataclasses.replace(boxed, value=leaves[name_b], names=names_b)  # type: ignore[type-var]
     return leaves
 
 
@@ -272,23 +370,30 @@ class Layout:
     axis: int = 0
 
 
-class Layouts(dict[str, Layout | product.ProductLayout]):
+AnyLayout = Layout | product.ProductLayout | product.ProductsLayout
+
+
+class Layouts(dict[str, AnyLayout]):
     """What ``layouts`` returns: {path: ``Layout``} of the layers jaxlora can adapt, and in
     ``modules`` the class name of every module the trace called, by path (so that ``inject``
     can name the class of a module it refuses). A module that is no known layer kind gets a
-    ``jaxlora.product.ProductLayout`` (its weight's roles in its one product) or, in
-    ``reasons``, why it has none."""
+    ``jaxlora.product.ProductLayout`` (its weight's roles in its one product), a
+    ``jaxlora.product.ProductsLayout`` (several weights, each in its own product) or, in
+    ``reasons``, why it has none; ``weight_reasons`` says, by ``<path>.<weight>``, why a
+    weight of such a module enters no product (for ``target_parameters``)."""
 
     def __init__(
         self,
-        found: Mapping[str, Layout | product.ProductLayout],
+        found: Mapping[str, AnyLayout],
         modules: Mapping[str, str],
         reasons: Mapping[str, str] | None = None,
+        weight_reasons: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(found)
         self.modules = dict(modules)
         # path -> why a module that is no known layer kind cannot be adapted at a product
         self.reasons = dict(reasons or {})
+        self.weight_reasons = dict(weight_reasons or {})
 
 
 # Each layouts() call traces afresh: an nn.jit trace cached by an earlier call (or by
@@ -320,6 +425,7 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
     # its body more than once, each time with new scopes; a module called twice per forward
     # is called twice in one scope
     products: dict[str, dict[Any, list]] = {}
+    weight_reasons: dict[str, str] = {}  # '<path>.<weight>' -> why it enters no product
     probing: list[bool] = []  # set for a second trace, which only learns the stacks' axes
 
     def record(next_fun, call_args, call_kwargs, context):
@@ -346,7 +452,7 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
             found[path] = (kind, in_axes, tuple(jnp.shape(meta.unbox(weight))))
         elif kind is None and context.method_name == "__call__" and _has_weights(module):
             calls = products.setdefault(path, {}).setdefault(module.scope, [])
-            calls.append(_product_layout(module, call_args, call_kwargs))
+            calls.append(_product_layout(module, call_args, call_kwargs, weight_reasons))
         return out
 
     def init():
@@ -371,7 +477,7 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
     ):
         probing.append(True)  # a stacked layer: trace again to learn where its layer axis is
         jax.eval_shape(lambda: init())  # a new function: eval_shape caches traces by function
-    out: dict[str, Layout | product.ProductLayout] = {}
+    out: dict[str, AnyLayout] = {}
     reasons = {}
     for path, (kind, in_axes, shape) in found.items():
         weight = weights[path]
@@ -398,13 +504,27 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
                 reasons[path] = stacked
             else:
                 out[path] = stacked
-    return Layouts(out, modules, reasons)
+    return Layouts(out, modules, reasons, weight_reasons)
 
 
-def _stacked_product(path, layout, params, views, axes) -> product.ProductLayout | str:
+def _stacked_product(path, layout, params, views, axes) -> AnyLayout | str:
     """``layout`` as the params tree holds its weight: with the layer axis of the ``nn.scan``
     (or ``nn.vmap``) around it when the weight is stacked (``stack``, ``scan``, ``axis``, as a
     stacked Dense's ``Layout``), or why it cannot be adapted (a string)."""
+    if isinstance(layout, product.ProductsLayout):
+        held = {lay: _lookup(params, path, lay.weight) for lay in layout.products}
+        stacked = {
+            lay.weight: tuple(jnp.shape(v))
+            for lay, v in held.items()
+            if v is not None and jnp.ndim(v) > lay.ndim
+        }
+        if not stacked:
+            return layout
+        return (
+            f"its weights {stacked} are stacked (nn.scan/nn.vmap): a module with several "
+            "adapted weights inside a stacking transform is not supported on Linen yet "
+            "(jaxlora.nnx supports it)"
+        )
     weight = _lookup(params, path, layout.weight)
     stack = 0 if weight is None else jnp.ndim(weight) - layout.ndim
     if not stack:
@@ -480,18 +600,27 @@ def _has_weights(module: nn.Module) -> bool:
     return any(not isinstance(v, Mapping) for v in params.values())
 
 
-def _product_layout(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """The module's ``ProductLayout``, or why it has none (a string)."""
-    where = f"layer '{'.'.join(module.path)}'"
+def _product_layout(module: nn.Module, args: tuple, kwargs: dict, weight_reasons: dict) -> Any:
+    """The module's ``ProductLayout`` (one weight in a product) or ``ProductsLayout`` (several),
+    or why it has none (a string); why each other weight is in no product goes to
+    ``weight_reasons`` by ``<path>.<weight>``."""
+    path = ".".join(module.path)
+    where = f"layer '{path}'"
     try:
         traced = product.trace(module, "__call__", args, kwargs, {})
     except Exception as err:  # any failure of the user's module: say where it came from
         return f"its call could not be traced on the inputs given ({type(err).__name__}: {err})"
     try:
-        weight, found = product.find(module, traced, where)
-    except ValueError as err:
-        return str(err).removeprefix(f"{where} ({type(module).__name__}): ")
-    return product.ProductLayout(weight, found.roles)
+        found, unused = product.products_of(traced, where)
+    except ValueError as err:  # a weight used by two products or also otherwise: refused
+        return str(err).removeprefix(f"{where}, ")
+    weight_reasons.update({f"{path}.{w}": why for w, why in unused.items()})
+    if not found:
+        return "no param of it is used by a product (dot_general): " + (
+            "; ".join(unused.values()) or "it holds none"
+        )
+    layouts = tuple(product.ProductLayout(w, found[w].roles) for w in sorted(found))
+    return layouts[0] if len(layouts) == 1 else product.ProductsLayout(layouts)
 
 
 def _lookup(params: Mapping, path: str, leaf: str) -> Any:

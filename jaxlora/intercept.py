@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import inspect
 import threading
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -37,7 +37,7 @@ from jaxlora import core, kinds, product
 from jaxlora.config import LoRAConfig
 from jaxlora.quant._base import QUANT, layer_weight
 from jaxlora.quant._layout import dequantize_weight, layer_length
-from jaxlora.tree import LORA_NAMES
+from jaxlora.tree import LORA_NAMES, is_lora_name
 
 SUPPORTED = "nn.Dense, nn.DenseGeneral (no batch_dims), nn.Conv (no mask, groups=1), nn.Embed"
 _KIND = ((nn.Dense, "linear"), (nn.DenseGeneral, "linear"), (nn.Conv, "conv"), (nn.Embed, "embed"))
@@ -216,7 +216,7 @@ class _State:
     def adapted(self, module: nn.Module) -> bool:
         """Whether this context adds a branch to ``module`` (``jaxlora.intercept_stack`` also
         adapts the layers its stack names)."""
-        return any(module.has_variable("params", n) for n in LORA_NAMES)
+        return bool(lora_leaves(module))
 
     def at_product(self, module: nn.Module) -> bool:
         """Whether ``module`` (of no kind jaxlora knows) is adapted at its weight's product."""
@@ -333,6 +333,14 @@ def _quantized(module: nn.Module, where: str) -> dict[str, jax.Array]:
         return {name: dequantize_weight(q, roles)}
     except ValueError as err:
         raise ValueError(f"layer '{where}': {err}") from None
+
+
+def lora_leaves(module: nn.Module) -> list[str]:
+    """The names of the LoRA leaves (``jaxlora.tree.is_lora_name``) among a bound module's own
+    params: ``lora_a``/``lora_b``, or ``<weight>_lora_a``/``<weight>_lora_b`` per weight of a
+    module adapted at several products."""
+    params = module.variables.get("params", {})
+    return [n for n, v in params.items() if is_lora_name(n) and not isinstance(v, Mapping)]
 
 
 def _check_weight_visible(module: nn.Module, where: str) -> None:

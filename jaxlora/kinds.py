@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from jaxlora.tree import ROLES_NAME, STACK_NAME
+from jaxlora.tree import LORA_NAMES, ROLES_NAME, STACK_NAME, is_lora_name
 
 BASE_NAMES = ("kernel", "embedding")
 
@@ -186,6 +186,12 @@ def check_layer(
         raise ValueError(
             f"{where} holds an adapter made at its weight's product ('lora_roles': a module "
             "that is no Dense/DenseGeneral/Conv/Embed), which this operation does not handle yet"
+        )
+    several = sorted(k for k in node if is_lora_name(k) and k not in LORA_NAMES)
+    if several:  # '<weight>_lora_a' leaves are laid out by their product's record
+        raise ValueError(
+            f"{where} holds {several}, factors of one of several weights adapted at their "
+            f"products, but no '{ROLES_NAME}' record saying how each weight's axes are used"
         )
     name = base_name(node)
     missing = [n for n in ("lora_a", "lora_b") if n not in node]

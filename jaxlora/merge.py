@@ -17,9 +17,9 @@ from flax import struct
 from flax.core import meta
 
 from jaxlora import core, kinds, product
+from jaxlora.config import LoRAConfig
 from jaxlora.quant._base import dequantize_base, is_quantized, requantize_merged
 from jaxlora.tree import (
-    LORA_NAMES,
     RECORD_NAMES,
     ROLES_NAME,
     Path,
@@ -27,6 +27,7 @@ from jaxlora.tree import (
     _like,
     _require_mapping,
     combine,
+    is_lora_name,
     iter_lora_layers,
     path_str,
     split,
@@ -106,17 +107,22 @@ def merge(
     params = dequantize_base(params)  # unchanged without a 'quant' collection
     new_bases, layers = {}, []
     for path, node in iter_lora_layers(params):
-        name, base, new, scale = _delta(node, path, alpha, use_rslora, "merge")
+        deltas, scale = _deltas(node, path, alpha, use_rslora, "merge")
         if "lora_magnitude" in node:  # DoRA: the merged kernel is m/‖K + ΔK‖·(K + ΔK)
-            new = _dora_merged_delta(node, path, base, new, record)
-        new_bases[path] = name, _apply(base, new, path, "merge")
+            deltas = {
+                name: (base, _dora_merged_delta(node, path, base, new, record))
+                for name, (base, new) in deltas.items()
+            }
+        new_bases[path] = {
+            name: _apply(base, new, path, "merge", name) for name, (base, new) in deltas.items()
+        }
         layers.append((path, scale))
     merged = _rebuild(params, (), new_bases, drop_lora=True)
     if requantize:
         return requantize_merged(merged, quantized)
     if not record:
         return merged
-    prints = tuple(fingerprint(new_bases[path][1]) for path, _ in layers)
+    prints = tuple(_fingerprint(new_bases[path]) for path, _ in layers)
     return merged, MergeRecord(split(params)[0], prints, tuple(layers))
 
 
@@ -174,28 +180,48 @@ def unmerge(merged: PyTree, record: MergeRecord) -> PyTree:
         node = _get(merged, path)
         where = f"unmerge: layer '{path_str(path)}'"
         lora_node = _get(record.adapter, path) or {}
-        name = None if node is None else kinds.base_name(node)
-        if ROLES_NAME in lora_node:  # an adapter made at a product: its weight's own name
-            name = lora_node[ROLES_NAME].weight
-            if node is None or name not in node:
-                raise ValueError(f"{where}: the merged tree has no '{name}' at this path")
-        if node is None or name is None:  # (a missing node left name None)
-            raise ValueError(f"{where}: the merged tree has no kernel or embedding at this path")
-        if any(n in node for n in LORA_NAMES):
+        node, names = _merged_names(node, lora_node, where)
+        if any(is_lora_name(n) for n in node):
             raise ValueError(f"{where}: the merged tree still holds LoRA leaves here")
-        _, base, new, _ = _delta(
-            {**lora_node, name: node[name]}, path, None, False, "unmerge", scale
-        )
-        same = fingerprint(base) == expected
+        weights = {n: node[n] for n in names}
+        deltas, _ = _deltas({**lora_node, **weights}, path, None, False, "unmerge", scale)
+        same = jnp.all(_fingerprint({n: base for n, (base, _) in deltas.items()}) == expected)
         if not isinstance(same, jax.core.Tracer) and not bool(same):
             raise ValueError(
                 f"{where}: the kernel is not the one merge returned (the tree was never "
                 "merged, was changed since, or belongs to another merge): unmerging it would "
                 "shift the kernel by an adapter it does not hold"
             )
-        restored = _apply(base, -new, path, "unmerge")
-        new_bases[path] = name, jnp.where(same, restored, jnp.nan).astype(restored.dtype)
+        restored = {n: _apply(base, -new, path, "unmerge", n) for n, (base, new) in deltas.items()}
+        new_bases[path] = {
+            n: jnp.where(same, value, jnp.nan).astype(value.dtype) for n, value in restored.items()
+        }
     return combine(record.adapter, _rebuild(merged, (), new_bases, drop_lora=False))
+
+
+def _merged_names(
+    node: Mapping | None, lora_node: Mapping, where: str
+) -> tuple[Mapping, list[str]]:
+    """(the merged node, the weights of it that ``unmerge`` restores: those its recorded
+    adapter's ``lora_roles`` name (an adapter made at a product), else its kernel or
+    embedding); a ``ValueError`` if the merged tree lacks them."""
+    if ROLES_NAME in lora_node:  # an adapter made at a product: its weights' own names
+        names = [m.weight for m in product.records(lora_node, where)]
+        missing = [n for n in names if node is None or n not in node]
+        if node is None or missing:
+            raise ValueError(f"{where}: the merged tree has no {missing} at this path")
+        return node, names
+    name = None if node is None else kinds.base_name(node)
+    if node is None or name is None:
+        raise ValueError(f"{where}: the merged tree has no kernel or embedding at this path")
+    return node, [name]
+
+
+def _fingerprint(weights: Mapping[str, jax.Array]) -> jax.Array:
+    """``fingerprint`` of a layer's one merged weight, or of each of several (by name)."""
+    if len(weights) == 1:
+        return fingerprint(next(iter(weights.values())))
+    return jnp.stack([fingerprint(weights[n]) for n in sorted(weights)])
 
 
 def fingerprint(x: jax.Array) -> jax.Array:
@@ -210,36 +236,48 @@ def fingerprint(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
-def _delta(
+def _deltas(
     node: Mapping,
     path: Path,
     alpha: Alpha,
     use_rslora: bool,
     op: str,
     scale: float | None = None,
-) -> tuple[str, jax.Array, jax.Array, float]:
-    """(weight name, weight, fp32 delta in the weight's layout, scale) of an adapted node: a
-    known layer kind (``jaxlora.kinds``) or an adapter made at a product (``lora_roles``).
-    ``scale`` (unmerge's recorded one) replaces the one ``alpha`` gives."""
+) -> tuple[dict[str, tuple[jax.Array, jax.Array]], float]:
+    """({weight name: (weight, fp32 delta in the weight's layout)}, scale) of an adapted node:
+    a known layer kind (``jaxlora.kinds``: its one kernel) or the weights of an adapter made at
+    a product (``lora_roles``: one, or several each with its own factors). ``scale``
+    (unmerge's recorded one) replaces the one ``alpha`` gives."""
     if ROLES_NAME in node:
         where = f"{op}: layer '{path_str(path)}'"
-        name, base, lora_a, lora_b, marker = product.check_product(node, where, stacked=True)
-        roles = marker.roles
         # an nn.scan stack merges layer by layer, each slice with its own adapter slice
-        axis = product.stack_axis(node, base, lora_a, lora_b)
-        r = product.rank(lora_a, axis)
+        adapted = product.check_products(node, where, stacked=True)
+        r = product.rank(adapted[0].lora_a, adapted[0].layer)
         layer_alpha = alpha(path_str(path)) if callable(alpha) else alpha
-        core.check_hparams(
-            r=r,
-            alpha=layer_alpha,
-            dropout=0.0,
-            in_features=roles.in_features,
-            out_features=roles.out_features,
-            where=where,
-        )
+        config = getattr(alpha, "__self__", None)  # alpha=config.alpha_for: check its patterns
+        if len(adapted) > 1 and isinstance(config, LoRAConfig):
+            product.check_module_patterns(
+                config, path_str(path), [one.weight for one in adapted], where
+            )
+        for one in adapted:
+            core.check_hparams(
+                r=r,
+                alpha=layer_alpha,
+                dropout=0.0,
+                in_features=one.marker.roles.in_features,
+                out_features=one.marker.roles.out_features,
+                where=where if len(adapted) == 1 else f"{where}, weight '{one.weight}'",
+            )
         if scale is None:
             scale = core.scaling(r, layer_alpha, use_rslora=use_rslora)
-        return name, base, product.layer_deltas(roles, lora_a, lora_b, scale, axis), scale
+        deltas = {
+            one.weight: (
+                one.value,
+                product.layer_deltas(one.marker.roles, one.lora_a, one.lora_b, scale, one.layer),
+            )
+            for one in adapted
+        }
+        return deltas, scale
     kind, name, base, lora_a, lora_b = _layer(node, path, op)
     # A stack on a layer axis other than 0 (its lora_stack record) is merged with that axis
     # in front, then the delta moved back into the weight's own layout.
@@ -248,7 +286,7 @@ def _delta(
     if scale is None:
         scale = _scale(path, kind, front, lora_a, lora_b, alpha, use_rslora, op)
     delta = core.delta(lora_a, lora_b, scale, jnp.shape(front), stack)
-    return name, base, kinds.from_front(delta, axis), scale
+    return {name: (base, kinds.from_front(delta, axis))}, scale
 
 
 def _layer(node: Mapping, path: Path, op: str) -> tuple[str, str, jax.Array, jax.Array, jax.Array]:
@@ -305,11 +343,12 @@ def _dora_delta(kernel: jax.Array, delta: jax.Array, magnitude: jax.Array) -> ja
     return factor * full - kernel.astype(delta.dtype)
 
 
-def _apply(kernel: jax.Array, delta: jax.Array, path: Path, op: str) -> jax.Array:
+def _apply(kernel: jax.Array, delta: jax.Array, path: Path, op: str, name: str) -> jax.Array:
     new = (kernel.astype(delta.dtype) + delta).astype(kernel.dtype)
     if not isinstance(new, jax.core.Tracer) and not np.isfinite(np.asarray(new, np.float32)).all():
+        what = "kernel" if name in kinds.BASE_NAMES else f"weight '{name}'"
         raise ValueError(
-            f"{op}: layer '{path_str(path)}': the merged kernel has non-finite "
+            f"{op}: layer '{path_str(path)}': the merged {what} has non-finite "
             "values (check lora_a, lora_b and the kernel's dtype range)"
         )
     return new
@@ -325,16 +364,16 @@ def _get(tree: Mapping, path: Path) -> Mapping | None:
 
 
 def _rebuild(
-    tree: Mapping, path: Path, bases: dict[Path, tuple[str, Any]], *, drop_lora: bool
+    tree: Mapping, path: Path, bases: dict[Path, dict[str, Any]], *, drop_lora: bool
 ) -> Mapping:
     out: dict[Any, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
             out[key] = _rebuild(value, (*path, str(key)), bases, drop_lora=drop_lora)
-        elif drop_lora and (key in LORA_NAMES or key in RECORD_NAMES):
+        elif drop_lora and (is_lora_name(key) or key in RECORD_NAMES):
             continue
-        elif path in bases and key == bases[path][0]:
-            new = bases[path][1]  # keeps nn.Partitioned-style metadata on the kernel
+        elif path in bases and key in bases[path]:
+            new = bases[path][key]  # keeps nn.Partitioned-style metadata on the kernel
             out[key] = value.replace_boxed(new) if isinstance(value, meta.AxisMetadata) else new
         else:
             out[key] = value

@@ -25,9 +25,10 @@ from jaxlora.intercept import (
     _own_call,
     _State,
     input_axes,
+    lora_leaves,
     traced_as,
 )
-from jaxlora.tree import LORA_NAMES, ROLES_NAME, path_str
+from jaxlora.tree import ROLES_NAME, path_str
 
 __all__ = ["intercept_stack"]
 
@@ -121,14 +122,14 @@ class _StackState(_State):
         factors = (stack.lora_a[name], stack.lora_b[name], stack.scale[name], stack.occupied)
         return product.evaluate(
             traced,
-            found,
-            lambda site, eqn, operands, _index: multi_oplevel.gathered(
+            {marker.weight: found},
+            lambda _, site, eqn, operands, _index: multi_oplevel.gathered(
                 site, eqn, operands, factors, self.index
             ),
         )
 
     def _check_plain(self, module: nn.Module, where: str) -> None:
-        held = [n for n in (*LORA_NAMES, ROLES_NAME) if module.has_variable("params", n)]
+        held = lora_leaves(module) + [n for n in (ROLES_NAME,) if module.has_variable("params", n)]
         if held:
             raise ValueError(
                 f"{where} holds its own {held} in the params: intercept_stack serves the "

@@ -12,6 +12,12 @@ unchanged) that says which weight and which roles the adapter was made for. Tree
 traces the module's call again and evaluates that jaxpr with the branch added at the product,
 after checking that the call uses the weight as recorded.
 
+A module whose several weights each enter their own product (``ProductsLayout``) gets one
+adapter per weight, ``<weight>_lora_a`` (B…, C…, r) / ``<weight>_lora_b`` (B…, r, F…)
+(``jaxlora.tree.factor_names``), and a ``lora_roles`` leaf holding one ``ProductRoles`` per
+weight (a tuple, sorted by weight); ``check_products`` reads either form, ``check_product``
+the one-weight form only (an operation not built for several weights refuses them by name).
+
 Inside ``nn.scan`` the module's call sees one layer's weight, so the roles are one layer's;
 the params tree holds the weight and both factors stacked on the scan's layer axis (a
 ``lora_stack`` record beside them when it is not 0), as for a scanned Dense: the stacked
@@ -25,17 +31,17 @@ import contextlib
 import dataclasses
 import math
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta
 
-from _loracore.config import WEIGHT_INITS
+from _loracore.config import WEIGHT_INITS, _pattern_key
 from jaxlora import core, kinds, oplevel
-from jaxlora.tree import QUANT_NAME, iter_lora_layers
+from jaxlora.tree import QUANT_NAME, factor_names, is_lora_name, iter_lora_layers
 from jaxlora.tree import ROLES_NAME as ROLES
 
 
@@ -67,37 +73,122 @@ class ProductLayout:
         return len(self.roles.shape)
 
 
-def check_product(
-    node: Mapping[str, Any], where: str, *, stacked: bool = False
-) -> tuple[str, Any, Any, Any, ProductRoles]:
-    """(weight name, weight, lora_a, lora_b, marker) of a node with ``lora_roles``, unboxed,
-    every shape checked against the roles; a ``ValueError`` naming the layer otherwise. A
-    layer stacked by ``nn.scan`` (one layer's shapes with a layer axis at its ``lora_stack``
-    record's position, 0 without one) is accepted only with ``stacked=True`` (see
-    ``stack_axis``): a caller that does not handle it must refuse it."""
+@dataclasses.dataclass(frozen=True)
+class ProductsLayout:
+    """``jaxlora.layouts``' entry for a module whose several weights each enter their own
+    product: one ``ProductLayout`` per weight, sorted by name (``kind`` is ``"products"``).
+    ``inject`` gives each weight its own adapter, ``<weight>_lora_a``/``<weight>_lora_b``
+    (``jaxlora.tree.factor_names``); such a module inside ``nn.scan`` is not supported."""
+
+    products: tuple[ProductLayout, ...]
+    kind: str = "products"
+    stack: int = 0
+    scan: str | None = None
+    axis: int = 0
+
+    @property
+    def weights(self) -> tuple[str, ...]:
+        return tuple(lay.weight for lay in self.products)
+
+
+class Adapted(NamedTuple):
+    """One adapted weight of a node holding ``lora_roles`` (``check_products``), unboxed: its
+    name, value, factors, record, the factors' leaf names (``jaxlora.tree.factor_names``) and
+    the layer axis of an ``nn.scan`` stack (``stack_axis``) or ``None``."""
+
+    weight: str
+    value: Any
+    lora_a: Any
+    lora_b: Any
+    marker: ProductRoles
+    names: tuple[str, str]
+    layer: int | None
+
+
+def records(node: Mapping[str, Any], where: str) -> tuple[ProductRoles, ...]:
+    """The ``ProductRoles`` of a node's ``lora_roles`` leaf: one ``ProductRoles``, or for a
+    module with several adapted weights a tuple of them, one per weight, sorted by name."""
     marker = node[ROLES]
-    if not isinstance(marker, ProductRoles):
-        raise ValueError(f"{where}: '{ROLES}' must be a ProductRoles, got {type(marker).__name__}")
-    missing = [n for n in (marker.weight, "lora_a", "lora_b") if n not in node]
+    if isinstance(marker, ProductRoles):
+        return (marker,)
+    several = isinstance(marker, tuple) and len(marker) > 1
+    if several and all(isinstance(m, ProductRoles) for m in marker):
+        weights = [m.weight for m in marker]
+        if weights == sorted(set(weights)):
+            return marker
+    raise ValueError(
+        f"{where}: '{ROLES}' must be a ProductRoles, or a tuple of several with distinct "
+        f"weights sorted by name, got {marker!r}"
+    )
+
+
+def roles_record(layouts: Sequence[ProductLayout]) -> ProductRoles | tuple[ProductRoles, ...]:
+    """The ``lora_roles`` leaf of adapters made for ``layouts`` (one per weight)."""
+    markers = tuple(ProductRoles(lay.weight, lay.roles) for lay in layouts)
+    return markers[0] if len(markers) == 1 else tuple(sorted(markers, key=lambda m: m.weight))
+
+
+def check_products(
+    node: Mapping[str, Any], where: str, *, stacked: bool = False
+) -> tuple[Adapted, ...]:
+    """Each adapted weight of a node with ``lora_roles``, every shape checked against its
+    roles: ``lora_a``/``lora_b`` for one weight, ``<weight>_lora_a``/``<weight>_lora_b`` for
+    each of several (``jaxlora.tree.factor_names``); a ``ValueError`` naming the layer for a
+    missing or stray factor (one the records do not name), shapes that differ from the roles,
+    several weights with different ranks (one module has one r), or several weights stacked
+    by ``nn.scan`` (not supported). A layer stacked by ``nn.scan`` (one layer's shapes with a
+    layer axis at its ``lora_stack`` record's position, 0 without one) is accepted only with
+    ``stacked=True`` (see ``stack_axis``): a caller that does not handle it must refuse it."""
+    markers = records(node, where)
+    several = len(markers) > 1
+    names = {m.weight: factor_names(m.weight if several else None) for m in markers}
+    held = {n for pair in names.values() for n in pair}
+    stray = sorted(k for k, v in node.items() if is_lora_name(k) and k not in held)
+    stray = [k for k in stray if k != "lora_magnitude" or several]
+    if stray:
+        raise ValueError(
+            f"{where}: its '{ROLES}' record names the weights {sorted(names)}, whose factors "
+            f"are {sorted(held)}, but it also holds {stray}"
+        )
+    out = tuple(
+        _check_one(node, m, names[m.weight], f"{where}, weight '{m.weight}'" if several else where)
+        for m in markers
+    )
+    ranks = sorted({rank(one.lora_a, one.layer) for one in out})
+    if len(ranks) > 1:
+        raise ValueError(f"{where}: its weights' adapters have ranks {ranks}; one module has one r")
+    stacked_weights = [one.weight for one in out if one.layer is not None]
+    if stacked_weights and several:
+        raise ValueError(
+            f"{where}: of its several adapted weights {sorted(names)}, {stacked_weights} are "
+            "stacked (nn.scan), which jaxlora's Linen path does not support yet"
+        )
+    layer = out[0].layer
+    if layer is not None and not stacked:
+        one = out[0]
+        raise ValueError(
+            f"{where}: '{one.weight}' {tuple(jnp.shape(one.value))} and its adapter are stacked "
+            f"(nn.scan, layer axis {layer}) over one layer's {one.marker.roles.shape}, which "
+            "this operation does not handle (adapter files: pass layer_names; a forward: run "
+            "it in the nn.scan that stacks it)"
+        )
+    return out
+
+
+def _check_one(
+    node: Mapping[str, Any], marker: ProductRoles, names: tuple[str, str], where: str
+) -> Adapted:
+    missing = [n for n in (marker.weight, *names) if n not in node]
     if missing:
         raise ValueError(f"{where}: an op-level adapter (lora_roles) without {missing}")
-    w, a, b = (meta.unbox(node[n]) for n in (marker.weight, "lora_a", "lora_b"))
+    w, a, b = (meta.unbox(node[n]) for n in (marker.weight, *names))
     roles = marker.roles
-    layer = stack_axis(node, w, a, b)
+    layer = _stack_axis(node, roles, w)
     r = rank(a, layer)
-    if layer is not None and not stacked:
-        raise ValueError(
-            f"{where}: '{marker.weight}' {tuple(jnp.shape(w))} and its adapter are stacked "
-            f"(nn.scan, layer axis {layer}) over one layer's {roles.shape}, which this "
-            "operation does not handle (adapter files: pass layer_names; a forward: run it in "
-            "the nn.scan that stacks it)"
-        )
     want: tuple[tuple[int, ...], ...] = (roles.shape, *roles.lora_shapes(r))
     if layer is not None:
         want = tuple(_with_layer(s, layer, jnp.shape(w)[_at(w, layer)]) for s in want)
-    for name, value, expected in zip(
-        (marker.weight, "lora_a", "lora_b"), (w, a, b), want, strict=True
-    ):
+    for name, value, expected in zip((marker.weight, *names), (w, a, b), want, strict=True):
         if tuple(jnp.shape(value)) != tuple(expected):
             raise ValueError(
                 f"{where}, '{name}': expected shape {tuple(expected)} for the product roles "
@@ -105,14 +196,34 @@ def check_product(
                 + (f", stacked on layer axis {layer}" if layer is not None else "")
                 + f", got {tuple(jnp.shape(value))}"
             )
-    return marker.weight, w, a, b, marker
+    return Adapted(marker.weight, w, a, b, marker, names, layer)
+
+
+def check_product(
+    node: Mapping[str, Any], where: str, *, stacked: bool = False
+) -> tuple[str, Any, Any, Any, ProductRoles]:
+    """(weight name, weight, lora_a, lora_b, marker) of a node with ``lora_roles`` and one
+    adapted weight, checked as ``check_products`` does; a ``ValueError`` naming the layer for
+    a module with several (an operation that calls this one handles one weight only)."""
+    adapted = check_products(node, where, stacked=stacked)
+    if len(adapted) > 1:
+        raise ValueError(
+            f"{where} has several adapted weights {[one.weight for one in adapted]} "
+            "('<weight>_lora_a'/'<weight>_lora_b'), which this operation does not handle yet: "
+            "it supports a module with one adapted weight"
+        )
+    one = adapted[0]
+    return one.weight, one.value, one.lora_a, one.lora_b, one.marker
 
 
 def stack_axis(node: Mapping[str, Any], w, a, b) -> int | None:
-    """The layer axis of a product adapter stacked by ``nn.scan`` (its ``lora_stack``
-    record's, else 0), or ``None`` for one layer's: the roles record one layer's weight, so
-    a weight with one axis more is a stack."""
-    roles = node[ROLES].roles
+    """The layer axis of a product adapter with one adapted weight stacked by ``nn.scan`` (its
+    ``lora_stack`` record's, else 0), or ``None`` for one layer's: the roles record one layer's
+    weight, so a weight with one axis more is a stack."""
+    return _stack_axis(node, node[ROLES].roles, w)
+
+
+def _stack_axis(node: Mapping[str, Any], roles: oplevel.Roles, w) -> int | None:
     if jnp.ndim(w) != len(roles.shape) + 1:
         return None
     return kinds.layer_axis(node)
@@ -309,7 +420,7 @@ def trace(
     unbound, variables = module.unbind()
     variables = with_weights(variables, weights)
     params = {
-        k: v for k, v in variables.get("params", {}).items() if k not in ("lora_a", "lora_b", ROLES)
+        k: v for k, v in variables.get("params", {}).items() if not is_lora_name(k) and k != ROLES
     }
     variables["params"] = params
     paths, tree_def = jax.tree_util.tree_flatten_with_path(variables)
@@ -331,29 +442,32 @@ def trace(
     return Traced(closed, jax.tree.structure(shapes), leaves, dyn, weights)
 
 
-def find(module: nn.Module, traced: Traced, where: str) -> tuple[str, oplevel.Product]:
-    """The one weight of ``module`` that enters a product, and that product; a ``ValueError``
-    saying why otherwise (none, several, or one used besides its product)."""
-    found, unused = {}, []
+def products_of(traced: Traced, where: str) -> tuple[dict[str, oplevel.Product], dict[str, str]]:
+    """({weight: its product} for each weight of the traced module that enters one product,
+    {weight: why not} for the others (used non-linearly, by two products, ...))."""
+    found, unused = {}, {}
     for name, index in traced.weights.items():
         shape = tuple(jnp.shape(traced.leaves[index]))
         at = f"{where}, weight '{name}' {shape}"
         try:
             product = oplevel.find_product(traced.closed.jaxpr, index, shape, where=at)
         except oplevel.NotAProduct as err:
-            unused.append(str(err).removeprefix(f"{where}, "))
+            unused[name] = str(err).removeprefix(f"{where}, ")
             continue
         found[name] = oplevel.with_shape(product, shape)
-    if len(found) != 1:
-        why = (
-            f"its weights {sorted(found)} are each used by a product; a module with several "
-            "adapted weights is not supported yet"
-            if found
-            else "no param of it is used by a product (dot_general): "
-            + ("; ".join(unused) or "it holds none")
+    return found, unused
+
+
+def find(module: nn.Module, traced: Traced, where: str) -> dict[str, oplevel.Product]:
+    """{weight: its product} for every weight of ``module`` that enters one product (a module
+    with several gets an adapter per weight); a ``ValueError`` saying why if none does."""
+    found, unused = products_of(traced, where)
+    if not found:
+        raise ValueError(
+            f"{where} ({type(module).__name__}): no param of it is used by a product "
+            "(dot_general): " + ("; ".join(unused.values()) or "it holds none")
         )
-        raise ValueError(f"{where} ({type(module).__name__}): {why}")
-    return next(iter(found.items()))
+    return found
 
 
 def apply(
@@ -364,16 +478,16 @@ def apply(
     kwargs: dict,
     weights: Mapping[str, Any],
 ):
-    """``module.__call__(*args, **kwargs)`` with the LoRA branch added at its weight's product
-    (what ``intercept`` does for a node holding ``lora_roles``); ``weights``: its quantized
-    weights, dequantized (the base product runs on them)."""
+    """``module.__call__(*args, **kwargs)`` with the LoRA branch added at each adapted weight's
+    product (what ``intercept`` does for a node holding ``lora_roles``); ``weights``: its
+    quantized weights, dequantized (the base product runs on them)."""
     name = ".".join(module.path)
     where = f"layer '{name or '<root>'}'"
     node: dict[str, Any] = {
         n: module.get_variable("params", n) for n in module.variables.get("params", {})
     }
     node.update(weights)
-    _, _, a, b, marker = check_product(node, where)
+    adapted = {one.weight: one for one in check_products(node, where)}
     inner = [
         ".".join(p)
         for p, _ in iter_lora_layers({k: v for k, v in node.items() if isinstance(v, Mapping)})
@@ -383,24 +497,47 @@ def apply(
             f"{where} is adapted at its weight's product and its submodules {inner} hold LoRA "
             "leaves too; adapt either the module or its submodules, not both"
         )
-    traced, product = traced_product(module, marker, where, args, kwargs, weights)
-    r = jnp.shape(a)[-1]
+    markers = [one.marker for one in adapted.values()]
+    traced, products = traced_products(module, markers, where, args, kwargs, weights)
+    r = jnp.shape(next(iter(adapted.values())).lora_a)[-1]
     if r != config.rank_for(name):
         raise ValueError(
             f"{where} has r={r} (from its shapes) but the config gives it "
             f"r={config.rank_for(name)}: the scale would be wrong"
         )
+    if len(adapted) > 1:
+        check_module_patterns(config, name, adapted, where)
     scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
     rate = 0.0 if deterministic else config.dropout
 
-    def extra(site, eqn, operands, index):
+    def extra(weight, site, eqn, operands, index):
         x = operands[1 - site.side]
         if rate > 0:
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
             x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-        return oplevel.branch(site, eqn, operands, a, b, scale, x=x, index=index)
+        one = adapted[weight]
+        return oplevel.branch(
+            site, eqn, operands, one.lora_a, one.lora_b, scale, x=x, index=index
+        )
 
-    return evaluate(traced, product, extra)
+    return evaluate(traced, products, extra)
+
+
+def check_module_patterns(config, name: str, adapted: Iterable[str], where: str) -> None:
+    """A ``ValueError`` where the config's rank/alpha patterns name a weight of a module with
+    several adapted weights (``'<path>.<weight>'``, as a ``path_map`` keys them) with another
+    value than the module's: its weights share the module's r and alpha, so that pattern would
+    be silently ignored (``read_adapter_config(..., params=tree)`` keys them by the module)."""
+    for weight in adapted:  # the weights' names
+        key = f"{name}.{weight}"
+        for field, of in (("rank_pattern", config.rank_for), ("alpha_pattern", config.alpha_for)):
+            if _pattern_key(getattr(config, field), key) is not None and of(key) != of(name):
+                raise ValueError(
+                    f"{where}: the config's {field} gives weight '{key}' {of(key)}, but its "
+                    f"module's weights share the module's {of(name)} (config.{field} for "
+                    f"'{name}'); key it by the module (read_adapter_config(directory, "
+                    "path_map=..., params=tree) does)"
+                )
 
 
 def traced_product(
@@ -411,32 +548,57 @@ def traced_product(
     kwargs: dict,
     weights: Mapping[str, Any],
 ) -> tuple[Traced, oplevel.Product]:
-    """The module's call traced (``weights``: its quantized weights, dequantized), and its
-    weight's product, checked to be the one ``marker`` records (the weight and its roles the
-    adapter was made for)."""
+    """``traced_products`` for one adapted weight: the traced call and its weight's product."""
+    traced, products = traced_products(module, [marker], where, args, kwargs, weights)
+    return traced, products[marker.weight]
+
+
+def traced_products(
+    module: nn.Module,
+    markers: Sequence[ProductRoles],
+    where: str,
+    args: tuple,
+    kwargs: dict,
+    weights: Mapping[str, Any],
+) -> tuple[Traced, dict[str, oplevel.Product]]:
+    """The module's call traced (``weights``: its quantized weights, dequantized), and
+    {weight: product} of the weights ``markers`` record, each checked to be used as recorded
+    (the weight and its roles the adapter was made for)."""
     traced = trace(module, "__call__", args, kwargs, weights)
-    found, product = find(module, traced, where)
-    if (found, product.roles) != (marker.weight, marker.roles):
-        raise ValueError(
-            f"{where}: this call uses weight '{found}' as {product.roles}, but the adapter was "
-            f"made for weight '{marker.weight}' as {marker.roles} (from the inputs given to "
-            "layouts)"
-        )
-    return traced, product
+    found, unused = products_of(traced, where)
+    products = {}
+    for marker in markers:
+        product = found.get(marker.weight)
+        if product is None or product.roles != marker.roles:
+            used = (
+                unused.get(marker.weight, "it is not a param of the module")
+                if product is None
+                else f"it is used as {product.roles}"
+            )
+            raise ValueError(
+                f"{where}: the adapter was made for weight '{marker.weight}' as "
+                f"{marker.roles} (from the inputs given to layouts), but in this call {used}"
+            )
+        products[marker.weight] = product
+    return traced, products
 
 
-def evaluate(traced: Traced, product: oplevel.Product, extra) -> Any:
-    """The traced call's outputs with ``extra(site, eqn, operands, index)`` added at each of
-    the product's sites (``oplevel.sites``: itself, or its slice views; ``index``: the
-    operands of a gathered weight's gather, ``oplevel.hooks``)."""
+def evaluate(traced: Traced, products: Mapping[str, oplevel.Product], extra) -> Any:
+    """The traced call's outputs with ``extra(weight, site, eqn, operands, index)`` added at
+    each site of each weight's product (``oplevel.sites``: itself, or its slice views;
+    ``index``: the operands of a gathered weight's gather, ``oplevel.hooks``)."""
 
-    def at_product(site):
+    def at_product(weight, site):
         def add(eqn, operands, index):
             base = eqn.primitive.bind(*operands, **eqn.params)
-            return base + extra(site, eqn, operands, index).astype(base.dtype)
+            return base + extra(weight, site, eqn, operands, index).astype(base.dtype)
 
         return add
 
-    at = oplevel.hooks((site, at_product(site)) for site in oplevel.sites(product))
+    at = oplevel.hooks(
+        (site, at_product(weight, site))
+        for weight, product in products.items()
+        for site in oplevel.sites(product)
+    )
     outs = oplevel.evaluate(traced.closed, [*traced.leaves, *traced.dyn], at)
     return jax.tree.unflatten(traced.out_def, outs)

@@ -24,6 +24,7 @@ from jaxlora.tree import (
     PyTree,
     _like,
     _require_mapping,
+    is_lora_name,
     path_str,
 )
 
@@ -59,18 +60,18 @@ def _specs(node: Mapping, specs: Mapping, path: tuple) -> Mapping:
             out[key] = _specs(value, spec if isinstance(spec, Mapping) else {}, (*path, key))
         elif key in RECORD_NAMES:  # no arrays: it stays as it is, so the trees match
             out[key] = value
-        elif key not in LORA_NAMES:
+        elif not is_lora_name(key):
             out[key] = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
-    if ROLES_NAME in node:  # an adapter made at a product: each axis as the weight's
+    if ROLES_NAME in node:  # an adapter made at a product: each axis as its weight's
         where = f"partition_specs: layer '{path_str(path)}'"
-        name, base, lora_a, lora_b, marker = product.check_product(node, where, stacked=True)
-        spec = specs.get(name) if isinstance(specs, Mapping) else None
-        names = tuple(spec) if isinstance(spec, PartitionSpec) else ()
-        names += (None,) * (len(base.shape) - len(names))
-        axis = product.stack_axis(node, base, lora_a, lora_b)
-        stack, axis = (0, 0) if axis is None else (1, axis)
-        names_a, names_b = product.stacked_axis_names(marker.roles, names, stack, axis)
-        out["lora_a"], out["lora_b"] = PartitionSpec(*names_a), PartitionSpec(*names_b)
+        for one in product.check_products(node, where, stacked=True):
+            spec = specs.get(one.weight) if isinstance(specs, Mapping) else None
+            names = tuple(spec) if isinstance(spec, PartitionSpec) else ()
+            names += (None,) * (len(one.value.shape) - len(names))
+            stack, axis = (0, 0) if one.layer is None else (1, one.layer)
+            names_a, names_b = product.stacked_axis_names(one.marker.roles, names, stack, axis)
+            name_a, name_b = one.names
+            out[name_a], out[name_b] = PartitionSpec(*names_a), PartitionSpec(*names_b)
     elif any(name in node for name in LORA_NAMES):
         where = f"partition_specs: layer '{path_str(path)}'"
         kind, name, base, lora_a, lora_b = kinds.check_layer(node, where, stacked=True)

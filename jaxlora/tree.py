@@ -1,5 +1,6 @@
 """The naming convention: a leaf is LoRA exactly when it is named ``lora_a`` or ``lora_b``
-(or ``lora_magnitude``, DoRA's magnitude vector).
+(or ``lora_magnitude``, DoRA's magnitude vector), or ``<weight>_lora_a``/``<weight>_lora_b``
+(``factor_names``: each weight of a module with several adapted weights).
 
 ``lora_mask``, ``split``/``combine`` and ``freeze_base`` all rest on this one rule.
 """
@@ -41,6 +42,24 @@ def factor_names(weight: str | None) -> tuple[str, str]:
     return ("lora_a", "lora_b") if weight is None else (f"{weight}_lora_a", f"{weight}_lora_b")
 
 
+def is_lora_name(name: Any) -> bool:
+    """Whether a leaf named ``name`` is LoRA: ``LORA_NAMES``, or a factor ``factor_names`` gives
+    one weight of several (``<weight>_lora_a``/``<weight>_lora_b``).
+
+    Examples:
+        >>> [is_lora_name(n) for n in ("lora_a", "w_up_lora_b", "kernel", "_lora_a")]
+        [True, True, False, False]
+    """
+    if name in LORA_NAMES:
+        return True
+    return isinstance(name, str) and any(
+        name.endswith(suffix) and len(name) > len(suffix) for suffix in _FACTOR_SUFFIXES
+    )
+
+
+_FACTOR_SUFFIXES = tuple(f"_{n}" for n in factor_names(None))
+
+
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class InitRecord:
@@ -72,13 +91,13 @@ Path = tuple[str, ...]
 
 def lora_mask(params: PyTree) -> PyTree:
     """A tree of bools shaped like ``params``: True exactly at leaves named lora_a/lora_b (and
-    DoRA's lora_magnitude).
+    DoRA's lora_magnitude, and ``<weight>_lora_a``/``<weight>_lora_b``: ``is_lora_name``).
 
     Examples:
         >>> lora_mask({"dense": {"kernel": 1.0, "lora_a": 2.0, "lora_b": 3.0}})
         {'dense': {'kernel': False, 'lora_a': True, 'lora_b': True}}
     """
-    return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in LORA_NAMES, params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: is_lora_name(_leaf_name(path)), params)
 
 
 def freeze_base(
@@ -192,8 +211,8 @@ def combine(adapter: PyTree, base: PyTree) -> PyTree:
 
 
 def iter_lora_layers(params: Mapping[str, Any], path: Path = ()) -> Iterator[tuple[Path, Mapping]]:
-    """Yields ``(path, node)`` for each dict that holds LoRA leaves (``LORA_NAMES``)."""
-    if any(name in params for name in LORA_NAMES):
+    """Yields ``(path, node)`` for each dict that holds LoRA leaves (``is_lora_name``)."""
+    if any(is_lora_name(k) and not isinstance(v, Mapping) for k, v in params.items()):
         yield path, params
     for key, value in params.items():
         if isinstance(value, Mapping):
@@ -231,7 +250,7 @@ def _filter(tree: Mapping, *, keep_lora: bool) -> Mapping | None:
             sub = _filter(value, keep_lora=keep_lora)
             if sub is not None and (sub or not keep_lora):
                 out[key] = sub
-        elif (key in LORA_NAMES or key in RECORD_NAMES) == keep_lora:
+        elif (is_lora_name(key) or key in RECORD_NAMES) == keep_lora:
             out[key] = value
     if keep_lora and not out:
         return None

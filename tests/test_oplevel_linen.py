@@ -358,14 +358,6 @@ class TwoProducts(nn.Module):
         return x @ w + (2 * x) @ w.T
 
 
-class TwoWeights(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        u = self.param("u", nn.initializers.normal(), (4, 3))
-        v = self.param("v", nn.initializers.normal(), (4, 3))
-        return x @ u + x @ v
-
-
 class CalledTwice(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -376,10 +368,6 @@ class CalledTwice(nn.Module):
 REFUSED = {
     "non_linear": (lambda: Wrap(lambda name: NonLinear(name=name)), "used only by tanh"),
     "two_products": (lambda: Wrap(lambda name: TwoProducts(name=name)), "used by 2 products"),
-    "two_weights": (
-        lambda: Wrap(lambda name: TwoWeights(name=name)),
-        r"weights \['u', 'v'\] are each used by a product; a module with several",
-    ),
     "called_twice": (CalledTwice, "called 2 times in one forward"),
 }
 

@@ -516,9 +516,7 @@ def apply(
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
             x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
         one = adapted[weight]
-        return oplevel.branch(
-            site, eqn, operands, one.lora_a, one.lora_b, scale, x=x, index=index
-        )
+        return oplevel.branch(site, eqn, operands, one.lora_a, one.lora_b, scale, x=x, index=index)
 
     return evaluate(traced, products, extra)
 

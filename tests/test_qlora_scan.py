@@ -7,6 +7,7 @@ PEFT on the bitsandbytes twin: ``parity_tests/test_qlora_scan_parity.py``."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 
 import bitsandbytes.functional as bnbf
@@ -102,7 +103,8 @@ def _twins(axis=0, options=None):
         lambda p, v: (
             0.1
             * jax.random.normal(
-                jax.random.fold_in(b_key, hash(jax.tree_util.keystr(p)) % 997), v.shape
+                jax.random.fold_in(b_key, zlib.crc32(jax.tree_util.keystr(p).encode()) % 997),
+                v.shape,
             )
             if jax.tree_util.keystr(p).endswith("['lora_b']")
             else v

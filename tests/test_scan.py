@@ -4,6 +4,7 @@ NNX blocks, against the unrolled twin GPT with the same weights."""
 from __future__ import annotations
 
 import importlib
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ def _random_b(params, seed: int = 3):
 
     def perturb(path, x):
         if jax.tree_util.keystr(path).endswith("['lora_b']"):
-            k = jax.random.fold_in(key, hash(jax.tree_util.keystr(path)) % 2**31)
+            k = jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode()) % 2**31)
             return jax.random.normal(k, x.shape, x.dtype) * 0.1
         return x
 

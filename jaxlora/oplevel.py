@@ -82,6 +82,33 @@ class Roles:
             *pick(self.free),
         )
 
+    @classmethod
+    def linear(cls, shape: Sequence[int], in_axes: int, stack: int = 0) -> Roles:
+        """The roles of a Dense-like kernel (*in_axes, *out_axes) in its layer's product
+        ``x @ kernel`` (``nn.Dense``: ``'bi,io->bo'``; ``nn.DenseGeneral``/``nnx.LinearGeneral``:
+        the leading ``in_axes`` contracted with x's ``axis``): contracted, then free. A stack's
+        ``stack`` leading layer axes (``nn.scan``/``nnx.vmap``) are batch axes, one adapter per
+        layer, as for slice views. These roles give the known linear layers their adapter's
+        layout, delta and torch layout (``jaxlora.kinds``), the same rule as any product's."""
+        shape = tuple(shape)
+        return cls(
+            shape,
+            tuple(range(stack)),
+            tuple(range(stack, stack + in_axes)),
+            tuple(range(stack + in_axes, len(shape))),
+        )
+
+    def axis_names(self, names: Sequence) -> tuple[tuple, tuple]:
+        """Partitioning of (lora_a, lora_b) from the weight's axis names: each adapter axis
+        takes the name of the weight axis it stands for; the rank is replicated."""
+        names = tuple(names) + (None,) * (len(self.shape) - len(names))
+        pick = lambda axes: tuple(names[i] for i in axes)  # noqa: E731
+        return (*pick(self.batch), *pick(self.contracted), None), (
+            *pick(self.batch),
+            None,
+            *pick(self.free),
+        )
+
     @property
     def in_features(self) -> int:
         return math.prod(self.shape[i] for i in self.contracted)
@@ -558,16 +585,48 @@ def from_linear(matrix: jax.Array, roles: Roles) -> jax.Array:
 
 def delta(roles: Roles, lora_a, lora_b, scale: float) -> jax.Array:
     """``scale · lora_a ⋅ lora_b`` contracted over r in fp32 at full precision, in W's own
-    axis order."""
-    nb, nc, nf = len(roles.batch), len(roles.contracted), len(roles.free)
-    letters = "abcdefghijklmnopqstuvwxyz"
-    bat, con, fre = letters[:nb], letters[nb : nb + nc], letters[nb + nc : nb + nc + nf]
-    dtype = jnp.promote_types(lora_a.dtype, jnp.float32)
-    d = jnp.einsum(
-        f"{bat}{con}r,{bat}r{fre}->{bat}{con}{fre}",
-        lora_a.astype(dtype),
-        lora_b.astype(dtype),
-        precision=jax.lax.Precision.HIGHEST,
-    ) * jnp.asarray(scale, dtype)
+    axis order: ``core.delta`` (the one formula; the batch axes lead both factors, as its
+    stacked layers' do) on (batch…, contracted…, free…), then put back in W's order."""
     order = roles.batch + roles.contracted + roles.free
+    shape = tuple(roles.shape[w] for w in order)
+    d = core.delta(lora_a, lora_b, scale, shape, len(roles.batch))
     return jnp.transpose(d, [order.index(w) for w in range(len(order))])
+
+
+def torch_factors(
+    roles: Roles,
+    lora_a: np.ndarray,
+    lora_b: np.ndarray,
+    in_axes: Sequence[int] | None = None,
+    out_axes: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``lora_a`` (C…, r) and ``lora_b`` (r, F…) (W's own axis orders, no batch axes) as the
+    factors of the torch ``nn.Linear`` the weight is, A (r, in) and B (out, r), contiguous:
+    the layout ``as_linear`` gives W, with the contracted and free axes flattened in the
+    orders ``in_axes`` and ``out_axes`` (default: W's own)."""
+    in_axes = roles.contracted if in_axes is None else tuple(in_axes)
+    out_axes = roles.free if out_axes is None else tuple(out_axes)
+    r = lora_a.shape[-1]
+    a_perm = [roles.contracted.index(w) for w in in_axes] + [len(roles.contracted)]
+    b_perm = [0] + [roles.free.index(w) + 1 for w in out_axes]
+    big_a = np.transpose(lora_a, a_perm).reshape(-1, r).T
+    big_b = np.transpose(lora_b, b_perm).reshape(r, -1).T
+    return np.ascontiguousarray(big_a), np.ascontiguousarray(big_b)
+
+
+def flax_factors(
+    roles: Roles,
+    big_a: np.ndarray,
+    big_b: np.ndarray,
+    in_axes: Sequence[int] | None = None,
+    out_axes: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of ``torch_factors``: (lora_a, lora_b) in W's own axis orders from the
+    torch Linear's A (r, in) and B (out, r) (shapes checked by the caller)."""
+    in_axes = roles.contracted if in_axes is None else tuple(in_axes)
+    out_axes = roles.free if out_axes is None else tuple(out_axes)
+    shape, r = roles.shape, big_a.shape[0]
+    a = big_a.T.reshape(*(shape[w] for w in in_axes), r)
+    a = np.transpose(a, [in_axes.index(w) for w in roles.contracted] + [len(in_axes)])
+    b = big_b.T.reshape(r, *(shape[w] for w in out_axes))
+    return a, np.transpose(b, [0] + [out_axes.index(w) + 1 for w in roles.free])

@@ -162,15 +162,8 @@ def layer_deltas(roles: oplevel.Roles, lora_a, lora_b, scale: float, axis: int |
 
 
 def axis_names(roles: oplevel.Roles, names: tuple) -> tuple[tuple, tuple]:
-    """Partitioning of (lora_a, lora_b) from the weight's axis names: each adapter axis takes
-    the name of the weight axis it stands for; the rank is replicated."""
-    names = tuple(names) + (None,) * (len(roles.shape) - len(names))
-    pick = lambda axes: tuple(names[i] for i in axes)  # noqa: E731
-    return (*pick(roles.batch), *pick(roles.contracted), None), (
-        *pick(roles.batch),
-        None,
-        *pick(roles.free),
-    )
+    """Partitioning of (lora_a, lora_b) from the weight's axis names (``Roles.axis_names``)."""
+    return roles.axis_names(names)
 
 
 def init_leaves(

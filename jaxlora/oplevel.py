@@ -475,35 +475,86 @@ def branch(
     product: Product, eqn, operands: list, lora_a, lora_b, scale: float, x: jax.Array | None = None
 ) -> jax.Array:
     """The factored branch for the product equation ``eqn`` (its ``operands`` as evaluated),
-    laid out as ``eqn``'s output. ``x`` replaces the other operand (dropout on it). A slice
-    view's branch uses its slice's factors, ``lora_a[i]`` and ``lora_b[i]``."""
+    laid out as ``eqn``'s output: ``product_branch`` with the equation's precision and
+    preferred element type, the factors in the weight operand's dtype. ``x`` replaces the
+    other operand (dropout on it)."""
+    x = operands[1 - product.side] if x is None else x
+    return product_branch(
+        product,
+        x,
+        lora_a,
+        lora_b,
+        scale,
+        precision=eqn.params["precision"],
+        preferred_element_type=eqn.params["preferred_element_type"],
+        dtype=operands[product.side].dtype,
+    )
+
+
+def product_branch(
+    product: Product,
+    x: jax.Array,
+    lora_a,
+    lora_b,
+    scale: float,
+    *,
+    precision: jax.lax.PrecisionLike = None,
+    preferred_element_type: Any = None,
+    dtype: Any = None,
+) -> jax.Array:
+    """The LoRA branch of ``product`` for its other operand ``x``, laid out as the product's
+    output: the factors as the weight operand sees W's axes (``operand_factors``, cast to
+    ``dtype`` if given), then ``core.factored``. A slice view's branch uses its slice's
+    factors, ``lora_a[i]`` and ``lora_b[i]``. The one branch of every adapted product: the
+    known linear layers' too (``linear_branch``)."""
     if product.sliced:
         product, lora_a, lora_b = _slice_factors(product, lora_a, lora_b)
     side = product.side
-    x = operands[1 - side] if x is None else x
     (contract, batch) = product.dims
     a_op, b_op = operand_factors(product, lora_a, lora_b)
-    dtype = operands[side].dtype
-    a_op, b_op = a_op.astype(dtype), b_op.astype(dtype)
-    nb, nc = len(batch[side]), len(contract[side])
-    options = dict(
-        precision=eqn.params["precision"],
-        preferred_element_type=eqn.params["preferred_element_type"],
-    )
-    h = jax.lax.dot_general(
+    if dtype is not None:
+        a_op, b_op = a_op.astype(dtype), b_op.astype(dtype)
+    y = core.factored(
         x,
         a_op,
-        (
-            (tuple(contract[1 - side]), tuple(range(nb, nb + nc))),
-            (tuple(batch[1 - side]), tuple(range(nb))),
-        ),
-        **options,
-    )
-    h = core.scale_once(h, scale).astype(dtype)
-    y = jax.lax.dot_general(
-        h, b_op, (((h.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))), **options
+        b_op,
+        scale,
+        tuple(contract[1 - side]),
+        tuple(batch[1 - side]),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
     )
     return as_output(product, y)
+
+
+def linear_product(x_ndim: int, shape: Sequence[int], axis: Sequence[int]) -> Product:
+    """The product of a Dense-like layer, ``x @ kernel`` for a kernel of ``shape`` (*in_axes,
+    *out_axes): x's ``axis`` (DenseGeneral's; Dense: ``(-1,)``) contracted with the kernel's
+    leading axes, paired in increasing order as flax's ``_normalize_axes`` pairs them. Its
+    roles are ``Roles.linear``: what a trace of the layer's call would find."""
+    contract = tuple(sorted(i % x_ndim for i in axis))
+    n = len(contract)
+    groups = tuple((i,) for i in range(len(shape)))
+    dims = ((contract, tuple(range(n))), ((), ()))
+    return Product((), 1, dims, groups, Roles.linear(shape, n))
+
+
+def linear_branch(
+    x: jax.Array,
+    lora_a,
+    lora_b,
+    scale: float,
+    axis: Sequence[int] = (-1,),
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
+    """The branch of ``nn.Dense``/``nn.DenseGeneral``/``nnx.Linear``/``nnx.LinearGeneral``
+    (contracting x's ``axis``) with ``lora_a`` (*in_axes, r), ``lora_b`` (r, *out_axes): the
+    product rule's branch (``product_branch``) of their static product (``linear_product``),
+    the output axes last as the layer's are. The caller has promoted x and the factors to the
+    layer's compute dtype, as the layer promotes x and its kernel."""
+    shape = (*jnp.shape(lora_a)[:-1], *jnp.shape(lora_b)[1:])
+    product = linear_product(jnp.ndim(x), shape, axis)
+    return product_branch(product, x, lora_a, lora_b, scale, precision=precision)
 
 
 def _slice_factors(product: Product, lora_a, lora_b):
@@ -560,13 +611,18 @@ def _operand_view(factor, w_axes: tuple[int, ...], groups, op_axes: list[int], r
     """``factor`` (its non-rank axes are ``w_axes`` of W, in that order; its rank at position
     ``rank``) as the product's operand sees those axes: ``op_axes`` in order, each merging its
     group of W axes (an empty group, a sliced axis kept by the slice, has size 1); the rank goes
-    last (``op_rank=None``) or at position ``op_rank`` of the operand."""
+    last (``op_rank=None``) or at position ``op_rank`` of the operand. One transpose (none
+    where the factor is laid out as the operand already: a Dense's)."""
     position = [i for i in range(factor.ndim) if i != rank]
     where = dict(zip(w_axes, position, strict=True))
     order = [where[w] for a in op_axes for w in groups[a]]
     sizes = [math.prod(factor.shape[where[w]] for w in groups[a]) for a in op_axes]
-    flat = jnp.transpose(factor, [*order, rank]).reshape(*sizes, factor.shape[rank])
-    return flat if op_rank is None else jnp.moveaxis(flat, -1, op_rank)
+    if op_rank is None:
+        op_rank = len(op_axes)
+    k = sum(len(groups[a]) for a in op_axes[:op_rank])  # W axes before the rank
+    perm = [*order[:k], rank, *order[k:]]
+    shape = (*sizes[:op_rank], factor.shape[rank], *sizes[op_rank:])
+    return jnp.transpose(factor, perm).reshape(shape)
 
 
 def as_linear(weight: jax.Array, roles: Roles) -> jax.Array:

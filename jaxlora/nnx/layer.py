@@ -319,4 +319,4 @@ class LoRALinear(nnx.Module):
             return y + core.dora_branch(
                 h, kernel, bias, adapter, self.scaling, y, active, self.precision
             )
-        return y + core.lora_branch(h, lora_a, lora_b, self.scaling, self.precision)
+        return y + oplevel.linear_branch(h, lora_a, lora_b, self.scaling, (-1,), self.precision)

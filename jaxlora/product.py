@@ -209,7 +209,7 @@ def init_factors(
     own layout and dtype. A weight with batch axes (MoE experts) has no such Linear: refused."""
     shape_a, shape_b = roles.lora_shapes(r)
     if init in WEIGHT_INITS:
-        return _weight_factors(roles, r, init, weight, scale, param_dtype, where)
+        return weight_factors(roles, r, init, weight, scale, param_dtype, where)
     if init == "gaussian":
         lora_a = jax.random.normal(key, shape_a, param_dtype) / r
     else:
@@ -218,7 +218,9 @@ def init_factors(
     return lora_a, jnp.zeros(shape_b, param_dtype), None
 
 
-def _weight_factors(roles: oplevel.Roles, r: int, init: str, weight, scale, param_dtype, where):
+def weight_factors(roles: oplevel.Roles, r: int, init: str, weight, scale, param_dtype, where):
+    """(lora_a, lora_b, residual) of PiSSA/OLoRA (``init``) for ``weight`` in its ``roles``
+    (``init_factors``); the known linear layers' too, with their ``kinds.roles``."""
     if roles.batch:
         raise ValueError(
             f"{where}: init={init!r} factors the weight as a torch Linear (out, in), but the "

@@ -29,8 +29,7 @@ __all__ = [
     "dora_combine",
     "dora_factor",
     "dora_norm",
-    "general_branch",
-    "lora_branch",
+    "factored",
     "olora",
     "pissa",
     "scale_once",
@@ -81,34 +80,27 @@ def check_shape(value: Any, expected: tuple[int, ...], where: str) -> None:
         raise ValueError(f"{where}: expected shape {tuple(expected)}, got {got}")
 
 
-def lora_branch(
+def factored(
     x: jax.Array,
     lora_a: jax.Array,
     lora_b: jax.Array,
     scale: float,
+    contract: tuple[int, ...],
+    batch: tuple[int, ...] = (),
     precision: jax.lax.PrecisionLike = None,
+    preferred_element_type: Any = None,
 ) -> jax.Array:
-    """``((x @ a) · scale) @ b``, factored: the (in, out) delta is never materialised.
+    """The LoRA branch of one product, factored: ``x``'s axes ``contract`` contracted with
+    ``lora_a`` (B…, C…, r)'s C axes and its axes ``batch`` paired with B, times ``scale``, then
+    with ``lora_b`` (B…, r, F…): the output is (B…, x's other axes…, F…), as ``dot_general``
+    lays out a product with the weight as its right operand. ``jaxlora.oplevel.product_branch``
+    calls it for every adapted product (a Dense's ``x @ kernel`` as any einsum's), with the
+    factors laid out as the product's weight operand; the full delta is never materialised.
 
     The scale is applied to the small (…, r) intermediate, not to the (…, out) output: the same
     value to rounding, but the backward pass then never makes an extra pass over an (n, out)
     array (measured: a 4x1024 MLP LoRA step got ~10% faster on CPU). It is applied in fp32 and
     rounded once, so a half-precision run does not round the scale itself first.
-    """
-    return general_branch(x, lora_a, lora_b, scale, (-1,), precision)
-
-
-def general_branch(
-    x: jax.Array,
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    scale: float,
-    axis: tuple[int, ...],
-    precision: jax.lax.PrecisionLike = None,
-) -> jax.Array:
-    """The branch of ``nn.DenseGeneral`` (and of ``nn.Dense``, with ``axis=(-1,)``): ``x``'s
-    ``axis`` contracted with ``lora_a`` (*in_axes, r), then ``lora_b`` (r, *out_axes); the
-    output axes come last, as ``DenseGeneral``'s do.
 
     ``x`` is contracted with ``a`` held rank-first, behind an optimization barrier, so that
     ``a``'s gradient is computed as the wide (r, in) product ``duᵀ @ x`` and only then turned
@@ -119,18 +111,29 @@ def general_branch(
     same products; the barrier only fixes the layout, and grad, jvp and vmap pass through it
     (jax ≥ 0.6 differentiates the barrier).
     """
-    # DenseGeneral / LinearGeneral pair the kernel's leading axes with ``axis`` sorted
-    # (flax's _normalize_axes): axis=(-1, -2) contracts x's axes in increasing order.
-    axis = tuple(sorted(i % x.ndim for i in axis))
-    a_rank_first = jax.lax.optimization_barrier(jnp.moveaxis(lora_a, -1, 0))
-    dims = ((axis, tuple(range(1, len(axis) + 1))), ((), ()))
-    h = jax.lax.dot_general(x, a_rank_first, dims, precision=precision)
-    y = _up_projection(scale_once(h, scale), lora_b.reshape(lora_b.shape[0], -1), precision)
+    nb = len(batch)
+    nc = jnp.ndim(lora_a) - 1 - nb
+    a_rank_first = jax.lax.optimization_barrier(jnp.moveaxis(lora_a, -1, nb))
+    dims = ((tuple(contract), tuple(range(nb + 1, nb + 1 + nc))), (tuple(batch), tuple(range(nb))))
+    options: dict[str, Any] = {"precision": precision}
+    if preferred_element_type is not None:  # (an op-level product's, e.g. jnp.einsum's)
+        options["preferred_element_type"] = preferred_element_type
+    h = jax.lax.dot_general(x, a_rank_first, dims, **options)
+    # one rounding of the scaled intermediate to the factors' dtype (a no-op unless the
+    # product asked for a wider result, preferred_element_type)
+    hs = scale_once(h, scale).astype(lora_b.dtype)
+    if nb:  # one adapter per batch index (MoE experts, slice views)
+        up = (((hs.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
+        return jax.lax.dot_general(hs, lora_b, up, **options)
+    r = jnp.shape(lora_b)[0]
+    y = _up_projection(hs, lora_b.reshape(r, -1), precision, preferred_element_type)
     return y.reshape((*h.shape[:-1], *lora_b.shape[1:]))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _up_projection(hs: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _up_projection(
+    hs: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike, preferred: Any = None
+) -> jax.Array:
     """``hs @ lora_b``, (…, r) @ (r, out), with ``lora_b``'s tangent term written as a product
     of ``hs`` held rank-first, (r, n), behind an optimization barrier, so that reverse mode
     computes ``lora_b``'s gradient as the row-major (r, n) @ (n, out) dot.
@@ -142,20 +145,28 @@ def _up_projection(hs: jax.Array, lora_b: jax.Array, precision: jax.lax.Precisio
     0.63 ms against 0.07 ms for (2048, 8)ᵀ @ (2048, 96), about 5% of that LoRA step's CPU time
     (benchmarks/README.md). Same values; forward mode works (a ``custom_jvp``).
     """
-    return jnp.matmul(hs, lora_b, precision=precision)
+    return jnp.matmul(hs, lora_b, **_dot_options(precision, preferred))
 
 
-def _up_projection_jvp(precision, primals, tangents):
+def _dot_options(precision: jax.lax.PrecisionLike, preferred: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {"precision": precision}
+    if preferred is not None:
+        options["preferred_element_type"] = preferred
+    return options
+
+
+def _up_projection_jvp(precision, preferred, primals, tangents):
     (hs, lora_b), (dhs, db) = primals, tangents
+    options = _dot_options(precision, preferred)
     terms = []
     if not isinstance(dhs, jax.custom_derivatives.SymbolicZero):
-        terms.append(jnp.matmul(dhs, lora_b, precision=precision))
+        terms.append(jnp.matmul(dhs, lora_b, **options))
     if not isinstance(db, jax.custom_derivatives.SymbolicZero):
         rank_first = jax.lax.optimization_barrier(hs.reshape(-1, hs.shape[-1]).T)
-        term = jax.lax.dot_general(rank_first, db, (((0,), (0,)), ((), ())), precision=precision)
+        term = jax.lax.dot_general(rank_first, db, (((0,), (0,)), ((), ())), **options)
         terms.append(term.reshape((*hs.shape[:-1], db.shape[-1])))
     # JAX calls the rule only with at least one tangent that is not a symbolic zero
-    return _up_projection(hs, lora_b, precision), functools.reduce(jnp.add, terms)
+    return _up_projection(hs, lora_b, precision, preferred), functools.reduce(jnp.add, terms)
 
 
 _up_projection.defjvp(_up_projection_jvp, symbolic_zeros=True)
@@ -242,7 +253,7 @@ def dora_branch(
     m)`` and branch input ``h`` (``x`` dropped out when ``dropout_active``; ``h``, ``kernel``,
     ``a``, ``b`` in the compute dtype)."""
     a, b, magnitude = adapter
-    lora = lora_branch(h, a, b, scale, precision)
+    lora = factored(h, a, b, scale, (jnp.ndim(h) - 1,), precision=precision)
     if dropout_active:
         plain = jnp.matmul(h, kernel, precision=precision)
     else:

@@ -86,7 +86,7 @@ import numpy as np
 
 from _loracore.config import WEIGHT_INITS, LoRAConfig
 from _loracore.peft_format import map_path, tensor_keys
-from jaxlora.oplevel import Roles
+from jaxlora.oplevel import Roles, flax_factors, torch_factors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,16 +221,13 @@ def to_peft(lay: HFLayout, lora_a: np.ndarray, lora_b: np.ndarray) -> dict[str, 
         for e, path in enumerate(lay.paths):
             out.update(to_peft(_expert(lay, path), lora_a[e], lora_b[e]))
         return out
-    roles, r = lay.roles, lora_a.shape[-1]
-    a_perm = [roles.contracted.index(w) for w in lay.in_axes] + [len(roles.contracted)]
-    big_a = np.transpose(lora_a, a_perm).reshape(-1, r).T
     pieces = [lora_b] if lay.split is None else _split(lay, lora_b)
-    rest = [w for w in roles.free if w != lay.split]
-    b_perm = [0] + [rest.index(w) + 1 for w in lay.out_axes]
-    out = {}
-    for path, b in zip(lay.paths, pieces, strict=True):
-        out[path] = (big_a.copy(), np.transpose(b, b_perm).reshape(r, -1).T.copy())
-    return out
+    # a split weight's pieces have its free axes other than the split one
+    roles = dataclasses.replace(lay.roles, free=tuple(w for w in lay.roles.free if w != lay.split))
+    return {
+        path: torch_factors(roles, lora_a, b, lay.in_axes, lay.out_axes)
+        for path, b in zip(lay.paths, pieces, strict=True)
+    }
 
 
 def _split(lay: HFLayout, lora_b: np.ndarray) -> list[np.ndarray]:
@@ -252,7 +249,7 @@ def from_peft(lay: HFLayout, pairs: dict[str, tuple], where: str) -> tuple[np.nd
     if lay.split in lay.roles.batch:
         experts = [from_peft(_expert(lay, p), {p: pairs[p]}, where) for p in lay.paths]
         return np.stack([a for a, _ in experts]), np.stack([b for _, b in experts])
-    roles, shape = lay.roles, lay.roles.shape
+    roles = lay.roles
     first = lay.paths[0]
     big_a = np.asarray(pairs[first][0])
     for path in lay.paths[1:]:
@@ -262,17 +259,14 @@ def from_peft(lay: HFLayout, pairs: dict[str, tuple], where: str) -> tuple[np.nd
                 "one fused weight with one shared A: PEFT adapters for its modules can only "
                 "be loaded when their lora_A are identical"
             )
-    r = big_a.shape[0]
-    a = big_a.T.reshape(*(shape[w] for w in lay.in_axes), r)
-    a = np.transpose(a, [lay.in_axes.index(w) for w in roles.contracted] + [len(lay.in_axes)])
-    rest = [w for w in roles.free if w != lay.split]
+    roles = dataclasses.replace(roles, free=tuple(w for w in roles.free if w != lay.split))
     pieces = []
     for path in lay.paths:
-        b = np.asarray(pairs[path][1]).T.reshape(r, *(shape[w] for w in lay.out_axes))
-        pieces.append(np.transpose(b, [0] + [lay.out_axes.index(w) + 1 for w in rest]))
+        a, b = flax_factors(roles, big_a, np.asarray(pairs[path][1]), lay.in_axes, lay.out_axes)
+        pieces.append(b)
     if lay.split is None:
         return a, pieces[0]
-    return a, np.stack(pieces, axis=roles.free.index(lay.split) + 1)
+    return a, np.stack(pieces, axis=lay.roles.free.index(lay.split) + 1)
 
 
 def conv1d_paths(layouts: Iterable[HFLayout]) -> frozenset[str]:

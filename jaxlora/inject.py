@@ -821,19 +821,16 @@ def init_leaves(
     """New ``lora_a``/``lora_b`` for a base weight per ``init`` (and, for PiSSA/OLoRA, its residual
     ``kernel`` in the kernel's dtype): the adapted layer's output is unchanged. PiSSA/OLoRA are
     deterministic: ``key`` may be ``None`` for them."""
-    shape_a, shape_b = kinds.lora_shapes(kind, jnp.shape(base), r, in_axes)
     if init in WEIGHT_INITS:
         if kind != "linear":
             raise ValueError(
                 f"{where}: init={init!r} adapts linear layers only, not a {kind} layer"
             )
-        flat = base.reshape(kinds.flat_features(kind, jnp.shape(base), in_axes))
-        lora_a, lora_b, residual = core.weight_init(init)(flat, r, scale)
-        return {
-            "kernel": residual.reshape(jnp.shape(base)).astype(base.dtype),
-            "lora_a": lora_a.reshape(shape_a).astype(param_dtype),
-            "lora_b": lora_b.reshape(shape_b).astype(param_dtype),
-        }
+        roles = kinds.roles(kind, jnp.shape(base), in_axes)
+        lora_a, lora_b, residual = product.weight_factors(
+            roles, r, init, base, scale, param_dtype, where
+        )
+        return {"kernel": residual, "lora_a": lora_a, "lora_b": lora_b}
     if key is None:
         raise ValueError(f"{where}: init={init!r} draws the adapter and needs a random key")
     return lora_init(kind, jnp.shape(base), r, init, key, param_dtype, in_axes)

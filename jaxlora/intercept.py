@@ -33,7 +33,7 @@ from flax import linen as nn
 from flax.core import meta
 from flax.linen import transforms as linen_transforms
 
-from jaxlora import core, kinds, product
+from jaxlora import core, kinds, oplevel, product
 from jaxlora.config import LoRAConfig
 from jaxlora.quant._base import QUANT, layer_weight
 from jaxlora.quant._layout import dequantize_weight, layer_length
@@ -411,9 +411,7 @@ def branch(
         return core.scaled_matmul(h, b.reshape(r, -1), scale, module.precision)
     axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
     axes = tuple(axis) if isinstance(axis, Sequence) else (axis,)
-    if jnp.ndim(a) == 2 and jnp.ndim(b) == 2 and axes == (-1,):
-        return core.lora_branch(x, a, b, scale, module.precision)
-    return core.general_branch(x, a, b, scale, axes, module.precision)
+    return oplevel.linear_branch(x, a, b, scale, axes, module.precision)
 
 
 def dropped(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:

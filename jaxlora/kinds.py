@@ -37,10 +37,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from jaxlora import core, oplevel
+from jaxlora.oplevel import Roles, flax_factors, torch_factors
 from jaxlora.tree import LORA_NAMES, ROLES_NAME, STACK_NAME, is_lora_name
 
 BASE_NAMES = ("kernel", "embedding")
@@ -52,17 +55,45 @@ def base_name(node: Mapping[str, Any]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def roles(kind: str, base_shape: tuple[int, ...], in_axes: int = 1, stack: int = 0) -> Roles:
+    """The weight's roles in its layer's product (``jaxlora.oplevel``), which give a linear
+    or embedding adapter its layout, delta, torch layout and sharding by the one rule of any
+    product: a linear kernel's ``in_axes`` leading axes (after its ``stack`` layer axes) are
+    contracted with the input (``nn.Dense``: ``'bi,io->bo'``), the rest free; an embedding
+    table is the Linear of a one-hot input (its rows contracted, PEFT's
+    ``lora_embedding_A`` (r, num_embeddings)). A conv's product is a convolution: no roles."""
+    if kind == "conv":
+        raise ValueError("a conv kernel's product is a convolution, not a dot_general")
+    return Roles.linear(base_shape, 1 if kind == "embed" else in_axes, stack)
+
+
+def delta(
+    kind: str,
+    base_shape: tuple[int, ...],
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    scale: float,
+    in_axes: int = 1,
+    stack: int = 0,
+) -> jax.Array:
+    """``scale · a b`` in fp32 in the weight's layout (``stack`` leading layer axes: each
+    layer's own): a linear or embedding layer's is the product rule's (``oplevel.delta`` of
+    its ``roles``), a conv's the flattened (*window·in, out) product (``core.delta``)."""
+    if kind == "conv":
+        return core.delta(lora_a, lora_b, scale, tuple(base_shape))
+    return oplevel.delta(roles(kind, base_shape, in_axes, stack), lora_a, lora_b, scale)
+
+
 def lora_shapes(
     kind: str, base_shape: tuple[int, ...], r: int, in_axes: int = 1, stack: int = 0
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The (lora_a, lora_b) shapes for a base weight; ``in_axes`` counts a linear kernel's
     input axes after its ``stack`` leading layer axes (which both factors keep in front)."""
-    lead, base_shape = tuple(base_shape[:stack]), tuple(base_shape[stack:])
     if kind == "conv":
+        lead, base_shape = tuple(base_shape[:stack]), tuple(base_shape[stack:])
         ones = (1,) * (len(base_shape) - 2)
         return (*lead, *base_shape[:-1], r), (*lead, *ones, r, base_shape[-1])
-    n = 1 if kind == "embed" else in_axes
-    return (*lead, *base_shape[:n], r), (*lead, r, *base_shape[n:])
+    return roles(kind, base_shape, in_axes, stack).lora_shapes(r)
 
 
 def layer_axis(node: Mapping[str, Any]) -> int:
@@ -170,9 +201,11 @@ def flat_features(
 ) -> tuple[int, int]:
     """(in, out) of the flattened matrix one layer's adapter factors (the weight's ``stack``
     leading layer axes left out): its rank is at most their min."""
-    base_shape = tuple(base_shape[stack:])
-    n = len(base_shape) - 1 if kind == "conv" else (1 if kind == "embed" else in_axes)
-    return math.prod(base_shape[:n]), math.prod(base_shape[n:])
+    if kind == "conv":
+        base_shape = tuple(base_shape[stack:])
+        return math.prod(base_shape[:-1]), base_shape[-1]
+    found = roles(kind, base_shape, in_axes, stack)
+    return found.in_features, found.out_features
 
 
 def check_layer(
@@ -273,22 +306,20 @@ def lora_axis_names(kind: str, names: tuple, a_ndim: int, stack: int = 0) -> tup
     """Partitioning for an adapter from its base weight's axis names (one per axis): ``lora_a``
     shares the input axes, ``lora_b`` the output axes, both the ``stack`` leading layer axes
     (partitioned as the weight's); the rank axis (and a 1×1 conv's window) is replicated."""
-    lead, names = tuple(names[:stack]), tuple(names[stack:])
     if kind == "conv":
+        lead, names = tuple(names[:stack]), tuple(names[stack:])
         return (*lead, *names[:-1], None), (*lead, *(None,) * (len(names) - 1), names[-1])
-    n = a_ndim - 1 - stack
-    return (*lead, *names[:n], None), (*lead, None, *names[n:])
+    # names follow axis positions only: the axes' sizes play no part
+    return roles(kind, (1,) * len(names), a_ndim - 1 - stack, stack).axis_names(names)
 
 
 def to_torch(kind: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flax-layout (lora_a, lora_b) as PEFT's (A, B) tensors, contiguous."""
-    r = a.shape[-1]
+    """Flax-layout (lora_a, lora_b) of one layer as PEFT's (A, B) tensors, contiguous."""
     if kind == "conv":  # (*window, in, r) -> (r, in, *window)
         order = (a.ndim - 1, a.ndim - 2, *range(a.ndim - 2))
-        a, b = a.transpose(order), b.transpose(order)
-    else:
-        a, b = a.reshape(-1, r).T, b.reshape(r, -1).T
-    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+        return np.ascontiguousarray(a.transpose(order)), np.ascontiguousarray(b.transpose(order))
+    base_shape = (*a.shape[:-1], *b.shape[1:])
+    return torch_factors(roles(kind, base_shape, a.ndim - 1), a, b)
 
 
 def from_torch(
@@ -299,8 +330,7 @@ def from_torch(
     if kind == "conv":  # (r, in, *window) -> (*window, in, r)
         order = (*range(2, a.ndim), 1, 0)
         return a.transpose(order), b.transpose(order)
-    shape_a, shape_b = lora_shapes(kind, base_shape, a.shape[0], in_axes)
-    return a.T.reshape(shape_a), b.T.reshape(shape_b)
+    return flax_factors(roles(kind, base_shape, in_axes), a, b)
 
 
 def torch_shapes(

@@ -14,7 +14,7 @@ from flax import linen as nn
 from flax.core import meta
 from flax.typing import Dtype, Initializer, PrecisionLike
 
-from jaxlora import core, kinds
+from jaxlora import core, kinds, oplevel
 from jaxlora.intercept import branch, dora_output
 
 
@@ -130,7 +130,7 @@ class LoRADense(nn.Module):
             return y + core.dora_branch(
                 h, kernel, bias, adapter, self.scaling, y, active, self.precision
             )
-        return y + core.lora_branch(h, lora_a, lora_b, self.scaling, self.precision)
+        return y + oplevel.linear_branch(h, lora_a, lora_b, self.scaling, (-1,), self.precision)
 
 
 class _Host(Protocol):

@@ -285,7 +285,8 @@ def _deltas(
     stack = kinds.stack_of(kind, *map(jnp.shape, (front, lora_a, lora_b)))
     if scale is None:
         scale = _scale(path, kind, front, lora_a, lora_b, alpha, use_rslora, op)
-    delta = core.delta(lora_a, lora_b, scale, jnp.shape(front), stack)
+    in_axes = kinds.in_axes_of(kind, jnp.shape(lora_a), stack)
+    delta = kinds.delta(kind, jnp.shape(front), lora_a, lora_b, scale, in_axes, stack)
     return {name: (base, kinds.from_front(delta, axis))}, scale
 
 

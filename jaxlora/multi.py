@@ -344,7 +344,7 @@ def gathered_branch(
     """Each example's own branch: ``x[i]``'s ``axis`` contracted with ``lora_a[index[i]]``,
     times ``scale[index[i]]`` (in fp32, rounded once), times ``lora_b[index[i]]``; exactly zero
     where ``index[i] == -1`` and NaN where it names no adapter. ``x`` has the examples on axis
-    0; the output axes come last, as ``core.general_branch``'s do. ``precision`` and
+    0; the output axes come last, as ``core.factored``'s do. ``precision`` and
     ``preferred_element_type`` are the products' (``jax.lax.dot_general``'s); the scaled
     intermediate is rounded to the inputs' dtype, as the single-adapter branches do."""
     n = lora_a.shape[0]

@@ -90,6 +90,33 @@ class Roles:
             *pick(self.free),
         )
 
+    @classmethod
+    def linear(cls, shape: Sequence[int], in_axes: int, stack: int = 0) -> Roles:
+        """The roles of a Dense-like kernel (*in_axes, *out_axes) in its layer's product
+        ``x @ kernel`` (``nn.Dense``: ``'bi,io->bo'``; ``nn.DenseGeneral``/``nnx.LinearGeneral``:
+        the leading ``in_axes`` contracted with x's ``axis``): contracted, then free. A stack's
+        ``stack`` leading layer axes (``nn.scan``/``nnx.vmap``) are batch axes, one adapter per
+        layer, as for slice views. These roles give the known linear layers their adapter's
+        layout, delta and torch layout (``jaxlora.kinds``), the same rule as any product's."""
+        shape = tuple(shape)
+        return cls(
+            shape,
+            tuple(range(stack)),
+            tuple(range(stack, stack + in_axes)),
+            tuple(range(stack + in_axes, len(shape))),
+        )
+
+    def axis_names(self, names: Sequence) -> tuple[tuple, tuple]:
+        """Partitioning of (lora_a, lora_b) from the weight's axis names: each adapter axis
+        takes the name of the weight axis it stands for; the rank is replicated."""
+        names = tuple(names) + (None,) * (len(self.shape) - len(names))
+        pick = lambda axes: tuple(names[i] for i in axes)  # noqa: E731
+        return (*pick(self.batch), *pick(self.contracted), None), (
+            *pick(self.batch),
+            None,
+            *pick(self.free),
+        )
+
     @property
     def in_features(self) -> int:
         return math.prod(self.shape[i] for i in self.contracted)
@@ -584,10 +611,42 @@ def branch(
     index: list | None = None,
 ) -> jax.Array:
     """The factored branch for the product equation ``eqn`` (its ``operands`` as evaluated),
-    laid out as ``eqn``'s output. ``x`` replaces the other operand (dropout on it). A slice
-    view's branch uses its slice's factors, ``lora_a[i]`` and ``lora_b[i]``; a gathered
-    weight's (``product.gather``) the factors gathered as the weight was, by the operands
-    ``index`` of its gather (``hooks``)."""
+    laid out as ``eqn``'s output: ``product_branch`` with the equation's precision and
+    preferred element type, the factors in the weight operand's dtype. ``x`` replaces the
+    other operand (dropout on it); ``index``: a gathered weight's gather operands (``hooks``)."""
+    x = operands[1 - product.side] if x is None else x
+    return product_branch(
+        product,
+        x,
+        lora_a,
+        lora_b,
+        scale,
+        precision=eqn.params["precision"],
+        preferred_element_type=eqn.params["preferred_element_type"],
+        dtype=operands[product.side].dtype,
+        index=index,
+    )
+
+
+def product_branch(
+    product: Product,
+    x: jax.Array,
+    lora_a,
+    lora_b,
+    scale: float,
+    *,
+    precision: jax.lax.PrecisionLike = None,
+    preferred_element_type: Any = None,
+    dtype: Any = None,
+    index: list | None = None,
+) -> jax.Array:
+    """The LoRA branch of ``product`` for its other operand ``x``, laid out as the product's
+    output: the factors as the weight operand sees W's axes (``operand_factors``, cast to
+    ``dtype`` if given), then ``core.factored``. A slice view's branch uses its slice's
+    factors, ``lora_a[i]`` and ``lora_b[i]``; a gathered weight's (``product.gather``) the
+    factors gathered as the weight was, by the operands ``index`` of its gather (``hooks``).
+    The one branch of every adapted product: the known linear layers' too
+    (``linear_branch``)."""
     if product.sliced:
         product, lora_a, lora_b = _slice_factors(product, lora_a, lora_b)
     if product.gather is not None:
@@ -596,30 +655,51 @@ def branch(
         lora_a, lora_b = gather.factors(product.gather, product.roles, lora_a, lora_b, index)
         product = dataclasses.replace(product, roles=Roles((), *product.gather.roles), gather=None)
     side = product.side
-    x = operands[1 - side] if x is None else x
     (contract, batch) = product.dims
     a_op, b_op = operand_factors(product, lora_a, lora_b)
-    dtype = operands[side].dtype
-    a_op, b_op = a_op.astype(dtype), b_op.astype(dtype)
-    nb, nc = len(batch[side]), len(contract[side])
-    options = dict(
-        precision=eqn.params["precision"],
-        preferred_element_type=eqn.params["preferred_element_type"],
-    )
-    h = jax.lax.dot_general(
+    if dtype is not None:
+        a_op, b_op = a_op.astype(dtype), b_op.astype(dtype)
+    y = core.factored(
         x,
         a_op,
-        (
-            (tuple(contract[1 - side]), tuple(range(nb, nb + nc))),
-            (tuple(batch[1 - side]), tuple(range(nb))),
-        ),
-        **options,
-    )
-    h = core.scale_once(h, scale).astype(dtype)
-    y = jax.lax.dot_general(
-        h, b_op, (((h.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))), **options
+        b_op,
+        scale,
+        tuple(contract[1 - side]),
+        tuple(batch[1 - side]),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
     )
     return as_output(product, y)
+
+
+def linear_product(x_ndim: int, shape: Sequence[int], axis: Sequence[int]) -> Product:
+    """The product of a Dense-like layer, ``x @ kernel`` for a kernel of ``shape`` (*in_axes,
+    *out_axes): x's ``axis`` (DenseGeneral's; Dense: ``(-1,)``) contracted with the kernel's
+    leading axes, paired in increasing order as flax's ``_normalize_axes`` pairs them. Its
+    roles are ``Roles.linear``: what a trace of the layer's call would find."""
+    contract = tuple(sorted(i % x_ndim for i in axis))
+    n = len(contract)
+    groups = tuple((i,) for i in range(len(shape)))
+    dims = ((contract, tuple(range(n))), ((), ()))
+    return Product((), 1, dims, groups, Roles.linear(shape, n))
+
+
+def linear_branch(
+    x: jax.Array,
+    lora_a,
+    lora_b,
+    scale: float,
+    axis: Sequence[int] = (-1,),
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
+    """The branch of ``nn.Dense``/``nn.DenseGeneral``/``nnx.Linear``/``nnx.LinearGeneral``
+    (contracting x's ``axis``) with ``lora_a`` (*in_axes, r), ``lora_b`` (r, *out_axes): the
+    product rule's branch (``product_branch``) of their static product (``linear_product``),
+    the output axes last as the layer's are. The caller has promoted x and the factors to the
+    layer's compute dtype, as the layer promotes x and its kernel."""
+    shape = (*jnp.shape(lora_a)[:-1], *jnp.shape(lora_b)[1:])
+    product = linear_product(jnp.ndim(x), shape, axis)
+    return product_branch(product, x, lora_a, lora_b, scale, precision=precision)
 
 
 def _slice_factors(product: Product, lora_a, lora_b):
@@ -676,13 +756,18 @@ def _operand_view(factor, w_axes: tuple[int, ...], groups, op_axes: list[int], r
     """``factor`` (its non-rank axes are ``w_axes`` of W, in that order; its rank at position
     ``rank``) as the product's operand sees those axes: ``op_axes`` in order, each merging its
     group of W axes (an empty group, a sliced axis kept by the slice, has size 1); the rank goes
-    last (``op_rank=None``) or at position ``op_rank`` of the operand."""
+    last (``op_rank=None``) or at position ``op_rank`` of the operand. One transpose (none
+    where the factor is laid out as the operand already: a Dense's)."""
     position = [i for i in range(factor.ndim) if i != rank]
     where = dict(zip(w_axes, position, strict=True))
     order = [where[w] for a in op_axes for w in groups[a]]
     sizes = [math.prod(factor.shape[where[w]] for w in groups[a]) for a in op_axes]
-    flat = jnp.transpose(factor, [*order, rank]).reshape(*sizes, factor.shape[rank])
-    return flat if op_rank is None else jnp.moveaxis(flat, -1, op_rank)
+    if op_rank is None:
+        op_rank = len(op_axes)
+    k = sum(len(groups[a]) for a in op_axes[:op_rank])  # W axes before the rank
+    perm = [*order[:k], rank, *order[k:]]
+    shape = (*sizes[:op_rank], factor.shape[rank], *sizes[op_rank:])
+    return jnp.transpose(factor, perm).reshape(shape)
 
 
 def as_linear(weight: jax.Array, roles: Roles) -> jax.Array:
@@ -701,16 +786,48 @@ def from_linear(matrix: jax.Array, roles: Roles) -> jax.Array:
 
 def delta(roles: Roles, lora_a, lora_b, scale: float) -> jax.Array:
     """``scale · lora_a ⋅ lora_b`` contracted over r in fp32 at full precision, in W's own
-    axis order."""
-    nb, nc, nf = len(roles.batch), len(roles.contracted), len(roles.free)
-    letters = "abcdefghijklmnopqstuvwxyz"
-    bat, con, fre = letters[:nb], letters[nb : nb + nc], letters[nb + nc : nb + nc + nf]
-    dtype = jnp.promote_types(lora_a.dtype, jnp.float32)
-    d = jnp.einsum(
-        f"{bat}{con}r,{bat}r{fre}->{bat}{con}{fre}",
-        lora_a.astype(dtype),
-        lora_b.astype(dtype),
-        precision=jax.lax.Precision.HIGHEST,
-    ) * jnp.asarray(scale, dtype)
+    axis order: ``core.delta`` (the one formula; the batch axes lead both factors, as its
+    stacked layers' do) on (batch…, contracted…, free…), then put back in W's order."""
     order = roles.batch + roles.contracted + roles.free
+    shape = tuple(roles.shape[w] for w in order)
+    d = core.delta(lora_a, lora_b, scale, shape, len(roles.batch))
     return jnp.transpose(d, [order.index(w) for w in range(len(order))])
+
+
+def torch_factors(
+    roles: Roles,
+    lora_a: np.ndarray,
+    lora_b: np.ndarray,
+    in_axes: Sequence[int] | None = None,
+    out_axes: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``lora_a`` (C…, r) and ``lora_b`` (r, F…) (W's own axis orders, no batch axes) as the
+    factors of the torch ``nn.Linear`` the weight is, A (r, in) and B (out, r), contiguous:
+    the layout ``as_linear`` gives W, with the contracted and free axes flattened in the
+    orders ``in_axes`` and ``out_axes`` (default: W's own)."""
+    in_axes = roles.contracted if in_axes is None else tuple(in_axes)
+    out_axes = roles.free if out_axes is None else tuple(out_axes)
+    r = lora_a.shape[-1]
+    a_perm = [roles.contracted.index(w) for w in in_axes] + [len(roles.contracted)]
+    b_perm = [0] + [roles.free.index(w) + 1 for w in out_axes]
+    big_a = np.transpose(lora_a, a_perm).reshape(-1, r).T
+    big_b = np.transpose(lora_b, b_perm).reshape(r, -1).T
+    return np.ascontiguousarray(big_a), np.ascontiguousarray(big_b)
+
+
+def flax_factors(
+    roles: Roles,
+    big_a: np.ndarray,
+    big_b: np.ndarray,
+    in_axes: Sequence[int] | None = None,
+    out_axes: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of ``torch_factors``: (lora_a, lora_b) in W's own axis orders from the
+    torch Linear's A (r, in) and B (out, r) (shapes checked by the caller)."""
+    in_axes = roles.contracted if in_axes is None else tuple(in_axes)
+    out_axes = roles.free if out_axes is None else tuple(out_axes)
+    shape, r = roles.shape, big_a.shape[0]
+    a = big_a.T.reshape(*(shape[w] for w in in_axes), r)
+    a = np.transpose(a, [in_axes.index(w) for w in roles.contracted] + [len(in_axes)])
+    b = big_b.T.reshape(r, *(shape[w] for w in out_axes))
+    return a, np.transpose(b, [0] + [out_axes.index(w) + 1 for w in roles.free])

@@ -273,15 +273,8 @@ def layer_deltas(roles: oplevel.Roles, lora_a, lora_b, scale: float, axis: int |
 
 
 def axis_names(roles: oplevel.Roles, names: tuple) -> tuple[tuple, tuple]:
-    """Partitioning of (lora_a, lora_b) from the weight's axis names: each adapter axis takes
-    the name of the weight axis it stands for; the rank is replicated."""
-    names = tuple(names) + (None,) * (len(roles.shape) - len(names))
-    pick = lambda axes: tuple(names[i] for i in axes)  # noqa: E731
-    return (*pick(roles.batch), *pick(roles.contracted), None), (
-        *pick(roles.batch),
-        None,
-        *pick(roles.free),
-    )
+    """Partitioning of (lora_a, lora_b) from the weight's axis names (``Roles.axis_names``)."""
+    return roles.axis_names(names)
 
 
 def init_leaves(
@@ -327,7 +320,7 @@ def init_factors(
     own layout and dtype. A weight with batch axes (MoE experts) has no such Linear: refused."""
     shape_a, shape_b = roles.lora_shapes(r)
     if init in WEIGHT_INITS:
-        return _weight_factors(roles, r, init, weight, scale, param_dtype, where)
+        return weight_factors(roles, r, init, weight, scale, param_dtype, where)
     if init == "gaussian":
         lora_a = jax.random.normal(key, shape_a, param_dtype) / r
     else:
@@ -336,7 +329,9 @@ def init_factors(
     return lora_a, jnp.zeros(shape_b, param_dtype), None
 
 
-def _weight_factors(roles: oplevel.Roles, r: int, init: str, weight, scale, param_dtype, where):
+def weight_factors(roles: oplevel.Roles, r: int, init: str, weight, scale, param_dtype, where):
+    """(lora_a, lora_b, residual) of PiSSA/OLoRA (``init``) for ``weight`` in its ``roles``
+    (``init_factors``); the known linear layers' too, with their ``kinds.roles``."""
     if roles.batch:
         raise ValueError(
             f"{where}: init={init!r} factors the weight as a torch Linear (out, in), but the "

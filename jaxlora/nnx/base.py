@@ -138,6 +138,13 @@ class Adapter(_Module):
     def scaling(self) -> float:
         return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
 
+    def delta(self) -> jax.Array:
+        """``scaling · lora_a ⋅ lora_b`` in fp32 in the weight's layout (``kinds.delta``: a
+        LinearGeneral's and an Embed's by the product rule, with their static roles)."""
+        shape = getattr(self, self.base_name)[...].shape
+        a, b = self.lora_a[...], self.lora_b[...]
+        return kinds.delta(self.kind, shape, a, b, self.scaling, self.in_axes)
+
     @property
     def base_name(self) -> str:
         return "embedding" if self.kind == "embed" else "kernel"
@@ -199,7 +206,7 @@ class Adapter(_Module):
         weight = getattr(self, self.base_name)
         value = weight[...]
         magnitude = self.lora_magnitude[...] if self.use_dora else None
-        merged = merged_weight(value, self.lora_a[...], self.lora_b[...], self.scaling, magnitude)
+        merged = merged_weight(value, self.delta(), magnitude)
         args, kwargs = self._arguments(self)
         kwargs = {**kwargs, "param_dtype": value.dtype}
         plain = self.base_type(*args, **kwargs, rngs=nnx.Rngs(0))

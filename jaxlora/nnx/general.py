@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora import core
+from jaxlora import oplevel
 from jaxlora.nnx.base import Adapter, _zeros
 
 
@@ -82,4 +82,5 @@ class LoRALinearGeneral(Adapter, nnx.LinearGeneral):
             (self._branch_input(x, deterministic), self.lora_a[...], self.lora_b[...]),
             dtype=self.dtype,
         )
-        return y + core.general_branch(h, a, b, self.scaling, self.axis, self.precision)
+        axis = self.axis if isinstance(self.axis, tuple | list) else (self.axis,)
+        return y + oplevel.linear_branch(h, a, b, self.scaling, axis, self.precision)

@@ -584,7 +584,11 @@ def _merged(layer: LoRALinear | Adapter | OpAdapter) -> nnx.Module:
             )
     else:
         weight = getattr(layer, "embedding" if isinstance(layer, nnx.Embed) else "kernel")
-        delta = core.delta(layer.lora_a[...], layer.lora_b[...], layer.scaling, weight.shape, 1)
+        kind, in_axes = (
+            ("linear", 1) if isinstance(layer, LoRALinear) else (layer.kind, layer.in_axes)
+        )
+        a, b = layer.lora_a[...], layer.lora_b[...]
+        delta = kinds.delta(kind, weight.shape, a, b, layer.scaling, in_axes, stack=1)
         pairs = [(weight, delta)]
     for weight, delta in pairs:
         with_delta = kernel_value(weight).astype(jnp.float32) + delta

@@ -15,7 +15,7 @@ from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
 
 from _loracore.config import INITS
-from jaxlora import core
+from jaxlora import core, oplevel
 from jaxlora.nnx.quant import QuantizedKernel, kernel_value, requantized_kernel
 
 # Where NNX keeps a variable's partitioning (the name changed across Flax releases).
@@ -73,16 +73,15 @@ def check_dora(use_dora: object, where: str) -> bool:
 
 def merged_weight(
     weight: jax.Array,
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    scale: float,
+    delta: jax.Array,
     magnitude: jax.Array | None = None,
+    name: str | None = None,
 ):
-    """``weight + scale · a @ b`` (reshaped to the weight's shape) in fp32, rounded once to the
-    weight's dtype; with DoRA's ``magnitude`` m (out,) each output column rescaled by
-    ``m / ‖weight + scale · a @ b‖`` (PEFT's merged weight). A ``ValueError`` if the result is
-    not finite."""
-    delta = core.delta(lora_a, lora_b, scale, jnp.shape(weight))
+    """``weight + delta`` (the fp32 delta in the weight's shape: ``jaxlora.kinds.delta``,
+    ``oplevel.delta``) in fp32, rounded once to the weight's dtype; with DoRA's
+    ``magnitude`` m (out,) each output column rescaled by ``m / ‖weight + delta‖`` (PEFT's
+    merged weight). A ``ValueError`` (naming the weight ``name``) if the result is not
+    finite."""
     full = weight.astype(jnp.float32) + delta
     if magnitude is not None:
         full = magnitude.astype(full.dtype) / core.dora_norm(weight, delta) * full
@@ -90,7 +89,8 @@ def merged_weight(
     finite = jnp.isfinite(merged).all()
     # Under nnx.vmap (a stacked layer) the caller checks the whole stack before
     if not isinstance(finite, jax.core.Tracer) and not bool(finite):
-        raise ValueError("the merged weight has non-finite values")
+        which = "" if name is None else f" '{name}'"
+        raise ValueError(f"the merged weight{which} has non-finite values")
     return merged
 
 
@@ -171,8 +171,7 @@ class LoRALinear(nnx.Module):
     def reset_magnitude(self) -> None:
         """Sets DoRA's ``lora_magnitude`` to ‖kernel + scaling · a @ b‖ per output feature
         (PEFT's init, from the current kernel and adapter)."""
-        delta = core.delta(self.lora_a[...], self.lora_b[...], self.scaling)
-        norm = core.dora_norm(kernel_value(self.kernel), delta)
+        norm = core.dora_norm(kernel_value(self.kernel), self.delta())
         self.lora_magnitude[...] = norm.astype(self.lora_magnitude.dtype)
 
     @classmethod
@@ -249,12 +248,25 @@ class LoRALinear(nnx.Module):
     def is_quantized(self) -> bool:
         return isinstance(self.kernel, QuantizedKernel)
 
+    @property
+    def lora_roles(self) -> oplevel.Roles:
+        """The kernel's roles in the layer's product ``x @ kernel`` (``'bi,io->bo'``), which
+        lay out its adapter, delta and torch layout as any product's (``Roles.linear``)."""
+        return oplevel.Roles.linear((self.in_features, self.out_features), 1)
+
+    def delta(self, lora_a: jax.Array | None = None, lora_b: jax.Array | None = None):
+        """``scaling · lora_a @ lora_b`` (in, out) in fp32 (the product rule's
+        ``oplevel.delta``); of the given factors (one layer's of a stack) if any."""
+        a = self.lora_a[...] if lora_a is None else lora_a
+        b = self.lora_b[...] if lora_b is None else lora_b
+        return oplevel.delta(self.lora_roles, a, b, self.scaling)
+
     def to_base(self) -> nnx.Linear:
         """An ``nnx.Linear`` holding the merged kernel (fp32 delta, rounded once; the kernel
         variable's metadata kept) and sharing the bias; a ``ValueError`` if non-finite."""
         kernel = kernel_value(self.kernel)  # a quantized kernel merges into a float one
         magnitude = self.lora_magnitude[...] if self.use_dora else None
-        merged = merged_weight(kernel, self.lora_a[...], self.lora_b[...], self.scaling, magnitude)
+        merged = merged_weight(kernel, self.delta(), magnitude)
         linear = nnx.Linear(
             self.in_features,
             self.out_features,
@@ -282,10 +294,10 @@ class LoRALinear(nnx.Module):
             raise ValueError("requantized: the kernel is not quantized")
         kernel, a, b = kernel_value(self.kernel), self.lora_a[...], self.lora_b[...]
         if self.kernel.layer_axis is None:
-            merged = merged_weight(kernel, a, b, self.scaling)
+            merged = merged_weight(kernel, self.delta(a, b))
         else:  # an nnx.vmap stack: each layer merged as its unstacked twin is
             layers = range(kernel.shape[0])
-            merged = jnp.stack([merged_weight(kernel[i], a[i], b[i], self.scaling) for i in layers])
+            merged = jnp.stack([merged_weight(kernel[i], self.delta(a[i], b[i])) for i in layers])
         return requantized_kernel(self.kernel, merged)
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
@@ -307,4 +319,4 @@ class LoRALinear(nnx.Module):
             return y + core.dora_branch(
                 h, kernel, bias, adapter, self.scaling, y, active, self.precision
             )
-        return y + core.lora_branch(h, lora_a, lora_b, self.scaling, self.precision)
+        return y + oplevel.linear_branch(h, lora_a, lora_b, self.scaling, (-1,), self.precision)

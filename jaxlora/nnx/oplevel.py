@@ -29,7 +29,7 @@ from flax.typing import HashableMapping
 
 from _loracore.config import WEIGHT_INITS
 from jaxlora import core, oplevel, product
-from jaxlora.nnx.layer import lora_params
+from jaxlora.nnx.layer import lora_params, merged_weight
 from jaxlora.nnx.quant import QuantizedKernel, kernel_value, requantized_kernel
 from jaxlora.tree import factor_names
 
@@ -183,12 +183,7 @@ class OpAdapter(_Module):
         adapted weight."""
         weight = self.lora_weight if weight is None else weight
         value = kernel_value(getattr(self, weight))
-        merged = (value.astype(jnp.float32) + self.delta(weight)).astype(value.dtype)
-        finite = jnp.isfinite(merged).all()
-        # Under nnx.vmap (a stacked layer) the caller checks the whole stack before
-        if not isinstance(finite, jax.core.Tracer) and not bool(finite):
-            raise ValueError(f"the merged weight '{weight}' has non-finite values")
-        return merged
+        return merged_weight(value, self.delta(weight), name=weight)
 
     def to_base(self) -> nnx.Module:
         """A module of the original type sharing every variable but the adapted weights, which

@@ -39,8 +39,9 @@ from jaxlora.quant._api import QuantizedWeight, dequantize, quantize, requantize
 
 
 def linear_roles(shape: tuple[int, ...]) -> Roles:
-    """The roles of a Dense kernel of ``shape`` (in, out): axis 0 contracted, axis 1 free."""
-    return Roles(tuple(shape), (), (0,), (1,))
+    """The roles of a Dense kernel of ``shape`` (in, out): axis 0 contracted, axis 1 free
+    (``Roles.linear``, the known linear layers' roles everywhere)."""
+    return Roles.linear(shape, 1)
 
 
 def expert_roles(roles: Roles) -> Roles:

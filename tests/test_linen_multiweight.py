@@ -506,28 +506,6 @@ def test_operations_for_one_weight_refuse_a_module_with_several(tmp_path):
         jaxlora.quant.quantize_base(lora, CONFIG)
 
 
-class ScannedBlock(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        scan = nn.scan(_Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
-        return scan(name="layers")(x, None)[0]
-
-
-class _Layer(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        return x + GatedMLP(name="mlp")(x), None
-
-
-def test_several_weights_inside_nn_scan_are_refused_by_name():
-    model = ScannedBlock()
-    x = jnp.asarray(X)
-    variables = model.init(jax.random.key(0), x)
-    config = LoRAConfig(r=R, targets=["mlp"])
-    with pytest.raises(TypeError, match=r"layer 'layers.mlp' .*several adapted weights inside a"):
-        jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
-
-
 def test_tree_records_are_checked():
     """A hand-made node whose factors the record does not name, or whose factors lack their
     record, is refused naming the leaves (never read in some other layout)."""

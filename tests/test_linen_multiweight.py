@@ -497,11 +497,9 @@ def test_load_refuses_different_alphas_for_one_module(tmp_path):
 
 
 def test_operations_for_one_weight_refuse_a_module_with_several(tmp_path):
-    """What is not built for several weights yet is refused by name: multi-adapter batches
-    (stack_adapters) and quantizing the base of such a module."""
+    """What is not built for several weights yet is refused by name: quantizing the base of
+    such a module (multi-adapter batches: tests/test_multiweight_rest.py)."""
     _, _, lora = _injected()
-    with pytest.raises(ValueError, match=r"layer 'mlp' has several adapted weights \['w_down'"):
-        jaxlora.stack_adapters([(lora, CONFIG)])
     with pytest.raises(ValueError, match=r"layer 'mlp' has several adapted weights"):
         jaxlora.quant.quantize_base(lora, CONFIG)
 

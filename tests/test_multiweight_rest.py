@@ -119,7 +119,8 @@ def test_layouts_and_inject_stack_each_weight_on_the_scan_axis(axis):
     assert isinstance(layout, ProductsLayout)
     assert (layout.weights, layout.stack, layout.scan, layout.axis) == (WEIGHTS, 1, "layers", axis)
     assert all((p.stack, p.scan, p.axis) == (1, "layers", axis) for p in layout.products)
-    node = _injected(model, x)["layers"]["mlp"]
+    injected = _injected(model, x)
+    node = injected["layers"]["mlp"]
     shapes = {"w_gate": ((D, R), (R, F)), "w_up": ((D, R), (R, F)), "w_down": ((F, R), (R, D))}
 
     def at(shape):  # one layer's shape with the layer axis where nn.scan puts it
@@ -134,7 +135,7 @@ def test_layouts_and_inject_stack_each_weight_on_the_scan_axis(axis):
     assert [m.weight for m in node["lora_roles"]] == list(WEIGHTS)
     assert (STACK_NAME in node) == (axis != 0)
     with jaxlora.intercept(CONFIG):  # starts as the base
-        y = model.apply({"params": _injected(model, x)}, x)
+        y = model.apply({"params": injected}, x)
     np.testing.assert_array_equal(y, model.apply(model.init(jax.random.key(0), x), x))
 
 
@@ -208,3 +209,83 @@ def test_only_some_weights_stacked_is_refused_by_name():
     params = {"layers": {"mlp": node}}
     with pytest.raises(ValueError, match=r"layer 'layers.mlp': .* only \['w_down', 'w_gate'\]"):
         jaxlora.merge(params, alpha=ALPHA)
+
+
+# ------------------------------------------------------- multi-adapter batches (Linen)
+
+
+class Block(nn.Module):
+    """The gated MLP and a Dense head: a stack holds both kinds of layer."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="head")(x + GatedMLP(name="mlp")(x))
+
+
+def _adapters():
+    """(model, base params, [(adapter params, config)] ×2, x of 3 examples): two adapters of
+    the same base, of ranks 2 and 1, each with every factor random (non-zero)."""
+    model = Block()
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2, D)), jnp.float32)
+    base = model.init(jax.random.key(0), x)["params"]
+    layouts = jaxlora.layouts(model, x)
+    out = []
+    for seed, (r, alpha) in enumerate([(2, 3.0), (1, 5.0)]):
+        config = jaxlora.LoRAConfig(r=r, alpha=alpha, targets=["mlp", "head"])
+        lora = _random_b(jaxlora.inject(base, config, jax.random.key(seed), layouts=layouts), seed)
+        out.append((lora, config))
+    return model, base, out, x
+
+
+def test_stack_keys_each_weight_and_rows_equal_their_single_adapter_models():
+    """Used to be refused ('has several adapted weights'): each weight is a layer of the stack
+    keyed '<module>.<weight>', served at its own product by the same gathered branch."""
+    model, base, adapters, x = _adapters()
+    stack = jaxlora.stack_adapters(adapters, capacity=3)
+    keys = ["mlp.w_down", "mlp.w_gate", "mlp.w_up"]
+    assert sorted(stack.lora_a) == sorted([*keys, "head"])
+    assert stack.modules == (("mlp", tuple(keys)),)
+    assert stack.lora_a["mlp.w_down"].shape == (3, F, 2)
+    assert stack.lora_b["mlp.w_up"].shape == (3, 2, F)
+    index = jnp.array([1, -1, 0])
+
+    @jax.jit
+    def served(stack, index):
+        with jaxlora.intercept_stack(stack, index):
+            return model.apply({"params": base}, x)
+
+    got = served(stack, index)
+    want = [model.apply({"params": base}, x)]  # index -1: the base
+    for lora, config in adapters:
+        with jaxlora.intercept(config):
+            want.append(model.apply({"params": lora}, x))
+    assert float(jnp.max(jnp.abs(want[1] - want[0]))) > 1e-2  # the adapters matter
+    assert float(jnp.max(jnp.abs(want[2] - want[1]))) > 1e-2
+    for row, i in enumerate(np.asarray(index)):
+        np.testing.assert_allclose(got[row], want[i + 1][row], rtol=0, atol=TOL)
+    np.testing.assert_array_equal(got[1], want[0][1])  # the base row exactly
+
+
+def test_stack_refuses_another_grouping_and_per_weight_patterns():
+    model, base, adapters, x = _adapters()
+    stack = jaxlora.stack_adapters(adapters[:1], capacity=2)
+    # only w_up of the gated MLP: a one-weight module, keyed 'mlp' (lora_a/lora_b)
+    config = jaxlora.LoRAConfig(r=1, targets=["head"], target_parameters=["mlp.w_up"])
+    one_weight = jaxlora.inject(base, config, jax.random.key(3), layouts=jaxlora.layouts(model, x))
+    with pytest.raises(
+        ValueError,
+        match=r"missing \['mlp.w_down', 'mlp.w_gate', 'mlp.w_up'\], unexpected \['mlp'\]",
+    ):
+        stack.set(1, one_weight, config)
+    lora, config = adapters[0]
+    patterned = jaxlora.LoRAConfig(
+        r=2, alpha=3.0, targets=["mlp", "head"], alpha_pattern={"mlp.w_up": 7.0}
+    )
+    with pytest.raises(ValueError, match=r"layer 'mlp': the config's alpha_pattern gives"):
+        jaxlora.stack_adapters([(lora, patterned)])
+
+
+def test_stack_refuses_a_scanned_module_with_several_weights_by_name():
+    *_, scanned, _ = _twins(axis=0)
+    with pytest.raises(ValueError, match=r"layer 'layers.mlp'.* stacked \(nn.scan"):
+        jaxlora.stack_adapters([(scanned, CONFIG)])

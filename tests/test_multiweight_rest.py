@@ -139,6 +139,21 @@ def test_layouts_and_inject_stack_each_weight_on_the_scan_axis(axis):
     np.testing.assert_array_equal(y, model.apply(model.init(jax.random.key(0), x), x))
 
 
+def test_target_parameters_pick_weights_of_a_scanned_module():
+    """Two of the three weights, named by target_parameters: each stacked, the third left."""
+    x = _inputs()
+    model = Scanned(axis=1)
+    config = jaxlora.LoRAConfig(
+        r=R, targets=[], target_parameters=["layers.mlp.w_up", "layers.mlp.w_gate"]
+    )
+    base = model.init(jax.random.key(0), x)["params"]
+    node = jaxlora.inject(base, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+    node = node["layers"]["mlp"]
+    assert node["w_up_lora_a"].shape == (D, L, R) and node["w_gate_lora_b"].shape == (R, L, F)
+    assert "w_down_lora_a" not in node and node[STACK_NAME].axis == 1
+    assert [m.weight for m in node["lora_roles"]] == ["w_gate", "w_up"]
+
+
 @pytest.mark.parametrize("axis", [0, 1])
 def test_scanned_matches_unrolled_outputs_grads_and_merge_per_layer(axis):
     unrolled, model, scanned, x = _twins(axis)

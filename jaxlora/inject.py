@@ -74,8 +74,9 @@ def inject(
     ``config.target_parameters`` (PEFT's: ``'<module>.<weight>'``) adapts only the weights it
     names, in modules ``targets`` does not choose; a module left with one adapted weight keeps
     ``lora_a``/``lora_b``. A weight used non-linearly or by two products, a module called
-    twice per forward, several adapted weights inside ``nn.scan``, DoRA at a product, or a
-    module under two stacking transforms is refused, naming the reason.
+    twice per forward, a module whose weights are not all stacked alike (some by ``nn.scan``,
+    some not), DoRA at a product, or a module under two stacking transforms is refused, naming
+    the reason. Several adapted weights inside ``nn.scan`` are each stacked as one weight's.
 
     ``lora_a`` is drawn from ``rng`` folded with a hash of the layer
     path (so one layer's init does not depend on which others are targeted) per
@@ -133,7 +134,9 @@ def _inject(
         if path in only:
             layout = _named_weights(layout, only[path], path, layouts, where)
         if isinstance(layout, product.ProductsLayout):
-            new[path] = _products_leaves(node, layout, config, rng, param_dtype, path, where)
+            new[path] = _products_leaves(
+                node, layout, config, rng, param_dtype, path, where, layer_names
+            )
             continue
         if isinstance(layout, product.ProductLayout):
             new[path] = _product_leaves(
@@ -245,7 +248,10 @@ def _named_weights(layout, weights: list[str], path: str, layouts, where: str):
             why = why or f"weight '{weight}': no param of the module by that name"
             raise ValueError(f"{where}, {why}; target_parameters names it")
     picked = tuple(own[w] for w in sorted(set(weights)))
-    return picked[0] if len(picked) == 1 else product.ProductsLayout(picked)
+    if len(picked) == 1:
+        return picked[0]
+    # a stacked module's ProductsLayout keeps its stack for the weights picked
+    return dataclasses.replace(layout, products=picked)
 
 
 def _product_list(layout) -> tuple[product.ProductLayout, ...]:
@@ -253,17 +259,25 @@ def _product_list(layout) -> tuple[product.ProductLayout, ...]:
 
 
 def _products_leaves(
-    node, layout: product.ProductsLayout, config, rng, param_dtype, path: str, where: str
+    node,
+    layout: product.ProductsLayout,
+    config,
+    rng,
+    param_dtype,
+    path: str,
+    where: str,
+    layer_names,
 ) -> dict:
     """The adapters of a module whose several weights each enter their own product: one per
     weight (``_product_leaves``, named ``<weight>_lora_a``/``<weight>_lora_b``, drawn from
-    ``rng`` folded with ``<path>.<weight>``), and one ``lora_roles`` record naming them all."""
+    ``rng`` folded with ``<path>.<weight>``; inside ``nn.scan`` each stacked as a one-weight
+    module's is), and one ``lora_roles`` record naming them all."""
     leaves: dict[str, Any] = {}
     for lay in layout.products:
         at = f"{where}, weight '{lay.weight}'"
         names = factor_names(lay.weight)
         leaves.update(
-            _product_leaves(node, lay, config, rng, param_dtype, path, at, None, names=names)
+            _product_leaves(node, lay, config, rng, param_dtype, path, at, layer_names, names=names)
         )
     leaves[ROLES_NAME] = product.roles_record(layout.products)
     return leaves
@@ -469,8 +483,9 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
         path
         for path, calls in products.items()
         for layout in (call[0] for call in calls.values())
-        if isinstance(layout, product.ProductLayout)
-        and jnp.ndim(_lookup(params, path, layout.weight)) > layout.ndim
+        if not isinstance(layout, str)
+        for lay in _product_list(layout)
+        if jnp.ndim(_lookup(params, path, lay.weight)) > lay.ndim
     ]
     if stacked_products or any(
         w is not None and jnp.ndim(w) > len(found[p][2]) for p, w in weights.items()
@@ -508,23 +523,31 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
 
 
 def _stacked_product(path, layout, params, views, axes) -> AnyLayout | str:
-    """``layout`` as the params tree holds its weight: with the layer axis of the ``nn.scan``
-    (or ``nn.vmap``) around it when the weight is stacked (``stack``, ``scan``, ``axis``, as a
-    stacked Dense's ``Layout``), or why it cannot be adapted (a string)."""
-    if isinstance(layout, product.ProductsLayout):
-        held = {lay: _lookup(params, path, lay.weight) for lay in layout.products}
-        stacked = {
-            lay.weight: tuple(jnp.shape(v))
-            for lay, v in held.items()
-            if v is not None and jnp.ndim(v) > lay.ndim
-        }
-        if not stacked:
-            return layout
+    """``layout`` as the params tree holds its weight(s): with the layer axis of the
+    ``nn.scan`` (or ``nn.vmap``) around it when stacked (``stack``, ``scan``, ``axis``, as a
+    stacked Dense's ``Layout``), or why it cannot be adapted (a string). A module with several
+    weights: each weight as a module of its own, all stacked alike."""
+    if not isinstance(layout, product.ProductsLayout):
+        return _stacked_one(path, layout, params, views, axes)
+    each = [_stacked_one(path, lay, params, views, axes) for lay in layout.products]
+    why = [w for w in each if isinstance(w, str)]
+    if why:
+        return "; ".join(why)
+    laid = [lay for lay in each if isinstance(lay, product.ProductLayout)]
+    stacking = {(lay.stack, lay.scan, lay.axis) for lay in laid}
+    if len(stacking) > 1:
+        held = {lay.weight: tuple(jnp.shape(_lookup(params, path, lay.weight))) for lay in laid}
         return (
-            f"its weights {stacked} are stacked (nn.scan/nn.vmap): a module with several "
-            "adapted weights inside a stacking transform is not supported on Linen yet "
-            "(jaxlora.nnx supports it)"
+            f"its weights {held} are not all stacked alike (some by nn.scan/nn.vmap, some not, "
+            "or on different axes): a module's weights are stacked together or not at all"
         )
+    stack, scan, axis = stacking.pop()
+    return product.ProductsLayout(tuple(laid), stack=stack, scan=scan, axis=axis)
+
+
+def _stacked_one(
+    path, layout: product.ProductLayout, params, views, axes
+) -> product.ProductLayout | str:
     weight = _lookup(params, path, layout.weight)
     stack = 0 if weight is None else jnp.ndim(weight) - layout.ndim
     if not stack:
@@ -790,6 +813,8 @@ def _select(nodes: Mapping, config: LoRAConfig, layouts, layer_names) -> list[st
         layout = None if layouts is None else layouts.get(path)
         if isinstance(layout, product.ProductLayout) and layout.weight in node:
             name = layout.weight
+        if isinstance(layout, product.ProductsLayout) and layout.products[0].weight in node:
+            name = layout.products[0].weight  # its weights are stacked alike: any one says L
         if name is not None and layout is not None and layout.stack == 1 and layout.scan:
             shape = jnp.shape(meta.unbox(node[name]))
             per_layer[path] = _per_layer(layouts, path, shape, layer_names, f"layer '{path}'")

@@ -27,7 +27,10 @@ Linen models are served with ``jaxlora.intercept_stack`` (the ``jaxlora.intercep
 interceptor, with this branch); NNX models with ``jaxlora.nnx.to_multi``. Linear layers
 (``nn.Dense``, ``nn.DenseGeneral``; NNX ``LoRALinear``) and op-level adapters (made at a
 weight's product: Linen adapters holding ``lora_roles``, NNX ``OpAdapter``; see
-``jaxlora.multi_oplevel`` for which of those can be stacked) are stacked.
+``jaxlora.multi_oplevel`` for which of those can be stacked) are stacked. A Linen module with
+several adapted weights (``<weight>_lora_a``) is one layer of the stack per weight, keyed
+``<module path>.<weight>`` (as ``path_map`` keys them; ``AdapterStack.modules`` groups them),
+each served at its own product; its weights share the module's r and alpha.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ class AdapterStack:
         kernels: static ((layer path, base kernel shape), ...), the base the stack is for.
         roles: static ((layer path, ``ProductRoles``), ...) of the layers adapted at their
             weight's product (``lora_roles``): which weight, and its axes' roles.
+        modules: static ((module path, (its keys, ...)), ...) of the modules with several
+            adapted weights (``<weight>_lora_a``): each weight is a layer of the stack keyed
+            ``<module path>.<weight>`` (as ``path_map`` keys them), served at its own product.
     """
 
     lora_a: dict[str, jax.Array]
@@ -68,6 +74,7 @@ class AdapterStack:
     occupied: jax.Array
     kernels: tuple[tuple[str, tuple[int, ...]], ...]
     roles: tuple[tuple[str, product.ProductRoles], ...] = ()
+    modules: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def capacity(self) -> int:
@@ -95,11 +102,16 @@ class AdapterStack:
         _check_slot(slot, self.capacity)
         layers = _adapter_layers(params, config, self.rank)
         _check_same_layers(self.paths, layers, dict(self.kernels), dict(self.roles))
+        if _modules(layers) != self.modules:
+            raise ValueError(
+                f"the adapter's modules with several adapted weights {_modules(layers)} are "
+                f"not the stack's {self.modules}: it was made for another base model"
+            )
         a, b, scale = dict(self.lora_a), dict(self.lora_b), dict(self.scale)
-        for path, (_, la, lb, s, _) in layers.items():
-            a[path] = a[path].at[slot].set(la.astype(a[path].dtype))
-            b[path] = b[path].at[slot].set(lb.astype(b[path].dtype))
-            scale[path] = scale[path].at[slot].set(s)
+        for path, layer in layers.items():
+            a[path] = a[path].at[slot].set(layer.a.astype(a[path].dtype))
+            b[path] = b[path].at[slot].set(layer.b.astype(b[path].dtype))
+            scale[path] = scale[path].at[slot].set(layer.scale)
         return dataclasses.replace(
             self, lora_a=a, lora_b=b, scale=scale, occupied=self.occupied.at[slot].set(True)
         )
@@ -120,7 +132,7 @@ class AdapterStack:
 jax.tree_util.register_dataclass(
     AdapterStack,
     data_fields=["lora_a", "lora_b", "scale", "occupied"],
-    meta_fields=["kernels", "roles"],
+    meta_fields=["kernels", "roles", "modules"],
 )
 
 
@@ -177,6 +189,7 @@ def stack_adapters(
         occupied=jnp.zeros((capacity,), bool),
         kernels=tuple((p, layer.kernel) for p, layer in first.items()),
         roles=tuple((p, layer.roles) for p, layer in first.items() if layer.roles is not None),
+        modules=_modules(first),
     )
     for slot, (params, config) in enumerate(adapters):
         empty = empty.set(slot, params, config)
@@ -189,6 +202,16 @@ class _Layer(NamedTuple):
     b: jax.Array
     scale: float
     roles: product.ProductRoles | None  # for an adapter made at its weight's product
+    module: str | None = None  # the module path of one of several adapted weights
+
+
+def _modules(layers: Mapping[str, _Layer]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """((module path, (its keys, ...)), ...) of the modules with several adapted weights."""
+    grouped: dict[str, list[str]] = {}
+    for key, layer in layers.items():
+        if layer.module is not None:
+            grouped.setdefault(layer.module, []).append(key)
+    return tuple((m, tuple(sorted(keys))) for m, keys in sorted(grouped.items()))
 
 
 def _adapter_layers(params: Mapping[str, Any], config: LoRAConfig, rank: int | None) -> dict:
@@ -206,47 +229,68 @@ def _adapter_layers(params: Mapping[str, Any], config: LoRAConfig, rank: int | N
     for path, node in iter_lora_layers(params):
         name = path_str(path)
         where = f"layer '{name}'"
-        kernel, a, b, roles = _factors(node, where)
+        weights = _factors(node, where)
         if config.use_dora or "lora_magnitude" in node:
             raise ValueError(
                 f"{where} is a DoRA adapter (use_dora, 'lora_magnitude'): a stack serves plain "
                 "LoRA adapters only; its magnitude would be ignored"
             )
-        r = int(a.shape[-1])
-        if r != config.rank_for(name):
-            raise ValueError(
-                f"{where} has r={r} (from its shapes) but the config gives it "
-                f"r={config.rank_for(name)}: the scale would be wrong"
-            )
-        if not (np.isfinite(np.asarray(a)).all() and np.isfinite(np.asarray(b)).all()):
-            raise ValueError(f"{where}: the adapter has non-finite values")
-        if rank is not None and r > rank:
-            raise ValueError(
-                f"{where} has r={r}, above the stack's rank {rank}: build a stack of a larger "
-                "rank (stack_adapters(..., rank=...))"
-            )
-        target = r if rank is None else rank
-        scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
-        layers[name] = _Layer(tuple(np.shape(kernel)), *pad_rank(a, b, target), scale, roles)
+        if len(weights) > 1:  # one r and alpha for the module: refuse per-weight patterns
+            product.check_module_patterns(config, name, [w for w, *_ in weights], where)
+        for weight, kernel, a, b, roles in weights:
+            key = name if weight is None else f"{name}.{weight}"
+            at = where if weight is None else f"{where}, weight '{weight}'"
+            layer = _one_layer(kernel, a, b, roles, config, name, rank, at)
+            layers[key] = layer if weight is None else layer._replace(module=name)
     if not layers:
         raise ValueError("the adapter's params tree holds no 'lora_a'/'lora_b' leaves")
     return layers
 
 
-def _factors(node: Mapping[str, Any], where: str) -> tuple:
-    """(base weight, lora_a, lora_b, ``ProductRoles`` or None) of a linear layer's or an
-    op-level adapter's node; a ``ValueError`` for any other kind."""
+def _one_layer(kernel, a, b, roles, config: LoRAConfig, name: str, rank, where: str) -> _Layer:
+    """One stacked layer (a weight of a module with several: its own), checked: its rank is
+    the config's for the module ``name``, within the stack's ``rank``, its values finite."""
+    r = int(a.shape[-1])
+    if r != config.rank_for(name):
+        raise ValueError(
+            f"{where} has r={r} (from its shapes) but the config gives it "
+            f"r={config.rank_for(name)}: the scale would be wrong"
+        )
+    if not (np.isfinite(np.asarray(a)).all() and np.isfinite(np.asarray(b)).all()):
+        raise ValueError(f"{where}: the adapter has non-finite values")
+    if rank is not None and r > rank:
+        raise ValueError(
+            f"{where} has r={r}, above the stack's rank {rank}: build a stack of a larger "
+            "rank (stack_adapters(..., rank=...))"
+        )
+    target = r if rank is None else rank
+    scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
+    return _Layer(tuple(np.shape(kernel)), *pad_rank(a, b, target), scale, roles)
+
+
+def _factors(node: Mapping[str, Any], where: str) -> list[tuple]:
+    """[(weight name or None, base weight, lora_a, lora_b, ``ProductRoles`` or None)] of a
+    linear layer's or an op-level adapter's node: one entry, or one per weight of a module
+    with several adapted weights (named); a ``ValueError`` for any other kind."""
     if ROLES_NAME in node:
-        _, weight, a, b, marker = product.check_product(node, where)
-        check_no_batch(marker.roles, where)
-        return weight, a, b, marker
+        adapted = product.check_products(node, where)
+        several = len(adapted) > 1
+        out = []
+        for one in adapted:
+            check_no_batch(
+                one.marker.roles, f"{where}, weight '{one.weight}'" if several else where
+            )
+            out.append(
+                (one.weight if several else None, one.value, one.lora_a, one.lora_b, one.marker)
+            )
+        return out
     kind, _, kernel, a, b = kinds.check_layer(node, where)
     if kind != "linear":
         raise ValueError(
             f"{where} holds a {kind} adapter: only linear layers and adapters made at a "
             "weight's product can be stacked"
         )
-    return kernel, a, b, None
+    return [(None, kernel, a, b, None)]
 
 
 def check_no_batch(roles: Any, where: str) -> None:

@@ -78,7 +78,15 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
         )
     # No LoRAConfig: the stack's layers use the stack's own scales, not _State.config.
     state = _StackState(None, True, stack=stack, index=index)  # type: ignore[arg-type]
-    key = ("intercept", "stack", stack.kernels, stack.roles, stack.capacity, stack.rank)
+    key = (
+        "intercept",
+        "stack",
+        stack.kernels,
+        stack.roles,
+        stack.modules,
+        stack.capacity,
+        stack.rank,
+    )
     with traced_as(key), nn.intercept_methods(state.interceptor):
         yield
     never = sorted(set(stack.paths) - state.applied)
@@ -97,34 +105,49 @@ class _StackState(_State):
 
     def adapted(self, module: nn.Module) -> bool:
         own = super().adapted(module)
-        return own or path_str(module.path) in self.stack.lora_a
+        return own or path_str(module.path) in self.stack.lora_a or self.at_product(module)
 
     def at_product(self, module: nn.Module) -> bool:
-        return path_str(module.path) in dict(self.stack.roles)
+        name = path_str(module.path)
+        return name in dict(self.stack.roles) or name in dict(self.stack.modules)
 
     def apply_product(self, module: nn.Module, args: tuple, kwargs: dict, quantized):
         name = path_str(module.path)
         where = f"layer '{name}'"
         self._check_plain(module, where)
-        marker = dict(self.stack.roles)[name]
-        traced, found = product.traced_product(module, marker, where, args, kwargs, quantized)
+        roles = dict(self.stack.roles)
+        # {stack key: its record}: the module's one weight, or each of its several
+        keys = dict(self.stack.modules).get(name, (name,))
+        markers = {key: roles[key] for key in keys}
+        weights = {marker.weight: key for key, marker in markers.items()}
+
+        def trace(a, k):
+            return product.traced_products(module, list(markers.values()), where, a, k, quantized)
+
+        traced, found = trace(args, kwargs)
+        several = len(keys) > 1
         multi_oplevel.check_call(
-            found,
+            [found[w] for w in weights],
             traced.closed,
-            lambda a, k: product.traced_product(module, marker, where, a, k, quantized)[0].closed,
+            lambda a, k: trace(a, k)[0].closed,
             args,
             kwargs,
             int(jnp.shape(self.index)[0]),
             where,
+            [f"{where}, weight '{w}'" if several else where for w in weights],
         )
-        self.applied.add(name)
+        self.applied.update(keys)
         stack = self.stack
-        factors = (stack.lora_a[name], stack.lora_b[name], stack.scale[name], stack.occupied)
+
+        def factors(weight: str) -> tuple:
+            key = weights[weight]
+            return (stack.lora_a[key], stack.lora_b[key], stack.scale[key], stack.occupied)
+
         return product.evaluate(
             traced,
-            {marker.weight: found},
-            lambda _, site, eqn, operands, _index: multi_oplevel.gathered(
-                site, eqn, operands, factors, self.index
+            found,
+            lambda weight, site, eqn, operands, _index: multi_oplevel.gathered(
+                site, eqn, operands, factors(weight), self.index
             ),
         )
 

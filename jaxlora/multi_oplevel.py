@@ -23,6 +23,7 @@ another axis 0, refused only where its length differs from the index's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -32,11 +33,21 @@ from jaxlora import multi, oplevel
 
 
 def check_call(
-    product: oplevel.Product, closed, retrace, args: tuple, kwargs: dict, n: int, where: str
+    product: oplevel.Product | Sequence[oplevel.Product],
+    closed,
+    retrace,
+    args: tuple,
+    kwargs: dict,
+    n: int,
+    where: str,
+    each: Sequence[str] | None = None,
 ) -> None:
     """A ``ValueError`` naming ``where`` unless the product's activation holds the ``n``
     examples on its axis 0 alone: ``closed`` is the call traced on ``(args, kwargs)``,
-    ``retrace(args, kwargs)`` traces it on other arguments (here: one more example)."""
+    ``retrace(args, kwargs)`` traces it on other arguments (here: one more example). A module
+    with several adapted weights passes their products (``each``: how to name each one): the
+    call is traced once more for all of them."""
+    products = [product] if isinstance(product, oplevel.Product) else list(product)
     probe = probe_inputs(args, kwargs, n, where)
     try:
         grown = retrace(*probe)
@@ -47,7 +58,8 @@ def check_call(
             f"({type(err).__name__}: {err}); e.g. the examples' axis is contracted with the "
             "weight: adapters cannot be gathered per example there"
         ) from err
-    check_examples(product, closed, grown, n, where)
+    for one, at in zip(products, each or [where] * len(products), strict=True):
+        check_examples(one, closed, grown, n, at)
 
 
 def probe_inputs(args: tuple, kwargs: dict, n: int, where: str) -> tuple[tuple, dict]:

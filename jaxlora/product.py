@@ -22,7 +22,8 @@ Inside ``nn.scan`` the module's call sees one layer's weight, so the roles are o
 the params tree holds the weight and both factors stacked on the scan's layer axis (a
 ``lora_stack`` record beside them when it is not 0), as for a scanned Dense: the stacked
 adapter is one layer's with a layer axis (``check_product(stacked=True)``, ``stack_axis``),
-each layer's slice applied inside the scan by the same ``apply``.
+each layer's slice applied inside the scan by the same ``apply``. A module with several
+weights is stacked weight by weight the same way (all its weights, on one axis).
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ class ProductsLayout:
     """``jaxlora.layouts``' entry for a module whose several weights each enter their own
     product: one ``ProductLayout`` per weight, sorted by name (``kind`` is ``"products"``).
     ``inject`` gives each weight its own adapter, ``<weight>_lora_a``/``<weight>_lora_b``
-    (``jaxlora.tree.factor_names``); such a module inside ``nn.scan`` is not supported."""
+    (``jaxlora.tree.factor_names``); inside ``nn.scan`` every weight is stacked alike
+    (``stack``, ``scan``, ``axis``: its products' and its own), each adapter as a one-weight
+    module's."""
 
     products: tuple[ProductLayout, ...]
     kind: str = "products"
@@ -135,8 +138,8 @@ def check_products(
     roles: ``lora_a``/``lora_b`` for one weight, ``<weight>_lora_a``/``<weight>_lora_b`` for
     each of several (``jaxlora.tree.factor_names``); a ``ValueError`` naming the layer for a
     missing or stray factor (one the records do not name), shapes that differ from the roles,
-    several weights with different ranks (one module has one r), or several weights stacked
-    by ``nn.scan`` (not supported). A layer stacked by ``nn.scan`` (one layer's shapes with a
+    several weights with different ranks (one module has one r), or several weights of which
+    only some are stacked by ``nn.scan``. A layer stacked by ``nn.scan`` (one layer's shapes with a
     layer axis at its ``lora_stack`` record's position, 0 without one) is accepted only with
     ``stacked=True`` (see ``stack_axis``): a caller that does not handle it must refuse it."""
     markers = records(node, where)
@@ -158,10 +161,11 @@ def check_products(
     if len(ranks) > 1:
         raise ValueError(f"{where}: its weights' adapters have ranks {ranks}; one module has one r")
     stacked_weights = [one.weight for one in out if one.layer is not None]
-    if stacked_weights and several:
+    if stacked_weights and len(stacked_weights) < len(out):
         raise ValueError(
-            f"{where}: of its several adapted weights {sorted(names)}, {stacked_weights} are "
-            "stacked (nn.scan), which jaxlora's Linen path does not support yet"
+            f"{where}: of its several adapted weights {sorted(names)}, only {stacked_weights} "
+            "are stacked (nn.scan, one layer axis more than its roles): a module's weights are "
+            "stacked together or not at all"
         )
     layer = out[0].layer
     if layer is not None and not stacked:

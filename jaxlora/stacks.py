@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxlora import kinds
 from jaxlora.config import LoRAConfig
-from jaxlora.tree import RECORD_NAMES, STACK_NAME, StackRecord
+from jaxlora.tree import RECORD_NAMES, ROLES_NAME, STACK_NAME, StackRecord
 
 LayerNames = Mapping[str, str] | None
 
@@ -101,7 +101,7 @@ def stack_axis(params: Mapping, root: str, layouts: Mapping | None = None) -> in
     ``layouts`` (``jaxlora.layouts``) gives its layers; 0 if neither says. A ``ValueError``
     if they disagree."""
     sub = _subtree(params, root)
-    said = {kinds.layer_axis(node) for node in _nodes(sub) if "lora_a" in node}
+    said = {kinds.layer_axis(node) for node in _nodes(sub) if _is_adapter(node)}
     for layout in (layouts or {}).values():
         if getattr(layout, "scan", None) == root and layout.stack:
             said.add(layout.axis)
@@ -183,6 +183,12 @@ def restack_adapter(
     return out
 
 
+def _is_adapter(node: Mapping) -> bool:
+    """An adapter's node: ``lora_a``, or a product adapter's record (a module with several
+    weights holds ``<weight>_lora_a``, ``jaxlora.tree.factor_names``)."""
+    return "lora_a" in node or ROLES_NAME in node
+
+
 def _take(v, i: int, axis: int):
     """Layer ``i`` of a stacked leaf (its slice on the layer axis); records pass as they are."""
     if not hasattr(v, "shape"):
@@ -248,7 +254,7 @@ def _stack(trees: list, axis: int) -> dict:
             out[k] = jnp.stack([t[k] for t in trees], axis=axis)
         elif k != STACK_NAME:  # a record (no arrays) is the same for every layer
             out[k] = v
-    if axis and "lora_a" in out:  # the factors' layer axis is not in front: say where it is
+    if axis and _is_adapter(out):  # the factors' layer axis is not in front: say where it is
         out[STACK_NAME] = StackRecord(axis)
     return out
 

@@ -497,35 +497,11 @@ def test_load_refuses_different_alphas_for_one_module(tmp_path):
 
 
 def test_operations_for_one_weight_refuse_a_module_with_several(tmp_path):
-    """What is not built for several weights yet is refused by name: multi-adapter batches
-    (stack_adapters) and quantizing the base of such a module."""
+    """What is not built for several weights yet is refused by name: quantizing the base of
+    such a module (multi-adapter batches: tests/test_multiweight_rest.py)."""
     _, _, lora = _injected()
-    with pytest.raises(ValueError, match=r"layer 'mlp' has several adapted weights \['w_down'"):
-        jaxlora.stack_adapters([(lora, CONFIG)])
     with pytest.raises(ValueError, match=r"layer 'mlp' has several adapted weights"):
         jaxlora.quant.quantize_base(lora, CONFIG)
-
-
-class ScannedBlock(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        scan = nn.scan(_Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
-        return scan(name="layers")(x, None)[0]
-
-
-class _Layer(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        return x + GatedMLP(name="mlp")(x), None
-
-
-def test_several_weights_inside_nn_scan_are_refused_by_name():
-    model = ScannedBlock()
-    x = jnp.asarray(X)
-    variables = model.init(jax.random.key(0), x)
-    config = LoRAConfig(r=R, targets=["mlp"])
-    with pytest.raises(TypeError, match=r"layer 'layers.mlp' .*several adapted weights inside a"):
-        jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
 
 
 def test_tree_records_are_checked():

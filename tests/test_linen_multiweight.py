@@ -22,7 +22,6 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 import jaxlora
-import jaxlora.quant
 from jaxlora import LoRAConfig
 from jaxlora.product import ProductRoles, ProductsLayout
 
@@ -498,12 +497,10 @@ def test_load_refuses_different_alphas_for_one_module(tmp_path):
 
 def test_operations_for_one_weight_refuse_a_module_with_several(tmp_path):
     """What is not built for several weights yet is refused by name: multi-adapter batches
-    (stack_adapters) and quantizing the base of such a module."""
+    (stack_adapters). (Quantizing such a module's base: tests/test_qlora_rest.py.)"""
     _, _, lora = _injected()
     with pytest.raises(ValueError, match=r"layer 'mlp' has several adapted weights \['w_down'"):
         jaxlora.stack_adapters([(lora, CONFIG)])
-    with pytest.raises(ValueError, match=r"layer 'mlp' has several adapted weights"):
-        jaxlora.quant.quantize_base(lora, CONFIG)
 
 
 class ScannedBlock(nn.Module):

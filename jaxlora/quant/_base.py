@@ -44,8 +44,9 @@ ROLES = "roles"
 STACK = "stack"
 # in 'quant', beside a stack's record: each layer's index, shaped (L, 1, 1, 1) (``stack_index``)
 STACK_INDEX = "stack_index"
-# One layer's slice of it. Its rank (4) is above every quantized array's (at most 3: (L, out,
-# in) int8 codes), so no negative axis reaches its axis 0 while they can all be sliced on it.
+# One layer's slice of it. Its rank (4) is at least every quantized array's (at most 4: (L, E,
+# out, in) int8 codes of a stack of layers of experts), so a negative axis that reaches its
+# axis 0 reaches every array's axis 0 too (or fails on a lower-rank one).
 ONE_INDEX = (1, 1, 1)
 
 
@@ -76,7 +77,10 @@ def quantize_base(
     so each layer dequantizes its own weight; a scan that does not slice it, or slices it on
     another axis, is refused at the call (a ``"stack_index"`` entry, see ``stack_index``).
     A weight adapted at its product inside ``nn.scan`` (an einsum or ``FlaxConv1D`` weight
-    stacked with its adapter) is quantized the same way, layer by layer. Nested scans (a
+    stacked with its adapter) is quantized the same way, layer by layer; a scanned MoE weight
+    (L, E, …) layer by layer and expert by expert, its arrays leading with (L, E). A module
+    with several adapted weights (``<weight>_lora_a``, a ``lora_roles`` tuple) has each weight
+    quantized as its own Linear, beside the same tuple in ``"roles"``. Nested scans (a
     weight with two layer axes) are refused, as ``inject`` refuses them.
 
     Args:

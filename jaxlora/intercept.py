@@ -310,29 +310,29 @@ def dora_output(module, kind: str, x, y, base, adapter, scale: float, rate: floa
 
 
 def _quantized(module: nn.Module, where: str) -> dict[str, jax.Array]:
-    """{name: weight} of the module's own quantized weight, dequantized to its own shape and
-    stored dtype (``jaxlora.quant.quantize_base``); empty if it holds none."""
-    held = layer_weight(module.variables.get(QUANT, {}), where)
-    if held is None:
-        return {}
-    name, q, roles = held
-    length = layer_length(q, roles, f"layer '{where}', quantized weight '{name}'")
-    if length is not None:
-        raise ValueError(
-            f"layer '{where}' is called with the quantized weights of a stack of {length} "
-            "layers (arrays with a leading layer axis): an nn.scan over its layers must slice "
-            "the 'quant' collection on axis 0 (variable_axes={'params': k, 'quant': 0}), "
-            "so that each layer gets its own"
-        )
-    if module.has_variable("params", name):  # which one would run is ambiguous: refuse
-        raise ValueError(
-            f"layer '{where}' has a '{name}' both in 'params' and in 'quant' (quantize_base "
-            "moves it out of 'params')"
-        )
-    try:
-        return {name: dequantize_weight(q, roles)}
-    except ValueError as err:
-        raise ValueError(f"layer '{where}': {err}") from None
+    """{name: weight} of the module's own quantized weights (one, or each of a module with
+    several adapted weights), dequantized to their own shapes and stored dtypes
+    (``jaxlora.quant.quantize_base``); empty if it holds none."""
+    out = {}
+    for name, q, roles in layer_weight(module.variables.get(QUANT, {}), where):
+        length = layer_length(q, roles, f"layer '{where}', quantized weight '{name}'")
+        if length is not None:
+            raise ValueError(
+                f"layer '{where}' is called with the quantized weights of a stack of {length} "
+                "layers (arrays with a leading layer axis): an nn.scan over its layers must "
+                "slice the 'quant' collection on axis 0 (variable_axes={'params': k, 'quant': "
+                "0}), so that each layer gets its own"
+            )
+        if module.has_variable("params", name):  # which one would run is ambiguous: refuse
+            raise ValueError(
+                f"layer '{where}' has a '{name}' both in 'params' and in 'quant' (quantize_base "
+                "moves it out of 'params')"
+            )
+        try:
+            out[name] = dequantize_weight(q, roles)
+        except ValueError as err:
+            raise ValueError(f"layer '{where}': {err}") from None
+    return out
 
 
 def lora_leaves(module: nn.Module) -> list[str]:

@@ -22,7 +22,6 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 import jaxlora
-import jaxlora.quant
 from jaxlora import LoRAConfig
 from jaxlora.product import ProductRoles, ProductsLayout
 
@@ -494,14 +493,6 @@ def test_load_refuses_different_alphas_for_one_module(tmp_path):
     _, _, fresh = _injected()
     with pytest.raises(ValueError, match=r"layer 'mlp' have different alphas"):
         jaxlora.load_adapter(fresh, tmp_path)
-
-
-def test_operations_for_one_weight_refuse_a_module_with_several(tmp_path):
-    """What is not built for several weights yet is refused by name: quantizing the base of
-    such a module (multi-adapter batches: tests/test_multiweight_rest.py)."""
-    _, _, lora = _injected()
-    with pytest.raises(ValueError, match=r"layer 'mlp' has several adapted weights"):
-        jaxlora.quant.quantize_base(lora, CONFIG)
 
 
 def test_tree_records_are_checked():

@@ -590,9 +590,3 @@ def test_a_quantized_expert_weight_with_the_wrong_expert_count_is_refused_at_the
     nnx_model.moe.w = jnnx.QuantizedKernel(one, roles=nnx_model.moe.lora_roles)
     with pytest.raises(ValueError, match=r"batch axes \(0,\).*hold 1"):
         nnx_model(jnp.asarray(X))
-
-
-def test_a_stack_of_layers_of_experts_is_refused_by_name():
-    roles = Roles((E, D, F), (0,), (1,), (2,))
-    with pytest.raises(ValueError, match=r"stack of layers \(layer axis 0\).*batch axes \(0,\)"):
-        _layout.quantize_stack(jnp.ones((2, E, D, F)), roles, 0)

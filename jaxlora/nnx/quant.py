@@ -100,8 +100,8 @@ def quantize_base(
     Raises:
         ValueError: no module matches, a targets entry matches none, a matched module is not
             a ``LoRALinear`` with a 2-D float kernel nor an op-level adapter, nor a stack of
-            either with one layer axis in front (a plain ``nnx.Linear``, another layer, a
-            stack of MoE experts, nested stacks, or an already quantized one), naming its
+            either with one layer axis in front (a plain ``nnx.Linear``, another layer,
+            nested stacks, or an already quantized one), naming its
             path. All are checked before any weight is replaced.
     """
     config = targets if isinstance(targets, LoRAConfig) else LoRAConfig(r=1, targets=targets)

@@ -178,21 +178,29 @@ def stored_shapes(q: QuantizedWeight) -> dict[str, tuple[int, ...]]:
 
 def stack_length(q: QuantizedWeight, where: str) -> int | None:
     """L when ``q`` is a stack of L quantized weights (each array with a leading layer axis:
-    ``nn.scan``/``nnx.vmap`` layers quantized one by one), None for one weight; a
-    ``ValueError`` naming ``where`` when its arrays fit neither."""
+    ``nn.scan``/``nnx.vmap`` layers quantized one by one, or a MoE weight's E experts; a
+    stack of layers of experts has (L, E) in front and gives L), None for one weight; a
+    ``ValueError`` naming ``where`` when its arrays fit none of these."""
+    lead = leading_axes(q, where)
+    return lead[0] if lead else None
+
+
+def leading_axes(q: QuantizedWeight, where: str) -> tuple[int, ...]:
+    """The axes ``q``'s arrays all have in front of one weight's (``stored_shapes``): () for
+    one weight, (L,) for a stack of layers or of experts, (L, E) for a stack of layers of
+    experts; a ``ValueError`` naming ``where`` otherwise."""
     shapes = stored_shapes(q)
     got = {name: tuple(np.shape(getattr(q, name))) for name in shapes}
-    if got == shapes:
-        return None
-    lengths = {g[0] for g in got.values() if g}
-    if len(lengths) == 1:
-        length = lengths.pop()
-        if got == {name: (length, *shape) for name, shape in shapes.items()}:
-            return length
+    for depth in (0, 1, 2):
+        fronts = {g[:depth] for g in got.values()}
+        if len(fronts) == 1:
+            front = fronts.pop()
+            if len(front) == depth and got == {n: (*front, *s) for n, s in shapes.items()}:
+                return front
     raise ValueError(
         f"{where}: the QuantizedWeight's arrays have shapes {got}; a {q.quant_type} weight of "
         f"shape {q.shape} (blocksize {q.blocksize}) has {shapes}, or a stack of L of them "
-        "(each with a leading layer axis L)"
+        "(each with a leading layer axis L; (L, E) for a stack of layers of E experts)"
     )
 
 

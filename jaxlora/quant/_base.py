@@ -25,7 +25,7 @@ from flax.core import meta
 from jaxlora import kinds
 from jaxlora.config import LoRAConfig
 from jaxlora.oplevel import Roles
-from jaxlora.product import ProductRoles, check_product, stack_axis
+from jaxlora.product import ProductRoles, check_products, records
 from jaxlora.quant._api import QuantizedWeight, _check_options, stack_length
 from jaxlora.quant._layout import (
     dequantize_stack,
@@ -35,15 +35,18 @@ from jaxlora.quant._layout import (
     stacked_shape,
 )
 from jaxlora.tree import QUANT_NAME as QUANT
-from jaxlora.tree import ROLES_NAME, PyTree, StackRecord, _like, _require_mapping
+from jaxlora.tree import ROLES_NAME, PyTree, StackRecord, _like, _require_mapping, factor_names
 
-ROLES = "roles"  # in 'quant': how a weight that is not a Dense kernel makes its Linear
+# in 'quant': how a weight that is not a Dense kernel makes its Linear: a ProductRoles, or for
+# a module with several adapted weights the tuple of them ``lora_roles`` holds (one per weight)
+ROLES = "roles"
 # in 'quant': the weight is an nn.scan stack, its layer axis in 'params' at the record's axis
 STACK = "stack"
 # in 'quant', beside a stack's record: each layer's index, shaped (L, 1, 1, 1) (``stack_index``)
 STACK_INDEX = "stack_index"
-# One layer's slice of it. Its rank (4) is above every quantized array's (at most 3: (L, out,
-# in) int8 codes), so no negative axis reaches its axis 0 while they can all be sliced on it.
+# One layer's slice of it. Its rank (4) is at least every quantized array's (at most 4: (L, E,
+# out, in) int8 codes of a stack of layers of experts), so a negative axis that reaches its
+# axis 0 reaches every array's axis 0 too (or fails on a lower-rank one).
 ONE_INDEX = (1, 1, 1)
 
 
@@ -74,7 +77,10 @@ def quantize_base(
     so each layer dequantizes its own weight; a scan that does not slice it, or slices it on
     another axis, is refused at the call (a ``"stack_index"`` entry, see ``stack_index``).
     A weight adapted at its product inside ``nn.scan`` (an einsum or ``FlaxConv1D`` weight
-    stacked with its adapter) is quantized the same way, layer by layer. Nested scans (a
+    stacked with its adapter) is quantized the same way, layer by layer; a scanned MoE weight
+    (L, E, …) layer by layer and expert by expert, its arrays leading with (L, E). A module
+    with several adapted weights (``<weight>_lora_a``, a ``lora_roles`` tuple) has each weight
+    quantized as its own Linear, beside the same tuple in ``"roles"``. Nested scans (a
     weight with two layer axes) are refused, as ``inject`` refuses them.
 
     Args:
@@ -125,16 +131,19 @@ def quantize_base(
     }
     options = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
     quantized = {}
-    for path, (name, roles, marked, axis) in found.items():
-        weight = meta.unbox(nodes[path][name])
-        entry: dict[str, Any] = {name: quantize_stack(weight, roles, axis, **options)}
-        if marked:
-            entry[ROLES] = ProductRoles(name, roles)
-        if axis is not None:
+    for path, (weights, marker, axis) in found.items():
+        # each weight of the layer quantized alone, as its own Linear
+        entry: dict[str, Any] = {
+            name: quantize_stack(meta.unbox(nodes[path][name]), roles, axis, **options)
+            for name, roles in weights
+        }
+        if marker is not None:
+            entry[ROLES] = marker
+        if axis is not None:  # one weight (check_products refuses several stacked)
             entry[STACK] = StackRecord(axis)
-            entry[STACK_INDEX] = stack_index(entry[name].absmax.shape[0])
+            entry[STACK_INDEX] = stack_index(entry[weights[0][0]].absmax.shape[0])
         quantized[path] = entry
-    names = {path: name for path, (name, _, _, _) in found.items()}
+    names = {path: {name for name, _ in weights} for path, (weights, _, _) in found.items()}
     out = {**variables, "params": _drop_weights(params, (), names)}
     out[QUANT] = _nest(quantized)
     return _like(variables, out)
@@ -147,10 +156,9 @@ def dequantize_base(variables: PyTree) -> PyTree:
     _require_mapping(variables, "dequantize_base")
     if not is_quantized(variables):
         return variables
-    weights = {
-        path: (name, dequantize_stack(q, roles, axis))
-        for path, name, q, roles, axis in iter_quantized(variables[QUANT])
-    }
+    weights: dict[str, dict[str, Any]] = {}
+    for path, name, q, roles, axis in iter_quantized(variables[QUANT]):
+        weights.setdefault(path, {})[name] = dequantize_stack(q, roles, axis)
     missing = sorted(set(weights) - {path for path, _ in _iter_nodes(variables["params"])})
     if missing:
         raise ValueError(f"dequantize_base: quantized layers {missing} are not in 'params'")
@@ -172,10 +180,10 @@ def with_kernel_shapes(variables: PyTree) -> PyTree:
     its values. Unchanged without a ``'quant'`` collection."""
     if not is_quantized(variables):
         return variables
-    weights = {
-        path: (name, np.broadcast_to(np.zeros((), q.dtype), stacked_shape(q, roles, axis)))
-        for path, name, q, roles, axis in iter_quantized(variables[QUANT])
-    }
+    weights: dict[str, dict[str, Any]] = {}
+    for path, name, q, roles, axis in iter_quantized(variables[QUANT]):
+        shape = stacked_shape(q, roles, axis)
+        weights.setdefault(path, {})[name] = np.broadcast_to(np.zeros((), q.dtype), shape)
     rest = {k: v for k, v in variables.items() if k != QUANT}
     return _like(variables, {**rest, "params": _add_weights(variables["params"], (), weights)})
 
@@ -183,7 +191,9 @@ def with_kernel_shapes(variables: PyTree) -> PyTree:
 def restore_quantized(loaded: PyTree, quantized: PyTree) -> PyTree:
     """``loaded`` (a tree ``with_kernel_shapes(quantized)`` became) with the stand-in weights
     dropped and ``quantized``'s ``'quant'`` collection back."""
-    names = {path: name for path, name, *_ in iter_quantized(quantized[QUANT])}
+    names: dict[str, set[str]] = {}
+    for path, name, *_ in iter_quantized(quantized[QUANT]):
+        names.setdefault(path, set()).add(name)
     out = {**loaded, "params": _drop_weights(loaded["params"], (), names)}
     out[QUANT] = quantized[QUANT]
     return _like(quantized, out)
@@ -196,13 +206,19 @@ def requantize_merged(merged: PyTree, quantized: PyTree) -> PyTree:
     new: dict[str, Any] = {}
     for path, name, q, roles, axis in iter_quantized(quantized[QUANT]):
         node = _node(quantized["params"], path)
-        if node is not None and "lora_a" in node:
+        if node is not None and _adapted(node, name):
             # merged is quantized merged (jaxlora.merge): it has every layer quantized has.
             merged_node = cast(Mapping, _node(merged["params"], path))
             q = requantize_stack(q, roles, axis, merged_node[name])
-        entry = dict(cast(Mapping, _node(quantized[QUANT], path)))
+        entry = new.get(path) or dict(cast(Mapping, _node(quantized[QUANT], path)))
         new[path] = {**entry, name: q}
     return restore_quantized(merged, _like(quantized, {**quantized, QUANT: _nest(new)}))
+
+
+def _adapted(node: Mapping, name: str) -> bool:
+    """Whether the params ``node`` holds an adapter of its weight ``name``: ``lora_a``, or
+    ``<name>_lora_a`` in a module with several adapted weights."""
+    return any(factor_names(w)[0] in node for w in (None, name))
 
 
 def stack_index(length: int) -> jax.Array:
@@ -265,15 +281,18 @@ def _node(tree: Mapping, path: str) -> Mapping | None:
 def iter_quantized(tree: Mapping, path: tuple[str, ...] = ()):
     """Yields ('.'-joined layer path, weight name, QuantizedWeight, Roles, layer axis) for each
     quantized weight: a node holding one ``QuantizedWeight`` (named ``kernel``, a Dense
-    kernel, unless a ``"roles"`` leaf names it and gives its roles); the layer axis is the
-    ``"stack"`` record's for a stacked weight (``nn.scan``), None for one layer's."""
+    kernel, unless a ``"roles"`` leaf names it and gives its roles), or several named by a
+    ``"roles"`` tuple (a module with several adapted weights: one yield each); the layer axis
+    is the ``"stack"`` record's for a stacked weight (``nn.scan``), None for one layer's."""
     where = ".".join(path)
     weights = {k: v for k, v in tree.items() if isinstance(v, QuantizedWeight)}
     marker = tree.get(ROLES)
     if weights or marker is not None or STACK in tree:
-        name, q, roles = _quantized_layer(tree, weights, marker, where)
-        _check_stack_index(tree, q, where, sliced=False)
-        yield where, name, q, roles, _stack_axis(tree, where)
+        held = _quantized_layer(tree, weights, marker, where)
+        _check_stack_index(tree, held[0][1], where, sliced=False)
+        axis = _stack_axis(tree, where)
+        for name, q, roles in held:
+            yield where, name, q, roles, axis
         return
     for key, value in tree.items():
         if not isinstance(value, Mapping):
@@ -285,35 +304,56 @@ def iter_quantized(tree: Mapping, path: tuple[str, ...] = ()):
         yield from iter_quantized(value, (*path, str(key)))
 
 
-def layer_weight(node: Mapping, where: str) -> tuple[str, QuantizedWeight, Roles] | None:
-    """(weight name, QuantizedWeight, Roles) of the layer whose ``'quant'`` entries are
-    ``node`` (its submodules' entries, mappings, aside), or None if it holds none."""
+def layer_weight(node: Mapping, where: str) -> list[tuple[str, QuantizedWeight, Roles]]:
+    """[(weight name, QuantizedWeight, Roles)] of each quantized weight of the layer whose
+    ``'quant'`` entries are ``node`` (its submodules' entries, mappings, aside): one, several
+    (a module with several adapted weights), or none."""
     own = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
     if not own:
-        return None
+        return []
     weights = {k: v for k, v in own.items() if isinstance(v, QuantizedWeight)}
-    name, q, roles = _quantized_layer(own, weights, own.get(ROLES), where)
-    _check_stack_index(own, q, where, sliced=True)  # before a value is read
-    return name, q, roles
+    held = _quantized_layer(own, weights, own.get(ROLES), where)
+    _check_stack_index(own, held[0][1], where, sliced=True)  # before a value is read
+    return held
 
 
 def _quantized_layer(tree: Mapping, weights: dict, marker, where: str):
+    """[(name, QuantizedWeight, Roles)] of a layer's 'quant' entries ``tree``: ``kernel``
+    without a ``"roles"`` record, else each weight the record names; a ``ValueError`` for a
+    record that is not ``lora_roles``' kind, a weight missing or an entry it does not name."""
+    named: dict[str, Roles | None]
     if marker is None:
-        name, roles = "kernel", None
-    elif isinstance(marker, ProductRoles):
-        name, roles = marker.weight, marker.roles
+        named = {"kernel": None}
     else:
-        raise ValueError(f"'quant' collection: '{where}.{ROLES}' must be a ProductRoles")
-    extra = sorted(set(tree) - {name, ROLES, STACK, STACK_INDEX})
-    if name not in weights or extra:
+        try:
+            named = {m.weight: m.roles for m in records({ROLES_NAME: marker}, where)}
+        except ValueError:
+            raise ValueError(
+                f"'quant' collection: '{where}.{ROLES}' must be a ProductRoles, or a tuple of "
+                f"several with distinct weights sorted by name, got {marker!r}"
+            ) from None
+    extra = sorted(set(tree) - {*named, ROLES, STACK, STACK_INDEX})
+    stacked = STACK in tree and len(named) > 1  # check_products refuses several stacked
+    if not set(named) <= set(weights) or extra or stacked:
+        what = "one QuantizedWeight named" if len(named) == 1 else "QuantizedWeights named"
         raise ValueError(
-            f"'quant' collection: layer '{where}' holds {sorted(tree)}; expected one "
-            f"QuantizedWeight named '{name}'"
+            f"'quant' collection: layer '{where}' holds {sorted(tree)}; expected {what} "
+            f"{sorted(named)}"
             + (f" and its '{ROLES}'" if marker else "")
-            + f" (and a '{STACK}' record and '{STACK_INDEX}' if it is an nn.scan stack)"
+            + (
+                f" (and a '{STACK}' record and '{STACK_INDEX}' if it is an nn.scan stack)"
+                if len(named) == 1
+                else " (several weights of one module are never an nn.scan stack)"
+            )
         )
-    q = weights[name]
-    return name, q, linear_roles(tuple(reversed(q.shape))) if roles is None else roles
+    return [
+        (
+            name,
+            weights[name],
+            linear_roles(tuple(reversed(weights[name].shape))) if r is None else r,
+        )
+        for name, r in named.items()
+    ]
 
 
 def _stack_axis(tree: Mapping, where: str) -> int | None:
@@ -325,23 +365,28 @@ def _stack_axis(tree: Mapping, where: str) -> int | None:
     return None if record is None else record.axis
 
 
-def _target(node: Any, where: str, layout: Any = None) -> tuple[str, Roles, bool, int | None]:
-    """(weight name, roles of one layer's weight, whether the roles must be stored, layer axis
-    of an nn.scan stack or None) of a params node ``quantize_base`` may quantize; a
-    ``ValueError`` naming the layer otherwise."""
-    if isinstance(node, Mapping) and ROLES_NAME in node:  # adapted at its weight's product
-        name, weight, a, b, marker = check_product(node, where, stacked=True)
+def _target(node: Any, where: str, layout: Any = None):
+    """([(weight name, roles of one layer's weight)], the ``"roles"`` record to store or None,
+    layer axis of an nn.scan stack or None) of a params node ``quantize_base`` may quantize:
+    a Dense kernel, or each weight a ``lora_roles`` record names (several in a module with
+    several adapted weights, each its own Linear); a ``ValueError`` naming the layer otherwise."""
+    if isinstance(node, Mapping) and ROLES_NAME in node:  # adapted at its weights' products
+        adapted = check_products(node, where, stacked=True)
+        weights = [(one.weight, one.marker.roles) for one in adapted]
         # a product stacked by nn.scan is quantized per layer, as a stacked Dense kernel is
-        roles, marked, axis = marker.roles, True, stack_axis(node, weight, a, b)
+        # (only with one weight: check_products refuses several stacked)
+        marker, axis = node[ROLES_NAME], adapted[0].layer
     else:
-        name, weight = "kernel", _kernel(node, where)
-        roles, marked, axis = _dense_roles(node, tuple(jnp.shape(weight)), where, layout)
-    if isinstance(node[name], meta.AxisMetadata):
-        raise ValueError(
-            f"{where} has a partitioned weight '{name}' ({type(node[name]).__name__}); "
-            "quantized weights keep no partitioning metadata"
-        )
-    return name, roles, marked, axis
+        kernel = _kernel(node, where)
+        roles, marked, axis = _dense_roles(node, tuple(jnp.shape(kernel)), where, layout)
+        weights, marker = [("kernel", roles)], ProductRoles("kernel", roles) if marked else None
+    for name, _ in weights:
+        if isinstance(node[name], meta.AxisMetadata):
+            raise ValueError(
+                f"{where} has a partitioned weight '{name}' ({type(node[name]).__name__}); "
+                "quantized weights keep no partitioning metadata"
+            )
+    return weights, marker, axis
 
 
 def _kernel(node: Any, where: str) -> Any:
@@ -424,28 +469,27 @@ def _iter_nodes(tree: Mapping, path: tuple[str, ...] = ()):
             yield from _iter_nodes(value, sub)
 
 
-def _drop_weights(tree: Mapping, path: tuple[str, ...], names: dict[str, str]) -> Mapping:
-    """``tree`` without the weight ``names[layer path]`` of each named layer."""
+def _drop_weights(tree: Mapping, path: tuple[str, ...], names: Mapping[str, set[str]]) -> Mapping:
+    """``tree`` without the weights ``names[layer path]`` of each named layer."""
     out = {}
     where = ".".join(path)
     for key, value in tree.items():
         sub = (*path, str(key))
         if isinstance(value, Mapping):
             out[key] = _drop_weights(value, sub, names)
-        elif not (where in names and key == names[where]):
+        elif key not in names.get(where, ()):
             out[key] = value
     return _like(tree, out)
 
 
-def _add_weights(tree: Mapping, path: tuple[str, ...], weights: dict[str, tuple]) -> Mapping:
-    """``tree`` with ``weights[layer path]`` = (name, value) put into each layer."""
+def _add_weights(tree: Mapping, path: tuple[str, ...], weights: Mapping[str, dict]) -> Mapping:
+    """``tree`` with ``weights[layer path]`` = {name: value} put into each layer."""
     out = {}
     for key, value in tree.items():
         sub = (*path, str(key))
         out[key] = _add_weights(value, sub, weights) if isinstance(value, Mapping) else value
     where = ".".join(path)
-    if where in weights:
-        name, value = weights[where]
+    for name, value in weights.get(where, {}).items():
         if name in out:
             raise ValueError(f"layer '{where}' has a '{name}' both in 'params' and in 'quant'")
         out[name] = value

@@ -20,8 +20,10 @@ A stack of such weights (``nn.scan`` / ``nnx.vmap`` layers: one weight with a la
 position ``axis``) is stored as its L layers, each quantized alone as above (its blocks never
 straddle two layers), their arrays stacked on a leading axis: a ``QuantizedWeight`` whose
 metadata is one layer's and whose arrays have L in front, so that a scan slicing them on
-axis 0 hands each layer its own quantized weight. The ``*_stack`` functions take the stacked
-weight with its layer axis where the params hold it (``axis``, None for an unstacked one).
+axis 0 hands each layer its own quantized weight. A stack of layers of experts (a scanned MoE,
+(L, E, …)) is the two at once: its arrays lead with (L, E), each (layer, expert) its own
+Linear. The ``*_stack`` functions take the stacked weight with its layer axis where the
+params hold it (``axis``, None for an unstacked one).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from jaxlora import kinds
 
 # as_linear/from_linear live beside Roles (the PiSSA/OLoRA init of jaxlora.product uses them too).
 from jaxlora.oplevel import Roles, as_linear, from_linear
-from jaxlora.quant._api import QuantizedWeight, dequantize, quantize, requantize, stack_length
+from jaxlora.quant._api import QuantizedWeight, dequantize, leading_axes, quantize, requantize
 
 
 def linear_roles(shape: tuple[int, ...]) -> Roles:
@@ -103,7 +105,7 @@ def dequantize_weight(q: QuantizedWeight, roles: Roles, dtype=None) -> jax.Array
         )
     if not roles.batch:
         return from_linear(dequantize(q, dtype), roles)
-    layer_length(q, roles, "dequantize")  # E experts' arrays, not a stack of layers' too
+    _one_layer(q, roles, "dequantize")  # E experts' arrays, not a stack of layers' too
     experts = jax.vmap(lambda e: from_linear(dequantize(e, dtype), one))(q)
     return _from_experts(experts, roles)
 
@@ -113,7 +115,7 @@ def requantize_weight(q: QuantizedWeight, roles: Roles, weight: jax.Array) -> Qu
     (expert by expert with batch axes)."""
     if not roles.batch:
         return requantize(q, as_linear(weight, roles))
-    layer_length(q, roles, "requantize")
+    _one_layer(q, roles, "requantize")
     if tuple(jnp.shape(weight)) != roles.shape:
         raise ValueError(f"requantize: weight shape {jnp.shape(weight)} != roles' {roles.shape}")
     one, first = expert_roles(roles), _layer(q, 0)
@@ -123,18 +125,34 @@ def requantize_weight(q: QuantizedWeight, roles: Roles, weight: jax.Array) -> Qu
 def layer_length(q: QuantizedWeight, roles: Roles, where: str) -> int | None:
     """L when ``q`` is a stack of L layers' quantized weights (``nn.scan``/``nnx.vmap``),
     None for one layer's. A weight with batch axes holds E experts' arrays (a leading axis E)
-    for one layer; anything else is a ``ValueError`` naming ``where``."""
-    length = stack_length(q, where)
-    if not roles.batch:
-        return length
+    for one layer, (L, E) in front for a stack of L layers of experts; anything else is a
+    ``ValueError`` naming ``where``."""
+    lead = leading_axes(q, where)
     count = expert_count(roles)
-    if length != count:
+    one: tuple[int, ...] = (count,) if roles.batch else ()
+    if lead == one or lead[1:] == one:
+        return lead[0] if len(lead) > len(one) else None
+    held = lead[0] if len(lead) == 1 else lead or 1  # Linears, or the (L, E) in front
+    if roles.batch:
         raise ValueError(
             f"{where}: a quantized weight of shape {roles.shape} with batch axes {roles.batch} "
-            f"(MoE experts) holds one quantized Linear per expert, {count} stacked in front; "
-            f"its arrays hold {length or 1} (a stack of layers of experts is not supported)"
+            f"(MoE experts) holds one quantized Linear per expert, {count} stacked in front "
+            f"((L, {count}) in front for a stack of L layers of them); its arrays hold {held}"
         )
-    return None
+    raise ValueError(
+        f"{where}: a quantized weight of shape {roles.shape} (no batch axes) holds one Linear, "
+        f"or a stack of L layers' (L in front); its arrays hold {lead} in front"
+    )
+
+
+def _one_layer(q: QuantizedWeight, roles: Roles, where: str) -> None:
+    """A ``ValueError`` unless ``q`` holds one layer's arrays (its experts' with batch axes)."""
+    length = layer_length(q, roles, where)
+    if length is not None:
+        raise ValueError(
+            f"{where}: the quantized weight of shape {roles.shape} is a stack of {length} "
+            "layers' (a leading layer axis); slice one layer (jax.tree.map(lambda x: x[i], q))"
+        )
 
 
 def _layers(weight: jax.Array, axis: int) -> list[jax.Array]:
@@ -156,12 +174,7 @@ def quantize_stack(weight: jax.Array, roles: Roles, axis: int | None, **options)
     stacked one, stacked in front: each layer's arrays are its unstacked twin's."""
     if axis is None:
         return quantize_weight(weight, roles, **options)
-    if roles.batch:  # its arrays would need two leading axes (layers, experts)
-        raise ValueError(
-            f"quantize: a stack of layers (layer axis {axis}) of a weight with batch axes "
-            f"{roles.batch} (MoE experts) cannot be quantized: a stored weight has one "
-            "leading axis, the experts'"
-        )
+    # with batch axes each layer's arrays lead with E: the stack's with (L, E)
     return _stacked([quantize_weight(w, roles, **options) for w in _layers(weight, axis)])
 
 
@@ -195,10 +208,10 @@ def stacked_shape(q: QuantizedWeight, roles: Roles, axis: int | None) -> tuple[i
 
 
 def _length(q: QuantizedWeight, roles: Roles) -> int:
-    length = stack_length(q, f"a stacked quantized weight of per-layer shape {roles.shape}")
+    where = f"a stacked quantized weight of per-layer shape {roles.shape}"
+    length = layer_length(q, roles, where)
     if length is None:
         raise ValueError(
-            f"a stacked quantized weight of per-layer shape {roles.shape} must hold arrays "
-            "with a leading layer axis; it holds one layer's"
+            f"{where} must hold arrays with a leading layer axis; it holds one layer's"
         )
     return length

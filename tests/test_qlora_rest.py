@@ -31,6 +31,7 @@ import jaxlora.quant
 from jaxlora.oplevel import Roles
 from jaxlora.product import ProductRoles
 from jaxlora.quant import _layout, quantize
+from tests import test_multiweight_rest as multi
 from tests import test_oplevel_moe_scan as moe
 from tests.test_linen_multiweight import CONFIG, WEIGHTS, S, X, _injected, _randomize
 
@@ -336,3 +337,44 @@ def test_a_stack_of_experts_with_the_wrong_counts_is_refused_by_name():
         _layout.dequantize_stack(q, other, 0)
     with pytest.raises(ValueError, match=r"dequantize: .*stack of 2 layers"):
         _layout.dequantize_weight(q, roles)
+
+
+class _QuantScanned(nn.Module):
+    """``tests/test_multiweight_rest.py``'s scanned gated MLP, 'quant' sliced on axis 0."""
+
+    axis: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(
+            multi.Layer,
+            variable_axes={"params": self.axis, "quant": 0},
+            split_rngs={"params": True},
+            length=multi.L,
+        )
+        return stack(name="layers")(x, None)[0]
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_scanned_module_with_several_weights_is_quantized_layer_by_layer_as_its_twin(axis):
+    """Several weights of one module inside nn.scan (adapted since the scanned multi-weight
+    change): each (layer, weight) quantized as the unrolled twin's, the forward and the
+    re-quantizing merge equal the twin's bit for bit."""
+    unrolled, _, scanned, x = multi._twins(axis)
+    q = jaxlora.quant.quantize_base({"params": scanned}, multi.CONFIG)
+    twin = jaxlora.quant.quantize_base({"params": unrolled}, multi.CONFIG)
+    node = q["quant"]["layers"]["mlp"]
+    for i in range(multi.L):
+        for weight in multi.WEIGHTS:
+            layer = jax.tree.map(lambda t, i=i: t[i], node[weight])
+            _same_bits(layer, twin["quant"][f"layers_{i}"]["mlp"][weight])
+    with jaxlora.intercept(multi.CONFIG):
+        got = _QuantScanned(axis).apply(q, x)
+        want = multi.Unrolled().apply(twin, x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    merged = jaxlora.merge(q, alpha=multi.CONFIG.alpha, requantize=True)["quant"]["layers"]["mlp"]
+    merged_twin = jaxlora.merge(twin, alpha=multi.CONFIG.alpha, requantize=True)["quant"]
+    for i in range(multi.L):
+        for weight in multi.WEIGHTS:
+            layer = jax.tree.map(lambda t, i=i: t[i], merged[weight])
+            _same_bits(layer, merged_twin[f"layers_{i}"]["mlp"][weight])

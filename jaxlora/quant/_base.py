@@ -333,18 +333,13 @@ def _quantized_layer(tree: Mapping, weights: dict, marker, where: str):
                 f"several with distinct weights sorted by name, got {marker!r}"
             ) from None
     extra = sorted(set(tree) - {*named, ROLES, STACK, STACK_INDEX})
-    stacked = STACK in tree and len(named) > 1  # check_products refuses several stacked
-    if not set(named) <= set(weights) or extra or stacked:
+    if not set(named) <= set(weights) or extra:
         what = "one QuantizedWeight named" if len(named) == 1 else "QuantizedWeights named"
         raise ValueError(
             f"'quant' collection: layer '{where}' holds {sorted(tree)}; expected {what} "
             f"{sorted(named)}"
             + (f" and its '{ROLES}'" if marker else "")
-            + (
-                f" (and a '{STACK}' record and '{STACK_INDEX}' if it is an nn.scan stack)"
-                if len(named) == 1
-                else " (several weights of one module are never an nn.scan stack)"
-            )
+            + f" (and a '{STACK}' record and '{STACK_INDEX}' if it is an nn.scan stack)"
         )
     return [
         (
@@ -374,7 +369,7 @@ def _target(node: Any, where: str, layout: Any = None):
         adapted = check_products(node, where, stacked=True)
         weights = [(one.weight, one.marker.roles) for one in adapted]
         # a product stacked by nn.scan is quantized per layer, as a stacked Dense kernel is
-        # (only with one weight: check_products refuses several stacked)
+        # (several weights of one module: each stacked alike, check_products checks)
         marker, axis = node[ROLES_NAME], adapted[0].layer
     else:
         kernel = _kernel(node, where)

@@ -169,8 +169,11 @@ class LoRAConfig:
             target_parameters=peft_config.get("target_parameters") or (),
         )
 
-    def select(self, paths: Iterable[str], *, strict: bool = True) -> list[str]:
-        """The paths that match, or a ``ValueError`` listing the paths that exist.
+    def select(
+        self, paths: Iterable[str], *, strict: bool = True, listed: Iterable[str] | None = None
+    ) -> list[str]:
+        """The paths that match, or a ``ValueError`` listing the paths that exist (``listed``:
+        the ones to name, where ``paths`` also holds names a layer may turn out to have).
 
         With ``strict`` (what ``inject`` uses) a ``targets`` list entry, or a ``rank_pattern``/
         ``alpha_pattern`` key, that matches none of the paths is an error too: a typo would
@@ -179,14 +182,15 @@ class LoRAConfig:
         reads, and the file's tensors say exactly which layers it adapts.
         """
         paths = list(paths)
+        listed = paths if listed is None else list(listed)
         chosen = [p for p in paths if self.matches(p)]
-        listed = ", ".join(p for p in paths if p) or "(none)"
         if not chosen:
             raise ValueError(
-                f"targets {self.targets!r} match no layer; the layer paths are: {listed}"
+                f"targets {self.targets!r} match no layer; the layer paths are: "
+                f"{', '.join(p for p in listed if p) or '(none)'}"
             )
         if strict:
-            self.check_unmatched(paths, chosen)
+            self.check_unmatched(paths, chosen, listed=listed)
         return chosen
 
     def select_parameters(self, keys: Iterable[str]) -> list[str]:
@@ -210,17 +214,21 @@ class LoRAConfig:
                 )
         return [k for k in keys if any(hit(k, e) for e in self.target_parameters)]
 
-    def check_unmatched(self, paths: Iterable[str], adapted: Iterable[str]) -> None:
-        """A ``ValueError`` for a ``targets`` list entry that matches none of ``paths``, or a
-        ``rank_pattern``/``alpha_pattern`` key that matches none of the ``adapted`` paths (which
-        may include other names of the same layers, as torch's aliased modules have)."""
+    def check_unmatched(
+        self, paths: Iterable[str], adapted: Iterable[str], listed: Iterable[str] | None = None
+    ) -> None:
+        """A ``ValueError`` for a ``targets`` list entry that matches none of ``paths`` (the
+        message names ``listed``, by default ``paths``), or a ``rank_pattern``/``alpha_pattern``
+        key that matches none of the ``adapted`` paths (which may include other names of the
+        same layers, as torch's aliased modules have)."""
         paths, adapted = list(paths), list(adapted)
+        listed = paths if listed is None else list(listed)
         if not isinstance(self.targets, str):
             for entry in self.targets:
                 if not any(p == entry or p.endswith("." + entry) for p in paths):
                     raise ValueError(
                         f"targets entry {entry!r} matches no layer (a typo?); the layer paths "
-                        f"are: {', '.join(p for p in paths if p) or '(none)'}"
+                        f"are: {', '.join(p for p in listed if p) or '(none)'}"
                     )
         for field in ("rank_pattern", "alpha_pattern"):
             for key in getattr(self, field):

@@ -77,8 +77,11 @@ def select(
     per-layer paths of layers not yet known to be stacks: chosen by any of them, to be
     selected again once known (``select`` without ``maybe``)."""
     maybe = {k: v for k, v in (maybe or {}).items() if k not in per_layer}
-    every = [*paths, *(p for ps in [*per_layer.values(), *maybe.values()] for p in ps)]
-    matched = set(config.select(every))
+    known = [*paths, *(p for ps in per_layer.values() for p in ps)]
+    # A refusal names the paths that exist, not every per-layer path a module might have if
+    # it were a stack (a (V, D) embedding would add V of them).
+    every = [*known, *(p for ps in maybe.values() for p in ps)]
+    matched = set(config.select(every, listed=known))
     chosen = []
     for path in paths:
         layers = per_layer.get(path, maybe.get(path, []))

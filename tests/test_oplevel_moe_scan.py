@@ -627,6 +627,24 @@ def test_per_layer_targets_that_split_a_product_stack_are_refused(case):
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)), before)
 
 
+def test_a_target_matching_nothing_lists_only_the_paths_that_exist():
+    """A module adapted at its product could be a stack until traced, so targets are matched
+    against the per-layer paths it would have as one too; the refusal used to list all of
+    them (tunix Gemma3's (V, D) embedding: 'embedder.0' … 'embedder.127', thousands of
+    names that do not exist)."""
+    from tests.test_oplevel_scan import NnxUnrolled, _inputs
+
+    model = NnxUnrolled(nnx.Rngs(0))
+    before = nnx.to_pure_dict(nnx.state(model))
+    with pytest.raises(ValueError, match="match no layer") as err:
+        jnnx.inject(model, LoRAConfig(r=2, targets=["qq"]), nnx.Rngs(1), inputs=(_inputs(),))
+    listed = str(err.value).split("the layer paths are: ")[1].split(", ")
+    assert set(listed) == {
+        ".".join(map(str, path)) for path, _ in nnx.iter_modules(model) if path
+    }, listed
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)), before)
+
+
 def test_per_layer_names_a_product_module_would_have_as_a_stack_do_not_choose_it():
     """Unrolled layers (nnx.List): 'layers.1.q' could have been layer 0 of a stack at
     'layers.{i}.1.q'; traced, it is not a stack, so a target matching only that name leaves

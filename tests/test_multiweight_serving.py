@@ -13,15 +13,22 @@ layer (and the weight) and change nothing.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import jaxlora
 from jaxlora import LoRAConfig
 from jaxlora import nnx as jnnx
 from tests.test_multi_oplevel import _same, _state
+from tests.test_multiweight_rest import CONFIG, L, _random_b, _twins
+from tests.test_multiweight_rest import D as D_LINEN
+from tests.test_multiweight_rest import F as F_LINEN
+from tests.test_multiweight_rest import R as R_LINEN
 from tests.test_oplevel_multiweight import (
     ALPHA,
     WEIGHTS,
@@ -32,12 +39,14 @@ from tests.test_oplevel_multiweight import (
     _reference,
     _Stacked,
 )
+from tests.test_scan_axis import _rel_err
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 TOL = 1e-6
 RANKS_ALPHAS = [(2, ALPHA), (1, 5.0)]  # two ranks and scales in one stack
 X = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2, D)), jnp.float32)  # 3 examples
+X_LINEN = jnp.asarray(np.random.default_rng(3).normal(size=(3, 3, D_LINEN)), jnp.float32)
 
 
 def _sources() -> tuple[Block, list[Block]]:
@@ -252,3 +261,116 @@ class Swapped(nnx.Module):
 
     def __call__(self, x):
         return self.mlp(x)
+
+
+# ------------------------------------------- Linen: a module with several weights in nn.scan
+
+
+@functools.cache
+def _linen_adapters(axis: int):
+    """(scanned model, plain base, [(adapter, config)] ×2): the scanned gated MLP of
+    ``tests.test_multiweight_rest`` (its unrolled twin's weights), two adapters of the same
+    base with their own B and alpha."""
+    _, model, scanned, _ = _twins(axis)
+    other = LoRAConfig(r=R_LINEN, alpha=5.0, targets=["mlp"])
+    adapters = [(scanned, CONFIG), (_random_b(scanned, seed=9), other)]
+    return model, jaxlora.split(scanned)[1], adapters
+
+
+def _linen_served(model):
+    traces = []
+
+    @jax.jit
+    def served(stack, base, x, index):
+        traces.append(1)  # runs once per trace
+        with jaxlora.intercept_stack(stack, index):
+            return model.apply({"params": stack.params(base)}, x)
+
+    return served, traces
+
+
+@functools.cache
+def _linen_alone(axis: int) -> dict:
+    """{adapter index: the model's output with that adapter alone (-1: the base)}."""
+    model, base, adapters = _linen_adapters(axis)
+    out = {-1: model.apply({"params": base}, X_LINEN)}
+    for i, (params, config) in enumerate(adapters):
+        with jaxlora.intercept(config):
+            out[i] = model.apply({"params": params}, X_LINEN)
+    return out
+
+
+def _row_close(got, want) -> None:
+    assert _rel_err(got, want) < TOL, _rel_err(got, want)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_linen_scanned_rows_equal_their_single_adapter_models(axis):
+    """Used to be refused ('stacked (nn.scan ...), which this operation does not handle'):
+    each weight's stack holds every layer (N, L, ...), and reaches the scan body through the
+    params (stack.params), sliced per layer as the weights are."""
+    model, base, adapters = _linen_adapters(axis)
+    stack = jaxlora.stack_adapters(adapters, capacity=3)
+    keys = tuple(f"layers.mlp.{w}" for w in WEIGHTS)
+    assert stack.scanned == tuple((k, axis) for k in keys)
+    assert stack.modules == (("layers.mlp", keys),)
+    assert stack.lora_a["layers.mlp.w_down"].shape == (3, L, F_LINEN, R_LINEN)
+    assert stack.lora_b["layers.mlp.w_up"].shape == (3, L, R_LINEN, F_LINEN)
+    node = stack.params(base)["layers"]["mlp"]  # the layer axis where the scan slices it
+    at_axis = np.moveaxis(np.empty((L, 3, D_LINEN, R_LINEN)), 0, axis).shape
+    assert node["w_up_lora_served_a"].shape == at_axis
+    assert "w_up_lora_a" not in node and "lora_roles" not in node
+    served, _ = _linen_served(model)
+    index = jnp.array([1, -1, 0])
+    got = served(stack, base, X_LINEN, index)
+    alone = _linen_alone(axis)
+    assert _rel_err(alone[0], alone[-1]) > 1e-2 and _rel_err(alone[1], alone[0]) > 1e-2
+    for row, i in enumerate(np.asarray(index)):
+        _row_close(got[row], alone[int(i)][row])
+    np.testing.assert_array_equal(got[1], alone[-1][1])  # the base row bit for bit
+
+
+def test_linen_scanned_slots_set_replace_clear_without_a_retrace():
+    model, base, adapters = _linen_adapters(1)
+    stack = jaxlora.stack_adapters(adapters[:1], capacity=3)
+    served, traces = _linen_served(model)
+    alone = _linen_alone(1)
+    y = served(stack, base, X_LINEN, jnp.array([0, -1, 0]))
+    _row_close(y[2], alone[0][2])
+    stack = stack.set(2, *adapters[1]).set(0, *adapters[1])  # added, replaced
+    y = served(stack, base, X_LINEN, jnp.array([2, 0, -1]))
+    _row_close(y[0], alone[1][0])
+    _row_close(y[1], alone[1][1])
+    np.testing.assert_array_equal(y[2], alone[-1][2])
+    stack = stack.clear(0)
+    y = served(stack, base, X_LINEN, jnp.array([-1, 2, 2]))
+    np.testing.assert_array_equal(y[0], alone[-1][0])
+    _row_close(y[1], alone[1][1])
+    assert len(traces) == 1
+    y = served(stack, base, X_LINEN, jnp.array([0, -1, 2]))  # traced: the emptied slot is NaN
+    assert np.isnan(np.asarray(y[0])).all() and not np.isnan(np.asarray(y[1:])).any()
+    with pytest.raises(ValueError, match=r"adapter index values \[0\] name no adapter"):
+        with jaxlora.intercept_stack(stack, jnp.array([0, -1, 2])):  # concrete: refused
+            model.apply({"params": stack.params(base)}, X_LINEN)
+
+
+def test_linen_scanned_refusals_name_the_layer_and_change_nothing():
+    model, base, adapters = _linen_adapters(0)
+    stack = jaxlora.stack_adapters(adapters[:1], capacity=2)
+    before = jax.tree.map(np.asarray, stack)
+    index = jnp.zeros(X_LINEN.shape[0], jnp.int32)
+    # made for the layer axis 1: another layout of the same base
+    _, _, on_axis_1 = _linen_adapters(1)
+    with pytest.raises(ValueError, match=r"layer 'layers.mlp.w_down'.*another base model"):
+        stack.set(1, *on_axis_1[1])
+    # params made by a stack of another capacity: not this stack's slices
+    wider = jaxlora.stack_adapters(adapters[:1], capacity=3)
+    with pytest.raises(ValueError, match=r"layer 'layers.mlp', weight 'w_down': 'w_down_lora_s"):
+        with jaxlora.intercept_stack(stack, index):
+            model.apply({"params": wider.params(base)}, X_LINEN)
+    with pytest.raises(ValueError, match=r"layer 'layers.mlp' already holds 'w_down_lora_served"):
+        stack.params(stack.params(base))
+    with pytest.raises(ValueError, match=r"the base has no module 'layers.mlp' \(at 'layers'\)"):
+        stack.params({"other": base["layers"]})
+    after = jax.tree.map(np.asarray, stack)
+    assert jax.tree.all(jax.tree.map(np.array_equal, before, after))

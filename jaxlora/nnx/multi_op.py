@@ -5,8 +5,8 @@ type (``MultiLoRA<Type>``, mixing in ``MultiOpAdapter``) holding the same base v
 instead of one adapter, a stack: ``lora_a`` (N, C…, R), ``lora_b`` (N, R, F…), ``scale`` and
 ``occupied`` (N,) as ``StackedAdapter`` variables (``jaxlora.multi_oplevel``'s layout); a
 module with several adapted weights ``<weight>_lora_a``/``<weight>_lora_b`` per weight. Its call
-is the original call's jaxpr with each example's branch added at the product
-(``jaxlora.multi_oplevel.gathered``) at each weight's product, after checking that each
+is the original call's jaxpr with each example's branch added
+at each weight's product (``jaxlora.multi_oplevel.gathered``), after checking that each
 product's activation holds the examples on its axis 0 alone.
 """
 

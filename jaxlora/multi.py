@@ -31,6 +31,13 @@ weight's product: Linen adapters holding ``lora_roles``, NNX ``OpAdapter``; see
 several adapted weights (``<weight>_lora_a``) is one layer of the stack per weight, keyed
 ``<module path>.<weight>`` (as ``path_map`` keys them; ``AdapterStack.modules`` groups them),
 each served at its own product; its weights share the module's r and alpha.
+
+Layers adapted at their weight's product inside ``nn.scan`` (one weight or several) are
+stacked as one layer's are, for every layer: ``lora_a`` (N, L, C…, R), ``lora_b`` (N, L, R,
+F…). The scan body sees one layer's call, so these stacks reach it as the weights do,
+through the params: ``AdapterStack.params(base)`` puts them beside their weights with the
+layer axis where the scan's ``variable_axes`` slices it, and each layer's call reads its own
+slice (N, C…, R). Linear layers (``nn.Dense``) inside ``nn.scan`` are refused by stacks.
 """
 
 from __future__ import annotations
@@ -108,7 +115,7 @@ class AdapterStack:
         Raises:
             ValueError: a slot outside [0, capacity), a rank above the stack's, other layers
                 than the stack's, a base kernel of another shape (or used in its product
-                otherwise), a non-linear or stacked (scanned) layer, a product with batch
+                otherwise), a non-linear or a linear stacked (scanned) layer, a product with batch
                 axes, a rank that disagrees with ``config``, non-finite values.
         """
         _check_slot(slot, self.capacity)
@@ -163,7 +170,9 @@ class AdapterStack:
                     )
                 node[part] = dict(node[part])
                 node = node[part]
-            for name, x in zip(served_names(weight), (self.lora_a[key], self.lora_b[key])):
+            for name, x in zip(
+                served_names(weight), (self.lora_a[key], self.lora_b[key]), strict=True
+            ):
                 if name in node:
                     raise ValueError(
                         f"AdapterStack.params: layer '{module}' already holds '{name}': pass "

@@ -42,7 +42,9 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
     ``jaxlora.split`` them off), the examples on axis 0 of every stacked layer's input (for
     a layer adapted at its weight's product: of the product's activation, and only there). Enter it
     inside the jitted function, with the stack and the index as its arguments: replacing an
-    adapter in the stack (same capacity and rank) then reuses the compiled forward.
+    adapter in the stack (same capacity and rank) then reuses the compiled forward. A stack
+    with layers adapted inside ``nn.scan`` (``stack.scanned``) needs the params of
+    ``stack.params(base)`` instead, which carry those layers' stacks into the scan body.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -64,8 +66,9 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
             a stacked layer whose kernel or input does not match the stack; a layer adapted
             at its weight's product whose call uses the weight otherwise than the stack's
             roles, or whose product's activation does not hold the examples on its axis 0
-            alone; a stack layer the model never called (on leaving the context); nesting
-            with ``jaxlora.intercept``.
+            alone; a layer of ``stack.scanned`` whose stacks are not in the params as
+            ``stack.params`` puts them (one layer's slice each); a stack layer the model
+            never called (on leaving the context); nesting with ``jaxlora.intercept``.
     """
     if not isinstance(stack, multi.AdapterStack):
         raise TypeError(f"intercept_stack: expected an AdapterStack, got {type(stack).__name__}")
@@ -173,8 +176,10 @@ class _StackState(_State):
                 f"the scan body through the params, which lack {missing}: apply the model on "
                 "stack.params(base) within intercept_stack"
             )
-        out = tuple(module.get_variable("params", n) for n in names)
-        for name, value, full in zip(names, out, (self.stack.lora_a, self.stack.lora_b)):
+        out: tuple[Any, ...] = tuple(module.get_variable("params", n) for n in names)
+        for name, value, full in zip(
+            names, out, (self.stack.lora_a, self.stack.lora_b), strict=True
+        ):
             want = (full[key].shape[0], *full[key].shape[2:])
             if tuple(jnp.shape(value)) != want:
                 raise ValueError(

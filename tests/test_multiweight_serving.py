@@ -25,7 +25,7 @@ import jaxlora
 from jaxlora import LoRAConfig
 from jaxlora import nnx as jnnx
 from tests.test_multi_oplevel import _same, _state
-from tests.test_multiweight_rest import CONFIG, L, _random_b, _twins
+from tests.test_multiweight_rest import CONFIG, L, Scanned, _injected, _random_b
 from tests.test_multiweight_rest import D as D_LINEN
 from tests.test_multiweight_rest import F as F_LINEN
 from tests.test_multiweight_rest import R as R_LINEN
@@ -269,12 +269,25 @@ class Swapped(nnx.Module):
 @functools.cache
 def _linen_adapters(axis: int):
     """(scanned model, plain base, [(adapter, config)] ×2): the scanned gated MLP of
-    ``tests.test_multiweight_rest`` (its unrolled twin's weights), two adapters of the same
-    base with their own B and alpha."""
-    _, model, scanned, _ = _twins(axis)
+    ``tests.test_multiweight_rest`` (layer axis ``axis``), two adapters of the same base,
+    every B random, with their own alpha."""
+    model = Scanned(axis)
+    scanned = _random_b(_injected(model, X_LINEN))
     other = LoRAConfig(r=R_LINEN, alpha=5.0, targets=["mlp"])
-    adapters = [(scanned, CONFIG), (_random_b(scanned, seed=9), other)]
+    adapters = [(scanned, CONFIG), (_other_b(scanned), other)]
     return model, jaxlora.split(scanned)[1], adapters
+
+
+def _other_b(params):
+    """Every ``<weight>_lora_b`` another non-zero value (numpy: no compile per shape)."""
+
+    def other(path, v):
+        name = getattr(path[-1], "key", "")
+        if isinstance(name, str) and name.endswith("lora_b"):
+            return jnp.asarray(-0.7 * np.flip(np.asarray(v)) + 0.05)
+        return v
+
+    return jax.tree_util.tree_map_with_path(other, params)
 
 
 def _linen_served(model):
@@ -374,3 +387,23 @@ def test_linen_scanned_refusals_name_the_layer_and_change_nothing():
         stack.params({"other": base["layers"]})
     after = jax.tree.map(np.asarray, stack)
     assert jax.tree.all(jax.tree.map(np.array_equal, before, after))
+
+
+def test_linen_scanned_one_weight_module_is_served_by_the_same_mechanism():
+    """One weight of the scanned module adapted (lora_a/lora_b, a one-weight module): its
+    stack is keyed by the module and passed as 'lora_served_a'/'_b'."""
+    model, base, _ = _linen_adapters(1)
+    config = LoRAConfig(r=1, alpha=2.0, targets=[], target_parameters=["layers.mlp.w_up"])
+    layouts = jaxlora.layouts(model, X_LINEN)
+    lora = _other_b(jaxlora.inject(base, config, jax.random.key(4), layouts=layouts))
+    stack = jaxlora.stack_adapters([(lora, config)], capacity=2)
+    assert stack.scanned == (("layers.mlp", 1),) and stack.modules == ()
+    assert stack.params(base)["layers"]["mlp"]["lora_served_b"].shape == (2, L, 1, F_LINEN)
+    served, _ = _linen_served(model)
+    got = served(stack, base, X_LINEN, jnp.array([0, -1, 0]))
+    with jaxlora.intercept(config):
+        want = model.apply({"params": lora}, X_LINEN)
+    assert _rel_err(want, _linen_alone(1)[-1]) > 1e-2  # the adapter matters
+    for row in (0, 2):
+        _row_close(got[row], want[row])
+    np.testing.assert_array_equal(got[1], _linen_alone(1)[-1][1])

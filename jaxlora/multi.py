@@ -31,6 +31,13 @@ weight's product: Linen adapters holding ``lora_roles``, NNX ``OpAdapter``; see
 several adapted weights (``<weight>_lora_a``) is one layer of the stack per weight, keyed
 ``<module path>.<weight>`` (as ``path_map`` keys them; ``AdapterStack.modules`` groups them),
 each served at its own product; its weights share the module's r and alpha.
+
+Layers adapted at their weight's product inside ``nn.scan`` (one weight or several) are
+stacked as one layer's are, for every layer: ``lora_a`` (N, L, C…, R), ``lora_b`` (N, L, R,
+F…). The scan body sees one layer's call, so these stacks reach it as the weights do,
+through the params: ``AdapterStack.params(base)`` puts them beside their weights with the
+layer axis where the scan's ``variable_axes`` slices it, and each layer's call reads its own
+slice (N, C…, R). Linear layers (``nn.Dense``) inside ``nn.scan`` are refused by stacks.
 """
 
 from __future__ import annotations
@@ -48,7 +55,14 @@ from jaxlora import core, kinds, product
 from jaxlora.config import LoRAConfig
 from jaxlora.tree import ROLES_NAME, iter_lora_layers, path_str
 
-__all__ = ["AdapterStack", "check_index", "gathered_branch", "pad_rank", "stack_adapters"]
+__all__ = [
+    "AdapterStack",
+    "check_index",
+    "gathered_branch",
+    "pad_rank",
+    "served_names",
+    "stack_adapters",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +80,10 @@ class AdapterStack:
         modules: static ((module path, (its keys, ...)), ...) of the modules with several
             adapted weights (``<weight>_lora_a``): each weight is a layer of the stack keyed
             ``<module path>.<weight>`` (as ``path_map`` keys them), served at its own product.
+        scanned: static ((layer path, layer axis), ...) of the layers adapted at their
+            weight's product inside ``nn.scan`` (``variable_axes={"params": axis}``): their
+            stacks hold every layer, ``lora_a`` (N, L, C…, R), ``lora_b`` (N, L, R, F…), and
+            reach the scan body through the params (``AdapterStack.params``).
     """
 
     lora_a: dict[str, jax.Array]
@@ -75,6 +93,7 @@ class AdapterStack:
     kernels: tuple[tuple[str, tuple[int, ...]], ...]
     roles: tuple[tuple[str, product.ProductRoles], ...] = ()
     modules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    scanned: tuple[tuple[str, int], ...] = ()
 
     @property
     def capacity(self) -> int:
@@ -96,12 +115,17 @@ class AdapterStack:
         Raises:
             ValueError: a slot outside [0, capacity), a rank above the stack's, other layers
                 than the stack's, a base kernel of another shape (or used in its product
-                otherwise), a non-linear or stacked (scanned) layer, a product with batch
+                otherwise), a non-linear or a linear stacked (scanned) layer, a product with batch
                 axes, a rank that disagrees with ``config``, non-finite values.
         """
         _check_slot(slot, self.capacity)
         layers = _adapter_layers(params, config, self.rank)
         _check_same_layers(self.paths, layers, dict(self.kernels), dict(self.roles))
+        if _scanned(layers) != self.scanned:
+            raise ValueError(
+                f"the adapter's layers stacked by nn.scan (path, layer axis) {_scanned(layers)} "
+                f"are not the stack's {self.scanned}: it was made for another base model"
+            )
         if _modules(layers) != self.modules:
             raise ValueError(
                 f"the adapter's modules with several adapted weights {_modules(layers)} are "
@@ -115,6 +139,47 @@ class AdapterStack:
         return dataclasses.replace(
             self, lora_a=a, lora_b=b, scale=scale, occupied=self.occupied.at[slot].set(True)
         )
+
+    def params(self, base: Mapping[str, Any]) -> Any:
+        """``base`` (the plain base params, bare or under ``"params"``) with the stacks of the
+        layers adapted inside ``nn.scan`` (``scanned``) beside their weights, so that the scan
+        slices them per layer as it slices the weights: ``lora_served_a`` (N, C…, R) and
+        ``lora_served_b`` (N, R, F…) per layer (``<weight>_lora_served_a``/``_b`` per weight
+        of several, ``served_names``), the layer axis where the scan's ``variable_axes`` puts
+        it. Call it inside the jitted function, on the stack passed as its argument, and
+        apply the model on the result within ``intercept_stack``; ``base`` itself (no copy)
+        when no layer is scanned.
+
+        Raises:
+            ValueError: ``base`` lacks a scanned layer's module or already holds its names.
+        """
+        if not self.scanned:
+            return base
+        wrapped = "params" in base and isinstance(base["params"], Mapping)
+        tree = dict(base["params"] if wrapped else base)
+        modules = {key: m for m, keys in self.modules for key in keys}
+        for key, axis in self.scanned:
+            module = modules.get(key, key)
+            weight = key[len(module) + 1 :] if key in modules else None
+            node = tree
+            for part in module.split("."):
+                if not isinstance(node.get(part), Mapping):
+                    raise ValueError(
+                        f"AdapterStack.params: the base has no module '{module}' (at '{part}') "
+                        "for the stack's layer stacked by nn.scan: a stack of another model?"
+                    )
+                node[part] = dict(node[part])
+                node = node[part]
+            for name, x in zip(
+                served_names(weight), (self.lora_a[key], self.lora_b[key]), strict=True
+            ):
+                if name in node:
+                    raise ValueError(
+                        f"AdapterStack.params: layer '{module}' already holds '{name}': pass "
+                        "the plain base, not a tree this method made"
+                    )
+                node[name] = kinds.from_front(jnp.moveaxis(x, 1, 0), axis)
+        return {**base, "params": tree} if wrapped else tree
 
     def clear(self, slot: int) -> AdapterStack:
         """A new stack with ``slot`` empty (zeros, scale 0); indexing it is then an error."""
@@ -132,8 +197,16 @@ class AdapterStack:
 jax.tree_util.register_dataclass(
     AdapterStack,
     data_fields=["lora_a", "lora_b", "scale", "occupied"],
-    meta_fields=["kernels", "roles", "modules"],
+    meta_fields=["kernels", "roles", "modules", "scanned"],
 )
+
+
+def served_names(weight: str | None) -> tuple[str, str]:
+    """The params names under which ``AdapterStack.params`` passes a scanned layer's stacks
+    into ``nn.scan``: ``lora_served_a``/``lora_served_b``, or ``<weight>_lora_served_a``/``_b``
+    per weight of a module with several (not LoRA leaves: ``jaxlora.tree.is_lora_name``)."""
+    prefix = "" if weight is None else f"{weight}_"
+    return f"{prefix}lora_served_a", f"{prefix}lora_served_b"
 
 
 def stack_adapters(
@@ -182,7 +255,7 @@ def stack_adapters(
             for p, layer in first.items()
         },
         lora_b={
-            p: jnp.zeros((capacity, rank, *layer.b.shape[1:]), layer.b.dtype)
+            p: jnp.zeros((capacity, *_b_shape(layer, rank)), layer.b.dtype)
             for p, layer in first.items()
         },
         scale={p: jnp.zeros((capacity,), jnp.float32) for p in first},
@@ -190,6 +263,7 @@ def stack_adapters(
         kernels=tuple((p, layer.kernel) for p, layer in first.items()),
         roles=tuple((p, layer.roles) for p, layer in first.items() if layer.roles is not None),
         modules=_modules(first),
+        scanned=_scanned(first),
     )
     for slot, (params, config) in enumerate(adapters):
         empty = empty.set(slot, params, config)
@@ -198,11 +272,23 @@ def stack_adapters(
 
 class _Layer(NamedTuple):
     kernel: tuple[int, ...]  # the base weight's shape
-    a: jax.Array  # lora_a, padded to the stack's rank
-    b: jax.Array
+    a: jax.Array  # lora_a, padded to the stack's rank (a scanned layer's: (L, C…, R))
+    b: jax.Array  # (R, F…); a scanned layer's (L, R, F…)
     scale: float
     roles: product.ProductRoles | None  # for an adapter made at its weight's product
     module: str | None = None  # the module path of one of several adapted weights
+    layer: int | None = None  # the nn.scan layer axis of the params, for a scanned layer
+
+
+def _b_shape(layer: _Layer, rank: int) -> tuple[int, ...]:
+    """One slot's ``lora_b`` shape at the stack's ``rank`` (after a scanned layer's L)."""
+    lead = 0 if layer.layer is None else 1
+    return (*layer.b.shape[:lead], rank, *layer.b.shape[lead + 1 :])
+
+
+def _scanned(layers: Mapping[str, _Layer]) -> tuple[tuple[str, int], ...]:
+    """((key, layer axis), ...) of the layers stacked by nn.scan."""
+    return tuple((k, layer.layer) for k, layer in sorted(layers.items()) if layer.layer is not None)
 
 
 def _modules(layers: Mapping[str, _Layer]) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -237,19 +323,25 @@ def _adapter_layers(params: Mapping[str, Any], config: LoRAConfig, rank: int | N
             )
         if len(weights) > 1:  # one r and alpha for the module: refuse per-weight patterns
             product.check_module_patterns(config, name, [w for w, *_ in weights], where)
-        for weight, kernel, a, b, roles in weights:
+        for weight, kernel, a, b, roles, axis in weights:
             key = name if weight is None else f"{name}.{weight}"
             at = where if weight is None else f"{where}, weight '{weight}'"
-            layer = _one_layer(kernel, a, b, roles, config, name, rank, at)
+            layer = _one_layer(kernel, a, b, roles, config, name, rank, at, axis)
             layers[key] = layer if weight is None else layer._replace(module=name)
     if not layers:
         raise ValueError("the adapter's params tree holds no 'lora_a'/'lora_b' leaves")
     return layers
 
 
-def _one_layer(kernel, a, b, roles, config: LoRAConfig, name: str, rank, where: str) -> _Layer:
+def _one_layer(
+    kernel, a, b, roles, config: LoRAConfig, name: str, rank, where: str, axis: int | None
+) -> _Layer:
     """One stacked layer (a weight of a module with several: its own), checked: its rank is
-    the config's for the module ``name``, within the stack's ``rank``, its values finite."""
+    the config's for the module ``name``, within the stack's ``rank``, its values finite. A
+    layer stacked by nn.scan on ``axis`` keeps every layer's factors, the layer axis in front
+    (each layer's padded as one layer's is)."""
+    if axis is not None:
+        a, b = kinds.to_front(jnp.asarray(a), axis), kinds.to_front(jnp.asarray(b), axis)
     r = int(a.shape[-1])
     if r != config.rank_for(name):
         raise ValueError(
@@ -265,24 +357,29 @@ def _one_layer(kernel, a, b, roles, config: LoRAConfig, name: str, rank, where: 
         )
     target = r if rank is None else rank
     scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
-    return _Layer(tuple(np.shape(kernel)), *pad_rank(a, b, target), scale, roles)
+    pad = (
+        (lambda a, b: pad_rank(a, b, target))
+        if axis is None
+        else jax.vmap(lambda a, b: pad_rank(a, b, target))
+    )
+    return _Layer(tuple(np.shape(kernel)), *pad(a, b), scale, roles, None, axis)
 
 
 def _factors(node: Mapping[str, Any], where: str) -> list[tuple]:
-    """[(weight name or None, base weight, lora_a, lora_b, ``ProductRoles`` or None)] of a
-    linear layer's or an op-level adapter's node: one entry, or one per weight of a module
-    with several adapted weights (named); a ``ValueError`` for any other kind."""
+    """[(weight name or None, base weight, lora_a, lora_b, ``ProductRoles`` or None, nn.scan
+    layer axis or None)] of a linear layer's or an op-level adapter's node: one entry, or one
+    per weight of a module with several adapted weights (named); a ``ValueError`` for any
+    other kind (a linear layer stacked by nn.scan included)."""
     if ROLES_NAME in node:
-        adapted = product.check_products(node, where)
+        adapted = product.check_products(node, where, stacked=True)
         several = len(adapted) > 1
         out = []
         for one in adapted:
             check_no_batch(
                 one.marker.roles, f"{where}, weight '{one.weight}'" if several else where
             )
-            out.append(
-                (one.weight if several else None, one.value, one.lora_a, one.lora_b, one.marker)
-            )
+            weight = one.weight if several else None
+            out.append((weight, one.value, one.lora_a, one.lora_b, one.marker, one.layer))
         return out
     kind, _, kernel, a, b = kinds.check_layer(node, where)
     if kind != "linear":
@@ -290,7 +387,7 @@ def _factors(node: Mapping[str, Any], where: str) -> list[tuple]:
             f"{where} holds a {kind} adapter: only linear layers and adapters made at a "
             "weight's product can be stacked"
         )
-    return [(None, kernel, a, b, None)]
+    return [(None, kernel, a, b, None, None)]
 
 
 def check_no_batch(roles: Any, where: str) -> None:

@@ -42,7 +42,9 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
     ``jaxlora.split`` them off), the examples on axis 0 of every stacked layer's input (for
     a layer adapted at its weight's product: of the product's activation, and only there). Enter it
     inside the jitted function, with the stack and the index as its arguments: replacing an
-    adapter in the stack (same capacity and rank) then reuses the compiled forward.
+    adapter in the stack (same capacity and rank) then reuses the compiled forward. A stack
+    with layers adapted inside ``nn.scan`` (``stack.scanned``) needs the params of
+    ``stack.params(base)`` instead, which carry those layers' stacks into the scan body.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -64,8 +66,9 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
             a stacked layer whose kernel or input does not match the stack; a layer adapted
             at its weight's product whose call uses the weight otherwise than the stack's
             roles, or whose product's activation does not hold the examples on its axis 0
-            alone; a stack layer the model never called (on leaving the context); nesting
-            with ``jaxlora.intercept``.
+            alone; a layer of ``stack.scanned`` whose stacks are not in the params as
+            ``stack.params`` puts them (one layer's slice each); a stack layer the model
+            never called (on leaving the context); nesting with ``jaxlora.intercept``.
     """
     if not isinstance(stack, multi.AdapterStack):
         raise TypeError(f"intercept_stack: expected an AdapterStack, got {type(stack).__name__}")
@@ -84,6 +87,7 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
         stack.kernels,
         stack.roles,
         stack.modules,
+        stack.scanned,
         stack.capacity,
         stack.rank,
     )
@@ -136,12 +140,19 @@ class _StackState(_State):
             where,
             [f"{where}, weight '{w}'" if several else where for w in weights],
         )
-        self.applied.update(keys)
+        scanned = dict(self.stack.scanned)
         stack = self.stack
+        for key, marker in markers.items():  # checked before any branch is computed
+            if key in scanned:
+                self._served(module, key, marker.weight if several else None, where)
+        self.applied.update(keys)
 
         def factors(weight: str) -> tuple:
             key = weights[weight]
-            return (stack.lora_a[key], stack.lora_b[key], stack.scale[key], stack.occupied)
+            a, b = stack.lora_a[key], stack.lora_b[key]
+            if key in scanned:  # this layer's slice, which the scan took of stack.params
+                a, b = self._served(module, key, weight if several else None, where)
+            return (a, b, stack.scale[key], stack.occupied)
 
         return product.evaluate(
             traced,
@@ -150,6 +161,33 @@ class _StackState(_State):
                 site, eqn, operands, factors(weight), self.index
             ),
         )
+
+    def _served(self, module: nn.Module, key: str, weight: str | None, where: str) -> tuple:
+        """The stack's factors of one layer of a layer stacked by nn.scan, as the scan sliced
+        them off ``AdapterStack.params``; a ``ValueError`` naming the layer if they are not
+        in the params or not one layer's slice of this stack's shapes."""
+        at = where if weight is None else f"{where}, weight '{weight}'"
+        names = multi.served_names(weight)
+        axis = dict(self.stack.scanned)[key]
+        missing = [n for n in names if not module.has_variable("params", n)]
+        if missing:
+            raise ValueError(
+                f"{at} is stacked by nn.scan (layer axis {axis}): the stack's adapters reach "
+                f"the scan body through the params, which lack {missing}: apply the model on "
+                "stack.params(base) within intercept_stack"
+            )
+        out: tuple[Any, ...] = tuple(module.get_variable("params", n) for n in names)
+        for name, value, full in zip(
+            names, out, (self.stack.lora_a, self.stack.lora_b), strict=True
+        ):
+            want = (full[key].shape[0], *full[key].shape[2:])
+            if tuple(jnp.shape(value)) != want:
+                raise ValueError(
+                    f"{at}: '{name}' is {tuple(jnp.shape(value))} in the scan body, one layer "
+                    f"of the stack is {want}: the params were not made by this stack's "
+                    f"params() or the scan slices another axis than {axis}"
+                )
+        return out
 
     def _check_plain(self, module: nn.Module, where: str) -> None:
         held = lora_leaves(module) + [n for n in (ROLES_NAME,) if module.has_variable("params", n)]

@@ -300,7 +300,11 @@ def test_stack_refuses_another_grouping_and_per_weight_patterns():
         jaxlora.stack_adapters([(lora, patterned)])
 
 
-def test_stack_refuses_a_scanned_module_with_several_weights_by_name():
-    *_, scanned, _ = _twins(axis=0)
-    with pytest.raises(ValueError, match=r"layer 'layers.mlp'.* stacked \(nn.scan"):
-        jaxlora.stack_adapters([(scanned, CONFIG)])
+def test_stack_of_a_scanned_module_with_several_weights_needs_its_params_by_name():
+    """Stacks of a scanned module are served since tests/test_multiweight_serving.py; applied
+    on the plain base (not stack.params(base)), the scan body has no adapters: refused."""
+    *_, model, scanned, x = _twins(axis=0)
+    stack = jaxlora.stack_adapters([(scanned, CONFIG)])
+    with pytest.raises(ValueError, match=r"layer 'layers.mlp', weight 'w_down' is stacked by nn"):
+        with jaxlora.intercept_stack(stack, jnp.zeros(x.shape[0], jnp.int32)):
+            model.apply({"params": jaxlora.split(scanned)[1]}, x)

@@ -16,6 +16,10 @@ recompiled. The per-example index is given with ``adapter_index`` around the cal
 Op-level layers (``OpAdapter``, adapted at a weight's product) become stacked op-level layers
 (``jaxlora.nnx.multi_op``) the same way, with stacks in the weight's product layout; their
 product's activation must hold the examples on its axis 0 alone (``jaxlora.multi_oplevel``).
+A module with several adapted weights gets a stack per weight (``<weight>_lora_a``/``_b``, as
+its ``OpAdapter`` names its factors), each served at its own product by the same branch, and
+one ``scale``/``occupied`` (its weights share the module's r and alpha). Layers of an
+``nnx.vmap`` stack (a leading layer axis) are refused, with one weight or several.
 
 Serving only: there is no dropout on the branch. Only ``LoRALinear`` and ``OpAdapter`` layers
 are stacked; a model holding other LoRA layers (``LoRALinearGeneral``, ``LoRAConv``,
@@ -36,7 +40,14 @@ from jaxlora.nnx.layer import LoRALinear
 from jaxlora.nnx.multi_op import MultiOpAdapter
 from jaxlora.nnx.oplevel import OpAdapter
 from jaxlora.nnx.quant import kernel_value
-from jaxlora.nnx.serving import StackedAdapter, active_index, adapter_index, new_stack, write
+from jaxlora.nnx.serving import (
+    FACTORS,
+    StackedAdapter,
+    active_index,
+    adapter_index,
+    new_stack,
+    write,
+)
 
 __all__ = [
     "MultiLoRALinear",
@@ -63,8 +74,8 @@ class MultiLoRALinear(nnx.Module):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.dtype, self.precision = layer.dtype, layer.precision
         self.kernel, self.bias = layer.kernel, layer.bias
-        shapes = (layer.in_features, rank), (rank, layer.out_features)
-        new_stack(self, *shapes, layer.lora_a.dtype, capacity)
+        shapes = {FACTORS: ((layer.in_features, rank), (rank, layer.out_features))}
+        new_stack(self, shapes, layer.lora_a.dtype, capacity)
 
     @property
     def capacity(self) -> int:
@@ -114,17 +125,12 @@ def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nn
         )
     if not layers:
         raise ValueError("to_multi: the model has no jaxlora.nnx.LoRALinear or OpAdapter layer")
-    several = sorted(
-        p for p, (_, m) in layers.items() if isinstance(m, OpAdapter) and len(m.lora_products) > 1
-    )
-    if several:
-        raise ValueError(
-            f"to_multi: layers {several} have several adapted weights (<weight>_lora_a/_b): "
-            "adapter stacks of such modules are not implemented"
-        )
     for p, (_, m) in layers.items():
-        if isinstance(m, OpAdapter):
-            multi.check_no_batch(m.lora_roles, f"to_multi: layer '{p}'")
+        if isinstance(m, OpAdapter):  # each weight of several (its own stack) alike
+            several = len(m.lora_products) > 1
+            for weight, roles in m.lora_products:
+                at = f"to_multi: layer '{p}'" + (f", weight '{weight}'" if several else "")
+                multi.check_no_batch(roles, at)
     dora = sorted(p for p, (_, m) in layers.items() if getattr(m, "use_dora", False))
     if dora:  # a stack's branch has no magnitude: it would be silently dropped
         raise ValueError(
@@ -160,25 +166,36 @@ def _stacked(model: nnx.Module) -> dict[str, MultiLoRALinear | MultiOpAdapter]:
     return found
 
 
-def _weights(layer, src: nnx.Module, path: str) -> tuple[nnx.Variable, nnx.Variable]:
-    """(the source's, the stack's) base weight of a layer; a ``ValueError`` if the source's
-    layer is of another kind (or, op-level, made for another weight or roles)."""
+def _weights(layer, src: nnx.Module, path: str) -> list[tuple[str, tuple, tuple, tuple]]:
+    """[(where, (name_a, name_b), (the source's, the stack's) base weight, the source's
+    (lora_a, lora_b))] of a layer: one entry, or one per weight of a module with several
+    adapted weights (each its own stack); a ``ValueError`` if the source's layer is of another
+    kind (or, op-level, made for other weights or roles)."""
     where = f"set_adapter: layer '{path}'"
     if isinstance(layer, MultiOpAdapter):
         op = multi_op.check_source(layer, src, where)
-        return getattr(op, op.lora_weight), getattr(layer, layer.lora_weight)
+        several = len(op.lora_products) > 1
+        return [
+            (
+                f"{where}, weight '{w}'" if several else where,
+                layer.factor_names(w),
+                (getattr(op, w), getattr(layer, w)),
+                tuple(f[...] for f in op.factors(w)),
+            )
+            for w in op.lora_weights
+        ]
     if not isinstance(src, LoRALinear):
         raise ValueError(f"{where} is a LoRALinear in the stack, the adapter's a {type(src)}")
-    return src.kernel, layer.kernel
+    return [(where, FACTORS, (src.kernel, layer.kernel), (src.lora_a[...], src.lora_b[...]))]
 
 
 def set_adapter(model: nnx.Module, slot: int, source: nnx.Module) -> None:
     """Puts the adapters of ``source`` (a model with ``LoRALinear``/``OpAdapter`` layers at the
     same paths, e.g. one trained or loaded with ``jaxlora.nnx.load_adapter``) into ``slot`` of
-    ``model``'s
-    stacks, in place; checked completely before anything is written. The source's kernels
-    must equal the serving model's (same shapes and values, compared once here): an adapter
-    trained on another base, or a PiSSA/OLoRA one (whose kernel is a residual), is refused."""
+    ``model``'s stacks (each weight's own, for a module with several adapted weights), in
+    place; checked completely before anything is written. The source's kernels must equal the
+    serving model's (same shapes and values, compared once here): an adapter trained on
+    another base, or a PiSSA/OLoRA one (whose kernel is a residual), is refused."""
     stacks = _stacked(model)
     capacity = next(iter(stacks.values())).capacity
     multi._check_slot(slot, capacity)
@@ -198,31 +215,37 @@ def set_adapter(model: nnx.Module, slot: int, source: nnx.Module) -> None:
                 f"set_adapter: layer '{path}' is a DoRA adapter (use_dora): a stack serves plain "
                 "LoRA adapters only; its magnitude would be ignored"
             )
-        mine, theirs = _weights(layer, src, path)
-        if kernel_value(mine).shape != kernel_value(theirs).shape:
-            raise ValueError(
-                f"set_adapter: layer '{path}': the adapter's base kernel has shape "
-                f"{kernel_value(mine).shape}, the stack's base has "
-                f"{kernel_value(theirs).shape}: it was made for another base model"
-            )
-        if not _same_values(mine, theirs):
-            init = getattr(src, "init", None)
-            raise ValueError(
-                f"set_adapter: layer '{path}': the adapter's base kernel differs from the "
-                f"stack's base (init={init!r}; PiSSA/OLoRA kernels are residuals): it was "
-                "made for another base model (load it into a copy of the serving base)"
-            )
+        weights = _weights(layer, src, path)
+        for where, _, (mine, theirs), _ in weights:
+            _check_weight(where, mine, theirs, getattr(src, "init", None))
         if src.r > layer.rank:
             raise ValueError(
                 f"set_adapter: layer '{path}' has r={src.r}, above the stack's rank "
                 f"{layer.rank}: build the stack with a larger rank (to_multi(..., rank=...))"
             )
-        a, b = src.lora_a[...], src.lora_b[...]
-        if not (jnp.isfinite(a).all() and jnp.isfinite(b).all()):
-            raise ValueError(f"set_adapter: layer '{path}': the adapter has non-finite values")
-        new[path] = (*multi.pad_rank(a, b, layer.rank), src.scaling)
-    for path, (a, b, scale) in new.items():
-        write(stacks[path], slot, a, b, scale, True)
+        factors = {}
+        for where, names, _, (a, b) in weights:
+            if not (jnp.isfinite(a).all() and jnp.isfinite(b).all()):
+                raise ValueError(f"{where}: the adapter has non-finite values")
+            factors[names] = multi.pad_rank(a, b, layer.rank)
+        new[path] = (factors, src.scaling)
+    for path, (factors, scale) in new.items():
+        write(stacks[path], slot, factors, scale, True)
+
+
+def _check_weight(where: str, mine: nnx.Variable, theirs: nnx.Variable, init) -> None:
+    """A ``ValueError`` unless the source's base weight is the stack's (shape and values)."""
+    if kernel_value(mine).shape != kernel_value(theirs).shape:
+        raise ValueError(
+            f"{where}: the adapter's base kernel has shape {kernel_value(mine).shape}, the "
+            f"stack's base has {kernel_value(theirs).shape}: it was made for another base model"
+        )
+    if not _same_values(mine, theirs):
+        raise ValueError(
+            f"{where}: the adapter's base kernel differs from the stack's base (init={init!r}; "
+            "PiSSA/OLoRA kernels are residuals): it was made for another base model (load it "
+            "into a copy of the serving base)"
+        )
 
 
 def _same_values(a: nnx.Variable, b: nnx.Variable) -> bool:
@@ -235,4 +258,11 @@ def clear_adapter(model: nnx.Module, slot: int) -> None:
     stacks = _stacked(model)
     multi._check_slot(slot, next(iter(stacks.values())).capacity)
     for layer in stacks.values():
-        write(layer, slot, 0.0, 0.0, 0.0, False)
+        write(layer, slot, {names: (0.0, 0.0) for names in _factor_names(layer)}, 0.0, False)
+
+
+def _factor_names(layer: MultiLoRALinear | MultiOpAdapter) -> list[tuple[str, str]]:
+    """The (name_a, name_b) of each of a stacked layer's factor stacks."""
+    if isinstance(layer, MultiOpAdapter):
+        return [layer.factor_names(w) for w in layer.lora_weights]
+    return [FACTORS]

@@ -3,55 +3,48 @@
 ``stacked(layer, …)`` turns an ``OpAdapter`` into an instance of a subclass of the module's own
 type (``MultiLoRA<Type>``, mixing in ``MultiOpAdapter``) holding the same base variables and,
 instead of one adapter, a stack: ``lora_a`` (N, C…, R), ``lora_b`` (N, R, F…), ``scale`` and
-``occupied`` (N,) as ``StackedAdapter`` variables (``jaxlora.multi_oplevel``'s layout). Its call
-is the original call's jaxpr with each example's branch added at the product
-(``jaxlora.multi_oplevel.gathered``), after checking that the product's activation holds the
-examples on its axis 0 alone.
+``occupied`` (N,) as ``StackedAdapter`` variables (``jaxlora.multi_oplevel``'s layout); a
+module with several adapted weights ``<weight>_lora_a``/``<weight>_lora_b`` per weight. Its call
+is the original call's jaxpr with each example's branch added
+at each weight's product (``jaxlora.multi_oplevel.gathered``), after checking that each
+product's activation holds the examples on its axis 0 alone.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flax import nnx
 
-from jaxlora import multi, multi_oplevel, oplevel
+from jaxlora import multi, multi_oplevel
 from jaxlora.nnx import serving
-from jaxlora.nnx.oplevel import LORA_ATTRIBUTES, OpAdapter, call, traced_call
+from jaxlora.nnx.oplevel import LORA_ATTRIBUTES, OpAdapter, Products, call, traced_call
 
 _CLASSES: dict[type, type] = {}
 
 
-if TYPE_CHECKING:
-    _Module = nnx.Module  # MultiOpAdapter is only ever mixed into an NNX module (stacked)
-else:
-    _Module = object
-
-
-class MultiOpAdapter(_Module):
-    """The mixin of every stacked op-level layer (see the module docstring)."""
+class MultiOpAdapter(Products):
+    """The mixin of every stacked op-level layer (see the module docstring). A module with
+    several adapted weights holds a stack per weight (``<weight>_lora_a``/``<weight>_lora_b``,
+    as its ``OpAdapter`` names its factors) and one ``scale``/``occupied``."""
 
     __slots__ = ()
     lora_base_type: type[nnx.Module]
-    lora_weight: str
-    lora_roles: oplevel.Roles
-    lora_products: tuple[tuple[str, oplevel.Roles], ...]  # its one weight's, as OpAdapter's
     lora_path: str
-    lora_a: serving.StackedAdapter
-    lora_b: serving.StackedAdapter
     scale: serving.StackedAdapter
     occupied: serving.StackedAdapter
 
     def __init__(self, layer: OpAdapter, *, path: str, capacity: int, rank: int) -> None:
+        own = {*LORA_ATTRIBUTES, *(n for w in layer.lora_weights for n in layer.factor_names(w))}
         for name, value in vars(layer).items():
-            if not name.startswith("_pytree__") and name not in LORA_ATTRIBUTES:
+            if not name.startswith("_pytree__") and name not in own:
                 setattr(self, name, value)
         self.lora_base_type = layer.lora_base_type
-        self.lora_weight, self.lora_roles = layer.lora_weight, layer.lora_roles
         self.lora_products = layer.lora_products
         self.lora_path = path
-        shape_a, shape_b = layer.lora_roles.lora_shapes(rank)
-        serving.new_stack(self, shape_a, shape_b, layer.lora_a.dtype, capacity)
+        shapes = {layer.factor_names(w): roles.lora_shapes(rank) for w, roles in self.lora_products}
+        dtype = layer.factors(self.lora_weights[0])[0].dtype  # one param_dtype per module
+        serving.new_stack(self, shapes, dtype, capacity)
 
     @property
     def capacity(self) -> int:
@@ -59,20 +52,31 @@ class MultiOpAdapter(_Module):
 
     @property
     def rank(self) -> int:
-        return self.lora_a.shape[-1]
+        return self.factors(self.lora_weights[0])[0].shape[-1]
 
     def __call__(self, *args, **kwargs):
         where = f"layer '{self.lora_path}'"
         index = serving.active_index(where)
         closed, products = traced_call(self, args, kwargs)
-        product = products[self.lora_weight]
+        weights = self.lora_weights
+        several = len(weights) > 1
         retrace = lambda a, k: traced_call(self, a, k)[0]  # noqa: E731
-        multi_oplevel.check_call(product, closed, retrace, args, kwargs, index.shape[0], where)
+        multi_oplevel.check_call(
+            [products[w] for w in weights],
+            closed,
+            retrace,
+            args,
+            kwargs,
+            index.shape[0],
+            where,
+            [f"{where}, weight '{w}'" if several else where for w in weights],
+        )
         multi.check_index_values(index, self.occupied[...], where)
-        stack = (self.lora_a[...], self.lora_b[...], self.scale[...], self.occupied[...])
+        scale, occupied = self.scale[...], self.occupied[...]
+        stacks = {w: (*(f[...] for f in self.factors(w)), scale, occupied) for w in weights}
 
         def extra(weight, product, eqn, operands, _index):  # batch axes are refused (to_multi)
-            return multi_oplevel.gathered(product, eqn, operands, stack, index)
+            return multi_oplevel.gathered(product, eqn, operands, stacks[weight], index)
 
         return call(self, args, kwargs, extra)
 
@@ -89,16 +93,21 @@ def stacked(layer: OpAdapter, *, path: str, capacity: int, rank: int) -> Any:
 
 
 def check_source(layer: MultiOpAdapter, src: nnx.Module, where: str) -> OpAdapter:
-    """``src``, checked to be an op-level adapter of the same weight and roles (a
+    """``src``, checked to be an op-level adapter of the same weights and roles (a
     ``ValueError`` otherwise)."""
     if not isinstance(src, OpAdapter):
         raise ValueError(
             f"{where} is adapted at its weight's product in the stack, but the adapter's layer "
             f"is a {type(src).__name__}"
         )
-    if (src.lora_weight, src.lora_roles) != (layer.lora_weight, layer.lora_roles):
+    if src.lora_products != layer.lora_products:
         raise ValueError(
-            f"{where}: the adapter was made for weight '{src.lora_weight}' as {src.lora_roles}, "
-            f"the stack's for '{layer.lora_weight}' as {layer.lora_roles}"
+            f"{where}: the adapter was made for the weights {_described(src)}, the stack's "
+            f"for {_described(layer)}"
         )
     return src
+
+
+def _described(layer: Products) -> str:
+    """The adapted weights and their roles, as the single-weight messages name them."""
+    return ", ".join(f"'{w}' as {roles}" for w, roles in layer.lora_products)

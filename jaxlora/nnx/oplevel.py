@@ -57,7 +57,54 @@ else:
     _Module = object
 
 
-class OpAdapter(_Module):
+class Products(_Module):
+    """What an op-level adapted module (``OpAdapter``) and its stacked serving twin
+    (``jaxlora.nnx.multi_op.MultiOpAdapter``) share: ``lora_products``, per adapted weight its
+    name and its roles in its product, and the one naming rule of their factors (``lora_a`` /
+    ``lora_b`` for one weight, ``<weight>_lora_a`` / ``<weight>_lora_b`` for each of several:
+    ``jaxlora.tree.factor_names``)."""
+
+    __slots__ = ()
+    lora_products: tuple[tuple[str, oplevel.Roles], ...]
+
+    @property
+    def lora_weights(self) -> tuple[str, ...]:
+        """The adapted weights' names, sorted."""
+        return tuple(w for w, _ in self.lora_products)
+
+    @property
+    def lora_weight(self) -> str:
+        """The adapted weight's name (a module with one adapted weight)."""
+        return self._single()[0]
+
+    @property
+    def lora_roles(self) -> oplevel.Roles:
+        """The adapted weight's roles in its product (a module with one adapted weight)."""
+        return self._single()[1]
+
+    def _single(self) -> tuple[str, oplevel.Roles]:
+        if len(self.lora_products) != 1:
+            raise ValueError(
+                f"{type(self).__name__} has several adapted weights {list(self.lora_weights)}: "
+                "this operation supports modules with one adapted weight only"
+            )
+        return self.lora_products[0]
+
+    def factor_names(self, weight: str) -> tuple[str, str]:
+        """The attribute names of ``weight``'s factors (``jaxlora.tree.factor_names``)."""
+        return factor_names(weight if len(self.lora_products) > 1 else None)
+
+    def factors(self, weight: str) -> tuple[Any, Any]:
+        """``weight``'s (lora_a, lora_b) variables (``nnx.LoRAParam``; stacks of adapters,
+        ``StackedAdapter``, in a ``MultiOpAdapter``)."""
+        name_a, name_b = self.factor_names(weight)
+        return getattr(self, name_a), getattr(self, name_b)
+
+    def roles_of(self, weight: str) -> oplevel.Roles:
+        return dict(self.lora_products)[weight]
+
+
+class OpAdapter(Products):
     """The mixin of every op-level adapted module (see the module docstring).
 
     ``lora_products`` records, per adapted weight, its name and its roles in its product. A
@@ -67,7 +114,6 @@ class OpAdapter(_Module):
 
     __slots__ = ()
     lora_base_type: type[nnx.Module]
-    lora_products: tuple[tuple[str, oplevel.Roles], ...]
     lora_init: str
     # A single-weight module's factors (set by name in __init__; several weights: factors()).
     lora_a: nnx.LoRAParam
@@ -115,41 +161,6 @@ class OpAdapter(_Module):
             setattr(self, name_a, var_a)
             setattr(self, name_b, var_b)
         self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
-
-    @property
-    def lora_weights(self) -> tuple[str, ...]:
-        """The adapted weights' names, sorted."""
-        return tuple(w for w, _ in self.lora_products)
-
-    @property
-    def lora_weight(self) -> str:
-        """The adapted weight's name (a module with one adapted weight)."""
-        return self._single()[0]
-
-    @property
-    def lora_roles(self) -> oplevel.Roles:
-        """The adapted weight's roles in its product (a module with one adapted weight)."""
-        return self._single()[1]
-
-    def _single(self) -> tuple[str, oplevel.Roles]:
-        if len(self.lora_products) != 1:
-            raise ValueError(
-                f"{type(self).__name__} has several adapted weights {list(self.lora_weights)}: "
-                "this operation supports modules with one adapted weight only"
-            )
-        return self.lora_products[0]
-
-    def factor_names(self, weight: str) -> tuple[str, str]:
-        """The attribute names of ``weight``'s factors (``jaxlora.tree.factor_names``)."""
-        return factor_names(weight if len(self.lora_products) > 1 else None)
-
-    def factors(self, weight: str) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
-        """``weight``'s (lora_a, lora_b) variables."""
-        name_a, name_b = self.factor_names(weight)
-        return getattr(self, name_a), getattr(self, name_b)
-
-    def roles_of(self, weight: str) -> oplevel.Roles:
-        return dict(self.lora_products)[weight]
 
     @property
     def scaling(self) -> float:

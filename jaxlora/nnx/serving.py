@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 import jax
@@ -20,10 +20,9 @@ class StackedAdapter(nnx.Variable):
 
 
 class Stacked(Protocol):
-    """What a stacked layer holds (``MultiLoRALinear``, a stacked op-level layer)."""
+    """What a stacked layer holds (``MultiLoRALinear``, a stacked op-level layer) beside its
+    factors' stacks (``lora_a``/``lora_b``, or ``<weight>_lora_a``/``_b`` per weight)."""
 
-    lora_a: StackedAdapter
-    lora_b: StackedAdapter
     scale: StackedAdapter
     occupied: StackedAdapter
 
@@ -58,18 +57,34 @@ def active_index(where: str) -> jax.Array:
     return _INDEX.stack[-1]
 
 
-def new_stack(layer: Stacked, shape_a, shape_b, dtype, capacity: int) -> None:
-    """Gives ``layer`` an empty stack: ``lora_a`` (capacity, *shape_a), ``lora_b`` (capacity,
-    *shape_b), ``scale`` and ``occupied`` (capacity,)."""
-    layer.lora_a = StackedAdapter(jax.numpy.zeros((capacity, *shape_a), dtype))
-    layer.lora_b = StackedAdapter(jax.numpy.zeros((capacity, *shape_b), dtype))
+FACTORS = ("lora_a", "lora_b")  # the factors' names of a layer with one adapted weight
+
+
+def new_stack(
+    layer: Stacked,
+    shapes: Mapping[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]],
+    dtype,
+    capacity: int,
+) -> None:
+    """Gives ``layer`` an empty stack: for each (name_a, name_b) of ``shapes`` (``FACTORS``
+    for one adapted weight, ``<weight>_lora_a``/``<weight>_lora_b`` per weight of several),
+    stacks (capacity, *shape_a) and (capacity, *shape_b); and ``scale`` and ``occupied``
+    (capacity,), one for the layer (its weights share the module's r and alpha)."""
+    for (name_a, name_b), (shape_a, shape_b) in shapes.items():
+        setattr(layer, name_a, StackedAdapter(jax.numpy.zeros((capacity, *shape_a), dtype)))
+        setattr(layer, name_b, StackedAdapter(jax.numpy.zeros((capacity, *shape_b), dtype)))
     layer.scale = StackedAdapter(jax.numpy.zeros((capacity,), jax.numpy.float32))
     layer.occupied = StackedAdapter(jax.numpy.zeros((capacity,), bool))
 
 
-def write(layer: Stacked, slot: int, a, b, scale, occupied: bool) -> None:
-    """Puts one adapter (or zeros) in ``slot`` of ``layer``'s stack, in place."""
-    layer.lora_a[...] = layer.lora_a[...].at[slot].set(a)
-    layer.lora_b[...] = layer.lora_b[...].at[slot].set(b)
+def write(
+    layer: Stacked, slot: int, factors: Mapping[tuple[str, str], tuple], scale, occupied: bool
+) -> None:
+    """Puts one adapter (or zeros) in ``slot`` of ``layer``'s stacks, in place: ``factors``
+    maps each (name_a, name_b) of the layer's stacks to its (a, b)."""
+    for names, values in factors.items():
+        for name, value in zip(names, values, strict=True):
+            var = getattr(layer, name)
+            var[...] = var[...].at[slot].set(value)
     layer.scale[...] = layer.scale[...].at[slot].set(scale)
     layer.occupied[...] = layer.occupied[...].at[slot].set(occupied)

@@ -29,10 +29,11 @@ import numpy as np
 import optax
 import torch
 from common import OUT, machine
-from train_step import BASE_CARD, KEEP_BYTES, R, keep_freed_memory
+from train_step import BASE_CARD, R
 
 import jaxlora
 import torchlora
+from jaxlora.host import KEEP_BYTES, keep_freed_memory
 from jaxlora.models import gpt as jgpt
 from torchlora.models import gpt as tgpt
 
@@ -162,7 +163,7 @@ def main() -> None:
     parser.add_argument(
         "--malloc-default",
         action="store_true",
-        help="leave glibc's malloc thresholds alone (see train_step.keep_freed_memory)",
+        help="leave glibc's malloc thresholds alone (see jaxlora.host.keep_freed_memory)",
     )
     args = parser.parse_args()
     kept = False if args.malloc_default else keep_freed_memory()

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import json
-import platform
 from pathlib import Path
 
 import jax
@@ -32,40 +30,13 @@ from flax import nnx
 import jaxlora
 import jaxlora.nnx
 import torchlora
+from jaxlora.host import KEEP_BYTES, keep_freed_memory
 from jaxlora.models import gpt as jgpt
 from torchlora.models import gpt as tgpt
 
 LR = 1e-3
 N, D, LAYERS, R = 2048, 1024, 4, 8
 BASE_CARD = Path(__file__).resolve().parents[1] / "examples" / "base" / "gpt_docs.json"
-KEEP_BYTES = 1 << 30  # allocations up to 1 GiB come from (and freed memory stays in) the heap
-
-
-def keep_freed_memory(limit: int = KEEP_BYTES) -> bool:
-    """Has glibc's malloc serve allocations of up to ``limit`` bytes from its heap and keep
-    freed memory for reuse, instead of mapping every allocation over 32 MiB afresh and unmapping
-    it when freed. Process-wide (torch's allocations too); returns whether it was applied: only
-    under glibc (not on macOS, Windows or musl), and only if glibc accepted
-    all three settings.
-
-    Why: XLA:CPU allocates a compiled step's temporaries as one buffer on every call (the twin
-    GPT's LoRA step: 47.7 MB). glibc's malloc maps any allocation above its mmap threshold
-    (adaptive, at most 32 MiB by default) with a fresh ``mmap``, so each step faulted in
-    and zeroed 11.7k new pages: 25 ms of system time, over a quarter of the step's CPU time on
-    one core (benchmarks/README.md, "Fourth attempt"). torch's tensors here are each under
-    4 MB and are reused from the heap.
-
-    Call it before JAX first runs anything (before XLA:CPU starts its threads): it also puts
-    every thread on glibc's main heap (one arena), since a thread that already has its own
-    arena (at most 64 MiB a heap) would still map such buffers afresh.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)  # the C library this process already runs on
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # glibc's <malloc.h>
-    # trim first: a heap that keeps freed memory is harmless on its own
-    settings = ((m_trim_threshold, limit), (m_arena_max, 1), (m_mmap_threshold, limit))
-    return all(libc.mallopt(option, value) for option, value in settings)
 
 
 class MLP(nn.Module):
@@ -332,7 +303,7 @@ def main() -> None:
     parser.add_argument(
         "--malloc-default",
         action="store_true",
-        help="leave glibc's malloc thresholds alone (see keep_freed_memory)",
+        help="leave glibc's malloc thresholds alone (see jaxlora.host.keep_freed_memory)",
     )
     args = parser.parse_args()
     kept = False if args.malloc_default else keep_freed_memory()

@@ -8,6 +8,7 @@ from jaxlora.config import LoRAConfig
 from jaxlora.convert import from_torch, to_torch
 from jaxlora.core import scaling
 from jaxlora.hf_maps import HFLinear
+from jaxlora.host import keep_freed_memory
 from jaxlora.inject import Layout, inject, layouts
 from jaxlora.intercept import intercept
 from jaxlora.linen import LoRAConv, LoRADense, LoRADenseGeneral, LoRAEmbed
@@ -41,6 +42,7 @@ __all__ = [
     "inject",
     "intercept",
     "intercept_stack",
+    "keep_freed_memory",
     "layouts",
     "load_adapter",
     "lora_mask",

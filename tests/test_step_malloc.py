@@ -1,4 +1,4 @@
-"""benchmarks/train_step.keep_freed_memory: XLA:CPU's per-call temp buffer is reused, not
+"""jaxlora.host.keep_freed_memory: XLA:CPU's per-call temp buffer is reused, not
 faulted in afresh on every call (issue #18, benchmarks/README.md "Fourth attempt").
 
 Each case runs in a subprocess: the setting is process-wide and must not leak into the suite.
@@ -11,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+import pytest
+
+from jaxlora.host import keep_freed_memory
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # A jitted function whose temp buffer (two 20.25 MiB arrays) is above glibc's largest default
 # mmap threshold (32 MiB); prints whether the setting applied (before XLA starts its threads,
@@ -19,8 +23,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # after three warm-up calls (a call may still find its buffer in use by the last one's cleanup).
 SCRIPT = """
 import json, resource, sys
-sys.path.insert(0, {benchmarks!r})
-from train_step import keep_freed_memory
+from jaxlora.host import keep_freed_memory
 
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 import jax, jax.numpy as jnp
@@ -41,10 +44,11 @@ print(json.dumps(dict(applied=applied, temp=temp, faults=min(counts))))
 
 def run(mode: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(benchmarks=str(BENCHMARKS)), mode],
+        [sys.executable, "-c", SCRIPT, mode],
         capture_output=True,
         text=True,
         check=True,
+        cwd=ROOT,  # this checkout's jaxlora
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -63,3 +67,9 @@ def test_keep_freed_memory_reuses_the_temp_buffer():
     assert res["applied"], res
     # the buffer comes back from the heap: at most a few dozen pages are new
     assert res["faults"] < 0.01 * res["temp"] // 4096, res
+
+
+@pytest.mark.parametrize("limit", [0, -1, 2.5, True, "1g"])
+def test_keep_freed_memory_refuses_a_bad_limit_before_touching_malloc(limit):
+    with pytest.raises(ValueError, match=f"limit must be a positive int, got {limit!r}"):
+        keep_freed_memory(limit)

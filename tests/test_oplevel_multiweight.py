@@ -12,7 +12,7 @@ leaving the model unchanged.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,8 @@ from flax import nnx
 from jaxlora import LoRAConfig
 from jaxlora import nnx as jnnx
 from tests._gated_mlp import ALPHA, WEIGHTS, D, F, R, S, base_and_input, reference, silu
+from tests._qwix_rule import QwixRule
+from tests._train import nnx_lora_step
 
 BASE, X = base_and_input(cast_before_scale=True)
 
@@ -127,16 +129,7 @@ def test_freeze_with_optax_trains_every_adapter_and_keeps_the_base_bit_identical
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
     target = jnp.ones((2, 3, 3))
 
-    @nnx.jit
-    def step(model, optimizer):
-        def loss(m):
-            return jnp.mean((m(jnp.asarray(X)) - target) ** 2)
-
-        value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-        optimizer.update(model, grads)
-        return value
-
-    losses = [float(step(model, optimizer)) for _ in range(5)]
+    losses = [float(nnx_lora_step(model, optimizer, jnp.asarray(X), target)[0]) for _ in range(5)]
     assert losses[-1] < losses[0]
     for name in WEIGHTS:
         np.testing.assert_array_equal(np.asarray(getattr(model.mlp, name)[...]), base[name])
@@ -308,15 +301,7 @@ def load_tensors(directory):
     return load_file(directory / "adapter_model.safetensors")
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:  # the attributes from_qwix reads from a qwix.LoraRule
-    module_path: str = "mlp"
-    rank: int = R
-    alpha: float = ALPHA
-    dropout: float = 0.0
-    op_names: tuple = ()
-    weight_qtype: str | None = None
-    act_qtype: str | None = None
+Rule = functools.partial(QwixRule, module_path="mlp", rank=R, alpha=ALPHA)
 
 
 @pytest.mark.parametrize("weights", [WEIGHTS, ("w_up",)], ids=["all", "one"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
@@ -25,6 +24,7 @@ import jaxlora
 from jaxlora import LoRAConfig
 from jaxlora.product import ProductRoles, ProductsLayout
 from tests._gated_mlp import ALPHA, WEIGHTS, D, F, R, S, base_and_input, reference
+from tests._train import linen_adam_steps
 
 TOL = 1e-5
 BASE, X = base_and_input(cast_before_scale=False)
@@ -225,25 +225,10 @@ def test_freeze_base_trains_every_adapter_and_keeps_the_base_bit_identical():
     assert set(adapter["mlp"]) == {"lora_roles", *(f"{w}_lora_{x}" for w in WEIGHTS for x in "ab")}
     assert set(base["mlp"]) == set(WEIGHTS)
     assert jaxlora.trainable_parameters(lora["params"]).trainable == 3 * R * (D + F)
-    params = lora["params"]
-    tx = jaxlora.freeze_base(optax.adam(1e-2))
-    state = tx.init(params)
     target = jnp.ones((2, 3, 3))
-
-    @jax.jit
-    def step(params, state):
-        def loss(p):
-            with jaxlora.intercept(CONFIG):
-                return jnp.mean((model.apply({"params": p}, jnp.asarray(X)) - target) ** 2)
-
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
-
-    losses = []
-    for _ in range(5):
-        params, state, value = step(params, state)
-        losses.append(float(value))
+    params, _, losses, _ = linen_adam_steps(
+        model, CONFIG, {"params": lora["params"]}, jnp.asarray(X), target, steps=5
+    )
     assert losses[-1] < losses[0]
     for w in WEIGHTS:
         np.testing.assert_array_equal(np.asarray(params["mlp"][w]), BASE[w])

@@ -5,7 +5,7 @@ formula), and the refusals (each leaving the model unchanged)."""
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from jaxlora import nnx as jnnx
+from tests._qwix_rule import QwixRule
 
 D, N, H, F, R, ALPHA = 6, 2, 3, 5, 2, 3.0
 RNG = np.random.default_rng(0)
@@ -38,15 +39,7 @@ class Tiny(nnx.Module):
         return self.out(self.proj(x).reshape(x.shape[0], -1)) * self.scale[...]
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:  # the attributes from_qwix reads from a qwix.LoraRule
-    module_path: str = "proj|out"
-    rank: int = R
-    alpha: float = ALPHA
-    dropout: float = 0.0
-    op_names: tuple = ()
-    weight_qtype: str | None = None
-    act_qtype: str | None = None
+Rule = functools.partial(QwixRule, module_path="proj|out", rank=R, alpha=ALPHA)
 
 
 def _lora() -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
@@ -24,18 +23,11 @@ from jax.sharding import PartitionSpec as P
 import jaxlora
 from jaxlora import LoRAConfig
 from jaxlora.product import ProductRoles, ProductsLayout
+from tests._gated_mlp import ALPHA, WEIGHTS, D, F, R, S, base_and_input, reference
+from tests._train import linen_adam_steps
 
-D, F, R, ALPHA = 8, 12, 2, 3.0
-S = ALPHA / R
 TOL = 1e-5
-WEIGHTS = ("w_down", "w_gate", "w_up")
-RNG = np.random.default_rng(0)
-BASE = {
-    "w_gate": (RNG.normal(size=(D, F)) / np.sqrt(D)).astype(np.float32),
-    "w_up": (RNG.normal(size=(D, F)) / np.sqrt(D)).astype(np.float32),
-    "w_down": (RNG.normal(size=(F, D)) / np.sqrt(F)).astype(np.float32),
-}
-X = RNG.normal(size=(2, 3, D)).astype(np.float32)
+BASE, X = base_and_input(cast_before_scale=False)
 SPECS = {"w_gate": ("fsdp", "tp"), "w_up": ("fsdp", "tp"), "w_down": ("tp", "fsdp")}
 
 
@@ -69,24 +61,8 @@ class Block(nn.Module):
         return nn.Dense(3, dtype=self.dtype, name="head")(h)
 
 
-def _silu(v):
-    return v / (1.0 + np.exp(-v))
-
-
 def _reference(factors: dict, x=X, scale=S) -> np.ndarray:
-    """The gated MLP with ``scale · (x a) b`` added at the product of each weight in
-    ``factors`` ({weight: (a, b)}), in float64."""
-    x = x.astype(np.float64)
-
-    def product(inp, name):
-        out = inp @ BASE[name].astype(np.float64)
-        if name in factors:
-            a, b = (np.asarray(f, np.float64) for f in factors[name])
-            out = out + scale * (inp @ a) @ b
-        return out
-
-    h = _silu(product(x, "w_gate")) * product(x, "w_up")
-    return product(h, "w_down")
+    return reference(BASE, factors, x, scale)
 
 
 def _close(got, want, tol=TOL):
@@ -249,25 +225,10 @@ def test_freeze_base_trains_every_adapter_and_keeps_the_base_bit_identical():
     assert set(adapter["mlp"]) == {"lora_roles", *(f"{w}_lora_{x}" for w in WEIGHTS for x in "ab")}
     assert set(base["mlp"]) == set(WEIGHTS)
     assert jaxlora.trainable_parameters(lora["params"]).trainable == 3 * R * (D + F)
-    params = lora["params"]
-    tx = jaxlora.freeze_base(optax.adam(1e-2))
-    state = tx.init(params)
     target = jnp.ones((2, 3, 3))
-
-    @jax.jit
-    def step(params, state):
-        def loss(p):
-            with jaxlora.intercept(CONFIG):
-                return jnp.mean((model.apply({"params": p}, jnp.asarray(X)) - target) ** 2)
-
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
-
-    losses = []
-    for _ in range(5):
-        params, state, value = step(params, state)
-        losses.append(float(value))
+    params, _, losses, _ = linen_adam_steps(
+        model, CONFIG, {"params": lora["params"]}, jnp.asarray(X), target, steps=5
+    )
     assert losses[-1] < losses[0]
     for w in WEIGHTS:
         np.testing.assert_array_equal(np.asarray(params["mlp"][w]), BASE[w])

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import jaxlora
 import jaxlora.nnx as jnnx
+from tests._nnx_products import Conv1DLike as Conv1D
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -84,17 +85,6 @@ class Einsum(nnx.Module):
     def __call__(self, x):
         w = self.w[...]
         return jnp.einsum(self.eqn, w, x) if self.weight_first else jnp.einsum(self.eqn, x, w)
-
-
-class Conv1D(nnx.Module):
-    """transformers' ``FlaxConv1D``: ``kernel`` (out, in), ``x @ kernel.T + bias``."""
-
-    def __init__(self, n_in: int, n_out: int, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (n_out, n_in)) / np.sqrt(n_in))
-        self.bias = nnx.Param(jax.random.normal(rngs.params(), (n_out,)))
-
-    def __call__(self, x):
-        return x @ self.kernel[...].T + self.bias[...]
 
 
 class Net(nnx.Module):

@@ -67,6 +67,17 @@ class Einsum(nn.Module):
         return jnp.einsum(self.eqn, w, x) if self.weight_first else jnp.einsum(self.eqn, x, w)
 
 
+def _einsum_case(eqn, shape, x_shape, delta_eqn, grad_eqn, weight_first=False):
+    """A row of CASES for an ``Einsum``: its numpy forward is ``eqn`` again, the operands in
+    the module's order."""
+
+    def forward(x, w):
+        return np.einsum(eqn, w, x) if weight_first else np.einsum(eqn, x, w)
+
+    make = functools.partial(Einsum, eqn, shape, weight_first=weight_first)
+    return (make, x_shape, forward, delta_eqn, grad_eqn)
+
+
 # name: (module, input shape, numpy forward f(x, W), delta "A,B->W", gradient of W "x,G->W")
 CASES = {
     "conv1d": (
@@ -76,41 +87,15 @@ CASES = {
         "ir,ro->oi",
         "bti,bto->oi",
     ),
-    "q_proj": (
-        functools.partial(Einsum, "BTD,DNH->BTNH", (4, 2, 3)),
-        (2, 5, 4),
-        lambda x, w: np.einsum("BTD,DNH->BTNH", x, w),
-        "Dr,rNH->DNH",
-        "BTD,BTNH->DNH",
+    "q_proj": _einsum_case("BTD,DNH->BTNH", (4, 2, 3), (2, 5, 4), "Dr,rNH->DNH", "BTD,BTNH->DNH"),
+    "o_proj": _einsum_case(
+        "BTNH,NHD->BTD", (2, 3, 4), (2, 5, 2, 3), "NHr,rD->NHD", "BTNH,BTD->NHD"
     ),
-    "o_proj": (
-        functools.partial(Einsum, "BTNH,NHD->BTD", (2, 3, 4)),
-        (2, 5, 2, 3),
-        lambda x, w: np.einsum("BTNH,NHD->BTD", x, w),
-        "NHr,rD->NHD",
-        "BTNH,BTD->NHD",
+    "gemma_q": _einsum_case("BTD,NDH->BTNH", (2, 4, 3), (2, 5, 4), "Dr,rNH->NDH", "BTD,BTNH->NDH"),
+    "weight_first": _einsum_case(
+        "DF,BD->BF", (4, 3), (5, 4), "Dr,rF->DF", "BD,BF->DF", weight_first=True
     ),
-    "gemma_q": (
-        functools.partial(Einsum, "BTD,NDH->BTNH", (2, 4, 3)),
-        (2, 5, 4),
-        lambda x, w: np.einsum("BTD,NDH->BTNH", x, w),
-        "Dr,rNH->NDH",
-        "BTD,BTNH->NDH",
-    ),
-    "weight_first": (
-        functools.partial(Einsum, "DF,BD->BF", (4, 3), weight_first=True),
-        (5, 4),
-        lambda x, w: np.einsum("DF,BD->BF", w, x),
-        "Dr,rF->DF",
-        "BD,BF->DF",
-    ),
-    "experts": (
-        functools.partial(Einsum, "EBD,EDF->EBF", (2, 4, 3)),
-        (2, 5, 4),
-        lambda x, w: np.einsum("EBD,EDF->EBF", x, w),
-        "EDr,ErF->EDF",
-        "EBD,EBF->EDF",
-    ),
+    "experts": _einsum_case("EBD,EDF->EBF", (2, 4, 3), (2, 5, 4), "EDr,ErF->EDF", "EBD,EBF->EDF"),
 }
 
 

@@ -31,6 +31,7 @@ from safetensors.numpy import load_file
 import jaxlora
 from jaxlora import LoRAConfig
 from jaxlora import nnx as jnnx
+from tests._nnx_stacks import ScannedLayers, UnrolledLayers
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -110,31 +111,12 @@ class NnxBlock(nnx.Module):
         return self.moe(x)
 
 
-class NnxScanned(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(rngs):
-            return NnxBlock(rngs)
-
-        self.layers = make(rngs)
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(x, block):
-            return block(x)
-
-        return body(x, self.layers)
+class NnxScanned(ScannedLayers):
+    block, length = NnxBlock, L
 
 
-class NnxUnrolled(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.layers = nnx.List([NnxBlock(rngs) for _ in range(L)])
-
-    def __call__(self, x):
-        for block in self.layers:
-            x = block(x)
-        return x
+class NnxUnrolled(UnrolledLayers):
+    block, length = NnxBlock, L
 
 
 def _nnx_fill(model, a, b):
@@ -494,14 +476,8 @@ class NnxRoutedBlock(nnx.Module):
         return x + self.moe(x, idx)
 
 
-class NnxRoutedScanned(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(rngs):
-            return NnxRoutedBlock(rngs)
-
-        self.layers = make(rngs)
+class NnxRoutedScanned(ScannedLayers):
+    block, length = NnxRoutedBlock, L
 
     def __call__(self, x, idx):
         @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)

@@ -12,7 +12,7 @@ leaving the model unchanged.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,17 +23,11 @@ from flax import nnx
 
 from jaxlora import LoRAConfig
 from jaxlora import nnx as jnnx
+from tests._gated_mlp import ALPHA, WEIGHTS, D, F, R, S, base_and_input, reference, silu
+from tests._qwix_rule import QwixRule
+from tests._train import nnx_lora_step
 
-D, F, R, ALPHA = 8, 12, 2, 3.0
-S = ALPHA / R
-WEIGHTS = ("w_down", "w_gate", "w_up")
-RNG = np.random.default_rng(0)
-BASE = {
-    "w_gate": RNG.normal(size=(D, F)).astype(np.float32) / np.sqrt(D),
-    "w_up": RNG.normal(size=(D, F)).astype(np.float32) / np.sqrt(D),
-    "w_down": RNG.normal(size=(F, D)).astype(np.float32) / np.sqrt(F),
-}
-X = RNG.normal(size=(2, 3, D)).astype(np.float32)
+BASE, X = base_and_input(cast_before_scale=True)
 
 
 class GatedMLP(nnx.Module):
@@ -56,24 +50,8 @@ class Block(nnx.Module):
         return self.head(self.mlp(x))
 
 
-def _silu(v):
-    return v / (1.0 + np.exp(-v))
-
-
 def _reference(factors: dict, x=X, scale=S) -> np.ndarray:
-    """The gated MLP with ``scale · (x a) b`` added at the product of each weight in
-    ``factors`` ({weight: (a, b)}), in float64."""
-    x = x.astype(np.float64)
-
-    def product(inp, name):
-        out = inp @ BASE[name].astype(np.float64)
-        if name in factors:
-            a, b = (np.asarray(f, np.float64) for f in factors[name])
-            out = out + scale * (inp @ a) @ b
-        return out
-
-    h = _silu(product(x, "w_gate")) * product(x, "w_up")
-    return product(h, "w_down")
+    return reference(BASE, factors, x, scale)
 
 
 def _injected(config=None, dtype=jnp.float32, param_dtype=jnp.float32) -> Block:
@@ -151,16 +129,7 @@ def test_freeze_with_optax_trains_every_adapter_and_keeps_the_base_bit_identical
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
     target = jnp.ones((2, 3, 3))
 
-    @nnx.jit
-    def step(model, optimizer):
-        def loss(m):
-            return jnp.mean((m(jnp.asarray(X)) - target) ** 2)
-
-        value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-        optimizer.update(model, grads)
-        return value
-
-    losses = [float(step(model, optimizer)) for _ in range(5)]
+    losses = [float(nnx_lora_step(model, optimizer, jnp.asarray(X), target)[0]) for _ in range(5)]
     assert losses[-1] < losses[0]
     for name in WEIGHTS:
         np.testing.assert_array_equal(np.asarray(getattr(model.mlp, name)[...]), base[name])
@@ -330,15 +299,7 @@ def load_tensors(directory):
     return load_file(directory / "adapter_model.safetensors")
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:  # the attributes from_qwix reads from a qwix.LoraRule
-    module_path: str = "mlp"
-    rank: int = R
-    alpha: float = ALPHA
-    dropout: float = 0.0
-    op_names: tuple = ()
-    weight_qtype: str | None = None
-    act_qtype: str | None = None
+Rule = functools.partial(QwixRule, module_path="mlp", rank=R, alpha=ALPHA)
 
 
 @pytest.mark.parametrize("weights", [WEIGHTS, ("w_up",)], ids=["all", "one"])
@@ -409,7 +370,7 @@ def test_a_stack_of_multi_weight_modules_gets_per_layer_adapters_per_weight(tmp_
             a, b = factors[layer][name]
             return inp @ base[name] + S * (inp @ a) @ b
 
-        x = x + product(_silu(product(x, "w_gate")) * product(x, "w_up"), "w_down")
+        x = x + product(silu(product(x, "w_gate")) * product(x, "w_up"), "w_down")
     got = np.asarray(model(jnp.asarray(X)), np.float64)
     np.testing.assert_allclose(got, x, rtol=1e-5, atol=1e-5 * np.abs(x).max())
 

@@ -16,39 +16,12 @@ from flax import nnx
 
 import jaxlora
 from jaxlora import nnx as jnnx
+from tests._nnx_products import Conv1DLike, Einsum, Holder, WeightFirst, einsum_case
+from tests._train import nnx_lora_step
 
 R, ALPHA = 3, 6.0
 S = ALPHA / R
 TOL = 2e-5
-
-
-class Einsum(nnx.Module):
-    """tunix's ``Einsum``: ``jnp.einsum(shape_eqn, x, w)``."""
-
-    def __init__(self, eqn: str, shape, rngs: nnx.Rngs):
-        self.shape_eqn = eqn
-        self.w = nnx.Param(jax.random.normal(rngs.params(), shape) / np.sqrt(shape[0]))
-
-    def __call__(self, x):
-        return jnp.einsum(self.shape_eqn, x, self.w[...])
-
-
-class WeightFirst(Einsum):
-    """The weight as the product's left operand."""
-
-    def __call__(self, x):
-        return jnp.einsum(self.shape_eqn, self.w[...], x)
-
-
-class Conv1DLike(nnx.Module):
-    """transformers' ``FlaxConv1D``: ``kernel`` (out, in), ``x @ kernel.T + bias``."""
-
-    def __init__(self, n_in: int, n_out: int, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (n_out, n_in)) / np.sqrt(n_in))
-        self.bias = nnx.Param(jax.random.normal(rngs.params(), (n_out,)))
-
-    def __call__(self, x):
-        return x @ self.kernel[...].T + self.bias[...]
 
 
 class Dot(nnx.Module):
@@ -77,52 +50,14 @@ class Jitted(Dot):
         return _jitted_product(x, self.w[...])
 
 
-class Holder(nnx.Module):
-    def __init__(self, layer: nnx.Module):
-        self.proj = layer
-
-    def __call__(self, x):
-        return self.proj(x)
-
-
 # name: (module factory, input shape, delta einsum over (A, B), the product in numpy)
 CASES = {
-    "llama_q": (
-        lambda r: Einsum("BTD,DNH->BTNH", (8, 2, 4), r),
-        (2, 5, 8),
-        "dr,rnh->dnh",
-        lambda x, w: np.einsum("btd,dnh->btnh", x, w),
-    ),
-    "llama_o": (
-        lambda r: Einsum("BTNH,NHD->BTD", (2, 4, 8), r),
-        (2, 5, 2, 4),
-        "nhr,rd->nhd",
-        lambda x, w: np.einsum("btnh,nhd->btd", x, w),
-    ),
-    "gemma_q": (
-        lambda r: Einsum("BTD,NDH->BTNH", (2, 8, 4), r),
-        (2, 5, 8),
-        "dr,rnh->ndh",
-        lambda x, w: np.einsum("btd,ndh->btnh", x, w),
-    ),
-    "gemma_kv": (
-        lambda r: Einsum("BSD,CKDH->CBSKH", (2, 2, 8, 4), r),
-        (2, 5, 8),
-        "dr,rckh->ckdh",
-        lambda x, w: np.einsum("bsd,ckdh->cbskh", x, w),
-    ),
-    "moe": (
-        lambda r: Einsum("EBD,EDF->EBF", (3, 8, 6), r),
-        (3, 5, 8),
-        "edr,erf->edf",
-        lambda x, w: np.einsum("ebd,edf->ebf", x, w),
-    ),
-    "weight_first": (
-        lambda r: WeightFirst("NDH,BTD->BTNH", (2, 8, 4), r),
-        (2, 5, 8),
-        "dr,rnh->ndh",
-        lambda x, w: np.einsum("ndh,btd->btnh", w, x),
-    ),
+    "llama_q": einsum_case(Einsum, "BTD,DNH->BTNH", (8, 2, 4), (2, 5, 8), "dr,rnh->dnh"),
+    "llama_o": einsum_case(Einsum, "BTNH,NHD->BTD", (2, 4, 8), (2, 5, 2, 4), "nhr,rd->nhd"),
+    "gemma_q": einsum_case(Einsum, "BTD,NDH->BTNH", (2, 8, 4), (2, 5, 8), "dr,rnh->ndh"),
+    "gemma_kv": einsum_case(Einsum, "BSD,CKDH->CBSKH", (2, 2, 8, 4), (2, 5, 8), "dr,rckh->ckdh"),
+    "moe": einsum_case(Einsum, "EBD,EDF->EBF", (3, 8, 6), (3, 5, 8), "edr,erf->edf"),
+    "weight_first": einsum_case(WeightFirst, "NDH,BTD->BTNH", (2, 8, 4), (2, 5, 8), "dr,rnh->ndh"),
     "conv1d_transpose": (
         lambda r: Conv1DLike(8, 6, r),
         (2, 5, 8),
@@ -317,16 +252,7 @@ def test_training_moves_only_the_adapter():
     w0 = np.asarray(model.proj.w[...])
     opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
 
-    @nnx.jit
-    def step(model, opt):
-        def loss_fn(m):
-            return jnp.mean((m(x) - target) ** 2)
-
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-        opt.update(model, grads)
-        return loss
-
-    losses = [float(step(model, opt)) for _ in range(5)]
+    losses = [float(nnx_lora_step(model, opt, x, target)[0]) for _ in range(5)]
     assert losses[-1] < losses[0]
     assert np.array_equal(np.asarray(model.proj.w[...]), w0)  # base bit-identical
     assert np.abs(np.asarray(model.proj.lora_b[...])).max() > 0

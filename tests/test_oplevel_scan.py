@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxlora
 import jaxlora.nnx
+from tests._nnx_stacks import ScannedLayers, UnrolledLayers
 from tests.test_oplevel_linen import FlaxConv1D
 from tests.test_scan_axis import (
     STACK_NAME,
@@ -248,17 +249,23 @@ def test_partition_specs_name_the_layer_axis_at_the_scan_axis(axis):
     assert (tuple(specs["lora_a"]), tuple(specs["lora_b"])) == want
 
 
+def _assert_twin_files(directory, expected_key: str):
+    """The scanned model's files (``directory/'scanned'``) are its unrolled twin's
+    (``'unrolled'``): the same config, the same keys (``expected_key`` among them) and arrays."""
+    tensors_u, config_u = _read(directory / "unrolled")
+    tensors_s, config_s = _read(directory / "scanned")
+    assert expected_key in tensors_s
+    assert sorted(tensors_s) == sorted(tensors_u) and config_s == config_u
+    for key, value in tensors_u.items():
+        np.testing.assert_array_equal(tensors_s[key], value, err_msg=key)
+
+
 @pytest.mark.parametrize("axis", [0, 1, -1])
 def test_files_are_the_unrolled_twins_and_load_back_exactly(tmp_path, axis):
     _, unrolled, model, scanned, x = _linen_twins(axis)
     jaxlora.save_adapter(unrolled, tmp_path / "unrolled", CONFIG)
     jaxlora.save_adapter(scanned, tmp_path / "scanned", CONFIG, layer_names=NAMES)
-    tensors_u, config_u = _read(tmp_path / "unrolled")
-    tensors_s, config_s = _read(tmp_path / "scanned")
-    assert "base_model.model.layers_2.q.lora_B.weight" in tensors_s
-    assert sorted(tensors_s) == sorted(tensors_u) and config_s == config_u
-    for key, value in tensors_u.items():
-        np.testing.assert_array_equal(tensors_s[key], value, err_msg=key)
+    _assert_twin_files(tmp_path, "base_model.model.layers_2.q.lora_B.weight")
 
     injected = _injected(model, x, key=9)
     loaded = jaxlora.load_adapter(injected, tmp_path / "unrolled", layer_names=NAMES)
@@ -337,31 +344,12 @@ class NnxBlock(nnx.Module):
         return x + self.mlp(jax.nn.gelu(x))
 
 
-class NnxScanned(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs, out_axes: int = 0):
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=(0,), out_axes=out_axes)
-        def make(rngs):
-            return NnxBlock(rngs)
-
-        self.layers = make(rngs)
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(x, block):
-            return block(x)
-
-        return body(x, self.layers)
+class NnxScanned(ScannedLayers):
+    block, length = NnxBlock, L
 
 
-class NnxUnrolled(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.layers = nnx.List([NnxBlock(rngs) for _ in range(L)])
-
-    def __call__(self, x):
-        for block in self.layers:
-            x = block(x)
-        return x
+class NnxUnrolled(UnrolledLayers):
+    block, length = NnxBlock, L
 
 
 NNX_CONFIG = jaxlora.LoRAConfig(r=2, alpha=6, targets=["q", "o", "mlp"])
@@ -488,12 +476,7 @@ def test_nnx_files_are_the_unrolled_twins_and_load_back_exactly(tmp_path):
     unrolled, scanned = _nnx_twins()
     jaxlora.nnx.save_adapter(unrolled, tmp_path / "unrolled")
     jaxlora.nnx.save_adapter(scanned, tmp_path / "scanned")
-    tensors_u, config_u = _read(tmp_path / "unrolled")
-    tensors_s, config_s = _read(tmp_path / "scanned")
-    assert "base_model.model.layers.2.q.lora_B.weight" in tensors_s
-    assert sorted(tensors_s) == sorted(tensors_u) and config_s == config_u
-    for key, value in tensors_u.items():
-        np.testing.assert_array_equal(tensors_s[key], value, err_msg=key)
+    _assert_twin_files(tmp_path, "base_model.model.layers.2.q.lora_B.weight")
 
     fresh = NnxScanned(nnx.Rngs(0))
     jaxlora.nnx.inject(fresh, NNX_CONFIG, nnx.Rngs(7), inputs=(_inputs(),))

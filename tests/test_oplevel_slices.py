@@ -27,6 +27,7 @@ from safetensors.numpy import load_file
 import jaxlora
 from jaxlora import LoRAConfig
 from jaxlora import nnx as jnnx
+from tests._train import nnx_lora_step
 
 E, D, F, R, ALPHA = 3, 4, 5, 2, 3.0
 S = ALPHA / R
@@ -146,16 +147,7 @@ def test_training_moves_only_the_adapters_and_merge_equals_unmerged():
     optimizer = nnx.Optimizer(model, optax.adam(1e-1), wrt=nnx.LoRAParam)
     target = jnp.asarray(np.random.default_rng(6).normal(size=(2, E, F)), jnp.float32)
 
-    @nnx.jit
-    def step(model, optimizer):
-        def loss(model):
-            return jnp.mean((model(jnp.asarray(X)) - target) ** 2)
-
-        value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-        optimizer.update(model, grads)
-        return value
-
-    losses = [float(step(model, optimizer)) for _ in range(5)]
+    losses = [float(nnx_lora_step(model, optimizer, jnp.asarray(X), target)[0]) for _ in range(5)]
     assert losses[-1] < losses[0]
     np.testing.assert_array_equal(model.moe.w[...], W)  # the base, bit for bit
     assert all(float(jnp.abs(model.moe.lora_b[...][i]).max()) > 0 for i in range(E))

@@ -10,12 +10,12 @@ import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 
 import jaxlora
 from jaxlora.quant import QuantizedWeight, dequantize, dequantize_base, quantize_base
+from tests._train import linen_adam_steps
 
 IN, HIDDEN, OUT = 128, 64, 8
 
@@ -200,28 +200,11 @@ def _nbytes(tree) -> int:
 
 def test_train_freeze_base_adam_never_touches_the_quantized_base():
     model, _, quantized = _model()
-    params, frozen = quantized["params"], quantized["quant"]
+    frozen = quantized["quant"]
     before = jax.tree.map(np.array, frozen)
-    tx = jaxlora.freeze_base(optax.adam(1e-2))
-    opt_state = tx.init(params)
     x = jax.random.normal(jax.random.key(4), (16, IN))
     target = jax.random.normal(jax.random.key(5), (16, OUT))
-
-    @jax.jit
-    def step(params, opt_state):
-        def loss_fn(params):
-            with jaxlora.intercept(CONFIG):
-                y = model.apply({"params": params, "quant": frozen}, x)
-            return jnp.mean((y - target) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    losses = []
-    for _ in range(5):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
+    params, opt_state, losses, _ = linen_adam_steps(model, CONFIG, quantized, x, target, steps=5)
     assert losses[-1] < losses[0]
     # The packed base is bit-identical (and no uint8 leaf ever reached grad or the optimizer).
     jax.tree.map(np.testing.assert_array_equal, frozen, before)

@@ -34,6 +34,7 @@ import jaxlora
 from jaxlora import nnx as jnnx
 from jaxlora.oplevel import Roles
 from jaxlora.quant import QuantizedWeight, _layout, dequantize, quantize, quantize_base
+from tests._train import linen_adam_steps
 
 # 720 elements per expert: 11.25 nf4 blocks of 64, 2.8 int8 blocks of 256, so quantizing the
 # experts as one flat array would give blocks straddling two experts (other bytes).
@@ -502,27 +503,12 @@ def test_linen_experts_quantized_per_expert_forward_merge_requantize(sliced, opt
 
 def test_linen_training_never_touches_the_packed_experts_and_files_round_trip(tmp_path):
     model, config, _, quantized = _linen(True)
-    params, frozen = quantized["params"], quantized["quant"]
+    frozen = quantized["quant"]
     before = jax.tree.map(np.array, frozen)
     target = jnp.asarray(np.random.default_rng(5).normal(size=(2, E, F)), jnp.float32)
-    tx = jaxlora.freeze_base(optax.adam(1e-2))
-    state = tx.init(params)
-
-    @jax.jit
-    def step(params, state):
-        def loss_fn(params):
-            with jaxlora.intercept(config):
-                y = model.apply({"params": params, "quant": frozen}, jnp.asarray(X))
-            return jnp.mean((y - target) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss, grads
-
-    losses = []
-    for _ in range(5):
-        params, state, loss, grads = step(params, state)
-        losses.append(float(loss))
+    params, _, losses, grads = linen_adam_steps(
+        model, config, quantized, jnp.asarray(X), target, steps=5
+    )
     assert losses[-1] < losses[0] and "w" not in grads["moe"]
     jax.tree.map(np.testing.assert_array_equal, frozen, before)
     trained = {**quantized, "params": params}

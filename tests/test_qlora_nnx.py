@@ -11,6 +11,7 @@ from flax import nnx
 import jaxlora
 from jaxlora import nnx as jnnx
 from jaxlora.quant import QuantizedWeight, dequantize
+from tests._train import nnx_lora_step
 
 IN, HIDDEN, OUT = 128, 64, 8
 CONFIG = jaxlora.LoRAConfig(r=4, alpha=8, targets=["up", "down"])
@@ -72,16 +73,7 @@ def test_train_optimizer_on_lora_params_never_touches_the_quantized_base():
     x = jax.random.normal(jax.random.key(4), (16, IN))
     target = jax.random.normal(jax.random.key(5), (16, OUT))
 
-    @nnx.jit
-    def step(model, optimizer):
-        def loss_fn(model):
-            return jnp.mean((model(x) - target) ** 2)
-
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = [float(step(model, optimizer)) for _ in range(5)]
+    losses = [float(nnx_lora_step(model, optimizer, x, target)[0]) for _ in range(5)]
     assert losses[-1] < losses[0]
     after = nnx.state(model, jnnx.QuantizedKernel)
     jax.tree.map(np.testing.assert_array_equal, after, before)

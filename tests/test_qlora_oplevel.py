@@ -24,6 +24,9 @@ from flax import nnx
 import jaxlora
 from jaxlora import nnx as jnnx
 from jaxlora.quant import QuantizedWeight, dequantize, quantize, quantize_base
+from tests import _nnx_products as products
+from tests._nnx_products import Conv1DLike, Holder, einsum_case
+from tests._train import linen_adam_steps, nnx_lora_step
 
 R, ALPHA = 4, 8.0
 S = ALPHA / R
@@ -31,68 +34,20 @@ TOL = 2e-5
 D, N, H, K = 64, 2, 32, 2
 
 
-class Einsum(nnx.Module):
-    """tunix's ``Einsum``: ``jnp.einsum(shape_eqn, x, w)``."""
-
-    def __init__(self, eqn: str, shape, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.shape_eqn = eqn
-        w = jax.random.normal(rngs.params(), shape) / np.sqrt(D)
-        self.w = nnx.Param(w.astype(dtype))
-
-    def __call__(self, x):
-        return jnp.einsum(self.shape_eqn, x, self.w[...])
+class Einsum(products.Einsum):
+    fan_in = D  # every weight over sqrt(D), whatever its first axis
 
 
-class WeightFirst(Einsum):
-    def __call__(self, x):
-        return jnp.einsum(self.shape_eqn, self.w[...], x)
-
-
-class Conv1DLike(nnx.Module):
-    """transformers' ``FlaxConv1D``: ``kernel`` (out, in), ``x @ kernel.T + bias``."""
-
-    def __init__(self, n_in: int, n_out: int, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (n_out, n_in)) / np.sqrt(n_in))
-        self.bias = nnx.Param(jax.random.normal(rngs.params(), (n_out,)))
-
-    def __call__(self, x):
-        return x @ self.kernel[...].T + self.bias[...]
-
-
-class Holder(nnx.Module):
-    def __init__(self, layer: nnx.Module):
-        self.proj = layer
-
-    def __call__(self, x):
-        return self.proj(x)
+class WeightFirst(products.WeightFirst):
+    fan_in = D
 
 
 # name: (module factory, input shape, weight name, delta einsum over (A, B), product in numpy)
 CASES = {
-    "llama_q": (
-        lambda r: Einsum("BTD,DNH->BTNH", (D, N, H), r),
-        (2, 5, D),
-        "dr,rnh->dnh",
-        lambda x, w: np.einsum("btd,dnh->btnh", x, w),
-    ),
-    "llama_o": (
-        lambda r: Einsum("BTNH,NHD->BTD", (N, H, D), r),
-        (2, 5, N, H),
-        "nhr,rd->nhd",
-        lambda x, w: np.einsum("btnh,nhd->btd", x, w),
-    ),
-    "gemma_kv": (
-        lambda r: Einsum("BSD,CKDH->CBSKH", (2, K, D, H), r),
-        (2, 5, D),
-        "dr,rckh->ckdh",
-        lambda x, w: np.einsum("bsd,ckdh->cbskh", x, w),
-    ),
-    "weight_first": (
-        lambda r: WeightFirst("NDH,BTD->BTNH", (N, D, H), r),
-        (2, 5, D),
-        "dr,rnh->ndh",
-        lambda x, w: np.einsum("ndh,btd->btnh", w, x),
-    ),
+    "llama_q": einsum_case(Einsum, "BTD,DNH->BTNH", (D, N, H), (2, 5, D), "dr,rnh->dnh"),
+    "llama_o": einsum_case(Einsum, "BTNH,NHD->BTD", (N, H, D), (2, 5, N, H), "nhr,rd->nhd"),
+    "gemma_kv": einsum_case(Einsum, "BSD,CKDH->CBSKH", (2, K, D, H), (2, 5, D), "dr,rckh->ckdh"),
+    "weight_first": einsum_case(WeightFirst, "NDH,BTD->BTNH", (N, D, H), (2, 5, D), "dr,rnh->ndh"),
     "conv1d": (
         lambda r: Conv1DLike(D, 48, r),
         (2, 5, D),
@@ -226,19 +181,10 @@ def test_training_never_touches_the_packed_base(name):
         )
     )
 
-    @nnx.jit
-    def step(model, optimizer):
-        def loss_fn(model):
-            return jnp.mean((model(x) - target) ** 2)
-
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-        optimizer.update(model, grads)
-        return loss, grads
-
     model.train()
     losses = []
     for _ in range(10):
-        loss, grads = step(model, optimizer)
+        loss, grads = nnx_lora_step(model, optimizer, x, target)
         losses.append(float(loss))
         assert sorted(grads["proj"]) == ["lora_a", "lora_b"]
     assert losses[-1] < losses[0]
@@ -501,26 +447,10 @@ def test_linen_base_path_is_the_modules_own_product():
 
 def test_linen_training_never_touches_the_packed_base():
     model, x, config, _, quantized = _linen()
-    params, frozen = quantized["params"], quantized["quant"]
+    frozen = quantized["quant"]
     before = jax.tree.map(np.array, frozen)
     target = jax.random.normal(jax.random.key(5), (2, 3, 8))
-    tx = jaxlora.freeze_base(optax.adam(1e-2))
-    state = tx.init(params)
-
-    @jax.jit
-    def step(params, state):
-        def loss_fn(params):
-            with jaxlora.intercept(config):
-                return jnp.mean((model.apply({"params": params, "quant": frozen}, x) - target) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss, grads
-
-    losses = []
-    for _ in range(10):
-        params, state, loss, grads = step(params, state)
-        losses.append(float(loss))
+    _, _, losses, grads = linen_adam_steps(model, config, quantized, x, target, steps=10)
     assert losses[-1] < losses[0]
     for name in LINEN_TARGETS:  # no gradient exists for a base weight: it is not in params
         assert LINEN_TORCH[name][0] not in grads[name]

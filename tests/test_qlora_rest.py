@@ -33,6 +33,7 @@ from jaxlora.product import ProductRoles
 from jaxlora.quant import _layout, quantize
 from tests import test_multiweight_rest as multi
 from tests import test_oplevel_moe_scan as moe
+from tests._train import intercepted_loss
 from tests.test_linen_multiweight import CONFIG, WEIGHTS, S, X, _injected, _randomize
 
 OPTIONS = {"nf4": {}, "nf4-dq": {"double_quant": True}, "int8": {"quant_type": "int8"}}
@@ -54,6 +55,22 @@ def _same_bits(got, want):
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for g, w in zip(got_leaves, want_leaves, strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def _one_adam_step(model, config, q, x):
+    """One ``freeze_base(adam)`` step on the params of the quantized variables ``q``: no
+    optimizer state holds a packed byte and the packed bytes stay bit identical; returns
+    (the gradients, the new params)."""
+    before = jax.tree.map(np.array, q["quant"])
+    params, quant = q["params"], q["quant"]
+    tx = jaxlora.freeze_base(optax.adam(1e-2))
+    state = tx.init(params)
+    assert not any(leaf.dtype == jnp.uint8 for leaf in jax.tree.leaves(state))
+    grads = jax.grad(intercepted_loss(model, config))(params, quant, x)
+    updates, state = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    _same_bits(quant, jax.tree.map(jnp.asarray, before))
+    return grads, new
 
 
 def _silu(v):
@@ -117,26 +134,13 @@ def test_forward_is_the_closed_form_on_the_dequantized_weights(name):
 
 def test_optax_steps_keep_the_packed_bytes_bit_identical():
     model, q, _ = _quantized(OPTIONS["nf4-dq"])
-    before = jax.tree.map(np.array, q["quant"])
-    params, quant = q["params"], q["quant"]
-    tx = jaxlora.freeze_base(optax.adam(1e-2))
-    state = tx.init(params)
-    assert not any(leaf.dtype == jnp.uint8 for leaf in jax.tree.leaves(state))
-
-    def loss(params, x):
-        with jaxlora.intercept(CONFIG):
-            return jnp.mean(model.apply({"params": params, "quant": quant}, x) ** 2)
-
-    grads = jax.grad(loss)(params, jnp.asarray(X))
+    grads, new = _one_adam_step(model, CONFIG, q, jnp.asarray(X))
     assert not any(leaf.dtype == jnp.uint8 for leaf in jax.tree.leaves(grads))
     # every weight's adapter gets a gradient (its branch runs at its own product)
     for w in WEIGHTS:
         assert np.abs(np.asarray(grads["mlp"][f"{w}_lora_a"])).max() > 0
-    updates, state = tx.update(grads, state, params)
-    new = optax.apply_updates(params, updates)
-    _same_bits(quant, jax.tree.map(jnp.asarray, before))
     for w in WEIGHTS:
-        assert not np.array_equal(new["mlp"][f"{w}_lora_b"], params["mlp"][f"{w}_lora_b"])
+        assert not np.array_equal(new["mlp"][f"{w}_lora_b"], q["params"]["mlp"][f"{w}_lora_b"])
 
 
 @pytest.mark.parametrize("name", ["nf4-dq", "int8"])
@@ -267,21 +271,9 @@ def test_linen_scanned_moe_trains_without_touching_the_packed_bytes_and_files_ro
     tmp_path,
 ):
     q, a, b = _linen_moe(OPTIONS["nf4"])
-    before = jax.tree.map(np.array, q["quant"])
-    params, quant = q["params"], q["quant"]
-    tx = jaxlora.freeze_base(optax.adam(1e-2))
-    state = tx.init(params)
-    assert not any(leaf.dtype == jnp.uint8 for leaf in jax.tree.leaves(state))
-
-    def loss(params, x):
-        with jaxlora.intercept(moe.CONFIG):
-            return jnp.mean(QLinenScanned().apply({"params": params, "quant": quant}, x) ** 2)
-
-    grads = jax.grad(loss)(params, jnp.asarray(moe.X))
-    updates, state = tx.update(grads, state, params)
-    new = optax.apply_updates(params, updates)
-    _same_bits(quant, jax.tree.map(jnp.asarray, before))
-    assert not np.array_equal(new["layers"]["moe"]["lora_b"], params["layers"]["moe"]["lora_b"])
+    _, new = _one_adam_step(QLinenScanned(), moe.CONFIG, q, jnp.asarray(moe.X))
+    lora_b = q["params"]["layers"]["moe"]["lora_b"]
+    assert not np.array_equal(new["layers"]["moe"]["lora_b"], lora_b)
     # files: each layer's and expert's adapter, read back exactly into the quantized model
     path_map = moe._paths("layers_{i}.moe")
     jaxlora.save_adapter(q, tmp_path, moe.CONFIG, path_map=path_map, layer_names=moe.NAMES)

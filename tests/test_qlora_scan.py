@@ -22,6 +22,8 @@ from flax import linen as nn
 import jaxlora
 from jaxlora.quant import dequantize, quantize_base
 from jaxlora.tree import RECORD_NAMES
+from tests._scan_twins import adam_trained, assert_same_files, bits, layer_of
+from tests._train import intercepted_loss
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -124,19 +126,10 @@ def _twins(axis=0, options=None):
     return q_unrolled, q_scanned, layouts
 
 
-def _layer(tree, i):
-    return jax.tree.map(lambda x: x[i], tree)
-
-
-def _bits(x):
-    x = np.asarray(x)
-    return x.view(np.uint32) if x.dtype == np.float32 else x
-
-
 def _same_bits(a, b):
     assert type(a) is type(b) and jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(_bits(x), _bits(y))
+        np.testing.assert_array_equal(bits(x), bits(y))
 
 
 def _linear(kernel, n_in):
@@ -161,13 +154,13 @@ def test_each_layer_is_its_unrolled_twin_and_bitsandbytes(name, axis):
         assert stack.absmax.shape[0] == L
         for i in range(L):
             twin = q_unrolled["quant"][f"layers_{i}"][layer]["kernel"]
-            _same_bits(_layer(stack, i), twin)
+            _same_bits(layer_of(stack, i), twin)
             float_kernel = _float_kernel(i, layer)
             weight = torch.from_numpy(_linear(float_kernel, n_in))
             if options["quant_type"] == "int8":
                 codes, state = bnbf.quantize_blockwise(weight, blocksize=256)
                 np.testing.assert_array_equal(np.asarray(stack.packed[i]), codes.numpy())
-                np.testing.assert_array_equal(_bits(stack.absmax[i]), _bits(state.absmax))
+                np.testing.assert_array_equal(bits(stack.absmax[i]), bits(state.absmax))
                 continue
             packed, state = bnbf.quantize_4bit(
                 weight,
@@ -179,7 +172,7 @@ def test_each_layer_is_its_unrolled_twin_and_bitsandbytes(name, axis):
                 offset = np.float32(state.offset.item())
                 assert abs(float(stack.offset[i]) - offset) <= 4 * np.spacing(offset)
             else:
-                np.testing.assert_array_equal(_bits(stack.absmax[i]), _bits(state.absmax))
+                np.testing.assert_array_equal(bits(stack.absmax[i]), bits(state.absmax))
 
 
 def _float_kernel(i, layer):
@@ -189,11 +182,7 @@ def _float_kernel(i, layer):
 
 
 def _loss(model):
-    @jaxlora.intercept(CONFIG)
-    def loss(params, quant, x):
-        return jnp.mean(model.apply({"params": params, "quant": quant}, x) ** 2)
-
-    return loss
+    return intercepted_loss(model, CONFIG)
 
 
 def _restack(tree, axis):
@@ -230,26 +219,8 @@ def test_scanned_equals_unrolled_outputs_and_adapter_grads(name, axis):
 def test_optax_steps_keep_the_packed_stack_bit_identical():
     q_unrolled, q_scanned, _ = _twins(1, OPTIONS["nf4-dq"])
     before = jax.tree.map(np.array, q_scanned["quant"])
-    tx = jaxlora.freeze_base(optax.adam(1e-2))
-    trained = {}
-    for key, model, variables in (
-        ("u", Unrolled(), q_unrolled),
-        ("s", Scanned(1), q_scanned),
-    ):
-        params, quant = variables["params"], variables["quant"]
-        state = tx.init(params)
-        # no optimizer state holds a packed byte: 'quant' is not an input to the optimizer
-        assert not any(leaf.dtype == jnp.uint8 for leaf in jax.tree.leaves(state))
-
-        @jax.jit
-        def step(params, state, x, model=model, quant=quant):
-            grads = jax.grad(_loss(model))(params, quant, x)
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state
-
-        for s in range(3):
-            params, state = step(params, state, _x(10 + s))
-        trained[key] = params
+    runs = (("u", Unrolled(), q_unrolled), ("s", Scanned(1), q_scanned))
+    trained = adam_trained(runs, CONFIG, _x)
     _same_bits(q_scanned["quant"], jax.tree.map(jnp.asarray, before))
     _close(_arrays(trained["s"]["layers"]), _restack(trained["u"], 1), rel=1e-5)
 
@@ -268,7 +239,7 @@ def test_merge_and_requantize_per_layer(axis):
         assert entry["stack"].axis == axis
         for i in range(L):
             twin = merged_u["quant"][f"layers_{i}"][layer]["kernel"]
-            _same_bits(_layer(entry["kernel"], i), twin)
+            _same_bits(layer_of(entry["kernel"], i), twin)
         assert sorted(merged_s["params"]["layers"][layer]) == ["bias"]
     x = _x(2)
     with jaxlora.intercept(CONFIG):
@@ -277,16 +248,11 @@ def test_merge_and_requantize_per_layer(axis):
 
 @pytest.mark.parametrize("axis", [0, 1])
 def test_adapter_files_are_the_unrolled_twins_per_layer_and_load_back(tmp_path, axis):
-    import safetensors.numpy
-
     q_unrolled, q_scanned, layouts = _twins(axis)
     jaxlora.save_adapter(q_unrolled, tmp_path / "u", CONFIG)
     jaxlora.save_adapter(q_scanned, tmp_path / "s", CONFIG, layer_names=NAMES)
-    ours = safetensors.numpy.load_file(tmp_path / "s" / "adapter_model.safetensors")
-    twin = safetensors.numpy.load_file(tmp_path / "u" / "adapter_model.safetensors")
-    assert sorted(ours) == sorted(twin) and "base_model.model.layers_2.query.lora_A.weight" in ours
-    for key in twin:
-        np.testing.assert_array_equal(ours[key], twin[key])
+    key = "base_model.model.layers_2.query.lora_A.weight"
+    assert_same_files(tmp_path / "s", tmp_path / "u", key)
     base = {"params": jaxlora.split(q_scanned["params"])[1], "quant": q_scanned["quant"]}
     loaded = jaxlora.load_adapter(base, tmp_path / "s", layer_names=NAMES, layouts=layouts)
     assert loaded["quant"] is q_scanned["quant"]
@@ -373,7 +339,7 @@ def test_nnx_vmapped_stack_is_its_unrolled_twin_per_layer_in_bytes_logits_and_gr
     ours = _nnx_quant(scanned)
     assert jax.tree.structure(ours) == jax.tree.structure(twin)
     for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(twin), strict=True):
-        np.testing.assert_array_equal(_bits(x), _bits(y))
+        np.testing.assert_array_equal(bits(x), bits(y))
     tokens = _tokens(1)
     _close(scanned(tokens[:, :-1]), unrolled(tokens[:, :-1]))
     diff = nnx.DiffState(0, nnx.LoRAParam)
@@ -406,7 +372,7 @@ def test_nnx_training_keeps_the_stack_bit_identical_and_merges_per_layer():
         for i in range(3):
             step(model, optimizer, _tokens(10 + i))
     for x, y in zip(jax.tree.leaves(_nnx_quant(scanned)), jax.tree.leaves(before), strict=True):
-        np.testing.assert_array_equal(_bits(x), _bits(y))
+        np.testing.assert_array_equal(bits(x), bits(y))
     adapter = lambda m: nnx.to_pure_dict(nnx.state(m, nnx.LoRAParam))  # noqa: E731
     _close(adapter(scanned), jgpt.stack_blocks(adapter(unrolled), CFG.n_layer), rel=1e-5)
     # the same adapter on both (training left float32 noise between them), to merge alike
@@ -421,25 +387,19 @@ def test_nnx_training_keeps_the_stack_bit_identical_and_merges_per_layer():
     jaxlora.nnx.merge(scanned, requantize=True)
     twin = jgpt.stack_blocks(_nnx_quant(unrolled), CFG.n_layer)
     for x, y in zip(jax.tree.leaves(_nnx_quant(scanned)), jax.tree.leaves(twin), strict=True):
-        np.testing.assert_array_equal(_bits(x), _bits(y))
+        np.testing.assert_array_equal(bits(x), bits(y))
     assert isinstance(scanned.blocks.attn.query, jaxlora.nnx.LoRALinear)  # lora_b now zero
     _close(scanned(tokens), unrolled(tokens))
 
 
 def test_nnx_adapter_files_of_a_quantized_stack_are_the_unrolled_twins(tmp_path):
-    import safetensors.numpy
-
     import jaxlora.nnx
 
     unrolled, scanned, config = _nnx_quantized(OPTIONS["nf4"])
     jaxlora.nnx.save_adapter(unrolled, tmp_path / "u", config)
     jaxlora.nnx.save_adapter(scanned, tmp_path / "s", config, layer_names={"blocks": "blocks_{i}"})
-    ours = safetensors.numpy.load_file(tmp_path / "s" / "adapter_model.safetensors")
-    twin = safetensors.numpy.load_file(tmp_path / "u" / "adapter_model.safetensors")
-    assert sorted(ours) == sorted(twin)
-    assert "base_model.model.blocks_2.attn.query.lora_A.weight" in ours
-    for key in twin:
-        np.testing.assert_array_equal(ours[key], twin[key])
+    key = "base_model.model.blocks_2.attn.query.lora_A.weight"
+    assert_same_files(tmp_path / "s", tmp_path / "u", key)
 
 
 def test_nnx_a_stacked_kernel_outside_the_scan_is_the_stacked_weight():

@@ -27,6 +27,7 @@ from flax import nnx
 import jaxlora
 import jaxlora.nnx
 from jaxlora.quant import dequantize, dequantize_base, quantize_base
+from tests._scan_twins import adam_trained, assert_same_files, bits, layer_of
 from tests.test_oplevel_linen import FlaxConv1D
 from tests.test_oplevel_scan import (
     CONFIG,
@@ -90,19 +91,10 @@ def _linen(axis: int, name: str):
     return unrolled, q_unrolled, q_scanned, layouts
 
 
-def _layer(tree, i):
-    return jax.tree.map(lambda x: x[i], tree)
-
-
-def _bits(x):
-    x = np.asarray(x)
-    return x.view(np.uint32) if x.dtype == np.float32 else x
-
-
 def _same_bits(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(_bits(x), _bits(y))
+        np.testing.assert_array_equal(bits(x), bits(y))
 
 
 def _close(a, b, rel=1e-6):
@@ -123,7 +115,7 @@ def _check_bnb(q, float_weight, layer, options):
     if options["quant_type"] == "int8":
         codes, state = bnbf.quantize_blockwise(weight, blocksize=options["blocksize"])
         np.testing.assert_array_equal(np.asarray(q.packed), codes.numpy())
-        np.testing.assert_array_equal(_bits(q.absmax), _bits(state.absmax))
+        np.testing.assert_array_equal(bits(q.absmax), bits(state.absmax))
         return
     double = options.get("double_quant", False)
     packed, state = bnbf.quantize_4bit(
@@ -134,7 +126,7 @@ def _check_bnb(q, float_weight, layer, options):
         offset = np.float32(state.offset.item())
         assert abs(float(q.offset) - offset) <= 4 * np.spacing(offset)
     else:
-        np.testing.assert_array_equal(_bits(q.absmax), _bits(state.absmax))
+        np.testing.assert_array_equal(bits(q.absmax), bits(state.absmax))
 
 
 # --------------------------------------------------------------------------------- Linen
@@ -154,17 +146,9 @@ def test_linen_each_layer_is_its_unrolled_twin_and_bitsandbytes(axis, name):
         assert entry["stack"].axis == axis and entry["stack_index"].shape == (L, 1, 1, 1)
         assert weight not in q_scanned["params"]["layers"][layer]
         for i in range(L):
-            one = _layer(entry[weight], i)
+            one = layer_of(entry[weight], i)
             _same_bits(one, q_unrolled["quant"][f"layers_{i}"][layer][weight])
             _check_bnb(one, floats[f"layers_{i}"][layer][weight], layer, OPTIONS[name])
-
-
-def _loss(model):
-    @jaxlora.intercept(CONFIG)
-    def loss(params, quant, x):
-        return jnp.mean(model.apply({"params": params, "quant": quant}, x) ** 2)
-
-    return loss
 
 
 @pytest.mark.parametrize(("axis", "name"), CASES)
@@ -184,22 +168,8 @@ def test_linen_scanned_equals_unrolled_outputs(axis, name):
 def test_linen_optax_steps_keep_the_packed_stack_bit_identical():
     _, q_unrolled, q_scanned, _ = _linen(1, "nf4-dq")
     before = jax.tree.map(np.array, q_scanned["quant"])
-    tx = jaxlora.freeze_base(optax.adam(1e-2))
-    trained = {}
-    for key, model, variables in (("u", Unrolled(), q_unrolled), ("s", QScanned(1), q_scanned)):
-        params, quant = variables["params"], variables["quant"]
-        state = tx.init(params)
-        assert not any(leaf.dtype == jnp.uint8 for leaf in jax.tree.leaves(state))
-
-        @jax.jit
-        def step(params, state, x, model=model, quant=quant):
-            grads = jax.grad(_loss(model))(params, quant, x)
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state
-
-        for s in range(3):
-            params, state = step(params, state, _inputs(10 + s))
-        trained[key] = params
+    runs = (("u", Unrolled(), q_unrolled), ("s", QScanned(1), q_scanned))
+    trained = adam_trained(runs, CONFIG, _inputs)
     _same_bits(q_scanned["quant"], jax.tree.map(jnp.asarray, before))
     _close(_arrays(trained["s"]["layers"]), _restack(trained["u"], 1), rel=1e-5)
 
@@ -216,23 +186,17 @@ def test_linen_merge_and_requantize_per_layer():
         entry = merged_s["quant"]["layers"][layer]
         assert entry["stack"].axis == axis
         for i in range(L):
-            _same_bits(_layer(entry[weight], i), merged_u["quant"][f"layers_{i}"][layer][weight])
+            _same_bits(layer_of(entry[weight], i), merged_u["quant"][f"layers_{i}"][layer][weight])
     x = _inputs(2)
     with jaxlora.intercept(CONFIG):
         _close(QScanned(axis).apply(merged_s, x), Unrolled().apply(merged_u, x))
 
 
 def test_linen_adapter_files_are_the_unrolled_twins_per_layer_and_load_back(tmp_path):
-    import safetensors.numpy
-
     _, q_unrolled, q_scanned, _ = _linen(0, "nf4")
     jaxlora.save_adapter(q_unrolled, tmp_path / "u", CONFIG)
     jaxlora.save_adapter(q_scanned, tmp_path / "s", CONFIG, layer_names=NAMES)
-    ours = safetensors.numpy.load_file(tmp_path / "s" / "adapter_model.safetensors")
-    twin = safetensors.numpy.load_file(tmp_path / "u" / "adapter_model.safetensors")
-    assert sorted(ours) == sorted(twin) and "base_model.model.layers_2.q.lora_A.weight" in ours
-    for key in twin:
-        np.testing.assert_array_equal(ours[key], twin[key])
+    assert_same_files(tmp_path / "s", tmp_path / "u", "base_model.model.layers_2.q.lora_A.weight")
     # the twin's file into the scanned quantized model holding other (zero) adapters
     zero = lambda p, v: jnp.zeros_like(v) if "lora_" in jax.tree_util.keystr(p) else v  # noqa: E731
     fresh = {**q_scanned, "params": jax.tree_util.tree_map_with_path(zero, q_scanned["params"])}
@@ -291,7 +255,7 @@ def _probe_reference(x, q):
     x = np.asarray(x, np.float64)
     outs = []
     for i in range(L):
-        linear = np.asarray(dequantize(_layer(entry["kernel"], i)), np.float64)  # (L, 64)
+        linear = np.asarray(dequantize(layer_of(entry["kernel"], i)), np.float64)  # (L, 64)
         a, b = (np.asarray(node[n][i], np.float64) for n in ("lora_a", "lora_b"))
         outs.append(x @ linear.T + 2.0 * (x @ a @ b) + np.asarray(node["bias"][i]))
     return np.stack(outs)
@@ -409,8 +373,8 @@ def test_nnx_vmapped_product_stack_is_its_unrolled_twin_trains_and_merges_per_la
     floats = nnx.to_pure_dict(_nnx_float()[1][1])["layers"]  # the float stack
     for i in range(L):
         for layer in ("q", "o"):
-            one = _layer(getattr(scanned.layers, layer).w.get_value(), i)
-            float_weight = _layer(floats[layer]["w"], i)
+            one = layer_of(getattr(scanned.layers, layer).w.get_value(), i)
+            float_weight = layer_of(floats[layer]["w"], i)
             assert float_weight.shape == getattr(scanned.layers, layer).lora_roles.shape
             _check_bnb(one, float_weight, layer, OPTIONS[name])
     _close(scanned(_inputs(1)), unrolled(_inputs(1)))
@@ -434,7 +398,7 @@ def test_nnx_vmapped_product_stack_is_its_unrolled_twin_trains_and_merges_per_la
     # the same adapter on both (training left float32 noise between them), to merge alike
     state = nnx.state(unrolled, nnx.LoRAParam)
     layers = adapter(scanned)["layers"]
-    nnx.replace_by_pure_dict(state, {"layers": {i: _layer(layers, i) for i in range(L)}})
+    nnx.replace_by_pure_dict(state, {"layers": {i: layer_of(layers, i) for i in range(L)}})
     nnx.update(unrolled, state)
     x = _inputs(2)
     floats = [jaxlora.nnx.merge(nnx.clone(m)) for m in (unrolled, scanned)]
@@ -449,13 +413,7 @@ def test_nnx_vmapped_product_stack_is_its_unrolled_twin_trains_and_merges_per_la
 
 
 def test_nnx_adapter_files_of_a_quantized_product_stack_are_the_unrolled_twins(tmp_path):
-    import safetensors.numpy
-
     unrolled, scanned = _nnx("nf4")
     jaxlora.nnx.save_adapter(unrolled, tmp_path / "u")
     jaxlora.nnx.save_adapter(scanned, tmp_path / "s")
-    ours = safetensors.numpy.load_file(tmp_path / "s" / "adapter_model.safetensors")
-    twin = safetensors.numpy.load_file(tmp_path / "u" / "adapter_model.safetensors")
-    assert sorted(ours) == sorted(twin) and "base_model.model.layers.2.q.lora_A.weight" in ours
-    for key in twin:
-        np.testing.assert_array_equal(ours[key], twin[key])
+    assert_same_files(tmp_path / "s", tmp_path / "u", "base_model.model.layers.2.q.lora_A.weight")

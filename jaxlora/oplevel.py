@@ -165,6 +165,15 @@ class NotAProduct(ValueError):
     """The weight reaches no product at all (a bias, a norm scale): not adaptable."""
 
 
+# Primitives whose body multiplies by the weight out of the evaluator's reach: a ``shard_map``
+# (its body runs per device on local shards: the factors would have to enter it as inputs
+# sharded like the weight) and a Pallas kernel (``pallas_call``, as megablox's grouped matmul
+# ``gmm`` runs under its ``custom_vjp``). A weight reaching one may well be multiplied there,
+# so it is refused with the reason, never skipped as "not a product".
+_OPAQUE = ("shard_map", "pallas_call")
+_CUSTOM = ("custom_vjp_call", "custom_jvp_call")
+
+
 def find_product(
     jaxpr: jcore.Jaxpr,
     index: int,
@@ -187,6 +196,13 @@ def find_product(
     identity = tuple((i,) for i in range(len(shape)))
     walk = _Walk(products, others, through)
     _follow(jaxpr, jaxpr.invars[index], (identity, (), None), (), walk, returned, ())
+    if walk.opaque:
+        raise ValueError(
+            f"{where}: used {'; and '.join(sorted(set(walk.opaque)))}: jaxlora adds the branch "
+            "at a dot_general it can see in the traced call, never inside a shard_map or a "
+            "kernel, so this weight cannot be adapted where it is used (run the module's "
+            "plain-jnp path, e.g. outside a device mesh, or leave this weight out)"
+        )
     if not products:
         if others:
             raise NotAProduct(f"{where}: used only by {', '.join(sorted(set(others)))}")
@@ -248,6 +264,7 @@ class _Walk:
     products: list[Product]
     others: list[str]
     through: bool
+    opaque: list[str] = dataclasses.field(default_factory=list)  # reasons to refuse outright
 
 
 def _slice_views(products: list[Product], shape: tuple[int, ...], where: str) -> Product:
@@ -382,9 +399,66 @@ def _follow_eqn(jaxpr, eqn, at, pos, view, walk: _Walk, layers, inner) -> list:
         return out
     elif walk.through and name == "scan":
         walk.others.append("a scan of a sliced or gathered view of it")
+    elif name in _OPAQUE or (name in _CUSTOM and _kernel_in(eqn)):
+        walk.opaque.append(_opaque(eqn, pos))
     else:
         walk.others.append(name)
     return []
+
+
+def _opaque(eqn, pos: int) -> str:
+    """Where the weight goes into ``eqn`` (in ``_OPAQUE``, or a custom-derivative call around
+    a Pallas kernel), for the refusal: a ``shard_map`` names what its body does with it."""
+    name = eqn.primitive.name
+    if name == "pallas_call":
+        return "by a Pallas kernel (pallas_call)"
+    if name in _CUSTOM:
+        called = _called_name(eqn)
+        return f"by a Pallas kernel{f' {called!r}' if called else ''} (in a {name})"
+    body = eqn.params["jaxpr"]
+    body = getattr(body, "jaxpr", body)
+    uses = sorted(set(_uses(body, body.invars[pos])))
+    return "in a shard_map" + (f", by {', '.join(uses)} there" if uses else "")
+
+
+def _uses(jaxpr, var) -> list[str]:
+    """What uses ``var`` in ``jaxpr`` (a shard_map's body), looking through the views and
+    nested calls ``_follow`` looks through: to say why a weight in a shard_map is refused."""
+    found = []
+    for eqn in jaxpr.eqns:
+        for pos, v in enumerate(eqn.invars):
+            if v is not var:
+                continue
+            name = eqn.primitive.name
+            if name in _VIEWS or (name in ("slice", "squeeze") and pos == 0):
+                found += _uses(jaxpr, eqn.outvars[0])
+            elif name in _CALLS:
+                inner = eqn.params[_CALLS[name]]
+                inner = getattr(inner, "jaxpr", inner)
+                found += _uses(inner, inner.invars[pos])
+            elif name in _OPAQUE or (name in _CUSTOM and _kernel_in(eqn)):
+                found.append(_opaque(eqn, pos).removeprefix("by "))
+            else:
+                found.append(name)
+    return found
+
+
+def _called_name(eqn) -> str | None:
+    call = eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
+    info = getattr(getattr(call, "jaxpr", call), "debug_info", None)
+    return getattr(info, "func_name", None)
+
+
+def _kernel_in(eqn) -> bool:
+    """Whether a Pallas kernel (``pallas_call``) runs anywhere inside ``eqn``'s sub-jaxprs."""
+    for value in eqn.params.values():
+        for sub in value if isinstance(value, tuple | list) else (value,):
+            inner = getattr(sub, "jaxpr", sub)
+            if isinstance(inner, jcore.Jaxpr) and any(
+                e.primitive.name == "pallas_call" or _kernel_in(e) for e in inner.eqns
+            ):
+                return True
+    return False
 
 
 def _scanned(eqn, pos: int, groups) -> bool:

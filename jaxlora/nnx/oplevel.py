@@ -358,6 +358,7 @@ def _trace(module: OpAdapter | MultiOpAdapter, graphdef, state_def, leaves, args
         tuple(d is None for d in dynamic),
         static,
         tuple(map(_aval, dyn)),
+        _meshes(),
     )
     try:
         hash(key)
@@ -397,6 +398,17 @@ def _trace(module: OpAdapter | MultiOpAdapter, graphdef, state_def, leaves, args
             _TRACES.pop(next(iter(_TRACES)))
         _TRACES[key] = (closed, out_def, products)
     return closed, out_def, products, dyn
+
+
+def _meshes() -> tuple:
+    """The device meshes in context (``jax.set_mesh``'s, and the one ``with mesh:`` sets, which
+    tunix's layers read to choose their path): part of a trace's cache key, since a module may
+    trace to another computation under a mesh (tunix's Qwen3 MoE runs megablox's gmm in a
+    shard_map there), which must be traced (and refused) rather than replaced by the trace
+    cached outside the mesh."""
+    from jax._src import mesh as mesh_lib  # the only reading of ``with mesh:`` that warns not
+
+    return (jax.sharding.get_abstract_mesh(), mesh_lib.thread_resources.env.physical_mesh)
 
 
 def _weight_index(name: str, state_def, leaves) -> int:

@@ -71,7 +71,9 @@ class MultiOpAdapter(_Module):
         multi.check_index_values(index, self.occupied[...], where)
         stack = (self.lora_a[...], self.lora_b[...], self.scale[...], self.occupied[...])
 
-        def extra(weight, product, eqn, operands, _index):  # batch axes are refused (to_multi)
+        def extra(
+            weight, product, eqn, operands, _index, _factors
+        ):  # batch axes are refused (to_multi)
             return multi_oplevel.gathered(product, eqn, operands, stack, index)
 
         return call(self, args, kwargs, extra)

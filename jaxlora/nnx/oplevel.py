@@ -156,12 +156,12 @@ class OpAdapter(_Module):
         return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
 
     def __call__(self, *args, **kwargs):
-        def extra(weight, product, eqn, operands, index):
+        def extra(weight, product, eqn, operands, index, factors):
             x = self.lora_dropout(operands[1 - product.side])
-            a, b = (f[...] for f in self.factors(weight))
+            a, b = factors
             return oplevel.branch(product, eqn, operands, a, b, self.scaling, x=x, index=index)
 
-        return call(self, args, kwargs, extra)
+        return call(self, args, kwargs, extra, lambda w: tuple(f[...] for f in self.factors(w)))
 
     def delta(self, weight: str | None = None) -> jax.Array:
         """``scaling · lora_a ⋅ lora_b`` of ``weight`` (default: the one adapted weight) in fp32,
@@ -440,23 +440,30 @@ def traced_call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict):
     return closed, products
 
 
-def call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict, extra):
-    """The base call of an op-level layer with ``extra(weight, product, eqn, operands)`` added
-    at each adapted weight's product (the layer's branches); quantized weights are dequantized
-    first."""
+def call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict, extra, factors_of=None):
+    """The base call of an op-level layer with ``extra(weight, product, eqn, operands, index,
+    factors)`` added at each adapted weight's product (the layer's branches), ``factors`` being
+    ``factors_of(weight)`` (or their local shards inside a ``shard_map``: ``oplevel.hooks``);
+    quantized weights are dequantized first."""
     weights = _dequantized(module)
     graphdef, state = _split(module, weights)
     leaves, state_def = jax.tree.flatten(state)
     closed, out_def, products, dyn = _trace(module, graphdef, state_def, leaves, args, kwargs)
 
     def at_product(weight, product):
-        def add(eqn, operands, index):
-            base = eqn.primitive.bind(*operands, **eqn.params)
-            return base + extra(weight, product, eqn, operands, index).astype(base.dtype)
+        def add(eqn, operands, index, factors):
+            base = oplevel.base_of(eqn, operands)
+            branch = extra(weight, product, eqn, operands, index, factors)
+            return base + branch.astype(base.dtype)
 
         return add
 
-    at = oplevel.hooks((s, at_product(w, s)) for w, p in products.items() for s in oplevel.sites(p))
+    def factors(weight):
+        return () if factors_of is None else factors_of(weight)
+
+    at = oplevel.hooks(
+        (s, at_product(w, s), factors(w)) for w, p in products.items() for s in oplevel.sites(p)
+    )
     outs = oplevel.evaluate(closed, [*leaves, *dyn], at)
     out = jax.tree.unflatten(out_def, outs[: out_def.num_leaves])
     new_leaves = outs[out_def.num_leaves :]

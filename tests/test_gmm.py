@@ -110,17 +110,19 @@ class _Offset(toy.Experts):
 
 
 class _Kernel(nnx.Module):
-    """A weight multiplied inside a Pallas kernel of its own."""
+    """A weight multiplied inside a Pallas kernel of its own, beside one in a plain product
+    (before: ``w`` was silently left out, ``v`` adapted)."""
 
     def __init__(self):
         self.w = nnx.Param(jnp.ones((toy.K, toy.N)))
+        self.v = nnx.Param(jnp.ones((toy.N, toy.N)))
 
     def __call__(self, x, _group_sizes):
         def kernel(x_ref, w_ref, o_ref):
             o_ref[...] = x_ref[...] @ w_ref[...]
 
         out = jax.ShapeDtypeStruct((x.shape[0], toy.N), x.dtype)
-        return pl.pallas_call(kernel, out_shape=out, interpret=True)(x, self.w[...])
+        return pl.pallas_call(kernel, out_shape=out, interpret=True)(x, self.w[...]) @ self.v[...]
 
 
 @pytest.mark.parametrize(

@@ -157,7 +157,7 @@ class _StackState(_State):
         return product.evaluate(
             traced,
             found,
-            lambda weight, site, eqn, operands, _index: multi_oplevel.gathered(
+            lambda weight, site, eqn, operands, _index, _factors: multi_oplevel.gathered(
                 site, eqn, operands, factors(weight), self.index
             ),
         )

@@ -36,13 +36,29 @@ with the same primitive, ``x·A[idx]·B[idx]``. The gather's own axes (one per e
 index array) must be batch axes of the product. Several products each through a traced index
 of their own (a loop over routing slots) are one adapter when W's roles agree in all.
 
+Grouped products and shard_map (an MoE on a device mesh: tunix's Qwen3 ``MoELayer`` runs its
+experts as megablox's ``gmm`` in a ``shard_map``): megablox's ``gmm`` (a Pallas kernel under a
+``custom_vjp``, recognised by its backward function) with the weight (G, k, n) as its rhs
+(``rhs[g].T`` with transpose_rhs) is a product whose group axis is a batch axis (one adapter
+per expert, the layout the same einsum over experts gets); its branch is ``ragged_dot(
+ragged_dot(x, A, gs)·s, B, gs)`` with gmm's own group sizes (``grouped_branch``). A product
+inside a ``shard_map`` is found in its body; ``evaluate`` binds the shard_map again with the
+factors as extra inputs, each factor axis sharded on the mesh axes of the weight axis it
+stands for (the rank replicated), so each device meets its local shards of both (an
+expert-, contracted- or free-sharded weight; the body's own psum adds the contracted shards'
+branches as it adds the base's). gmm with a group_offset or an existing output, the weight as
+gmm's lhs, any other Pallas kernel, a nested shard_map, or a shard_map axis merging several
+axes of the weight is refused; so are several adapters served at once (``to_multi``) inside
+a shard_map.
+
 Limits (each refused with the reason, never computed wrongly): the weight must reach exactly
 one ``dot_general`` (or one per slice, above) and nothing else (a bias-like use, a second
 product, a module called twice in one forward, or a weight also used outside its module are
 refused); only ``transpose``, ``convert_element_type``, ``copy``, whole-axis-merging
-``reshape``, static slices, one traced index (above) and nested ``jit`` may lie between; a
-product inside ``scan``/``while``/``cond``/``remat``/custom derivatives of the call evaluated
-is refused.
+``reshape``, static slices, one traced index (above), nested ``jit`` and a ``shard_map``
+(above) may lie between; a product inside ``scan``/``while``/``cond``/``remat``/custom
+derivatives (but gmm's) of the call evaluated is refused, and a weight reaching a Pallas kernel
+is refused (it may be multiplied there), never skipped as "not a product".
 Nested ``jit`` calls on the way to the product are inlined when evaluated. Finding a weight's
 roles in a whole model's trace (``find_product(..., through=True)``, NNX's ``inject``) also
 looks into ``remat`` and into a ``scan`` that slices the weight per iteration (a stack of
@@ -154,6 +170,12 @@ class Product:
     sites: tuple[Product, ...] = ()  # a slice-view (or traced-index) adapter's products
     layers: tuple[int, ...] = ()  # W's axes a scan slices on the way (its layer axes)
     gather: gather.Gather | None = None  # the traced index on the way (groups are V's)
+    # A grouped product (megablox's ``gmm``): (name, transpose_rhs); ``dims`` are those of
+    # the per-group product with the weight's group axis as a batch axis.
+    grouped: tuple = ()
+    # A product inside a ``shard_map``: (the shard_map equation's path, per W axis the mesh
+    # axes that shard it there, or None): the factors enter it sharded alike.
+    mapped: tuple = ()
 
 
 def sites(product: Product) -> tuple[Product, ...]:
@@ -163,6 +185,14 @@ def sites(product: Product) -> tuple[Product, ...]:
 
 class NotAProduct(ValueError):
     """The weight reaches no product at all (a bias, a norm scale): not adaptable."""
+
+
+# Primitives whose body multiplies by the weight out of the evaluator's reach: a Pallas kernel
+# (``pallas_call``, bare or under a custom derivative), but for megablox's grouped matmul
+# ``gmm`` (``_gmm``), whose product is known. A weight reaching one may well be multiplied
+# there, so it is refused with the reason, never skipped as "not a product".
+_OPAQUE = ("pallas_call",)
+_CUSTOM = ("custom_vjp_call", "custom_jvp_call")
 
 
 def find_product(
@@ -187,6 +217,13 @@ def find_product(
     identity = tuple((i,) for i in range(len(shape)))
     walk = _Walk(products, others, through)
     _follow(jaxpr, jaxpr.invars[index], (identity, (), None), (), walk, returned, ())
+    if walk.opaque:
+        raise ValueError(
+            f"{where}: used {'; and '.join(sorted(set(walk.opaque)))}: jaxlora adds the branch "
+            "at a product it can see in the traced call (a dot_general, or megablox's gmm "
+            "with the weight as its rhs), never inside a kernel, so this weight cannot be "
+            "adapted where it is used (run the module's plain-jnp path, or leave it out)"
+        )
     if not products:
         if others:
             raise NotAProduct(f"{where}: used only by {', '.join(sorted(set(others)))}")
@@ -248,6 +285,8 @@ class _Walk:
     products: list[Product]
     others: list[str]
     through: bool
+    opaque: list[str] = dataclasses.field(default_factory=list)  # reasons to refuse outright
+    in_map: bool = False  # following inside a shard_map's body
 
 
 def _slice_views(products: list[Product], shape: tuple[int, ...], where: str) -> Product:
@@ -382,9 +421,143 @@ def _follow_eqn(jaxpr, eqn, at, pos, view, walk: _Walk, layers, inner) -> list:
         return out
     elif walk.through and name == "scan":
         walk.others.append("a scan of a sliced or gathered view of it")
+    elif name == "shard_map":
+        _follow_shard_map(jaxpr, eqn, at, pos, view, walk, layers, inner)
+    elif name == "custom_vjp_call" and _gmm(eqn) is not None:
+        product = _gmm_product(at, pos, eqn, view, layers)
+        if isinstance(product, str):
+            walk.opaque.append(product)
+        else:
+            walk.products.append(product)
+    elif name in _OPAQUE or (name in _CUSTOM and _kernel_in(eqn)):
+        walk.opaque.append(_opaque(eqn, pos))
     else:
         walk.others.append(name)
     return []
+
+
+def _opaque(eqn, pos: int) -> str:
+    """Where the weight goes into ``eqn`` (in ``_OPAQUE``, or a custom-derivative call around
+    a Pallas kernel), for the refusal: a ``shard_map`` names what its body does with it."""
+    name = eqn.primitive.name
+    if name == "pallas_call":
+        return "by a Pallas kernel (pallas_call)"
+    if name in _CUSTOM:
+        called = _called_name(eqn)
+        return f"by a Pallas kernel{f' {called!r}' if called else ''} (in a {name})"
+    return f"by {name}"
+
+
+def _follow_shard_map(jaxpr, eqn, at, pos, view, walk: _Walk, layers, inner) -> None:
+    """Follows the weight into a ``shard_map``'s body (its per-device computation on local
+    shards): each product found there records the shard_map and the mesh axes sharding each
+    W axis (``Product.mapped``), so that ``evaluate`` passes the factors in sharded alike."""
+    groups, fixed, gathered = view
+    spec = eqn.params["in_specs"][pos]
+    names = _mesh_names(tuple(spec), groups)
+    why = (
+        "a nested shard_map"
+        if walk.in_map
+        else "a shard_map of a sliced or gathered view of it"
+        if fixed or gathered is not None
+        else names
+        if isinstance(names, str)
+        else ""
+    )
+    if why:
+        walk.opaque.append(f"in {why}")
+        return
+    body = eqn.params["jaxpr"]
+    body = getattr(body, "jaxpr", body)
+    first = len(walk.products)
+    walk.in_map = True
+    back = _follow(body, body.invars[pos], view, at, walk, None, layers, True)
+    walk.in_map = False
+    if back:
+        walk.others.append("an output of a shard_map (it escapes its product)")
+    walk.products[first:] = [
+        dataclasses.replace(p, mapped=(at, names)) for p in walk.products[first:]
+    ]
+
+
+def _mesh_names(spec: tuple, groups) -> tuple | str:
+    """Per W axis, the mesh axes a shard_map's in-spec ``spec`` shards it on (None where
+    replicated), from the operand axes holding W's axes (``groups``); a str saying why not
+    when a sharded operand axis merges several W axes."""
+    spec = spec + (None,) * (len(groups) - len(spec))
+    names: dict[int, Any] = {}
+    for axis, held in enumerate(groups):
+        if len(held) > 1 and spec[axis] is not None:
+            return f"a shard_map sharding its axis {axis}, which merges its axes {held}"
+        names.update({w: spec[axis] for w in held})
+    return tuple(names.get(w) for w in range(max(names, default=-1) + 1))
+
+
+def _gmm(eqn) -> tuple | None:
+    """(transpose_rhs,) if ``eqn`` (a ``custom_vjp_call``) is megablox's ``gmm`` called on
+    (lhs, rhs, group_sizes) alone (no group_offset, no existing_out), else None. Recognised by
+    its backward function (``megablox.ops._gmm_bwd``); transpose_rhs is read from the static
+    arguments jax binds to it, or from the shapes where they tell."""
+    bwd = eqn.params.get("bwd")
+    if getattr(bwd, "f", None) is not _gmm_bwd() or len(eqn.invars) != 3:
+        return None
+    for transform, args in getattr(bwd, "transforms", ()):
+        if getattr(transform, "__name__", "") == "_prepend_static_args":
+            static = [getattr(a, "val", a) for a in args[0]]
+            if len(static) == 4 and isinstance(static[2], bool):
+                return (static[2],)  # preferred_element_type, tiling, transpose_rhs, interpret
+    k = eqn.invars[0].aval.shape[1]
+    p, q = eqn.invars[1].aval.shape[1:]
+    n = eqn.outvars[0].aval.shape[1]
+    if p != q:
+        return ((p, q) == (n, k),)
+    return None
+
+
+def _gmm_bwd():
+    try:
+        from jax.experimental.pallas.ops.tpu.megablox import ops
+    except ImportError:  # pragma: no cover (a jax without Pallas' TPU ops)
+        return None
+    return getattr(ops, "_gmm_bwd", None)
+
+
+def _gmm_product(path, pos, eqn, view, layers) -> Product | str:
+    """The grouped product megablox's ``gmm`` computes, ``out[rows of group g] = lhs[rows] @
+    rhs[g]`` (``rhs[g].T`` with transpose_rhs), with the weight as its rhs: the group axis a
+    batch axis (one adapter per expert), k contracted, n free; a str saying why not (the
+    weight as lhs, a sliced or gathered view of it, an axis merging several of its axes)."""
+    groups, fixed, gathered = view
+    if pos != 1:
+        return "by megablox's gmm as its lhs (only its rhs, the expert weights, is adapted)"
+    if fixed or gathered is not None:
+        return "by megablox's gmm through a static slice or traced index of it"
+    (transposed,) = _gmm(eqn) or (False,)  # not None: checked by the caller
+    k_axis = 2 if transposed else 1
+    if len(groups[0]) != 1:
+        return f"by megablox's gmm with its group axis merging its axes {groups[0]}"
+    of = lambda axes: tuple(sorted(w for a in axes for w in groups[a]))  # noqa: E731
+    roles = Roles((), of((0,)), of((k_axis,)), of((3 - k_axis,)))
+    dims = (((1,), (k_axis,)), ((), (0,)))  # the per-group product, the group a batch axis
+    return Product(path, 1, dims, groups, roles, layers=tuple(layers), grouped=("gmm", transposed))
+
+
+def _called_name(eqn) -> str | None:
+    call = eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
+    info = getattr(getattr(call, "jaxpr", call), "debug_info", None)
+    return getattr(info, "func_name", None)
+
+
+def _kernel_in(eqn) -> bool:
+    """Whether a Pallas kernel (``pallas_call``) runs anywhere inside ``eqn``'s sub-jaxprs."""
+    for value in eqn.params.values():
+        for sub in value if isinstance(value, tuple | list) else (value,):
+            inner = getattr(sub, "jaxpr", sub)
+            if isinstance(inner, jcore.Jaxpr) and any(
+                e.primitive.name == "pallas_call" or _kernel_in(e) for e in inner.eqns
+            ):
+                return True
+    return False
 
 
 def _scanned(eqn, pos: int, groups) -> bool:
@@ -535,9 +708,12 @@ def with_shape(product: Product, shape: tuple[int, ...]) -> Product:
 
 
 def hooks(pairs) -> dict:
-    """``evaluate``'s ``at`` for the product equations ``pairs`` = [(site, add)]: ``add(eqn,
-    operands, index)`` computes site's equation, ``index`` being the operands of the site's
-    traced index (its ``gather``, recorded as it runs, before the product; None without)."""
+    """``evaluate``'s ``at`` for the product equations ``pairs`` = [(site, add, factors)]:
+    ``add(eqn, operands, index, factors)`` computes site's equation, ``index`` being the
+    operands of the site's traced index (its ``gather``, recorded as it runs, before the
+    product; None without), ``factors`` the adapter's arrays it reads: (lora_a, lora_b) as
+    given, or their local shards where the site lies in a ``shard_map`` (which they enter as
+    inputs, sharded as the weight is there: ``Product.mapped``)."""
     seen: dict[tuple[int, ...], list] = {}
 
     def record(path):
@@ -549,16 +725,52 @@ def hooks(pairs) -> dict:
 
         return run
 
-    def at_site(site, add):
-        key = None if site.gather is None else site.gather.path
-        return lambda eqn, operands: add(eqn, operands, None if key is None else seen[key])
-
     at: dict = {}
-    for site, add in pairs:
-        at[site.path] = at_site(site, add)
+    for site, add, factors in pairs:
+        key = None if site.gather is None else site.gather.path
+        at[site.path] = _Hook(site, add, tuple(factors), key, seen)
         if site.gather is not None:
             at[site.gather.path] = record(site.gather.path)
     return at
+
+
+def base_of(eqn, operands: list) -> jax.Array:
+    """The product equation ``eqn`` computed as traced (its one output: a ``dot_general``'s,
+    or megablox ``gmm``'s ``custom_vjp_call``'s)."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*operands, **params)
+    return out[0] if eqn.primitive.multiple_results else out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hook:
+    """One product equation's computation (``hooks``), with the arrays it reads."""
+
+    site: Product
+    add: Callable
+    factors: tuple
+    key: tuple[int, ...] | None
+    seen: dict
+
+    def __call__(self, eqn, operands):
+        index = None if self.key is None else self.seen[self.key]
+        return self.add(eqn, operands, index, self.factors)
+
+    def specs(self, where: str) -> tuple:
+        """The factors' partition specs where the site lies in a shard_map: each factor axis
+        sharded as the weight axis it stands for (``Roles.axis_names``), the rank replicated."""
+        roles, names = self.site.roles, self.site.mapped[1]
+        shapes = roles.lora_shapes(jnp.shape(self.factors[0])[-1] if self.factors else 0)
+        if len(self.factors) != 2 or tuple(map(jnp.shape, self.factors)) != shapes:
+            raise ValueError(
+                f"{where}: a product inside a shard_map takes one adapter's (lora_a, lora_b) "
+                f"of shapes {shapes}, as inputs sharded like the weight; this layer's adapter "
+                f"arrays are {[jnp.shape(f) for f in self.factors]} (several adapters served "
+                "at once, or a stack, are not supported there)"
+            )
+        a_names, b_names = roles.axis_names(names)
+        return jax.sharding.PartitionSpec(*a_names), jax.sharding.PartitionSpec(*b_names)
 
 
 def evaluate(
@@ -585,6 +797,8 @@ def _eval(jaxpr, consts, args, at) -> list:
         inner_at = {p[1:]: f for p, f in at.items() if p[0] == i and len(p) > 1}
         if (i,) in at:
             outs = [at[(i,)](eqn, operands)]
+        elif inner_at and eqn.primitive.name == "shard_map":
+            outs = _shard_map(eqn, operands, inner_at)
         elif inner_at:
             inner = eqn.params[_CALLS[eqn.primitive.name]]
             consts_in = getattr(inner, "consts", ())
@@ -598,6 +812,38 @@ def _eval(jaxpr, consts, args, at) -> list:
             if not isinstance(v, jcore.DropVar):
                 env[v] = value
     return [read(v) for v in jaxpr.outvars]
+
+
+def _shard_map(eqn, operands: list, at: dict) -> list:
+    """The ``shard_map`` equation ``eqn`` with the product equations ``at`` of its body
+    changed: bound again (the same mesh, specs and options) with each site's factors as extra
+    inputs sharded as its weight is there, so each device's body meets its local shards of the
+    weight and of the factors alike (an expert-sharded weight, its experts' adapters)."""
+    params = eqn.params
+    body = params["jaxpr"]
+    body = getattr(body, "jaxpr", body)
+    hooked = [(path, h) for path, h in at.items() if isinstance(h, _Hook)]
+    where = "a product inside a shard_map"
+    specs = [spec for _, h in hooked for spec in h.specs(where)]
+    extra = [f for _, h in hooked for f in h.factors]
+    n = len(operands)
+
+    def run(*args):
+        local = iter(args[n:])
+        local_at = dict(at)
+        for path, h in hooked:
+            local_at[path] = dataclasses.replace(h, factors=tuple(next(local) for _ in h.factors))
+        return tuple(_eval(body, (), list(args[:n]), local_at))
+
+    mapped = jax.shard_map(
+        run,
+        mesh=params["mesh"],
+        in_specs=(*params["in_specs"], *specs),
+        out_specs=tuple(params["out_specs"]),
+        axis_names=frozenset(params["newly_manual_axes"]),
+        check_vma=params["check_vma"],
+    )
+    return list(mapped(*operands, *extra))
 
 
 def branch(
@@ -615,6 +861,17 @@ def branch(
     preferred element type, the factors in the weight operand's dtype. ``x`` replaces the
     other operand (dropout on it); ``index``: a gathered weight's gather operands (``hooks``)."""
     x = operands[1 - product.side] if x is None else x
+    if product.grouped:
+        return grouped_branch(
+            product,
+            x,
+            lora_a,
+            lora_b,
+            scale,
+            operands[2],
+            out_dtype=eqn.outvars[0].aval.dtype,
+            dtype=operands[product.side].dtype,
+        )
     return product_branch(
         product,
         x,
@@ -670,6 +927,31 @@ def product_branch(
         preferred_element_type=preferred_element_type,
     )
     return as_output(product, y)
+
+
+def grouped_branch(
+    product: Product,
+    x: jax.Array,
+    lora_a,
+    lora_b,
+    scale: float,
+    group_sizes: jax.Array,
+    *,
+    out_dtype: Any,
+    dtype: Any = None,
+) -> jax.Array:
+    """The branch of a grouped product (megablox's ``gmm``: row block g of ``x`` times the
+    weight's group g) as two grouped products with the same groups, ``ragged_dot(
+    ragged_dot(x, A, gs)·scale, B, gs)``: each row meets its own expert's factors, the scale on
+    the small (m, r) intermediate as ``core.factored`` applies it; rows past the groups get 0,
+    as gmm leaves them. ``jax.lax.ragged_dot`` rather than the Pallas kernel: the same
+    products on every backend, differentiable without the kernel's tiling constraints."""
+    a_op, b_op = operand_factors(product, lora_a, lora_b)  # (G, k, r), (G, r, n)
+    if dtype is not None:
+        a_op, b_op = a_op.astype(dtype), b_op.astype(dtype)
+    h = jax.lax.ragged_dot(x, a_op, group_sizes, preferred_element_type=out_dtype)
+    hs = core.scale_once(h, scale).astype(b_op.dtype)
+    return jax.lax.ragged_dot(hs, b_op, group_sizes, preferred_element_type=out_dtype)
 
 
 def linear_product(x_ndim: int, shape: Sequence[int], axis: Sequence[int]) -> Product:

@@ -509,15 +509,15 @@ def apply(
     scale = core.scaling(r, config.alpha_for(name), use_rslora=config.use_rslora)
     rate = 0.0 if deterministic else config.dropout
 
-    def extra(weight, site, eqn, operands, index):
+    def extra(weight, site, eqn, operands, index, factors):
         x = operands[1 - site.side]
         if rate > 0:
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, jnp.shape(x))
             x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-        one = adapted[weight]
-        return oplevel.branch(site, eqn, operands, one.lora_a, one.lora_b, scale, x=x, index=index)
+        a, b = factors
+        return oplevel.branch(site, eqn, operands, a, b, scale, x=x, index=index)
 
-    return evaluate(traced, products, extra)
+    return evaluate(traced, products, extra, lambda w: (adapted[w].lora_a, adapted[w].lora_b))
 
 
 def check_module_patterns(config, name: str, adapted: Iterable[str], where: str) -> None:
@@ -580,20 +580,23 @@ def traced_products(
     return traced, products
 
 
-def evaluate(traced: Traced, products: Mapping[str, oplevel.Product], extra) -> Any:
-    """The traced call's outputs with ``extra(weight, site, eqn, operands, index)`` added at
-    each site of each weight's product (``oplevel.sites``: itself, or its slice views;
-    ``index``: the operands of a gathered weight's gather, ``oplevel.hooks``)."""
+def evaluate(
+    traced: Traced, products: Mapping[str, oplevel.Product], extra, factors_of=None
+) -> Any:
+    """The traced call's outputs with ``extra(weight, site, eqn, operands, index, factors)``
+    added at each site of each weight's product (``oplevel.sites``: itself, or its slice
+    views; ``index``: the operands of a gathered weight's gather; ``factors``:
+    ``factors_of(weight)``, or their shards inside a shard_map; ``oplevel.hooks``)."""
 
     def at_product(weight, site):
-        def add(eqn, operands, index):
-            base = eqn.primitive.bind(*operands, **eqn.params)
-            return base + extra(weight, site, eqn, operands, index).astype(base.dtype)
+        def add(eqn, operands, index, factors):
+            base = oplevel.base_of(eqn, operands)
+            return base + extra(weight, site, eqn, operands, index, factors).astype(base.dtype)
 
         return add
 
     at = oplevel.hooks(
-        (site, at_product(weight, site))
+        (site, at_product(weight, site), () if factors_of is None else factors_of(weight))
         for weight, product in products.items()
         for site in oplevel.sites(product)
     )

@@ -75,7 +75,7 @@ class MultiOpAdapter(Products):
         scale, occupied = self.scale[...], self.occupied[...]
         stacks = {w: (*(f[...] for f in self.factors(w)), scale, occupied) for w in weights}
 
-        def extra(weight, product, eqn, operands, _index):  # batch axes are refused (to_multi)
+        def extra(weight, product, eqn, operands, _index, _factors):  # batch axes: refused
             return multi_oplevel.gathered(product, eqn, operands, stacks[weight], index)
 
         return call(self, args, kwargs, extra)

@@ -167,12 +167,12 @@ class OpAdapter(Products):
         return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
 
     def __call__(self, *args, **kwargs):
-        def extra(weight, product, eqn, operands, index):
+        def extra(weight, product, eqn, operands, index, factors):
             x = self.lora_dropout(operands[1 - product.side])
-            a, b = (f[...] for f in self.factors(weight))
+            a, b = factors
             return oplevel.branch(product, eqn, operands, a, b, self.scaling, x=x, index=index)
 
-        return call(self, args, kwargs, extra)
+        return call(self, args, kwargs, extra, lambda w: tuple(f[...] for f in self.factors(w)))
 
     def delta(self, weight: str | None = None) -> jax.Array:
         """``scaling · lora_a ⋅ lora_b`` of ``weight`` (default: the one adapted weight) in fp32,
@@ -369,6 +369,7 @@ def _trace(module: OpAdapter | MultiOpAdapter, graphdef, state_def, leaves, args
         tuple(d is None for d in dynamic),
         static,
         tuple(map(_aval, dyn)),
+        _meshes(),
     )
     try:
         hash(key)
@@ -410,6 +411,17 @@ def _trace(module: OpAdapter | MultiOpAdapter, graphdef, state_def, leaves, args
     return closed, out_def, products, dyn
 
 
+def _meshes() -> tuple:
+    """The device meshes in context (``jax.set_mesh``'s, and the one ``with mesh:`` sets, which
+    tunix's layers read to choose their path): part of a trace's cache key, since a module may
+    trace to another computation under a mesh (tunix's Qwen3 MoE runs megablox's gmm in a
+    shard_map there), which must be traced (and refused) rather than replaced by the trace
+    cached outside the mesh."""
+    from jax._src import mesh as mesh_lib  # the only reading of ``with mesh:`` that warns not
+
+    return (jax.sharding.get_abstract_mesh(), mesh_lib.thread_resources.env.physical_mesh)
+
+
 def _weight_index(name: str, state_def, leaves) -> int:
     paths = jax.tree_util.tree_flatten_with_path(jax.tree.unflatten(state_def, leaves))[0]
     return next(i for i, (p, _) in enumerate(paths) if _key(p) == (name,))
@@ -439,23 +451,30 @@ def traced_call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict):
     return closed, products
 
 
-def call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict, extra):
-    """The base call of an op-level layer with ``extra(weight, product, eqn, operands)`` added
-    at each adapted weight's product (the layer's branches); quantized weights are dequantized
-    first."""
+def call(module: OpAdapter | MultiOpAdapter, args: tuple, kwargs: dict, extra, factors_of=None):
+    """The base call of an op-level layer with ``extra(weight, product, eqn, operands, index,
+    factors)`` added at each adapted weight's product (the layer's branches), ``factors`` being
+    ``factors_of(weight)`` (or their local shards inside a ``shard_map``: ``oplevel.hooks``);
+    quantized weights are dequantized first."""
     weights = _dequantized(module)
     graphdef, state = _split(module, weights)
     leaves, state_def = jax.tree.flatten(state)
     closed, out_def, products, dyn = _trace(module, graphdef, state_def, leaves, args, kwargs)
 
     def at_product(weight, product):
-        def add(eqn, operands, index):
-            base = eqn.primitive.bind(*operands, **eqn.params)
-            return base + extra(weight, product, eqn, operands, index).astype(base.dtype)
+        def add(eqn, operands, index, factors):
+            base = oplevel.base_of(eqn, operands)
+            branch = extra(weight, product, eqn, operands, index, factors)
+            return base + branch.astype(base.dtype)
 
         return add
 
-    at = oplevel.hooks((s, at_product(w, s)) for w, p in products.items() for s in oplevel.sites(p))
+    def factors(weight):
+        return () if factors_of is None else factors_of(weight)
+
+    at = oplevel.hooks(
+        (s, at_product(w, s), factors(w)) for w, p in products.items() for s in oplevel.sites(p)
+    )
     outs = oplevel.evaluate(closed, [*leaves, *dyn], at)
     out = jax.tree.unflatten(out_def, outs[: out_def.num_leaves])
     new_leaves = outs[out_def.num_leaves :]

@@ -124,6 +124,7 @@ def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nn
         )
     for p, (_, m) in layers.items():
         if isinstance(m, OpAdapter):
+            multi_op.check_untied(m, f"to_multi: layer '{p}'")
             multi.check_no_batch(m.lora_roles, f"to_multi: layer '{p}'")
     dora = sorted(p for p, (_, m) in layers.items() if getattr(m, "use_dora", False))
     if dora:  # a stack's branch has no magnitude: it would be silently dropped

@@ -301,6 +301,7 @@ def inject(
             )
         else:
             _check(module, name, config, per_layer.get(name, []))
+    _check_tied_layers(tied, modules, by_product)
     products: dict[str, dict[str, Any]] = {}
     if by_product and inputs is not None:  # by_product is empty without inputs (_by_product)
         # A module chosen only by the per-layer paths it would have as a stack is traced as
@@ -312,7 +313,6 @@ def inject(
     for name, found in products.items():
         _check_by_product(modules[name][1], name, config, found)
     _check_product_stacks(modules, products, config, layer_names)
-    _check_tied_layers(tied, modules, products)
     groups = _tied(modules, chosen, config)
     # Every layer is built before any is put in: a failure leaves the model as it was. PiSSA/
     # OLoRA write the residual into the shared weights while building, so the weights' values
@@ -369,14 +369,14 @@ def _checked_tied(tied_products: Any, inputs: Sequence | None) -> dict[str, str]
     return dict(tied_products)
 
 
-def _check_tied_layers(tied: Mapping[str, str], modules, products: Mapping[str, Any]) -> None:
-    """A ``ValueError`` for a ``tied_products`` entry that names no layer adapted at its
+def _check_tied_layers(tied: Mapping[str, str], modules, by_product: Mapping[str, Any]) -> None:
+    """A ``ValueError`` for a ``tied_products`` entry that names no layer to be adapted at its
     product, or a method its class lacks."""
     for name, method in tied.items():
-        if name not in products:
+        if name not in by_product:
             raise ValueError(
                 f"inject: tied_products names layer {name!r}, which the targets do not choose "
-                f"to adapt at its product (chosen so: {sorted(products)}); name a targeted "
+                f"to adapt at its product (chosen so: {sorted(by_product)}); name a targeted "
                 "layer by its path"
             )
         module = modules[name][1]

@@ -232,3 +232,39 @@ def test_peft_file_round_trip_as_lm_head(tmp_path):
     np.testing.assert_array_equal(other.embed.lora_a[...], model.embed.lora_a[...])
     np.testing.assert_array_equal(other.embed.lora_b[...], model.embed.lora_b[...])
     np.testing.assert_array_equal(other(TOKENS), model(TOKENS))
+
+
+class Routed(nnx.Module):
+    """Experts chosen by a traced index (``W[idx]`` into the product), the chosen rows also
+    used otherwise: no lookup can be left unadapted beside a gathered product."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (4, D, D)))
+
+    def __call__(self, x, idx):
+        chosen = self.w[idx]
+        return jnp.einsum("bd,bdf->bf", x, chosen) + jnp.tanh(chosen).sum()
+
+
+class MoE(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.moe = Routed(rngs)
+
+    def __call__(self, x, idx):
+        return self.moe(x, idx)
+
+
+@pytest.mark.parametrize(
+    "tied, why",
+    [
+        (None, r"read by row lookups \(a traced index into it, then tanh\)"),
+        ({"moe": "__call__"}, "entering its product through a traced index too"),
+    ],
+    ids=["plain", "tied"],
+)
+def test_lookups_beside_a_gathered_product_are_refused(tied, why):
+    wrapper = MoE(nnx.Rngs(0))
+    inputs = (jnp.ones((3, D)), jnp.asarray([0, 2, 3]))
+    with pytest.raises(ValueError, match=why):
+        jnnx.inject(wrapper, _config(("moe",)), nnx.Rngs(0), inputs=inputs, tied_products=tied)
+    assert type(wrapper.moe) is Routed

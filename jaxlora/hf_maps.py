@@ -55,7 +55,9 @@ torch path, as with a dict.
 - ``"tunix.gemma3"``: tunix's ``Gemma3`` ↔ ``Gemma3ForCausalLM``: ``q_einsum`` → ``q_proj``,
   the fused ``kv_einsum`` (2, K, D, H) → ``k_proj`` and ``v_proj`` (split on axis 0, one
   shared A), the fused ``qkv_einsum`` (3, N, D, H) → ``q_proj``, ``k_proj``, ``v_proj``,
-  ``attn_vec_einsum`` → ``o_proj``, the MLP as for Llama.
+  ``attn_vec_einsum`` → ``o_proj``, the MLP as for Llama, and the ``embedder``'s tied weight
+  (adapted at its ``decode`` product only: ``inject(..., tied_products={"embedder":
+  "decode"})``) → ``lm_head`` (PEFT's LoRA on the tied lm_head: A (r, D), B (V, r)).
 - ``"transformers.flax_llama"``: transformers 4.x's Linen ``FlaxLlamaForCausalLM``, whose
   param paths already are ``LlamaForCausalLM``'s module paths (the identity, ``None``).
 - ``"transformers.flax_gpt2"``: transformers 4.x's Linen ``FlaxGPT2LMHeadModel`` ↔
@@ -422,6 +424,8 @@ _TUNIX_GEMMA3 = (
     (_LAYER + r"attn\.qkv_einsum", (_ATTN + "q_proj", _ATTN + "k_proj", _ATTN + "v_proj")),
     (_LAYER + r"attn\.attn_vec_einsum", _ATTN + "o_proj"),
     _MLP,
+    # The tied embedding's product (its decode: logits = x @ W.T) is the tied lm_head Linear.
+    (r"embedder", "lm_head"),
 )
 _FLAX_GPT2 = (
     (

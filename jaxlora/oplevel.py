@@ -51,6 +51,14 @@ gmm's lhs, any other Pallas kernel, a nested shard_map, or a shard_map axis merg
 axes of the weight is refused; so are several adapters served at once (``to_multi``) inside
 a shard_map.
 
+Row lookups (a tied embedding: ``W[tokens]`` then ``* sqrt(D)`` to embed, ``x @ W.T`` for the
+logits): a traced index whose rows are used otherwise than in a product is a lookup. A weight
+with lookups besides its one product is refused (``RowLookups``) unless the caller asks for
+``find_product(..., lookups=True)``: then the product is adapted and the lookups, left as they
+are, read the unadapted weight (PEFT's LoRA on a tied ``lm_head``; its ``embed_tokens`` lookups
+stay the base's). A weight whose product is itself through a traced index has no lookups left
+unadapted (refused).
+
 Limits (each refused with the reason, never computed wrongly): the weight must reach exactly
 one ``dot_general`` (or one per slice, above) and nothing else (a bias-like use, a second
 product, a module called twice in one forward, or a weight also used outside its module are
@@ -203,14 +211,17 @@ def find_product(
     where: str,
     returned: int | None = None,
     through: bool = False,
+    lookups: bool = False,
 ) -> Product:
     """The one product that ``jaxpr``'s input ``index`` (a weight of ``shape``) enters.
 
     ``returned`` is the output position where the weight may come back unchanged (a traced
     module returning its own state). ``through``: also look into ``remat`` and into a ``scan``
     slicing the weight per iteration (for roles only: such a path cannot be evaluated).
-    Raises ``NotAProduct`` if the weight enters no product, and ``ValueError`` naming
-    ``where`` and the reason if it is used otherwise.
+    ``lookups``: the weight may also be read by row lookups (a tied embedding and lm_head,
+    see ``RowLookups``), which are left alone. Raises ``NotAProduct`` if the weight enters no
+    product, ``RowLookups`` if it is also looked up and ``lookups`` is false, and
+    ``ValueError`` naming ``where`` and the reason if it is used otherwise.
     """
     products: list[Product] = []
     others: list[str] = []
@@ -225,9 +236,12 @@ def find_product(
             "adapted where it is used (run the module's plain-jnp path, or leave it out)"
         )
     if not products:
-        if others:
-            raise NotAProduct(f"{where}: used only by {', '.join(sorted(set(others)))}")
+        uses = [*others, *(f"a row lookup (then {u})" for u in walk.lookups)]
+        if uses:
+            raise NotAProduct(f"{where}: used only by {', '.join(sorted(set(uses)))}")
         raise NotAProduct(f"{where}: not used by the call")
+    if walk.lookups:
+        _check_lookups(products, others, walk.lookups, lookups, where)
     if others:
         raise ValueError(
             f"{where}: used by {', '.join(sorted(set(others)))} besides its product "
@@ -264,6 +278,36 @@ def find_product(
     return _slice_views(products, shape, where)
 
 
+class RowLookups(ValueError):
+    """The weight enters its product and is also read by row lookups: a traced index
+    (``gather``/``dynamic_slice``: ``W[tokens]``, ``jnp.take``) whose rows are used otherwise
+    than in a product, as a tied embedding is (the lookup, then the lm_head's ``x @ W.T``).
+    Only adapting the product with the lookups reading the unadapted weight (PEFT's LoRA on a
+    tied ``lm_head``) is supported, and only when asked for (``find_product(lookups=True)``)."""
+
+
+def _check_lookups(
+    products: list[Product], others: list[str], lookups: list[str], allowed: bool, where: str
+) -> None:
+    """Refuses a weight with row lookups unless they are ``allowed``, and always when its
+    product is itself through a traced index (then a row would be adapted in one use of it
+    and not in another)."""
+    then = ", ".join(sorted(set(lookups)))
+    if not allowed:
+        if others:  # refused for those anyway: say so, lookups aside
+            return
+        raise RowLookups(
+            f"{where}: read by row lookups (a traced index into it, then {then}) besides its "
+            "product (dot_general), as a tied embedding and lm_head are"
+        )
+    if any(p.gather is not None for p in products):
+        raise ValueError(
+            f"{where}: read by row lookups (then {then}) and entering its product through a "
+            "traced index too: only a weight whose product takes it whole (or by static "
+            "slices) can have row lookups left unadapted"
+        )
+
+
 def _gathered_views(products: list[Product], where: str) -> Product:
     """Several products of the weight, each through a traced index of its own (an MoE loop
     ``W[idx_k]`` per routing slot), as one adapter: W's roles must be the same in each."""
@@ -287,6 +331,12 @@ class _Walk:
     through: bool
     opaque: list[str] = dataclasses.field(default_factory=list)  # reasons to refuse outright
     in_map: bool = False  # following inside a shard_map's body
+    lookups: list[str] = dataclasses.field(default_factory=list)
+
+    def refuse(self, view, why: str) -> None:
+        """A use of the weight, seen as ``view``, that is no product: a row lookup's (``why``
+        happens to rows a traced index took, ``view``'s gather) or another."""
+        (self.others if view[2] is None else self.lookups).append(why)
 
 
 def _slice_views(products: list[Product], shape: tuple[int, ...], where: str) -> Product:
@@ -347,7 +397,7 @@ def _follow(jaxpr, var, view, path, walk: _Walk, returned, layers, inner=False) 
     through = [(i, view) for i in outs] if inner else []
     for i in outs:
         if i not in allowed and not inner:
-            walk.others.append("an output of the traced call (it escapes its product)")
+            walk.refuse(view, "an output of the traced call (it escapes its product)")
     for i, eqn in enumerate(jaxpr.eqns):
         for pos, v in enumerate(eqn.invars):
             if v is not var:
@@ -368,13 +418,13 @@ def _follow_eqn(jaxpr, eqn, at, pos, view, walk: _Walk, layers, inner) -> list:
     if name == "dot_general":
         product = _product(at, pos, eqn, view, layers)
         if isinstance(product, str):
-            walk.others.append(product)
+            walk.refuse(view, product)
         else:
             walk.products.append(product)
     elif name in _VIEWS:
         seen = _view(eqn, groups)
         if seen is None:
-            walk.others.append(f"a {name} that splits one of its axes")
+            walk.refuse(view, f"a {name} that splits one of its axes")
             return []
         return on((seen, fixed, gathered))
     elif name in ("slice", "squeeze") and pos == 0:
@@ -382,7 +432,7 @@ def _follow_eqn(jaxpr, eqn, at, pos, view, walk: _Walk, layers, inner) -> list:
         if not isinstance(indexed, str) and gathered is not None and indexed[1] != fixed:
             indexed = "a static slice of the weight gathered by a traced index"
         if isinstance(indexed, str):
-            walk.others.append(indexed)
+            walk.refuse(view, indexed)
             return []
         return on((*indexed, gathered))
     elif name in ("dynamic_slice", "gather") and pos == 0:
@@ -390,7 +440,7 @@ def _follow_eqn(jaxpr, eqn, at, pos, view, walk: _Walk, layers, inner) -> list:
         why = why or ("a traced index into a statically sliced weight" if fixed else "")
         taken = why or gather.follow(eqn, at, groups)
         if isinstance(taken, str):
-            walk.others.append(f"a {name} ({taken})")
+            walk.refuse(view, f"a {name} ({taken})")
             return []
         return on((taken[0], fixed, taken[1]))
     elif name in _CALLS or (walk.through and name in _REMATS):
@@ -403,7 +453,7 @@ def _follow_eqn(jaxpr, eqn, at, pos, view, walk: _Walk, layers, inner) -> list:
         return out
     elif walk.through and name == "scan" and not fixed and gathered is None:
         if not _scanned(eqn, pos, groups):
-            walk.others.append("a scan that does not slice it into one layer per iteration")
+            walk.refuse(view, "a scan that does not slice it into one layer per iteration")
             return []
         # one layer's slice per iteration: the body sees the weight without axis 0
         body = eqn.params["jaxpr"].jaxpr
@@ -413,14 +463,14 @@ def _follow_eqn(jaxpr, eqn, at, pos, view, walk: _Walk, layers, inner) -> list:
         out = []
         for k, seen in back:  # returned per iteration as a scanned output: the stack again
             if k < eqn.params["num_carry"]:
-                walk.others.append("a scan carry (it would change per layer)")
+                walk.refuse(view, "a scan carry (it would change per layer)")
             elif seen != one:
-                walk.others.append("a scan output of a view of it")
+                walk.refuse(view, "a scan output of a view of it")
             else:
                 out += _follow(jaxpr, eqn.outvars[k], view, path, walk, None, layers, inner)
         return out
     elif walk.through and name == "scan":
-        walk.others.append("a scan of a sliced or gathered view of it")
+        walk.refuse(view, "a scan of a sliced or gathered view of it")
     elif name == "shard_map":
         _follow_shard_map(jaxpr, eqn, at, pos, view, walk, layers, inner)
     elif name == "custom_vjp_call" and _gmm(eqn) is not None:
@@ -432,7 +482,7 @@ def _follow_eqn(jaxpr, eqn, at, pos, view, walk: _Walk, layers, inner) -> list:
     elif name in _OPAQUE or (name in _CUSTOM and _kernel_in(eqn)):
         walk.opaque.append(_opaque(eqn, pos))
     else:
-        walk.others.append(name)
+        walk.refuse(view, name)
     return []
 
 

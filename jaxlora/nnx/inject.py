@@ -20,7 +20,13 @@ from jaxlora.nnx.conv import LoRAConv
 from jaxlora.nnx.embed import LoRAEmbed
 from jaxlora.nnx.general import LoRALinearGeneral
 from jaxlora.nnx.layer import _SHARDING_KEYS, LoRALinear, check_rngs
-from jaxlora.nnx.oplevel import LORA_ATTRIBUTES, OpAdapter, adapt, find_weights
+from jaxlora.nnx.oplevel import (
+    LORA_ATTRIBUTES,
+    OpAdapter,
+    adapt,
+    find_weights,
+    unused_products,
+)
 from jaxlora.nnx.quant import kernel_value
 from jaxlora.tree import ParamCount, factor_names
 
@@ -213,6 +219,7 @@ def inject(
     param_dtype: Any = jnp.float32,
     layer_names: Mapping[str, str] | None = None,
     inputs: Sequence[Any] | None = None,
+    tied_products: Mapping[str, str] | None = None,
 ) -> nnx.Module:
     """Replaces, in place, each layer whose '.'-joined path matches ``config.targets`` by its
     LoRA version sharing its weight and bias variables: ``nnx.Linear`` → ``LoRALinear``,
@@ -244,6 +251,18 @@ def inject(
     layers do (layer axis 0 only; targeted by the stack path: their per-layer paths are
     known only once traced).
 
+    A weight that a module both multiplies (its product) and reads by row lookups (a traced
+    index whose rows are used otherwise: a tied embedding, as tunix Gemma3's ``Embedder``
+    whose ``encode`` takes ``input_embedding[tokens]`` and whose ``decode`` computes the logits
+    ``x @ input_embedding.T``) is refused, unless ``tied_products`` names the layer's path and
+    the method computing the product (``tied_products={"embedder": "decode"}``): then that
+    method gets the branch, ``x·Wᵀ + s·(x·lora_a)·lora_b`` (``lora_a`` (D, r), ``lora_b``
+    (r, V) by the product rule), and the lookups read the unadapted weight, as PEFT's LoRA on
+    a tied ``lm_head`` does (its ``embed_tokens`` stays the base's). Such an adapter cannot be
+    merged (``merge`` refuses it: the shared weight would change the lookups too); a traced
+    ``model(*inputs)`` must compute its branch in the named method, else the model is put
+    back and the call refused.
+
     Raises:
         ValueError: no layer matches (the message lists the layer paths), the root module is
             matched, a layer's rank exceeds its ``min(in, out)``, or a module adapted at its
@@ -262,6 +281,7 @@ def inject(
     chosen = stacks.select(list(modules), per_layer, config, maybe) if config.targets else []
     only = _by_parameter(modules, config, chosen)
     chosen = sorted({*chosen, *only})
+    tied = _checked_tied(tied_products, inputs)
     by_product = {}
     for name in chosen:
         path, module = modules[name]
@@ -281,11 +301,12 @@ def inject(
             )
         else:
             _check(module, name, config, per_layer.get(name, []))
+    _check_tied_layers(tied, modules, by_product)
     products: dict[str, dict[str, Any]] = {}
     if by_product and inputs is not None:  # by_product is empty without inputs (_by_product)
         # A module chosen only by the per-layer paths it would have as a stack is traced as
         # any other (a refusal is a refusal); once traced not to be a stack, it is left out.
-        products = find_weights(model, by_product, inputs, only=only)
+        products = find_weights(model, by_product, inputs, only=only, tied=tied)
     if maybe:
         chosen = _chosen_stacks(modules, products, config, layer_names, chosen, only)
         products = {n: found for n, found in products.items() if n in chosen}
@@ -304,7 +325,15 @@ def inject(
     try:
         for names in groups:
             name = names[0]
-            layer = _build(modules[name][1], name, config, param_dtype, rngs, products.get(name))
+            layer = _build(
+                modules[name][1],
+                name,
+                config,
+                param_dtype,
+                rngs,
+                products.get(name),
+                tied.get(name),
+            )
             built.append((names, layer))
     except BaseException:
         for weight, value in kept:
@@ -313,9 +342,70 @@ def inject(
     for names, layer in built:
         for alias in names:  # a tied layer stays tied: one LoRA layer at each of its paths
             _replace(model, modules[alias][0], layer)
+    if tied:
+        _check_tied_methods(model, modules, built, tied, inputs, kept)
     # flax declares no attributes on nnx.Module; a module takes any.
     model.lora_config = config  # type: ignore[attr-defined]
     return model
+
+
+def _checked_tied(tied_products: Any, inputs: Sequence | None) -> dict[str, str]:
+    """``inject``'s ``tied_products`` as a dict, checked to be {layer path: method name} and
+    given with ``inputs`` (a tied weight is found by tracing)."""
+    if tied_products is None:
+        return {}
+    if not isinstance(tied_products, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in tied_products.items()
+    ):
+        raise TypeError(
+            "inject: tied_products must map layer paths to the name of the method computing "
+            f"the tied weight's product (e.g. {{'embedder': 'decode'}}), got {tied_products!r}"
+        )
+    if tied_products and inputs is None:
+        raise ValueError(
+            "inject: tied_products needs inputs= (a tied weight's product and lookups are "
+            "found by tracing model(*inputs))"
+        )
+    return dict(tied_products)
+
+
+def _check_tied_layers(tied: Mapping[str, str], modules, by_product: Mapping[str, Any]) -> None:
+    """A ``ValueError`` for a ``tied_products`` entry that names no layer to be adapted at its
+    product, or a method its class lacks."""
+    for name, method in tied.items():
+        if name not in by_product:
+            raise ValueError(
+                f"inject: tied_products names layer {name!r}, which the targets do not choose "
+                f"to adapt at its product (chosen so: {sorted(by_product)}); name a targeted "
+                "layer by its path"
+            )
+        module = modules[name][1]
+        if not callable(getattr(type(module), method, None)):
+            raise ValueError(
+                f"inject: tied_products gives layer {name!r} the method {method!r}, which its "
+                f"class {type(module).__name__} does not have"
+            )
+
+
+def _check_tied_methods(model, modules, built, tied: Mapping[str, str], inputs, kept) -> None:
+    """Puts the model back as it was and raises unless each tied layer's named method
+    computes its branch in ``model(*inputs)``: a method that does not compute the product
+    would leave the adapter silently unused."""
+    layers = {n: layer for names, layer in built for n in names if n in tied}
+    unused = unused_products(model, layers, inputs)
+    if not unused:
+        return
+    for names, _ in built:
+        for alias in names:
+            _replace(model, modules[alias][0], modules[alias][1])
+    for weight, value in kept:
+        weight[...] = value
+    name = unused[0]
+    raise ValueError(
+        f"inject: tied_products names method {tied[name]!r} for layer {name!r}, but "
+        f"model(*inputs) computes no product of its weight in that method (name the method "
+        "that computes it, e.g. decode for a tied lm_head); the model was left unchanged"
+    )
 
 
 def _maybe_stacks(
@@ -442,9 +532,11 @@ def _build(
     param_dtype: Any,
     rngs: nnx.Rngs,
     product: Mapping[str, Any] | None = None,
+    method: str | None = None,
 ) -> nnx.Module:
     """The LoRA layer for ``base`` (the layer at ``name``), sharing its weights; ``product``
-    ({weight name: axis roles}) for a module adapted at the products its weights enter."""
+    ({weight name: axis roles}) for a module adapted at the products its weights enter;
+    ``method``: a tied one's, computing its product (``inject``'s ``tied_products``)."""
     options = dict(
         r=config.rank_for(name),
         alpha=config.alpha_for(name),
@@ -459,7 +551,8 @@ def _build(
     wrap: Callable[..., nnx.Module]
     if product is not None:
         del options["use_dora"]
-        wrap = functools.partial(adapt, products=product)
+        tied: dict[str, Any] = {} if method is None else {"method": method, "lookups": True}
+        wrap = functools.partial(adapt, products=product, **tied)
     elif isinstance(base, nnx.Linear):
         wrap = LoRALinear.from_linear
     else:

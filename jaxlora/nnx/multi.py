@@ -127,6 +127,7 @@ def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nn
         raise ValueError("to_multi: the model has no jaxlora.nnx.LoRALinear or OpAdapter layer")
     for p, (_, m) in layers.items():
         if isinstance(m, OpAdapter):  # each weight of several (its own stack) alike
+            multi_op.check_untied(m, f"to_multi: layer '{p}'")
             several = len(m.lora_products) > 1
             for weight, roles in m.lora_products:
                 at = f"to_multi: layer '{p}'" + (f", weight '{weight}'" if several else "")

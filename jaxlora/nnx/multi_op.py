@@ -81,6 +81,16 @@ class MultiOpAdapter(Products):
         return call(self, args, kwargs, extra)
 
 
+def check_untied(layer: OpAdapter, where: str) -> None:
+    """A ``ValueError`` for a tied op-level adapter (``inject(..., tied_products=...)``): a
+    stack's layers compute their branch in ``__call__`` only."""
+    if layer.lora_lookups or layer.lora_method != "__call__":
+        raise ValueError(
+            f"{where} is a tied op-level adapter (inject(..., tied_products=...)), its product "
+            f"in its method '{layer.lora_method}': adapter stacks do not support it"
+        )
+
+
 def stacked(layer: OpAdapter, *, path: str, capacity: int, rank: int) -> Any:
     """``layer``'s base with an empty stack of ``capacity`` adapters of rank ``rank``."""
     base_type: type = layer.lora_base_type

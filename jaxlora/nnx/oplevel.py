@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.typing import HashableMapping
+from jax.extend import core as jcore
 
 from _loracore.config import WEIGHT_INITS
 from jaxlora import core, oplevel, product
@@ -43,8 +44,10 @@ LORA_ATTRIBUTES = (
     "lora_products",
     "lora_base_type",
     "lora_init",
+    "lora_method",
+    "lora_lookups",
 )
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple[type, str], type] = {}
 _TRACES: dict[Any, tuple] = {}
 _MAX_TRACES = 256
 
@@ -115,6 +118,8 @@ class OpAdapter(Products):
     __slots__ = ()
     lora_base_type: type[nnx.Module]
     lora_init: str
+    lora_method: str
+    lora_lookups: bool
     # A single-weight module's factors (set by name in __init__; several weights: factors()).
     lora_a: nnx.LoRAParam
     lora_b: nnx.LoRAParam
@@ -131,11 +136,16 @@ class OpAdapter(Products):
         param_dtype: Any,
         rngs: nnx.Rngs,
         init: str = "kaiming",
+        method: str = "__call__",
+        lookups: bool = False,
     ) -> None:
         for name, value in vars(base).items():
             if not name.startswith("_pytree__"):
                 setattr(self, name, value)
         self.lora_base_type = type(base)
+        # The method whose product is adapted; ``lookups``: the weights' row lookups (a tied
+        # embedding's, in any method) are left reading the unadapted weights (see ``tied``).
+        self.lora_method, self.lora_lookups = method, lookups
         self.lora_products = tuple(sorted(products.items()))
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         # The one rule of Linen's product adapters (jaxlora.product.init_factors); PiSSA/OLoRA
@@ -167,12 +177,33 @@ class OpAdapter(Products):
         return core.scaling(self.r, self.alpha, use_rslora=self.use_rslora)
 
     def __call__(self, *args, **kwargs):
+        return self.lora_run("__call__", args, kwargs)
+
+    def lora_run(self, method: str, args: tuple, kwargs: dict):
+        """The base class's ``method`` on these arguments, with the branches added at the
+        adapted products if it is the adapted method (``lora_method``)."""
+        if method != self.lora_method:
+            return getattr(self.lora_base_type, method)(self, *args, **kwargs)
+
         def extra(weight, product, eqn, operands, index, factors):
             x = self.lora_dropout(operands[1 - product.side])
             a, b = factors
             return oplevel.branch(product, eqn, operands, a, b, self.scaling, x=x, index=index)
 
         return call(self, args, kwargs, extra, lambda w: tuple(f[...] for f in self.factors(w)))
+
+    def check_mergeable(self) -> None:
+        """A ``ValueError`` for a tied weight (``lora_lookups``): merged into the one weight,
+        the delta would reach its row lookups too, which the unmerged model leaves unadapted."""
+        if self.lora_lookups:
+            raise ValueError(
+                f"weights {list(self.lora_weights)} are tied: also read by row lookups that the "
+                "adapter leaves unadapted (inject(..., tied_products=...)); merged into the "
+                "shared weight, the delta would change the lookups too, so the merged model would "
+                "differ from the unmerged one (PEFT's merge_and_unload on a tied lm_head does "
+                "that, with a warning). Keep this adapter unmerged (serve it as an adapter), or "
+                "untie the weight in the model first"
+            )
 
     def delta(self, weight: str | None = None) -> jax.Array:
         """``scaling · lora_a ⋅ lora_b`` of ``weight`` (default: the one adapted weight) in fp32,
@@ -201,6 +232,7 @@ class OpAdapter(Products):
         hold ``weight + delta`` each (fp32, rounded once; a quantized weight is dequantized
         first and merges into a float ``nnx.Param``); a non-finite result is a ``ValueError``
         (raised before anything is built)."""
+        self.check_mergeable()
         merged = {w: self.merged_weight(w) for w in self.lora_weights}
         lora = {*LORA_ATTRIBUTES, *(n for w in self.lora_weights for n in self.factor_names(w))}
         state = {k: v for k, v in self.__getstate__().items() if k not in lora}
@@ -225,6 +257,7 @@ class OpAdapter(Products):
         ``jaxlora.nnx.merge(model, requantize=True)``. All computed before any is set."""
         if not self.is_quantized:
             raise ValueError("requantized: the weight is not quantized")
+        self.check_mergeable()
         new: dict[str, nnx.Variable] = {}
         for name in self.lora_weights:
             weight, merged = getattr(self, name), self.merged_weight(name)
@@ -235,19 +268,29 @@ class OpAdapter(Products):
         return new
 
 
-def adapted_class(base_type: type) -> type:
-    """The subclass of ``base_type`` that ``adapt`` makes (one per type)."""
-    if base_type not in _CLASSES:
+def adapted_class(base_type: type, method: str = "__call__") -> type:
+    """The subclass of ``base_type`` that ``adapt`` makes (one per type and adapted method):
+    its ``method`` (``__call__`` by default) computes the base's with the branches added."""
+    if (base_type, method) not in _CLASSES:
         name = f"LoRA{base_type.__name__}"
-        _CLASSES[base_type] = type(base_type)(
-            name, (OpAdapter, base_type), {"__module__": __name__, "__qualname__": name}
-        )
-    return _CLASSES[base_type]
+        body: dict[str, Any] = {"__module__": __name__, "__qualname__": name}
+        if method != "__call__":
+            body[method] = _adapted_method(getattr(base_type, method), method)
+        _CLASSES[base_type, method] = type(base_type)(name, (OpAdapter, base_type), body)
+    return _CLASSES[base_type, method]
+
+
+def _adapted_method(original, method: str):
+    @functools.wraps(original)
+    def run(self, *args, **kwargs):
+        return self.lora_run(method, args, kwargs)
+
+    return run
 
 
 def adapt(base: nnx.Module, **options) -> nnx.Module:
     """``base`` adapted at its weights ``options['products']`` (see ``OpAdapter.__init__``)."""
-    return adapted_class(type(base))(base, **options)
+    return adapted_class(type(base), options.get("method", "__call__"))(base, **options)
 
 
 def find_weights(
@@ -257,6 +300,7 @@ def find_weights(
     orders: dict[tuple[str, str], tuple[int, ...]] | None = None,
     *,
     only: Mapping[str, Sequence[str]] | None = None,
+    tied: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, oplevel.Roles]]:
     """{path: {weight name: roles}} for each of ``modules`` (paths into ``model``): every
     ``nnx.Param`` of it that enters a product, or only the weights ``only[path]`` names (a
@@ -265,7 +309,22 @@ def find_weights(
     reason for a module with no weight in a product, a weight used by two products or also
     used otherwise (anywhere in the model), or a weight ``only`` names that is not a product
     weight of the module. ``orders``, if given, receives per (path, weight) the weight's axes
-    in the order the product's operand holds them (after transposes)."""
+    in the order the product's operand holds them (after transposes). ``tied``: {path: the
+    method computing its product} of the modules whose weights may also be read by row
+    lookups (``inject(..., tied_products=)``); any other module's looked-up weight is refused
+    with a message naming that option."""
+    closed, index_of, where_of = _traced_model(model, inputs)
+    found = {}
+    for name, module in modules.items():
+        found[name] = _weights_of(
+            closed.jaxpr, name, module, index_of, where_of, orders, only, tied or {}
+        )
+    return found
+
+
+def _traced_model(model: nnx.Module, inputs: Sequence[Any]):
+    """(closed jaxpr of ``model(*inputs)`` with every variable an input, {variable path:
+    input index}, {id(variable): its path}): traced abstractly, nothing runs."""
     graphdef, state = nnx.split(model)
     paths, state_def = jax.tree_util.tree_flatten_with_path(state)
     leaves = [leaf for _, leaf in paths]
@@ -284,13 +343,29 @@ def find_weights(
             f"inject: the model could not be traced on the inputs given "
             f"({type(err).__name__}: {err})"
         ) from err
-    found = {}
-    for name, module in modules.items():
-        found[name] = _weights_of(closed.jaxpr, name, module, index_of, where_of, orders, only)
-    return found
+    return closed, index_of, where_of
 
 
-def _weights_of(jaxpr, name, module, index_of, where_of, orders, only) -> dict[str, oplevel.Roles]:
+def unused_products(
+    model: nnx.Module, layers: Mapping[str, OpAdapter], inputs: Sequence[Any]
+) -> list[str]:
+    """The paths of ``layers`` (op-level adapters in ``model``) whose adapted method computes
+    no branch in ``model(*inputs)``: their ``lora_b`` is never read (traced once)."""
+    closed, index_of, where_of = _traced_model(model, inputs)
+    read = {v for eqn in closed.jaxpr.eqns for v in eqn.invars if isinstance(v, jcore.Var)}
+    unused = []
+    for name, layer in layers.items():
+        for weight in layer.lora_weights:
+            index = index_of[tuple(map(str, where_of[id(layer.factors(weight)[1])]))]
+            if closed.jaxpr.invars[index] not in read:
+                unused.append(name)
+                break
+    return unused
+
+
+def _weights_of(
+    jaxpr, name, module, index_of, where_of, orders, only, tied
+) -> dict[str, oplevel.Roles]:
     """``find_weights``' answer for one module (see there)."""
     wanted = None if only is None or name not in only else set(only[name])
     weights, unused = {}, []
@@ -300,12 +375,26 @@ def _weights_of(jaxpr, name, module, index_of, where_of, orders, only) -> dict[s
         where = f"inject: layer '{name}', weight '{attr}' {tuple(var.shape)}"
         index = index_of[tuple(map(str, where_of[id(var)]))]
         try:
-            product = oplevel.find_product(jaxpr, index, var.shape, where=where, through=True)
+            product = oplevel.find_product(
+                jaxpr, index, var.shape, where=where, through=True, lookups=name in tied
+            )
+        except oplevel.RowLookups as err:
+            raise ValueError(
+                f"{err}; to adapt only its product, the lookups reading the unadapted weight "
+                f"(PEFT's LoRA on a tied lm_head), ask for it: inject(..., tied_products="
+                f"{{'{name}': '<the method of {type(module).__name__} computing the product, "
+                "e.g. decode>'})"
+            ) from None
         except oplevel.NotAProduct as err:
             if wanted is not None:  # named by target_parameters: it must be adaptable
                 raise ValueError(f"{err}; target_parameters names it") from None
             unused.append(str(err).removeprefix(f"inject: layer '{name}', "))
             continue
+        if name in tied and product.layers:
+            raise TypeError(
+                f"{where}: tied_products names a stacked (scanned) layer; a tied weight with row "
+                "lookups is adapted in an unstacked module only"
+            )
         product = _one_layer(oplevel.with_shape(product, tuple(var.shape)), where)
         weights[attr] = product.roles
         if orders is not None:
@@ -377,7 +466,8 @@ def _trace(module: OpAdapter | MultiOpAdapter, graphdef, state_def, leaves, args
         key = None
     if key is not None and key in _TRACES:
         return (*_TRACES[key], dyn)
-    base_call = module.lora_base_type.__call__
+    base_call = getattr(module.lora_base_type, getattr(module, "lora_method", "__call__"))
+    lookups = getattr(module, "lora_lookups", False)
 
     def run(state_leaves, dyn_leaves):
         m = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
@@ -394,9 +484,14 @@ def _trace(module: OpAdapter | MultiOpAdapter, graphdef, state_def, leaves, args
         where = f"{type(module).__name__}: weight '{name}' {tuple(weight.shape)}"
         # jaxlib ships PyTreeDef without type stubs, so the checker cannot see its attributes.
         returned = out_def.num_leaves + index  # type: ignore[attr-defined]
-        found = oplevel.find_product(
-            closed.jaxpr, index, weight.shape, where=where, returned=returned
-        )
+        try:
+            found = oplevel.find_product(
+                closed.jaxpr, index, weight.shape, where=where, returned=returned, lookups=lookups
+            )
+        except oplevel.NotAProduct:
+            if not lookups:
+                raise
+            continue  # a tied weight only looked up by this call: nothing to adapt in it
         found = oplevel.with_shape(found, tuple(weight.shape))
         if found.roles != roles:
             raise ValueError(

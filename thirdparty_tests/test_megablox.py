@@ -31,19 +31,7 @@ from safetensors.numpy import load_file
 
 import jaxlora
 from jaxlora import nnx as jnnx
-
-
-def rel_err(got, want) -> float:  # as thirdparty_tests.twins' (which imports torch and peft)
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def tunix_inputs(tokens: np.ndarray) -> tuple:
-    """tunix's ``model(tokens, positions, cache, attention_mask)`` arguments, causal."""
-    b, t = tokens.shape
-    positions = np.broadcast_to(np.arange(t), (b, t))
-    mask = np.broadcast_to(np.tril(np.ones((t, t), bool)), (b, t, t))
-    return (jnp.asarray(tokens), jnp.asarray(positions), None, jnp.asarray(mask))
+from thirdparty_tests.twins import qwen3_moe_config, rel_err, tunix_inputs
 
 
 def _pure(state) -> dict:
@@ -93,21 +81,7 @@ def gmm_path(calls: list | None = None):
 def _model(seed: int = 0) -> nnx.Module:
     from tunix.models.qwen3 import model as model_lib
 
-    config = model_lib.ModelConfig(
-        num_layers=1,
-        vocab_size=128,
-        embed_dim=64,
-        hidden_dim=32,
-        num_heads=4,
-        head_dim=16,
-        num_kv_heads=2,
-        rope_theta=1_000_000,
-        norm_eps=1e-5,
-        use_tied_embedding=False,
-        num_experts=4,
-        num_experts_per_tok=2,
-    )
-    return model_lib.Qwen3(config, rngs=nnx.Rngs(seed))
+    return model_lib.Qwen3(qwen3_moe_config(num_layers=1), rngs=nnx.Rngs(seed))
 
 
 @nnx.jit

@@ -18,10 +18,8 @@ from __future__ import annotations
 import copy
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import nnx
@@ -37,6 +35,7 @@ from thirdparty_tests.twins import (
     _gemma3,
     base_state,
     lora_state,
+    lora_train,
     pure,
     rel_err,
     torch_logits,
@@ -88,24 +87,6 @@ def _peft(base: torch.nn.Module, directory) -> PeftModel:
     return model.eval()
 
 
-def _loss(model: nnx.Module) -> jax.Array:
-    logits = model(*tunix_inputs())[0][:, :-1]
-    labels = jnp.asarray(TOKENS)[:, 1:]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def _train(model: nnx.Module, steps: int = 5) -> list[float]:
-    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def step(model, optimizer):
-        loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    return [float(step(model, optimizer)) for _ in range(steps)]
-
-
 def test_embedder_is_refused_without_tied_products(checkpoint):
     model = TUNIX_LOAD(checkpoint)
     before, embedder = pure(nnx.state(model)), model.embedder
@@ -124,7 +105,7 @@ def test_jax_trained_tied_head_is_served_by_peft(checkpoint, tmp_path):
     assert model.embedder.lora_a.shape == (D, R) and model.embedder.lora_b.shape == (R, VOCAB)
     base = base_state(model)
     y_base = _logits(model)  # lora_b = 0: the base model's
-    losses = _train(model)
+    losses = lora_train(model)
     assert losses[-1] < losses[0], losses
     assert trees_equal(base_state(model), base)  # only the adapters trained
     y_jax = _logits(model)

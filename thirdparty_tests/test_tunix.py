@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import copy
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import nnx
@@ -33,6 +31,7 @@ from thirdparty_tests.twins import (
     TunixTwin,
     base_state,
     lora_state,
+    lora_train,
     peft_load,
     rel_err,
     torch_logits,
@@ -69,24 +68,6 @@ def _injected(spec: TunixTwin, directory: str, seed: int = 0) -> nnx.Module:
     return jnnx.inject(model, config, nnx.Rngs(seed), inputs=tunix_inputs())
 
 
-def _loss(model: nnx.Module) -> jax.Array:
-    logits = model(*tunix_inputs())[0][:, :-1]
-    labels = jnp.asarray(TOKENS)[:, 1:]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def _train(model: nnx.Module, steps: int = 5) -> list[float]:
-    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def step(model, optimizer):
-        loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    return [float(step(model, optimizer)) for _ in range(steps)]
-
-
 def test_base_logits_agree(twin):
     spec, directory, want = twin
     assert rel_err(_logits(spec.tunix_load(directory)), want) <= TOL
@@ -96,7 +77,7 @@ def test_jax_trained_adapter_is_served_by_peft(twin, tmp_path):
     spec, directory, y_base = twin
     model = _injected(spec, directory)
     base = base_state(model)
-    losses = _train(model)
+    losses = lora_train(model)
     assert losses[-1] < losses[0], losses
     assert trees_equal(base_state(model), base)  # only the adapters trained
     y_jax = _logits(model)

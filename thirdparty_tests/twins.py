@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import torch
 from flax import nnx
 from peft import PeftModel
@@ -37,6 +38,27 @@ def tunix_inputs(tokens: np.ndarray = TOKENS) -> tuple:
     positions = np.broadcast_to(np.arange(t), (b, t))
     mask = np.broadcast_to(np.tril(np.ones((t, t), bool)), (b, t, t))
     return (jnp.asarray(tokens), jnp.asarray(positions), None, jnp.asarray(mask))
+
+
+def tunix_loss(model: nnx.Module) -> jax.Array:
+    """Next-token cross-entropy of a tunix model on ``TOKENS``."""
+    logits = model(*tunix_inputs())[0][:, :-1]
+    labels = jnp.asarray(TOKENS)[:, 1:]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def lora_train(model: nnx.Module, steps: int = 5) -> list[float]:
+    """``steps`` Adam steps of the model's ``nnx.LoRAParam`` on ``tunix_loss``; the losses."""
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, optimizer):
+        grad_fn = nnx.value_and_grad(tunix_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))
+        loss, grads = grad_fn(model)
+        optimizer.update(model, grads)
+        return loss
+
+    return [float(step(model, optimizer)) for _ in range(steps)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +164,26 @@ def _gemma3(num_kv_heads: int) -> tuple[Callable, Callable]:
     return hf_model, tunix_load
 
 
+def qwen3_moe_config(num_layers: int, experts: int = 4, top_k: int = 2, moe_dim: int = 32):
+    """tunix's Qwen3-MoE config of the tiny twin (``_qwen3_moe``)."""
+    from tunix.models.qwen3 import model as model_lib
+
+    return model_lib.ModelConfig(
+        num_layers=num_layers,
+        vocab_size=VOCAB,
+        embed_dim=64,
+        hidden_dim=moe_dim,
+        num_heads=4,
+        head_dim=16,
+        num_kv_heads=2,
+        rope_theta=1_000_000,
+        norm_eps=1e-5,
+        use_tied_embedding=False,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+    )
+
+
 def _qwen3_moe() -> tuple[Callable, Callable]:
     """tunix's Qwen3 with ``num_experts`` (every layer a ``MoELayer``; on the CPU its dense
     routing runs a per-expert loop over ``w[i]``) and transformers' ``Qwen3MoeForCausalLM``
@@ -175,23 +217,9 @@ def _qwen3_moe() -> tuple[Callable, Callable]:
         return Qwen3MoeForCausalLM(config).eval()
 
     def tunix_load(directory: str):
-        from tunix.models.qwen3 import model as model_lib
         from tunix.models.qwen3 import params as params_lib
 
-        config = model_lib.ModelConfig(
-            num_layers=2,
-            vocab_size=VOCAB,
-            embed_dim=64,
-            hidden_dim=moe_dim,
-            num_heads=4,
-            head_dim=16,
-            num_kv_heads=2,
-            rope_theta=1_000_000,
-            norm_eps=1e-5,
-            use_tied_embedding=False,
-            num_experts=experts,
-            num_experts_per_tok=top_k,
-        )
+        config = qwen3_moe_config(num_layers=2)
         return params_lib.create_model_from_safe_tensors(directory, config, dtype=jnp.float32)
 
     return hf_model, tunix_load

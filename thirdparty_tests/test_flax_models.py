@@ -28,7 +28,15 @@ from transformers import (
 )
 
 import jaxlora
-from thirdparty_tests.twins import TOKENS, TOL, VOCAB, peft_load, rel_err, torch_logits
+from thirdparty_tests.twins import (
+    TOKENS,
+    TOL,
+    VOCAB,
+    peft_load,
+    peft_train,
+    rel_err,
+    torch_logits,
+)
 
 R, ALPHA = 4, 8.0
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -145,16 +153,7 @@ def test_peft_trained_adapter_loads_in_jax(llama, tmp_path):
     peft_model = get_peft_model(
         copy.deepcopy(hf), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS)
     )
-    optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    tokens = torch.from_numpy(TOKENS)
-    for _ in range(3):
-        logits = peft_model(tokens).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    peft_train(peft_model)
     peft_model.save_pretrained(str(tmp_path))
     want = torch_logits(peft_model.eval())
     assert rel_err(want, y_base) > 1e-3
@@ -333,16 +332,7 @@ def test_gpt2_peft_trained_adapter_loads_in_flax(gpt2, tmp_path):
             use_rslora=True,
         ),
     )
-    optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    tokens = torch.from_numpy(TOKENS)
-    for _ in range(3):
-        logits = peft_model(tokens).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    peft_train(peft_model)
     peft_model.save_pretrained(str(tmp_path))
     want = torch_logits(peft_model.eval())
     assert rel_err(want, torch_logits(hf)) > 1e-3

@@ -29,13 +29,13 @@ from safetensors.numpy import load_file
 import jaxlora
 from jaxlora import nnx as jnnx
 from thirdparty_tests.twins import (
-    TOKENS,
     TOL,
     VOCAB,
     _gemma3,
     base_state,
     lora_state,
     lora_train,
+    peft_train,
     pure,
     rel_err,
     torch_logits,
@@ -154,17 +154,7 @@ def test_peft_trained_lm_head_loads_in_jax(checkpoint, tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=f".*{TIE_WARNING}")
         peft_model = get_peft_model(copy.deepcopy(_hf(checkpoint)), config)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-2)
-    tokens = torch.from_numpy(TOKENS)
-    for _ in range(3):
-        logits = peft_model(tokens).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    peft_train(peft_model)
     assert peft_model.base_model.model.lm_head.lora_B["default"].weight.abs().max() > 0
     # PEFT would also write the whole tied embedding matrix ("auto" for a target it counts as
     # an embedding); the adapter alone is what is served.

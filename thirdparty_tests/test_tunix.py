@@ -26,13 +26,13 @@ from peft import LoraConfig, get_peft_model
 import jaxlora
 from jaxlora import nnx as jnnx
 from thirdparty_tests.twins import (
-    TOKENS,
     TOL,
     TunixTwin,
     base_state,
     lora_state,
     lora_train,
     peft_load,
+    peft_train,
     rel_err,
     torch_logits,
     trees_equal,
@@ -110,17 +110,7 @@ def _peft_trained(spec: TunixTwin, directory: str, out) -> np.ndarray:
         shared = getattr(layer.self_attn, spec.fused[0]) if spec.fused else None
         for name in spec.fused[1:]:
             getattr(layer.self_attn, name).lora_A["default"] = shared.lora_A["default"]
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-2)
-    tokens = torch.from_numpy(TOKENS)
-    for _ in range(3):
-        logits = peft_model(tokens).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    peft_train(peft_model)
     peft_model.save_pretrained(str(out))
     return torch_logits(peft_model.eval())
 

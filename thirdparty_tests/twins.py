@@ -61,6 +61,22 @@ def lora_train(model: nnx.Module, steps: int = 5) -> list[float]:
     return [float(step(model, optimizer)) for _ in range(steps)]
 
 
+def peft_train(peft_model: torch.nn.Module, steps: int = 3) -> None:
+    """``steps`` Adam steps of a PEFT model's trainable parameters on next-token cross-entropy
+    over ``TOKENS`` (the torch side of "a PEFT-trained adapter loads in JAX")."""
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    tokens = torch.from_numpy(TOKENS)
+    for _ in range(steps):
+        logits = peft_model(tokens).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 @dataclasses.dataclass(frozen=True)
 class TunixTwin:
     """One tunix family: its HF torch class and config, its tunix config and loader, the LoRA

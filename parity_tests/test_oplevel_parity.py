@@ -22,6 +22,7 @@ from flax import nnx
 import jaxlora
 import torchlora
 from jaxlora import nnx as jnnx
+from parity_tests.twins import assert_close
 
 B, T, D, N, H, R, ALPHA = 2, 5, 16, 4, 8, 4, 8.0
 
@@ -52,9 +53,7 @@ class TorchAttention(torch.nn.Module):
 
 
 def _close(got, want, tol=1e-5):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(np.abs(want).max(), 1e-3))
+    assert_close(got, want, tol, floor=1e-3)
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from flax import nnx
 import jaxlora
 from jaxlora import nnx as jnnx
 from jaxlora.quant import quantize_base
+from parity_tests.twins import assert_close, float_bits
 
 E, D, F, R, ALPHA = 3, 40, 24, 2, 4.0
 TOL = 3e-6
@@ -172,14 +173,8 @@ def _experts(model: QwenLike):
             yield f"model.layers.0.mlp.experts.{e}.{name}", jax.tree.map(lambda t, e=e: t[e], q)
 
 
-def _bits(a) -> np.ndarray:
-    return np.asarray(a, np.float32).view(np.uint32)
-
-
 def _close(got, want) -> None:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=0, atol=TOL * np.abs(want).max())
+    assert_close(got, want, TOL)
 
 
 @pytest.mark.parametrize(
@@ -201,9 +196,9 @@ def test_each_experts_bytes_equal_bitsandbytes_of_its_linear(quant_type, double_
             np.testing.assert_array_equal(np.asarray(q.absmax), state.absmax.numpy())
             np.testing.assert_allclose(float(q.offset), state.offset.item(), rtol=1e-6)
         else:
-            np.testing.assert_array_equal(_bits(q.absmax), _bits(state.absmax))
+            np.testing.assert_array_equal(float_bits(q.absmax), float_bits(state.absmax))
             np.testing.assert_array_equal(
-                _bits(q.absmax), _bits(held[path].weight.quant_state.absmax)
+                float_bits(q.absmax), float_bits(held[path].weight.quant_state.absmax)
             )
 
 
@@ -215,7 +210,7 @@ def test_int8_experts_equal_quantize_blockwise_of_their_linears():
             torch.from_numpy(np.array(weights[f"{path}.weight"])), blocksize=256
         )
         np.testing.assert_array_equal(np.asarray(q.packed), codes.numpy())
-        np.testing.assert_array_equal(_bits(q.absmax), _bits(state.absmax))
+        np.testing.assert_array_equal(float_bits(q.absmax), float_bits(state.absmax))
 
 
 def _peft_load(base: torch.nn.Module, directory) -> peft.PeftModel:

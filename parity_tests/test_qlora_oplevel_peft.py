@@ -39,6 +39,7 @@ from flax import nnx
 import jaxlora
 from jaxlora import nnx as jnnx
 from jaxlora.quant import quantize_base
+from parity_tests.twins import assert_close, float_bits
 
 B, T, D, N, H, F, R, ALPHA = 2, 3, 64, 2, 32, 48, 4, 8.0
 TARGETS = ["q_einsum", "o_einsum", "fc"]
@@ -138,19 +139,13 @@ def _packed(model: Block) -> dict[str, object]:
     }
 
 
-def _bits(a) -> np.ndarray:
-    return np.asarray(a, np.float32).view(np.uint32)
-
-
 def _forward_gelu(model: Block, x) -> np.ndarray:
     # torch's gelu(approximate="tanh") is jax.nn.gelu's default: the same function.
     return np.asarray(model(jnp.asarray(x)))
 
 
 def _close(got, want) -> None:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=0, atol=TOL * np.abs(want).max())
+    assert_close(got, want, TOL)
 
 
 @pytest.mark.parametrize(
@@ -171,8 +166,8 @@ def test_packed_bytes_equal_bitsandbytes_of_the_torch_layout(quant_type, double_
             np.testing.assert_array_equal(np.asarray(q.absmax), state.absmax.numpy())
             np.testing.assert_allclose(float(q.offset), state.offset.item(), rtol=1e-6)
         else:
-            np.testing.assert_array_equal(_bits(q.absmax), _bits(state.absmax))
-            np.testing.assert_array_equal(_bits(q.absmax), _bits(held.quant_state.absmax))
+            np.testing.assert_array_equal(float_bits(q.absmax), float_bits(state.absmax))
+            np.testing.assert_array_equal(float_bits(q.absmax), float_bits(held.quant_state.absmax))
 
 
 def test_int8_equals_quantize_blockwise_of_the_torch_layout():
@@ -181,7 +176,7 @@ def test_int8_equals_quantize_blockwise_of_the_torch_layout():
         w = torch.from_numpy(np.array(weights[f"{name}.weight"]))
         codes, state = bnbf.quantize_blockwise(w, blocksize=256)
         np.testing.assert_array_equal(np.asarray(q.packed), codes.numpy())
-        np.testing.assert_array_equal(_bits(q.absmax), _bits(state.absmax))
+        np.testing.assert_array_equal(float_bits(q.absmax), float_bits(state.absmax))
 
 
 def _peft_load(base: torch.nn.Module, directory) -> peft.PeftModel:

@@ -81,6 +81,19 @@ def to_np(x) -> np.ndarray:
     return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
 
 
+def assert_close(got, want, tol: float, floor: float = 0.0) -> None:
+    """Same shape, and ``|got - want| <= tol · max(max|want|, floor)`` everywhere (float64):
+    a tolerance relative to the output's scale (``floor`` for outputs near zero)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(np.abs(want).max(), floor))
+
+
+def float_bits(a) -> np.ndarray:
+    """An array's float32 bit patterns (so -0.0 != 0.0 and NaNs compare by payload)."""
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
 def rel_err(actual, expected, scale=None) -> float:
     """max |actual - expected| relative to ``scale`` (default: the max magnitude of
     ``expected``)."""

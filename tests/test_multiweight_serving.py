@@ -24,7 +24,7 @@ from flax import nnx
 import jaxlora
 from jaxlora import LoRAConfig
 from jaxlora import nnx as jnnx
-from tests.test_multi_oplevel import _same, _state
+from tests.test_multi_oplevel import _nnx_forward, _same, _state
 from tests.test_multiweight_rest import CONFIG, L, Scanned, _injected, _random_b
 from tests.test_multiweight_rest import D as D_LINEN
 from tests.test_multiweight_rest import F as F_LINEN
@@ -75,18 +75,6 @@ def _serving(sources: list[Block], capacity: int = 3) -> Block:
     return serving
 
 
-def _forward():
-    traces = []
-
-    @nnx.jit
-    def forward(model, x, index):
-        traces.append(1)  # runs once per trace
-        with jnnx.adapter_index(index):
-            return model(x)
-
-    return forward, traces
-
-
 def _close(got, want) -> None:
     """Equal to ``TOL`` of the output's scale (fp32)."""
     err = float(jnp.max(jnp.abs(got - want)))
@@ -130,7 +118,7 @@ def test_each_weight_has_its_own_stack(setup):
 
 def test_rows_equal_their_single_adapter_models(setup):
     base, sources = setup
-    forward, _ = _forward()
+    forward, _ = _nnx_forward()
     index = jnp.array([1, -1, 0])
     got = forward(_serving(sources), X, index)
     want = {-1: base(X), 0: sources[0](X), 1: sources[1](X)}
@@ -162,7 +150,7 @@ def _mlp_rows(sources: list[Block], index: jax.Array) -> np.ndarray:
 def test_set_replace_and_clear_slots_without_a_retrace(setup):
     base, sources = setup
     serving = jnnx.to_multi(nnx.clone(sources[0]), capacity=3)
-    forward, traces = _forward()
+    forward, traces = _nnx_forward()
     jnnx.set_adapter(serving, 0, sources[0])
     y0 = forward(serving, X, jnp.array([0, -1, 0]))
     jnnx.set_adapter(serving, 2, sources[1])  # an empty slot (another rank)

@@ -11,17 +11,21 @@ loads into the JAX tree and gives PEFT's outputs. fp32; tolerance 1e-5 of the ou
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig
 
 import jaxlora
-from parity_tests.twins import rel_err
+from parity_tests.twins import (
+    GATED_PATH_MAP,
+    GatedBlockTwin,
+    gated_peft_adapter,
+    peft_load,
+    rel_err,
+    torch_out,
+)
 from tests.test_linen_multiweight import (
     ALPHA,
     BASE,
@@ -34,42 +38,6 @@ from tests.test_linen_multiweight import (
 )
 
 TOL = 1e-5
-PATH_MAP = {f"mlp.{w}": f"mlp.{w.removeprefix('w_')}_proj" for w in WEIGHTS}
-
-
-class TorchMLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        d, f = BASE["w_gate"].shape
-        self.gate_proj = torch.nn.Linear(d, f, bias=False)
-        self.up_proj = torch.nn.Linear(d, f, bias=False)
-        self.down_proj = torch.nn.Linear(f, d, bias=False)
-        with torch.no_grad():
-            for name in ("gate", "up", "down"):
-                weight = torch.from_numpy(BASE[f"w_{name}"].T.copy())
-                getattr(self, f"{name}_proj").weight.copy_(weight)
-
-    def forward(self, x):
-        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class TorchTwin(torch.nn.Module):
-    def __init__(self, head: dict):
-        super().__init__()
-        self.mlp = TorchMLP()
-        kernel = np.asarray(head["kernel"])
-        self.head = torch.nn.Linear(*kernel.shape)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.from_numpy(kernel.T.copy()))
-            self.head.bias.copy_(torch.from_numpy(np.asarray(head["bias"]).copy()))
-
-    def forward(self, x):
-        return self.head(self.mlp(x))
-
-
-def _torch_out(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(X)).numpy()
 
 
 def _jax_out(lora, config=CONFIG) -> np.ndarray:
@@ -81,14 +49,12 @@ def test_saved_adapter_gives_peft_the_jax_outputs(tmp_path):
     _, _, lora = _injected()
     lora, _ = _randomize(lora)
     want = _jax_out(lora)
-    jaxlora.save_adapter(lora, tmp_path, CONFIG, path_map=PATH_MAP)
-    twin = TorchTwin(lora["params"]["head"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a key PEFT did not load is a warning: fail on it
-        peft_model = PeftModel.from_pretrained(twin, tmp_path)
-    assert rel_err(_torch_out(peft_model), want) < TOL
+    jaxlora.save_adapter(lora, tmp_path, CONFIG, path_map=GATED_PATH_MAP)
+    head = lora["params"]["head"]
+    peft_model = peft_load(GatedBlockTwin(BASE, head["kernel"], head["bias"]), tmp_path)
+    assert rel_err(torch_out(peft_model, X), want) < TOL
     merged = peft_model.merge_and_unload()
-    assert rel_err(_torch_out(merged), want) < TOL
+    assert rel_err(torch_out(merged, X), want) < TOL
     merged_jax = jaxlora.merge(lora, alpha=CONFIG.alpha_for)
     assert rel_err(np.asarray(Block().apply(merged_jax, jnp.asarray(X))), want) < TOL
     for w in WEIGHTS:  # PEFT's merged Linear weight is the JAX merged weight, transposed
@@ -102,29 +68,23 @@ def test_peft_adapter_loads_into_the_jax_tree(tmp_path):
     """A PEFT adapter with its own alpha for the MLP's modules (alpha_pattern): loaded and
     read back with ``read_adapter_config(params=...)``, the JAX tree gives PEFT's outputs."""
     _, variables, lora = _injected()
-    twin = TorchTwin(variables["params"]["head"])
+    head = variables["params"]["head"]
+    twin = GatedBlockTwin(BASE, head["kernel"], head["bias"])
     config = LoraConfig(
         r=CONFIG.r,
         lora_alpha=ALPHA,
         target_modules=["gate_proj", "up_proj", "down_proj"],
         alpha_pattern={"mlp.gate_proj": 5.0, "mlp.up_proj": 5.0, "mlp.down_proj": 5.0},
     )
-    peft_model = get_peft_model(twin, config)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_()
-    peft_model.save_pretrained(tmp_path)
-    want = _torch_out(peft_model)
-    loaded = jaxlora.load_adapter(lora, tmp_path, path_map=PATH_MAP)
-    read = jaxlora.read_adapter_config(tmp_path, path_map=PATH_MAP, params=loaded)
+    want = torch_out(gated_peft_adapter(twin, config, tmp_path), X)
+    loaded = jaxlora.load_adapter(lora, tmp_path, path_map=GATED_PATH_MAP)
+    read = jaxlora.read_adapter_config(tmp_path, path_map=GATED_PATH_MAP, params=loaded)
     assert read.alpha_for("mlp") == 5.0
     got = _jax_out(loaded, read)
     assert rel_err(got, want) < TOL
     # Read without the tree, the patterns are keyed by '<path>.<weight>', which the module
     # (one alpha) would not see: refused at the call, never the default alpha.
-    keyed = jaxlora.read_adapter_config(tmp_path, path_map=PATH_MAP)
+    keyed = jaxlora.read_adapter_config(tmp_path, path_map=GATED_PATH_MAP)
     with pytest.raises(ValueError, match=r"alpha_pattern gives weight 'mlp.w_down' 5.0, but"):
         _jax_out(loaded, keyed)
     with pytest.raises(ValueError, match=r"merge: layer 'mlp': the config's alpha_pattern"):
@@ -133,7 +93,7 @@ def test_peft_adapter_loads_into_the_jax_tree(tmp_path):
     assert rel_err(np.asarray(Block().apply(merged, jnp.asarray(X))), want) < TOL
     assert rel_err(_jax_out(lora), want) > 1e-2  # the adapter matters
     # Saved again from JAX: the same tensors PEFT wrote, exactly.
-    jaxlora.save_adapter(loaded, tmp_path / "again", read, path_map=PATH_MAP)
+    jaxlora.save_adapter(loaded, tmp_path / "again", read, path_map=GATED_PATH_MAP)
     from safetensors.numpy import load_file
 
     theirs = load_file(tmp_path / "adapter_model.safetensors")

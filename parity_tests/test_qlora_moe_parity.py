@@ -23,10 +23,6 @@ computes in bfloat16 (README caveat).
 
 from __future__ import annotations
 
-import warnings
-
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +35,17 @@ from flax import nnx
 import jaxlora
 from jaxlora import nnx as jnnx
 from jaxlora.quant import quantize_base
-from parity_tests.twins import assert_close, float_bits
+from parity_tests.twins import (
+    assert_4bit_equals_bitsandbytes,
+    assert_close,
+    assert_int8_equals_bitsandbytes,
+    bnb_twin,
+    linear4bit,
+    linear4bit_peft_out,
+    peft_load,
+    randomize_peft_lora,
+    torch_out,
+)
 
 E, D, F, R, ALPHA = 3, 40, 24, 2, 4.0
 TOL = 3e-6
@@ -120,20 +126,6 @@ class TorchQwenLike(torch.nn.Module):
         return self.model.layers[0].mlp(x)
 
 
-def _linear4bit(quant_type: str, double_quant: bool):
-    def linear(n_in, n_out, bias=False):
-        return bnb.nn.Linear4bit(
-            n_in,
-            n_out,
-            bias=bias,
-            compute_dtype=torch.float32,
-            quant_type=quant_type,
-            compress_statistics=double_quant,
-        )
-
-    return linear
-
-
 def _torch_weights(floats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The twin's state dict: expert e's Linear weight is the JAX weight's slice e, (out, in)."""
     return {
@@ -144,9 +136,7 @@ def _torch_weights(floats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _bnb_twin(weights, quant_type: str = "nf4", double_quant: bool = False) -> TorchQwenLike:
-    twin = TorchQwenLike(_linear4bit(quant_type, double_quant))
-    twin.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-    return twin.to("cpu")  # Linear4bit quantizes here
+    return bnb_twin(TorchQwenLike(linear4bit(quant_type, double_quant)), weights)
 
 
 def _jax_model(**options) -> tuple[QwenLike, dict[str, np.ndarray]]:
@@ -186,39 +176,15 @@ def test_each_experts_bytes_equal_bitsandbytes_of_its_linear(quant_type, double_
     twin = _bnb_twin(weights, quant_type, double_quant)
     held = dict(twin.named_modules())
     for path, q in _experts(model):
-        w = torch.from_numpy(np.array(weights[f"{path}.weight"]))
-        packed, state = bnbf.quantize_4bit(
-            w, quant_type=quant_type, blocksize=64, compress_statistics=double_quant
-        )
-        np.testing.assert_array_equal(np.asarray(q.packed), packed.numpy())
-        np.testing.assert_array_equal(np.asarray(q.packed), held[path].weight.data.numpy())
-        if double_quant:  # the 8-bit codes of the scales; the offset to float32 rounding
-            np.testing.assert_array_equal(np.asarray(q.absmax), state.absmax.numpy())
-            np.testing.assert_allclose(float(q.offset), state.offset.item(), rtol=1e-6)
-        else:
-            np.testing.assert_array_equal(float_bits(q.absmax), float_bits(state.absmax))
-            np.testing.assert_array_equal(
-                float_bits(q.absmax), float_bits(held[path].weight.quant_state.absmax)
-            )
+        weight = weights[f"{path}.weight"]
+        assert_4bit_equals_bitsandbytes(q, weight, held[path], quant_type, double_quant)
 
 
 def test_int8_experts_equal_quantize_blockwise_of_their_linears():
     model, floats = _jax_model(quant_type="int8", blocksize=256)
     weights = _torch_weights(floats)
     for path, q in _experts(model):
-        codes, state = bnbf.quantize_blockwise(
-            torch.from_numpy(np.array(weights[f"{path}.weight"])), blocksize=256
-        )
-        np.testing.assert_array_equal(np.asarray(q.packed), codes.numpy())
-        np.testing.assert_array_equal(float_bits(q.absmax), float_bits(state.absmax))
-
-
-def _peft_load(base: torch.nn.Module, directory) -> peft.PeftModel:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loaded = peft.PeftModel.from_pretrained(base, str(directory), is_trainable=True)
-    assert not caught, [str(w.message) for w in caught]
-    return loaded
+        assert_int8_equals_bitsandbytes(q, weights[f"{path}.weight"])
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -227,13 +193,7 @@ def test_jax_adapter_on_quantized_experts_loads_in_peft_on_linear4bit_experts(
 ):
     model, floats = _jax_model(double_quant=double_quant)
     jnnx.save_adapter(model, tmp_path, path_map="tunix.qwen3")
-    base = _bnb_twin(_torch_weights(floats), "nf4", double_quant)
-    with torch.no_grad():
-        no_adapter = base(torch.from_numpy(X)).numpy()
-    loaded = _peft_load(base, tmp_path)
-    with torch.no_grad():
-        want = loaded(torch.from_numpy(X)).numpy()
-    assert np.abs(no_adapter - want).max() > 1e-2  # the adapter counts at this size
+    want = linear4bit_peft_out(_bnb_twin(_torch_weights(floats), "nf4", double_quant), tmp_path, X)
     _close(model(jnp.asarray(X)), want)
     _close(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(X)), want)
 
@@ -243,19 +203,13 @@ def test_peft_qlora_adapter_on_linear4bit_experts_loads_into_the_quantized_jax_m
     targets = [f"experts.{e}.{name}" for e in range(E) for name in WEIGHTS]
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets)
     theirs = peft.get_peft_model(_bnb_twin(_torch_weights(floats)), config)
-    torch.manual_seed(0)
-    with torch.no_grad():  # PEFT's B starts at zero: nonzero values test the branch
-        for name, p in theirs.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.3 * torch.randn_like(p))
+    randomize_peft_lora(theirs, 0.3)
     theirs.save_pretrained(tmp_path)
     packed = [jax.tree.map(np.asarray, q) for _, q in _experts(model)]
     jnnx.load_adapter(model, tmp_path, path_map="tunix.qwen3")
     for old, (_, new) in zip(packed, _experts(model), strict=True):
         jax.tree.map(np.testing.assert_array_equal, new, old)  # the base is not touched
-    with torch.no_grad():
-        want = theirs(torch.from_numpy(X)).numpy()
-    _close(model(jnp.asarray(X)), want)
+    _close(model(jnp.asarray(X)), torch_out(theirs, X))
 
 
 class LinenExperts(nn.Module):
@@ -302,18 +256,13 @@ def test_linen_batched_experts_adapter_loads_in_peft_on_linear4bit_experts(tmp_p
     node["lora_b"] = 0.3 * jax.random.normal(jax.random.key(3), node["lora_b"].shape)
     quantized = quantize_base({"params": {"moe": node}}, config)
     w = np.asarray(variables["params"]["moe"]["w"])
-    twin = TorchLinenTwin(_linear4bit("nf4", False))
-    twin.load_state_dict(
-        {f"moe.experts.{e}.proj.weight": torch.from_numpy(w[e].T.copy()) for e in range(E)}
-    )
-    twin = twin.to("cpu")
+    weights = {f"moe.experts.{e}.proj.weight": w[e].T for e in range(E)}
+    twin = bnb_twin(TorchLinenTwin(linear4bit("nf4", False)), weights)
     packed = np.asarray(quantized["quant"]["moe"]["w"].packed)
     for e in range(E):
         np.testing.assert_array_equal(packed[e], twin.moe.experts[e].proj.weight.data.numpy())
     path_map = {"moe": jaxlora.HFLinear("moe", experts="moe.experts.{}.proj")}
     jaxlora.save_adapter(quantized, tmp_path, config, path_map=path_map)
-    loaded = _peft_load(twin, tmp_path)
-    with torch.no_grad():
-        want = loaded(torch.from_numpy(X)).numpy()
+    want = torch_out(peft_load(twin, tmp_path, trainable=True), X)
     with jaxlora.intercept(config):
         _close(model.apply(quantized, x), want)

@@ -22,10 +22,6 @@ AVX-512 bf16 its eval mode computes in bfloat16 (README caveat).
 
 from __future__ import annotations
 
-import warnings
-
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +35,16 @@ from flax import nnx
 import jaxlora
 from jaxlora import nnx as jnnx
 from jaxlora.quant import quantize_base
-from parity_tests.twins import assert_close, float_bits
+from parity_tests.twins import (
+    assert_4bit_equals_bitsandbytes,
+    assert_close,
+    assert_int8_equals_bitsandbytes,
+    bnb_twin,
+    linear4bit,
+    linear4bit_peft_out,
+    randomize_peft_lora,
+    torch_out,
+)
 
 B, T, D, N, H, F, R, ALPHA = 2, 3, 64, 2, 32, 48, 4, 8.0
 TARGETS = ["q_einsum", "o_einsum", "fc"]
@@ -100,20 +105,7 @@ def _torch_weights(model: Block) -> dict[str, np.ndarray]:
 
 
 def _bnb_twin(weights, quant_type: str, double_quant: bool) -> TorchBlock:
-    def linear(n_in, n_out, bias=True):
-        return bnb.nn.Linear4bit(
-            n_in,
-            n_out,
-            bias=bias,
-            compute_dtype=torch.float32,
-            quant_type=quant_type,
-            compress_statistics=double_quant,
-        )
-
-    twin = TorchBlock(linear)
-    state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
-    twin.load_state_dict(state)
-    return twin.to("cpu")  # Linear4bit quantizes here
+    return bnb_twin(TorchBlock(linear4bit(quant_type, double_quant)), weights)
 
 
 def _jax_model(seed: int = 3, **options) -> tuple[Block, dict]:
@@ -155,36 +147,14 @@ def test_packed_bytes_equal_bitsandbytes_of_the_torch_layout(quant_type, double_
     model, weights = _jax_model(quant_type=quant_type, double_quant=double_quant)
     twin = _bnb_twin(weights, quant_type, double_quant)
     for name, q in _packed(model).items():
-        w = torch.from_numpy(np.array(weights[f"{name}.weight"]))
-        packed, state = bnbf.quantize_4bit(
-            w, quant_type=quant_type, blocksize=64, compress_statistics=double_quant
-        )
-        held = getattr(twin, name).weight
-        np.testing.assert_array_equal(np.asarray(q.packed), packed.numpy())
-        np.testing.assert_array_equal(np.asarray(q.packed), held.data.numpy())
-        if double_quant:  # the 8-bit codes of the scales; the offset to float32 rounding
-            np.testing.assert_array_equal(np.asarray(q.absmax), state.absmax.numpy())
-            np.testing.assert_allclose(float(q.offset), state.offset.item(), rtol=1e-6)
-        else:
-            np.testing.assert_array_equal(float_bits(q.absmax), float_bits(state.absmax))
-            np.testing.assert_array_equal(float_bits(q.absmax), float_bits(held.quant_state.absmax))
+        weight, held = weights[f"{name}.weight"], getattr(twin, name)
+        assert_4bit_equals_bitsandbytes(q, weight, held, quant_type, double_quant)
 
 
 def test_int8_equals_quantize_blockwise_of_the_torch_layout():
     model, weights = _jax_model(quant_type="int8", blocksize=256)
     for name, q in _packed(model).items():
-        w = torch.from_numpy(np.array(weights[f"{name}.weight"]))
-        codes, state = bnbf.quantize_blockwise(w, blocksize=256)
-        np.testing.assert_array_equal(np.asarray(q.packed), codes.numpy())
-        np.testing.assert_array_equal(float_bits(q.absmax), float_bits(state.absmax))
-
-
-def _peft_load(base: torch.nn.Module, directory) -> peft.PeftModel:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loaded = peft.PeftModel.from_pretrained(base, str(directory), is_trainable=True)
-    assert not caught, [str(w.message) for w in caught]
-    return loaded
+        assert_int8_equals_bitsandbytes(q, weights[f"{name}.weight"])
 
 
 @pytest.mark.parametrize(
@@ -195,13 +165,7 @@ def test_jax_adapter_on_the_quantized_base_loads_in_peft_on_linear4bit(
 ):
     model, weights = _jax_model(quant_type=quant_type, double_quant=double_quant)
     jnnx.save_adapter(model, tmp_path, path_map=PATH_MAP)
-    base = _bnb_twin(weights, quant_type, double_quant)
-    with torch.no_grad():
-        no_adapter = base(torch.from_numpy(X)).numpy()
-    loaded = _peft_load(base, tmp_path)
-    with torch.no_grad():
-        want = loaded(torch.from_numpy(X)).numpy()
-    assert np.abs(no_adapter - want).max() > 1e-2  # the adapter counts at this size
+    want = linear4bit_peft_out(_bnb_twin(weights, quant_type, double_quant), tmp_path, X)
     _close(_forward_gelu(model, X), want)
     _close(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(X)), want)
 
@@ -210,19 +174,13 @@ def test_peft_qlora_adapter_loads_into_the_quantized_jax_model(tmp_path):
     model, weights = _jax_model()
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(PATH_MAP.values()))
     theirs = peft.get_peft_model(_bnb_twin(weights, "nf4", False), config)
-    torch.manual_seed(0)
-    with torch.no_grad():  # PEFT's B starts at zero: nonzero values test the branch
-        for name, p in theirs.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn_like(p))
+    randomize_peft_lora(theirs, 0.2)
     theirs.save_pretrained(tmp_path)
     packed = jax.tree.map(np.asarray, _packed(model))
     jnnx.load_adapter(model, tmp_path, path_map=PATH_MAP)
     for old, new in zip(jax.tree.leaves(packed), jax.tree.leaves(_packed(model)), strict=True):
         np.testing.assert_array_equal(np.asarray(new), old)  # the base is not touched
-    with torch.no_grad():
-        want = theirs(torch.from_numpy(X)).numpy()
-    _close(_forward_gelu(model, X), want)
+    _close(_forward_gelu(model, X), torch_out(theirs, X))
 
 
 def test_ten_adam_steps_match_peft_on_linear4bit():
@@ -336,12 +294,7 @@ def test_linen_adapter_on_the_quantized_base_loads_in_peft_on_linear4bit(
         packed = np.asarray(quantized["quant"][name][weight].packed)
         np.testing.assert_array_equal(packed, getattr(base, name).weight.data.numpy())
     jaxlora.save_adapter(quantized, tmp_path, config)
-    with torch.no_grad():
-        no_adapter = base(torch.from_numpy(X)).numpy()
-    loaded = _peft_load(base, tmp_path)
-    with torch.no_grad():
-        want = loaded(torch.from_numpy(X)).numpy()
-    assert np.abs(no_adapter - want).max() > 1e-2  # the adapter counts at this size
+    want = linear4bit_peft_out(base, tmp_path, X)
     with jaxlora.intercept(config):
         _close(model.apply(quantized, x), want)
     # ... and the file reads back into a fresh quantized tree (adapters made at the product

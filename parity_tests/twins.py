@@ -1,12 +1,19 @@
-"""Builds the same LoRA layer in torch, Linen and NNX, with weights copied (never re-drawn)."""
+"""Builds the same LoRA layer in torch, Linen and NNX, with weights copied (never re-drawn);
+the torch twins, PEFT loading and bitsandbytes checks that several parity files share."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
+from peft import LoraConfig, PeftModel, get_peft_model
 
 import jaxlora
 import torchlora
@@ -123,3 +130,143 @@ def reference_magnitude(layer: torchlora.Linear, x: np.ndarray) -> float:
 
 def _rate(layer: torchlora.Linear) -> float:
     return getattr(layer.lora_dropout, "p", 0.0)
+
+
+def torch_out(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    """``model``'s output on ``x``, without gradients."""
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def peft_load(base: torch.nn.Module, directory, *, trainable: bool = False) -> PeftModel:
+    """``PeftModel.from_pretrained``, which must not warn (a warning there means keys it
+    ignored or a config it rewrote). ``trainable``: loaded with ``is_trainable=True`` and left
+    in training mode (bitsandbytes' ``Linear4bit`` computes in bfloat16 in eval mode on CPUs
+    with AVX-512 bf16); otherwise in eval mode."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+    assert not caught, [str(w.message) for w in caught]
+    return model if trainable else model.eval()
+
+
+def randomize_peft_lora(model: torch.nn.Module, scale: float, seed: int | None = 0) -> None:
+    """Every ``lora_`` factor of the PEFT ``model`` set to ``scale`` · normal draws, after
+    ``torch.manual_seed(seed)`` (``None``: the generator as it stands). PEFT's B starts at
+    zero: nonzero values test the branch."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(scale * torch.randn_like(p))
+
+
+# The gated MLP of tests/_gated_mlp.py (a Linen and an NNX module holding w_gate, w_up and
+# w_down) as torch Linears named as transformers' MLPs, with each weight as (out, in).
+GATED_PATH_MAP = {f"mlp.w_{w}": f"mlp.{w}_proj" for w in ("down", "gate", "up")}
+
+
+class GatedMLPTwin(torch.nn.Module):
+    def __init__(self, base: dict[str, np.ndarray]):
+        super().__init__()
+        d, f = base["w_gate"].shape
+        self.gate_proj = torch.nn.Linear(d, f, bias=False)
+        self.up_proj = torch.nn.Linear(d, f, bias=False)
+        self.down_proj = torch.nn.Linear(f, d, bias=False)
+        with torch.no_grad():
+            for name in ("gate", "up", "down"):
+                weight = torch.from_numpy(base[f"w_{name}"].T.copy())
+                getattr(self, f"{name}_proj").weight.copy_(weight)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GatedBlockTwin(torch.nn.Module):
+    """The gated MLP (``mlp``) then a dense ``head`` of ``kernel`` (in, out) and ``bias``."""
+
+    def __init__(self, base: dict[str, np.ndarray], kernel, bias):
+        super().__init__()
+        self.mlp = GatedMLPTwin(base)
+        kernel = np.asarray(kernel)
+        self.head = torch.nn.Linear(*kernel.shape)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.from_numpy(kernel.T.copy()))
+            self.head.bias.copy_(torch.from_numpy(np.array(bias)))
+
+    def forward(self, x):
+        return self.head(self.mlp(x))
+
+
+def gated_peft_adapter(twin: GatedBlockTwin, config: LoraConfig, directory) -> PeftModel:
+    """A PEFT adapter of ``config`` on ``twin``, every lora_B drawn from
+    ``torch.manual_seed(0)``'s normal (PEFT's B starts at zero), saved to ``directory``."""
+    peft_model = get_peft_model(twin, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    peft_model.save_pretrained(directory)
+    return peft_model
+
+
+def linear4bit(quant_type: str, double_quant: bool) -> Callable[..., torch.nn.Module]:
+    """``linear(n_in, n_out, bias=True)``: bitsandbytes ``Linear4bit`` layers computing in
+    float32, for a twin built from such a factory."""
+
+    def linear(n_in: int, n_out: int, bias: bool = True) -> torch.nn.Module:
+        return bnb.nn.Linear4bit(
+            n_in,
+            n_out,
+            bias=bias,
+            compute_dtype=torch.float32,
+            quant_type=quant_type,
+            compress_statistics=double_quant,
+        )
+
+    return linear
+
+
+def bnb_twin(twin: torch.nn.Module, weights: dict[str, np.ndarray]) -> torch.nn.Module:
+    """``twin`` (built of ``linear4bit`` layers) holding the float state dict ``weights``,
+    moved to the CPU: ``Linear4bit`` quantizes there."""
+    twin.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    return twin.to("cpu")
+
+
+def assert_4bit_equals_bitsandbytes(q, weight: np.ndarray, held, quant_type, double_quant):
+    """jaxlora's packed ``q`` equals ``quantize_4bit`` of ``weight`` (torch's (out, in)
+    layout) and the bytes and scales the ``Linear4bit`` ``held`` holds, bit for bit."""
+    w = torch.from_numpy(np.array(weight))
+    packed, state = bnbf.quantize_4bit(
+        w, quant_type=quant_type, blocksize=64, compress_statistics=double_quant
+    )
+    np.testing.assert_array_equal(np.asarray(q.packed), packed.numpy())
+    np.testing.assert_array_equal(np.asarray(q.packed), held.weight.data.numpy())
+    if double_quant:  # the 8-bit codes of the scales; the offset to float32 rounding
+        np.testing.assert_array_equal(np.asarray(q.absmax), state.absmax.numpy())
+        np.testing.assert_allclose(float(q.offset), state.offset.item(), rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(float_bits(q.absmax), float_bits(state.absmax))
+        np.testing.assert_array_equal(
+            float_bits(q.absmax), float_bits(held.weight.quant_state.absmax)
+        )
+
+
+def assert_int8_equals_bitsandbytes(q, weight: np.ndarray) -> None:
+    """jaxlora's int8 ``q`` (blocksize 256) equals ``quantize_blockwise`` of ``weight``."""
+    codes, state = bnbf.quantize_blockwise(torch.from_numpy(np.array(weight)), blocksize=256)
+    np.testing.assert_array_equal(np.asarray(q.packed), codes.numpy())
+    np.testing.assert_array_equal(float_bits(q.absmax), float_bits(state.absmax))
+
+
+def linear4bit_peft_out(base: torch.nn.Module, directory, x: np.ndarray) -> np.ndarray:
+    """PEFT's output on ``x`` with the adapter in ``directory`` loaded (trainable) onto the
+    ``Linear4bit`` twin ``base``, checked to differ from ``base``'s own by more than 1e-2 (the
+    adapter counts at this size)."""
+    no_adapter = torch_out(base, x)
+    want = torch_out(peft_load(base, directory, trainable=True), x)
+    assert np.abs(no_adapter - want).max() > 1e-2  # the adapter counts at this size
+    return want

@@ -15,7 +15,6 @@ matmul over N·H, factored branch vs PEFT's), so they differ by a few fp32 ulps 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ import jaxlora
 from jaxlora import hf_maps, oplevel
 from jaxlora import nnx as jnnx
 from jaxlora.hf_maps import HFLinear
-from parity_tests.twins import rel_err
+from parity_tests.twins import peft_load, rel_err
 
 B, T, D, N, K, H, R, ALPHA = 2, 5, 16, 4, 2, 8, 4, 8.0
 TOL = 1e-5
@@ -136,14 +135,6 @@ def _injected(seed: int = 0, adapter_seed: int | None = 3) -> Model:
     return model
 
 
-def _peft_load(base: torch.nn.Module, directory) -> PeftModel:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(base, str(directory))
-    assert not caught, [str(w.message) for w in caught]
-    return model.eval()
-
-
 def _lora_state(model: Model) -> dict:
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)))
 
@@ -159,7 +150,7 @@ def test_jax_adapter_loads_in_peft(tmp_path):
     twin = _torch_twin(model)
     y_base = twin(torch.from_numpy(X)).detach().numpy()
     jnnx.save_adapter(model, tmp_path, path_map=PATH_MAP)
-    peft_model = _peft_load(twin, tmp_path)
+    peft_model = peft_load(twin, tmp_path)
     y_jax = np.asarray(model(jnp.asarray(X)))
     y_peft = peft_model(torch.from_numpy(X)).detach().numpy()
     assert rel_err(y_jax, y_base) > 1e-2  # the adapters count
@@ -399,7 +390,7 @@ def test_op_level_and_dense_layers_in_one_file(tmp_path):
         twin.out.weight.copy_(torch.from_numpy(np.asarray(model.out.kernel[...]).T.copy()))
         twin.out.bias.copy_(torch.from_numpy(np.asarray(model.out.bias[...]).copy()))
     jnnx.save_adapter(model, tmp_path, path_map=PATH_MAP)
-    y_peft = _peft_load(twin.eval(), tmp_path)(torch.from_numpy(X)).detach().numpy()
+    y_peft = peft_load(twin.eval(), tmp_path)(torch.from_numpy(X)).detach().numpy()
     assert rel_err(model(jnp.asarray(X)), y_peft) <= TOL
     other = Mixed()
     jnnx.inject(other, config, nnx.Rngs(5), inputs=(jnp.asarray(X),))

@@ -8,7 +8,6 @@ gives PEFT's outputs. On a plain torch model and on the twin GPT.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,13 +16,13 @@ import pytest
 import torch
 from flax import linen as nn
 from flax import nnx
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 import jaxlora
 import jaxlora.nnx
 import torchlora
 from jaxlora.models import gpt as jgpt
-from parity_tests.twins import rel_err
+from parity_tests.twins import peft_load, rel_err
 from torchlora.models import gpt as tgpt
 
 GPT_CFG = dict(vocab_size=96, block_size=32, n_layer=2, n_head=4, d_model=64)
@@ -70,14 +69,6 @@ X = np.random.default_rng(0).standard_normal((4, 12)).astype("f4")
 TOKENS = np.random.default_rng(1).integers(0, GPT_CFG["vocab_size"], (2, 24))
 
 
-def _peft_load(base: torch.nn.Module, directory) -> PeftModel:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(base, str(directory))
-    assert not caught, [str(w.message) for w in caught]
-    return model.eval()
-
-
 def _random_adapter(params, dtype, seed=2):
     """Non-zero A and B, in ``dtype``."""
     key = iter(jax.random.split(jax.random.key(seed), 64))
@@ -100,7 +91,7 @@ def test_linen_adapter_loads_in_peft_plain_model(tmp_path, dtype):
     jaxlora.save_adapter(params, tmp_path, config)
     with jaxlora.intercept(config):
         y_jax = LinenNet().apply({"params": params}, X)
-    y_peft = _peft_load(torch_model, tmp_path)(torch.from_numpy(X))
+    y_peft = peft_load(torch_model, tmp_path)(torch.from_numpy(X))
     assert rel_err(y_jax, y_peft) <= TOL
 
 
@@ -115,7 +106,7 @@ def test_linen_and_nnx_adapters_load_in_peft_gpt(tmp_path, dtype):
     jaxlora.save_adapter(params, tmp_path / "linen", config)
     with jaxlora.intercept(config):
         y_jax = jgpt.GPT(jgpt.GPTConfig(**GPT_CFG)).apply({"params": params}, TOKENS)
-    peft_model = _peft_load(copy.deepcopy(torch_model), tmp_path / "linen")
+    peft_model = peft_load(copy.deepcopy(torch_model), tmp_path / "linen")
     assert peft_model.base_model.model.blocks_1.attn.value.lora_A["default"].weight.shape[0] == 2
     assert rel_err(y_jax, peft_model(torch.from_numpy(TOKENS))) <= TOL
 
@@ -123,7 +114,7 @@ def test_linen_and_nnx_adapters_load_in_peft_gpt(tmp_path, dtype):
     jaxlora.nnx.inject(nnx_model, config, nnx.Rngs(1))
     jgpt.load_nnx(nnx_model, params)
     jaxlora.nnx.save_adapter(nnx_model, tmp_path / "nnx")  # config remembered by inject
-    peft_model = _peft_load(copy.deepcopy(torch_model), tmp_path / "nnx")
+    peft_model = peft_load(copy.deepcopy(torch_model), tmp_path / "nnx")
     assert rel_err(nnx_model(jnp.asarray(TOKENS)), peft_model(torch.from_numpy(TOKENS))) <= TOL
 
 
@@ -140,7 +131,7 @@ def test_torchlora_adapter_loads_in_peft(tmp_path):
             if name.endswith("lora_b"):
                 p.normal_(0, 0.2)
     torchlora.save_adapter(model, tmp_path)
-    peft_model = _peft_load(base, tmp_path)
+    peft_model = peft_load(base, tmp_path)
     assert rel_err(model(torch.from_numpy(TOKENS)), peft_model(torch.from_numpy(TOKENS))) <= TOL
 
 

@@ -45,6 +45,7 @@ from parity_tests.twins import (
     randomize_peft_lora,
     torch_out,
 )
+from tests._train import nnx_lora_step
 
 B, T, D, N, H, F, R, ALPHA = 2, 3, 64, 2, 32, 48, 4, 8.0
 TARGETS = ["q_einsum", "o_einsum", "fc"]
@@ -212,17 +213,8 @@ def test_ten_adam_steps_match_peft_on_linear4bit():
         torch_losses.append(loss.item())
 
     optimizer = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def step(model, optimizer, x, y):
-        def loss_fn(model):
-            return jnp.mean((model(x) - y) ** 2)
-
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    jax_losses = [float(step(model, optimizer, x, y)) for x, y in zip(xs, ys, strict=True)]
+    steps = (nnx_lora_step(model, optimizer, x, y)[0] for x, y in zip(xs, ys, strict=True))
+    jax_losses = [float(loss) for loss in steps]
     torch_losses = np.array(torch_losses)
     assert torch_losses[-1] < torch_losses[0]
     assert np.max(np.abs(np.array(jax_losses) - torch_losses) / torch_losses) <= 1e-4

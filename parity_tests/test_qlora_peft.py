@@ -25,6 +25,7 @@ from flax import linen as nn
 
 import jaxlora
 from jaxlora.quant import quantize_base
+from tests._train import nnx_lora_step
 
 IN, HIDDEN, OUT, R, ALPHA = 128, 64, 32, 4, 8
 
@@ -249,17 +250,8 @@ def test_twenty_adam_steps_match_peft_on_linear4bit_linen_and_nnx():
             getattr(ours, leaf)[...] = start[name][leaf]
     jnnx.quantize_base(net, ["l0", "l2"])
     optimizer = nnx.Optimizer(net, optax.adam(lr), wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def nnx_step(net, optimizer, x, y):
-        def loss_fn(net):
-            return jnp.mean((net(x) - y) ** 2)
-
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(net)
-        optimizer.update(net, grads)
-        return loss
-
-    nnx_losses = [float(nnx_step(net, optimizer, x, y)) for x, y in zip(xs, ys, strict=True)]
+    steps = (nnx_lora_step(net, optimizer, x, y)[0] for x, y in zip(xs, ys, strict=True))
+    nnx_losses = [float(loss) for loss in steps]
 
     assert torch_losses[-5:].mean() < 0.9 * torch_losses[:5].mean()
     for losses in (np.array(linen_losses), np.array(nnx_losses)):

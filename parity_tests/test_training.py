@@ -19,6 +19,7 @@ import jaxlora
 import torchlora
 from jaxlora.nnx import LoRALinear
 from parity_tests.twins import flax_params, rel_err, to_np
+from tests._train import nnx_lora_step
 
 STEPS, BATCH, LR = 100, 32, 1e-2
 LAYERS = {"fc1": (16, 32), "fc2": (32, 8)}
@@ -104,17 +105,8 @@ def _train_linen(params, tx, xs, ys):
 
 def _train_nnx(model, tx, xs, ys):
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def step(model, optimizer, x, y):
-        def loss_fn(model):
-            return jnp.mean((model(x) - y) ** 2)
-
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    return np.array([float(step(model, optimizer, x, y)) for x, y in zip(xs, ys, strict=True)])
+    steps = (nnx_lora_step(model, optimizer, x, y)[0] for x, y in zip(xs, ys, strict=True))
+    return np.array([float(loss) for loss in steps])
 
 
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))

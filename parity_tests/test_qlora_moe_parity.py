@@ -36,6 +36,7 @@ import jaxlora
 from jaxlora import nnx as jnnx
 from jaxlora.quant import quantize_base
 from parity_tests.twins import (
+    FOUR_BIT_KINDS,
     assert_4bit_equals_bitsandbytes,
     assert_close,
     assert_int8_equals_bitsandbytes,
@@ -167,9 +168,7 @@ def _close(got, want) -> None:
     assert_close(got, want, TOL)
 
 
-@pytest.mark.parametrize(
-    ("quant_type", "double_quant"), [("nf4", False), ("fp4", False), ("nf4", True)]
-)
+@FOUR_BIT_KINDS
 def test_each_experts_bytes_equal_bitsandbytes_of_its_linear(quant_type, double_quant):
     model, floats = _jax_model(quant_type=quant_type, double_quant=double_quant)
     weights = _torch_weights(floats)

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import peft
-import pytest
 import torch
 from flax import linen as nn
 from flax import nnx
@@ -36,6 +35,7 @@ import jaxlora
 from jaxlora import nnx as jnnx
 from jaxlora.quant import quantize_base
 from parity_tests.twins import (
+    FOUR_BIT_KINDS,
     assert_4bit_equals_bitsandbytes,
     assert_close,
     assert_int8_equals_bitsandbytes,
@@ -43,6 +43,7 @@ from parity_tests.twins import (
     linear4bit,
     linear4bit_peft_out,
     randomize_peft_lora,
+    torch_mse_steps,
     torch_out,
 )
 from tests._train import nnx_lora_step
@@ -141,9 +142,7 @@ def _close(got, want) -> None:
     assert_close(got, want, TOL)
 
 
-@pytest.mark.parametrize(
-    ("quant_type", "double_quant"), [("nf4", False), ("fp4", False), ("nf4", True)]
-)
+@FOUR_BIT_KINDS
 def test_packed_bytes_equal_bitsandbytes_of_the_torch_layout(quant_type, double_quant):
     model, weights = _jax_model(quant_type=quant_type, double_quant=double_quant)
     twin = _bnb_twin(weights, quant_type, double_quant)
@@ -158,9 +157,7 @@ def test_int8_equals_quantize_blockwise_of_the_torch_layout():
         assert_int8_equals_bitsandbytes(q, weights[f"{name}.weight"])
 
 
-@pytest.mark.parametrize(
-    ("quant_type", "double_quant"), [("nf4", False), ("fp4", False), ("nf4", True)]
-)
+@FOUR_BIT_KINDS
 def test_jax_adapter_on_the_quantized_base_loads_in_peft_on_linear4bit(
     tmp_path, quant_type, double_quant
 ):
@@ -204,18 +201,11 @@ def test_ten_adam_steps_match_peft_on_linear4bit():
             peft_layer.lora_A["default"].weight.copy_(torch.from_numpy(np.array(a)))
             peft_layer.lora_B["default"].weight.copy_(torch.from_numpy(np.array(b)))
     opt = torch.optim.Adam([p for n, p in theirs.named_parameters() if "lora_" in n], lr=lr)
-    torch_losses = []
-    for x, y in zip(xs, ys, strict=True):
-        loss = torch.mean((theirs(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        torch_losses.append(loss.item())
+    torch_losses = torch_mse_steps(theirs, opt, xs, ys)
 
     optimizer = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.LoRAParam)
     steps = (nnx_lora_step(model, optimizer, x, y)[0] for x, y in zip(xs, ys, strict=True))
     jax_losses = [float(loss) for loss in steps]
-    torch_losses = np.array(torch_losses)
     assert torch_losses[-1] < torch_losses[0]
     assert np.max(np.abs(np.array(jax_losses) - torch_losses) / torch_losses) <= 1e-4
     for name, layer in mapping.items():
@@ -252,9 +242,7 @@ class LinenBlock(nn.Module):
         return LinenConv1D(name="fc")(jax.nn.gelu(y))
 
 
-@pytest.mark.parametrize(
-    ("quant_type", "double_quant"), [("nf4", False), ("fp4", False), ("nf4", True)]
-)
+@FOUR_BIT_KINDS
 def test_linen_adapter_on_the_quantized_base_loads_in_peft_on_linear4bit(
     tmp_path, quant_type, double_quant
 ):

@@ -25,6 +25,7 @@ from flax import linen as nn
 
 import jaxlora
 from jaxlora.quant import quantize_base
+from parity_tests.twins import torch_mse_steps
 from tests._train import nnx_lora_step
 
 IN, HIDDEN, OUT, R, ALPHA = 128, 64, 32, 4, 8
@@ -203,14 +204,7 @@ def test_twenty_adam_steps_match_peft_on_linear4bit_linen_and_nnx():
     ys = (xs @ teacher).astype("f4")
 
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if "lora_" in n], lr=lr)
-    torch_losses = []
-    for x, y in zip(xs, ys, strict=True):
-        loss = torch.mean((model(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        torch_losses.append(loss.item())
-    torch_losses = np.array(torch_losses)
+    torch_losses = torch_mse_steps(model, opt, xs, ys)
 
     tx = jaxlora.freeze_base(optax.adam(lr))
     params, frozen = variables["params"], variables["quant"]

@@ -18,7 +18,7 @@ from flax import nnx
 import jaxlora
 import torchlora
 from jaxlora.nnx import LoRALinear
-from parity_tests.twins import flax_params, rel_err, to_np
+from parity_tests.twins import flax_params, rel_err, to_np, torch_mse_steps
 from tests._train import nnx_lora_step
 
 STEPS, BATCH, LR = 100, 32, 1e-2
@@ -74,14 +74,7 @@ OPTIMIZERS = {
 
 def _train_torch(model, make_opt, xs, ys):
     opt = make_opt([p for p in model.parameters() if p.requires_grad])
-    losses = []
-    for x, y in zip(xs, ys, strict=True):
-        loss = torch.mean((model(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return np.array(losses)
+    return torch_mse_steps(model, opt, xs, ys)
 
 
 def _train_linen(params, tx, xs, ys):

@@ -11,6 +11,7 @@ import bitsandbytes.functional as bnbf
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from flax import nnx
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -210,6 +211,25 @@ def gated_peft_adapter(twin: GatedBlockTwin, config: LoraConfig, directory) -> P
                 param.normal_()
     peft_model.save_pretrained(directory)
     return peft_model
+
+
+def torch_mse_steps(model: torch.nn.Module, opt, xs, ys) -> np.ndarray:
+    """One ``opt`` step per batch on the mean squared error of ``model(x)`` against ``y``;
+    each step's loss (before its update)."""
+    losses = []
+    for x, y in zip(xs, ys, strict=True):
+        loss = torch.mean((model(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return np.array(losses)
+
+
+# bitsandbytes' 4-bit kinds that the QLoRA parity files check: (quant_type, double_quant).
+FOUR_BIT_KINDS = pytest.mark.parametrize(
+    ("quant_type", "double_quant"), [("nf4", False), ("fp4", False), ("nf4", True)]
+)
 
 
 def linear4bit(quant_type: str, double_quant: bool) -> Callable[..., torch.nn.Module]:

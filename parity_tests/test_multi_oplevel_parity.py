@@ -29,6 +29,7 @@ from peft import PeftModel
 import jaxlora
 import jaxlora.nnx as jnnx
 from parity_tests import test_oplevel_files as files
+from parity_tests.test_oplevel_linen_parity import FlaxConv1D  # its D is files.D (16) too
 from parity_tests.twins import rel_err
 
 D, N, H, T = files.D, files.N, files.H, files.T
@@ -119,16 +120,6 @@ def test_nnx_stack_matches_peft_mixed_batch(nnx_files):
 
 
 # ---------------------------------------------------------------- Linen
-
-
-class FlaxConv1D(nn.Module):  # transformers 4.57's: kernel (out, in), x @ kernel.T + bias
-    features: int
-
-    @nn.compact
-    def __call__(self, inputs):
-        kernel = self.param("kernel", nn.initializers.normal(0.25), (self.features, D))
-        y = jax.lax.dot_general(inputs, kernel.transpose(), (((inputs.ndim - 1,), (0,)), ((), ())))
-        return y + self.param("bias", nn.initializers.normal(1.0), (self.features,))
 
 
 class Einsum(nn.Module):

@@ -1,0 +1,202 @@
+"""Many adapters in one batch for layers stacked on a layer axis (issue #13).
+
+Linen: a plain ``nn.Dense``/``nn.DenseGeneral`` inside ``nn.scan`` (the MaxText-like layer of
+``tests.test_scan_axis``: DenseGeneral q/k/v/out with heads, a Dense MLP, ``nn.remat``, the
+params scanned on axis k, MaxText's ``param_scan_axis=1`` among them) is stacked as a scanned
+op-level layer is (one mechanism, ``tests.test_multiweight_serving``): ``lora_a`` (N, L, *in,
+R), ``lora_b`` (N, L, R, *out), carried into the scan body by ``AdapterStack.params(base)``
+and sliced per layer as the kernels are; each layer's call adds the gathered branch of its
+own slice. Row i of a batch equals the single-adapter model of its adapter (fp32), a base row
+(-1) the base model bit for bit; slots are set, replaced and cleared without a retrace; what
+is still unsupported is refused by name and changes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlora
+from tests.test_scan_axis import TARGETS, Scanned, _rel_err
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TOL = 1e-6
+CONFIG = jaxlora.LoRAConfig(r=2, alpha=4.0, targets=TARGETS)
+OTHER = jaxlora.LoRAConfig(r=1, alpha=3.0, targets=TARGETS)  # another rank and scale
+INDEX = jnp.array([1, -1, 0, 0, 1, -1])
+
+
+# --------------------------------------------------- Linen: nn.Dense/DenseGeneral in nn.scan
+
+
+# (D, N, H, F, L): MaxText-like (smaller than tests.test_scan_axis's, to be fast), and sizes
+# that all coincide (no shape tells where the layer axis is)
+SMALL = (8, 2, 4, 16, 2)
+COINCIDING = (2, 2, 2, 2, 2)
+
+
+@functools.cache
+def _linen(dims: tuple, axis: int):
+    """(scanned model, plain base, [(adapter, config)] ×2, x of 6 examples): the MaxText-like
+    scanned layer of ``tests.test_scan_axis`` (layer axis ``axis``) adapted on every
+    projection, every B random, and a second adapter of the same base with rank 1 and
+    another alpha (numpy values: no compile per shape)."""
+    model = Scanned(dims, axis)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3, dims[0])), jnp.float32)
+    base = model.init(jax.random.key(0), x)["params"]
+    lora = jaxlora.inject(base, CONFIG, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+    first = _with_factors(lora, axis, lambda a, b: (a, 0.2 * _normal(b.shape, 3)))
+    second = _with_factors(  # factors of the first's order: outputs of order 1
+        lora,
+        axis,
+        lambda a, b: (0.2 * _normal(a[..., :1].shape, 4), 0.2 * _normal(b[:, :1].shape, 5)),
+    )
+    return model, base, [(first, CONFIG), (second, OTHER)], x
+
+
+def _normal(shape: tuple, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _with_factors(params, axis: int, new):
+    """``params`` with each layer's (lora_a, lora_b) replaced by ``new(a, b)``, both with the
+    layer axis in front ((L, *in, r) and (L, r, *out)) and put back at ``axis``."""
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and "lora_a" in value:
+            a, b = (np.moveaxis(np.asarray(value[n]), axis, 0) for n in ("lora_a", "lora_b"))
+            a, b = new(a, b)
+            a, b = (jnp.asarray(np.moveaxis(f, 0, axis)) for f in (a, b))
+            out[key] = {**value, "lora_a": a, "lora_b": b}
+        else:
+            out[key] = _with_factors(value, axis, new) if isinstance(value, dict) else value
+    return out
+
+
+@functools.cache
+def _alone(dims: tuple, axis: int) -> dict:
+    """{adapter index: the model's output with that adapter alone (-1: the base)}."""
+    model, base, adapters, x = _linen(dims, axis)
+    out = {-1: model.apply({"params": base}, x)}
+    for i, (params, config) in enumerate(adapters):
+        with jaxlora.intercept(config):
+            out[i] = model.apply({"params": params}, x)
+    return out
+
+
+def _served(model):
+    traces = []
+
+    @jax.jit
+    def served(stack, base, x, index):
+        traces.append(1)  # runs once per trace
+        with jaxlora.intercept_stack(stack, index):
+            return model.apply({"params": stack.params(base)}, x)
+
+    return served, traces
+
+
+def _rows_close(got, alone: dict, index, tol: float = TOL) -> None:
+    """Each row of ``got`` equals its adapter's model alone (to ``tol`` of the row's scale),
+    a base row (-1) the base model bit for bit."""
+    for row, i in enumerate(np.asarray(index)):
+        if i == -1:
+            np.testing.assert_array_equal(got[row], alone[-1][row])
+        else:
+            assert _rel_err(got[row], alone[int(i)][row]) < tol, (row, i)
+
+
+# MaxText's param_scan_axis=1, the default axis 0, and a negative axis with coinciding sizes
+CASES = [(SMALL, 1), (SMALL, 0), (COINCIDING, -1)]
+
+
+@pytest.mark.parametrize("dims, axis", CASES, ids=["axis1", "axis0", "coinciding-axis-1"])
+def test_linen_scanned_dense_rows_equal_their_single_adapter_models(dims, axis):
+    """Used to be refused ("'layers.query' ... stacked over 1 leading layer axis(es) ...
+    which this operation does not handle")."""
+    model, base, adapters, x = _linen(dims, axis)
+    d, n, h, _, length = dims
+    stack = jaxlora.stack_adapters(adapters, capacity=3)
+    assert stack.scanned == tuple((f"layers.{t}", axis) for t in sorted(TARGETS))
+    assert stack.roles == () and stack.modules == ()  # linear layers, not op-level ones
+    assert stack.lora_a["layers.query"].shape == (3, length, d, 2)  # rank 2: the largest
+    assert stack.lora_b["layers.query"].shape == (3, length, 2, n, h)
+    assert stack.lora_a["layers.out"].shape == (3, length, n, h, 2)
+    assert not np.asarray(stack.lora_a["layers.fc"])[1, :, :, 1:].any()  # r=1 zero-padded
+    node = stack.params(base)["layers"]["query"]  # the layer axis where the scan slices it
+    assert node["lora_served_a"].shape == np.moveaxis(np.empty((length, 3, d, 2)), 0, axis).shape
+    assert node["kernel"] is base["layers"]["query"]["kernel"]  # the base itself, no copy
+    served, _ = _served(model)
+    got = served(stack, base, x, INDEX)
+    alone = _alone(dims, axis)
+    assert _rel_err(alone[0], alone[-1]) > 1e-2 and _rel_err(alone[1], alone[0]) > 1e-2
+    _rows_close(got, alone, INDEX)
+
+
+def test_linen_scanned_dense_slots_set_replace_clear_without_a_retrace():
+    model, base, adapters, x = _linen(SMALL, 1)
+    alone = _alone(SMALL, 1)
+    stack = jaxlora.stack_adapters(adapters[:1], capacity=3, rank=2)
+    served, traces = _served(model)
+    index = jnp.array([0, -1, 0, -1, 0, 0])
+    _rows_close(served(stack, base, x, index), alone, index)
+    stack = stack.set(2, *adapters[1]).set(0, *adapters[1])  # an empty slot, a replaced one
+    index = jnp.array([2, 0, -1, 2, 0, -1])
+    got = served(stack, base, x, index)
+    _rows_close(got, {**alone, 0: alone[1], 2: alone[1]}, index)
+    stack = stack.clear(0)
+    index = jnp.array([-1, 2, 2, -1, -1, 2])
+    _rows_close(served(stack, base, x, index), {**alone, 2: alone[1]}, index)
+    assert len(traces) == 1
+    assert not np.asarray(stack.lora_b["layers.mlp"])[0].any()
+    y = served(stack, base, x, jnp.array([0, -1, 2, 2, 2, 2]))  # traced: the empty slot is NaN
+    assert np.isnan(np.asarray(y[0])).all() and not np.isnan(np.asarray(y[1:])).any()
+    with pytest.raises(ValueError, match=r"adapter index values \[0\] name no adapter"):
+        with jaxlora.intercept_stack(stack, jnp.array([0, -1, 2, 2, 2, 2])):  # concrete
+            model.apply({"params": stack.params(base)}, x)
+
+
+def test_linen_scanned_dense_refusals_name_the_layer_and_change_nothing():
+    model, base, adapters, x = _linen(SMALL, 1)
+    stack = jaxlora.stack_adapters(adapters[:1], capacity=2)
+    before = jax.tree.map(np.asarray, stack)
+    index = jnp.zeros(x.shape[0], jnp.int32)
+    # applied on the plain base: the scan body would have no adapters
+    with pytest.raises(ValueError, match=r"layer 'layers\.\w+' is stacked by nn.scan \(layer axis"):
+        with jaxlora.intercept_stack(stack, index):
+            model.apply({"params": base}, x)
+    # params made by a stack of another capacity: not this stack's slices
+    wider = jaxlora.stack_adapters(adapters[:1], capacity=3)
+    with pytest.raises(ValueError, match=r"layer 'layers\.\w+': 'lora_served_a' is \(3, "):
+        with jaxlora.intercept_stack(stack, index):
+            model.apply({"params": wider.params(base)}, x)
+    # an adapter of the same base stacked on the layer axis 0 (another layout)
+    _, _, on_axis_0, _ = _linen(SMALL, 0)
+    with pytest.raises(ValueError, match=r"layer 'layers.fc'.*another base model"):
+        stack.set(1, *on_axis_0[0])
+    with pytest.raises(ValueError, match=r"layer 'layers.\w+' already holds 'lora_served_a'"):
+        stack.params(stack.params(base))
+    after = jax.tree.map(np.asarray, stack)
+    assert jax.tree.all(jax.tree.map(np.array_equal, before, after))
+
+
+def test_linen_nested_scans_are_refused_by_name():
+    """A Dense stacked over two layer axes (an nn.scan inside an nn.scan): its scan body
+    would not see one layer's slice of a stack laid out for one layer axis."""
+    params = {
+        "outer": {
+            "dense": {
+                "kernel": jnp.ones((2, 3, 4, 5)),
+                "lora_a": jnp.ones((2, 3, 4, 1)),
+                "lora_b": jnp.ones((2, 3, 1, 5)),
+            }
+        }
+    }
+    config = jaxlora.LoRAConfig(r=1, targets=["dense"])
+    with pytest.raises(ValueError, match=r"layer 'outer.dense'.*stacked over 2 layer axes"):
+        jaxlora.stack_adapters([(params, config)])

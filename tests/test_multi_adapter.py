@@ -258,10 +258,13 @@ def test_nnx_refusals(nnx_setup):
     with pytest.raises(ValueError, match=r"kernel differs.*init='pissa'"):
         jnnx.set_adapter(serving, 0, pissa)
     assert not bool(serving.fc1.occupied[...].any())  # the refused sets changed nothing
+    # refused until tests/test_stacked_serving.py, which serves them: an nnx.vmap stack's
+    # LoRALinear holds its stacks with the layer axis in front, sliced per layer by nnx.scan
     scanned = jgpt.NnxScanGPT(jgpt.GPTConfig(**SCAN_CFG), rngs=nnx.Rngs(0))
     jnnx.inject(scanned, jaxlora.LoRAConfig(r=2, targets=["query"]), nnx.Rngs(1))
-    with pytest.raises(ValueError, match=r"\['blocks.attn.query'\] are stacked"):
-        jnnx.to_multi(scanned, capacity=2)
+    jnnx.to_multi(scanned, capacity=2)
+    query = scanned.blocks.attn.query
+    assert isinstance(query, jnnx.MultiLoRALinear) and query.lora_a.shape == (2, 2, 8, 2)
 
 
 def test_linen_stack_on_a_quantized_base():

@@ -6,9 +6,15 @@ params scanned on axis k, MaxText's ``param_scan_axis=1`` among them) is stacked
 op-level layer is (one mechanism, ``tests.test_multiweight_serving``): ``lora_a`` (N, L, *in,
 R), ``lora_b`` (N, L, R, *out), carried into the scan body by ``AdapterStack.params(base)``
 and sliced per layer as the kernels are; each layer's call adds the gathered branch of its
-own slice. Row i of a batch equals the single-adapter model of its adapter (fp32), a base row
-(-1) the base model bit for bit; slots are set, replaced and cleared without a retrace; what
-is still unsupported is refused by name and changes nothing.
+own slice.
+
+NNX: a ``LoRALinear`` of an ``nnx.vmap`` stack (``tests._nnx_stacks``, run by ``nnx.scan``)
+becomes a ``MultiLoRALinear`` whose stacks carry the layer axis in front, (L, N, …), so the
+scan slices them with the kernel and each layer's call is the one-layer stacked layer.
+
+Both: row i of a batch equals the single-adapter model of its adapter (fp32, 1e-6 of the
+row's scale), a base row (-1) the base model bit for bit; slots are set, replaced and cleared
+without a retrace; what is still unsupported is refused by name and changes nothing.
 """
 
 from __future__ import annotations
@@ -19,8 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxlora
+from jaxlora import LoRAConfig
+from jaxlora import nnx as jnnx
+from tests._nnx_stacks import ScannedLayers
+from tests.test_multi_oplevel import _nnx_forward, _same, _state
 from tests.test_scan_axis import TARGETS, Scanned, _rel_err
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -200,3 +211,114 @@ def test_linen_nested_scans_are_refused_by_name():
     config = jaxlora.LoRAConfig(r=1, targets=["dense"])
     with pytest.raises(ValueError, match=r"layer 'outer.dense'.*stacked over 2 layer axes"):
         jaxlora.stack_adapters([(params, config)])
+
+
+# ------------------------------------------------------------ NNX: LoRALinear of nnx.vmap
+
+
+class _Block(nnx.Module):
+    """Two ``nnx.Linear`` layers (D → F → D) with a residual."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc0 = nnx.Linear(NNX_D, NNX_F, rngs=rngs)
+        self.fc1 = nnx.Linear(NNX_F, NNX_D, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.fc1(jax.nn.gelu(self.fc0(x)))
+
+
+class _Layers(ScannedLayers):
+    block = _Block
+    length = 3
+
+
+NNX_D, NNX_F = 4, 8
+NNX_RANKS = [(2, 4.0), (1, 3.0)]  # two ranks and scales in one stack
+X_NNX = jnp.asarray(np.random.default_rng(2).normal(size=(4, 3, NNX_D)), jnp.float32)
+
+
+@functools.cache
+def _nnx_sources() -> tuple[nnx.Module, list[nnx.Module]]:
+    """(the base, [single-adapter models]): fc0 and fc1 of every layer adapted, every B
+    random (numpy), each adapter its own rank and alpha."""
+    base = _Layers(nnx.Rngs(0))
+    out = []
+    for seed, (r, alpha) in enumerate(NNX_RANKS):
+        model = nnx.clone(base)
+        jnnx.inject(model, LoRAConfig(r=r, alpha=alpha, targets=["fc0", "fc1"]), nnx.Rngs(seed))
+        for layer in (model.layers.fc0, model.layers.fc1):
+            layer.lora_b[...] = jnp.asarray(0.3 * _normal(layer.lora_b.shape, 10 + seed))
+        out.append(model)
+    return base, out
+
+
+def _nnx_serving(sources, capacity: int = 3):
+    serving = jnnx.to_multi(nnx.clone(sources[0]), capacity=capacity)
+    for slot, source in enumerate(sources):
+        jnnx.set_adapter(serving, slot, source)
+    return serving
+
+
+def _nnx_alone() -> dict:
+    base, sources = _nnx_sources()
+    return {-1: base(X_NNX), **{i: source(X_NNX) for i, source in enumerate(sources)}}
+
+
+def test_nnx_vmap_stacked_linear_rows_equal_their_single_adapter_models():
+    """Used to be refused ("to_multi: layers ['layers.fc0', 'layers.fc1'] are stacked")."""
+    _, sources = _nnx_sources()
+    serving = _nnx_serving(sources)
+    fc0 = serving.layers.fc0
+    assert isinstance(fc0, jnnx.MultiLoRALinear) and fc0.capacity == 3 and fc0.rank == 2
+    assert fc0.lora_a.shape == (3, 3, NNX_D, 2) and fc0.lora_b.shape == (3, 3, 2, NNX_F)
+    assert fc0.scale.shape == fc0.occupied.shape == (3, 3)  # (layers, slots)
+    a = np.asarray(fc0.lora_a[...])
+    np.testing.assert_array_equal(a[:, 1, :, :1], np.asarray(sources[1].layers.fc0.lora_a[...]))
+    assert not a[:, 1, :, 1:].any() and not a[:, 2].any()  # r=1 zero-padded, slot 2 empty
+    np.testing.assert_array_equal(np.asarray(fc0.scale[...])[:, 1], 3.0)
+    forward, _ = _nnx_forward()
+    index = jnp.array([1, -1, 0, 1])
+    got = forward(serving, X_NNX, index)
+    alone = _nnx_alone()
+    assert _rel_err(alone[0], alone[-1]) > 1e-2 and _rel_err(alone[1], alone[0]) > 1e-2
+    _rows_close(got, alone, index)
+
+
+def test_nnx_vmap_stacked_slots_set_replace_clear_without_a_retrace():
+    _, sources = _nnx_sources()
+    alone = _nnx_alone()
+    serving = _nnx_serving(sources[:1])
+    forward, traces = _nnx_forward()
+    _rows_close(forward(serving, X_NNX, jnp.array([0, -1, 0, 0])), alone, [0, -1, 0, 0])
+    jnnx.set_adapter(serving, 2, sources[1])  # an empty slot
+    jnnx.set_adapter(serving, 0, sources[1])  # a replaced one
+    index = jnp.array([2, 0, -1, 0])
+    _rows_close(forward(serving, X_NNX, index), {**alone, 0: alone[1], 2: alone[1]}, index)
+    jnnx.clear_adapter(serving, 0)
+    index = jnp.array([-1, 2, 2, -1])
+    _rows_close(forward(serving, X_NNX, index), {**alone, 2: alone[1]}, index)
+    assert len(traces) == 1
+    assert not np.asarray(serving.layers.fc1.lora_b[...])[:, 0].any()
+    assert not np.asarray(serving.layers.fc1.occupied[...])[:, 0].any()
+    y = forward(serving, X_NNX, jnp.array([0, -1, 2, 2]))  # the emptied slot: NaN rows
+    assert np.isnan(np.asarray(y[0])).all() and not np.isnan(np.asarray(y[1:])).any()
+
+
+def test_nnx_vmap_stacked_refusals_name_the_layer_and_change_nothing():
+    _, sources = _nnx_sources()
+    serving = _nnx_serving(sources[:1], capacity=2)
+    before = _state(serving)
+    with pytest.raises(ValueError, match=r"layer 'layers.fc0' has r=2, above the stack's rank"):
+        jnnx.set_adapter(_nnx_serving(sources[1:], capacity=2), 0, sources[0])
+    other = nnx.clone(sources[1])
+    other.layers.fc1.kernel[...] = other.layers.fc1.kernel[...] + 1.0  # another base
+    with pytest.raises(ValueError, match=r"layer 'layers.fc1'.*kernel differs"):
+        jnnx.set_adapter(serving, 1, other)
+    bad = nnx.clone(sources[1])
+    bad.layers.fc1.lora_b[...] = bad.layers.fc1.lora_b[...].at[2, 0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"layer 'layers.fc1'.*non-finite"):
+        jnnx.set_adapter(serving, 1, bad)
+    with pytest.raises(ValueError, match=r"holds the stacks of 3 stacked layers .*per layer"):
+        with jnnx.adapter_index(jnp.zeros(4, jnp.int32)):
+            serving.layers.fc0(X_NNX)  # the stack called unsliced
+    assert _same(before, _state(serving))

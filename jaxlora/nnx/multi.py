@@ -18,8 +18,16 @@ Op-level layers (``OpAdapter``, adapted at a weight's product) become stacked op
 product's activation must hold the examples on its axis 0 alone (``jaxlora.multi_oplevel``).
 A module with several adapted weights gets a stack per weight (``<weight>_lora_a``/``_b``, as
 its ``OpAdapter`` names its factors), each served at its own product by the same branch, and
-one ``scale``/``occupied`` (its weights share the module's r and alpha). Layers of an
-``nnx.vmap`` stack (a leading layer axis) are refused, with one weight or several.
+one ``scale``/``occupied`` (its weights share the module's r and alpha).
+
+A ``LoRALinear`` of an ``nnx.vmap`` stack (a kernel (L, in, out)) gets stacks with that
+layer axis in front: ``lora_a`` (L, N, in, R), ``lora_b`` (L, N, R, out), ``scale`` and
+``occupied`` (L, N); ``set_adapter`` writes slot ``i`` of every layer from the source's
+stacked adapter. The ``nnx.scan`` over axis 0 that slices the kernel per layer slices the
+stacks alike, so each layer's call is a one-layer ``MultiLoRALinear`` (the layout Linen's
+``AdapterStack.params`` gives an ``nn.scan``). Under the scan its ``occupied`` is traced, so
+an index naming an empty slot gives NaN rows rather than an error. Op-level layers of such a
+stack, and layers stacked over several axes, are refused.
 
 Serving only: there is no dropout on the branch. Only ``LoRALinear`` and ``OpAdapter`` layers
 are stacked; a model holding other LoRA layers (``LoRALinearGeneral``, ``LoRAConv``,
@@ -75,11 +83,12 @@ class MultiLoRALinear(nnx.Module):
         self.dtype, self.precision = layer.dtype, layer.precision
         self.kernel, self.bias = layer.kernel, layer.bias
         shapes = {FACTORS: ((layer.in_features, rank), (rank, layer.out_features))}
-        new_stack(self, shapes, layer.lora_a.dtype, capacity)
+        layers = tuple(kernel_value(layer.kernel).shape[: stack_of(layer)])  # nnx.vmap's L
+        new_stack(self, shapes, layer.lora_a.dtype, capacity, layers)
 
     @property
     def capacity(self) -> int:
-        return self.occupied.shape[0]
+        return self.occupied.shape[-1]
 
     @property
     def rank(self) -> int:
@@ -87,6 +96,11 @@ class MultiLoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         where = f"jaxlora.nnx.MultiLoRALinear({self.in_features}, {self.out_features})"
+        if self.occupied.ndim != 1:  # a layer of an nnx.vmap stack, called unsliced
+            raise ValueError(
+                f"{where} holds the stacks of {self.occupied.shape[0]} stacked layers (an "
+                "nnx.vmap stack): call it per layer, as nnx.scan over axis 0 slices it"
+            )
         core.check_input(x, self.in_features, where)
         index = active_index(where)
         if x.ndim < 2 or x.shape[0] != index.shape[0]:
@@ -137,11 +151,18 @@ def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nn
         raise ValueError(
             f"to_multi: layers {dora} are DoRA (use_dora): stacks serve plain LoRA only"
         )
-    stacked = sorted(p for p, (_, m) in layers.items() if stack_of(m))
+    # A LoRALinear of an nnx.vmap stack keeps its layer axis in front of its stacks (what
+    # slices the layers slices them alike); op-level ones and deeper stacks are not served.
+    stacked = sorted(
+        p
+        for p, (_, m) in layers.items()
+        if stack_of(m) and (isinstance(m, OpAdapter) or stack_of(m) > 1)
+    )
     if stacked:  # nnx.vmap would slice the adapter axis as if it were the layer axis
         raise ValueError(
             f"to_multi: layers {stacked} are stacked (nnx.vmap/scan, a leading layer axis): "
-            "adapter stacks of stacked layers are not supported"
+            "adapter stacks of stacked layers are supported for LoRALinear over one layer "
+            "axis only"
         )
     if not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"to_multi: capacity must be a positive int, got {capacity!r}")
@@ -228,7 +249,10 @@ def set_adapter(model: nnx.Module, slot: int, source: nnx.Module) -> None:
         for where, names, _, (a, b) in weights:
             if not (jnp.isfinite(a).all() and jnp.isfinite(b).all()):
                 raise ValueError(f"{where}: the adapter has non-finite values")
-            factors[names] = multi.pad_rank(a, b, layer.rank)
+            pad = lambda a, b, rank=layer.rank: multi.pad_rank(a, b, rank)  # noqa: E731
+            for _ in range(layer.occupied.ndim - 1):  # each layer of a stack padded alike
+                pad = jax.vmap(pad)
+            factors[names] = pad(a, b)
         new[path] = (factors, src.scaling)
     for path, (factors, scale) in new.items():
         write(stacks[path], slot, factors, scale, True)

@@ -10,7 +10,9 @@ own slice.
 
 NNX: a ``LoRALinear`` of an ``nnx.vmap`` stack (``tests._nnx_stacks``, run by ``nnx.scan``)
 becomes a ``MultiLoRALinear`` whose stacks carry the layer axis in front, (L, N, …), so the
-scan slices them with the kernel and each layer's call is the one-layer stacked layer.
+scan slices them with the kernel and each layer's call is the one-layer stacked layer; an
+op-level layer of such a stack (the gated MLP of ``tests.test_oplevel_multiweight``, three
+weights) becomes a stacked op-level layer the same way.
 
 Both: row i of a batch equals the single-adapter model of its adapter (fp32, 1e-6 of the
 row's scale), a base row (-1) the base model bit for bit; slots are set, replaced and cleared
@@ -32,6 +34,9 @@ from jaxlora import LoRAConfig
 from jaxlora import nnx as jnnx
 from tests._nnx_stacks import ScannedLayers
 from tests.test_multi_oplevel import _nnx_forward, _same, _state
+from tests.test_oplevel_multiweight import WEIGHTS, _Stacked
+from tests.test_oplevel_multiweight import D as OP_D
+from tests.test_oplevel_multiweight import F as OP_F
 from tests.test_scan_axis import TARGETS, Scanned, _rel_err
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -322,3 +327,69 @@ def test_nnx_vmap_stacked_refusals_name_the_layer_and_change_nothing():
         with jnnx.adapter_index(jnp.zeros(4, jnp.int32)):
             serving.layers.fc0(X_NNX)  # the stack called unsliced
     assert _same(before, _state(serving))
+
+
+def test_nnx_nested_vmap_stacks_are_refused_and_change_nothing():
+    """A LoRALinear stacked over two layer axes (nested nnx.vmap): a per-layer call would
+    not see one layer's slice of stacks laid out for one layer axis."""
+
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def outer(rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def inner(rngs):
+            return jnnx.LoRALinear(4, 5, r=1, rngs=rngs)
+
+        return inner(rngs)
+
+    model = nnx.Dict(fc=outer(nnx.Rngs(0)))
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"to_multi: layers \['fc'\] are stacked over several"):
+        jnnx.to_multi(model, capacity=2)
+    assert type(model["fc"]) is jnnx.LoRALinear and _same(before, _state(model))
+
+
+# ------------------------------------------- NNX: op-level layers of an nnx.vmap stack
+
+
+@functools.cache
+def _op_sources() -> tuple[nnx.Module, list[nnx.Module]]:
+    """(the base, [single-adapter models]): the gated MLP of ``tests.test_oplevel_multiweight``
+    stacked by nnx.vmap (two layers), its three weights adapted at their products, every
+    factor random (numpy), each adapter its own rank and alpha."""
+    base = _Stacked()
+    out = []
+    for seed, (r, alpha) in enumerate(NNX_RANKS):
+        model = nnx.clone(base)
+        config = LoRAConfig(r=r, alpha=alpha, targets=["layers"])
+        jnnx.inject(model, config, nnx.Rngs(seed), inputs=(X_OP,))
+        for w in WEIGHTS:  # outputs of order 1, where fp32 rounds to ~1e-7
+            for i, f in enumerate(model.layers.factors(w)):
+                f[...] = jnp.asarray(0.2 * _normal(f.shape, 20 + 2 * seed + i))
+        out.append(model)
+    return base, out
+
+
+X_OP = jnp.asarray(np.random.default_rng(5).normal(size=(3, 2, OP_D)), jnp.float32)
+
+
+def test_nnx_vmap_stacked_op_level_rows_equal_their_single_adapter_models():
+    """Used to be refused ("to_multi: layers ['layers'] are stacked"): each weight's stack
+    (L, N, ...) is sliced per layer by the model's nnx.scan with the weight."""
+    base, sources = _op_sources()
+    serving = _nnx_serving(sources)
+    mlp = serving.layers
+    assert isinstance(mlp, jnnx.MultiOpAdapter) and mlp.capacity == 3 and mlp.rank == 2
+    shapes = {w: tuple(f.shape for f in mlp.factors(w)) for w in WEIGHTS}
+    assert shapes["w_up"] == ((2, 3, OP_D, 2), (2, 3, 2, OP_F))
+    assert shapes["w_down"] == ((2, 3, OP_F, 2), (2, 3, 2, OP_D))
+    assert mlp.scale.shape == (2, 3)
+    forward, traces = _nnx_forward()
+    index = jnp.array([1, -1, 0])
+    alone = {-1: base(X_OP), **{i: s(X_OP) for i, s in enumerate(sources)}}
+    assert _rel_err(alone[0], alone[-1]) > 1e-2 and _rel_err(alone[1], alone[0]) > 1e-2
+    _rows_close(forward(serving, X_OP, index), alone, index)
+    jnnx.set_adapter(serving, 0, sources[1])  # a replaced slot: no retrace
+    _rows_close(forward(serving, X_OP, index), {**alone, 0: alone[1]}, index)
+    assert len(traces) == 1

@@ -95,3 +95,13 @@ def write(
             var[...] = var[...].at[at].set(value)
     layer.scale[...] = layer.scale[...].at[at].set(scale)
     layer.occupied[...] = layer.occupied[...].at[at].set(occupied)
+
+
+def check_sliced(layer: Stacked, where: str) -> None:
+    """A ``ValueError`` for a stacked layer of an ``nnx.vmap`` stack called with its layer
+    axis (its stacks are (L, N, …)): only one layer's slice is served."""
+    if layer.occupied.ndim != 1:
+        raise ValueError(
+            f"{where} holds the stacks of {layer.occupied.shape[0]} stacked layers (an "
+            "nnx.vmap stack): call it per layer, as nnx.scan over axis 0 slices it"
+        )

@@ -32,12 +32,15 @@ several adapted weights (``<weight>_lora_a``) is one layer of the stack per weig
 ``<module path>.<weight>`` (as ``path_map`` keys them; ``AdapterStack.modules`` groups them),
 each served at its own product; its weights share the module's r and alpha.
 
-Layers adapted at their weight's product inside ``nn.scan`` (one weight or several) are
-stacked as one layer's are, for every layer: ``lora_a`` (N, L, C…, R), ``lora_b`` (N, L, R,
-F…). The scan body sees one layer's call, so these stacks reach it as the weights do,
-through the params: ``AdapterStack.params(base)`` puts them beside their weights with the
-layer axis where the scan's ``variable_axes`` slices it, and each layer's call reads its own
-slice (N, C…, R). Linear layers (``nn.Dense``) inside ``nn.scan`` are refused by stacks.
+Layers inside ``nn.scan`` (linear layers, ``nn.Dense``/``nn.DenseGeneral``, and layers
+adapted at their weight's product, one weight or several) are stacked as one layer's are, for
+every layer: ``lora_a`` (N, L, C…, R), ``lora_b`` (N, L, R, F…), the layer axis read where the
+adapter has it (its ``lora_stack`` record's, MaxText's ``param_scan_axis=1``, else 0). The
+scan body sees one layer's call, so these stacks reach it as the weights do, through the
+params: ``AdapterStack.params(base)`` puts them beside their weights with the layer axis
+where the scan's ``variable_axes`` slices it, and each layer's call reads its own slice (N,
+C…, R), the same way for both kinds. A layer stacked over several layer axes (nested scans)
+is refused.
 """
 
 from __future__ import annotations
@@ -80,8 +83,9 @@ class AdapterStack:
         modules: static ((module path, (its keys, ...)), ...) of the modules with several
             adapted weights (``<weight>_lora_a``): each weight is a layer of the stack keyed
             ``<module path>.<weight>`` (as ``path_map`` keys them), served at its own product.
-        scanned: static ((layer path, layer axis), ...) of the layers adapted at their
-            weight's product inside ``nn.scan`` (``variable_axes={"params": axis}``): their
+        scanned: static ((layer path, layer axis), ...) of the linear layers and the layers
+            adapted at their weight's product inside ``nn.scan``
+            (``variable_axes={"params": axis}``): their
             stacks hold every layer, ``lora_a`` (N, L, C…, R), ``lora_b`` (N, L, R, F…), and
             reach the scan body through the params (``AdapterStack.params``).
     """
@@ -115,8 +119,9 @@ class AdapterStack:
         Raises:
             ValueError: a slot outside [0, capacity), a rank above the stack's, other layers
                 than the stack's, a base kernel of another shape (or used in its product
-                otherwise), a non-linear or a linear stacked (scanned) layer, a product with batch
-                axes, a rank that disagrees with ``config``, non-finite values.
+                otherwise), a non-linear layer, layers stacked by nn.scan on another layer axis
+                than the stack's (or over several), a product with batch axes, a rank that
+                disagrees with ``config``, non-finite values.
         """
         _check_slot(slot, self.capacity)
         layers = _adapter_layers(params, config, self.rank)
@@ -369,7 +374,7 @@ def _factors(node: Mapping[str, Any], where: str) -> list[tuple]:
     """[(weight name or None, base weight, lora_a, lora_b, ``ProductRoles`` or None, nn.scan
     layer axis or None)] of a linear layer's or an op-level adapter's node: one entry, or one
     per weight of a module with several adapted weights (named); a ``ValueError`` for any
-    other kind (a linear layer stacked by nn.scan included)."""
+    other kind (and for layers stacked over several layer axes)."""
     if ROLES_NAME in node:
         adapted = product.check_products(node, where, stacked=True)
         several = len(adapted) > 1
@@ -381,13 +386,28 @@ def _factors(node: Mapping[str, Any], where: str) -> list[tuple]:
             weight = one.weight if several else None
             out.append((weight, one.value, one.lora_a, one.lora_b, one.marker, one.layer))
         return out
-    kind, _, kernel, a, b = kinds.check_layer(node, where)
+    kind, _, kernel, a, b = kinds.check_layer(node, where, stacked=True)
     if kind != "linear":
         raise ValueError(
             f"{where} holds a {kind} adapter: only linear layers and adapters made at a "
             "weight's product can be stacked"
         )
-    return [(None, kernel, a, b, None, None)]
+    return [(None, kernel, a, b, None, _linear_layer_axis(node, kernel, a, b, where))]
+
+
+def _linear_layer_axis(node: Mapping[str, Any], kernel, a, b, where: str) -> int | None:
+    """The nn.scan layer axis of a linear layer stacked by one ``nn.scan`` (its
+    ``lora_stack`` record's, else 0), ``None`` for a layer that is not stacked; a
+    ``ValueError`` for several layer axes (nested scans), whose slices the scan body would
+    not see as one layer's."""
+    shapes = [tuple(np.shape(x)) for x in (kernel, a, b)]
+    stack = kinds.stack_of("linear", *shapes)  # counts axes: wherever the layer axis is
+    if stack > 1:
+        raise ValueError(
+            f"{where}: 'lora_a' {shapes[1]} and 'lora_b' {shapes[2]} are stacked over {stack} "
+            "layer axes (nested nn.scan): a stack serves layers of one nn.scan layer axis only"
+        )
+    return kinds.layer_axis(node) if stack else None
 
 
 def check_no_batch(roles: Any, where: str) -> None:

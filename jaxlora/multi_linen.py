@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlora import multi, multi_oplevel, product
+from jaxlora import kinds, multi, multi_oplevel, product
 from jaxlora.intercept import (
     _ACTIVE,
     _check_dense_kernel,
@@ -43,8 +43,9 @@ def intercept_stack(stack: multi.AdapterStack, index: jax.Array) -> Iterator[Non
     a layer adapted at its weight's product: of the product's activation, and only there). Enter it
     inside the jitted function, with the stack and the index as its arguments: replacing an
     adapter in the stack (same capacity and rank) then reuses the compiled forward. A stack
-    with layers adapted inside ``nn.scan`` (``stack.scanned``) needs the params of
-    ``stack.params(base)`` instead, which carry those layers' stacks into the scan body.
+    with layers inside ``nn.scan`` (``stack.scanned``: ``nn.Dense``/``nn.DenseGeneral`` or
+    adapted at their weight's product) needs the params of ``stack.params(base)`` instead,
+    which carry those layers' stacks into the scan body.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -211,8 +212,12 @@ class _StackState(_State):
             y = next_fun(*args, **kwargs)
         if name not in self.stack.lora_a:  # a quantized base layer the stack does not adapt
             return y
-        self._check(module, kind, name, jnp.shape(kernel), x)
+        if kind != "linear":
+            raise ValueError(f"{where}: only linear layers can take a stack, this is a {kind}")
         a, b = self.stack.lora_a[name], self.stack.lora_b[name]
+        if name in dict(self.stack.scanned):  # this layer's slice, as for a product's
+            a, b = self._served(module, name, None, where)
+        self._check(module, name, jnp.shape(kernel), x, a)
         x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
         axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
         axis = tuple(axis) if isinstance(axis, Sequence) else (axis,)
@@ -233,21 +238,23 @@ class _StackState(_State):
         )
         return y + branch
 
-    def _check(self, module: nn.Module, kind: str, name: str, kernel_shape, x) -> None:
+    def _check(self, module: nn.Module, name: str, kernel_shape, x, a) -> None:
+        """The layer's kernel, input and the stack's (served) ``a`` (N, *in_axes, R) agree."""
         where = f"layer '{name}'"
-        if kind != "linear":
-            raise ValueError(f"{where}: only linear layers can take a stack, this is a {kind}")
-        expected = dict(self.stack.kernels)[name]
-        if tuple(kernel_shape) != tuple(expected):
+        expected = tuple(dict(self.stack.kernels)[name])
+        axis = dict(self.stack.scanned).get(name)
+        if axis is not None:  # the stack holds every layer's kernel shape; the call sees one
+            expected = kinds.to_front(expected, axis)[1:]
+        if tuple(kernel_shape) != expected:
             raise ValueError(
                 f"{where}: the model's kernel has shape {tuple(kernel_shape)}, the stack was "
-                f"built for a base kernel of shape {tuple(expected)}"
+                f"built for a base kernel of shape {expected}"
+                + ("" if axis is None else f" per layer (nn.scan layer axis {axis})")
             )
-        if input_axes(module) != self.stack.lora_a[name].ndim - 2:
+        if input_axes(module) != jnp.ndim(a) - 2:
             raise ValueError(
                 f"{where}: the layer contracts {input_axes(module)} axis(es), the "
-                f"stack's lora_a {self.stack.lora_a[name].shape} has "
-                f"{self.stack.lora_a[name].ndim - 2}"
+                f"stack's lora_a {jnp.shape(a)} has {jnp.ndim(a) - 2}"
             )
         if jnp.ndim(x) < 2 or jnp.shape(x)[0] != jnp.shape(self.index)[0]:
             raise ValueError(

@@ -37,7 +37,6 @@ from tests.test_oplevel_multiweight import (
     F,
     _randomize,
     _reference,
-    _Stacked,
 )
 from tests.test_scan_axis import _rel_err
 
@@ -205,17 +204,8 @@ def test_set_adapter_refusals_name_the_weight_and_change_nothing(setup):
 
 
 def test_still_unsupported_is_refused_by_name_and_changes_nothing():
-    """A multi-weight module of an nnx.vmap stack (as its one-weight twins: the adapter axis
-    would be sliced as the layer axis), and examples moved off axis 0 before one weight's
-    product."""
-    model = _Stacked()
-    jnnx.inject(model, LoRAConfig(r=2, targets=["layers"]), nnx.Rngs(1), inputs=(X,))
-    before = _state(model)
-    with pytest.raises(ValueError, match=r"to_multi: layers \['layers'\] are stacked"):
-        jnnx.to_multi(model, capacity=2)
-    _assert_same(before, _state(model))
-    assert type(model.layers).__name__ == "LoRAGatedMLP"
-
+    """Examples moved off axis 0 before one weight's product. (A multi-weight module of an
+    nnx.vmap stack, refused here before, is served since tests/test_stacked_serving.py.)"""
     served = Swapped()
     jnnx.inject(served, LoRAConfig(r=2, targets=["mlp"]), nnx.Rngs(1), inputs=(X,))
     source = nnx.clone(served)

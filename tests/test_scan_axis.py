@@ -375,10 +375,14 @@ def test_a_scan_axis_a_factor_does_not_have_is_refused():
         jaxlora.inject(base, config, jax.random.key(1), layouts=layouts)
 
 
-def test_many_adapter_stacks_refuse_a_scanned_adapter():
+def test_many_adapter_stacks_hold_a_scanned_adapter_with_its_layer_axis():
+    """Refused until tests/test_stacked_serving.py, which serves them: a stack holds each
+    layer's factors, the layer axis read from the 'lora_stack' record moved after the slot."""
     *_, scanned, config, _ = _twins(MAXTEXT, 1)
-    with pytest.raises(ValueError, match=r"'layers\.(fc|key|mlp|out|query|value)'.*stacked over 1"):
-        jaxlora.stack_adapters([(scanned, config)])
+    stack = jaxlora.stack_adapters([(scanned, config)])
+    assert stack.scanned == tuple((f"layers.{t}", 1) for t in sorted(TARGETS))
+    b = np.asarray(scanned["layers"]["query"]["lora_b"])  # (r, L, N, H)
+    np.testing.assert_array_equal(stack.lora_b["layers.query"][0], np.moveaxis(b, 1, 0))
 
 
 class _BoxedLayer(nn.Module):

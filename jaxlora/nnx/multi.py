@@ -18,8 +18,16 @@ Op-level layers (``OpAdapter``, adapted at a weight's product) become stacked op
 product's activation must hold the examples on its axis 0 alone (``jaxlora.multi_oplevel``).
 A module with several adapted weights gets a stack per weight (``<weight>_lora_a``/``_b``, as
 its ``OpAdapter`` names its factors), each served at its own product by the same branch, and
-one ``scale``/``occupied`` (its weights share the module's r and alpha). Layers of an
-``nnx.vmap`` stack (a leading layer axis) are refused, with one weight or several.
+one ``scale``/``occupied`` (its weights share the module's r and alpha).
+
+A layer of an ``nnx.vmap`` stack (a ``LoRALinear`` kernel (L, in, out), an ``OpAdapter``
+whose weights carry a leading layer axis) gets stacks with that layer axis in front: e.g.
+``lora_a`` (L, N, in, R), ``lora_b`` (L, N, R, out), ``scale`` and ``occupied`` (L, N);
+``set_adapter`` writes slot ``i`` of every layer from the source's stacked adapter. The
+``nnx.scan`` over axis 0 that slices the weights per layer slices the stacks alike, so each
+layer's call is a one-layer stacked layer (the layout Linen's ``AdapterStack.params`` gives
+an ``nn.scan``). Under the scan ``occupied`` is traced, so an index naming an empty slot
+gives NaN rows rather than an error. Layers stacked over several axes are refused.
 
 Serving only: there is no dropout on the branch. Only ``LoRALinear`` and ``OpAdapter`` layers
 are stacked; a model holding other LoRA layers (``LoRALinearGeneral``, ``LoRAConv``,
@@ -45,6 +53,7 @@ from jaxlora.nnx.serving import (
     StackedAdapter,
     active_index,
     adapter_index,
+    check_sliced,
     new_stack,
     write,
 )
@@ -70,16 +79,18 @@ class MultiLoRALinear(nnx.Module):
     scale: StackedAdapter
     occupied: StackedAdapter
 
-    def __init__(self, layer: LoRALinear, *, capacity: int, rank: int) -> None:
+    def __init__(
+        self, layer: LoRALinear, *, capacity: int, rank: int, layers: tuple[int, ...] = ()
+    ) -> None:
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.dtype, self.precision = layer.dtype, layer.precision
         self.kernel, self.bias = layer.kernel, layer.bias
         shapes = {FACTORS: ((layer.in_features, rank), (rank, layer.out_features))}
-        new_stack(self, shapes, layer.lora_a.dtype, capacity)
+        new_stack(self, shapes, layer.lora_a.dtype, capacity, layers)
 
     @property
     def capacity(self) -> int:
-        return self.occupied.shape[0]
+        return self.occupied.shape[-1]
 
     @property
     def rank(self) -> int:
@@ -87,6 +98,7 @@ class MultiLoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         where = f"jaxlora.nnx.MultiLoRALinear({self.in_features}, {self.out_features})"
+        check_sliced(self, where)
         core.check_input(x, self.in_features, where)
         index = active_index(where)
         if x.ndim < 2 or x.shape[0] != index.shape[0]:
@@ -137,11 +149,13 @@ def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nn
         raise ValueError(
             f"to_multi: layers {dora} are DoRA (use_dora): stacks serve plain LoRA only"
         )
-    stacked = sorted(p for p, (_, m) in layers.items() if stack_of(m))
-    if stacked:  # nnx.vmap would slice the adapter axis as if it were the layer axis
+    # A layer of an nnx.vmap stack keeps its layer axis in front of its stacks (what slices
+    # the layers slices them alike); a stack over several layer axes is not served.
+    stacked = sorted(p for p, (_, m) in layers.items() if stack_of(m) > 1)
+    if stacked:
         raise ValueError(
-            f"to_multi: layers {stacked} are stacked (nnx.vmap/scan, a leading layer axis): "
-            "adapter stacks of stacked layers are not supported"
+            f"to_multi: layers {stacked} are stacked over several layer axes (nested "
+            "nnx.vmap): adapter stacks are supported for layers of one layer axis only"
         )
     if not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"to_multi: capacity must be a positive int, got {capacity!r}")
@@ -149,12 +163,22 @@ def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nn
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"to_multi: rank must be a positive int, got {rank!r}")
     for name, (path, module) in layers.items():
+        lengths = _layer_lengths(module)
         if isinstance(module, OpAdapter):
-            new = multi_op.stacked(module, path=name, capacity=capacity, rank=rank)
+            new = multi_op.stacked(module, path=name, capacity=capacity, rank=rank, layers=lengths)
         else:
-            new = MultiLoRALinear(module, capacity=capacity, rank=rank)
+            new = MultiLoRALinear(module, capacity=capacity, rank=rank, layers=lengths)
         _replace(model, path, new)
     return model
+
+
+def _layer_lengths(module: LoRALinear | OpAdapter) -> tuple[int, ...]:
+    """(L,) for a layer of an ``nnx.vmap`` stack (its weights' leading layer axis), else ()."""
+    if isinstance(module, OpAdapter):  # the weights of one module are stacked alike
+        weight = getattr(module, module.lora_products[0][0])
+    else:
+        weight = module.kernel
+    return tuple(kernel_value(weight).shape[: stack_of(module)])
 
 
 def _stacked(model: nnx.Module) -> dict[str, MultiLoRALinear | MultiOpAdapter]:
@@ -228,7 +252,10 @@ def set_adapter(model: nnx.Module, slot: int, source: nnx.Module) -> None:
         for where, names, _, (a, b) in weights:
             if not (jnp.isfinite(a).all() and jnp.isfinite(b).all()):
                 raise ValueError(f"{where}: the adapter has non-finite values")
-            factors[names] = multi.pad_rank(a, b, layer.rank)
+            pad = lambda a, b, rank=layer.rank: multi.pad_rank(a, b, rank)  # noqa: E731
+            for _ in range(layer.occupied.ndim - 1):  # each layer of a stack padded alike
+                pad = jax.vmap(pad)
+            factors[names] = pad(a, b)
         new[path] = (factors, src.scaling)
     for path, (factors, scale) in new.items():
         write(stacks[path], slot, factors, scale, True)

@@ -34,7 +34,9 @@ class MultiOpAdapter(Products):
     scale: serving.StackedAdapter
     occupied: serving.StackedAdapter
 
-    def __init__(self, layer: OpAdapter, *, path: str, capacity: int, rank: int) -> None:
+    def __init__(
+        self, layer: OpAdapter, *, path: str, capacity: int, rank: int, layers: tuple = ()
+    ) -> None:
         own = {*LORA_ATTRIBUTES, *(n for w in layer.lora_weights for n in layer.factor_names(w))}
         for name, value in vars(layer).items():
             if not name.startswith("_pytree__") and name not in own:
@@ -44,11 +46,11 @@ class MultiOpAdapter(Products):
         self.lora_path = path
         shapes = {layer.factor_names(w): roles.lora_shapes(rank) for w, roles in self.lora_products}
         dtype = layer.factors(self.lora_weights[0])[0].dtype  # one param_dtype per module
-        serving.new_stack(self, shapes, dtype, capacity)
+        serving.new_stack(self, shapes, dtype, capacity, layers)
 
     @property
     def capacity(self) -> int:
-        return self.occupied.shape[0]
+        return self.occupied.shape[-1]
 
     @property
     def rank(self) -> int:
@@ -56,6 +58,7 @@ class MultiOpAdapter(Products):
 
     def __call__(self, *args, **kwargs):
         where = f"layer '{self.lora_path}'"
+        serving.check_sliced(self, where)
         index = serving.active_index(where)
         closed, products = traced_call(self, args, kwargs)
         weights = self.lora_weights
@@ -91,15 +94,18 @@ def check_untied(layer: OpAdapter, where: str) -> None:
         )
 
 
-def stacked(layer: OpAdapter, *, path: str, capacity: int, rank: int) -> Any:
-    """``layer``'s base with an empty stack of ``capacity`` adapters of rank ``rank``."""
+def stacked(
+    layer: OpAdapter, *, path: str, capacity: int, rank: int, layers: tuple[int, ...] = ()
+) -> Any:
+    """``layer``'s base with an empty stack of ``capacity`` adapters of rank ``rank`` (for a
+    layer of an ``nnx.vmap`` stack, ``layers`` = (L,): each stack (L, capacity, …))."""
     base_type: type = layer.lora_base_type
     if base_type not in _CLASSES:
         name = f"MultiLoRA{base_type.__name__}"
         _CLASSES[base_type] = type(base_type)(
             name, (MultiOpAdapter, base_type), {"__module__": __name__, "__qualname__": name}
         )
-    return _CLASSES[base_type](layer, path=path, capacity=capacity, rank=rank)
+    return _CLASSES[base_type](layer, path=path, capacity=capacity, rank=rank, layers=layers)
 
 
 def check_source(layer: MultiOpAdapter, src: nnx.Module, where: str) -> OpAdapter:

@@ -1,4 +1,4 @@
-"""Which weights a Linen model reads outside the layer that holds them.
+"""Which weights a model reads outside the layer that holds them (Linen and NNX).
 
 LoRA on a layer changes what its own calls compute; a weight that the model also reads
 directly elsewhere (transformers' ``FlaxGPT2LMHeadModel`` ties its head to the embedding table
@@ -10,16 +10,21 @@ below), so a use of the weight's input variable that lies in no scope of its own
 read by someone else. Layout-only ops (transposes, reshapes, casts, slices) on the way are
 followed to the op that uses the result; calls, scans, remats, conds and loops are followed into
 their bodies (Flax's ``nn.jit``, ``nn.scan``, ``nn.remat`` and their variable plumbing).
+NNX has no method interceptors: ``scoped_modules`` gives the layers to check a subclass whose
+methods open the scope, for the one trace ``jaxlora.nnx.inject(..., inputs=)`` makes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 from flax import linen as nn
+from flax import nnx
 from flax.core import meta
 from jax.extend import core as jcore
 
@@ -58,9 +63,47 @@ def scoped() -> Iterator[None]:
         yield
 
 
+def scoped_class(cls: type, path: str) -> type:
+    """A subclass of the NNX module class ``cls`` whose methods run in the named scope of
+    ``path`` (NNX has no method interceptors: ``scoped_modules`` swaps an instance's class)."""
+    body: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    for klass in reversed(cls.__mro__):
+        if not issubclass(klass, nnx.Module) or klass is nnx.Module:
+            continue
+        for name, value in vars(klass).items():
+            if inspect.isfunction(value) and (name == "__call__" or not name.startswith("_")):
+                body[name] = _in_scope(value, _OWN + path)
+    return type(cls)(cls.__name__, (cls,), body)
+
+
+def _in_scope(method, scope: str):
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with jax.named_scope(scope):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
+@contextlib.contextmanager
+def scoped_modules(modules: Mapping[str, nnx.Module]) -> Iterator[None]:
+    """Within this context, each of ``modules`` ({path: NNX module}) is of its
+    ``scoped_class`` (a module reachable at several paths: its first); put back after."""
+    swapped: dict[int, tuple[nnx.Module, type]] = {}
+    try:
+        for path, module in modules.items():
+            if id(module) not in swapped:
+                swapped[id(module)] = (module, type(module))
+                module.__class__ = scoped_class(type(module), path)
+        yield
+    finally:
+        for module, cls in swapped.values():
+            module.__class__ = cls
+
+
 def foreign_reads(apply: Callable[[Any], Any], variables: Mapping) -> dict[str, dict[str, str]]:
     """{'.'-joined module path: {param name: where it is read outside the module's own calls}}
-    for ``apply(variables)`` (a model's ``apply``, traced abstractly inside ``scoped``)."""
+    for ``apply(variables)`` (a Linen model's ``apply``, traced abstractly inside ``scoped``)."""
     plain = meta.unbox(variables)
     leaves, _ = jax.tree_util.tree_flatten_with_path(plain)
     with scoped():
@@ -70,8 +113,15 @@ def foreign_reads(apply: Callable[[Any], Any], variables: Mapping) -> dict[str, 
         keys = [str(getattr(k, "key", k)) for k in path]
         if keys[0] == "params" and len(keys) > 2:
             owners[var] = (".".join(keys[1:-1]), keys[-1])
+    return reads_outside(closed.jaxpr, owners)
+
+
+def reads_outside(jaxpr: jcore.Jaxpr, owners: Mapping) -> dict[str, dict[str, str]]:
+    """{module path: {weight: where it is read}} for the input variables ``owners`` maps to
+    (module path, weight name): each use outside the scope ``_OWN + path``, followed as the
+    module docstring says."""
     found: dict[str, dict[str, str]] = {}
-    _walk(closed.jaxpr, owners, (), found)
+    _walk(jaxpr, dict(owners), (), found)
     return found
 
 
@@ -100,7 +150,7 @@ def _walk(jaxpr: jcore.Jaxpr, owners: dict, prefix: tuple[str, ...], found: dict
         else:
             for path, name in foreign.values():
                 reads = found.setdefault(path, {})
-                reads.setdefault(name, f"by {eqn.primitive.name} at '{_where(scopes)}'")
+                reads.setdefault(name, f"by {eqn.primitive.name} {_where(scopes)}")
 
 
 def _bodies(eqn) -> list[tuple[jcore.Jaxpr, list]] | None:
@@ -128,10 +178,10 @@ def _scopes(eqn) -> tuple[str, ...]:
 
 
 def _where(scopes: tuple[str, ...]) -> str:
-    """The innermost module among ``scopes``: its path, or where it has none (the root, or a
-    module applied on its own, as a tied head is) the name Flax gave its scope."""
+    """Where a read is: the innermost module among ``scopes``, by its path, or where it has
+    none (the root, or a module applied on its own, as a tied head is) the name Flax gave its
+    scope; NNX modules other than the adapted ones have no scope."""
     own = [s.removeprefix(_OWN) for s in scopes if s.startswith(_OWN)]
-    if own and own[-1]:
-        return own[-1]
     named = [s for s in scopes if not s.startswith(_OWN)]
-    return named[-1] if named else ""
+    where = own[-1] if own and own[-1] else named[-1] if named else ""
+    return f"at '{where}'" if where else "in the model's own code"

@@ -8,6 +8,7 @@ table the head reads too: merged ≠ adapted, silently. ``jaxlora.layouts`` trac
 whatever Flax wraps around it (``nn.scan`` on any axis, ``nn.remat``, ``nn.jit``, ``nn.cond``);
 ``Embed.attend`` (the layer's own method) and reads of weights the adapter does not change
 (a bias) are not refusals. The accepted cases are checked to merge to the adapted model.
+NNX: ``jaxlora.nnx.inject(..., inputs=)`` does the same for the layers of known kinds.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from flax import nnx
 
 import jaxlora
+from jaxlora import nnx as jnnx
 
 IDS = jnp.array([[1, 2, 3, 4], [5, 6, 7, 0]])
 X = jnp.linspace(-1.0, 1.0, 24, dtype=jnp.float32).reshape(2, 3, 4)
@@ -194,3 +197,97 @@ def test_the_refused_case_is_the_silent_wrong_merge():
         out = model.apply(adapted, IDS)
     merged = model.apply(jaxlora.merge(adapted, alpha=config.alpha), IDS)
     assert float(jnp.max(jnp.abs(merged - out))) > 1e-2
+
+
+# NNX: with inputs=, inject traces the model once (as for op-level modules) with the chosen
+# layers' methods in their own named scopes and refuses a layer whose weight is used outside.
+
+
+class NnxRawTiedHead(nnx.Module):
+    """The head multiplies by the embedding's table itself (not through a method of it)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.wte = nnx.Embed(16, 8, rngs=rngs)
+        self.mid = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.mid(self.wte(ids)) @ self.wte.embedding[...].T
+
+
+class NnxAttendTiedHead(NnxRawTiedHead):
+    def __call__(self, ids):
+        return self.wte.attend(self.mid(self.wte(ids)))
+
+
+class NnxKernelPenalty(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.proj = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.proj(x) + jnp.sum(self.proj.kernel[...] ** 2)
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs, peek: bool = False):
+        self.q = nnx.Linear(4, 4, rngs=rngs)
+        self.peek = peek
+
+    def __call__(self, h):
+        out = self.q(h)
+        return jnp.tanh(out + h @ self.q.kernel[...] if self.peek else out)
+
+
+class NnxStack(nnx.Module):
+    def __init__(self, peek: bool):
+        keys = jax.random.split(jax.random.key(0), 3)
+        self.blocks = nnx.vmap(lambda k: NnxBlock(nnx.Rngs(k), peek))(keys)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(h, block):
+            return block(h)
+
+        return run(x, self.blocks)
+
+
+NNX_REFUSED = [
+    (lambda: NnxRawTiedHead(nnx.Rngs(0)), IDS, "wte", "embedding"),
+    (lambda: NnxKernelPenalty(nnx.Rngs(0)), X, "proj", "kernel"),
+    (lambda: NnxStack(True), X, "blocks.q", "kernel"),
+]
+
+
+@pytest.mark.parametrize(("make", "x", "path", "weight"), NNX_REFUSED)
+def test_nnx_a_weight_read_outside_its_layer_is_refused_by_inject(make, x, path, weight):
+    model = make()
+    before = nnx.state(model)
+    classes = [type(m) for _, m in nnx.iter_modules(model)]
+    config = jaxlora.LoRAConfig(r=2, targets=[path.rsplit(".", 1)[-1]])
+    match = rf"layer '{path}' \(a \w+\) cannot be adapted: the model also reads its weight "
+    match += rf"outside it \(its {weight} by \w+ "
+    with pytest.raises(ValueError, match=match):
+        jnnx.inject(model, config, rngs=nnx.Rngs(1), inputs=(x,))
+    assert [type(m) for _, m in nnx.iter_modules(model)] == classes  # the layers put back
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
+    jnnx.inject(make(), config, rngs=nnx.Rngs(1))  # without inputs, nothing is traced
+
+
+@pytest.mark.parametrize(
+    ("make", "x", "targets"),
+    [
+        (lambda: NnxAttendTiedHead(nnx.Rngs(0)), IDS, ["wte", "mid"]),
+        (lambda: NnxRawTiedHead(nnx.Rngs(0)), IDS, ["mid"]),
+        (lambda: NnxStack(False), X, ["q"]),
+    ],
+)
+def test_nnx_a_weight_read_only_by_its_own_layer_is_adapted_and_merges(make, x, targets):
+    base = make()
+    want_base = base(x)
+    config = jaxlora.LoRAConfig(r=2, alpha=4, targets=targets, init="gaussian")
+    model = jnnx.inject(make(), config, rngs=nnx.Rngs(1), inputs=(x,))
+    state = nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, jax.tree.map(lambda v: v + 0.3, state))
+    out = model(x)
+    assert float(jnp.max(jnp.abs(out - want_base))) > 1e-2  # the adapter matters
+    merged = jnnx.merge(model)
+    np.testing.assert_allclose(merged(x), out, rtol=1e-5, atol=1e-5)

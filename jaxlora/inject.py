@@ -23,7 +23,7 @@ from flax import struct
 from flax.core import meta
 
 from _loracore.config import WEIGHT_INITS
-from jaxlora import core, kinds, product, stacks
+from jaxlora import core, kinds, product, reads, stacks
 from jaxlora.config import LoRAConfig
 from jaxlora.intercept import SUPPORTED, input_axes, module_kind, traced_as
 from jaxlora.tree import (
@@ -402,12 +402,15 @@ class Layouts(dict[str, AnyLayout]):
         modules: Mapping[str, str],
         reasons: Mapping[str, str] | None = None,
         weight_reasons: Mapping[str, str] | None = None,
+        shared: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         super().__init__(found)
         self.modules = dict(modules)
         # path -> why a module that is no known layer kind cannot be adapted at a product
         self.reasons = dict(reasons or {})
         self.weight_reasons = dict(weight_reasons or {})
+        # path -> {adapted weight: where the model reads it outside the module}: refused
+        self.shared = {path: dict(read) for path, read in (shared or {}).items()}
 
 
 # Each layouts() call traces afresh: an nn.jit trace cached by an earlier call (or by
@@ -419,7 +422,11 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
     """{'.'-joined layer path: ``Layout``} for every layer jaxlora can adapt in ``model``, found
     by tracing ``model.init(key, *args, **kwargs)`` abstractly (``jax.eval_shape``: no FLOPs,
     no memory), for ``inject(..., layouts=...)``. Modules wrapped by ``nn.jit`` are traced
-    again, whatever ran before.
+    again, whatever ran before. A layer whose adapted weight the model also reads outside
+    the layer's own calls (a head tied to an embedding table reading its params, as
+    transformers' ``FlaxGPT2LMHeadModel`` does; found in a trace of ``model.apply``, see
+    ``jaxlora.reads``) is left out, with the reason in ``reasons`` and the reads in
+    ``shared``: that read would not see the adapter, and merging would change it.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -474,7 +481,8 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
             extra = {} if method is None else {"method": method}
             return model.init(jax.random.key(0), *args, **extra, **kwargs)
 
-    params = meta.unbox(jax.eval_shape(init).get("params", {}))
+    variables = jax.eval_shape(init)
+    params = meta.unbox(variables.get("params", {}))
     weights = {
         path: _lookup(params, path, "embedding" if kind == "embed" else "kernel")
         for path, (kind, _, _) in found.items()
@@ -519,7 +527,46 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
                 reasons[path] = stacked
             else:
                 out[path] = stacked
-    return Layouts(out, modules, reasons, weight_reasons)
+    read = _reads(model, args, kwargs, method, variables)
+    shared = {
+        path: {w: where for w, where in read[path].items() if w in _adapted(out[path])}
+        for path in out
+        if path in read
+    }
+    shared = {path: where for path, where in shared.items() if where}
+    for path, where in shared.items():
+        del out[path]
+        reasons[path] = _read_elsewhere(where)
+    return Layouts(out, modules, reasons, weight_reasons, shared)
+
+
+def _reads(model: nn.Module, args, kwargs, method, variables) -> dict[str, dict[str, str]]:
+    """``reads.foreign_reads`` of ``model.apply`` on the (abstract) ``variables`` of its init."""
+
+    def apply(v):
+        extra = {} if method is None else {"method": method}
+        with traced_as(("reads", next(_LAYOUTS_CALLS))):
+            key = jax.random.key(0)
+            return model.apply(v, *args, rngs={"params": key}, mutable=True, **extra, **kwargs)
+
+    return reads.foreign_reads(apply, variables)
+
+
+def _adapted(layout: AnyLayout) -> tuple[str, ...]:
+    """The names of the weights an adapter of ``layout`` changes."""
+    if isinstance(layout, Layout):
+        return ("embedding" if layout.kind == "embed" else "kernel",)
+    return tuple(lay.weight for lay in _product_list(layout))
+
+
+def _read_elsewhere(shared: Mapping[str, str]) -> str:
+    said = ", ".join(f"its {w} {where}" for w, where in sorted(shared.items()))
+    return (
+        f"the model also reads its weight outside it ({said}; as a head tied to an embedding "
+        "table reading its params does): that read would not see the adapter, and merging "
+        "would change it too, so the merged model would compute something else than the "
+        "adapted one"
+    )
 
 
 def _stacked_product(path, layout, params, views, axes) -> AnyLayout | str:
@@ -737,6 +784,8 @@ def _refusal(path: str, layouts: Mapping | None, found: Mapping, where: str) -> 
     reason = None if layouts is None else getattr(layouts, "reasons", {}).get(path)
     if cls is not None or layouts is None:
         held = f"{where} holds {found}" + (f" in a {cls}" if cls is not None else "")
+        if reason is not None and getattr(layouts, "shared", {}).get(path):
+            return f"{held}, which cannot be adapted: {reason}"
         if reason is not None:
             return (
                 f"{held}, which cannot be adapted; supported: {SUPPORTED}, or a module whose "

@@ -266,6 +266,27 @@ def test_gpt2_conv1d_holding_lora_leaves_is_refused_when_called(gpt2):
         model(ids, params=params)
 
 
+def test_gpt2_tied_embedding_is_refused_with_layouts(gpt2):
+    """FlaxGPT2LMHeadModel's head is ``lm_head.apply({"params": {"kernel": wte.T}})``: it reads
+    the embedding table's params, so LoRA on ``wte`` would adapt the lookups only and merging
+    would change the head too. ``layouts`` sees the read and ``inject`` refuses the table by
+    name (the attention and MLP stay adaptable), changing nothing."""
+    model, ids, _ = gpt2
+    layouts = _gpt2_layouts(model, ids)
+    assert "transformer.wte" not in layouts and "transformer.h.0.attn.c_attn" in layouts
+    assert set(layouts.shared) == {"transformer.wte"}
+    config = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["wte", "c_attn"])
+    match = (
+        rf"layer 'transformer.wte' holds \{{'embedding': \({VOCAB}, 32\)\}} in a Embed, "
+        r"which cannot be adapted: the model also reads its weight outside it "
+        r"\(its embedding by \w+ at 'lm_head'"
+    )
+    before = jax.tree.map(np.asarray, model.params)
+    with pytest.raises(TypeError, match=match):
+        jaxlora.inject(model.params, config, jax.random.key(0), layouts=layouts)
+    jax.tree.map(np.testing.assert_array_equal, model.params, before)
+
+
 def test_gpt2_peft_adapter_is_refused_by_load(gpt2, tmp_path):
     """PEFT's GPT-2 adapters (Conv1D, fan_in_fan_out=True) are refused where the map does not
     say the modules are Conv1D (the identity map: nn.Linear), and into a plain tree (the

@@ -13,7 +13,7 @@ from flax import nnx
 from flax.nnx import graph
 
 from _loracore.config import WEIGHT_INITS
-from jaxlora import core, kinds, oplevel, stacks
+from jaxlora import core, kinds, oplevel, reads, stacks
 from jaxlora.config import LoRAConfig
 from jaxlora.nnx.base import Adapter
 from jaxlora.nnx.conv import LoRAConv
@@ -25,6 +25,7 @@ from jaxlora.nnx.oplevel import (
     OpAdapter,
     adapt,
     find_weights,
+    traced_model,
     unused_products,
 )
 from jaxlora.nnx.quant import kernel_value
@@ -303,10 +304,15 @@ def inject(
             _check(module, name, config, per_layer.get(name, []))
     _check_tied_layers(tied, modules, by_product)
     products: dict[str, dict[str, Any]] = {}
+    if inputs is not None:
+        known = {name: modules[name][1] for name in chosen if name not in by_product}
+        with reads.scoped_modules(known):  # so that reads of their weights elsewhere show
+            traced = traced_model(model, inputs)
+        _check_own_reads(traced, modules, known)
     if by_product and inputs is not None:  # by_product is empty without inputs (_by_product)
         # A module chosen only by the per-layer paths it would have as a stack is traced as
         # any other (a refusal is a refusal); once traced not to be a stack, it is left out.
-        products = find_weights(model, by_product, inputs, only=only, tied=tied)
+        products = find_weights(model, by_product, inputs, only=only, tied=tied, traced=traced)
     if maybe:
         chosen = _chosen_stacks(modules, products, config, layer_names, chosen, only)
         products = {n: found for n, found in products.items() if n in chosen}
@@ -347,6 +353,31 @@ def inject(
     # flax declares no attributes on nnx.Module; a module takes any.
     model.lora_config = config  # type: ignore[attr-defined]
     return model
+
+
+def _check_own_reads(traced: tuple, modules, known: Mapping[str, nnx.Module]) -> None:
+    """A ``ValueError`` naming the layer, its weight and the reader where the traced model
+    reads the weight of a layer of a known kind (``known``, traced in their own scopes)
+    outside that layer's calls, as a head tied to an embedding by ``x @ embed.embedding.T``
+    does: the read would not see the adapter, and merging would change it."""
+    closed, index_of, _ = traced
+    owners = {}
+    for name, module in known.items():
+        weight = "embedding" if isinstance(module, nnx.Embed) else "kernel"
+        key = (*map(str, modules[name][0]), weight)
+        first = next(n for n, m in known.items() if m is module)  # its scope: see scoped_modules
+        if key in index_of:
+            owners[closed.jaxpr.invars[index_of[key]]] = (first, weight)
+    found = reads.reads_outside(closed.jaxpr, owners)
+    for name, read in sorted(found.items()):
+        said = ", ".join(f"its {w} {where}" for w, where in sorted(read.items()))
+        raise ValueError(
+            f"inject: layer '{name}' (a {type(known[name]).__name__}) cannot be adapted: the "
+            f"model also reads its weight outside it ({said}; as a head tied to an embedding "
+            "multiplying by its table does): that read would not see the adapter, and merging "
+            "would change it too, so the merged model would compute something else than the "
+            "adapted one"
+        )
 
 
 def _checked_tied(tied_products: Any, inputs: Sequence | None) -> dict[str, str]:

@@ -301,6 +301,7 @@ def find_weights(
     *,
     only: Mapping[str, Sequence[str]] | None = None,
     tied: Mapping[str, str] | None = None,
+    traced: tuple | None = None,
 ) -> dict[str, dict[str, oplevel.Roles]]:
     """{path: {weight name: roles}} for each of ``modules`` (paths into ``model``): every
     ``nnx.Param`` of it that enters a product, or only the weights ``only[path]`` names (a
@@ -312,8 +313,9 @@ def find_weights(
     in the order the product's operand holds them (after transposes). ``tied``: {path: the
     method computing its product} of the modules whose weights may also be read by row
     lookups (``inject(..., tied_products=)``); any other module's looked-up weight is refused
-    with a message naming that option."""
-    closed, index_of, where_of = _traced_model(model, inputs)
+    with a message naming that option. ``traced``: what ``traced_model(model, inputs)``
+    returned, where the caller has traced it already."""
+    closed, index_of, where_of = traced or traced_model(model, inputs)
     found = {}
     for name, module in modules.items():
         found[name] = _weights_of(
@@ -322,7 +324,7 @@ def find_weights(
     return found
 
 
-def _traced_model(model: nnx.Module, inputs: Sequence[Any]):
+def traced_model(model: nnx.Module, inputs: Sequence[Any]):
     """(closed jaxpr of ``model(*inputs)`` with every variable an input, {variable path:
     input index}, {id(variable): its path}): traced abstractly, nothing runs."""
     graphdef, state = nnx.split(model)
@@ -351,7 +353,7 @@ def unused_products(
 ) -> list[str]:
     """The paths of ``layers`` (op-level adapters in ``model``) whose adapted method computes
     no branch in ``model(*inputs)``: their ``lora_b`` is never read (traced once)."""
-    closed, index_of, where_of = _traced_model(model, inputs)
+    closed, index_of, where_of = traced_model(model, inputs)
     read = {v for eqn in closed.jaxpr.eqns for v in eqn.invars if isinstance(v, jcore.Var)}
     unused = []
     for name, layer in layers.items():

@@ -28,6 +28,7 @@ from jaxlora.nnx.oplevel import (
     unused_products,
 )
 from jaxlora.nnx.quant import kernel_value
+from jaxlora.nnx.serving import StackedAdapter
 from jaxlora.tree import ParamCount, factor_names
 
 SUPPORTED = "nnx.Linear, nnx.LinearGeneral (no batch_axis), nnx.Conv (no mask, groups=1), nnx.Embed"
@@ -579,8 +580,10 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
     merge quantized again in the same format and layout and whose ``lora_b`` is zero, so its
     output is exactly the re-quantized merged base, ready for a new adapter. That adds one
     quantization error, bounded as ``jaxlora.merge`` states. Other LoRA layers merge as
-    usual; ``requantize=True`` on a model without a quantized LoRA layer is refused.
+    usual; ``requantize=True`` on a model without a quantized LoRA layer is refused, as is any
+    model served with adapter stacks (``to_multi``: many adapters, no one delta to merge).
     """
+    _refuse_stacks(model)
     plain, requantized = [], []
     for names in _groups(_module_paths(model)).values():
         path, layer = names[0]
@@ -612,6 +615,23 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
     if hasattr(model, "lora_config") and not requantized:
         del model.lora_config
     return model
+
+
+def _refuse_stacks(model: nnx.Module) -> None:
+    """A ``ValueError`` for a model served with adapter stacks (``to_multi``): its layers hold
+    many adapters and no one delta, so merging had nothing to fold and returned the base
+    weights as if merged."""
+    stacked = sorted(
+        p
+        for p, (_, m) in _module_paths(model).items()
+        if isinstance(getattr(m, "occupied", None), StackedAdapter)
+    )
+    if stacked:
+        raise ValueError(
+            f"merge: layers {stacked} are adapter stacks (jaxlora.nnx.to_multi), which hold "
+            "many adapters and no one delta to merge; merge the single-adapter model that was "
+            "put into a slot instead; the model was left unchanged"
+        )
 
 
 def _requantized(layer: LoRALinear | OpAdapter) -> dict[str, nnx.Variable]:

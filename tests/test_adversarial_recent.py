@@ -1,0 +1,174 @@
+"""Adversarial checks of last session's code (issue #13): adapter stacks (``to_multi``,
+``AdapterStack``), tied products and ``keep_freed_memory``, attacked as a demanding user
+would. Each input gives the right number (against the single-adapter model or a closed form
+in numpy float64) or a clear refusal that changes nothing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxlora
+from jaxlora import host
+from jaxlora import nnx as jnnx
+from tests.test_multiweight_serving import _linen_adapters
+from tests.test_tied_head import LM, TOKENS, TiedEmbed, V, _randomize, _tied
+from tests.test_tied_head import D as D_TIED
+
+D, F = 8, 6
+X = jnp.asarray(np.random.default_rng(1).normal(size=(3, D)), jnp.float32)
+
+
+class _FakeLibc:
+    """Records mallopt's (option, value) calls instead of changing this process's malloc."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def mallopt(self, option, value):
+        self.calls.append((option, value))
+        return 1
+
+
+@pytest.mark.parametrize("limit", [2**31, 2**32 + 5, 2**40], ids=["2^31", "2^32+5", "2^40"])
+def test_keep_freed_memory_refuses_a_limit_above_a_c_int(monkeypatch, limit):
+    """Used to pass ``limit`` to mallopt through ctypes masked to 32 bits and report success:
+    2**40 set both thresholds to 0 (every allocation mapped afresh), 2**32 + 5 to 5 bytes."""
+    calls: list = []
+    monkeypatch.setattr(host.ctypes, "CDLL", lambda _: _FakeLibc(calls))
+    monkeypatch.setattr(host.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(host.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    with pytest.raises(ValueError, match=rf"limit must be at most 2147483647 bytes.*got {limit}"):
+        host.keep_freed_memory(limit)
+    assert calls == []  # refused before any setting
+    assert host.keep_freed_memory(2**31 - 1) and host.keep_freed_memory(2**31 - 1)  # twice
+    assert calls == [(-1, 2**31 - 1), (-8, 1), (-3, 2**31 - 1)] * 2
+
+
+class _TwoLinear(nnx.Module):
+    def __init__(self, dtype=jnp.float32, param_dtype=jnp.float32):
+        rngs = nnx.Rngs(0)
+        self.l1 = nnx.Linear(D, F, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.l2 = nnx.Linear(F, D, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x)))
+
+
+# Per slot: another rank, alpha, rsLoRA, and rank/alpha patterns per layer.
+SLOT_CONFIGS = [
+    jaxlora.LoRAConfig(r=2, alpha=4.0, targets=["l1", "l2"]),
+    jaxlora.LoRAConfig(r=1, alpha=3.0, targets=["l1", "l2"], use_rslora=True),
+    jaxlora.LoRAConfig(
+        r=3, alpha=4.0, targets=["l1", "l2"], rank_pattern={"l2": 1}, alpha_pattern={"l1": 7.0}
+    ),
+]
+
+
+def _sources(base: _TwoLinear) -> list[_TwoLinear]:
+    out = []
+    for seed, config in enumerate(SLOT_CONFIGS):
+        model = nnx.clone(base)
+        jnnx.inject(model, config, nnx.Rngs(seed))
+        for layer in (model.l1, model.l2):
+            b = layer.lora_b
+            b[...] = (0.3 * jax.random.normal(jax.random.key(10 + seed), b.shape)).astype(b.dtype)
+        out.append(model)
+    return out
+
+
+def _serving(sources: list[_TwoLinear]) -> _TwoLinear:
+    serving = jnnx.to_multi(nnx.clone(sources[0]), capacity=len(sources), rank=3)
+    for slot, source in enumerate(sources):
+        jnnx.set_adapter(serving, slot, source)
+    return serving
+
+
+@pytest.mark.parametrize(
+    "dtype, param_dtype",
+    [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32)],
+    ids=["fp32", "bf16-compute-fp32-params"],
+)
+def test_slots_of_other_ranks_alphas_rslora_and_patterns_equal_their_models(dtype, param_dtype):
+    base = _TwoLinear(dtype, param_dtype)
+    sources = _sources(base)
+    serving = _serving(sources)
+    for slot, config in enumerate(SLOT_CONFIGS):
+        for name in ("l1", "l2"):  # each slot's own scale, rsLoRA and patterns included
+            r, alpha = config.rank_for(name), config.alpha_for(name)
+            scale = alpha / (np.sqrt(r) if config.use_rslora else r)
+            assert np.isclose(float(getattr(serving, name).scale[...][slot]), scale, rtol=1e-6)
+    index = jnp.array([2, 0, 1])
+    with jnnx.adapter_index(index):
+        got = np.asarray(serving(X), np.float32)
+    # fp32: rounding only; bf16 compute: one bf16 rounding of an output of order 1
+    tol = 1e-6 if dtype == jnp.float32 else 2**-8
+    for row, slot in enumerate(np.asarray(index)):
+        want = np.asarray(sources[int(slot)](X), np.float32)[row]
+        assert np.abs(got[row] - want).max() <= tol * max(np.abs(want).max(), 1.0)
+
+
+def test_merge_after_to_multi_is_refused_unchanged():
+    """Used to return the model unchanged as if merged: its stacks are not nnx.Param, so
+    ``nnx.state(model, nnx.Param)`` then held the base weights alone."""
+    base = _TwoLinear()
+    sources = _sources(base)
+    serving = _serving(sources)
+    index = jnp.array([0, 1, 2])
+    with jnnx.adapter_index(index):
+        before = np.asarray(serving(X))
+    kernel = np.asarray(serving.l1.kernel[...])
+    with pytest.raises(ValueError, match=r"merge: layers \['l1', 'l2'\] are adapter stacks"):
+        jnnx.merge(serving)
+    assert type(serving.l1) is jnnx.MultiLoRALinear and type(serving.l2) is jnnx.MultiLoRALinear
+    np.testing.assert_array_equal(serving.l1.kernel[...], kernel)
+    with jnnx.adapter_index(index):
+        np.testing.assert_array_equal(serving(X), before)
+
+
+def test_linen_merge_of_served_params_is_refused():
+    """``jaxlora.merge`` of ``AdapterStack.params(base)`` used to return the base weights
+    beside the stacks' leaves, which the plain model ignores: the base's output as if merged."""
+    _, base, adapters = _linen_adapters(0)
+    stack = jaxlora.stack_adapters(adapters, capacity=2)
+    with pytest.raises(ValueError, match=r"merge: layer 'layers.mlp' holds adapter stacks"):
+        jaxlora.merge(stack.params(base), alpha=adapters[0][1].alpha)
+    with pytest.raises(ValueError, match=r"holds adapter stacks \['lora_served_a'"):
+        jaxlora.merge({"params": {"dense": {"kernel": 0, "lora_served_a": 0}}}, alpha=1.0)
+
+
+class _Untied(nnx.Module):
+    """The tied model's embedding, with a separate ``lm_head`` Linear (untied)."""
+
+    def __init__(self, tied: LM):
+        self.embed, self.mix = nnx.clone(tied.embed), nnx.clone(tied.mix)
+        self.lm_head = nnx.Linear(D_TIED, V, use_bias=False, rngs=nnx.Rngs(0))
+        self.lm_head.kernel[...] = tied.embed.w[...].T
+
+    def __call__(self, tokens):
+        return self.lm_head(jnp.tanh(self.mix(self.embed.encode(tokens))))
+
+
+def test_tied_adapter_loads_into_an_untied_lm_head():
+    """A tied product's adapter saved as ``lm_head`` serves an untied model whose lm_head holds
+    the same weight: the same logits, unmerged and merged."""
+    tied = _tied()
+    _randomize(tied)
+    want = np.asarray(tied(TOKENS))
+    untied = _Untied(LM(TiedEmbed, nnx.Rngs(0)))
+    config = jaxlora.LoRAConfig(r=tied.embed.r, alpha=1.0, targets=["lm_head"])
+    jnnx.inject(untied, config, nnx.Rngs(1))
+    with tempfile.TemporaryDirectory() as directory:
+        jnnx.save_adapter(tied, directory, path_map={"embed": "lm_head"})
+        jnnx.load_adapter(untied, directory)
+    assert untied.lm_head.scaling == tied.embed.scaling  # the file's alpha
+    scale = np.abs(want).max()
+    assert np.abs(np.asarray(untied(TOKENS)) - want).max() <= 2e-5 * scale
+    jnnx.merge(untied)
+    assert np.abs(np.asarray(untied(TOKENS)) - want).max() <= 2e-5 * scale

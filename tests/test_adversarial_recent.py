@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import nnx
 
 import jaxlora
@@ -172,3 +173,109 @@ def test_tied_adapter_loads_into_an_untied_lm_head():
     assert np.abs(np.asarray(untied(TOKENS)) - want).max() <= 2e-5 * scale
     jnnx.merge(untied)
     assert np.abs(np.asarray(untied(TOKENS)) - want).max() <= 2e-5 * scale
+
+
+# A bf16 weight multiplied with fp32 activations: jnp.einsum/jnp.dot give dot_general the two
+# dtypes as they are (an fp32 product). The branch used to round its fp32 factors to the
+# weight's bf16 (relative error ~2e-3, where LoRALinear's is ~1e-7).
+MIXED_TOL = 1e-5
+KD, KE, KR = 16, 12, 4
+
+
+class _Bf16Weight(nnx.Module):
+    def __init__(self):
+        self.w = nnx.Param(jax.random.normal(jax.random.key(0), (KD, KE)).astype(jnp.bfloat16))
+
+    def __call__(self, x):
+        return jnp.einsum("bd,de->be", x, self.w[...])
+
+
+class _Holder(nnx.Module):
+    def __init__(self):
+        self.proj = _Bf16Weight()
+
+    def __call__(self, x):
+        return self.proj(x)
+
+
+class _LinenBf16(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", lambda k: jax.random.normal(k, (KD, KE)).astype(jnp.bfloat16))
+        return jnp.dot(x, w)
+
+
+class _LinenHolder(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _LinenBf16(name="proj")(x)
+
+
+def _f64(v) -> np.ndarray:
+    return np.asarray(jnp.asarray(v, jnp.float32), np.float64)
+
+
+def _closed(x, w, a, b, scale) -> np.ndarray:
+    x = _f64(x)
+    return x @ _f64(w) + scale * (x @ _f64(a)) @ _f64(b)
+
+
+def _rel(got, want) -> float:
+    return float(np.abs(_f64(got) - want).max() / np.abs(want).max())
+
+
+X_MIXED = jnp.asarray(np.random.default_rng(2).normal(size=(3, KD)), jnp.float32)
+MIXED_CONFIG = jaxlora.LoRAConfig(r=KR, alpha=8.0, targets=["proj"])
+
+
+def _nnx_mixed(seed: int = 3) -> _Holder:
+    model = _Holder()
+    jnnx.inject(model, MIXED_CONFIG, nnx.Rngs(seed), inputs=(X_MIXED,))
+    b = model.proj.lora_b
+    b[...] = jax.random.normal(jax.random.key(seed), b.shape)
+    return model
+
+
+def test_bf16_weight_fp32_activation_branch_is_fp32_nnx():
+    model = _nnx_mixed()
+    p = model.proj
+    assert p.lora_a.dtype == jnp.float32
+    want = _closed(X_MIXED, p.w[...], p.lora_a[...], p.lora_b[...], p.scaling)
+    assert _rel(model(X_MIXED), want) <= MIXED_TOL
+    # the stacked layer's branch alike (to_multi): each row its slot's adapter
+    other = _nnx_mixed(seed=4)
+    serving = jnnx.to_multi(nnx.clone(model), capacity=2)
+    jnnx.set_adapter(serving, 0, model)
+    jnnx.set_adapter(serving, 1, other)
+    with jnnx.adapter_index(jnp.array([1, -1, 0])):
+        got = serving(X_MIXED)
+    q = other.proj
+    want_other = _closed(X_MIXED, q.w[...], q.lora_a[...], q.lora_b[...], q.scaling)
+    assert _rel(got[0], want_other[0]) <= MIXED_TOL and _rel(got[2], want[2]) <= MIXED_TOL
+    np.testing.assert_array_equal(got[1], _Holder()(X_MIXED)[1])
+
+
+def test_bf16_weight_fp32_activation_branch_is_fp32_linen():
+    model = _LinenHolder()
+    base = model.init(jax.random.key(0), X_MIXED)["params"]
+    layouts = jaxlora.layouts(model, X_MIXED)
+    params = jaxlora.inject(base, MIXED_CONFIG, jax.random.key(1), layouts=layouts)
+    proj = params["proj"]
+    proj = {**proj, "lora_b": jax.random.normal(jax.random.key(2), proj["lora_b"].shape)}
+    with jaxlora.intercept(MIXED_CONFIG):
+        got = model.apply({"params": {**params, "proj": proj}}, X_MIXED)
+    assert base["proj"]["w"].dtype == jnp.bfloat16 and proj["lora_a"].dtype == jnp.float32
+    want = _closed(X_MIXED, base["proj"]["w"], proj["lora_a"], proj["lora_b"], 8.0 / KR)
+    assert _rel(got, want) <= MIXED_TOL
+
+
+def test_tied_product_of_a_bf16_weight_with_fp32_activations():
+    model = LM(TiedEmbed, nnx.Rngs(0))
+    model.embed.w = nnx.Param(model.embed.w[...].astype(jnp.bfloat16))
+    config = jaxlora.LoRAConfig(r=3, alpha=6.0, targets=["embed"])
+    jnnx.inject(model, config, nnx.Rngs(0), inputs=(TOKENS,), tied_products={"embed": "decode"})
+    e = model.embed
+    e.lora_b[...] = jax.random.normal(jax.random.key(3), e.lora_b.shape)
+    h = jnp.tanh(model.mix(e.encode(TOKENS)))  # the base's lookups, fp32 after the Linear
+    want = _closed(h, e.w[...].T, e.lora_a[...], e.lora_b[...], e.scaling)
+    assert _rel(model(TOKENS), want) <= MIXED_TOL

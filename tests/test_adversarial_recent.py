@@ -279,3 +279,30 @@ def test_tied_product_of_a_bf16_weight_with_fp32_activations():
     h = jnp.tanh(model.mix(e.encode(TOKENS)))  # the base's lookups, fp32 after the Linear
     want = _closed(h, e.w[...].T, e.lora_a[...], e.lora_b[...], e.scaling)
     assert _rel(model(TOKENS), want) <= MIXED_TOL
+
+
+def test_linen_stack_keeps_the_widest_adapter_dtype():
+    """A float32 adapter given after a bfloat16 one used to be stored (and served) in bfloat16,
+    the first adapter's dtype: ~2e-3 off its own model. Both rows now equal their models."""
+    model = nn.Sequential([nn.Dense(16), nn.tanh, nn.Dense(8)])
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12)), jnp.float32)
+    base = model.init(jax.random.key(0), x)["params"]
+    config = jaxlora.LoRAConfig(r=4, alpha=8.0, targets=["layers_0", "layers_2"])
+
+    def adapter(dtype, seed):
+        params = jaxlora.inject(base, config, jax.random.key(seed), param_dtype=dtype)
+        for name in ("layers_0", "layers_2"):
+            b = params[name]["lora_b"]
+            b = jax.random.normal(jax.random.key(seed + 10), b.shape).astype(dtype)
+            params = {**params, name: {**params[name], "lora_b": b}}
+        return params
+
+    adapters = [(adapter(jnp.bfloat16, 1), config), (adapter(jnp.float32, 2), config)]
+    stack = jaxlora.stack_adapters(adapters)
+    assert stack.lora_a["layers_0"].dtype == stack.lora_b["layers_2"].dtype == jnp.float32
+    with jaxlora.intercept_stack(stack, jnp.array([1, 0])):
+        got = model.apply({"params": base}, x)
+    for row, (params, _) in zip((1, 0), adapters, strict=True):
+        with jaxlora.intercept(config):
+            want = model.apply({"params": params}, x)
+        assert float(jnp.abs(got[row] - want[row]).max() / jnp.abs(want).max()) <= 1e-6

@@ -279,7 +279,14 @@ def inject(
     # A module adapted at its product is known to be a stack only once traced: until then its
     # per-layer paths are the ones it would have as one (_maybe_stacks), checked after tracing.
     maybe = _maybe_stacks(modules, layer_names, inputs)
-    chosen = stacks.select(list(modules), per_layer, config, maybe) if config.targets else []
+    # The modules target_parameters names are adapted too: a rank/alpha pattern key may match
+    # them (and must match some adapted layer, also when target_parameters alone chooses).
+    named = list(_by_parameter(modules, config, []))
+    if config.targets:
+        chosen = stacks.select(list(modules), per_layer, config, maybe, also=named)
+    else:
+        config.check_unmatched(list(modules), named)
+        chosen = []
     only = _by_parameter(modules, config, chosen)
     chosen = sorted({*chosen, *only})
     tied = _checked_tied(tied_products, inputs)
@@ -452,7 +459,8 @@ def _chosen_stacks(modules, products, config: LoRAConfig, layer_names, chosen, o
         if (depth := _product_stack(modules[name][1], found, f"inject: layer '{name}'"))
     }
     per_layer = per_layer_paths(modules, layer_names, stacked)
-    again = stacks.select(list(modules), per_layer, config) if config.targets else []
+    also = list(only)  # target_parameters' modules, which a pattern key may match
+    again = stacks.select(list(modules), per_layer, config, also=also) if config.targets else []
     untraced = [n for n in again if n not in chosen]
     if untraced:
         raise ValueError(

@@ -18,7 +18,11 @@ from flax import nnx
 import jaxlora
 from jaxlora import host
 from jaxlora import nnx as jnnx
+from tests.test_multiweight_rest import D as D_MLP
+from tests.test_multiweight_rest import GatedMLP
 from tests.test_multiweight_serving import _linen_adapters
+from tests.test_oplevel_multiweight import Block
+from tests.test_oplevel_multiweight import X as X_BLOCK
 from tests.test_tied_head import LM, TOKENS, TiedEmbed, V, _randomize, _tied
 from tests.test_tied_head import D as D_TIED
 
@@ -306,3 +310,50 @@ def test_linen_stack_keeps_the_widest_adapter_dtype():
         with jaxlora.intercept(config):
             want = model.apply({"params": params}, x)
         assert float(jnp.abs(got[row] - want[row]).max() / jnp.abs(want).max()) <= 1e-6
+
+
+# rank_pattern/alpha_pattern keys are checked against every adapted layer, the modules that
+# target_parameters names included. They used to be checked against the targets' layers
+# only: with target_parameters alone a key naming a weight ('w_up', a typo: keys name
+# modules, as in PEFT) was silently ignored (r stayed the default), and beside targets a key
+# naming the target_parameters module was refused as matching nothing.
+PATTERN_CASES = [
+    (dict(targets=[], target_parameters=["mlp.w_up"], rank_pattern={"w_up": 1}), None),
+    (dict(targets=[], target_parameters=["mlp.w_up"], alpha_pattern={"mlpx": 9.0}), None),
+    (dict(targets=["head"], target_parameters=["mlp.w_up"], rank_pattern={"mlp": 1}), 1),
+]
+PATTERN_IDS = ["weight-key-alone", "typo-alone", "module-key-beside-targets"]
+
+
+@pytest.mark.parametrize("fields, rank", PATTERN_CASES, ids=PATTERN_IDS)
+def test_patterns_of_target_parameters_modules_nnx(fields, rank):
+    model = Block()
+    config = jaxlora.LoRAConfig(r=2, alpha=4.0, **fields)
+    if rank is None:
+        with pytest.raises(ValueError, match="matches none of the adapted layers"):
+            jnnx.inject(model, config, nnx.Rngs(0), inputs=(X_BLOCK,))
+        assert not nnx.state(model, nnx.LoRAParam) and not hasattr(model, "lora_config")
+        return
+    jnnx.inject(model, config, nnx.Rngs(0), inputs=(X_BLOCK,))
+    assert model.mlp.r == rank and model.mlp.lora_weights == ("w_up",)
+    assert model.mlp.factors("w_up")[0].shape[-1] == rank and model.head.r == 2
+
+
+class _LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="head")(GatedMLP(name="mlp")(x))
+
+
+@pytest.mark.parametrize("fields, rank", PATTERN_CASES, ids=PATTERN_IDS)
+def test_patterns_of_target_parameters_modules_linen(fields, rank):
+    model, x = _LinenBlock(), jnp.ones((2, 3, D_MLP))
+    base = model.init(jax.random.key(0), x)["params"]
+    config = jaxlora.LoRAConfig(r=2, alpha=4.0, **fields)
+    layouts = jaxlora.layouts(model, x)
+    if rank is None:
+        with pytest.raises(ValueError, match="matches none of the adapted layers"):
+            jaxlora.inject(base, config, jax.random.key(0), layouts=layouts)
+        return
+    params = jaxlora.inject(base, config, jax.random.key(0), layouts=layouts)
+    assert params["mlp"]["lora_a"].shape[-1] == rank and params["head"]["lora_a"].shape[-1] == 2

@@ -170,7 +170,12 @@ class LoRAConfig:
         )
 
     def select(
-        self, paths: Iterable[str], *, strict: bool = True, listed: Iterable[str] | None = None
+        self,
+        paths: Iterable[str],
+        *,
+        strict: bool = True,
+        listed: Iterable[str] | None = None,
+        also: Iterable[str] = (),
     ) -> list[str]:
         """The paths that match, or a ``ValueError`` listing the paths that exist (``listed``:
         the ones to name, where ``paths`` also holds names a layer may turn out to have).
@@ -179,7 +184,9 @@ class LoRAConfig:
         ``alpha_pattern`` key, that matches none of the paths is an error too: a typo would
         otherwise adapt the other layers silently, or leave a layer's rank/alpha at the default.
         Loaders pass ``strict=False``: PEFT ignores such entries in the files it writes and
-        reads, and the file's tensors say exactly which layers it adapts.
+        reads, and the file's tensors say exactly which layers it adapts. ``also``: layers
+        adapted besides the matching ones (those ``target_parameters`` names), which a pattern
+        key may match.
         """
         paths = list(paths)
         listed = paths if listed is None else list(listed)
@@ -190,7 +197,7 @@ class LoRAConfig:
                 f"{', '.join(p for p in listed if p) or '(none)'}"
             )
         if strict:
-            self.check_unmatched(paths, chosen, listed=listed)
+            self.check_unmatched(paths, [*chosen, *also], listed=listed)
         return chosen
 
     def select_parameters(self, keys: Iterable[str]) -> list[str]:

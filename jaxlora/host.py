@@ -17,6 +17,9 @@ import platform
 __all__ = ["KEEP_BYTES", "keep_freed_memory"]
 
 KEEP_BYTES = 1 << 30  # allocations up to 1 GiB come from (and freed memory stays in) the heap
+# mallopt's value is a C int: ctypes would pass a larger limit masked to 32 bits (1 << 40 as
+# 0: every allocation mapped afresh, the opposite of what was asked) and glibc would accept it.
+_MAX_LIMIT = (1 << 31) - 1
 
 
 def keep_freed_memory(limit: int = KEEP_BYTES) -> bool:
@@ -24,7 +27,8 @@ def keep_freed_memory(limit: int = KEEP_BYTES) -> bool:
     freed memory for reuse, instead of mapping every large allocation afresh and unmapping it
     when freed. Process-wide (every library's allocations); the process then keeps up to
     ``limit`` bytes of freed memory. Returns whether it was applied: only under glibc (not on
-    macOS, Windows or musl), and only if glibc accepted all three settings.
+    macOS, Windows or musl), and only if glibc accepted all three settings. A ``limit`` that
+    is not an int in [1, 2**31 - 1] (mallopt's C int) is a ``ValueError``, before any setting.
 
     Call it before JAX first runs anything (before XLA:CPU starts its threads): it also puts
     every thread on glibc's main heap (one arena), since a thread that already has an arena of
@@ -34,6 +38,11 @@ def keep_freed_memory(limit: int = KEEP_BYTES) -> bool:
     """
     if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
         raise ValueError(f"keep_freed_memory: limit must be a positive int, got {limit!r}")
+    if limit > _MAX_LIMIT:
+        raise ValueError(
+            f"keep_freed_memory: limit must be at most {_MAX_LIMIT} bytes (glibc's mallopt "
+            f"takes a C int), got {limit!r}"
+        )
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on

@@ -123,7 +123,14 @@ def _inject(
     params: Mapping, config: LoRAConfig, rng: jax.Array, param_dtype, layouts, layer_names
 ) -> Mapping:
     nodes = dict(_iter_nodes(params))
-    chosen = _select(nodes, config, layouts, layer_names) if config.targets else []
+    # The nodes target_parameters names are adapted too: a rank/alpha pattern key may match
+    # them (and must match some adapted layer, also when target_parameters alone chooses).
+    named = list(_by_parameter(nodes, config, []))
+    if config.targets:
+        chosen = _select(nodes, config, layouts, layer_names, also=named)
+    else:
+        config.check_unmatched(list(nodes), named)
+        chosen = []
     only = _by_parameter(nodes, config, chosen)
     new = {}
     for path in [*chosen, *(p for p in only if p not in chosen)]:
@@ -851,7 +858,7 @@ def _per_layer(layouts, path: str, shape: tuple, layer_names, where: str) -> lis
         raise ValueError(f"{where}: {err}") from None
 
 
-def _select(nodes: Mapping, config: LoRAConfig, layouts, layer_names) -> list[str]:
+def _select(nodes: Mapping, config: LoRAConfig, layouts, layer_names, also=()) -> list[str]:
     """The tree paths ``config.targets`` choose: a stacked layer is chosen by its stack path
     or by all of its per-layer paths; a ``ValueError`` if only some of them match."""
     names = list(nodes)
@@ -867,7 +874,7 @@ def _select(nodes: Mapping, config: LoRAConfig, layouts, layer_names) -> list[st
         if name is not None and layout is not None and layout.stack == 1 and layout.scan:
             shape = jnp.shape(meta.unbox(node[name]))
             per_layer[path] = _per_layer(layouts, path, shape, layer_names, f"layer '{path}'")
-    return stacks.select(names, per_layer, config)
+    return stacks.select(names, per_layer, config, also=also)
 
 
 def dora_magnitude(

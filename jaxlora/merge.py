@@ -16,7 +16,7 @@ import numpy as np
 from flax import struct
 from flax.core import meta
 
-from jaxlora import core, kinds, product
+from jaxlora import core, kinds, multi, product
 from jaxlora.config import LoRAConfig
 from jaxlora.quant._base import dequantize_base, is_quantized, requantize_merged
 from jaxlora.tree import (
@@ -88,7 +88,8 @@ def merge(
     Raises:
         ValueError: a LoRA leaf without its pair or sibling ``kernel``, mismatched shapes, or
             (on concrete arrays) a non-finite merged kernel; ``requantize=True`` without a
-            quantized base or with ``record=True``. Nothing is returned half-merged.
+            quantized base or with ``record=True``; the params of ``AdapterStack.params``
+            (adapter stacks: no one delta). Nothing is returned half-merged.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -101,6 +102,7 @@ def merge(
         [[0.0, 0.0], [0.0, 0.0]]
     """
     _require_mapping(params, "merge")
+    _refuse_served(params)
     quantized = params
     if requantize:
         _check_requantize(params, record)
@@ -124,6 +126,23 @@ def merge(
         return merged
     prints = tuple(_fingerprint(new_bases[path]) for path, _ in layers)
     return merged, MergeRecord(split(params)[0], prints, tuple(layers))
+
+
+def _refuse_served(params: Mapping[str, Any], path: Path = ()) -> None:
+    """A ``ValueError`` for the params of ``AdapterStack.params`` (adapter stacks beside the
+    weights): many adapters and no one delta, so merging them had nothing to fold and gave
+    the base weights as if merged (the plain model ignores the stacks' leaves)."""
+    ends = multi.served_names(None)  # a weight's own stacks are named <weight>_<these>
+    served = sorted(k for k in params if isinstance(k, str) and k.endswith(ends))
+    if served:
+        raise ValueError(
+            f"merge: layer '{path_str(path)}' holds adapter stacks {served} (from "
+            "AdapterStack.params), which hold many adapters and no one delta to merge; merge "
+            "a single adapter's params instead"
+        )
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            _refuse_served(value, (*path, str(key)))
 
 
 def _check_requantize(params: PyTree, record: bool) -> None:

@@ -224,7 +224,8 @@ def stack_adapters(
     slots up to ``capacity`` (default: as many as given) are empty. ``rank`` (default: the
     largest given) bounds the ranks of adapters set later. The first adapter's layers and base
     kernel shapes (and, for an adapter made at its weight's product, the weight's roles in
-    it) define the stack; every other adapter must have the same.
+    it) define the stack; every other adapter must have the same. Each layer's stack holds
+    the widest dtype of the adapters given (an adapter ``set`` later is cast to it).
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -246,21 +247,28 @@ def stack_adapters(
             f"stack_adapters: capacity must be an int >= the {len(adapters)} adapter(s) given, "
             f"got {capacity!r}"
         )
-    first = _adapter_layers(*adapters[0], None)
+    given = [_adapter_layers(p, c, None) for p, c in adapters]
+    first = given[0]
     if rank is None:
-        rank = max(
-            max(int(layer.a.shape[-1]) for layer in _adapter_layers(p, c, None).values())
-            for p, c in adapters
+        rank = max(max(int(layer.a.shape[-1]) for layer in g.values()) for g in given)
+    # Each layer's stack in the widest dtype given, not the first adapter's: a float32 adapter
+    # after a bfloat16 one was rounded to bfloat16 (~2e-3 off its own model's output).
+    dtypes = {
+        p: (
+            jnp.result_type(*(g[p].a for g in given if p in g)),
+            jnp.result_type(*(g[p].b for g in given if p in g)),
         )
+        for p in first
+    }
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"stack_adapters: rank must be a positive int, got {rank!r}")
     empty = AdapterStack(
         lora_a={
-            p: jnp.zeros((capacity, *layer.a.shape[:-1], rank), layer.a.dtype)
+            p: jnp.zeros((capacity, *layer.a.shape[:-1], rank), dtypes[p][0])
             for p, layer in first.items()
         },
         lora_b={
-            p: jnp.zeros((capacity, *_b_shape(layer, rank)), layer.b.dtype)
+            p: jnp.zeros((capacity, *_b_shape(layer, rank)), dtypes[p][1])
             for p, layer in first.items()
         },
         scale={p: jnp.zeros((capacity,), jnp.float32) for p in first},

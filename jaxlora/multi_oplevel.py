@@ -120,7 +120,7 @@ def gathered(
     as ``eqn``'s output. ``check_examples`` must have passed."""
     lora_a, lora_b, scale, occupied = stack
     a_op, b_op = jax.vmap(lambda a, b: oplevel.operand_factors(product, a, b))(lora_a, lora_b)
-    dtype = operands[product.side].dtype
+    dtype = oplevel.factor_dtype(product, operands)
     side = 1 - product.side
     y = multi.gathered_branch(
         operands[side],

@@ -9,7 +9,7 @@ twin that names its layers ``blocks_3`` pass ``{"blocks": "blocks_{i}"}``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -70,18 +70,20 @@ def select(
     per_layer: Mapping[str, list[str]],
     config: LoRAConfig,
     maybe: Mapping[str, list[str]] | None = None,
+    also: Sequence[str] = (),
 ) -> list[str]:
     """The ``paths`` that ``config.targets`` choose: a stacked layer (one with ``per_layer``
     paths) is chosen by its own path or by all of its per-layer paths; a ``ValueError`` if
     only some of them match (a stack is adapted in all its layers or none). ``maybe``: the
     per-layer paths of layers not yet known to be stacks: chosen by any of them, to be
-    selected again once known (``select`` without ``maybe``)."""
+    selected again once known (``select`` without ``maybe``). ``also``: the layers adapted
+    besides (``target_parameters``'), which a rank/alpha pattern key may match."""
     maybe = {k: v for k, v in (maybe or {}).items() if k not in per_layer}
     known = [*paths, *(p for ps in per_layer.values() for p in ps)]
     # A refusal names the paths that exist, not every per-layer path a module might have if
     # it were a stack (a (V, D) embedding would add V of them).
     every = [*known, *(p for ps in maybe.values() for p in ps)]
-    matched = set(config.select(every, listed=known))
+    matched = set(config.select(every, listed=known, also=also))
     chosen = []
     for path in paths:
         layers = per_layer.get(path, maybe.get(path, []))

@@ -29,6 +29,7 @@ from jaxlora.nnx.oplevel import (
     unused_products,
 )
 from jaxlora.nnx.quant import kernel_value
+from jaxlora.nnx.serving import StackedAdapter
 from jaxlora.tree import ParamCount, factor_names
 
 SUPPORTED = "nnx.Linear, nnx.LinearGeneral (no batch_axis), nnx.Conv (no mask, groups=1), nnx.Embed"
@@ -279,7 +280,14 @@ def inject(
     # A module adapted at its product is known to be a stack only once traced: until then its
     # per-layer paths are the ones it would have as one (_maybe_stacks), checked after tracing.
     maybe = _maybe_stacks(modules, layer_names, inputs)
-    chosen = stacks.select(list(modules), per_layer, config, maybe) if config.targets else []
+    # The modules target_parameters names are adapted too: a rank/alpha pattern key may match
+    # them (and must match some adapted layer, also when target_parameters alone chooses).
+    named = list(_by_parameter(modules, config, []))
+    if config.targets:
+        chosen = stacks.select(list(modules), per_layer, config, maybe, also=named)
+    else:
+        config.check_unmatched(list(modules), named)
+        chosen = []
     only = _by_parameter(modules, config, chosen)
     chosen = sorted({*chosen, *only})
     tied = _checked_tied(tied_products, inputs)
@@ -482,7 +490,8 @@ def _chosen_stacks(modules, products, config: LoRAConfig, layer_names, chosen, o
         if (depth := _product_stack(modules[name][1], found, f"inject: layer '{name}'"))
     }
     per_layer = per_layer_paths(modules, layer_names, stacked)
-    again = stacks.select(list(modules), per_layer, config) if config.targets else []
+    also = list(only)  # target_parameters' modules, which a pattern key may match
+    again = stacks.select(list(modules), per_layer, config, also=also) if config.targets else []
     untraced = [n for n in again if n not in chosen]
     if untraced:
         raise ValueError(
@@ -610,8 +619,10 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
     merge quantized again in the same format and layout and whose ``lora_b`` is zero, so its
     output is exactly the re-quantized merged base, ready for a new adapter. That adds one
     quantization error, bounded as ``jaxlora.merge`` states. Other LoRA layers merge as
-    usual; ``requantize=True`` on a model without a quantized LoRA layer is refused.
+    usual; ``requantize=True`` on a model without a quantized LoRA layer is refused, as is any
+    model served with adapter stacks (``to_multi``: many adapters, no one delta to merge).
     """
+    _refuse_stacks(model)
     plain, requantized = [], []
     for names in _groups(_module_paths(model)).values():
         path, layer = names[0]
@@ -643,6 +654,23 @@ def merge(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
     if hasattr(model, "lora_config") and not requantized:
         del model.lora_config
     return model
+
+
+def _refuse_stacks(model: nnx.Module) -> None:
+    """A ``ValueError`` for a model served with adapter stacks (``to_multi``): its layers hold
+    many adapters and no one delta, so merging had nothing to fold and returned the base
+    weights as if merged."""
+    stacked = sorted(
+        p
+        for p, (_, m) in _module_paths(model).items()
+        if isinstance(getattr(m, "occupied", None), StackedAdapter)
+    )
+    if stacked:
+        raise ValueError(
+            f"merge: layers {stacked} are adapter stacks (jaxlora.nnx.to_multi), which hold "
+            "many adapters and no one delta to merge; merge the single-adapter model that was "
+            "put into a slot instead; the model was left unchanged"
+        )
 
 
 def _requantized(layer: LoRALinear | OpAdapter) -> dict[str, nnx.Variable]:

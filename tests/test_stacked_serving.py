@@ -34,6 +34,7 @@ from jaxlora import LoRAConfig
 from jaxlora import nnx as jnnx
 from tests._nnx_stacks import ScannedLayers
 from tests.test_multi_oplevel import _nnx_forward, _same, _state
+from tests.test_multiweight_serving import _linen_served
 from tests.test_oplevel_multiweight import WEIGHTS, _Stacked
 from tests.test_oplevel_multiweight import D as OP_D
 from tests.test_oplevel_multiweight import F as OP_F
@@ -105,18 +106,6 @@ def _alone(dims: tuple, axis: int) -> dict:
     return out
 
 
-def _served(model):
-    traces = []
-
-    @jax.jit
-    def served(stack, base, x, index):
-        traces.append(1)  # runs once per trace
-        with jaxlora.intercept_stack(stack, index):
-            return model.apply({"params": stack.params(base)}, x)
-
-    return served, traces
-
-
 def _rows_close(got, alone: dict, index, tol: float = TOL) -> None:
     """Each row of ``got`` equals its adapter's model alone (to ``tol`` of the row's scale),
     a base row (-1) the base model bit for bit."""
@@ -148,7 +137,7 @@ def test_linen_scanned_dense_rows_equal_their_single_adapter_models(dims, axis):
     node = stack.params(base)["layers"]["query"]  # the layer axis where the scan slices it
     assert node["lora_served_a"].shape == np.moveaxis(np.empty((length, 3, d, 2)), 0, axis).shape
     assert node["kernel"] is base["layers"]["query"]["kernel"]  # the base itself, no copy
-    served, _ = _served(model)
+    served, _ = _linen_served(model)
     got = served(stack, base, x, INDEX)
     alone = _alone(dims, axis)
     assert _rel_err(alone[0], alone[-1]) > 1e-2 and _rel_err(alone[1], alone[0]) > 1e-2
@@ -159,7 +148,7 @@ def test_linen_scanned_dense_slots_set_replace_clear_without_a_retrace():
     model, base, adapters, x = _linen(SMALL, 1)
     alone = _alone(SMALL, 1)
     stack = jaxlora.stack_adapters(adapters[:1], capacity=3, rank=2)
-    served, traces = _served(model)
+    served, traces = _linen_served(model)
     index = jnp.array([0, -1, 0, -1, 0, 0])
     _rows_close(served(stack, base, x, index), alone, index)
     stack = stack.set(2, *adapters[1]).set(0, *adapters[1])  # an empty slot, a replaced one

@@ -184,6 +184,8 @@ def load_adapter(
     its adapters' ``lora_stack`` records once injected; a plain one needs
     ``layouts=jaxlora.layouts(model, *inputs)``, which records the axis (without either, the
     layer axis is taken to be 0, and params that do not share a length there are refused).
+    With ``layouts``, a layer the model also reads outside it (``Layouts.shared``: a head
+    tied to the embedding's params) is refused, as ``inject`` refuses it.
 
     Adapters made at a weight's product (``inject(..., layouts=)``) are read from the torch
     module(s) their ``path_map`` value names, by the rule that writes them (``jaxlora.hf_maps``,
@@ -238,6 +240,10 @@ def load_adapter(
             "jaxlora.load_adapter(base_params, directory)"
         )
     _check_residual_bases(tensors, nodes, config, directory)
+    keyed = [nodes[t][0] for t in tensors]
+    _check_not_shared(
+        layouts, [".".join(k[1:] if k[0] == "params" else k) for k in keyed], directory
+    )
     for torch_path, (a, b, file_kind) in tensors.items():
         flax_path, node = nodes[torch_path]
         kind, name, in_axes = _target(node, file_kind, a, f"{directory}: layer '{torch_path}'")
@@ -283,6 +289,22 @@ def load_adapter(
             )
             new[flax_path][INIT_NAME] = InitRecord(config.init)  # the kernel is the residual
     return _set_leaves(params, (), new)
+
+
+def _check_not_shared(layouts: Mapping | None, names: list[str], directory) -> None:
+    """A ``ValueError`` for a layer (by '.'-joined path) that ``layouts`` found the model
+    reading outside the layer (``Layouts.shared``: a head tied to the embedding's params), as
+    ``inject`` refuses it."""
+    shared = getattr(layouts, "shared", {})
+    for name in names:
+        if name in shared:
+            said = ", ".join(f"its {w} {where}" for w, where in sorted(shared[name].items()))
+            raise ValueError(
+                f"{directory}: layer '{name}' cannot take the adapter: the model also reads its "
+                f"weight outside it ({said}; as a head tied to an embedding table reading its "
+                "params does), so that read would not see the adapter and merging would "
+                "change it too (jaxlora.layouts found it)"
+            )
 
 
 class _Product(NamedTuple):
@@ -500,6 +522,7 @@ def _load_stacked(params, directory, path_map, layer_names, layouts) -> PyTree:
     per_layer = stacks.unstack(plain, layer_names, axes)
     loaded = load_adapter(per_layer, directory, path_map=path_map)
     adapter = stacks.restack_adapter(split(loaded)[0], layer_names, lengths, axes)
+    _check_not_shared(layouts, [path_str(p) for p, _ in iter_lora_layers(adapter)], directory)
     return combine(adapter, split(params)[1])
 
 

@@ -291,3 +291,38 @@ def test_nnx_a_weight_read_only_by_its_own_layer_is_adapted_and_merges(make, x, 
     assert float(jnp.max(jnp.abs(out - want_base))) > 1e-2  # the adapter matters
     merged = jnnx.merge(model)
     np.testing.assert_allclose(merged(x), out, rtol=1e-5, atol=1e-5)
+
+
+def _peft_file(params, targets, directory) -> None:
+    """A PEFT file adapting ``targets`` of the plain (unscanned) ``params``."""
+    config = jaxlora.LoRAConfig(r=2, alpha=4, targets=targets)
+    jaxlora.save_adapter(jaxlora.inject(params, config, jax.random.key(1)), directory, config)
+
+
+def test_load_adapter_with_layouts_refuses_a_layer_read_outside_it(tmp_path):
+    """A PEFT file adapting the tied table (PEFT allows LoRA on an Embedding whose weight the
+    lm_head shares) is refused into the model by ``load_adapter(..., layouts=)``; without
+    ``layouts`` the params tree alone cannot tell (documented)."""
+    model = RawTiedHead()
+    variables = model.init(jax.random.key(0), IDS)
+    _peft_file(variables["params"], ["wte"], tmp_path)
+    layouts = jaxlora.layouts(model, IDS)
+    match = r"layer 'wte' cannot take the adapter: the model also reads its weight outside it "
+    with pytest.raises(ValueError, match=match + r"\(its embedding by dot_general at 'lm_head'"):
+        jaxlora.load_adapter(variables, tmp_path, layouts=layouts)
+    jaxlora.load_adapter(variables, tmp_path)  # unchecked without layouts
+
+
+def test_load_adapter_into_a_scanned_tree_refuses_a_layer_read_outside_it(tmp_path):
+    model = _scanned(0, False, True)
+    variables = model.init(jax.random.key(0), X)
+    names = {"blocks": "layers.{i}"}
+    _peft_file(jaxlora.stacks.unstack(variables["params"], names), ["q"], tmp_path)
+    layouts = jaxlora.layouts(model, X)
+    with pytest.raises(ValueError, match=r"layer 'blocks.q' cannot take the adapter"):
+        jaxlora.load_adapter(variables, tmp_path, layer_names=names, layouts=layouts)
+    unpeeked = _scanned(0, False, False)  # the same tree, its kernel read only by its layer
+    loaded = jaxlora.load_adapter(
+        variables, tmp_path, layer_names=names, layouts=jaxlora.layouts(unpeeked, X)
+    )
+    assert jnp.shape(loaded["params"]["blocks"]["q"]["lora_a"]) == (3, 4, 2)

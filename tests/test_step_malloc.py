@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A jitted function whose temp buffer (two 20.25 MiB arrays) is above glibc's largest default
 # mmap threshold (32 MiB); prints whether the setting applied (before XLA starts its threads,
-# as the benchmarks call it), the temp size, and the fewest minor page faults of six calls
-# after three warm-up calls (a call may still find its buffer in use by the last one's cleanup).
+# as the benchmarks call it), the temp size, and the fewest minor page faults of twelve calls
+# after five warm-up calls (a call may still find its buffer in use by the last one's cleanup,
+# more often on a loaded machine).
 SCRIPT = """
 import json, resource, sys
 from jaxlora.host import keep_freed_memory
@@ -30,10 +31,10 @@ import jax, jax.numpy as jnp
 
 x = jnp.ones((2304, 2304))
 step = jax.jit(lambda x: (jnp.exp(x)[::-1] * x.T).sum()).lower(x).compile()
-for _ in range(3):
+for _ in range(5):
     step(x).block_until_ready()
 counts = []
-for _ in range(6):
+for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(x).block_until_ready()
     counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)

@@ -225,7 +225,9 @@ def stack_adapters(
     largest given) bounds the ranks of adapters set later. The first adapter's layers and base
     kernel shapes (and, for an adapter made at its weight's product, the weight's roles in
     it) define the stack; every other adapter must have the same. Each layer's stack holds
-    the widest dtype of the adapters given (an adapter ``set`` later is cast to it).
+    the widest dtype of the adapters given (an adapter ``set`` later is cast to it). A module
+    adapted at its weight's product that contains another adapted layer is refused, naming
+    both (adapt the module or its submodules, not both).
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -249,6 +251,9 @@ def stack_adapters(
         )
     given = [_adapter_layers(p, c, None) for p, c in adapters]
     first = given[0]
+    paths = {key: layer.module or key for key, layer in first.items()}
+    products = [paths[key] for key, layer in first.items() if layer.roles is not None]
+    check_not_nested(products, list(paths.values()), "stack_adapters")
     if rank is None:
         rank = max(max(int(layer.a.shape[-1]) for layer in g.values()) for g in given)
     # Each layer's stack in the widest dtype given, not the first adapter's: a float32 adapter
@@ -281,6 +286,24 @@ def stack_adapters(
     for slot, (params, config) in enumerate(adapters):
         empty = empty.set(slot, params, config)
     return empty
+
+
+def check_not_nested(products: Sequence[str], layers: Sequence[str], where: str) -> None:
+    """A ``ValueError`` naming both paths if a module adapted at its weight's product (a path
+    of ``products``) contains another stacked layer (a path of ``layers``; "" is the root).
+    Its call is evaluated from its own trace, probed with one more example than the adapter
+    index has: an inner stacked layer would be refused there (NNX) or never called (Linen)."""
+    for outer in sorted(set(products)):
+        prefix = f"{outer}." if outer else ""
+        inner = sorted(p for p in layers if p != outer and p.startswith(prefix))
+        if inner:
+            raise ValueError(
+                f"{where}: layer '{outer or '<root>'}' is adapted at its weight's product and "
+                f"contains the adapted layers {inner}: stacks cannot serve both (the module's "
+                "call is evaluated from its own trace, probed with one more example than the "
+                "adapter index has, and the inner stacked layers cannot be served within it); "
+                "adapt either the module or its submodules, not both"
+            )
 
 
 class _Layer(NamedTuple):

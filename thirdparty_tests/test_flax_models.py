@@ -28,11 +28,11 @@ from transformers import (
 )
 
 import jaxlora
+from parity_tests.twins import peft_load
 from thirdparty_tests.twins import (
     TOKENS,
     TOL,
     VOCAB,
-    peft_load,
     peft_train,
     rel_err,
     torch_logits,

@@ -21,11 +21,11 @@ import qwix
 from flax import nnx
 
 from jaxlora import nnx as jnnx
+from parity_tests.twins import peft_load
 from thirdparty_tests.twins import (
     TOKENS,
     TOL,
     base_state,
-    peft_load,
     pure,
     rel_err,
     torch_logits,

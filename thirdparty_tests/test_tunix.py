@@ -25,13 +25,13 @@ from peft import LoraConfig, get_peft_model
 
 import jaxlora
 from jaxlora import nnx as jnnx
+from parity_tests.twins import peft_load
 from thirdparty_tests.twins import (
     TOL,
     TunixTwin,
     base_state,
     lora_state,
     lora_train,
-    peft_load,
     peft_train,
     rel_err,
     torch_logits,

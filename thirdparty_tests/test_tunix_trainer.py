@@ -15,12 +15,12 @@ from tunix.sft import peft_trainer, utils
 
 import jaxlora
 from jaxlora import nnx as jnnx
+from parity_tests.twins import peft_load
 from thirdparty_tests.twins import (
     TOKENS,
     TOL,
     base_state,
     lora_state,
-    peft_load,
     rel_err,
     torch_logits,
     trees_equal,

@@ -10,7 +10,6 @@ where one framework computes one thing twice.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,6 @@ import numpy as np
 import optax
 import torch
 from flax import nnx
-from peft import PeftModel
 
 TOL = 1e-4
 B, T, VOCAB = 2, 7, 128
@@ -282,16 +280,6 @@ def tunix_twins() -> list[TunixTwin]:
 def torch_logits(model: torch.nn.Module, tokens: np.ndarray = TOKENS) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(tokens)).logits.numpy()
-
-
-def peft_load(base: torch.nn.Module, directory) -> PeftModel:
-    """``PeftModel.from_pretrained``, which must not warn (a warning there means keys it
-    ignored or a config it rewrote)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(base, str(directory))
-    assert not caught, [str(w.message) for w in caught]
-    return model.eval()
 
 
 def pure(state: Any) -> Any:

@@ -31,7 +31,8 @@ gives NaN rows rather than an error. Layers stacked over several axes are refuse
 
 Serving only: there is no dropout on the branch. Only ``LoRALinear`` and ``OpAdapter`` layers
 are stacked; a model holding other LoRA layers (``LoRALinearGeneral``, ``LoRAConv``,
-``LoRAEmbed``) is refused, as they would apply one adapter to every example.
+``LoRAEmbed``) is refused, as they would apply one adapter to every example. So is an
+``OpAdapter`` containing another adapted layer (adapt the module or its submodules, not both).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nn
     ``OpAdapter`` by a stacked op-level layer (``jaxlora.nnx.multi_op``), each with an empty
     stack of ``capacity`` slots and rank ``rank`` (default: the largest layer's r); returns
     ``model``. The layers' own adapters are not kept: put them in a slot with ``set_adapter``
-    (from a copy made before). Everything is checked before the model is changed."""
+    (from a copy made before). Everything is checked before the model is changed; an
+    ``OpAdapter`` that contains another adapted layer is refused, naming both."""
     paths = _module_paths(model)
     kinds = LoRALinear | OpAdapter
     layers = {p: (path, m) for p, (path, m) in paths.items() if isinstance(m, kinds)}
@@ -137,6 +139,8 @@ def to_multi(model: nnx.Module, *, capacity: int, rank: int | None = None) -> nn
         )
     if not layers:
         raise ValueError("to_multi: the model has no jaxlora.nnx.LoRALinear or OpAdapter layer")
+    products = [p for p, (_, m) in layers.items() if isinstance(m, OpAdapter)]
+    multi.check_not_nested(products, list(layers), "to_multi")
     for p, (_, m) in layers.items():
         if isinstance(m, OpAdapter):  # each weight of several (its own stack) alike
             multi_op.check_untied(m, f"to_multi: layer '{p}'")

@@ -44,6 +44,9 @@ _LAYOUT = frozenset(
         "slice",
         "dynamic_slice",
         "rev",
+        "reduce_precision",
+        "device_put",
+        "name",  # checkpoint_name, for remat policies
     )
 )
 

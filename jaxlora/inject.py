@@ -132,8 +132,10 @@ def _inject(
         config.check_unmatched(list(nodes), named)
         chosen = []
     only = _by_parameter(nodes, config, chosen)
+    adapted = [*chosen, *(p for p in only if p not in chosen)]
+    _check_not_nested(adapted, layouts)
     new = {}
-    for path in [*chosen, *(p for p in only if p not in chosen)]:
+    for path in adapted:
         node, where = nodes[path], f"inject: layer '{path}'"
         if any(is_lora_name(name) or name in RECORD_NAMES for name in node):
             raise ValueError(f"{where} already has LoRA leaves")
@@ -205,6 +207,24 @@ def _inject(
                 leaves["lora_b"] = dataclasses.replace(boxed, value=leaves["lora_b"], names=names_b)  # type: ignore[type-var]
         new[path] = leaves
     return _add_leaves(params, (), new)
+
+
+def _check_not_nested(adapted: list[str], layouts) -> None:
+    """A ``ValueError`` for a module adapted at its weight's product that contains another
+    adapted layer: ``intercept`` evaluates its call from its own trace, where the inner layer's
+    branch would not run (refused there too, when called)."""
+    at_product = (product.ProductLayout, product.ProductsLayout)
+    for outer in adapted:
+        if not isinstance(layouts is not None and layouts.get(outer), at_product):
+            continue
+        inner = sorted(
+            p for p in adapted if p != outer and p.startswith(f"{outer}." if outer else "")
+        )
+        if inner:
+            raise ValueError(
+                f"inject: layer '{outer}' is adapted at its weight's product and contains the "
+                f"adapted layers {inner}; adapt either the module or its submodules, not both"
+            )
 
 
 def _by_parameter(nodes: Mapping, config: LoRAConfig, chosen: list[str]) -> dict[str, list[str]]:

@@ -143,7 +143,10 @@ def _linen_adapter(base, layouts, targets: list[str], seed: int):
 
 def test_linen_nested_adapted_layers_are_refused_up_front(linen_setup):
     _, base, layouts = linen_setup
-    adapter = _linen_adapter(base, layouts, ["blk", "blk.proj"], 1)
+    outer, _ = _linen_adapter(base, layouts, ["blk"], 1)  # inject refuses both in one call
+    inner = jaxlora.LoRAConfig(r=2, alpha=3.0, targets=["blk.proj"])
+    nested = jaxlora.inject(outer, inner, jax.random.key(2), layouts=layouts)
+    adapter = (nested, jaxlora.LoRAConfig(r=2, alpha=3.0, targets=["blk", "blk.proj"]))
     with pytest.raises(ValueError, match=rf"stack_adapters: {NESTED} \['blk.proj'\]") as err:
         jaxlora.stack_adapters([adapter], capacity=2)
     assert "blk_out" not in str(err.value)
@@ -169,3 +172,19 @@ def test_linen_the_module_or_its_submodule_alone_is_served(linen_setup, kind):
     scale = max(np.abs(y).max(), 1.0)
     for row, i in enumerate(INDEX):
         np.testing.assert_allclose(y[row], alone[i][row], rtol=0, atol=1e-6 * scale)
+
+
+def test_linen_inject_refuses_nested_adapted_layers_up_front(linen_setup):
+    """One adapter: ``inject`` refuses the nesting before building anything; a tree nested by
+    two inject calls is refused by ``intercept`` when called (the module's call is evaluated
+    from its own trace, where the inner layer's branch would not run)."""
+    model, base, layouts = linen_setup
+    config = jaxlora.LoRAConfig(r=2, alpha=3.0, targets=["blk", "blk.proj"])
+    with pytest.raises(ValueError, match=rf"inject: {NESTED} \['blk.proj'\]"):
+        jaxlora.inject(base, config, jax.random.key(1), layouts=layouts)
+    outer, _ = _linen_adapter(base, layouts, ["blk"], 1)
+    inner = jaxlora.LoRAConfig(r=2, alpha=3.0, targets=["blk.proj"])
+    nested = jaxlora.inject(outer, inner, jax.random.key(2), layouts=layouts)
+    match = r"layer 'blk' is adapted at its weight's product and its submodules \['proj'\]"
+    with pytest.raises(ValueError, match=match), jaxlora.intercept(config):
+        model.apply({"params": nested}, X)

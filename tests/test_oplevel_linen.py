@@ -426,7 +426,14 @@ def test_intercept_refuses_a_product_module_whose_submodules_are_adapted_too():
     x = jnp.ones((5, 4))
     variables = model.init(jax.random.key(0), x)
     config = jaxlora.LoRAConfig(r=1, targets=["proj", "proj.child"])
-    lora = jaxlora.inject(variables, config, jax.random.key(1), layouts=jaxlora.layouts(model, x))
+    layouts = jaxlora.layouts(model, x)
+    with pytest.raises(ValueError, match=r"inject: layer 'proj' is adapted .* \['proj.child'\]"):
+        jaxlora.inject(variables, config, jax.random.key(1), layouts=layouts)  # up front
+    # nested by two inject calls: refused when called
+    lora = variables
+    for target in ("proj", "proj.child"):
+        one = jaxlora.LoRAConfig(r=1, targets=[target])
+        lora = jaxlora.inject(lora, one, jax.random.key(1), layouts=layouts)
     assert "lora_roles" in lora["params"]["proj"]
     with pytest.raises(ValueError, match=r"layer 'proj' is adapted .* submodules \['child'\]"):
         with jaxlora.intercept(config):

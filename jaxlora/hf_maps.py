@@ -88,7 +88,7 @@ import numpy as np
 
 from _loracore.config import WEIGHT_INITS, LoRAConfig
 from _loracore.peft_format import map_path, tensor_keys
-from jaxlora.oplevel import Roles, flax_factors, torch_factors
+from jaxlora.oplevel import Roles, flax_factors, torch_factors, torch_order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +157,8 @@ def layout(spec: str | HFLinear, roles: Roles, where: str) -> HFLayout:
                 "expected one module per index"
             )
     rest = tuple(a for a in free if a != spec.split)
-    in_axes = _axes(spec.in_axes, roles.contracted, "in_axes", "contracted", where)
-    out_axes = _axes(spec.out_axes, rest, "out_axes", "free (other than split)", where)
+    in_axes = _axes(spec.in_axes, _traced(roles, "c"), roles.contracted, "in_axes", where)
+    out_axes = _axes(spec.out_axes, _traced(roles, "f"), rest, "out_axes", where)
     if not isinstance(spec.conv1d, bool):
         raise TypeError(f"{where}: HFLinear conv1d must be True or False, got {spec.conv1d!r}")
     return HFLayout(paths, in_axes, out_axes, spec.split, roles, spec.conv1d)
@@ -190,8 +190,8 @@ def _experts_layout(spec: HFLinear, roles: Roles, where: str) -> HFLayout:
         )
     if not all(isinstance(p, str) and p for p in paths):
         raise ValueError(f"{where}: HFLinear paths must be module paths, got {paths}")
-    in_axes = _axes(spec.in_axes, roles.contracted, "in_axes", "contracted", where)
-    out_axes = _axes(spec.out_axes, roles.free, "out_axes", "free", where)
+    in_axes = _axes(spec.in_axes, _traced(roles, "c"), roles.contracted, "in_axes", where)
+    out_axes = _axes(spec.out_axes, _traced(roles, "f"), roles.free, "out_axes", where)
     if not isinstance(spec.conv1d, bool):
         raise TypeError(f"{where}: HFLinear conv1d must be True or False, got {spec.conv1d!r}")
     return HFLayout(paths, in_axes, out_axes, axis, roles, spec.conv1d)
@@ -203,9 +203,26 @@ def _expert(lay: HFLayout, path: str) -> HFLayout:
     return dataclasses.replace(lay, paths=(path,), split=None, roles=roles)
 
 
-def _axes(given, own: tuple[int, ...], name: str, role: str, where: str) -> tuple[int, ...]:
+def _traced(roles: Roles, side: str) -> tuple[int, ...] | str | None:
+    """``torch_order`` of the weight's contracted (``side`` "c") or free ("f") axes."""
+    return torch_order(roles, roles.contracted if side == "c" else roles.free)
+
+
+def _axes(given, traced, own: tuple[int, ...], name: str, where: str) -> tuple[int, ...]:
+    """The torch flattening order of the weight's axes ``own`` (contracted, or free but a
+    split one): ``given`` (an ``HFLinear``'s ``in_axes``/``out_axes``) if any, else the order
+    the traced computation flattens them in (``traced``, from ``_traced``: one reshape merging
+    them all), else W's own; where the trace's evidence is ambiguous (``traced`` a str), a
+    ``ValueError`` naming ``where``, what was seen and the fix."""
+    role = "contracted" if name == "in_axes" else "free"
     if given is None:
-        return own
+        if isinstance(traced, str):
+            raise ValueError(
+                f"{where}: {traced}, so the order in which the torch nn.Linear flattens them is "
+                f"not known; give path_map an HFLinear(..., {name}=<its {role} axes {list(own)} "
+                "in the torch module's flattening order>)"
+            )
+        return own if traced is None else tuple(a for a in traced if a in own)
     given = tuple(given)
     if sorted(given) != sorted(own):
         raise ValueError(

@@ -6,12 +6,20 @@ Linear with weight (out, in) = (prod F, prod C): x's contracted axes are flatten
 Linear's input and the free axes come out flattened. The flattening order is the torch
 model's business, so a ``path_map`` value may be an ``HFLinear`` saying it:
 
-- ``HFLinear("model.layers.0.self_attn.q_proj")``: one Linear, C and F flattened in W's own
-  axis order (tunix Llama's q ``w`` (D, N, H) ↔ ``nn.Linear(D, N·H)`` with
-  ``weight = w.reshape(D, N·H).T``).
+- ``HFLinear("model.layers.0.self_attn.q_proj")``: one Linear, C and F each flattened in the
+  order the module's code flattens them (``oplevel.torch_order``, from the trace's record
+  ``Roles.operands``): where a reshape of W on its way to the product merges all of them into
+  one axis, in that reshape's order (``x @ w.transpose(0, 2, 1).reshape(D, H·N)`` on ``w``
+  (D, N, H) is ``nn.Linear(D, H·N)``, its outputs in (H, N) order), what a torch port of the
+  same code computes; where no reshape merges them, in W's own axis order (tunix Llama's q
+  ``w`` (D, N, H) ↔ ``nn.Linear(D, N·H)`` with ``weight = w.reshape(D, N·H).T``). Where the
+  trace gives no single order (a reshape merging only some of them, slice views flattening
+  them differently) a file is refused, naming the layer, the weight and what was seen, unless
+  ``in_axes``/``out_axes`` say it.
 - ``in_axes=`` / ``out_axes=``: W's contracted / free axes (indices into W's shape) in the
-  order the Linear flattens them (a W (H, N, D) used as 'BTNH,HND->BTD' read by a torch
-  ``o_proj`` whose input is (N, H) flattened: ``in_axes=(1, 0)``).
+  order the Linear flattens them, used as given, over the trace's order (a W (H, N, D) used
+  as 'BTNH,HND->BTD' read by a torch ``o_proj`` whose input is (N, H) flattened:
+  ``in_axes=(1, 0)``).
 - ``HFLinear(("…k_proj", "…v_proj"), split=0)``: one fused W whose free axis ``split`` is
   several torch modules, one per index along it (Gemma's ``kv_einsum`` w (2, K, D, H) used as
   'BSD,CKDH->CBSKH'). The adapter has one ``lora_a`` shared by all of them, written as every
@@ -97,9 +105,10 @@ class HFLinear:
 
     ``path``: the torch module path, or a tuple of them with ``split``. ``in_axes`` /
     ``out_axes``: W's contracted / free axes (free axes other than ``split``) in the torch
-    Linear's flattening order; ``None`` means W's own order. ``split``: W's free axis whose
-    indices are the modules of ``path`` (``None``: one module; a batch axis: one module per
-    expert, each its own A). ``conv1d``: the module(s) are transformers ``Conv1D`` (PEFT's
+    Linear's flattening order; ``None``: the order the module's code flattens them in (one
+    reshape merging them all), else W's own. ``split``: W's free axis whose indices are the
+    modules of ``path`` (``None``: one module; a batch axis: one module per expert, each its
+    own A). ``conv1d``: the module(s) are transformers ``Conv1D`` (PEFT's
     ``fan_in_fan_out``), not ``nn.Linear``. ``experts``: for a weight with one batch axis, the
     torch path of expert i with ``{}`` for i (then ``path`` is unused)."""
 

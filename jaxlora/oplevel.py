@@ -114,12 +114,18 @@ class Roles:
     operands: tuple[tuple[tuple[int, ...], ...], ...] = dataclasses.field(default=(), repr=False)
 
     def matches(self, other: Roles) -> bool:
-        """The same axes in the same roles, and the same ``operands`` unless one of them has
-        none (a record made without it): how a call is checked against an adapter's record."""
+        """The same axes in the same roles, flattened alike for a torch Linear (``torch_order``)
+        unless one of them has no ``operands`` (a record made without them): how a call is
+        checked against an adapter's record (a module may compute its product another way in
+        another context, megablox's gmm under a mesh, a loop over experts without)."""
         axes = (self.shape, self.batch, self.contracted, self.free)
         if axes != (other.shape, other.batch, other.contracted, other.free):
             return False
-        return not self.operands or not other.operands or self.operands == other.operands
+        if not self.operands or not other.operands:
+            return True
+        return all(
+            torch_order(self, a) == torch_order(other, a) for a in (self.contracted, self.free)
+        )
 
     def lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         pick = lambda axes: tuple(self.shape[i] for i in axes)  # noqa: E731
@@ -1227,9 +1233,7 @@ def torch_order(roles: Roles, axes: tuple[int, ...]) -> tuple[int, ...] | str | 
     them, or products flattening them differently), for the caller to refuse."""
     seen = {_site_order(roles, held, axes) for held in roles.operands}
     if len(seen) > 1:
-        shown = [
-            tuple(g for g in held if set(g) & set(axes)) for held in sorted(roles.operands)
-        ]
+        shown = [tuple(g for g in held if set(g) & set(axes)) for held in sorted(roles.operands)]
         return f"its products hold its axes {list(axes)} differently ({', '.join(map(str, shown))})"
     return seen.pop() if seen else None
 

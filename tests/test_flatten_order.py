@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from flax import linen as nn
 from flax import nnx
@@ -239,3 +240,92 @@ def test_peft_file_gives_peft_outputs_in_linen(tmp_path, case):
     want = _peft_saved(Twin(case, linen.w), tmp_path)
     loaded = jaxlora.load_adapter(linen.params, tmp_path)
     _close(linen(loaded), want)
+
+
+# A reshape merging only some free axes: w (D, N, H, 2) used as (D, N, H·2), so the torch
+# order of (N, H, 2) could be (N, H, 2) or (H, 2, N): refused without an explicit order.
+PARTIAL = Case(
+    (D, N, H, 2),
+    (B, T, D),
+    lambda x, w: jnp.einsum("btd,dnk->btnk", x, w.reshape(D, N, H * 2)),
+    lambda w: w.reshape(D, N * H * 2).T,
+    lambda x, lin: lin(x).reshape(B, T, N, H * 2),
+)
+AMBIGUOUS = r"layer 'p', weight 'w'.*holds its axes \[1, 2, 3\] as \(\(1,\), \(2, 3\)\)"
+
+
+@pytest.fixture
+def partial(monkeypatch):
+    monkeypatch.setitem(CASES, "partial", PARTIAL)
+    return "partial"
+
+
+def test_partial_merge_is_refused_by_name_nothing_written(tmp_path, partial):
+    model, linen = _nnx(partial), Linen(partial)
+    for save in (
+        lambda d: jnnx.save_adapter(model, d),
+        lambda d: jaxlora.save_adapter(linen.params, d, CONFIG),
+    ):
+        with pytest.raises(ValueError, match=AMBIGUOUS + r".*HFLinear\(\.\.\., out_axes="):
+            save(tmp_path / "a")
+        assert not (tmp_path / "a").exists()
+
+
+def test_partial_merge_load_refused_by_name_nothing_changed(tmp_path, partial):
+    model = _nnx(partial)
+    _peft_saved(Twin(partial, np.asarray(model.p.w[...])), tmp_path)
+    before = np.asarray(model.p.lora_b[...])
+    with pytest.raises(ValueError, match=AMBIGUOUS):
+        jnnx.load_adapter(model, tmp_path)
+    np.testing.assert_array_equal(model.p.lora_b[...], before)
+    linen = Linen(partial)
+    with pytest.raises(ValueError, match=AMBIGUOUS):
+        jaxlora.load_adapter(linen.params, tmp_path)
+
+
+def test_explicit_order_wins(tmp_path, partial):
+    """An ``HFLinear`` order is used as given: the partial merge saved and read with W's own
+    order (what its twin computes), and case (c) with the order the trace would not give."""
+    model = _nnx(partial)
+    spec = {"p": jaxlora.HFLinear("p", out_axes=(1, 2, 3))}
+    jnnx.save_adapter(model, tmp_path / "a", path_map=spec)
+    twin = Twin(partial, np.asarray(model.p.w[...]))
+    want = np.asarray(model(jnp.asarray(_x(partial))))
+    _close(_torch_out(_peft_load(twin, tmp_path / "a"), partial), want)
+    linen = Linen(partial)
+    loaded = jaxlora.load_adapter(linen.params, tmp_path / "a", path_map=spec)
+    np.testing.assert_array_equal(loaded["p"]["lora_b"], np.asarray(model.p.lora_b[...]))
+    # (c) written with an explicit (N, H) order: its (H, N) twin computes something else.
+    model_c = _nnx("c-transpose-reshape")
+    own = {"p": jaxlora.HFLinear("p", out_axes=(1, 2))}
+    jnnx.save_adapter(model_c, tmp_path / "c", path_map=own)
+    twin_c = Twin("c-transpose-reshape", np.asarray(model_c.p.w[...]))
+    got = _torch_out(_peft_load(twin_c, tmp_path / "c"), "c-transpose-reshape")
+    assert np.abs(got - np.asarray(model_c(jnp.asarray(_x("c-transpose-reshape"))))).max() > 1e-2
+
+
+def test_record_less_roles_keep_own_order(tmp_path):
+    """A Linen tree whose ``lora_roles`` record has no ``operands`` (made before they were
+    recorded) is written in W's own order, as before, and still runs."""
+    linen = Linen("c-transpose-reshape")
+    marker = linen.params["p"]["lora_roles"]
+    assert marker.roles.operands == (((0,), (2, 1)),)
+    old = dataclasses.replace(marker, roles=dataclasses.replace(marker.roles, operands=()))
+    params = {"p": {**linen.params["p"], "lora_roles": old}}
+    _close(linen(params), linen(linen.params))
+    jaxlora.save_adapter(params, tmp_path / "old", CONFIG)
+    jaxlora.save_adapter(linen.params, tmp_path / "new", CONFIG)
+    jaxlora.save_adapter(
+        linen.params,
+        tmp_path / "own",
+        CONFIG,
+        path_map={"p": jaxlora.HFLinear("p", out_axes=(1, 2))},
+    )
+    old_b, new_b, own_b = (
+        safetensors.numpy.load_file(tmp_path / d / "adapter_model.safetensors")[
+            "base_model.model.p.lora_B.weight"
+        ]
+        for d in ("old", "new", "own")
+    )
+    np.testing.assert_array_equal(old_b, own_b)
+    assert not np.array_equal(old_b, new_b)

@@ -329,3 +329,33 @@ def test_record_less_roles_keep_own_order(tmp_path):
     )
     np.testing.assert_array_equal(old_b, own_b)
     assert not np.array_equal(old_b, new_b)
+
+
+class TwoOrders(nnx.Module):
+    """Slice views (one adapter per expert) whose two products flatten (N, H) differently."""
+
+    def __init__(self):
+        self.w = nnx.Param(jax.random.normal(jax.random.key(0), (2, D, N, H)))
+
+    def __call__(self, x):
+        w = self.w[...]
+        first = x[0] @ w[0].reshape(D, N * H)
+        second = x[1] @ w[1].transpose(0, 2, 1).reshape(D, H * N)
+        return first + second
+
+
+def test_slice_views_flattening_differently_are_refused_by_name(tmp_path):
+    model = NnxModel("a-einsum")
+    model.p = TwoOrders()
+    x = jnp.ones((2, T, D))
+    jnnx.inject(model, CONFIG, nnx.Rngs(2), inputs=(x,))
+    spec = {"p": jaxlora.HFLinear("p", experts="p.{}")}
+    match = r"layer 'p', weight 'w'.*its products hold its axes \[2, 3\] differently"
+    with pytest.raises(ValueError, match=match):
+        jnnx.save_adapter(model, tmp_path / "a", path_map=spec)
+    assert not (tmp_path / "a").exists()
+    # Given the order, it is written (an explicit HFLinear wins).
+    jnnx.save_adapter(
+        model, tmp_path / "b", path_map={"p": dataclasses.replace(spec["p"], out_axes=(2, 3))}
+    )
+    assert (tmp_path / "b" / "adapter_model.safetensors").exists()

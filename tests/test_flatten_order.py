@@ -30,6 +30,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import jaxlora
 from jaxlora import nnx as jnnx
+from tests._nnx_stacks import ScannedLayers
 
 B, T, D, N, H, R, ALPHA = 2, 3, 4, 2, 3, 2, 4.0
 CONFIG = jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["p"])
@@ -359,3 +360,43 @@ def test_slice_views_flattening_differently_are_refused_by_name(tmp_path):
         model, tmp_path / "b", path_map={"p": dataclasses.replace(spec["p"], out_axes=(2, 3))}
     )
     assert (tmp_path / "b" / "adapter_model.safetensors").exists()
+
+
+class FlatProj(nnx.Module):
+    """A (c) projection D → D: w (D, 2, 2) used as ``x @ w.transpose(0, 2, 1).reshape(D, D)``."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (D, 2, 2)) / np.sqrt(D))
+
+    def __call__(self, x):
+        return x @ self.w[...].transpose(0, 2, 1).reshape(D, D)
+
+
+class FlatBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.p = FlatProj(rngs)
+
+    def __call__(self, x):
+        return self.p(x)
+
+
+class FlatScanned(ScannedLayers):
+    block, length = FlatBlock, 2
+
+
+def test_stacked_layers_files_use_the_traced_order(tmp_path):
+    """An ``nnx.vmap`` stack run by ``nnx.scan`` (its record renumbered to one layer's axes):
+    layer i's ``lora_B`` rows in the (H, N) order its code flattens."""
+    model = FlatScanned(nnx.Rngs(0))
+    x = jnp.ones((B, T, D))
+    jnnx.inject(
+        model, jaxlora.LoRAConfig(r=R, alpha=ALPHA, targets=["p"]), nnx.Rngs(2), inputs=(x,)
+    )
+    p = model.layers.p
+    p.lora_b[...] = jax.random.normal(jax.random.key(5), p.lora_b.shape)
+    jnnx.save_adapter(model, tmp_path)
+    tensors = safetensors.numpy.load_file(tmp_path / "adapter_model.safetensors")
+    for i in range(2):
+        b = np.asarray(p.lora_b[...][i])  # (r, N, H)
+        want = b.transpose(0, 2, 1).reshape(R, D).T
+        np.testing.assert_array_equal(tensors[f"base_model.model.layers.{i}.p.lora_B.weight"], want)

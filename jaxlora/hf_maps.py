@@ -6,12 +6,20 @@ Linear with weight (out, in) = (prod F, prod C): x's contracted axes are flatten
 Linear's input and the free axes come out flattened. The flattening order is the torch
 model's business, so a ``path_map`` value may be an ``HFLinear`` saying it:
 
-- ``HFLinear("model.layers.0.self_attn.q_proj")``: one Linear, C and F flattened in W's own
-  axis order (tunix Llama's q ``w`` (D, N, H) ↔ ``nn.Linear(D, N·H)`` with
-  ``weight = w.reshape(D, N·H).T``).
+- ``HFLinear("model.layers.0.self_attn.q_proj")``: one Linear, C and F each flattened in the
+  order the module's code flattens them (``oplevel.torch_order``, from the trace's record
+  ``Roles.operands``): where a reshape of W on its way to the product merges all of them into
+  one axis, in that reshape's order (``x @ w.transpose(0, 2, 1).reshape(D, H·N)`` on ``w``
+  (D, N, H) is ``nn.Linear(D, H·N)``, its outputs in (H, N) order), what a torch port of the
+  same code computes; where no reshape merges them, in W's own axis order (tunix Llama's q
+  ``w`` (D, N, H) ↔ ``nn.Linear(D, N·H)`` with ``weight = w.reshape(D, N·H).T``). Where the
+  trace gives no single order (a reshape merging only some of them, slice views flattening
+  them differently) a file is refused, naming the layer, the weight and what was seen, unless
+  ``in_axes``/``out_axes`` say it.
 - ``in_axes=`` / ``out_axes=``: W's contracted / free axes (indices into W's shape) in the
-  order the Linear flattens them (a W (H, N, D) used as 'BTNH,HND->BTD' read by a torch
-  ``o_proj`` whose input is (N, H) flattened: ``in_axes=(1, 0)``).
+  order the Linear flattens them, used as given, over the trace's order (a W (H, N, D) used
+  as 'BTNH,HND->BTD' read by a torch ``o_proj`` whose input is (N, H) flattened:
+  ``in_axes=(1, 0)``).
 - ``HFLinear(("…k_proj", "…v_proj"), split=0)``: one fused W whose free axis ``split`` is
   several torch modules, one per index along it (Gemma's ``kv_einsum`` w (2, K, D, H) used as
   'BSD,CKDH->CBSKH'). The adapter has one ``lora_a`` shared by all of them, written as every
@@ -88,7 +96,7 @@ import numpy as np
 
 from _loracore.config import WEIGHT_INITS, LoRAConfig
 from _loracore.peft_format import map_path, tensor_keys
-from jaxlora.oplevel import Roles, flax_factors, torch_factors
+from jaxlora.oplevel import Roles, flax_factors, torch_factors, torch_order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +105,10 @@ class HFLinear:
 
     ``path``: the torch module path, or a tuple of them with ``split``. ``in_axes`` /
     ``out_axes``: W's contracted / free axes (free axes other than ``split``) in the torch
-    Linear's flattening order; ``None`` means W's own order. ``split``: W's free axis whose
-    indices are the modules of ``path`` (``None``: one module; a batch axis: one module per
-    expert, each its own A). ``conv1d``: the module(s) are transformers ``Conv1D`` (PEFT's
+    Linear's flattening order; ``None``: the order the module's code flattens them in (one
+    reshape merging them all), else W's own. ``split``: W's free axis whose indices are the
+    modules of ``path`` (``None``: one module; a batch axis: one module per expert, each its
+    own A). ``conv1d``: the module(s) are transformers ``Conv1D`` (PEFT's
     ``fan_in_fan_out``), not ``nn.Linear``. ``experts``: for a weight with one batch axis, the
     torch path of expert i with ``{}`` for i (then ``path`` is unused)."""
 
@@ -157,8 +166,8 @@ def layout(spec: str | HFLinear, roles: Roles, where: str) -> HFLayout:
                 "expected one module per index"
             )
     rest = tuple(a for a in free if a != spec.split)
-    in_axes = _axes(spec.in_axes, roles.contracted, "in_axes", "contracted", where)
-    out_axes = _axes(spec.out_axes, rest, "out_axes", "free (other than split)", where)
+    in_axes = _axes(spec.in_axes, _traced(roles, "c"), roles.contracted, "in_axes", where)
+    out_axes = _axes(spec.out_axes, _traced(roles, "f"), rest, "out_axes", where)
     if not isinstance(spec.conv1d, bool):
         raise TypeError(f"{where}: HFLinear conv1d must be True or False, got {spec.conv1d!r}")
     return HFLayout(paths, in_axes, out_axes, spec.split, roles, spec.conv1d)
@@ -190,8 +199,8 @@ def _experts_layout(spec: HFLinear, roles: Roles, where: str) -> HFLayout:
         )
     if not all(isinstance(p, str) and p for p in paths):
         raise ValueError(f"{where}: HFLinear paths must be module paths, got {paths}")
-    in_axes = _axes(spec.in_axes, roles.contracted, "in_axes", "contracted", where)
-    out_axes = _axes(spec.out_axes, roles.free, "out_axes", "free", where)
+    in_axes = _axes(spec.in_axes, _traced(roles, "c"), roles.contracted, "in_axes", where)
+    out_axes = _axes(spec.out_axes, _traced(roles, "f"), roles.free, "out_axes", where)
     if not isinstance(spec.conv1d, bool):
         raise TypeError(f"{where}: HFLinear conv1d must be True or False, got {spec.conv1d!r}")
     return HFLayout(paths, in_axes, out_axes, axis, roles, spec.conv1d)
@@ -203,9 +212,26 @@ def _expert(lay: HFLayout, path: str) -> HFLayout:
     return dataclasses.replace(lay, paths=(path,), split=None, roles=roles)
 
 
-def _axes(given, own: tuple[int, ...], name: str, role: str, where: str) -> tuple[int, ...]:
+def _traced(roles: Roles, side: str) -> tuple[int, ...] | str | None:
+    """``torch_order`` of the weight's contracted (``side`` "c") or free ("f") axes."""
+    return torch_order(roles, roles.contracted if side == "c" else roles.free)
+
+
+def _axes(given, traced, own: tuple[int, ...], name: str, where: str) -> tuple[int, ...]:
+    """The torch flattening order of the weight's axes ``own`` (contracted, or free but a
+    split one): ``given`` (an ``HFLinear``'s ``in_axes``/``out_axes``) if any, else the order
+    the traced computation flattens them in (``traced``, from ``_traced``: one reshape merging
+    them all), else W's own; where the trace's evidence is ambiguous (``traced`` a str), a
+    ``ValueError`` naming ``where``, what was seen and the fix."""
+    role = "contracted" if name == "in_axes" else "free"
     if given is None:
-        return own
+        if isinstance(traced, str):
+            raise ValueError(
+                f"{where}: {traced}, so the order in which the torch nn.Linear flattens them is "
+                f"not known; give path_map an HFLinear(..., {name}=<its {role} axes {list(own)} "
+                "in the torch module's flattening order>)"
+            )
+        return own if traced is None else tuple(a for a in traced if a in own)
     given = tuple(given)
     if sorted(given) != sorted(own):
         raise ValueError(

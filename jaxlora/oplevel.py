@@ -99,12 +99,33 @@ _REMATS = {"remat2": "jaxpr", "checkpoint": "jaxpr"}
 
 @dataclasses.dataclass(frozen=True)
 class Roles:
-    """W's axes by role, each in W's own order: batch, contracted, free."""
+    """W's axes by role, each in W's own order: batch, contracted, free.
+
+    ``operands``: the trace's record of how the product holds W, per product (one, or one per
+    slice view), per axis of the weight's operand, the W axes it holds in the order it holds
+    them (a reshape merging axes puts several); ``()`` where no trace recorded it (a known
+    layer's ``Roles.linear``, an old record). Used for PEFT files only (``torch_order``); left
+    out of the repr, kept in equality (a jit cache must not hand one record for another)."""
 
     shape: tuple[int, ...]
     batch: tuple[int, ...]
     contracted: tuple[int, ...]
     free: tuple[int, ...]
+    operands: tuple[tuple[tuple[int, ...], ...], ...] = dataclasses.field(default=(), repr=False)
+
+    def matches(self, other: Roles) -> bool:
+        """The same axes in the same roles, flattened alike for a torch Linear (``torch_order``)
+        unless one of them has no ``operands`` (a record made without them): how a call is
+        checked against an adapter's record (a module may compute its product another way in
+        another context, megablox's gmm under a mesh, a loop over experts without)."""
+        axes = (self.shape, self.batch, self.contracted, self.free)
+        if axes != (other.shape, other.batch, other.contracted, other.free):
+            return False
+        if not self.operands or not other.operands:
+            return True
+        return all(
+            torch_order(self, a) == torch_order(other, a) for a in (self.contracted, self.free)
+        )
 
     def lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         pick = lambda axes: tuple(self.shape[i] for i in axes)  # noqa: E731
@@ -255,6 +276,12 @@ def find_product(
             f"{where}: its dtype {dtype} is not floating point; only a float weight can hold "
             "W + delta once merged (store it as float, or quantize it with jaxlora.quant)"
         )
+    return _recorded(_one_adapter(products, shape, where))
+
+
+def _one_adapter(products: list[Product], shape: tuple[int, ...], where: str) -> Product:
+    """The products of one weight as one adapter's (``find_product``): one product, slice
+    views or traced-index views; a ``ValueError`` naming ``where`` for anything else."""
     if len(products) == 1 and not products[0].sliced:
         return products[0]
     if all(p.gather is not None for p in products):
@@ -276,6 +303,23 @@ def find_product(
             f"{sorted({p.layers for p in products})}; they must lie in one scanned layer"
         )
     return _slice_views(products, shape, where)
+
+
+def _recorded(product: Product) -> Product:
+    """``product`` with its roles' ``operands`` recorded from its sites (``weight_groups``)."""
+    held = tuple(weight_groups(site) for site in sites(product))
+    roles = dataclasses.replace(product.roles, operands=held)
+    views = tuple(dataclasses.replace(p, roles=roles) for p in product.sites)
+    return dataclasses.replace(product, roles=roles, sites=views)
+
+
+def weight_groups(site: Product) -> tuple[tuple[int, ...], ...]:
+    """Per axis of the product ``site``'s weight operand, the W axes it holds, in the order
+    it holds them (a gathered weight's gather batch dims stand for its indexed axes)."""
+    gathered = site.gather
+    if gathered is None:
+        return site.groups
+    return tuple(tuple(w for v in g for w in gathered.to_weight((v,))) for g in site.groups)
 
 
 class RowLookups(ValueError):
@@ -631,6 +675,7 @@ def per_layer(product: Product) -> Product:
         renumber(roles.batch),
         renumber(roles.contracted),
         renumber(roles.free),
+        tuple(tuple(renumber(g) for g in held) for held in roles.operands),
     )
     groups = product.groups  # a gathered weight's are V's, whose numbering has no layer axis
     if product.gather is None:
@@ -1176,3 +1221,33 @@ def flax_factors(
     a = np.transpose(a, [in_axes.index(w) for w in roles.contracted] + [len(in_axes)])
     b = big_b.T.reshape(r, *(shape[w] for w in out_axes))
     return a, np.transpose(b, [0] + [out_axes.index(w) + 1 for w in roles.free])
+
+
+def torch_order(roles: Roles, axes: tuple[int, ...]) -> tuple[int, ...] | str | None:
+    """The order in which the traced computation flattens W's ``axes`` (its contracted, or its
+    free, axes) into one, from ``roles.operands``: what a torch port of that computation (an
+    ``nn.Linear`` whose weight is the same reshape) flattens them in. A tuple where one
+    reshape merges all of them (size-1 axes, which flatten alike in any order, last); ``None``
+    where no reshape merges any (or nothing was recorded): W's own order is the documented
+    default; a str saying why the evidence is ambiguous (a reshape merging only some of
+    them, or products flattening them differently), for the caller to refuse."""
+    seen = {_site_order(roles, held, axes) for held in roles.operands}
+    if len(seen) > 1:
+        shown = [tuple(g for g in held if set(g) & set(axes)) for held in sorted(roles.operands)]
+        return f"its products hold its axes {list(axes)} differently ({', '.join(map(str, shown))})"
+    return seen.pop() if seen else None
+
+
+def _site_order(roles: Roles, held, axes: tuple[int, ...]) -> tuple[int, ...] | str | None:
+    """``torch_order`` for one product whose weight operand holds W's axes as ``held``."""
+    real = [a for a in axes if roles.shape[a] != 1]
+    merged = [m for m in (tuple(w for w in g if w in real) for g in held) if m]
+    if all(len(m) == 1 for m in merged):
+        return None
+    if len(merged) > 1:
+        shown = tuple(g for g in held if set(g) & set(axes))
+        return (
+            f"its product's operand holds its axes {list(axes)} as {shown}: a reshape merges "
+            "only some of them"
+        )
+    return (*merged[0], *(a for a in axes if a not in real))

@@ -566,7 +566,7 @@ def traced_products(
     products = {}
     for marker in markers:
         product = found.get(marker.weight)
-        if product is None or product.roles != marker.roles:
+        if product is None or not product.roles.matches(marker.roles):
             used = (
                 unused.get(marker.weight, "it is not a param of the module")
                 if product is None

@@ -418,11 +418,7 @@ def _weights_of(
 def weight_order(product: oplevel.Product) -> tuple[int, ...]:
     """The weight's axes in the order its product's operand holds them (after transposes); a
     gathered weight's indexed axes where the gather's batch dims are."""
-    site = oplevel.sites(product)[0]
-    gathered = site.gather
-    if gathered is None:
-        return tuple(axis for group in site.groups for axis in group)
-    return tuple(w for group in site.groups for v in group for w in gathered.to_weight((v,)))
+    return tuple(w for group in oplevel.weight_groups(oplevel.sites(product)[0]) for w in group)
 
 
 def _one_layer(product: oplevel.Product, where: str) -> oplevel.Product:
@@ -495,7 +491,7 @@ def _trace(module: OpAdapter | MultiOpAdapter, graphdef, state_def, leaves, args
                 raise
             continue  # a tied weight only looked up by this call: nothing to adapt in it
         found = oplevel.with_shape(found, tuple(weight.shape))
-        if found.roles != roles:
+        if not found.roles.matches(roles):
             raise ValueError(
                 f"{where}: this call uses the weight as {found.roles}, but the adapter was made "
                 f"for {roles} (from the inputs given to inject)"

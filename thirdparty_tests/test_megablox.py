@@ -162,7 +162,10 @@ def test_adapted_experts_on_the_gmm_path_train_as_on_the_dense_path(tmp_path):
         losses, logits, grads = _train(model, 2)
     assert calls[-3:] == [(4, 64, 32), (4, 64, 32), (4, 32, 64)]  # megablox ran, adapted
     moe = model.layers[0].mlp
-    assert moe.lora_products == dense_model.layers[0].mlp.lora_products
+    dense_products = dense_model.layers[0].mlp.lora_products  # same axes, same torch orders
+    assert [w for w, _ in moe.lora_products] == [w for w, _ in dense_products]
+    pairs = zip(moe.lora_products, dense_products, strict=True)
+    assert all(a.matches(b) for (_, a), (_, b) in pairs)
     assert moe.gate_proj_lora_a.shape == (4, 64, 4) and moe.down_proj_lora_b.shape == (4, 4, 64)
     assert rel_err(dense_logits, _logits(_model())) > 1e-3  # the adapters count
     assert rel_err(logits, dense_logits) <= 1e-5

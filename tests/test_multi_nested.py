@@ -20,6 +20,7 @@ from flax import nnx
 
 import jaxlora
 import jaxlora.nnx as jnnx
+from tests.test_multi_oplevel import _nnx_forward
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -101,12 +102,7 @@ def test_nnx_the_module_or_its_submodule_alone_is_served(kind):
     serving = jnnx.to_multi(nnx.clone(sources[0]), capacity=2)
     for slot, source in enumerate(sources):
         jnnx.set_adapter(serving, slot, source)
-
-    @nnx.jit
-    def forward(model, x, index):
-        with jnnx.adapter_index(index):
-            return model(x)
-
+    forward, _ = _nnx_forward()
     y = np.asarray(forward(serving, X, jnp.array(INDEX)))
     alone = {i: np.asarray((base if i == -1 else sources[i])(X)) for i in set(INDEX)}
     assert np.abs(alone[0] - alone[1]).max() > 1e-2  # a wrong gather would show

@@ -265,6 +265,12 @@ def inject(
     ``model(*inputs)`` must compute its branch in the named method, else the model is put
     back and the call refused.
 
+    With ``inputs``, the same trace (one, abstract) also checks the chosen layers of known
+    kinds: one whose weight the model uses outside the layer's own methods (a head tied to an
+    embedding by ``x @ self.embed.embedding[...].T``) is refused, naming the layer, the weight
+    and the op (``jaxlora.reads``): that use would not see the adapter, and merging would
+    change it. Without ``inputs`` nothing is traced and such a use is not seen.
+
     Raises:
         ValueError: no layer matches (the message lists the layer paths), the root module is
             matched, a layer's rank exceeds its ``min(in, out)``, or a module adapted at its

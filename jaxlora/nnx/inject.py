@@ -273,8 +273,9 @@ def inject(
 
     Raises:
         ValueError: no layer matches (the message lists the layer paths), the root module is
-            matched, a layer's rank exceeds its ``min(in, out)``, or a module adapted at its
-            product has no weight used linearly in exactly one product.
+            matched, a layer's rank exceeds its ``min(in, out)``, a module adapted at its
+            product has no weight used linearly in exactly one product, or (with ``inputs``)
+            a chosen layer's weight is used outside the layer.
         TypeError: a matched module is not of a supported type (or is already adapted).
     """
     if not isinstance(config, LoRAConfig):

@@ -30,7 +30,7 @@ from _loracore.peft_format import (
     map_path,
     tensor_keys,
 )
-from jaxlora import hf_maps, kinds, product, stacks
+from jaxlora import hf_maps, kinds, product, reads, stacks
 from jaxlora.config import LoRAConfig
 from jaxlora.core import scaling, weight_init
 from jaxlora.quant._base import is_quantized, restore_quantized, with_kernel_shapes
@@ -298,12 +298,9 @@ def _check_not_shared(layouts: Mapping | None, names: list[str], directory) -> N
     shared = getattr(layouts, "shared", {})
     for name in names:
         if name in shared:
-            said = ", ".join(f"its {w} {where}" for w, where in sorted(shared[name].items()))
             raise ValueError(
-                f"{directory}: layer '{name}' cannot take the adapter: the model also reads its "
-                f"weight outside it ({said}; as a head tied to an embedding table reading its "
-                "params does), so that read would not see the adapter and merging would "
-                "change it too (jaxlora.layouts found it)"
+                f"{directory}: layer '{name}' cannot take the adapter: "
+                f"{reads.refusal(shared[name])} (jaxlora.layouts found it)"
             )
 
 

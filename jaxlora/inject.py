@@ -563,7 +563,7 @@ def layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> 
     shared = {path: where for path, where in shared.items() if where}
     for path, where in shared.items():
         del out[path]
-        reasons[path] = _read_elsewhere(where)
+        reasons[path] = reads.refusal(where)
     return Layouts(out, modules, reasons, weight_reasons, shared)
 
 
@@ -584,16 +584,6 @@ def _adapted(layout: AnyLayout) -> tuple[str, ...]:
     if isinstance(layout, Layout):
         return ("embedding" if layout.kind == "embed" else "kernel",)
     return tuple(lay.weight for lay in _product_list(layout))
-
-
-def _read_elsewhere(shared: Mapping[str, str]) -> str:
-    said = ", ".join(f"its {w} {where}" for w, where in sorted(shared.items()))
-    return (
-        f"the model also reads its weight outside it ({said}; as a head tied to an embedding "
-        "table reading its params does): that read would not see the adapter, and merging "
-        "would change it too, so the merged model would compute something else than the "
-        "adapted one"
-    )
 
 
 def _stacked_product(path, layout, params, views, axes) -> AnyLayout | str:

@@ -128,6 +128,16 @@ def reads_outside(jaxpr: jcore.Jaxpr, owners: Mapping) -> dict[str, dict[str, st
     return found
 
 
+def refusal(read: Mapping[str, str]) -> str:
+    """Why a layer whose weights ``read`` ({weight: where}) are read outside it is refused."""
+    said = ", ".join(f"its {w} {where}" for w, where in sorted(read.items()))
+    return (
+        f"the model also reads its weight outside it ({said}; as a head tied to an embedding "
+        "table does): that read would not see the adapter, and merging would change it too, "
+        "so the merged model would compute something else than the adapted one"
+    )
+
+
 def _walk(jaxpr: jcore.Jaxpr, owners: dict, prefix: tuple[str, ...], found: dict) -> None:
     owners = dict(owners)
     for eqn in jaxpr.eqns:

@@ -376,22 +376,19 @@ def _check_own_reads(traced: tuple, modules, known: Mapping[str, nnx.Module]) ->
     outside that layer's calls, as a head tied to an embedding by ``x @ embed.embedding.T``
     does: the read would not see the adapter, and merging would change it."""
     closed, index_of, _ = traced
+    first: dict[int, str] = {}  # a module at several paths is scoped by its first
+    for name, module in known.items():
+        first.setdefault(id(module), name)
     owners = {}
     for name, module in known.items():
         weight = "embedding" if isinstance(module, nnx.Embed) else "kernel"
         key = (*map(str, modules[name][0]), weight)
-        first = next(n for n, m in known.items() if m is module)  # its scope: see scoped_modules
         if key in index_of:
-            owners[closed.jaxpr.invars[index_of[key]]] = (first, weight)
-    found = reads.reads_outside(closed.jaxpr, owners)
-    for name, read in sorted(found.items()):
-        said = ", ".join(f"its {w} {where}" for w, where in sorted(read.items()))
+            owners[closed.jaxpr.invars[index_of[key]]] = (first[id(module)], weight)
+    for name, read in sorted(reads.reads_outside(closed.jaxpr, owners).items()):
         raise ValueError(
-            f"inject: layer '{name}' (a {type(known[name]).__name__}) cannot be adapted: the "
-            f"model also reads its weight outside it ({said}; as a head tied to an embedding "
-            "multiplying by its table does): that read would not see the adapter, and merging "
-            "would change it too, so the merged model would compute something else than the "
-            "adapted one"
+            f"inject: layer '{name}' (a {type(known[name]).__name__}) cannot be adapted: "
+            + reads.refusal(read)
         )
 
 
